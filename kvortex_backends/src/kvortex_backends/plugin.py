@@ -1,0 +1,10 @@
+"""Registers the built-in backends through the same hook a third-party plugin uses."""
+
+from __future__ import annotations
+
+from kvortex_core import hookimpl
+
+
+@hookimpl
+def kvortex_register_backends(register) -> None:  # type: ignore[no-untyped-def]
+    pass

@@ -1,0 +1,1 @@
+"""The ``kvortex`` command line (typer + rich)."""

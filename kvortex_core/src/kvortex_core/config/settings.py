@@ -1,0 +1,201 @@
+"""The root settings model and its sub-models.
+
+Sources, highest first: keyword arguments > environment (``KVORTEX_`` prefix, ``__`` nesting)
+> a YAML file (``KVORTEX_CONFIG_FILE`` or ``KVortexConfig.load(config_file=...)``) > defaults.
+Every validation failure is turned into one :class:`~kvortex_core.errors.ConfigError` at the
+boundary (see :mod:`kvortex_core.config.messages`).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from kvortex_core.errors import ConfigError
+
+ENV_PREFIX = "KVORTEX_"
+CONFIG_FILE_ENV = "KVORTEX_CONFIG_FILE"
+#: Environment variables with our prefix that are switches, not configuration fields.
+RESERVED_ENV = frozenset(
+    {CONFIG_FILE_ENV, "KVORTEX_DISABLE_PLUGIN_AUTOLOAD", "KVORTEX_TRACE_PLUGINS"}
+)
+
+_config_file: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "kvortex_config_file", default=None
+)
+
+HashAlgorithm = Literal["sha256", "blake3", "xxh3_128"]
+EvictionPolicy = Literal["lru", "prefix-lru", "s3fifo"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class EvictionConfig(_Section):
+    """When and how a tier makes room."""
+
+    policy: EvictionPolicy = "prefix-lru"
+    high_watermark: float = Field(0.8, gt=0.0, le=1.0)
+    evict_ratio: float = Field(0.2, gt=0.0, le=1.0)
+
+
+class TransferConfig(_Section):
+    """GPU <-> pinned host transfer engine settings."""
+
+    num_streams: int = Field(2, ge=1, le=16)
+    staging_bytes: ByteSize = Field(ByteSize(32 * 1024**2))
+    layerwise: bool = True
+
+    @field_validator("staging_bytes")
+    @classmethod
+    def _positive(cls, v: ByteSize) -> ByteSize:
+        if v <= 0:
+            raise ValueError("must be a positive size such as '32MiB'")
+        return v
+
+
+class TimeoutConfig(_Section):
+    """Seconds each kind of operation may take before it is abandoned."""
+
+    backend_op_s: float = Field(5.0, gt=0)
+    remote_lookup_s: float = Field(0.05, gt=0)
+    transfer_s: float = Field(30.0, gt=0)
+    close_s: float = Field(10.0, gt=0)
+
+
+class CircuitBreakerConfig(_Section):
+    """A tier that fails repeatedly is taken out of service, then probed again."""
+
+    failure_threshold: int = Field(5, ge=1)
+    reset_after_s: float = Field(30.0, gt=0)
+
+
+class MetricsConfig(_Section):
+    """Prometheus metrics."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int | None = Field(None, ge=0, le=65535)
+
+
+class TierConfig(BaseModel):
+    """One storage tier. ``type`` and ``capacity`` are common; other keys are backend options.
+
+    Backend options are validated by the backend's own ``Options`` model once the backend
+    registry is known (see :func:`kvortex_core.config.backends.validate_tier_options`).
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str = Field(min_length=1)
+    capacity: ByteSize
+    write_through: bool = False
+
+    @field_validator("capacity")
+    @classmethod
+    def _capacity_positive(cls, v: ByteSize) -> ByteSize:
+        if v <= 0:
+            raise ValueError("capacity must be a positive size such as '8GiB' or '512MiB'")
+        return v
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The backend-specific options (everything but the common keys)."""
+        extra = dict(self.model_extra or {})
+        nested = extra.pop("options", None)
+        if isinstance(nested, dict):
+            extra = {**nested, **extra}
+        return extra
+
+
+def _default_tiers() -> dict[str, TierConfig]:
+    return {"cpu": TierConfig(type="cpu", capacity=ByteSize(4 * 1024**3))}
+
+
+class KVortexConfig(BaseSettings):
+    """The whole KVortex configuration."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        case_sensitive=False,
+        validate_default=True,
+    )
+
+    chunk_tokens: int = Field(256, gt=0, description="tokens per stored chunk")
+    hash_algorithm: HashAlgorithm = "sha256"
+    salt: str = Field("", description="namespace salt (tenant, LoRA adapter)")
+    model_id: str = ""
+    model_revision: str = ""
+    store_partial_chunks: bool = False
+    ranks_per_node: int | None = Field(None, ge=1, description="ranks sharing the node's cpu capacity")
+    tiers: dict[str, TierConfig] = Field(default_factory=_default_tiers)
+    eviction: EvictionConfig = Field(default_factory=EvictionConfig)
+    transfer: TransferConfig = Field(default_factory=TransferConfig)
+    timeouts: TimeoutConfig = Field(default_factory=TimeoutConfig)
+    circuit_breaker: CircuitBreakerConfig = Field(default_factory=CircuitBreakerConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            from kvortex_core.config.messages import format_validation_error
+
+            raise ConfigError(format_validation_error(exc, config_file_path())) from None
+
+    @field_validator("tiers")
+    @classmethod
+    def _tiers_not_empty(cls, v: dict[str, TierConfig]) -> dict[str, TierConfig]:
+        if not v:
+            raise ValueError("at least one tier is needed, e.g. tiers: {cpu: {type: cpu, capacity: 4GiB}}")
+        return v
+
+    @model_validator(mode="after")
+    def _validate_backends(self) -> KVortexConfig:
+        from kvortex_core.config.backends import validate_tier_options
+
+        validate_tier_options(self, config_file_path())
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        from kvortex_core.config.sources import StrictEnvCheck, YamlFileSource
+
+        return (init_settings, StrictEnvCheck(settings_cls), env_settings, YamlFileSource(settings_cls))
+
+    @classmethod
+    def load(cls, config_file: str | os.PathLike[str] | None = None, **overrides: Any) -> KVortexConfig:
+        """Load with an explicit YAML file (else ``KVORTEX_CONFIG_FILE``) under ``overrides``."""
+        token = _config_file.set(str(config_file) if config_file is not None else None)
+        try:
+            return cls(**overrides)
+        finally:
+            _config_file.reset(token)
+
+    @property
+    def tier_names(self) -> list[str]:
+        """Tier names in the configured order (first = hottest)."""
+        return list(self.tiers)
+
+
+def config_file_path() -> Path | None:
+    """The YAML file in effect: the one passed to ``load`` else ``KVORTEX_CONFIG_FILE``."""
+    explicit = _config_file.get()
+    name = explicit if explicit is not None else os.environ.get(CONFIG_FILE_ENV)
+    return Path(name) if name else None

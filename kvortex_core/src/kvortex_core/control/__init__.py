@@ -1,0 +1,1 @@
+"""Control plane: what is stored where (keys, index, eviction, statistics). No tensors here."""

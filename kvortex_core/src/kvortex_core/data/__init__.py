@@ -1,0 +1,1 @@
+"""Data plane: moving bytes (pinned host pool, KV layouts, transfer engine, payload format)."""

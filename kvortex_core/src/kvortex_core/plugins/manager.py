@@ -1,0 +1,139 @@
+"""One plugin manager per engine: discovers plugins and owns backend naming.
+
+Environment switches:
+- ``KVORTEX_DISABLE_PLUGIN_AUTOLOAD=1``: do not load ``kvortex`` entry points.
+- ``KVORTEX_TRACE_PLUGINS=1``: log every hook call (logger ``kvortex_core.plugins``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import pluggy
+
+from kvortex_core.errors import MissingDependencyError, PluginError
+from kvortex_core.plugins import hookspecs
+from kvortex_core.plugins.marker import PROJECT
+
+log = logging.getLogger("kvortex_core.plugins")
+
+ENTRY_POINT_GROUP = "kvortex"
+DISABLE_AUTOLOAD_ENV = "KVORTEX_DISABLE_PLUGIN_AUTOLOAD"
+TRACE_ENV = "KVORTEX_TRACE_PLUGINS"
+_NAME_RE = re.compile(r"^[a-z][a-z0-9_\-]{0,63}$")
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    """A registered backend class and where it came from."""
+
+    name: str
+    cls: type
+    plugin: str
+    distribution: str | None
+    version: str | None
+
+    @property
+    def qualname(self) -> str:
+        return f"{self.cls.__module__}.{self.cls.__qualname__}"
+
+    def missing_dependencies(self) -> list[str]:
+        """Importable module names the backend declares in ``requires`` that are absent."""
+        return [m for m in getattr(self.cls, "requires", ()) if importlib.util.find_spec(m) is None]
+
+    def check_dependencies(self) -> None:
+        missing = self.missing_dependencies()
+        if missing:
+            hint = getattr(self.cls, "install_hint", None) or f"pip install {' '.join(missing)}"
+            raise MissingDependencyError(
+                f"backend {self.name!r} needs {', '.join(missing)}, which is not installed; "
+                f"install it with: {hint}"
+            )
+
+
+class PluginManager:
+    """Wraps a ``pluggy.PluginManager`` and the backend registry built from its hooks."""
+
+    def __init__(self, plugins: Iterable[object] = (), *, autoload: bool | None = None) -> None:
+        self._pm = pluggy.PluginManager(PROJECT)
+        self._pm.add_hookspecs(hookspecs)
+        if _truthy(os.environ.get(TRACE_ENV)):
+            self._pm.trace.root.setwriter(lambda msg: log.warning("%s", msg.rstrip()))
+            self._pm.enable_tracing()
+        if autoload is None:
+            autoload = not _truthy(os.environ.get(DISABLE_AUTOLOAD_ENV))
+        if autoload:
+            self._pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+        for plugin in plugins:
+            self.register(plugin)
+        self._pm.check_pending()
+        self._backends: dict[str, BackendInfo] | None = None
+
+    @property
+    def pluggy(self) -> pluggy.PluginManager:
+        return self._pm
+
+    def register(self, plugin: object, name: str | None = None) -> None:
+        """Register a plugin object (module or instance with ``@hookimpl`` functions)."""
+        self._pm.register(plugin, name=name)
+        self._pm.check_pending()
+        self._backends = None
+
+    def _distribution_of(self) -> dict[int, tuple[str, str]]:
+        return {id(p): (d.project_name, d.version) for p, d in self._pm.list_plugin_distinfo()}
+
+    def backends(self) -> dict[str, BackendInfo]:
+        """All registered backends by name (the hook runs once, then the result is cached)."""
+        if self._backends is not None:
+            return self._backends
+        from kvortex_core.storage.protocol import StorageBackend
+
+        dists = self._distribution_of()
+        found: dict[str, BackendInfo] = {}
+        for impl in reversed(self._pm.hook.kvortex_register_backends.get_hookimpls()):
+            dist, version = dists.get(id(impl.plugin), (None, None))
+
+            def register(name: str, backend_class: Any, _impl: Any = impl, _d=dist, _v=version) -> None:
+                if not isinstance(name, str) or not _NAME_RE.match(name):
+                    raise PluginError(
+                        f"plugin {_impl.plugin_name!r} registered backend name {name!r}; names are "
+                        "lowercase letters, digits, '-' and '_', starting with a letter"
+                    )
+                if not (isinstance(backend_class, type) and issubclass(backend_class, StorageBackend)):
+                    raise PluginError(
+                        f"plugin {_impl.plugin_name!r} registered {backend_class!r} as backend "
+                        f"{name!r}; it must be a subclass of kvortex_core.StorageBackend"
+                    )
+                info = BackendInfo(name, backend_class, _impl.plugin_name, _d, _v)
+                if name in found:
+                    first = found[name]
+                    raise PluginError(
+                        f"backend name {name!r} is registered twice: by {first.qualname} "
+                        f"(plugin {first.plugin!r}) and by {info.qualname} (plugin {info.plugin!r}); "
+                        "uninstall one of the packages or set KVORTEX_DISABLE_PLUGIN_AUTOLOAD=1 "
+                        "and register the one you want"
+                    )
+                found[name] = info
+
+            impl.function(register=register)
+            log.debug("plugin %s registered backends", impl.plugin_name)
+        self._backends = found
+        return found
+
+    def backend(self, name: str) -> BackendInfo:
+        """The backend registered under ``name``, or a PluginError listing the valid names."""
+        backends = self.backends()
+        if name not in backends:
+            valid = ", ".join(sorted(backends)) or "(none: is kvortex-backends installed?)"
+            raise PluginError(f"unknown backend type {name!r}; registered backends: {valid}")
+        return backends[name]

@@ -1,0 +1,108 @@
+"""The async storage-backend protocol.
+
+A backend stores opaque byte values under string keys (lowercase hex chunk keys, at most 128
+characters). Values are complete payloads (header + KV bytes, see ``kvortex_core.data.payload``);
+a backend never interprets them. All I/O methods are coroutines run on the tiering event-loop
+thread; the engine wraps every call in a timeout and a circuit breaker, so a backend may simply
+raise on failure.
+
+Contract (checked by ``kvortex_core.testing.BackendConformance``):
+- ``put`` stores a full copy of ``data`` (the caller may reuse the buffer once it returns);
+  overwriting a key replaces its value atomically. A put that would exceed ``capacity`` raises
+  :class:`~kvortex_core.errors.BackendFullError` and changes nothing.
+- ``get`` copies the value into the caller's writable buffer and returns its length, or
+  returns ``None`` when the key is absent; a buffer that is too small raises
+  :class:`~kvortex_core.errors.BufferTooSmallError`. A reader never sees a partial value.
+- ``contains`` answers for many keys at once, in order.
+- ``delete`` removes the keys that exist and returns how many it removed.
+- ``usage`` reports bytes used by this instance against its capacity.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+
+class BackendOptions(BaseModel):
+    """Base of each backend's own options model: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass(frozen=True)
+class Usage:
+    capacity: int
+    used: int
+    items: int
+
+
+@dataclass(frozen=True)
+class Health:
+    ok: bool
+    detail: str = ""
+
+
+@dataclass
+class BackendContext:
+    """What the engine tells a backend about where it runs."""
+
+    tier: str = "default"
+    namespace: str = ""
+    rank: int = 0
+    world_size: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class StorageBackend(abc.ABC):
+    """Base class of every storage tier."""
+
+    #: The backend's options model (validated from the tier's config keys).
+    Options: ClassVar[type[BackendOptions]] = BackendOptions
+    #: Module names that must be importable (optional dependencies).
+    requires: ClassVar[tuple[str, ...]] = ()
+    #: Shown when ``requires`` is not met, e.g. ``pip install "kvortex-backends[redis]"``.
+    install_hint: ClassVar[str | None] = None
+    #: True for tiers shared between instances (redis, s3): other writers may add keys.
+    shared: ClassVar[bool] = False
+
+    def __init__(self, options: BackendOptions, *, capacity: int, context: BackendContext) -> None:
+        self.options = options
+        self.capacity = int(capacity)
+        self.context = context
+
+    async def open(self) -> None:  # noqa: B027 - optional hook
+        """Connect / create directories / rebuild state. Called once before any other call."""
+
+    @abc.abstractmethod
+    async def put(self, key: str, data: memoryview | bytes | bytearray) -> None: ...
+
+    @abc.abstractmethod
+    async def get(self, key: str, out: memoryview) -> int | None: ...
+
+    @abc.abstractmethod
+    async def contains(self, keys: Sequence[str]) -> list[bool]: ...
+
+    @abc.abstractmethod
+    async def delete(self, keys: Sequence[str]) -> int: ...
+
+    @abc.abstractmethod
+    async def usage(self) -> Usage: ...
+
+    async def health(self) -> Health:
+        """Cheap liveness probe; the default is healthy."""
+        return Health(ok=True)
+
+    async def scan(self) -> list[tuple[str, int]] | None:
+        """Every stored ``(key, size)`` pair, or ``None`` when listing is not supported.
+
+        Used at start to rebuild the tier index from what a previous run left (disk).
+        """
+        return None
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...

@@ -1,0 +1,1 @@
+"""Tiering: ordered tiers, write-behind, promotion, demotion and failure isolation."""
