@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from kvortex_core.config.messages import where
+from kvortex_core.config.messages import HEADLINE, did_you_mean, where
 from kvortex_core.errors import ConfigError, PluginError
 
 if TYPE_CHECKING:
@@ -32,21 +32,32 @@ def validate_tier_options(
         except PluginError as exc:
             problems.append(f"  tiers.{tier}.type = {tc.type!r}: {exc}\n    set it through {where(loc, config_file)}")
             continue
-        try:
-            info.cls.Options.model_validate(tc.options)
-        except ValidationError as exc:
-            valid = ", ".join(sorted(info.cls.Options.model_fields)) or "(none)"
-            for err in exc.errors(include_url=False):
-                oloc = ("tiers", tier, *err["loc"])
-                shown = "(missing)" if err["type"] == "missing" else repr(err.get("input"))
-                msg = "unknown option" if err["type"] == "extra_forbidden" else err["msg"]
-                problems.append(
-                    f"  {'.'.join(map(str, oloc))} = {shown}: {msg} (backend {tc.type!r})\n"
-                    f"    set it through {where(oloc, config_file)}\n"
-                    f"    valid options of {tc.type!r}: {valid}, plus type, capacity, write_through"
-                )
+        problems.extend(_option_problems(tier, tc.type, tc.options, info.cls.Options, config_file))
     if problems:
-        raise ConfigError("invalid KVortex configuration:\n" + "\n".join(problems))
+        raise ConfigError(HEADLINE + "\n" + "\n".join(problems))
+
+
+def _option_problems(tier: str, type_: str, options: dict[str, Any],
+                     model: type[BackendOptions], config_file: Path | None) -> list[str]:
+    """One entry per bad option of one tier, checked by the backend's own Options model."""
+    try:
+        model.model_validate(options)
+    except ValidationError as exc:
+        valid = sorted(model.model_fields)
+        problems = []
+        for err in exc.errors(include_url=False):
+            oloc = ("tiers", tier, *err["loc"])
+            shown = "(missing)" if err["type"] == "missing" else repr(err.get("input"))
+            unknown = err["type"] == "extra_forbidden"
+            msg = f"unknown option{did_you_mean(str(oloc[-1]), valid)}" if unknown else err["msg"]
+            problems.append(
+                f"  {'.'.join(map(str, oloc))} = {shown}: {msg} (backend {type_!r})\n"
+                f"    set it through {where(oloc, config_file)}\n"
+                f"    valid options of {type_!r}: {', '.join(valid) or '(none)'}, "
+                "plus type, capacity, write_through"
+            )
+        return problems
+    return []
 
 
 def backend_options(config: KVortexConfig, tier: str, manager: PluginManager) -> BackendOptions:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +12,9 @@ from pydantic import BaseModel, ValidationError
 from kvortex_core.config.settings import ENV_PREFIX
 from kvortex_core.errors import ConfigError
 
+HEADLINE = "invalid KVortex configuration:"
 _SIZE_HINT = "a positive size such as '8GiB', '512MiB' or a byte count"
+_SIZE_FIELDS = ("capacity", "staging_bytes")
 
 
 def yaml_path(loc: tuple[Any, ...]) -> str:
@@ -29,7 +33,14 @@ def where(loc: tuple[Any, ...], config_file: Path | None) -> str:
     return f"YAML key '{yaml_path(loc)}'{file_part}, env {env_name(loc)}"
 
 
-def _valid_keys(loc: tuple[Any, ...]) -> list[str]:
+def did_you_mean(word: str, candidates: list[str]) -> str:
+    """`` (did you mean 'policy'?)`` when one candidate is close, else empty."""
+    close = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def valid_keys(loc: tuple[Any, ...]) -> list[str]:
+    """The keys the model at ``loc[:-1]`` accepts (empty when unknown, e.g. free-form dicts)."""
     from kvortex_core.config.settings import KVortexConfig, TierConfig
 
     model: type[BaseModel] | None = KVortexConfig
@@ -48,32 +59,50 @@ def _valid_keys(loc: tuple[Any, ...]) -> list[str]:
     return sorted(model.model_fields) if model is not None else []
 
 
-def _hint(err: dict[str, Any]) -> str:
+def _hint(err: Mapping[str, Any]) -> str:
     kind = err["type"]
     loc = tuple(err["loc"])
     if kind == "extra_forbidden":
-        keys = _valid_keys(loc)
-        return "unknown key; valid keys here: " + ", ".join(keys) if keys else "unknown key"
-    if kind.startswith("byte_size") or (loc and loc[-1] in ("capacity", "staging_bytes")):
+        keys = valid_keys(loc)
+        if not keys:
+            return "remove this key"
+        return f"remove or rename it{did_you_mean(str(loc[-1]), keys)}; valid keys here: " + ", ".join(keys)
+    if kind == "missing" and isinstance(err.get("input"), Mapping):
+        given = [str(k) for k in err["input"]]
+        return f"add '{loc[-1]}'" + did_you_mean(str(loc[-1]), given).replace("did you mean", "misspelt as")
+    if kind.startswith("byte_size") or (loc and loc[-1] in _SIZE_FIELDS):
         return f"use {_SIZE_HINT}"
     return ""
 
 
-def format_validation_error(exc: ValidationError, config_file: Path | None) -> str:
-    """One message listing every bad value with where to fix it."""
-    lines = ["invalid KVortex configuration:"]
+def _origin(loc: tuple[Any, ...], overrides: Mapping[str, Any] | None, config_file: Path | None) -> str:
+    """Which source supplied the bad value, best effort (never raises: we are already failing)."""
+    from kvortex_core.config.provenance import SourceMaps
+
+    try:
+        source = SourceMaps.collect(overrides, config_file).source_of(tuple(str(p) for p in loc))
+    except ConfigError:
+        return ""
+    return "" if source.kind == "default" else f" (from {source})"
+
+
+def format_validation_error(exc: ValidationError, config_file: Path | None,
+                            overrides: Mapping[str, Any] | None = None) -> str:
+    """One message listing every bad value, where it came from, where to fix it, what is valid."""
+    lines = [HEADLINE]
     for err in exc.errors(include_url=False):
         ctx_error = (err.get("ctx") or {}).get("error")
         if isinstance(ctx_error, ConfigError):
-            lines.append(str(ctx_error).removeprefix(lines[0] + "\n"))
+            lines.append(str(ctx_error).removeprefix(HEADLINE + "\n"))
             continue
         loc = tuple(err["loc"])
-        value = err.get("input")
-        shown = "(missing)" if err["type"] == "missing" else repr(value)
+        shown = "(missing)" if err["type"] == "missing" else repr(err.get("input"))
         msg = err["msg"].removeprefix("Value error, ")
-        hint = _hint(err)
-        lines.append(f"  {yaml_path(loc) or '<root>'} = {shown}: {msg}")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"  {yaml_path(loc) or '<root>'} = {shown}{_origin(loc, overrides, config_file)}: {msg}")
         lines.append(f"    set it through {where(loc, config_file)}")
+        hint = _hint(err)
         if hint and hint not in msg:
-            lines.append(f"    valid: {hint}")
+            lines.append(f"    fix: {hint}")
     return "\n".join(lines)

@@ -11,12 +11,25 @@ from __future__ import annotations
 import contextvars
 import os
 from pathlib import Path
-from typing import Any, Literal
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ByteSize,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from kvortex_core.errors import ConfigError
+
+if TYPE_CHECKING:
+    from kvortex_core.plugins.manager import PluginManager
 
 ENV_PREFIX = "KVORTEX_"
 CONFIG_FILE_ENV = "KVORTEX_CONFIG_FILE"
@@ -27,6 +40,11 @@ RESERVED_ENV = frozenset(
 
 _config_file: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "kvortex_config_file", default=None
+)
+# The plugin manager whose backends tier types are checked against while loading (None = a
+# fresh autoloading one). A context variable, not a global: two engines may load at once.
+_plugins: contextvars.ContextVar[PluginManager | None] = contextvars.ContextVar(
+    "kvortex_config_plugins", default=None
 )
 
 HashAlgorithm = Literal["sha256", "blake3", "xxh3_128"]
@@ -144,13 +162,30 @@ class KVortexConfig(BaseSettings):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
 
+    # Kept for provenance (`kvortex config show`): what this instance was loaded from.
+    _source_file: Path | None = PrivateAttr(None)
+    _arguments: dict[str, Any] = PrivateAttr(default_factory=dict)
+
     def __init__(self, **values: Any) -> None:
+        source_file = config_file_path()
         try:
             super().__init__(**values)
         except ValidationError as exc:
             from kvortex_core.config.messages import format_validation_error
 
-            raise ConfigError(format_validation_error(exc, config_file_path())) from None
+            raise ConfigError(format_validation_error(exc, source_file, values)) from None
+        self._source_file = source_file
+        self._arguments = values
+
+    @property
+    def source_file(self) -> Path | None:
+        """The YAML file this configuration was loaded from, if any."""
+        return self._source_file
+
+    @property
+    def arguments(self) -> dict[str, Any]:
+        """The keyword arguments this configuration was built with (highest priority)."""
+        return dict(self._arguments)
 
     @field_validator("tiers")
     @classmethod
@@ -163,7 +198,7 @@ class KVortexConfig(BaseSettings):
     def _validate_backends(self) -> KVortexConfig:
         from kvortex_core.config.backends import validate_tier_options
 
-        validate_tier_options(self, config_file_path())
+        validate_tier_options(self, config_file_path(), _plugins.get())
         return self
 
     @classmethod
@@ -180,18 +215,40 @@ class KVortexConfig(BaseSettings):
         return (init_settings, StrictEnvCheck(settings_cls), env_settings, YamlFileSource(settings_cls))
 
     @classmethod
-    def load(cls, config_file: str | os.PathLike[str] | None = None, **overrides: Any) -> KVortexConfig:
-        """Load with an explicit YAML file (else ``KVORTEX_CONFIG_FILE``) under ``overrides``."""
-        token = _config_file.set(str(config_file) if config_file is not None else None)
+    def load(
+        cls,
+        config_file: str | os.PathLike[str] | None = None,
+        *,
+        plugins: PluginManager | Iterable[object] | None = None,
+        **overrides: Any,
+    ) -> KVortexConfig:
+        """Load with an explicit YAML file (else ``KVORTEX_CONFIG_FILE``) under ``overrides``.
+
+        ``plugins`` is the plugin manager (or extra plugin objects, added to the autoloaded
+        ones) whose backends the tier types must name; pass the engine's own manager when it
+        registers backends that are not installed entry points (tests, embedded use).
+        """
+        manager = _as_manager(plugins)
+        file_token = _config_file.set(str(config_file) if config_file is not None else None)
+        plugins_token = _plugins.set(manager)
         try:
             return cls(**overrides)
         finally:
-            _config_file.reset(token)
+            _plugins.reset(plugins_token)
+            _config_file.reset(file_token)
 
     @property
     def tier_names(self) -> list[str]:
         """Tier names in the configured order (first = hottest)."""
         return list(self.tiers)
+
+
+def _as_manager(plugins: PluginManager | Iterable[object] | None) -> PluginManager | None:
+    from kvortex_core.plugins.manager import PluginManager
+
+    if plugins is None or isinstance(plugins, PluginManager):
+        return plugins
+    return PluginManager(plugins)
 
 
 def config_file_path() -> Path | None:

@@ -7,6 +7,7 @@ Environment switches:
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import logging
 import os
@@ -72,12 +73,31 @@ class PluginManager:
             self._pm.enable_tracing()
         if autoload is None:
             autoload = not _truthy(os.environ.get(DISABLE_AUTOLOAD_ENV))
+        self._dists: dict[int, tuple[str, str]] = {}
+        self._backends: dict[str, BackendInfo] | None = None
         if autoload:
-            self._pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+            self._load_entry_points()
         for plugin in plugins:
             self.register(plugin)
         self._pm.check_pending()
-        self._backends: dict[str, BackendInfo] | None = None
+
+    def _load_entry_points(self) -> None:
+        """Register every ``kvortex`` entry point; a broken one fails naming its package."""
+        for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            if self._pm.get_plugin(ep.name) is not None or self._pm.is_blocked(ep.name):
+                continue  # the same distribution seen twice on sys.path
+            dist = ep.dist
+            dist_name, version = (dist.name, dist.version) if dist is not None else (ep.name, "?")
+            try:
+                plugin = ep.load()
+            except Exception as exc:  # noqa: BLE001 - any import failure of third-party code
+                raise PluginError(
+                    f"plugin entry point {ep.name!r} = {ep.value!r} of {dist_name} {version} "
+                    f"failed to import: {type(exc).__name__}: {exc}; fix or uninstall "
+                    f"{dist_name}, or set {DISABLE_AUTOLOAD_ENV}=1"
+                ) from exc
+            self._pm.register(plugin, name=ep.name)
+            self._dists[id(plugin)] = (dist_name, version)
 
     @property
     def pluggy(self) -> pluggy.PluginManager:
@@ -89,16 +109,13 @@ class PluginManager:
         self._pm.check_pending()
         self._backends = None
 
-    def _distribution_of(self) -> dict[int, tuple[str, str]]:
-        return {id(p): (d.project_name, d.version) for p, d in self._pm.list_plugin_distinfo()}
-
     def backends(self) -> dict[str, BackendInfo]:
         """All registered backends by name (the hook runs once, then the result is cached)."""
         if self._backends is not None:
             return self._backends
         from kvortex_core.storage.protocol import StorageBackend
 
-        dists = self._distribution_of()
+        dists = self._dists
         found: dict[str, BackendInfo] = {}
         for impl in reversed(self._pm.hook.kvortex_register_backends.get_hookimpls()):
             dist, version = dists.get(id(impl.plugin), (None, None))

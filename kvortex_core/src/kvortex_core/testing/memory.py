@@ -11,13 +11,14 @@ from collections.abc import Sequence
 
 from kvortex_core.errors import BackendFullError, BufferTooSmallError
 from kvortex_core.plugins.marker import hookimpl
-from kvortex_core.storage.protocol import StorageBackend, Usage
+from kvortex_core.plugins.hookspecs import Register
+from kvortex_core.storage.protocol import BackendContext, BackendOptions, StorageBackend, Usage
 
 
 class MemoryBackend(StorageBackend):
     """Values held in a dict; capacity enforced on the sum of value sizes."""
 
-    def __init__(self, options, *, capacity, context) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, options: BackendOptions, *, capacity: int, context: BackendContext) -> None:
         super().__init__(options, capacity=capacity, context=context)
         self._data: dict[str, bytes] = {}
         self._used = 0
@@ -69,5 +70,5 @@ class MemoryBackend(StorageBackend):
 
 
 @hookimpl
-def kvortex_register_backends(register) -> None:  # type: ignore[no-untyped-def]
+def kvortex_register_backends(register: Register) -> None:
     register("memory", MemoryBackend)

@@ -1,0 +1,117 @@
+"""Where each configuration value came from: argument, env, YAML file or default.
+
+Provenance is computed separately from loading: each source is read again on its own and
+flattened to dotted paths, then every leaf of the effective configuration is attributed to the
+highest-priority source that sets it (the same order the loader merges them in).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+from kvortex_core.config.settings import ENV_PREFIX, RESERVED_ENV, KVortexConfig
+
+Path_ = tuple[str, ...]
+SourceKind = Literal["argument", "env", "yaml", "default"]
+
+
+@dataclass(frozen=True)
+class Source:
+    """One origin of a value: ``kind`` plus the env variable or file name when there is one."""
+
+    kind: SourceKind
+    detail: str = ""
+
+    def __str__(self) -> str:
+        labels = {"argument": "argument", "env": "env", "yaml": "YAML", "default": "default"}
+        return f"{labels[self.kind]} {self.detail}".strip()
+
+
+def flatten(data: Mapping[str, Any], prefix: Path_ = ()) -> dict[Path_, Any]:
+    """``{"a": {"b": 1}}`` -> ``{("a", "b"): 1}``; an empty mapping is a leaf of its own."""
+    out: dict[Path_, Any] = {}
+    for key, value in data.items():
+        path = (*prefix, str(key))
+        if isinstance(value, Mapping) and value:
+            out.update(flatten(value, path))
+        else:
+            out[path] = value
+    return out
+
+
+def env_paths(environ: Mapping[str, str] | None = None) -> dict[Path_, str]:
+    """Each ``KVORTEX_*`` configuration variable as its lowercase path -> variable name."""
+    environ = os.environ if environ is None else environ
+    out: dict[Path_, str] = {}
+    for name in environ:
+        upper = name.upper()
+        if upper.startswith(ENV_PREFIX) and upper not in RESERVED_ENV:
+            out[tuple(upper[len(ENV_PREFIX) :].lower().split("__"))] = name
+    return out
+
+
+@dataclass(frozen=True)
+class SourceMaps:
+    """The paths each source sets (arguments, env, YAML) for attributing values."""
+
+    arguments: frozenset[Path_]
+    env: dict[Path_, str]
+    yaml: frozenset[Path_]
+    config_file: Path | None
+
+    @classmethod
+    def collect(cls, overrides: Mapping[str, Any] | None = None,
+                config_file: Path | None = None) -> SourceMaps:
+        """Read every source again (the YAML file only when one is given)."""
+        from kvortex_core.config.sources import read_yaml
+
+        yaml_data = read_yaml(config_file) if config_file is not None else {}
+        return cls(
+            arguments=frozenset(flatten(dict(overrides or {}))),
+            env=env_paths(),
+            yaml=frozenset(flatten(yaml_data)),
+            config_file=config_file,
+        )
+
+    def source_of(self, path: Path_) -> Source:
+        """The highest-priority source that sets ``path`` (or a mapping above it)."""
+        prefixes = [path[:i] for i in range(len(path), 0, -1)]
+        if any(p in self.arguments for p in prefixes):
+            return Source("argument")
+        lowered = [tuple(part.lower() for part in p) for p in prefixes]
+        for p in lowered:
+            if p in self.env:
+                return Source("env", self.env[p])
+        if any(p in self.yaml for p in prefixes):
+            return Source("yaml", str(self.config_file))
+        return Source("default")
+
+
+def leaves(value: Any, prefix: Path_ = ()) -> Iterator[tuple[Path_, Any]]:
+    """Every leaf of a config model (fields, then extra keys), keeping typed values."""
+    if isinstance(value, BaseModel):
+        items: dict[str, Any] = {name: getattr(value, name) for name in type(value).model_fields}
+        items.update(value.model_extra or {})
+    elif isinstance(value, Mapping) and value:
+        items = dict(value)
+    else:
+        yield prefix, value
+        return
+    for key, child in items.items():
+        yield from leaves(child, (*prefix, str(key)))
+
+
+def provenance(config: KVortexConfig) -> dict[str, tuple[Any, Source]]:
+    """Dotted path -> (effective value, where it came from), for every leaf of ``config``.
+
+    Uses the keyword arguments and YAML file the config was loaded with and the current
+    environment (the one it was loaded under, unless the caller changed it since).
+    """
+    maps = SourceMaps.collect(config.arguments, config.source_file)
+    return {".".join(path): (value, maps.source_of(path)) for path, value in leaves(config)}
