@@ -7,4 +7,6 @@ from kvortex_core import hookimpl
 
 @hookimpl
 def kvortex_register_backends(register) -> None:  # type: ignore[no-untyped-def]
-    pass
+    from kvortex_backends.redis import RedisBackend
+
+    register("redis", RedisBackend)

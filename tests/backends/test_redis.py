@@ -1,0 +1,192 @@
+"""The redis backend against a real redis-server: conformance, layout, TTL, parts, options."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from kvortex_core.errors import BackendError, BackendFullError
+from kvortex_core.storage.protocol import BackendContext
+from kvortex_core.testing import BackendConformance
+from kvortex_backends.redis import RedisBackend, RedisOptions
+
+pytestmark = pytest.mark.redis
+redis = pytest.importorskip("redis")
+
+MiB = 1024 * 1024
+
+
+def make_backend(capacity: int = 256 * MiB, **options: Any) -> RedisBackend:
+    return RedisBackend(RedisOptions(**options), capacity=capacity, context=BackendContext(tier="shared"))
+
+
+def run(backend: RedisBackend, scenario: Callable[[RedisBackend], Any]) -> Any:
+    async def main() -> Any:
+        await backend.open()
+        try:
+            return await scenario(backend)
+        finally:
+            await backend.close()
+
+    return asyncio.run(main())
+
+
+class TestRedisConformance(BackendConformance):
+    @pytest.fixture
+    def backend_factory(self, redis_server, key_prefix):  # type: ignore[no-untyped-def]
+        return lambda capacity: make_backend(capacity, url=redis_server.url, key_prefix=key_prefix)
+
+
+class TestRedisPartsConformance(BackendConformance):
+    """The same contract when large payloads are written as MULTI/EXEC parts."""
+
+    @pytest.fixture
+    def backend_factory(self, redis_server, key_prefix):  # type: ignore[no-untyped-def]
+        return lambda capacity: make_backend(capacity, url=redis_server.url, key_prefix=key_prefix,
+                                             part_bytes=16 * 1024)
+
+
+def test_one_key_per_payload_under_prefix(redis_server, key_prefix) -> None:
+    value = os.urandom(200_000)
+
+    async def scenario(b: RedisBackend) -> None:
+        await b.put("ab" * 20, value)
+
+    run(make_backend(url=redis_server.url, key_prefix=key_prefix, part_bytes=65536), scenario)
+    raw = redis.Redis.from_url(redis_server.url)
+    assert raw.keys(f"{key_prefix}*") == [f"{key_prefix}{'ab' * 20}".encode()]
+    assert raw.get(f"{key_prefix}{'ab' * 20}") == value  # the whole payload, header and all
+
+
+def test_ttl_sets_expiry_and_ledger_follows(redis_server, key_prefix) -> None:
+    async def scenario(b: RedisBackend) -> None:
+        await b.put("k1", b"v" * 100)
+        ttl_ms = redis.Redis.from_url(redis_server.url).pttl(f"{key_prefix}k1")
+        assert 0 < ttl_ms <= 60_000
+        big = os.urandom(100_000)
+        await b.put("k2", big)  # parts keep the TTL of the first SET
+        assert 0 < redis.Redis.from_url(redis_server.url).pttl(f"{key_prefix}k2") <= 60_000
+
+    run(make_backend(url=redis_server.url, key_prefix=key_prefix, ttl=60, part_bytes=30_000), scenario)
+
+
+def test_expired_key_is_a_miss_and_uncharged(redis_server, key_prefix) -> None:
+    async def scenario(b: RedisBackend) -> None:
+        await b.put("gone", b"x" * 1000)
+        redis.Redis.from_url(redis_server.url).pexpire(f"{key_prefix}gone", 1)
+        await asyncio.sleep(0.05)
+        assert await b.get("gone", memoryview(bytearray(1000))) is None
+        assert (await b.usage()).used == 0
+
+    run(make_backend(url=redis_server.url, key_prefix=key_prefix), scenario)
+
+
+def test_keys_of_other_writers_are_visible_but_not_charged(redis_server, key_prefix) -> None:
+    redis.Redis.from_url(redis_server.url).set(f"{key_prefix}theirs", b"t" * 500)
+
+    async def scenario(b: RedisBackend) -> None:
+        assert await b.contains(["theirs", "nobody"]) == [True, False]
+        out = bytearray(500)
+        assert await b.get("theirs", memoryview(out)) == 500 and bytes(out) == b"t" * 500
+        assert (await b.usage()).used == 0
+
+    run(make_backend(url=redis_server.url, key_prefix=key_prefix), scenario)
+
+
+def test_batch_put_get_pipelined(redis_server, key_prefix) -> None:
+    values = {f"b{i}": os.urandom(10_000 + i) for i in range(20)}
+
+    async def scenario(b: RedisBackend) -> None:
+        await b.put_many(list(values.items()))
+        outs = [memoryview(bytearray(20_000)) for _ in values]
+        sizes = await b.get_many([*values, "missing"], [*outs, memoryview(bytearray(1))])
+        assert sizes[-1] is None
+        for (k, v), n, out in zip(values.items(), sizes, outs):
+            assert n == len(v) and bytes(out[:n]) == v, k
+        assert (await b.usage()).items == len(values)
+        with pytest.raises(BackendFullError):
+            await b.put_many([("huge", b"z" * (b.capacity + 1))])
+        assert (await b.usage()).items == len(values)
+
+    run(make_backend(url=redis_server.url, key_prefix=key_prefix), scenario)
+
+
+def test_server_oom_is_backend_full(make_redis, key_prefix) -> None:
+    server = make_redis("--maxmemory", "2mb", "--maxmemory-policy", "noeviction")
+
+    async def scenario(b: RedisBackend) -> None:
+        with pytest.raises(BackendFullError, match="maxmemory-policy"):
+            for i in range(20):
+                await b.put(f"k{i}", os.urandom(500_000))
+
+    run(make_backend(url=server.url, key_prefix=key_prefix), scenario)
+
+
+def test_evicted_under_maxmemory_is_a_miss(make_redis, key_prefix) -> None:
+    server = make_redis("--maxmemory", "4mb", "--maxmemory-policy", "allkeys-lru")
+
+    async def scenario(b: RedisBackend) -> None:
+        values = {f"k{i}": os.urandom(400_000) for i in range(30)}
+        for k, v in values.items():
+            await b.put(k, v)
+        present = await b.contains(list(values))
+        assert not all(present) and any(present)
+        for (k, v), hit in zip(values.items(), present):
+            out = bytearray(len(v))
+            n = await b.get(k, memoryview(out))
+            assert (n is None) if not hit else (n == len(v) and bytes(out) == v)
+        assert (await b.usage()).items == sum(present)  # evicted keys are no longer charged
+
+    run(make_backend(url=server.url, key_prefix=key_prefix), scenario)
+
+
+def test_acl_auth_and_url_password_is_moved_out(make_redis, key_prefix) -> None:
+    server = make_redis("--user", "alice", "on", ">wonder", "~*", "&*", "+@all",
+                        "--user", "default", "off", username="alice", password="wonder")
+    opts = RedisOptions(url=f"redis://alice:wonder@127.0.0.1:{server.port}/0", key_prefix=key_prefix)
+    assert "wonder" not in opts.url and "wonder" not in repr(opts)
+    assert opts.username == "alice" and opts.password.get_secret_value() == "wonder"
+    backend = RedisBackend(opts, capacity=MiB, context=BackendContext())
+
+    async def scenario(b: RedisBackend) -> None:
+        await b.put("k", b"secret payload")
+        out = bytearray(64)
+        assert await b.get("k", memoryview(out)) == 14
+
+    run(backend, scenario)
+    bad = make_backend(url=f"redis://127.0.0.1:{server.port}/0", username="alice", password="nope")
+    with pytest.raises(BackendError) as err:
+        asyncio.run(bad.open())
+    assert "nope" not in str(err.value)
+    asyncio.run(bad.close())
+
+
+def test_options_reject_bad_values() -> None:
+    with pytest.raises(ValueError, match="redis://"):
+        RedisOptions(url="http://127.0.0.1:6379")
+    with pytest.raises(ValueError):
+        RedisOptions(urls="redis://x")  # typo: unknown option
+    with pytest.raises(ValueError):
+        RedisOptions(cluster=[])
+    with pytest.raises(ValueError):
+        RedisOptions(ttl=0)
+    assert RedisOptions(part_bytes="4MiB").part_bytes == 4 * MiB
+
+
+def test_unreachable_server_raises_backend_error_promptly(unused_port) -> None:
+    backend = make_backend(url=f"redis://127.0.0.1:{unused_port}/0", connect_timeout=1)
+    with pytest.raises(BackendError, match="127.0.0.1"):
+        asyncio.run(backend.open())
+    assert not asyncio.run(backend.health()).ok
+    asyncio.run(backend.close())
+
+
+def test_plugin_registers_redis() -> None:
+    from kvortex_core.plugins.manager import PluginManager
+
+    info = PluginManager().backend("redis")
+    assert info.cls is RedisBackend and info.cls.shared
