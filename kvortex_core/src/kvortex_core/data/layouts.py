@@ -1,0 +1,387 @@
+"""KV cache layouts: detect how an engine stores its paged KV, and view it one way.
+
+Every supported layout is reduced to one *logical* per-layer view
+``[num_blocks, kv_count, block_size, num_kv_heads, head_size]`` (a strided view,
+never a copy), whatever the physical stride order. The transfer engine gathers
+from and scatters into that view, and the stored payload of one chunk is always
+the canonical ``[num_layers, kv_count, chunk_tokens, num_kv_heads, head_size]``,
+so a chunk saved from one layout loads into any other with the same model shape.
+
+Supported source layouts (the ``dims`` string names each source dimension:
+B blocks, L layers, K key/value, N tokens in a block, H heads, D head size,
+C key and value concatenated along the head dimension):
+
+====================  ==================================  ===============
+kind                  per tensor                           dims
+====================  ==================================  ===============
+``flash_attn``        per layer ``(2, B, N, H, D)``        ``KBNHD``
+``flashinfer``        per layer ``(B, 2, N, H, D)``        ``BKNHD``
+``mla``               per layer ``(B, N, D)``              ``BND``
+``unified``           per layer ``[B, H, N, C]`` (vLLM>=0.30, any physical order)  ``BHNC``
+``cross_layer``       one tensor ``(B, L, 2, N, H, D)``    ``BLKNHD``
+``cross_layer_mla``   one tensor ``(B, L, N, D)``          ``BLND``
+====================  ==================================  ===============
+
+NHD versus HND (and vLLM 0.30+ ``LBNHC``/``LBHNC``/``BLNHC``...) are stride orders of
+the same logical shape; they are recorded in ``KVLayout.stride_order`` and need no hint.
+Hints (all optional): ``kind``, ``dims`` (any permutation of the letters above for
+an unusual tensor), ``kv_count`` (1 for MLA under ``unified``), ``head_size_v``,
+``block_size``, ``num_kv_heads``, ``head_size`` (checked against the tensors).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kvortex_core.errors import LayoutError
+
+_FP8_NAMES = ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+SUPPORTED_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16) + tuple(
+    getattr(torch, n) for n in _FP8_NAMES if hasattr(torch, n)
+)
+
+#: Default ``dims`` per kind.
+KIND_DIMS: dict[str, str] = {
+    "flash_attn": "KBNHD",
+    "flashinfer": "BKNHD",
+    "mla": "BND",
+    "unified": "BHNC",
+    "cross_layer": "BLKNHD",
+    "cross_layer_mla": "BLND",
+}
+_HINT_KEYS = frozenset({"kind", "dims", "kv_count", "head_size_v", "block_size", "num_kv_heads",
+                        "head_size", "layer_names"})
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """What the engine's KV cache looks like, in the terms the transfer engine needs."""
+
+    kind: str
+    num_layers: int
+    num_blocks: int
+    block_size: int
+    num_kv_heads: int
+    head_size: int
+    dtype: torch.dtype
+    kv_count: int = 2
+    head_size_v: int | None = None
+    dims: str = ""
+    stride_order: str = ""
+    cross_layer: bool = False
+
+    @property
+    def element_size(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def is_fp8(self) -> bool:
+        return str(self.dtype).removeprefix("torch.") in _FP8_NAMES
+
+    @property
+    def transfer_dtype(self) -> torch.dtype:
+        """The dtype bytes are moved as: fp8 moves as uint8 (same bytes, every op supports it)."""
+        return torch.uint8 if self.is_fp8 else self.dtype
+
+    @property
+    def is_mla(self) -> bool:
+        return self.kv_count == 1 and self.num_kv_heads == 1
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Bytes of KV for one token, all layers, this rank."""
+        return self.num_layers * self.kv_count * self.num_kv_heads * self.head_size * self.element_size
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of one block over all layers."""
+        return self.bytes_per_token * self.block_size
+
+    def chunk_payload_shape(self, chunk_tokens: int) -> tuple[int, int, int, int, int]:
+        """Canonical payload shape of one chunk: ``[layers, kv, tokens, heads, head_size]``."""
+        return (self.num_layers, self.kv_count, chunk_tokens, self.num_kv_heads, self.head_size)
+
+    def chunk_bytes(self, chunk_tokens: int) -> int:
+        """Payload bytes of one chunk of ``chunk_tokens`` tokens."""
+        return self.bytes_per_token * chunk_tokens
+
+    def layer_bytes(self, chunk_tokens: int) -> int:
+        """Bytes of one layer inside a chunk payload (layers are outermost: contiguous)."""
+        return self.chunk_bytes(chunk_tokens) // self.num_layers
+
+    def namespace_fields(self) -> dict[str, Any]:
+        """Fields for ``KeyNamespace``: independent of the physical layout (the payload is canonical)."""
+        return {
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "layout": self.canonical_tag,
+            "num_layers": self.num_layers,
+            "num_kv_heads": self.num_kv_heads,
+            "head_size": self.head_size,
+        }
+
+    @property
+    def canonical_tag(self) -> str:
+        """Names the canonical payload family: ``LKTHD`` with kv_count, e.g. ``LKTHD-kv2``."""
+        tag = f"LKTHD-kv{self.kv_count}"
+        if self.head_size_v is not None and self.head_size_v != self.head_size:
+            tag += f"-v{self.head_size_v}"
+        return tag
+
+    def check_block_ids(self, block_ids: Sequence[int], what: str = "block_ids") -> None:
+        """LayoutError unless every id is in ``[0, num_blocks)``."""
+        if not block_ids:
+            return
+        lo, hi = min(block_ids), max(block_ids)
+        if lo < 0 or hi >= self.num_blocks:
+            bad = lo if lo < 0 else hi
+            raise LayoutError(
+                f"{what} contains block id {bad}, outside [0, {self.num_blocks}) for this KV cache "
+                f"of {self.num_blocks} blocks; pass ids the engine allocated"
+            )
+
+
+# ----------------------------------------------------------------------------- detection
+
+
+def _as_tensor_list(kv_caches: Any) -> tuple[list[torch.Tensor], bool]:
+    """Normalise to a list of tensors; second value: the input was one tensor."""
+    if isinstance(kv_caches, torch.Tensor):
+        return [kv_caches], True
+    if isinstance(kv_caches, Mapping):
+        tensors = list(kv_caches.values())
+    elif isinstance(kv_caches, Sequence) and not isinstance(kv_caches, (str, bytes)):
+        tensors = list(kv_caches)
+    else:
+        raise LayoutError(
+            f"kv_caches of type {type(kv_caches).__name__} is not supported; pass a list or a "
+            "name->tensor dict of per-layer tensors, or one cross-layer tensor"
+        )
+    if not tensors:
+        raise LayoutError("kv_caches is empty; pass at least one layer's KV tensor")
+    for i, t in enumerate(tensors):
+        if not isinstance(t, torch.Tensor):
+            raise LayoutError(f"kv_caches[{i}] is a {type(t).__name__}, expected a torch.Tensor")
+    return tensors, False
+
+
+def _check_consistent(tensors: list[torch.Tensor]) -> None:
+    first = tensors[0]
+    for i, t in enumerate(tensors[1:], start=1):
+        if t.shape != first.shape or t.dtype != first.dtype or t.device != first.device:
+            raise LayoutError(
+                f"layer {i} has shape {tuple(t.shape)} {t.dtype} on {t.device} but layer 0 has "
+                f"{tuple(first.shape)} {first.dtype} on {first.device}; every layer must match "
+                "(register one group of identical attention layers)"
+            )
+        if t.stride() != first.stride():
+            raise LayoutError(
+                f"layer {i} has strides {t.stride()} but layer 0 has {first.stride()}; "
+                "every layer must use the same stride order"
+            )
+    if first.dtype not in SUPPORTED_DTYPES:
+        raise LayoutError(
+            f"KV dtype {first.dtype} is not supported; expected one of "
+            f"{[str(d).removeprefix('torch.') for d in SUPPORTED_DTYPES]}"
+        )
+
+
+def _guess_dims(shape: tuple[int, ...], single: bool, hints: Mapping[str, Any]) -> tuple[str, str]:
+    """(kind, dims) from hints or the tensor rank; ambiguous shapes ask for a hint."""
+    if "dims" in hints:
+        dims = str(hints["dims"]).upper()
+        return str(hints.get("kind", "custom")), dims
+    if "kind" in hints:
+        kind = str(hints["kind"])
+        if kind not in KIND_DIMS:
+            raise LayoutError(f"hint kind={kind!r} is unknown; expected one of {sorted(KIND_DIMS)}")
+        return kind, KIND_DIMS[kind]
+    rank = len(shape)
+    if single:
+        if rank == 6:
+            return "cross_layer", KIND_DIMS["cross_layer"]
+        if rank == 4:
+            return "cross_layer_mla", KIND_DIMS["cross_layer_mla"]
+        raise LayoutError(
+            f"a single KV tensor of shape {shape} is not a known cross-layer layout; expected "
+            "(blocks, layers, 2, block_size, heads, head) or (blocks, layers, block_size, head), "
+            "or pass hints={'dims': ...}"
+        )
+    if rank == 5:
+        if shape[0] == 2 and shape[1] != 2:
+            return "flash_attn", KIND_DIMS["flash_attn"]
+        if shape[1] == 2 and shape[0] != 2:
+            return "flashinfer", KIND_DIMS["flashinfer"]
+        raise LayoutError(
+            f"per-layer KV shape {shape} is ambiguous between FlashAttention (2, blocks, ...) and "
+            "FlashInfer (blocks, 2, ...); pass hints={'kind': 'flash_attn'} or {'kind': 'flashinfer'}"
+        )
+    if rank == 3:
+        return "mla", KIND_DIMS["mla"]
+    if rank == 4:
+        return "unified", KIND_DIMS["unified"]
+    raise LayoutError(
+        f"per-layer KV shape {shape} (rank {rank}) is not a supported layout; expected "
+        "(2, blocks, block_size, heads, head), (blocks, 2, block_size, heads, head), "
+        "(blocks, block_size, head) or vLLM 0.30+ [blocks, heads, block_size, head_k + head_v]"
+    )
+
+
+def _validate_dims(dims: str, shape: tuple[int, ...]) -> None:
+    letters = set(dims)
+    ok = len(dims) == len(shape) and len(letters) == len(dims) and letters <= set("BLKNHDC")
+    ok = ok and {"B", "N"} <= letters and (("D" in letters) != ("C" in letters))
+    ok = ok and not ("C" in letters and "K" in letters)
+    if not ok:
+        raise LayoutError(
+            f"dims {dims!r} does not describe a tensor of shape {shape}: use one letter per "
+            "dimension from B (blocks), L (layers), K (key/value), N (tokens), H (heads), "
+            "D (head size) or C (key+value concatenated), with B, N and one of D/C"
+        )
+
+
+def _physical_order(t: torch.Tensor, dims: str) -> str:
+    """Dims from outermost to innermost in memory (e.g. ``KBNHD`` vs ``KBHND`` for HND)."""
+    pairs = sorted(zip(t.stride(), range(t.dim()), strict=True), key=lambda p: (-p[0], p[1]))
+    return "".join(dims[i] for _, i in pairs)
+
+
+def detect_layout(kv_caches: Any, hints: Mapping[str, Any] | None = None) -> KVLayout:
+    """Describe ``kv_caches`` (list / name->tensor dict / one cross-layer tensor) as a KVLayout."""
+    hints = dict(hints or {})
+    unknown = set(hints) - _HINT_KEYS
+    if unknown:
+        raise LayoutError(f"unknown layout hints {sorted(unknown)}; known hints: {sorted(_HINT_KEYS)}")
+    tensors, single = _as_tensor_list(kv_caches)
+    _check_consistent(tensors)
+    shape = tuple(tensors[0].shape)
+    kind, dims = _guess_dims(shape, single, hints)
+    _validate_dims(dims, shape)
+    if single != ("L" in dims):
+        raise LayoutError(
+            f"dims {dims!r} {'needs' if single else 'cannot have'} a layers dimension L for "
+            f"{'one tensor' if single else 'a list of per-layer tensors'} of shape {shape}"
+        )
+    size = dict(zip(dims, shape, strict=True))
+    num_layers = size.get("L", len(tensors))
+    kv_count, head_size, head_size_v = _split_heads(size, hints, shape)
+    layout = KVLayout(
+        kind=kind,
+        num_layers=num_layers,
+        num_blocks=size["B"],
+        block_size=size["N"],
+        num_kv_heads=size.get("H", 1),
+        head_size=head_size,
+        head_size_v=head_size_v,
+        dtype=tensors[0].dtype,
+        kv_count=kv_count,
+        dims=dims,
+        stride_order=_physical_order(tensors[0], dims),
+        cross_layer=single,
+    )
+    _check_hinted_sizes(layout, hints)
+    return layout
+
+
+def _split_heads(size: dict[str, int], hints: Mapping[str, Any], shape: tuple[int, ...]) -> tuple[int, int, int | None]:
+    """(kv_count, head_size, head_size_v) from the K/D/C dimensions and hints."""
+    if "C" not in size:
+        kv_count = size.get("K", 1)
+        if kv_count not in (1, 2):
+            raise LayoutError(f"the key/value dimension of shape {shape} has size {kv_count}; expected 2")
+        return kv_count, size["D"], None
+    c = size["C"]
+    kv_count = int(hints.get("kv_count", 2))
+    if kv_count == 1:
+        return 1, c, None
+    hv = int(hints.get("head_size_v", c // 2))
+    hk = c - hv
+    if kv_count != 2 or hv <= 0 or hk <= 0:
+        raise LayoutError(
+            f"cannot split the last dimension {c} of shape {shape} into key and value "
+            f"(kv_count={kv_count}, head_size_v={hv}); pass hints={{'kv_count': 1}} for MLA"
+        )
+    if hk != hv:
+        # K and V differ in width: they travel together as one vector per head.
+        return 1, c, hv
+    return 2, hk, None
+
+
+def _check_hinted_sizes(layout: KVLayout, hints: Mapping[str, Any]) -> None:
+    for name in ("block_size", "num_kv_heads", "head_size"):
+        if name in hints and int(hints[name]) != getattr(layout, name):
+            raise LayoutError(
+                f"hint {name}={hints[name]} disagrees with the tensors ({name}="
+                f"{getattr(layout, name)} for a {layout.kind} layout with dims {layout.dims}); "
+                "fix the hint or the tensors"
+            )
+
+
+# ----------------------------------------------------------------------------- views
+
+
+def _logical_view(t: torch.Tensor, dims: str, layout: KVLayout) -> torch.Tensor:
+    """View ``t`` as ``[(L,) B, K, N, H, D]`` in the transfer dtype, sharing storage."""
+    t = t.view(layout.transfer_dtype) if layout.is_fp8 else t
+    if "C" in dims:
+        return _split_c_view(t, dims, layout)
+    for letter in "KH":
+        if letter not in dims:
+            t = t.unsqueeze(-1)
+            dims += letter
+    target = ("L" if "L" in dims else "") + "BKNHD"
+    return t.permute(*[dims.index(c) for c in target])
+
+
+def _split_c_view(t: torch.Tensor, dims: str, layout: KVLayout) -> torch.Tensor:
+    """``[.., C]`` -> ``[.., K, .., D]``: K and V are adjacent runs of the C dimension."""
+    target = ("L" if "L" in dims else "") + "BNH"
+    if "H" not in dims:
+        t = t.unsqueeze(-1)
+        dims += "H"
+    perm = [dims.index(c) for c in target]
+    c_axis = dims.index("C")
+    sizes = [t.shape[i] for i in perm]
+    strides = [t.stride(i) for i in perm]
+    c_stride = t.stride(c_axis)
+    d = layout.head_size
+    # insert K after B: [(L,) B, K, N, H, D]
+    k_pos = len(sizes) - 2
+    sizes.insert(k_pos, layout.kv_count)
+    strides.insert(k_pos, d * c_stride)
+    sizes.append(d)
+    strides.append(c_stride)
+    return t.as_strided(sizes, strides, t.storage_offset())
+
+
+def layer_views(kv_caches: Any, layout: KVLayout) -> list[torch.Tensor]:
+    """One ``[B, K, N, H, D]`` view per layer (transfer dtype), sharing the engine's storage."""
+    tensors, single = _as_tensor_list(kv_caches)
+    if single:
+        whole = _logical_view(tensors[0], layout.dims, layout)
+        return list(whole.unbind(0))
+    if len(tensors) != layout.num_layers:
+        raise LayoutError(f"got {len(tensors)} layer tensors for a layout of {layout.num_layers} layers")
+    return [_logical_view(t, layout.dims, layout) for t in tensors]
+
+
+def stacked_view(views: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """``[L, B, K, N, H, D]`` over all layers when they sit at a constant stride in one storage.
+
+    Lets the gather for many layers run as one kernel (cross-layer tensors, vLLM 0.30+
+    which carves every layer from one buffer). None when the layers are separate allocations.
+    """
+    first = views[0]
+    if len(views) == 1:
+        return first.unsqueeze(0)
+    ptrs = [v.data_ptr() for v in views]
+    step = ptrs[1] - ptrs[0]
+    es = first.element_size()
+    if step <= 0 or step % es or any(b - a != step for a, b in zip(ptrs, ptrs[1:], strict=False)):
+        return None
+    if any(v.untyped_storage().data_ptr() != first.untyped_storage().data_ptr() for v in views):
+        return None
+    return first.as_strided((len(views), *first.shape), (step // es, *first.stride()), first.storage_offset())

@@ -1,0 +1,355 @@
+"""The transfer engine: paged KV between device blocks and canonical chunk payloads.
+
+Save gathers the scattered blocks of a batch of chunks on the device into a staging
+buffer (one ``index_select`` per layer, or one for all layers when the layers share a
+storage), then moves the batch with one DMA per chunk range into the pinned slot;
+load is the reverse (one DMA in, one ``index_copy_`` out). Staging is double-buffered
+and bounded: while batch i is in flight over PCIe, batch i+1 is gathered into the
+other half. Everything runs on dedicated side streams, ordered after the caller's
+current (compute) stream by an event, and completion is reported by events; the host
+never synchronizes the device on the hot path. On CPU tensors the same code runs inline.
+
+Payload byte layout of one chunk of ``t`` tokens: ``[layers, kv, t, heads, head_size]``
+(layers outermost, so a range of layers is one contiguous byte range).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from kvortex_core.data.layouts import KVLayout, layer_views, stacked_view
+from kvortex_core.data.streams import (
+    StreamSet,
+    TransferTimeoutError,
+    event_done,
+    event_wait,
+    stream_wait_current,
+)
+from kvortex_core.errors import LayoutError
+
+__all__ = ["TransferEngine", "TransferHandle", "TransferTimeoutError"]
+
+
+@dataclass(frozen=True)
+class _Unit:
+    """Layers ``[l0, l1)`` of one chunk: one contiguous byte range of its payload."""
+
+    chunk: int
+    l0: int
+    l1: int
+    blocks: int
+    payload_offset: int
+    nbytes: int
+    stage_offset: int = 0
+
+
+@dataclass
+class TransferHandle:
+    """Completion of one save or load; keeps its pinned buffers referenced until done."""
+
+    device: torch.device
+    what: str
+    done_event: Any = None
+    layer_events: list[Any] = field(default_factory=list)
+    keepalive: list[Any] = field(default_factory=list)
+
+    def done(self) -> bool:
+        """True once every copy of this transfer has completed (never blocks)."""
+        finished = event_done(self.done_event)
+        if finished:
+            self.keepalive.clear()
+        return finished
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block the host until the transfer completed; TransferTimeoutError after ``timeout`` s."""
+        event_wait(self.done_event, timeout, self.what)
+        self.keepalive.clear()
+
+    def wait_layer(self, layer: int) -> None:
+        """Order the caller's current stream after layer ``layer`` arrived (no host block).
+
+        Only layer-wise loads have per-layer events; otherwise the whole load is awaited.
+        """
+        if self.device.type != "cuda":
+            return
+        events = self.layer_events
+        event = events[layer] if 0 <= layer < len(events) else self.done_event
+        stream_wait_current(event, self.device)
+
+    def stream_wait(self) -> None:
+        """Order the caller's current stream after the whole transfer (no host block)."""
+        if self.device.type == "cuda":
+            stream_wait_current(self.done_event, self.device)
+
+
+class _Direction:
+    """One direction's streams and double-buffered staging (guarded by its own lock)."""
+
+    def __init__(self, device: torch.device, num_streams: int, half_bytes: int) -> None:
+        self.streams = StreamSet(device, num_streams)
+        self.stages = [torch.empty(half_bytes, dtype=torch.uint8, device=device) for _ in range(2)]
+        self.free_events: list[Any] = [None, None]
+        self.turn = 0
+        self.lock = threading.Lock()
+
+
+class TransferEngine:
+    """Moves chunk payloads between the registered KV cache and host buffers."""
+
+    def __init__(
+        self,
+        kv_caches: Any,
+        layout: KVLayout,
+        *,
+        chunk_tokens: int,
+        staging_bytes: int = 32 * 1024**2,
+        num_streams: int = 2,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if chunk_tokens <= 0 or chunk_tokens % layout.block_size:
+            raise LayoutError(
+                f"chunk_tokens={chunk_tokens} must be a positive multiple of the KV block size "
+                f"{layout.block_size}; set chunk_tokens to e.g. {layout.block_size * 16}"
+            )
+        self.layout = layout
+        self.chunk_tokens = chunk_tokens
+        self.blocks_per_chunk = chunk_tokens // layout.block_size
+        self.views = layer_views(kv_caches, layout)
+        self.device = torch.device(device) if device is not None else self.views[0].device
+        if self.views[0].device != self.device:
+            raise LayoutError(f"KV caches live on {self.views[0].device} but device={self.device} was given")
+        # [K, B, N, H, D] per layer: block ids index dim 1 and the result is canonical.
+        self._views_t = [v.transpose(0, 1) for v in self.views]
+        stacked = stacked_view(self.views)
+        self._stacked_t = stacked.transpose(1, 2) if stacked is not None else None
+        # One layer of one full chunk must fit a staging half.
+        half = max(int(staging_bytes) // 2, layout.layer_bytes(chunk_tokens))
+        self.half_bytes = half
+        self._save = _Direction(self.device, num_streams, half)
+        self._load = _Direction(self.device, num_streams, half)
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def single_gather(self) -> bool:
+        """True when one kernel gathers all layers of a batch (layers share one storage)."""
+        return self._stacked_t is not None
+
+    def save(self, block_ids_per_chunk: Sequence[Sequence[int]], dst: Sequence[torch.Tensor]) -> TransferHandle:
+        """Copy each chunk's blocks (all layers) into ``dst[i]`` (uint8 payload view of a pinned slot)."""
+        return self._save_layers(block_ids_per_chunk, dst, range(self.layout.num_layers), "save")
+
+    def save_layer(
+        self, layer: int, block_ids_per_chunk: Sequence[Sequence[int]], dst: Sequence[torch.Tensor]
+    ) -> TransferHandle:
+        """Copy one layer of each chunk into its place in ``dst[i]`` as the forward produces it."""
+        if not 0 <= layer < self.layout.num_layers:
+            raise LayoutError(f"layer {layer} is out of range [0, {self.layout.num_layers})")
+        return self._save_layers(block_ids_per_chunk, dst, range(layer, layer + 1), f"save of layer {layer}")
+
+    def load(
+        self,
+        src: Sequence[torch.Tensor],
+        block_ids_per_chunk: Sequence[Sequence[int]],
+        *,
+        layerwise: bool = False,
+        skip_blocks: int = 0,
+    ) -> TransferHandle:
+        """Copy each chunk payload ``src[i]`` into its blocks.
+
+        ``skip_blocks``: the first blocks (counted over all chunks in order) are left
+        untouched, for tokens the engine already holds. ``layerwise``: layer-major order
+        with one event per layer (``handle.wait_layer(i)``).
+        """
+        blocks = self._check(block_ids_per_chunk, src, "load")
+        skips = _split_skip(blocks, skip_blocks)
+        layers = range(self.layout.num_layers)
+        units = self._units(blocks, layers, layer_major=layerwise)
+        d = self._load
+        with d.lock:
+            return self._run_load(d, units, blocks, skips, src, layerwise)
+
+    # ------------------------------------------------------------------ planning
+
+    def _check(self, block_ids_per_chunk: Sequence[Sequence[int]], bufs: Sequence[torch.Tensor],
+               what: str) -> list[list[int]]:
+        blocks = [list(map(int, b)) for b in block_ids_per_chunk]
+        if len(blocks) != len(bufs):
+            raise LayoutError(f"{what}: {len(blocks)} chunks of block ids but {len(bufs)} buffers")
+        for i, (ids, buf) in enumerate(zip(blocks, bufs, strict=True)):
+            if not 0 < len(ids) <= self.blocks_per_chunk:
+                raise LayoutError(
+                    f"{what}: chunk {i} has {len(ids)} block ids; expected 1..{self.blocks_per_chunk} "
+                    f"(chunk_tokens={self.chunk_tokens} / block_size={self.layout.block_size})"
+                )
+            self.layout.check_block_ids(ids, f"{what}: chunk {i} block ids")
+            need = self.layout.chunk_bytes(len(ids) * self.layout.block_size)
+            if buf.dtype != torch.uint8 or buf.dim() != 1 or buf.numel() < need or not buf.is_contiguous():
+                raise LayoutError(
+                    f"{what}: buffer {i} must be a contiguous 1-D uint8 tensor of at least {need} "
+                    f"bytes, got {buf.dtype} shape {tuple(buf.shape)}"
+                )
+        return blocks
+
+    def _units(self, blocks: list[list[int]], layers: range, *, layer_major: bool) -> list[list[_Unit]]:
+        """Split the chunks into layer ranges and pack them into staging-sized batches."""
+        lay = self.layout
+        per_chunk: list[list[_Unit]] = []
+        for c, ids in enumerate(blocks):
+            lb = lay.layer_bytes(len(ids) * lay.block_size)
+            step = 1 if layer_major else max(1, self.half_bytes // lb)
+            per_chunk.append([
+                _Unit(c, l0, min(l0 + step, layers.stop), len(ids), l0 * lb, (min(l0 + step, layers.stop) - l0) * lb)
+                for l0 in range(layers.start, layers.stop, step)
+            ])
+        order = [u for p in per_chunk for u in p]
+        if layer_major:
+            order.sort(key=lambda u: (u.l0, u.chunk))
+        return _pack(order, self.half_bytes)
+
+    def _index_tensors(self, blocks: list[list[int]], streams: StreamSet) -> list[torch.Tensor]:
+        """Block ids on the device, one slice per chunk, from one pinned host tensor."""
+        flat = torch.tensor([b for ids in blocks for b in ids], dtype=torch.int64)
+        if streams.cuda:
+            flat = flat.pin_memory()
+            with streams.on(streams.first):
+                flat = flat.to(self.device, non_blocking=True)
+            if streams.second is not streams.first:
+                # loads scatter with it on the second stream: keep the allocator off it until then
+                flat.record_stream(streams.second)
+        return list(torch.split(flat, [len(ids) for ids in blocks]))
+
+    # ------------------------------------------------------------------ save
+
+    def _save_layers(self, block_ids_per_chunk: Sequence[Sequence[int]], dst: Sequence[torch.Tensor],
+                     layers: range, what: str) -> TransferHandle:
+        blocks = self._check(block_ids_per_chunk, dst, what)
+        batches = self._units(blocks, layers, layer_major=False)
+        d = self._save
+        with d.lock:
+            s = d.streams
+            produced = s.record_current()
+            idx = self._index_tensors(blocks, s)
+            for batch in batches:
+                stage = self._next_stage(d, produced, s.first)
+                with s.on(s.first):
+                    for u in batch:
+                        self._gather(u, idx[u.chunk], stage)
+                gathered = s.record(s.first)
+                s.wait(s.second, gathered)
+                with s.on(s.second):
+                    for u in batch:
+                        dst[u.chunk][u.payload_offset:u.payload_offset + u.nbytes].copy_(
+                            stage[u.stage_offset:u.stage_offset + u.nbytes], non_blocking=True)
+                d.free_events[d.turn] = s.record(s.second)
+            done = s.record(s.second)
+        return TransferHandle(self.device, what, done, [], [list(dst), idx])
+
+    def _next_stage(self, d: _Direction, after: Any, stream: Any) -> torch.Tensor:
+        """The other staging half, once its previous copy finished (a GPU-side wait)."""
+        d.turn ^= 1
+        d.streams.wait(stream, d.free_events[d.turn])
+        d.streams.wait(stream, after)
+        return d.stages[d.turn]
+
+    def _unit_view(self, u: _Unit, stage: torch.Tensor) -> torch.Tensor:
+        """The unit's staging bytes as ``[layers, K, blocks, N, H, D]``."""
+        lay = self.layout
+        shape = (u.l1 - u.l0, lay.kv_count, u.blocks, lay.block_size, lay.num_kv_heads, lay.head_size)
+        return stage[u.stage_offset:u.stage_offset + u.nbytes].view(lay.transfer_dtype).view(shape)
+
+    def _gather(self, u: _Unit, idx: torch.Tensor, stage: torch.Tensor) -> None:
+        out = self._unit_view(u, stage)
+        if self._stacked_t is not None:
+            torch.index_select(self._stacked_t[u.l0:u.l1], 2, idx, out=out)
+            return
+        for i, layer in enumerate(range(u.l0, u.l1)):
+            torch.index_select(self._views_t[layer], 1, idx, out=out[i])
+
+    # ------------------------------------------------------------------ load
+
+    def _run_load(self, d: _Direction, batches: list[list[_Unit]], blocks: list[list[int]],
+                  skips: list[int], src: Sequence[torch.Tensor], layerwise: bool) -> TransferHandle:
+        s = d.streams
+        in_use = s.record_current()
+        idx = self._index_tensors(blocks, s)
+        layer_events: list[Any] = [None] * self.layout.num_layers if layerwise else []
+        remaining = _units_per_layer(batches, self.layout.num_layers) if layerwise else []
+        for batch in batches:
+            stage = self._next_stage(d, in_use, s.first)
+            with s.on(s.first):
+                for u in batch:
+                    stage[u.stage_offset:u.stage_offset + u.nbytes].copy_(
+                        src[u.chunk][u.payload_offset:u.payload_offset + u.nbytes], non_blocking=True)
+            arrived = s.record(s.first)
+            s.wait(s.second, arrived)
+            with s.on(s.second):
+                for u in batch:
+                    self._scatter(u, idx[u.chunk], stage, skips[u.chunk])
+            d.free_events[d.turn] = s.record(s.second)
+            if layerwise:
+                self._mark_layers(batch, remaining, layer_events, d.free_events[d.turn])
+        done = s.record(s.second)
+        return TransferHandle(self.device, "load", done, layer_events, [list(src), idx])
+
+    def _scatter(self, u: _Unit, idx: torch.Tensor, stage: torch.Tensor, skip: int) -> None:
+        if skip >= u.blocks:
+            return
+        src = self._unit_view(u, stage)
+        if skip:
+            src, idx = src[:, :, skip:], idx[skip:]
+        if self._stacked_t is not None:
+            self._stacked_t[u.l0:u.l1].index_copy_(2, idx, src)
+            return
+        for i, layer in enumerate(range(u.l0, u.l1)):
+            self._views_t[layer].index_copy_(1, idx, src[i])
+
+    @staticmethod
+    def _mark_layers(batch: list[_Unit], remaining: list[int], events: list[Any], event: Any) -> None:
+        for u in batch:
+            for layer in range(u.l0, u.l1):
+                remaining[layer] -= 1
+                if remaining[layer] == 0:
+                    events[layer] = event
+
+
+def _pack(units: list[_Unit], capacity: int) -> list[list[_Unit]]:
+    """Greedy in-order packing of units into batches of at most ``capacity`` bytes."""
+    batches: list[list[_Unit]] = []
+    current: list[_Unit] = []
+    used = 0
+    for u in units:
+        if current and used + u.nbytes > capacity:
+            batches.append(current)
+            current, used = [], 0
+        current.append(_Unit(u.chunk, u.l0, u.l1, u.blocks, u.payload_offset, u.nbytes, used))
+        used += u.nbytes
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _split_skip(blocks: list[list[int]], skip_blocks: int) -> list[int]:
+    """Blocks to skip at the start of each chunk, from a count over all chunks."""
+    if skip_blocks < 0:
+        raise LayoutError(f"skip_blocks={skip_blocks} must be >= 0")
+    skips = []
+    for ids in blocks:
+        take = min(skip_blocks, len(ids))
+        skips.append(take)
+        skip_blocks -= take
+    return skips
+
+
+def _units_per_layer(batches: list[list[_Unit]], num_layers: int) -> list[int]:
+    counts = [0] * num_layers
+    for batch in batches:
+        for u in batch:
+            for layer in range(u.l0, u.l1):
+                counts[layer] += 1
+    return counts
