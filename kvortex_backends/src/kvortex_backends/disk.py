@@ -1,0 +1,270 @@
+"""``disk``: chunk payloads as files on a local filesystem.
+
+Layout: ``<path>/<namespace>/r<rank>/<k0k1>/<k2k3>/<key>.kv`` (``shard_depth`` levels of two
+hex characters), directories 0700, files 0600. Each file is exactly the stored value (payload
+header + KV bytes, see :mod:`kvortex_core.data.payload`). The in-memory index (key -> size) is
+rebuilt at ``open()`` from the file headers; orphaned temporary files and damaged or foreign
+files are removed then. I/O runs on a dedicated thread pool, reads land straight in the
+caller's buffer (a pinned slot). Every OS error becomes a :class:`BackendError` whose message
+names the directory and the cause; the tiering layer turns repeated errors into an open
+circuit breaker, so a full or vanished disk never stops the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import re
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Literal, TypeVar
+
+from pydantic import Field
+
+from kvortex_backends import disk_io
+from kvortex_core.data import payload as pl
+from kvortex_core.errors import BackendError, BackendFullError, BufferTooSmallError, PayloadError
+from kvortex_core.storage.protocol import BackendContext, BackendOptions, Health, StorageBackend, Usage
+
+log = logging.getLogger("kvortex_backends.disk")
+T = TypeVar("T")
+_KEY_RE = re.compile(r"^[0-9a-f]{1,128}$")
+
+
+class DiskOptions(BackendOptions):
+    """Options of a ``disk`` tier (YAML keys under ``tiers.<name>``)."""
+
+    path: Path = Field(description="directory holding the cache files (created 0700 if absent)")
+    shard_depth: int = Field(2, ge=0, le=3, description="levels of 2-hex-char subdirectories")
+    fsync: bool = Field(True, description="fsync file and directory on every write (crash safe)")
+    o_direct: Literal["auto", "on", "off"] = Field(
+        "auto", description="auto: O_DIRECT writes of aligned buffers, page-cache reads; "
+        "on: O_DIRECT reads too; off: never")
+    compression: pl.Compression = Field("none", description="none, lz4 or zstd (lossless)")
+    compression_level: int | None = Field(None, description="zstd level (default 1)")
+    io_threads: int = Field(4, ge=1, le=64, description="threads doing blocking file I/O")
+
+
+class DiskBackend(StorageBackend):
+    """Local-file tier: atomic writes, checksummed headers, index rebuilt at start."""
+
+    Options = DiskOptions
+    requires = ()
+    install_hint = None
+    shared = False
+
+    def __init__(self, options: DiskOptions, *, capacity: int, context: BackendContext) -> None:
+        super().__init__(options, capacity=capacity, context=context)
+        self.options: DiskOptions = options
+        ns = re.sub(r"[^0-9A-Za-z_\-]", "_", context.namespace)[:32] or "default"
+        self.root = str(Path(options.path).expanduser() / ns / f"r{context.rank}")
+        self._ns_hash = _namespace_hash(context.namespace)
+        self._index: dict[str, int] = {}
+        self._used = 0
+        self._lock = asyncio.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._dirs: set[str] = set()
+        self._write_direct = options.o_direct != "off"
+        self._read_direct = options.o_direct == "on"
+        self.scan_removed: dict[str, int] = {}
+
+    # -- lifecycle -------------------------------------------------------------------------
+    async def open(self) -> None:
+        self._pool = ThreadPoolExecutor(self.options.io_threads, thread_name_prefix="kvortex-disk")
+        try:
+            await self._run(self._prepare_root)
+        except OSError as exc:
+            raise BackendError(self._explain("cannot create", exc)) from exc
+        entries = await self._run(self._scan_files)
+        self._index = dict(entries)
+        self._used = sum(self._index.values())
+        if any(self.scan_removed.values()):
+            log.warning("disk tier %s: removed at start %s", self.root, self.scan_removed)
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def _prepare_root(self) -> None:
+        os.makedirs(self.root, mode=0o700, exist_ok=True)
+        os.chmod(self.root, 0o700)
+
+    async def _run(self, fn: Callable[..., T], *args: object) -> T:
+        if self._pool is None:
+            raise BackendError(f"disk tier {self.root} is not open; call open() first")
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    # -- paths -----------------------------------------------------------------------------
+    def _parts(self, key: str) -> list[str]:
+        if not _KEY_RE.match(key):
+            raise BackendError(f"disk key {key!r} is not lowercase hex (1-128 characters)")
+        padded = key.ljust(2 * self.options.shard_depth, "0")
+        return [padded[2 * i : 2 * i + 2] for i in range(self.options.shard_depth)]
+
+    def _path(self, key: str) -> str:
+        return os.path.join(self.root, *self._parts(key), key + disk_io.SUFFIX)
+
+    def _explain(self, what: str, exc: OSError) -> str:
+        cause = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+                 errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+                 errno.ENOENT: "the directory vanished", errno.EROFS: "read-only filesystem"}
+        reason = cause.get(exc.errno or 0, exc.strerror or str(exc))
+        return f"disk tier {self.root}: {what} failed: {reason} ({exc})"
+
+    # -- protocol --------------------------------------------------------------------------
+    async def put(self, key: str, data: memoryview | bytes | bytearray) -> None:
+        path, parts = self._path(key), self._parts(key)
+        value = memoryview(data).cast("B") if not isinstance(data, memoryview) else data.cast("B")
+        if self.options.compression != "none":
+            value = memoryview(await self._run(self._compress, value))
+        size = len(value)
+        async with self._lock:
+            if self._used + size > self.capacity:
+                raise BackendFullError(
+                    f"disk tier {self.root} full: {key} needs {size} bytes, "
+                    f"{self.capacity - self._used} free of {self.capacity}; raise its capacity"
+                )
+            self._used += size  # reserved; settled below
+        try:
+            await self._run(self._write, path, parts, value)
+        except OSError as exc:
+            self._used -= size
+            raise BackendError(self._explain(f"writing {key}", exc)) from exc
+        except BaseException:
+            self._used -= size
+            raise
+        self._used -= self._index.pop(key, 0)
+        self._index[key] = size
+
+    def _compress(self, value: memoryview) -> memoryview | bytes | bytearray:
+        return pl.compress_value(value, self.options.compression, self.options.compression_level)
+
+    def _write(self, path: str, parts: list[str], value: memoryview) -> None:
+        folder = os.path.dirname(path)
+        if folder not in self._dirs:
+            disk_io.make_dirs(self.root, parts)
+            self._dirs.add(folder)
+        try:
+            disk_io.write_atomic(path, value, fsync=self.options.fsync, direct=self._write_direct)
+        except FileNotFoundError:
+            self._dirs.discard(folder)  # shard directory removed underneath us
+            raise
+
+    async def get(self, key: str, out: memoryview) -> int | None:
+        if key not in self._index:
+            return None
+        try:
+            n = await self._run(self._read, self._path(key), out)
+        except FileNotFoundError:
+            await self._forget(key)
+            return None
+        except OSError as exc:
+            raise BackendError(self._explain(f"reading {key}", exc)) from exc
+        return n
+
+    def _read(self, path: str, out: memoryview) -> int:
+        view = out.cast("B") if out.format != "B" else out
+        n = disk_io.read_into(path, view, direct=self._read_direct)
+        if n >= pl.HEADER_BYTES and bytes(view[:8]) == pl.MAGIC and view[12] != 0:
+            return self._expand(view, n)
+        return n
+
+    @staticmethod
+    def _expand(view: memoryview, n: int) -> int:
+        """The file holds a compressed payload: expand it in place (through one temp copy)."""
+        try:
+            raw = pl.raw_length(view[:n])
+        except PayloadError:
+            return n
+        if raw > len(view):
+            raise BufferTooSmallError(f"compressed disk value expands to {raw} bytes, buffer {len(view)}")
+        return pl.decompress_value(bytes(view[:n]), view)
+
+    async def contains(self, keys: Sequence[str]) -> list[bool]:
+        return [k in self._index for k in keys]
+
+    async def delete(self, keys: Sequence[str]) -> int:
+        present = [k for k in keys if k in self._index]
+        for k in present:
+            self._used -= self._index.pop(k)
+        if present:
+            try:
+                await self._run(self._unlink_many, [self._path(k) for k in present])
+            except OSError as exc:
+                raise BackendError(self._explain("deleting", exc)) from exc
+        return len(present)
+
+    @staticmethod
+    def _unlink_many(paths: list[str]) -> None:
+        for p in paths:
+            disk_io.unlink(p)
+
+    async def _forget(self, key: str) -> None:
+        self._used -= self._index.pop(key, 0)
+
+    async def usage(self) -> Usage:
+        return Usage(capacity=self.capacity, used=self._used, items=len(self._index))
+
+    async def health(self) -> Health:
+        try:
+            return await self._run(self._probe)
+        except OSError as exc:
+            return Health(ok=False, detail=self._explain("health probe", exc))
+
+    def _probe(self) -> Health:
+        if not os.path.isdir(self.root):
+            return Health(ok=False, detail=f"disk tier {self.root}: the directory vanished")
+        if not os.access(self.root, os.W_OK | os.X_OK):
+            return Health(ok=False, detail=f"disk tier {self.root}: permission denied")
+        st = os.statvfs(self.root)
+        if st.f_bavail * st.f_frsize < pl.HEADER_BYTES:
+            return Health(ok=False, detail=f"disk tier {self.root}: the disk is full")
+        return Health(ok=True)
+
+    async def scan(self) -> list[tuple[str, int]]:
+        return list(self._index.items())
+
+    # -- start-up scan ---------------------------------------------------------------------
+    def _scan_files(self) -> list[tuple[str, int]]:
+        self.scan_removed = {"temp": 0, "damaged": 0, "foreign": 0}
+        found: list[tuple[str, int]] = []
+        for folder, _dirs, files in os.walk(self.root):
+            for name in files:
+                path = os.path.join(folder, name)
+                verdict = self._judge(path, name)
+                if verdict is None:
+                    found.append((name[: -len(disk_io.SUFFIX)], os.path.getsize(path)))
+                    self._dirs.add(folder)
+                else:
+                    self.scan_removed[verdict] += 1
+                    disk_io.unlink(path)
+        return found
+
+    def _judge(self, path: str, name: str) -> str | None:
+        """None when the file is a complete payload of this tier, else why it goes."""
+        if disk_io.TMP_MARK in name:
+            return "temp"  # a writer died between create and rename
+        key = name[: -len(disk_io.SUFFIX)] if name.endswith(disk_io.SUFFIX) else ""
+        if not _KEY_RE.match(key) or path != self._path(key):
+            return "foreign"
+        head, size = disk_io.read_head(path, pl.HEADER_BYTES)
+        try:
+            header = pl.read_header(head)
+        except PayloadError:
+            return "damaged" if head[:8] == pl.MAGIC else "foreign"
+        if header.key.hex() != key or (self._ns_hash and header.namespace_hash != self._ns_hash):
+            return "foreign"
+        return None if size == header.total_len else "damaged"
+
+
+def _namespace_hash(namespace: str) -> bytes:
+    """The header namespace hash for a context namespace given as hex (the TierManager's)."""
+    try:
+        return pl.namespace_hash(bytes.fromhex(namespace)) if namespace else b""
+    except ValueError:
+        return b""
+

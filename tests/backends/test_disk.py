@@ -1,0 +1,336 @@
+"""The disk backend: conformance, restart, corruption, crash safety, failures."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvortex_backends.disk import DiskBackend
+from kvortex_core.storage.protocol import BackendContext
+from kvortex_core.testing import BackendConformance
+
+
+def _disk(path, capacity: int, **opts: object) -> DiskBackend:  # type: ignore[no-untyped-def]
+    return DiskBackend(DiskBackend.Options(path=path, **opts), capacity=capacity,
+                       context=BackendContext(tier="disk"))
+
+
+class TestDiskConformance(BackendConformance):
+    @pytest.fixture
+    def backend_factory(self, tmp_path):  # type: ignore[no-untyped-def]
+        return lambda capacity: _disk(tmp_path / "cache", capacity)
+
+
+class TestDiskConformanceCompressedNoFsync(BackendConformance):
+    @pytest.fixture
+    def backend_factory(self, tmp_path):  # type: ignore[no-untyped-def]
+        return lambda capacity: _disk(tmp_path / "cache", capacity, compression="lz4", fsync=False,
+                                      o_direct="on", shard_depth=0)
+
+
+# -- helpers ---------------------------------------------------------------------------------
+import asyncio
+import errno
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+from kvortex_backends import disk_io
+from kvortex_core.data import payload as pl
+from kvortex_core.errors import BackendError, PayloadError
+
+NS = bytes.fromhex("ab" * 16)
+SHAPE = (4, 1024)
+MiB = 1024 * 1024
+
+
+def _ns_disk(path: Path, capacity: int = 64 * MiB, **opts: object) -> DiskBackend:
+    ctx = BackendContext(tier="disk", namespace=NS.hex())
+    return DiskBackend(DiskBackend.Options(path=path, **opts), capacity=capacity, context=ctx)
+
+
+def _value(i: int, n: int = 4096) -> tuple[str, bytes]:
+    """A well-formed payload (header + n bytes) for key number i."""
+    key = i.to_bytes(4, "big") * 8
+    body = bytes((i + j) % 251 for j in range(n))
+    buf = bytearray(pl.HEADER_BYTES + n)
+    buf[pl.HEADER_BYTES:] = body
+    pl.seal(buf, key=key, namespace=NS, shape=(n,), dtype="uint8", payload_len=n)
+    return key.hex(), bytes(buf)
+
+
+def _run(coro):  # type: ignore[no-untyped-def]
+    return asyncio.run(coro)
+
+
+async def _opened(b: DiskBackend) -> DiskBackend:
+    await b.open()
+    return b
+
+
+def _files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+# -- restart, layout, permissions ------------------------------------------------------------
+def test_restart_keeps_cache_and_layout_is_sharded_private(tmp_path: Path) -> None:
+    values = dict(_value(i) for i in range(5))
+
+    async def first() -> None:
+        b = await _opened(_ns_disk(tmp_path))
+        for k, v in values.items():
+            await b.put(k, v)
+        await b.close()
+
+    async def second() -> None:
+        b = await _opened(_ns_disk(tmp_path))
+        assert sorted(k for k, _ in await b.scan()) == sorted(values)
+        assert (await b.usage()).used == sum(map(len, values.values()))
+        for k, v in values.items():
+            out = bytearray(len(v))
+            assert await b.get(k, memoryview(out)) == len(v) and bytes(out) == v
+        await b.close()
+
+    _run(first())
+    files = _files(tmp_path)
+    assert len(files) == 5
+    for f in files:
+        assert f.stat().st_mode & 0o777 == 0o600
+        assert f.parent.stat().st_mode & 0o777 == 0o700
+        key = f.name.removesuffix(".kv")
+        assert f.parent.name == key[2:4] and f.parent.parent.name == key[:2]
+    _run(second())
+
+
+def test_scan_removes_damaged_foreign_and_temp_files(tmp_path: Path) -> None:
+    values = dict(_value(i) for i in range(6))
+    _run(_put_all(tmp_path, values))
+    keys = sorted(values)
+    paths = {k: Path(_ns_disk(tmp_path)._path(k)) for k in keys}
+    # truncated, header bit flip, foreign namespace, foreign junk, renamed file, orphan temp
+    paths[keys[0]].write_bytes(values[keys[0]][:-100])
+    flipped = bytearray(values[keys[1]])
+    flipped[20] ^= 0x04
+    paths[keys[1]].write_bytes(flipped)
+    other = bytearray(values[keys[2]])
+    pl.write_header(other, key=bytes.fromhex(keys[2]), namespace=b"other model", shape=(4096,),
+                    dtype="uint8", payload_len=4096, checksum=pl.checksum(other[pl.HEADER_BYTES:]))
+    paths[keys[2]].write_bytes(other)
+    paths[keys[3]].write_bytes(b"\x89PNG" + bytes(5000))
+    (paths[keys[4]].parent / "junk.txt").write_bytes(b"x")
+    temp = Path(disk_io.temp_name(str(paths[keys[5]])))
+    temp.write_bytes(values[keys[5]][:777])
+
+    async def reopen() -> None:
+        b = await _opened(_ns_disk(tmp_path))
+        assert sorted(k for k, _ in await b.scan()) == [keys[4], keys[5]]
+        assert b.scan_removed == {"temp": 1, "damaged": 2, "foreign": 3}
+        await b.close()
+
+    _run(reopen())
+    assert sorted(f.name for f in _files(tmp_path)) == sorted(f"{k}.kv" for k in keys[4:])
+
+
+async def _put_all(path: Path, values: dict[str, bytes], **opts: object) -> None:
+    b = await _opened(_ns_disk(path, **opts))
+    for k, v in values.items():
+        await b.put(k, v)
+    await b.close()
+
+
+def test_payload_bit_flip_is_caught_by_parse(tmp_path: Path) -> None:
+    """The disk tier returns bytes as stored; the payload checksum catches a flipped bit."""
+    k, v = _value(1)
+    _run(_put_all(tmp_path, {k: v}))
+    path = Path(_ns_disk(tmp_path)._path(k))
+    data = bytearray(path.read_bytes())
+    data[pl.HEADER_BYTES + 1000] ^= 0x10
+    path.write_bytes(data)
+
+    async def check() -> None:
+        b = await _opened(_ns_disk(tmp_path))  # headers are fine, so the scan keeps it
+        out = bytearray(len(v))
+        assert await b.get(k, memoryview(out)) == len(v)
+        with pytest.raises(PayloadError, match="checksum"):
+            pl.parse(out, key=bytes.fromhex(k), namespace=NS, shape=(4096,), dtype="uint8")
+        await b.close()
+
+    _run(check())
+
+
+def test_compression_on_disk_shrinks_and_reads_back_raw(tmp_path: Path) -> None:
+    key = b"\x07" * 32
+    buf = bytearray(pl.HEADER_BYTES + MiB)  # zeros compress well
+    pl.seal(buf, key=key, namespace=NS, shape=(MiB,), dtype="uint8", payload_len=MiB)
+    _run(_put_all(tmp_path, {key.hex(): bytes(buf)}, compression="zstd"))
+    (f,) = _files(tmp_path)
+    assert f.stat().st_size < len(buf) // 10
+
+    async def read(**opts: object) -> None:
+        b = await _opened(_ns_disk(tmp_path, **opts))
+        out = bytearray(len(buf))
+        assert await b.get(key.hex(), memoryview(out)) == len(buf) and out == buf
+        await b.close()
+
+    _run(read(compression="zstd"))
+    _run(read())  # turning compression off later still reads old compressed files
+
+
+# -- crash safety ----------------------------------------------------------------------------
+_WRITER = textwrap.dedent("""
+    import asyncio, sys
+    from kvortex_backends.disk import DiskBackend
+    from kvortex_core.data import payload as pl
+    from kvortex_core.storage.protocol import BackendContext
+
+    async def main():
+        ns = bytes.fromhex(sys.argv[2])
+        b = DiskBackend(DiskBackend.Options(path=sys.argv[1]), capacity=1 << 40,
+                        context=BackendContext(namespace=ns.hex()))
+        await b.open()
+        n = 16 << 20
+        value = bytearray(pl.HEADER_BYTES + n)
+        i = 0
+        while True:
+            key = i.to_bytes(32, "big")
+            value[pl.HEADER_BYTES:pl.HEADER_BYTES + 8] = key[-8:]
+            pl.seal(value, key=key, namespace=ns, shape=(n,), dtype="uint8", payload_len=n)
+            await b.put(key.hex(), value)
+            i += 1
+    asyncio.run(main())
+""")
+
+
+def test_sigkill_mid_write_leaves_no_partial_entry(tmp_path: Path) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(tmp_path), NS.hex()])
+
+    def state() -> tuple[int, bool]:
+        names = [p.name for p in tmp_path.rglob("*") if p.is_file()]
+        return sum(n.endswith(".kv") for n in names), any(disk_io.TMP_MARK in n for n in names)
+
+    try:
+        deadline = time.monotonic() + 120
+        while not (state()[0] >= 2 and state()[1]):  # killed while a write is in flight
+            assert proc.poll() is None, "writer died on its own"
+            assert time.monotonic() < deadline, "writer never got going"
+            time.sleep(0.002)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    n = 16 << 20
+
+    async def reopen() -> None:
+        b = await _opened(_ns_disk(tmp_path))
+        entries = await b.scan()
+        assert len(entries) >= 2 and b.scan_removed["damaged"] == 0
+        out = bytearray(pl.HEADER_BYTES + n)
+        for k, size in entries:  # every visible entry is complete and verifies
+            assert size == len(out) and await b.get(k, memoryview(out)) == size
+            body = pl.parse(out, key=bytes.fromhex(k), namespace=NS, shape=(n,), dtype="uint8")
+            assert bytes(body[:8]) == bytes.fromhex(k)[-8:]
+        await b.close()
+
+    _run(reopen())
+    assert not any(disk_io.TMP_MARK in p.name for p in tmp_path.rglob("*"))
+
+
+# -- failures --------------------------------------------------------------------------------
+@pytest.fixture
+def small_tmpfs(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A real 1 MiB filesystem (needs root and mount); skips where mounting is not allowed."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
+                          capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_real_disk_full_raises_cleanly_and_keeps_old_data(small_tmpfs: Path) -> None:
+    values = dict(_value(i, 200_000) for i in range(10))  # 2 MB into a 1 MiB filesystem
+
+    async def scenario() -> None:
+        b = await _opened(_ns_disk(small_tmpfs, capacity=64 * MiB))
+        stored = {}
+        with pytest.raises(BackendError, match="disk is full"):
+            for k, v in values.items():
+                await b.put(k, v)
+                stored[k] = v
+        assert stored, "at least one value fits"
+        assert (await b.usage()).items == len(stored)
+        for k, v in stored.items():
+            out = bytearray(len(v))
+            assert await b.get(k, memoryview(out)) == len(v) and bytes(out) == v
+        await b.delete(list(stored))
+        k, v = next(iter(values.items()))
+        await b.put(k, v)  # room again: the tier recovers by itself
+        await b.close()
+
+    _run(scenario())
+    assert not any(disk_io.TMP_MARK in p.name for p in small_tmpfs.rglob("*"))
+
+
+@pytest.mark.parametrize(("err", "match"), [(errno.ENOSPC, "disk is full"),
+                                            (errno.EACCES, "permission denied"),
+                                            (errno.EIO, "Input/output error")])
+def test_injected_write_errors_become_backend_errors(tmp_path: Path, monkeypatch, err: int,
+                                                     match: str) -> None:  # type: ignore[no-untyped-def]
+    k, v = _value(3)
+
+    def failing(fd: int, view: memoryview, offset: int) -> None:
+        raise OSError(err, os.strerror(err))
+
+    async def scenario() -> None:
+        b = await _opened(_ns_disk(tmp_path))
+        monkeypatch.setattr(disk_io, "_write_all", failing)
+        with pytest.raises(BackendError, match=match):
+            await b.put(k, v)
+        assert (await b.usage()).used == 0 and await b.contains([k]) == [False]
+        monkeypatch.undo()
+        await b.put(k, v)
+        assert await b.contains([k]) == [True]
+        await b.close()
+
+    _run(scenario())
+    assert not any(disk_io.TMP_MARK in p.name for p in tmp_path.rglob("*"))
+
+
+def test_vanished_directory_is_unhealthy_and_never_recreated(tmp_path: Path) -> None:
+    import shutil
+
+    k, v = _value(4)
+    k2, v2 = _value(5)
+
+    async def scenario() -> None:
+        b = await _opened(_ns_disk(tmp_path / "cache"))
+        await b.put(k, v)
+        shutil.rmtree(tmp_path / "cache")
+        assert not (await b.health()).ok
+        assert await b.get(k, memoryview(bytearray(len(v)))) is None  # gone: a miss, forgotten
+        assert await b.contains([k]) == [False]
+        with pytest.raises(BackendError, match="vanished"):
+            await b.put(k2, v2)
+        assert not (tmp_path / "cache").exists()
+        await b.close()
+
+    _run(scenario())
+
+
+def test_bad_keys_refused(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        b = await _opened(_ns_disk(tmp_path))
+        for bad in ("../../etc/passwd", "ABCDEF", "", "g" * 10):
+            with pytest.raises(BackendError, match="lowercase hex"):
+                await b.put(bad, b"x")
+        await b.close()
+
+    _run(scenario())
