@@ -1,4 +1,10 @@
-"""Shared benchmark plumbing: repetitions, min/median/max, ratios, JSON results, hardware name."""
+"""Shared benchmark plumbing: repetitions, min/median/max, ratios, JSON + PNG results, tables.
+
+Every ``kvortex bench X`` module uses these helpers so all figures look alike: a ratio against a
+raw baseline measured in the same run, min/median/max over repetitions, the hardware named, a
+JSON file and a PNG plot in ``--out``, a rich summary table on the terminal. matplotlib and torch
+are imported lazily so the CLI starts fast.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +12,24 @@ import json
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
+
+# Shared options: every subcommand spells these the same way.
+OutOption = Annotated[Path, typer.Option("--out", help="directory for JSON results and PNG plots")]
+RepsOption = Annotated[int, typer.Option("--reps", min=1, help="timed repetitions per point")]
+SizesOption = Annotated[
+    str, typer.Option("--sizes", help="comma-separated sizes; K/M suffixes allowed, e.g. 1K,8K,32K")
+]
+QuietOption = Annotated[bool, typer.Option("--quiet", help="no progress bars")]
 
 
 @dataclass
@@ -31,6 +51,18 @@ class Measurement:
             return {"min": 0.0, "median": 0.0, "max": 0.0}
         return {"min": rates[0], "median": statistics.median(rates), "max": rates[-1]}
 
+    def summary(self) -> dict[str, float]:
+        """min/median/max seconds."""
+        return spread(self.seconds)
+
+
+def spread(values: Sequence[float]) -> dict[str, float]:
+    """min/median/max of ``values`` (all 0.0 when empty)."""
+    if not values:
+        return {"min": 0.0, "median": 0.0, "max": 0.0}
+    ordered = sorted(values)
+    return {"min": ordered[0], "median": statistics.median(ordered), "max": ordered[-1]}
+
 
 def repeat(fn: Callable[[], Any], reps: int, warmup: int = 1) -> list[float]:
     """Wall-clock seconds of ``fn`` over ``reps`` runs after ``warmup`` runs."""
@@ -49,10 +81,41 @@ def ratio(ours: Measurement, raw: Measurement) -> float:
     return raw.median_s / ours.median_s if ours.median_s > 0 else 0.0
 
 
+def ratio_spread(ours: Sequence[float], raw: Sequence[float]) -> dict[str, float]:
+    """min/median/max of raw[i]/ours[i] over paired repetitions (speedup of ours over raw)."""
+    pairs = [r / o for o, r in zip(ours, raw, strict=False) if o > 0]
+    return spread(pairs)
+
+
+def parse_sizes(text: str) -> list[int]:
+    """``"1K,8K,32K"`` -> ``[1024, 8192, 32768]``; plain integers pass through."""
+    units = {"K": 1024, "M": 1024**2, "G": 1024**3}
+    out: list[int] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        mult = units.get(part[-1].upper(), 1)
+        digits = part[:-1] if mult != 1 else part
+        try:
+            value = int(float(digits) * mult)
+        except ValueError:
+            raise typer.BadParameter(f"size {part!r} is not a number; use e.g. 1K,8K,32K") from None
+        if value <= 0:
+            raise typer.BadParameter(f"size {part!r} must be positive")
+        out.append(value)
+    return out
+
+
 def hardware() -> dict[str, Any]:
     """Name the hardware the numbers came from."""
-    info: dict[str, Any] = {"cpu": platform.processor() or platform.machine(), "python": platform.python_version()}
+    info: dict[str, Any] = {
+        "cpu": _cpu_model(),
+        "python": platform.python_version(),
+    }
     try:
+        import os
+
+        info["cpu_count"] = os.cpu_count()
         import torch
 
         info["torch"] = torch.__version__
@@ -63,10 +126,140 @@ def hardware() -> dict[str, Any]:
     return info
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def hardware_label() -> str:
+    """One line naming the hardware, for plot titles and table captions."""
+    hw = hardware()
+    cpu = f"{hw['cpu']} x{hw.get('cpu_count', '?')}"
+    return f"{hw['gpu']}, {cpu}" if hw.get("gpu") else cpu
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "__dataclass_fields__"):
+        return asdict(obj)
+    return str(obj)
+
+
 def write_results(out_dir: Path, name: str, payload: dict[str, Any]) -> Path:
     """Write ``<out_dir>/<name>.json`` with the hardware attached; returns the path."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.json"
     payload = {"benchmark": name, "hardware": hardware(), **payload}
-    path.write_text(json.dumps(payload, indent=2, default=lambda o: asdict(o) if hasattr(o, "__dataclass_fields__") else str(o)))
+    path.write_text(json.dumps(payload, indent=2, default=_json_default))
     return path
+
+
+@dataclass
+class Series:
+    """One line of a plot: x values, y values (median) and optional min/max error band."""
+
+    label: str
+    x: list[float]
+    y: list[float]
+    y_min: list[float] | None = None
+    y_max: list[float] | None = None
+    color: str | None = None
+    linestyle: str = "-"
+
+
+def plot_lines(
+    path: Path,
+    series: Sequence[Series],
+    *,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    logx: bool = False,
+    hline: float | None = None,
+) -> Path | None:
+    """Draw ``series`` as lines (min/max as a band) into ``path`` (PNG).
+
+    Returns None, with no error, when matplotlib is not installed: plots are optional output.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # headless: never needs a display
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    for s in series:
+        (line,) = ax.plot(s.x, s.y, marker="o", markersize=3, label=s.label, color=s.color,
+                          linestyle=s.linestyle)
+        if s.y_min is not None and s.y_max is not None:
+            ax.fill_between(s.x, s.y_min, s.y_max, alpha=0.2, color=line.get_color())
+    if hline is not None:
+        ax.axhline(hline, color="grey", linestyle="--", linewidth=1)
+    if logx:
+        ax.set_xscale("log", base=2)
+    ax.set_title(f"{title}\n{hardware_label()}", fontsize=10)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    """Print a summary table on the terminal (floats to 3 significant digits)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, caption=hardware_label())
+    for i, col in enumerate(columns):
+        table.add_column(col, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*(_cell(v) for v in row))
+    Console().print(table)
+
+
+def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """The same table as GitHub markdown, for docs/benchmarks/*.md."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+    return str(value)
+
+
+@contextmanager
+def progress(quiet: bool = False) -> Iterator[Progress]:
+    """A rich progress bar for long runs (disabled with ``quiet`` or when not a terminal)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        disable=quiet,
+        transient=True,
+    )
+    with bar:
+        yield bar
+
+
+def to_mapping(obj: Any) -> Mapping[str, Any]:
+    """A dataclass or mapping as a plain dict (for JSON results)."""
+    if hasattr(obj, "__dataclass_fields__"):
+        return asdict(obj)
+    return dict(obj)
