@@ -174,6 +174,8 @@ def _cluster_ok(port: int) -> bool:
         info = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1).execute_command("CLUSTER INFO")
     except (redis.RedisError, OSError):
         return False
+    if isinstance(info, dict):  # redis-py parses CLUSTER INFO into a dict
+        return str(info.get("cluster_state")) == "ok"
     text = info.decode() if isinstance(info, bytes) else str(info)
     return "cluster_state:ok" in text
 

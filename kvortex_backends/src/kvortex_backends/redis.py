@@ -217,7 +217,7 @@ class RedisBackend(StorageBackend):
         with self._errors("contains", keys[0]):
             pipe = self._require().pipeline(transaction=False)
             for key in keys:
-                pipe.exists(self._name(key))
+                pipe.execute_command("EXISTS", self._name(key))
             found = [bool(n) for n in await pipe.execute()]
         self._ledger.forget(k for k, hit in zip(keys, found) if not hit and k in self._ledger)
         return found
@@ -228,7 +228,9 @@ class RedisBackend(StorageBackend):
         with self._errors("delete", keys[0]):
             pipe = self._require().pipeline(transaction=False)
             for key in keys:
-                pipe.unlink(self._name(key))  # frees large values off the server's main thread
+                # UNLINK frees large values off the server's main thread; one key per command
+                # so that a cluster pipeline routes each to its own slot.
+                pipe.execute_command("UNLINK", self._name(key))
             removed = sum(int(n) for n in await pipe.execute())
         self._ledger.forget(keys)
         return removed
