@@ -1,4 +1,8 @@
-"""Registers the built-in backends through the same hook a third-party plugin uses."""
+"""Registers the built-in backends through the same hook a third-party plugin uses.
+
+Each backend module imports its optional client library only in ``open()``, so registering
+every built-in always succeeds; a missing library fails only when that tier is configured.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,13 @@ from kvortex_core import hookimpl
 
 @hookimpl
 def kvortex_register_backends(register) -> None:  # type: ignore[no-untyped-def]
+    from kvortex_backends.cpu import CpuBackend
+    from kvortex_backends.disk import DiskBackend
+
+    register("cpu", CpuBackend)
+    register("disk", DiskBackend)
+
+    # shared tiers (issue 6)
     from kvortex_backends.redis import RedisBackend
 
     register("redis", RedisBackend)
