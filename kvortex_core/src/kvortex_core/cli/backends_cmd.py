@@ -49,7 +49,7 @@ def list_backends(
         return
     table = Table(title="KVortex storage backends", title_justify="left")
     for column in ("backend", "distribution", "version", "class", "dependencies"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     for row in rows:
         deps = "[green]installed[/green]" if row["dependencies_installed"] else (
             f"[red]missing {escape(', '.join(row['missing']))}[/red]: {escape(row['install_hint'] or '')}"

@@ -61,9 +61,9 @@ def show(
         return
     title = f"KVortex configuration (file: {config.source_file or 'none'})"
     table = Table(title=title, title_justify="left")
-    table.add_column("setting", style="bold")
-    table.add_column("value")
-    table.add_column("source", style="cyan")
+    table.add_column("setting", style="bold", overflow="fold")
+    table.add_column("value", overflow="fold")
+    table.add_column("source", style="cyan", overflow="fold")
     for path, (value, source) in rows.items():
         table.add_row(path, _shown(value), str(source), style="dim" if source.kind == "default" else None)
     console.print(table)
