@@ -1,0 +1,138 @@
+"""KV layout detection: every supported layout, dtypes, hints and clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvortex_core.data import kv_samples as ks
+from kvortex_core.data.layouts import KVLayout, detect_layout, layer_views, stacked_view
+from kvortex_core.errors import LayoutError
+
+L, B, N, H, D = 3, 10, 4, 2, 8
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2]
+
+
+@pytest.mark.parametrize("name", sorted(ks.all_layouts(L, B, N, H, D, torch.float16)))
+def test_every_layout_detected_and_views_match_blocks(name: str) -> None:
+    caches, hints, block = ks.all_layouts(L, B, N, H, D, torch.float16)[name]
+    layout = detect_layout(caches, hints)
+    mla = "mla" in name
+    assert (layout.num_layers, layout.num_blocks, layout.block_size) == (L, B, N)
+    assert (layout.kv_count, layout.num_kv_heads, layout.head_size) == ((1, 1, 2 * D) if mla else (2, H, D))
+    views = layer_views(caches, layout)
+    for layer in range(L):
+        for b in (0, 3, B - 1):
+            assert torch.equal(views[layer][b], block(caches, layer, b))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dtypes(dtype: torch.dtype) -> None:
+    caches, _, block = ks.flash_attn(L, B, N, H, D, dtype)
+    layout = detect_layout(caches)
+    assert layout.dtype == dtype
+    views = layer_views(caches, layout)
+    if layout.is_fp8:
+        assert views[0].dtype == torch.uint8  # fp8 moves as raw bytes
+        assert torch.equal(views[1][2], block(caches, 1, 2).view(torch.uint8))
+    else:
+        assert torch.equal(views[1][2], block(caches, 1, 2))
+    assert layout.chunk_bytes(16) == L * 2 * 16 * H * D * layout.element_size
+
+
+def test_stride_order_distinguishes_nhd_and_hnd() -> None:
+    nhd = detect_layout(ks.flash_attn(L, B, N, H, D, torch.float16)[0])
+    hnd = detect_layout(ks.flash_attn(L, B, N, H, D, torch.float16, hnd=True)[0])
+    assert nhd.stride_order == "KBNHD" and hnd.stride_order == "KBHND"
+    assert nhd.kind == hnd.kind == "flash_attn"
+    # The payload is canonical, so both produce the same key namespace.
+    assert nhd.namespace_fields() == hnd.namespace_fields()
+
+
+def test_namespace_fields_are_layout_independent_but_shape_dependent() -> None:
+    fa = detect_layout(ks.flash_attn(L, B, N, H, D, torch.bfloat16)[0])
+    uni = detect_layout(ks.unified(L, B, N, H, D, torch.bfloat16, order="BLNHC")[0])
+    fi = detect_layout(ks.flashinfer(L, B, N, H, D, torch.bfloat16)[0])
+    assert fa.namespace_fields() == uni.namespace_fields() == fi.namespace_fields()
+    assert fa.namespace_fields()["dtype"] == "bfloat16"
+    mla = detect_layout(ks.mla(L, B, N, 2 * D, torch.bfloat16)[0])
+    assert mla.namespace_fields() != fa.namespace_fields()
+
+
+def test_payload_shape_and_bytes() -> None:
+    layout = detect_layout(ks.flash_attn(32, 4, 16, 8, 128, torch.bfloat16)[0])
+    assert layout.chunk_payload_shape(256) == (32, 2, 256, 8, 128)
+    assert layout.chunk_bytes(256) == 32 * 1024**2  # Llama-3.1-8B: 128 KiB per token
+    assert layout.bytes_per_token == 128 * 1024
+
+
+def test_stacked_view_for_shared_storage_only() -> None:
+    shared, _, _ = ks.unified(L, B, N, H, D, torch.float32, order="BLNHC")
+    layout = detect_layout(shared)
+    stacked = stacked_view(layer_views(shared, layout))
+    assert stacked is not None
+    for layer in range(L):
+        assert torch.equal(stacked[layer], layer_views(shared, layout)[layer])
+    separate, _, _ = ks.flash_attn(L, B, N, H, D, torch.float32)
+    assert stacked_view(layer_views(separate, detect_layout(separate))) is None
+
+
+def test_unified_unequal_k_and_v_travel_as_one_vector() -> None:
+    caches = [torch.randn(B, H, N, 24) for _ in range(L)]
+    layout = detect_layout(caches, {"head_size_v": 8})
+    assert (layout.kv_count, layout.head_size, layout.head_size_v) == (1, 24, 8)
+    assert layout.canonical_tag == "LKTHD-kv1-v8"
+
+
+def test_ambiguous_5d_shape_needs_a_hint() -> None:
+    caches = [torch.zeros(2, 2, N, H, D) for _ in range(L)]
+    with pytest.raises(LayoutError, match="ambiguous.*hints"):
+        detect_layout(caches)
+    assert detect_layout(caches, {"kind": "flashinfer"}).kind == "flashinfer"
+
+
+def test_dims_hint_for_custom_cross_layer_order() -> None:
+    # vLLM HND cross-layer FlashAttention: physical (B, H, L, 2, N, D)
+    t = torch.randn(B, H, L, 2, N, D)
+    layout = detect_layout(t, {"dims": "BHLKND"})
+    assert (layout.num_layers, layout.num_kv_heads, layout.cross_layer) == (L, H, True)
+    assert torch.equal(layer_views(t, layout)[1][4, 0], t[4, :, 1, 0].transpose(0, 1))
+
+
+@pytest.mark.parametrize(
+    ("caches", "hints", "match"),
+    [
+        ([torch.zeros(2, B, N, H, D), torch.zeros(2, B + 1, N, H, D)], None, "layer 1 has shape"),
+        ([torch.zeros(2, B, N, H, D), torch.zeros(2, B, N, H, D, dtype=torch.float16)], None, "layer 1"),
+        ([torch.zeros(2, B, N, H, D, dtype=torch.int32)], None, "dtype torch.int32 is not supported"),
+        ([torch.zeros(B, N)], None, "rank 2"),
+        (torch.zeros(B, N, H, D, 2), None, "not a known cross-layer"),
+        ([], None, "empty"),
+        ("tensor", None, "not supported"),
+        ([torch.zeros(3, B, N, H, D)], {"kind": "flash_attn"}, "expected 2"),
+        ([torch.zeros(2, B, N, H, D)], {"block_size": 32}, "block_size=32 disagrees"),
+        ([torch.zeros(2, B, N, H, D)], {"colour": 1}, "unknown layout hints"),
+        ([torch.zeros(2, B, N, H, D)], {"kind": "paged"}, "unknown"),
+        ([torch.zeros(2, B, N, H, D)], {"dims": "KBNHQ"}, "does not describe"),
+        ([torch.zeros(B, L, N, D)], {"dims": "BLND"}, "cannot have a layers dimension"),
+    ],
+)
+def test_bad_layouts_raise_clear_errors(caches: object, hints: dict | None, match: str) -> None:
+    with pytest.raises(LayoutError, match=match):
+        detect_layout(caches, hints)
+
+
+def test_inconsistent_strides_rejected() -> None:
+    a = torch.zeros(2, B, N, H, D)
+    b = torch.zeros(2, B, H, N, D).transpose(2, 3)
+    with pytest.raises(LayoutError, match="strides"):
+        detect_layout([a, b])
+
+
+def test_check_block_ids() -> None:
+    layout = KVLayout("flash_attn", L, B, N, H, D, torch.float16)
+    layout.check_block_ids([0, B - 1])
+    with pytest.raises(LayoutError, match=f"block id {B}, outside"):
+        layout.check_block_ids([1, B])
+    with pytest.raises(LayoutError, match="block id -1"):
+        layout.check_block_ids([-1])

@@ -1,0 +1,188 @@
+"""The transfer engine on CPU tensors: byte-exact save/load for every layout, batching, layer-wise,
+skips, cross-layout payloads and input checks. (tests/gpu/ runs the CUDA paths.)"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvortex_core.data import kv_samples as ks
+from kvortex_core.data.layouts import detect_layout
+from kvortex_core.data.transfer import TransferEngine
+from kvortex_core.errors import LayoutError
+
+L, B, N, H, D = 3, 24, 4, 2, 8
+CHUNK = 16  # 4 blocks per chunk
+
+
+def _buffers(layout, n: int, tokens: int = CHUNK) -> list[torch.Tensor]:
+    return [torch.full((layout.chunk_bytes(tokens),), 0xAB, dtype=torch.uint8) for _ in range(n)]
+
+
+def _reference_payload(caches, block, ids: list[int], layout) -> torch.Tensor:
+    """The canonical payload built straight from the physical tensors."""
+    per_layer = [torch.cat([block(caches, layer, b) for b in ids], dim=1) for layer in range(layout.num_layers)]
+    payload = torch.stack(per_layer)  # [L, K, T, H, D]
+    return payload.view(torch.uint8) if layout.is_fp8 else payload
+
+
+def _zeroed(name: str, dtype: torch.dtype = torch.float16):
+    caches, hints, block = ks.all_layouts(L, B, N, H, D, dtype, seed=99)[name]
+    for t in (caches.values() if isinstance(caches, dict) else caches if isinstance(caches, list) else [caches]):
+        t.view(torch.uint8).zero_() if t.element_size() == 1 else t.zero_()
+    return caches, hints, block
+
+
+@pytest.mark.parametrize("name", sorted(ks.all_layouts(L, B, N, H, D, torch.float16)))
+@pytest.mark.parametrize("staging", [1 << 20, 600], ids=["one-batch", "many-batches"])
+def test_save_then_load_roundtrip_every_layout(name: str, staging: int) -> None:
+    caches, hints, block = ks.all_layouts(L, B, N, H, D, torch.float16)[name]
+    layout = detect_layout(caches, hints)
+    te = TransferEngine(caches, layout, chunk_tokens=CHUNK, staging_bytes=staging)
+    chunks = [[5, 1, 19, 7], [0, 23, 2]]  # second chunk is partial (3 blocks)
+    dst = [torch.zeros(layout.chunk_bytes(CHUNK), dtype=torch.uint8) for _ in chunks]
+    handle = te.save(chunks, dst)
+    handle.wait(timeout=5)
+    assert handle.done()
+    for ids, buf in zip(chunks, dst, strict=True):
+        ref = _reference_payload(caches, block, ids, layout).reshape(-1).view(torch.uint8)
+        assert torch.equal(buf[:ref.numel()], ref)
+    # load into other blocks of a zeroed cache of the same layout
+    target, _, tblock = _zeroed(name)
+    te2 = TransferEngine(target, detect_layout(target, hints), chunk_tokens=CHUNK, staging_bytes=staging)
+    new_ids = [[3, 4, 8, 9], [10, 11, 12]]
+    te2.load(dst, new_ids).wait()
+    for old, new in zip(chunks, new_ids, strict=True):
+        for o, n in zip(old, new, strict=True):
+            for layer in range(L):
+                assert torch.equal(tblock(target, layer, n), block(caches, layer, o))
+    untouched = [b for b in range(B) if b not in {x for ids in new_ids for x in ids}]
+    assert all(not tblock(target, 0, b).to(torch.float32).any() for b in untouched)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2], ids=str)
+def test_dtypes_roundtrip(dtype: torch.dtype) -> None:
+    caches, _, block = ks.flash_attn(L, B, N, H, D, dtype)
+    layout = detect_layout(caches)
+    te = TransferEngine(caches, layout, chunk_tokens=CHUNK, staging_bytes=1000)
+    dst = _buffers(layout, 1)
+    te.save([[2, 9, 4, 1]], dst).wait()
+    ref = _reference_payload(caches, block, [2, 9, 4, 1], layout).reshape(-1).view(torch.uint8)
+    assert torch.equal(dst[0], ref)
+
+
+@pytest.mark.parametrize("src_name", ["flash_attn_nhd", "cross_layer", "unified_BLNHC"])
+@pytest.mark.parametrize("dst_name", ["flash_attn_hnd", "flashinfer_nhd", "unified_LBHNC", "unified_BHLNC"])
+def test_payload_saved_from_one_layout_loads_into_another(src_name: str, dst_name: str) -> None:
+    caches, _, block = ks.all_layouts(L, B, N, H, D, torch.bfloat16)[src_name]
+    te = TransferEngine(caches, detect_layout(caches), chunk_tokens=CHUNK)
+    dst = _buffers(te.layout, 2)
+    te.save([[1, 2, 3, 4], [20, 21, 22, 23]], dst).wait()
+    target, _, tblock = _zeroed(dst_name, torch.bfloat16)
+    te2 = TransferEngine(target, detect_layout(target), chunk_tokens=CHUNK)
+    assert te2.layout.namespace_fields() == te.layout.namespace_fields()
+    te2.load(dst, [[7, 6, 5, 4], [0, 1, 2, 3]]).wait()
+    for o, n in zip([1, 2, 3, 4, 20, 21, 22, 23], [7, 6, 5, 4, 0, 1, 2, 3], strict=True):
+        for layer in range(L):
+            assert torch.equal(tblock(target, layer, n), block(caches, layer, o))
+
+
+def test_layerwise_load_and_skip_blocks() -> None:
+    caches, _, block = ks.flash_attn(L, B, N, H, D, torch.float16)
+    te = TransferEngine(caches, detect_layout(caches), chunk_tokens=CHUNK, staging_bytes=700)
+    dst = _buffers(te.layout, 2)
+    te.save([[1, 2, 3, 4], [5, 6, 7, 8]], dst).wait()
+    target, _, _ = _zeroed("flash_attn_nhd")
+    te2 = TransferEngine(target, detect_layout(target), chunk_tokens=CHUNK, staging_bytes=700)
+    handle = te2.load(dst, [[10, 11, 12, 13], [14, 15, 16, 17]], layerwise=True, skip_blocks=5)
+    for layer in range(L):
+        handle.wait_layer(layer)  # no-op on CPU, must not raise
+    handle.wait()
+    # the first 5 blocks (10..14) stay zero, 15..17 hold source blocks 6..8
+    for b in range(10, 15):
+        assert not target[0][:, b].to(torch.float32).any()
+    for o, n in zip([6, 7, 8], [15, 16, 17], strict=True):
+        assert all(torch.equal(target[layer][:, n], caches[layer][:, o]) for layer in range(L))
+
+
+def test_save_layer_fills_only_that_layers_bytes() -> None:
+    caches, _, block = ks.flashinfer(L, B, N, H, D, torch.float16)
+    layout = detect_layout(caches)
+    te = TransferEngine(caches, layout, chunk_tokens=CHUNK)
+    dst = _buffers(layout, 1)
+    te.save_layer(1, [[3, 2, 1, 0]], dst).wait()
+    lb = layout.layer_bytes(CHUNK)
+    ref = _reference_payload(caches, block, [3, 2, 1, 0], layout).reshape(-1).view(torch.uint8)
+    assert torch.equal(dst[0][lb:2 * lb], ref[lb:2 * lb])
+    assert bool((dst[0][:lb] == 0xAB).all()) and bool((dst[0][2 * lb:] == 0xAB).all())
+    for layer in (0, 2):
+        te.save_layer(layer, [[3, 2, 1, 0]], dst).wait()
+    assert torch.equal(dst[0], ref)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    perm=st.permutations(list(range(B))),
+    sizes=st.lists(st.integers(1, 4), min_size=1, max_size=5),
+    staging=st.integers(200, 5000),
+    layerwise=st.booleans(),
+)
+def test_roundtrip_property(perm: list[int], sizes: list[int], staging: int, layerwise: bool) -> None:
+    caches, _, _ = ks.cross_layer(L, B, N, H, D, torch.float32, seed=3)
+    te = TransferEngine(caches, detect_layout(caches), chunk_tokens=CHUNK, staging_bytes=staging)
+    it = iter(perm)
+    chunks = [[next(it) for _ in range(s)] for s in sizes]
+    dst = _buffers(te.layout, len(chunks))
+    te.save(chunks, dst).wait()
+    target = torch.zeros_like(caches)
+    te2 = TransferEngine(target, detect_layout(target), chunk_tokens=CHUNK, staging_bytes=staging)
+    dest = list(range(B))
+    random.Random(len(perm)).shuffle(dest)
+    it2 = iter(dest)
+    new = [[next(it2) for _ in range(s)] for s in sizes]
+    te2.load(dst, new, layerwise=layerwise).wait()
+    for ids, nids in zip(chunks, new, strict=True):
+        assert torch.equal(target[nids], caches[ids])
+
+
+def test_staging_grows_to_hold_one_layer_of_a_chunk() -> None:
+    caches, _, _ = ks.flash_attn(L, B, N, H, D, torch.float16)
+    te = TransferEngine(caches, detect_layout(caches), chunk_tokens=CHUNK, staging_bytes=2)
+    assert te.half_bytes == te.layout.layer_bytes(CHUNK)
+
+
+@pytest.mark.parametrize(
+    ("chunks", "nbuf", "nbytes", "match"),
+    [
+        ([[1, 2]], 2, None, "1 chunks of block ids but 2 buffers"),
+        ([[1, 2, 3, 4, 5]], 1, None, "has 5 block ids; expected 1..4"),
+        ([[]], 1, None, "has 0 block ids"),
+        ([[1, B]], 1, None, f"block id {B}"),
+        ([[1, 2]], 1, 10, "at least"),
+    ],
+)
+def test_bad_requests_raise_before_touching_anything(chunks, nbuf, nbytes, match) -> None:
+    caches, _, _ = ks.flash_attn(L, B, N, H, D, torch.float16)
+    before = [c.clone() for c in caches]
+    te = TransferEngine(caches, detect_layout(caches), chunk_tokens=CHUNK)
+    bufs = [torch.zeros(nbytes or te.layout.chunk_bytes(CHUNK), dtype=torch.uint8) for _ in range(nbuf)]
+    with pytest.raises(LayoutError, match=match):
+        te.save(chunks, bufs)
+    with pytest.raises(LayoutError, match=match):
+        te.load(bufs, chunks)
+    assert all(torch.equal(a, b) for a, b in zip(before, caches, strict=True))
+
+
+def test_bad_construction() -> None:
+    caches, _, _ = ks.flash_attn(L, B, N, H, D, torch.float16)
+    with pytest.raises(LayoutError, match="multiple of the KV block size"):
+        TransferEngine(caches, detect_layout(caches), chunk_tokens=6)
+    te = TransferEngine(caches, detect_layout(caches), chunk_tokens=CHUNK)
+    with pytest.raises(LayoutError, match="layer 7 is out of range"):
+        te.save_layer(7, [[1]], _buffers(te.layout, 1))
+    with pytest.raises(LayoutError, match="skip_blocks=-1"):
+        te.load(_buffers(te.layout, 1), [[1]], skip_blocks=-1)
