@@ -1,0 +1,182 @@
+"""``kvortex stats``: a live table of a running instance's Prometheus metrics.
+
+Reads ``--url`` (else ``http://metrics.host:metrics.port/metrics`` from the configuration),
+parses the text exposition format with prometheus_client's parser and shows the hit rate and,
+per tier, usage against capacity, bytes saved and loaded (with rates between refreshes),
+evictions, errors and the circuit breaker's state. ``--once`` prints one table and exits.
+"""
+
+from __future__ import annotations
+
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+import typer
+
+PREFIX = "kvortex_"
+#: ``breaker_state`` gauge values, as the tiering records them.
+BREAKER_STATES = {0: "closed", 1: "open", 2: "half-open"}
+_ERROR_WORDS = ("error", "failure", "timeout")
+
+
+@dataclass
+class TierView:
+    """What one tier reports."""
+
+    used_bytes: float = 0.0
+    capacity_bytes: float = 0.0
+    entries: float = 0.0
+    bytes_saved: float = 0.0
+    bytes_loaded: float = 0.0
+    evictions: float = 0.0
+    errors: float = 0.0
+    hit_chunks: float = 0.0
+    breaker: str = "-"
+
+
+@dataclass
+class MetricsView:
+    """One scrape, reduced to what the table shows."""
+
+    hit_rate: float = 0.0
+    lookups: float = 0.0
+    lookup_tokens: float = 0.0
+    hit_tokens: float = 0.0
+    errors: float = 0.0
+    tiers: dict[str, TierView] = field(default_factory=dict)
+
+
+def parse_metrics(text: str) -> MetricsView:
+    """Reduce a Prometheus text scrape to a :class:`MetricsView` (unknown names are ignored)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    view = MetricsView()
+    for family in text_string_to_metric_families(text):
+        if not family.name.startswith(PREFIX):
+            continue
+        name = family.name[len(PREFIX):]
+        for sample in family.samples:
+            if family.type == "counter" and not sample.name.endswith("_total"):
+                continue  # skip the _created samples
+            _apply(view, name, sample.labels.get("tier", ""), float(sample.value))
+    return view
+
+
+def _apply(view: MetricsView, name: str, tier: str, value: float) -> None:
+    engine_wide = {"hit_rate": "hit_rate", "lookups": "lookups", "lookup_tokens": "lookup_tokens",
+                   "hit_tokens": "hit_tokens"}
+    if not tier:
+        if name in engine_wide:
+            setattr(view, engine_wide[name], value)
+        elif any(w in name for w in _ERROR_WORDS):
+            view.errors += value
+        return
+    t = view.tiers.setdefault(tier, TierView())
+    if name in ("used_bytes", "capacity_bytes", "entries", "bytes_saved", "bytes_loaded",
+                "evictions", "hit_chunks"):
+        setattr(t, name, value)
+    elif name == "breaker_state":
+        t.breaker = BREAKER_STATES.get(int(value), str(value))
+    elif any(w in name for w in _ERROR_WORDS):
+        t.errors += value
+        view.errors += value
+
+
+def fetch(url: str, timeout: float = 5.0) -> str:
+    """GET ``url``; a clear :class:`KVortexError` when nothing answers there."""
+    from kvortex_core.errors import KVortexError
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - user-given URL
+            return resp.read().decode()
+    except (urllib.error.URLError, OSError) as exc:
+        raise KVortexError(
+            f"cannot read metrics from {url}: {exc}; is KVortex running with metrics enabled "
+            "(KVORTEX_METRICS__ENABLED=true, KVORTEX_METRICS__PORT)? pass --url to point elsewhere"
+        ) from None
+
+
+def render(view: MetricsView, previous: MetricsView | None = None, elapsed_s: float = 0.0) -> Any:
+    """The rich table of one scrape; with ``previous``, load/save rates in MB/s."""
+    from rich.table import Table
+
+    title = (f"KVortex  hit rate {view.hit_rate:.1%}  lookups {view.lookups:,.0f}  "
+             f"hit tokens {view.hit_tokens:,.0f}/{view.lookup_tokens:,.0f}  errors {view.errors:,.0f}")
+    table = Table(title=title)
+    for col in ("tier", "used", "capacity", "usage", "chunks", "saved", "loaded", "save MB/s",
+                "load MB/s", "evictions", "errors", "breaker"):
+        table.add_column(col, justify="left" if col in ("tier", "breaker") else "right")
+    for name, t in view.tiers.items():
+        before = previous.tiers.get(name) if previous else None
+        table.add_row(name, _bytes(t.used_bytes), _bytes(t.capacity_bytes),
+                      f"{t.used_bytes / t.capacity_bytes:.1%}" if t.capacity_bytes else "-",
+                      f"{t.entries:,.0f}", _bytes(t.bytes_saved), _bytes(t.bytes_loaded),
+                      _rate(t.bytes_saved, before.bytes_saved if before else None, elapsed_s),
+                      _rate(t.bytes_loaded, before.bytes_loaded if before else None, elapsed_s),
+                      f"{t.evictions:,.0f}", f"{t.errors:,.0f}", t.breaker)
+    return table
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _rate(now: float, before: float | None, elapsed_s: float) -> str:
+    if before is None or elapsed_s <= 0:
+        return "-"
+    return f"{max(now - before, 0) / elapsed_s / 1e6:.1f}"
+
+
+def default_url() -> str:
+    """The metrics URL the configuration (env, YAML) points at."""
+    from kvortex_core.config import KVortexConfig
+
+    metrics = KVortexConfig().metrics
+    if metrics.port is None:
+        raise typer.BadParameter(
+            "no --url given and metrics.port is not configured; pass --url "
+            "http://HOST:PORT/metrics or set KVORTEX_METRICS__PORT", param_hint="--url")
+    return f"http://{metrics.host}:{metrics.port}/metrics"
+
+
+def stats_cmd(
+    url: Annotated[str | None, typer.Option(help="metrics URL, e.g. http://127.0.0.1:9400/metrics")] = None,
+    once: Annotated[bool, typer.Option("--once", help="print one table and exit")] = False,
+    interval: Annotated[float, typer.Option(min=0.1, help="seconds between refreshes")] = 2.0,
+) -> None:
+    """Show a running instance's hit rate, tiers, usage, errors and breaker state."""
+    from rich.console import Console
+    from rich.live import Live
+
+    from kvortex_core.errors import KVortexError
+
+    url = url or default_url()
+    console = Console()
+    try:
+        view, t_prev = parse_metrics(fetch(url)), time.monotonic()
+        if once:
+            console.print(render(view))
+            return
+        with Live(render(view), console=console, refresh_per_second=4) as live:
+            while True:
+                time.sleep(interval)
+                new, now = parse_metrics(fetch(url)), time.monotonic()
+                live.update(render(new, view, now - t_prev))
+                view, t_prev = new, now
+    except KVortexError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        return
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``kvortex stats`` to the ``kvortex`` app."""
+    app.command("stats")(stats_cmd)

@@ -1,0 +1,135 @@
+"""Prometheus export: a real HTTP endpoint, values that follow the cache's operations."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import urllib.request
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from kvortex_core.config import KVortexConfig
+from kvortex_core.control.index import ChunkIndex
+from kvortex_core.control.stats import Stats
+from kvortex_core.metrics import MetricsExporter, start_metrics
+
+
+def _scrape(url: str) -> dict[tuple[str, str], float]:
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        text = resp.read().decode()
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name.endswith("_created"):
+                continue
+            out[(s.name, s.labels.get("tier", "") + s.labels.get("le", ""))] = s.value
+    return out
+
+
+def _index_traffic(index: ChunkIndex, stats: Stats, n: int) -> None:
+    keys = [bytes([i]) * 32 for i in range(n)]
+    for i, k in enumerate(keys):
+        index.insert(k, 100, parent=keys[i - 1] if i else None)
+    hit = index.lookup(keys + [b"\xff" * 32])
+    stats.record_lookup(total_tokens=(n + 1) * 256, hit_tokens=hit * 256)
+    stats.record_saved(100 * n, "cpu")
+    stats.observe("load", 0.002, "cpu")
+
+
+def test_http_endpoint_follows_operations() -> None:
+    stats = Stats()
+    index = ChunkIndex("cpu", 1000, policy="lru", stats=stats)
+    with MetricsExporter(stats, port=0).start() as exp:
+        assert exp.url is not None and exp.url.startswith("http://127.0.0.1:")
+        before = _scrape(exp.url)
+        assert before[("kvortex_used_bytes", "cpu")] == 0
+        assert before[("kvortex_capacity_bytes", "cpu")] == 1000
+        _index_traffic(index, stats, 5)
+        after = _scrape(exp.url)
+        assert after[("kvortex_used_bytes", "cpu")] == 500
+        assert after[("kvortex_entries", "cpu")] == 5
+        assert after[("kvortex_inserts_total", "cpu")] == 5
+        assert after[("kvortex_bytes_saved_total", "cpu")] == 500
+        assert after[("kvortex_hit_tokens_total", "")] == 5 * 256
+        assert after[("kvortex_hit_rate", "")] == pytest.approx(5 / 6)
+        assert after[("kvortex_load_seconds_count", "cpu")] == 1
+        # Filling past capacity evicts: the eviction counter and usage follow.
+        for i in range(20):
+            index.insert(b"\xee" * 31 + bytes([i]), 100)
+        evicted = _scrape(exp.url)
+        assert evicted[("kvortex_evictions_total", "cpu")] > 0
+        assert evicted[("kvortex_used_bytes", "cpu")] <= 1000
+    index.close()
+
+
+def test_close_stops_server_and_global_registration() -> None:
+    from prometheus_client import REGISTRY, generate_latest
+
+    stats = Stats(namespace="kvortex_globaltest")
+    stats.inc("lookups", 3)
+    exp = MetricsExporter(stats, port=0, expose_global=True).start()
+    url = exp.url
+    assert url is not None
+    assert b'kvortex_globaltest_lookups_total{tier=""} 3.0' in generate_latest(REGISTRY)
+    exp.close()
+    assert b"kvortex_globaltest_lookups" not in generate_latest(REGISTRY)
+    with pytest.raises(OSError):
+        urllib.request.urlopen(url, timeout=2)
+
+
+def test_start_metrics_follows_config() -> None:
+    stats = Stats()
+    assert start_metrics(stats, KVortexConfig()) is None  # disabled by default
+    cfg = KVortexConfig(metrics={"enabled": True, "port": 0})
+    exp = start_metrics(stats, cfg)
+    assert exp is not None
+    try:
+        stats.inc("errors", 2, "disk")
+        assert _scrape(exp.url)[("kvortex_errors_total", "disk")] == 2
+    finally:
+        exp.close()
+
+
+_WORKER = textwrap.dedent("""
+    import sys
+    from kvortex_core.control.stats import Stats
+    from kvortex_core.metrics import MetricsExporter
+    stats = Stats()
+    exp = MetricsExporter(stats, interval_s=0.05).start()
+    rank = int(sys.argv[1])
+    stats.inc("hit_tokens", 100 * (rank + 1))
+    stats.set_gauge("used_bytes", 1000 * (rank + 1), "cpu")
+    stats.observe("load", 0.003, "cpu")
+    if sys.argv[2] == "close":
+        exp.close()   # last flush; this process's live gauges are dropped
+    else:
+        exp.mirror.flush()  # like a rank still running
+""")
+
+_READER = textwrap.dedent("""
+    from prometheus_client import CollectorRegistry, generate_latest, multiprocess
+    reg = CollectorRegistry()
+    multiprocess.MultiProcessCollector(reg)
+    print(generate_latest(reg).decode())
+""")
+
+
+def test_multiprocess_mode_aggregates_ranks(tmp_path: Path) -> None:
+    """Two 'ranks' in their own processes; a third serves the directory, as vLLM does."""
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    for rank, end in ((0, "close"), (1, "flush")):
+        subprocess.run([sys.executable, "-c", _WORKER, str(rank), end], env=env, check=True, timeout=60)
+    out = subprocess.run([sys.executable, "-c", _READER], env=env, check=True, timeout=60,
+                         capture_output=True, text=True).stdout
+    samples = {(s.name, s.labels.get("tier", "") + s.labels.get("le", "")): s.value
+               for fam in text_string_to_metric_families(out) for s in fam.samples}
+    assert samples[("kvortex_hit_tokens_total", "")] == 300  # 100 + 200, summed over ranks
+    assert samples[("kvortex_load_seconds_count", "cpu")] == 2
+    assert samples[("kvortex_load_seconds_bucket", "cpu0.005")] == 2
+    assert samples[("kvortex_load_seconds_bucket", "cpu0.0025")] == 0
+    # Gauges sum over live processes: rank 0 closed its exporter, rank 1 still counts.
+    assert samples[("kvortex_used_bytes", "cpu")] == 2000

@@ -1,0 +1,82 @@
+"""``kvortex stats``: reads a live metrics endpoint and shows what the cache did."""
+
+from __future__ import annotations
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from kvortex_core.cli.stats_cmd import parse_metrics, register
+from kvortex_core.control.index import ChunkIndex
+from kvortex_core.control.stats import Stats
+from kvortex_core.metrics import MetricsExporter
+
+
+def _app() -> typer.Typer:
+    app = typer.Typer()
+
+    @app.callback()
+    def root() -> None:  # keep "stats" a subcommand, as in the real CLI
+        """test app"""
+
+    register(app)
+    return app
+
+
+def _run(*args: str) -> str:
+    result = CliRunner().invoke(_app(), ["stats", *args], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_once_shows_live_values_that_change() -> None:
+    stats = Stats()
+    cpu = ChunkIndex("cpu", 4096, policy="prefix-lru", stats=stats)
+    disk = ChunkIndex("disk", 1 << 20, policy="lru", stats=stats)
+    with MetricsExporter(stats, port=0).start() as exp:
+        assert exp.url is not None
+        first = _run("--url", exp.url, "--once")
+        assert "hit rate 0.0%" in first
+        assert "cpu" in first and "4.0 KiB" in first  # capacity
+        cpu.insert(b"a" * 32, 1024)
+        stats.record_lookup(total_tokens=1024, hit_tokens=768)
+        stats.record_saved(1024, "cpu")
+        stats.inc("errors", 3, "disk")
+        stats.set_gauge("breaker_state", 1, "disk")
+        second = _run("--url", exp.url, "--once")
+        assert "hit rate 75.0%" in second
+        assert "25.0%" in second  # cpu usage 1024/4096
+        disk_row = next(line for line in second.splitlines() if "disk" in line)
+        assert "open" in disk_row and " 3 " in disk_row
+    cpu.close()
+    disk.close()
+
+
+def test_parse_reduces_families_per_tier() -> None:
+    stats = Stats()
+    stats.set_gauge("used_bytes", 10, "cpu")
+    stats.set_gauge("capacity_bytes", 40, "cpu")
+    stats.inc("bytes_loaded", 7, "cpu")
+    stats.inc("checksum_failures", 2, "disk")
+    stats.set_gauge("breaker_state", 2, "disk")
+    exp = MetricsExporter(stats).start()
+    view = parse_metrics(exp.scrape())
+    exp.close()
+    assert view.tiers["cpu"].used_bytes == 10 and view.tiers["cpu"].capacity_bytes == 40
+    assert view.tiers["cpu"].bytes_loaded == 7
+    assert view.tiers["disk"].errors == 2 and view.errors == 2
+    assert view.tiers["disk"].breaker == "half-open"
+
+
+def test_unreachable_url_is_a_clear_error() -> None:
+    result = CliRunner().invoke(_app(), ["stats", "--url", "http://127.0.0.1:1/metrics", "--once"])
+    assert result.exit_code == 1
+    assert "cannot read metrics from http://127.0.0.1:1/metrics" in result.output
+
+
+def test_no_url_and_no_port_names_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("KVORTEX_METRICS__PORT", "KVORTEX_CONFIG_FILE"):
+        monkeypatch.delenv(var, raising=False)
+    result = CliRunner().invoke(_app(), ["stats", "--once"])
+    assert result.exit_code != 0
+    assert "KVORTEX_METRICS__PORT" in result.output
