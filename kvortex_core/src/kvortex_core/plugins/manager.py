@@ -68,7 +68,8 @@ class PluginManager:
     def __init__(self, plugins: Iterable[object] = (), *, autoload: bool | None = None) -> None:
         self._pm = pluggy.PluginManager(PROJECT)
         self._pm.add_hookspecs(hookspecs)
-        if _truthy(os.environ.get(TRACE_ENV)):
+        self._trace = _truthy(os.environ.get(TRACE_ENV))
+        if self._trace:
             self._pm.trace.root.setwriter(lambda msg: log.warning("%s", msg.rstrip()))
             self._pm.enable_tracing()
         if autoload is None:
@@ -96,7 +97,7 @@ class PluginManager:
                     f"failed to import: {type(exc).__name__}: {exc}; fix or uninstall "
                     f"{dist_name}, or set {DISABLE_AUTOLOAD_ENV}=1"
                 ) from exc
-            self._pm.register(plugin, name=ep.name)
+            self.register(plugin, name=ep.name)
             self._dists[id(plugin)] = (dist_name, version)
 
     @property
@@ -104,9 +105,21 @@ class PluginManager:
         return self._pm
 
     def register(self, plugin: object, name: str | None = None) -> None:
-        """Register a plugin object (module or instance with ``@hookimpl`` functions)."""
-        self._pm.register(plugin, name=name)
-        self._pm.check_pending()
+        """Register a plugin object (module or instance with ``@hookimpl`` functions).
+
+        A hook implementation with a misspelt name or wrong arguments fails here, at load,
+        not later when the hook is called.
+        """
+        try:
+            self._pm.register(plugin, name=name)
+            self._pm.check_pending()
+        except (pluggy.PluginValidationError, ValueError) as exc:
+            if self._pm.is_registered(plugin):
+                self._pm.unregister(plugin)
+            raise PluginError(
+                f"plugin {name or plugin!r} is invalid: {exc}; KVortex hooks are: "
+                + ", ".join(sorted(n for n in dir(hookspecs) if n.startswith("kvortex_")))
+            ) from exc
         self._backends = None
 
     def backends(self) -> dict[str, BackendInfo]:
@@ -143,7 +156,12 @@ class PluginManager:
                 found[name] = info
 
             impl.function(register=register)
-            log.debug("plugin %s registered backends", impl.plugin_name)
+            # Called per implementation (not through pluggy's caller) to know who registered
+            # what, so the trace switch is honoured here by hand.
+            mine = [n for n, i in found.items() if i.plugin == impl.plugin_name]
+            log.log(logging.WARNING if self._trace else logging.DEBUG,
+                    "kvortex_register_backends: plugin %s (%s) registered %s",
+                    impl.plugin_name, dist or "in code", ", ".join(mine) or "nothing")
         self._backends = found
         return found
 

@@ -1,0 +1,320 @@
+"""KVortexConfig: defaults, precedence of every source, error messages, provenance."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from kvortex_core import ConfigError, KVortexConfig, StorageBackend, hookimpl
+from kvortex_core.config.provenance import Source, provenance
+from kvortex_core.testing import MemoryBackend
+
+GiB = 1024**3
+MiB = 1024**2
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No KVORTEX_* variable from the caller's shell leaks into these tests."""
+    for name in list(os.environ):
+        if name.upper().startswith("KVORTEX_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+
+
+def write_yaml(tmp_path: Path, text: str, name: str = "kvortex.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+BASE = """
+chunk_tokens: 128
+tiers:
+  hot:
+    type: memory
+    capacity: 1GiB
+eviction:
+  policy: lru
+"""
+
+
+# --- defaults and human sizes ------------------------------------------------------------
+
+
+def test_defaults() -> None:
+    config = KVortexConfig()
+    assert config.chunk_tokens == 256
+    assert config.hash_algorithm == "sha256"
+    assert config.eviction.high_watermark == 0.8
+    assert config.eviction.evict_ratio == 0.2
+    assert list(config.tiers) == ["cpu"]
+    assert config.tiers["cpu"].type == "cpu"
+    assert config.tiers["cpu"].capacity == 4 * GiB
+    assert config.transfer.staging_bytes == 32 * MiB
+    assert config.source_file is None
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("8GiB", 8 * GiB), ("512MiB", 512 * MiB), ("1.5GiB", 3 * GiB // 2), ("4096", 4096),
+    ("2GB", 2 * 10**9),
+])
+def test_capacity_accepts_human_units(text: str, expected: int) -> None:
+    config = KVortexConfig(tiers={"hot": {"type": "memory", "capacity": text}})
+    assert config.tiers["hot"].capacity == expected
+
+
+def test_tier_order_is_kept_and_options_are_split() -> None:
+    config = KVortexConfig(tiers={
+        "hot": {"type": "memory", "capacity": "1GiB"},
+        "warm": {"type": "disk", "capacity": "10GiB", "path": "/tmp/kv", "fsync": False},
+    })
+    assert config.tier_names == ["hot", "warm"]
+    assert config.tiers["warm"].options == {"path": "/tmp/kv", "fsync": False}
+    assert config.tiers["hot"].options == {}
+
+
+# --- precedence: each source overrides the one below ------------------------------------
+
+
+def test_yaml_overrides_defaults(tmp_path: Path) -> None:
+    config = KVortexConfig.load(write_yaml(tmp_path, BASE))
+    assert config.chunk_tokens == 128
+    assert config.eviction.policy == "lru"
+    assert config.eviction.high_watermark == 0.8  # untouched keys keep their defaults
+    assert list(config.tiers) == ["hot"]  # YAML tiers replace the default tier
+
+
+def test_config_file_env_names_the_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KVORTEX_CONFIG_FILE", str(write_yaml(tmp_path, BASE)))
+    assert KVortexConfig().chunk_tokens == 128
+    other = write_yaml(tmp_path, "chunk_tokens: 64\n" + BASE.replace("chunk_tokens: 128", ""), "b.yaml")
+    assert KVortexConfig.load(other).chunk_tokens == 64  # an explicit file wins over the env
+
+
+def test_env_overrides_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KVORTEX_CHUNK_TOKENS", "512")
+    monkeypatch.setenv("KVORTEX_TIERS__HOT__CAPACITY", "2GiB")
+    monkeypatch.setenv("KVORTEX_EVICTION__POLICY", "s3fifo")
+    config = KVortexConfig.load(write_yaml(tmp_path, BASE))
+    assert config.chunk_tokens == 512
+    assert config.tiers["hot"].capacity == 2 * GiB
+    assert config.tiers["hot"].type == "memory"  # nested env merges into the YAML tier
+    assert config.eviction.policy == "s3fifo"
+
+
+def test_env_alone_overrides_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KVORTEX_CHUNK_TOKENS", "512")
+    monkeypatch.setenv("KVORTEX_EVICTION__HIGH_WATERMARK", "0.9")
+    monkeypatch.setenv("KVORTEX_TIERS", '{"hot": {"type": "memory", "capacity": "3GiB"}}')
+    config = KVortexConfig()
+    assert config.chunk_tokens == 512
+    assert config.eviction.high_watermark == 0.9
+    assert config.tiers["hot"].capacity == 3 * GiB
+
+
+def test_arguments_override_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KVORTEX_CHUNK_TOKENS", "512")
+    monkeypatch.setenv("KVORTEX_TIERS__HOT__CAPACITY", "2GiB")
+    monkeypatch.setenv("KVORTEX_EVICTION__HIGH_WATERMARK", "0.9")
+    config = KVortexConfig.load(
+        write_yaml(tmp_path, BASE),
+        chunk_tokens=1024,
+        tiers={"hot": {"capacity": "4GiB"}},
+        eviction={"policy": "prefix-lru"},
+    )
+    assert config.chunk_tokens == 1024
+    assert config.tiers["hot"].capacity == 4 * GiB
+    assert config.tiers["hot"].type == "memory"  # from YAML, under both
+    assert config.eviction.policy == "prefix-lru"
+    assert config.eviction.high_watermark == 0.9  # env still applies where arguments are silent
+
+
+# --- error messages ----------------------------------------------------------------------
+
+
+def load_error(tmp_path: Path, text: str = BASE, **kwargs: object) -> str:
+    with pytest.raises(ConfigError) as err:
+        KVortexConfig.load(write_yaml(tmp_path, text), **kwargs)
+    return str(err.value)
+
+
+def test_unknown_top_level_key(tmp_path: Path) -> None:
+    message = load_error(tmp_path, BASE + "chunk_tokenz: 5\n")
+    assert "chunk_tokenz = 5" in message
+    assert "unknown key" in message
+    assert "did you mean 'chunk_tokens'" in message
+    assert "KVORTEX_CHUNK_TOKENZ" in message
+    assert f"from YAML {tmp_path / 'kvortex.yaml'}" in message
+
+
+def test_unknown_nested_key(tmp_path: Path) -> None:
+    message = load_error(tmp_path, BASE.replace("policy: lru", "polcy: lru"))
+    assert "eviction.polcy = 'lru'" in message
+    assert "did you mean 'policy'" in message
+    assert "valid keys here: evict_ratio, high_watermark, policy" in message
+    assert "KVORTEX_EVICTION__POLCY" in message
+
+
+def test_unknown_backend_option(tmp_path: Path) -> None:
+    text = BASE + "  cold:\n    type: disk\n    capacity: 1GiB\n    path: /tmp/x\n    fsink: false\n"
+    text = text.replace("eviction:\n  policy: lru\n", "") + "eviction: {policy: lru}\n"
+    message = load_error(tmp_path, text)
+    assert "tiers.cold.fsink = False" in message
+    assert "unknown option (did you mean 'fsync'?)" in message
+    assert "KVORTEX_TIERS__COLD__FSINK" in message
+    assert "valid options of 'disk'" in message
+
+
+def test_misspelt_common_tier_key(tmp_path: Path) -> None:
+    message = load_error(tmp_path, BASE.replace("capacity: 1GiB", "capacty: 1GiB"))
+    assert "tiers.hot.capacity = (missing)" in message
+    assert "misspelt as 'capacty'" in message
+
+
+def test_unknown_env_name(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("KVORTEX_CHUNK_TOKEN", "512")
+    message = load_error(tmp_path)
+    assert "KVORTEX_CHUNK_TOKEN " in message and "KVORTEX_CHUNK_TOKENS" in message
+
+
+def test_unknown_nested_env_name(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("KVORTEX_EVICTION__POLCY", "lru")
+    message = load_error(tmp_path)
+    assert "eviction.polcy = 'lru' (from env KVORTEX_EVICTION__POLCY): unknown key" in message
+
+
+def test_wrong_type_from_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("KVORTEX_CHUNK_TOKENS", "many")
+    message = load_error(tmp_path)
+    assert "chunk_tokens = 'many' (from env KVORTEX_CHUNK_TOKENS)" in message
+    assert "valid integer" in message
+    assert "YAML key 'chunk_tokens'" in message
+
+
+def test_wrong_literal_lists_valid_values(tmp_path: Path) -> None:
+    message = load_error(tmp_path, BASE.replace("policy: lru", "policy: mru"))
+    assert "eviction.policy = 'mru'" in message
+    assert "'lru', 'prefix-lru' or 's3fifo'" in message
+
+
+@pytest.mark.parametrize("capacity", ["-1", "-1GiB", "0"])
+def test_negative_or_zero_size(tmp_path: Path, capacity: str) -> None:
+    message = load_error(tmp_path, BASE.replace("capacity: 1GiB", f"capacity: {capacity}"))
+    assert "tiers.hot.capacity = " in message
+    assert "KVORTEX_TIERS__HOT__CAPACITY" in message
+    assert "positive size such as '8GiB'" in message
+
+
+def test_negative_size_from_argument(tmp_path: Path) -> None:
+    message = load_error(tmp_path, transfer={"staging_bytes": -4096})
+    assert "transfer.staging_bytes = -4096 (from argument)" in message
+    assert "KVORTEX_TRANSFER__STAGING_BYTES" in message
+
+
+def test_unknown_backend_type(tmp_path: Path) -> None:
+    message = load_error(tmp_path, BASE.replace("type: memory", "type: memroy"))
+    assert "tiers.hot.type = 'memroy'" in message
+    assert "unknown backend type 'memroy'" in message
+    assert "memory" in message.split("registered backends:")[1]  # what would be valid
+    assert "KVORTEX_TIERS__HOT__TYPE" in message
+
+
+class NeedsSdk(MemoryBackend):
+    requires = ("kvortex_no_such_sdk_module",)
+    install_hint = 'pip install "kvortex-backends[redis]"'
+
+
+class NeedsSdkPlugin:
+    @hookimpl
+    def kvortex_register_backends(self, register):  # type: ignore[no-untyped-def]
+        register("needs-sdk", NeedsSdk)
+
+
+def test_missing_optional_dependency_gives_install_line(tmp_path: Path) -> None:
+    ok = KVortexConfig.load(write_yaml(tmp_path, BASE), plugins=[NeedsSdkPlugin()])
+    assert ok.tiers["hot"].type == "memory"  # registered but unused: no error
+    message = load_error(tmp_path, BASE.replace("type: memory", "type: needs-sdk"),
+                         plugins=[NeedsSdkPlugin()])
+    assert "tiers.hot.type = 'needs-sdk'" in message
+    assert "kvortex_no_such_sdk_module" in message
+    assert 'pip install "kvortex-backends[redis]"' in message
+
+
+def test_every_problem_in_one_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KVORTEX_TRANSFER__NUM_STREAMS", "x")
+    message = load_error(tmp_path, BASE.replace("policy: lru", "polcy: lru"), chunk_tokens=-1)
+    assert message.startswith("invalid KVortex configuration:")
+    for fragment in ("chunk_tokens = -1 (from argument)", "eviction.polcy",
+                     "transfer.num_streams = 'x' (from env KVORTEX_TRANSFER__NUM_STREAMS)"):
+        assert fragment in message
+
+
+@pytest.mark.parametrize(("text", "fragment"), [
+    ("chunk_tokens: [1\n", "is not valid YAML"),
+    ("- a\n- b\n", "must hold a mapping"),
+])
+def test_broken_yaml_file(tmp_path: Path, text: str, fragment: str) -> None:
+    assert fragment in load_error(tmp_path, text)
+
+
+def test_missing_yaml_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KVORTEX_CONFIG_FILE", str(tmp_path / "nope.yaml"))
+    with pytest.raises(ConfigError, match="does not exist.*KVORTEX_CONFIG_FILE"):
+        KVortexConfig()
+
+
+def test_empty_tiers_rejected() -> None:
+    with pytest.raises(ConfigError, match="at least one tier"):
+        KVortexConfig(tiers={})
+
+
+# --- plugins given to load ----------------------------------------------------------------
+
+
+class Custom(MemoryBackend):
+    pass
+
+
+class CustomPlugin:
+    @hookimpl
+    def kvortex_register_backends(self, register):  # type: ignore[no-untyped-def]
+        register("custom", Custom)
+
+
+def test_load_checks_types_against_given_plugins() -> None:
+    tiers = {"t": {"type": "custom", "capacity": "1MiB"}}
+    with pytest.raises(ConfigError, match="unknown backend type 'custom'"):
+        KVortexConfig(tiers=tiers)
+    config = KVortexConfig.load(plugins=[CustomPlugin()], tiers=tiers)
+    assert config.tiers["t"].type == "custom"
+    assert issubclass(Custom, StorageBackend)
+
+
+# --- provenance ---------------------------------------------------------------------------
+
+
+def test_provenance_names_every_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write_yaml(tmp_path, BASE)
+    monkeypatch.setenv("KVORTEX_TIERS__HOT__CAPACITY", "2GiB")
+    monkeypatch.setenv("KVORTEX_EVICTION__POLICY", "s3fifo")
+    config = KVortexConfig.load(path, salt="tenant-7")
+    rows = provenance(config)
+    assert rows["salt"] == ("tenant-7", Source("argument"))
+    assert rows["tiers.hot.capacity"] == (2 * GiB, Source("env", "KVORTEX_TIERS__HOT__CAPACITY"))
+    assert rows["eviction.policy"] == ("s3fifo", Source("env", "KVORTEX_EVICTION__POLICY"))
+    assert rows["chunk_tokens"] == (128, Source("yaml", str(path)))
+    assert rows["tiers.hot.type"] == ("memory", Source("yaml", str(path)))
+    assert rows["eviction.high_watermark"] == (0.8, Source("default"))
+    assert rows["tiers.hot.write_through"] == (False, Source("default"))
+    assert str(rows["tiers.hot.capacity"][1]) == "env KVORTEX_TIERS__HOT__CAPACITY"
+    assert str(rows["chunk_tokens"][1]) == f"YAML {path}"
+
+
+def test_provenance_of_json_env_and_backend_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KVORTEX_TIERS", '{"cold": {"type": "disk", "capacity": "1GiB", "path": "/tmp/k"}}')
+    rows = provenance(KVortexConfig())
+    assert rows["tiers.cold.path"] == ("/tmp/k", Source("env", "KVORTEX_TIERS"))
+    assert rows["chunk_tokens"][1] == Source("default")

@@ -1,0 +1,161 @@
+"""The plugin manager: entry-point discovery, registration rules, env switches, errors."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+
+import pytest
+
+from kvortex_core import MissingDependencyError, PluginError, hookimpl
+from kvortex_core.plugins import PluginManager
+from kvortex_core.plugins.manager import DISABLE_AUTOLOAD_ENV, ENTRY_POINT_GROUP, TRACE_ENV
+from kvortex_core.testing import MemoryBackend
+from kvortex_core.testing import memory as memory_plugin
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.upper().startswith("KVORTEX_"):
+            monkeypatch.delenv(name)
+
+
+class Other(MemoryBackend):
+    pass
+
+
+def plugin_registering(**backends: type) -> object:
+    class Plugin:
+        @hookimpl
+        def kvortex_register_backends(self, register):  # type: ignore[no-untyped-def]
+            for name, cls in backends.items():
+                register(name.replace("_", "-"), cls)
+
+    return Plugin()
+
+
+def test_hookimpl_is_the_kvortex_marker() -> None:
+    import kvortex_core
+
+    assert kvortex_core.hookimpl.project_name == "kvortex"
+
+
+def test_builtins_come_through_entry_points() -> None:
+    names = {ep.name for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+    assert {"kvortex-core", "kvortex-backends"} <= names
+    backends = PluginManager().backends()
+    assert backends["memory"].distribution == "kvortex-core"
+    for name in ("cpu", "disk"):
+        assert backends[name].distribution == "kvortex-backends"
+        assert backends[name].plugin == "kvortex-backends"
+        assert backends[name].version
+
+
+def test_each_manager_is_independent() -> None:
+    first = PluginManager([plugin_registering(extra=Other)])
+    second = PluginManager()
+    assert "extra" in first.backends()
+    assert "extra" not in second.backends()
+
+
+def test_disable_autoload_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(DISABLE_AUTOLOAD_ENV, "1")
+    assert PluginManager().backends() == {}
+    explicit = PluginManager([memory_plugin])
+    assert list(explicit.backends()) == ["memory"]
+    assert explicit.backends()["memory"].distribution is None
+
+
+def test_autoload_argument_overrides_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(DISABLE_AUTOLOAD_ENV, "1")
+    assert "memory" in PluginManager(autoload=True).backends()
+
+
+def test_trace_env_logs_hook_calls(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv(TRACE_ENV, "1")
+    with caplog.at_level(logging.DEBUG, logger="kvortex_core.plugins"):
+        PluginManager().backends()
+    traced = [r.getMessage() for r in caplog.records if r.name == "kvortex_core.plugins"]
+    assert any("kvortex_register_backends" in line for line in traced)
+
+
+def test_no_trace_without_env(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="kvortex_core.plugins"):
+        PluginManager().backends()
+    assert not [r for r in caplog.records if "kvortex_register_backends" in r.getMessage()]
+
+
+def test_duplicate_name_names_both_classes() -> None:
+    manager = PluginManager([plugin_registering(memory=Other)])
+    with pytest.raises(PluginError) as err:
+        manager.backends()
+    message = str(err.value)
+    assert "'memory' is registered twice" in message
+    assert "kvortex_core.testing.memory.MemoryBackend" in message
+    assert f"{__name__}.Other" in message
+
+
+@pytest.mark.parametrize(("name", "cls", "fragment"), [
+    ("Bad Name", Other, "names are lowercase"),
+    ("fine", dict, "must be a subclass of kvortex_core.StorageBackend"),
+])
+def test_bad_registrations(name: str, cls: type, fragment: str) -> None:
+    class Plugin:
+        @hookimpl
+        def kvortex_register_backends(self, register):  # type: ignore[no-untyped-def]
+            register(name, cls)
+
+    with pytest.raises(PluginError, match=fragment):
+        PluginManager([Plugin()], autoload=False).backends()
+
+
+def test_misspelt_hook_fails_at_registration() -> None:
+    class Typo:
+        @hookimpl
+        def kvortex_register_backend(self, register):  # type: ignore[no-untyped-def]
+            pass
+
+    with pytest.raises(PluginError, match="unknown hook 'kvortex_register_backend'.*kvortex_register_backends"):
+        PluginManager([Typo()], autoload=False)
+
+
+def test_unknown_backend_lists_registered_ones() -> None:
+    with pytest.raises(PluginError, match=r"unknown backend type 'nope'; registered backends: .*memory"):
+        PluginManager().backend("nope")
+
+
+def test_missing_dependency_message() -> None:
+    class NeedsSdk(MemoryBackend):
+        requires = ("kvortex_no_such_sdk",)
+        install_hint = 'pip install "kvortex-backends[s3]"'
+
+    info = PluginManager([plugin_registering(needs=NeedsSdk)], autoload=False).backend("needs")
+    assert info.missing_dependencies() == ["kvortex_no_such_sdk"]
+    with pytest.raises(MissingDependencyError, match=r'install it with: pip install "kvortex-backends\[s3\]"'):
+        info.check_dependencies()
+
+
+def test_broken_entry_point_names_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    broken = importlib.metadata.EntryPoint("kvortex-broken", "kvortex_no_such_module.plugin", ENTRY_POINT_GROUP)
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: [broken])
+    with pytest.raises(PluginError) as err:
+        PluginManager()
+    assert "'kvortex-broken'" in str(err.value)
+    assert "kvortex_no_such_module" in str(err.value)
+    assert DISABLE_AUTOLOAD_ENV in str(err.value)
+
+
+def test_hook_runs_once_per_manager() -> None:
+    calls = []
+
+    class Counting:
+        @hookimpl
+        def kvortex_register_backends(self, register):  # type: ignore[no-untyped-def]
+            calls.append(1)
+            register("counted", Other)
+
+    manager = PluginManager([Counting()], autoload=False)
+    assert manager.backends() is manager.backends()
+    assert calls == [1]
