@@ -19,5 +19,7 @@ def kvortex_register_backends(register) -> None:  # type: ignore[no-untyped-def]
 
     # shared tiers (issue 6)
     from kvortex_backends.redis import RedisBackend
+    from kvortex_backends.s3 import S3Backend
 
     register("redis", RedisBackend)
+    register("s3", S3Backend)

@@ -1,0 +1,161 @@
+"""Blocking S3 calls of the ``s3`` tier; each runs on the backend's dedicated thread pool.
+
+Reads land directly in the caller's buffer (``StreamingBody.readinto``), large writes stream
+from the caller's buffer through s3transfer's multipart upload, so a payload is copied at most
+once on its way to or from the socket.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from kvortex_core.errors import BackendError, BufferTooSmallError
+
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
+_MISSING = {"404", "NoSuchKey", "NotFound"}
+
+
+class ViewReader(io.RawIOBase):
+    """A seekable read-only file over a memoryview, so uploads need no copy of the payload."""
+
+    def __init__(self, view: memoryview) -> None:
+        self._view = view
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        chunk = self._view[self._pos : self._pos + len(buffer)]
+        memoryview(buffer).cast("B")[: len(chunk)] = chunk
+        self._pos += len(chunk)
+        return len(chunk)
+
+    def read(self, size: int = -1) -> bytes:
+        end = len(self._view) if size is None or size < 0 else self._pos + size
+        chunk = bytes(self._view[self._pos : end])
+        self._pos += len(chunk)
+        return chunk
+
+
+def error_code(exc: BaseException) -> str:
+    response = getattr(exc, "response", None) or {}
+    return str(response.get("Error", {}).get("Code", ""))
+
+
+def is_missing(exc: BaseException) -> bool:
+    return error_code(exc) in _MISSING
+
+
+def body_of(view: memoryview) -> bytes | bytearray:
+    """A request body botocore accepts; reuses the view's own bytes object when it can."""
+    owner = view.obj
+    if isinstance(owner, (bytes, bytearray)) and len(owner) == view.nbytes:
+        return owner
+    return bytes(view)  # one copy; botocore needs bytes or a file to send in one piece
+
+
+def put_small(client: Any, bucket: str, name: str, view: memoryview) -> None:
+    client.put_object(Bucket=bucket, Key=name, Body=body_of(view))
+
+
+def put_large(manager: Any, bucket: str, name: str, view: memoryview) -> None:
+    manager.upload(ViewReader(view), bucket, name).result()
+
+
+@dataclass(frozen=True)
+class FirstRead:
+    """The first (ranged) GET of a read: total size, version tag, bytes already in ``out``."""
+
+    total: int
+    etag: str
+    got: int
+
+
+def _read_body(body: Any, out: memoryview, name: str) -> int:
+    got = 0
+    while got < len(out):
+        n = body.readinto(out[got:])
+        if not n:
+            break
+        got += n
+    if got != len(out):
+        raise BackendError(f"s3 object {name!r} ended after {got} of {len(out)} bytes; retry the read")
+    body.readinto(bytearray(1))  # reaching EOF makes botocore verify length and checksum
+    body.close()
+    return got
+
+
+def get_first(client: Any, bucket: str, name: str, out: memoryview, first: int) -> FirstRead | None:
+    """GET bytes ``[0, first)`` into ``out``; None when the object does not exist."""
+    try:
+        resp = client.get_object(Bucket=bucket, Key=name, Range=f"bytes=0-{first - 1}")
+    except Exception as exc:
+        if is_missing(exc):
+            return None
+        if error_code(exc) != "InvalidRange":
+            raise
+        resp = client.get_object(Bucket=bucket, Key=name)  # an empty object has no byte 0
+    body, length = resp["Body"], int(resp["ContentLength"])
+    match = _CONTENT_RANGE.match(resp.get("ContentRange") or "")
+    total = int(match.group(3)) if match else length
+    if total > len(out):
+        body.close()
+        raise BufferTooSmallError(
+            f"s3 object {name!r} is {total} bytes but the buffer holds {len(out)}; "
+            "pass a buffer of at least the payload size"
+        )
+    _read_body(body, out[:length], name)
+    return FirstRead(total=total, etag=resp.get("ETag", ""), got=length)
+
+
+def get_range(client: Any, bucket: str, name: str, out: memoryview, start: int, etag: str) -> None:
+    """GET ``[start, start+len(out))`` of the same object version (If-Match its ETag)."""
+    resp = client.get_object(Bucket=bucket, Key=name, IfMatch=etag,
+                             Range=f"bytes={start}-{start + len(out) - 1}")
+    _read_body(resp["Body"], out, name)
+
+
+def head(client: Any, bucket: str, name: str) -> bool:
+    try:
+        client.head_object(Bucket=bucket, Key=name)
+    except Exception as exc:
+        if is_missing(exc):
+            return False
+        raise
+    return True
+
+
+def list_names(client: Any, bucket: str, prefix: str, limit: int) -> set[str] | None:
+    """Key names under ``prefix`` (prefix stripped), or None when there are more than ``limit``."""
+    names: set[str] = set()
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        names.update(obj["Key"][len(prefix):] for obj in page.get("Contents", ()))
+        if len(names) > limit:
+            return None
+    return names
+
+
+def delete_names(client: Any, bucket: str, names: list[str]) -> None:
+    for start in range(0, len(names), 1000):  # DeleteObjects takes at most 1000 keys
+        batch = [{"Key": n} for n in names[start : start + 1000]]
+        resp = client.delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
+        errors = resp.get("Errors") or []
+        if errors:
+            first = errors[0]
+            raise BackendError(f"s3 delete of {first.get('Key')!r} failed: {first.get('Code')} "
+                               f"{first.get('Message')} ({len(errors)} keys not deleted)")

@@ -1,0 +1,147 @@
+"""The s3 backend against moto in server mode (a real HTTP S3 endpoint on loopback)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from kvortex_core.errors import BackendError, BufferTooSmallError
+from kvortex_core.storage.protocol import BackendContext
+from kvortex_core.testing import BackendConformance
+from kvortex_backends.s3 import S3Backend, S3Options
+
+pytestmark = pytest.mark.s3
+pytest.importorskip("boto3")
+
+MiB = 1024 * 1024
+
+
+def make_backend(endpoint: str, bucket: str, capacity: int = 256 * MiB, **options: Any) -> S3Backend:
+    opts = S3Options(bucket=bucket, endpoint_url=endpoint, region="us-east-1", **options)
+    return S3Backend(opts, capacity=capacity, context=BackendContext(tier="s3"))
+
+
+def run(backend: S3Backend, scenario: Callable[[S3Backend], Any]) -> Any:
+    async def main() -> Any:
+        await backend.open()
+        try:
+            return await scenario(backend)
+        finally:
+            await backend.close()
+
+    return asyncio.run(main())
+
+
+class TestS3Conformance(BackendConformance):
+    @pytest.fixture
+    def backend_factory(self, moto_s3, s3_bucket):  # type: ignore[no-untyped-def]
+        return lambda capacity: make_backend(moto_s3.endpoint_url, s3_bucket, capacity)
+
+
+class TestS3HeadModeConformance(BackendConformance):
+    """The same contract when contains uses one HEAD per key instead of listings."""
+
+    sizes = (1, 65537)
+
+    @pytest.fixture
+    def backend_factory(self, moto_s3, s3_bucket):  # type: ignore[no-untyped-def]
+        return lambda capacity: make_backend(moto_s3.endpoint_url, s3_bucket, capacity,
+                                             contains_mode="head")
+
+
+def test_multipart_upload_and_ranged_parallel_read(moto_s3, s3_bucket) -> None:
+    """Above the threshold: multipart put, byte-range reads straight into the caller's buffer."""
+    value = os.urandom(12 * MiB + 7)
+    backend = make_backend(moto_s3.endpoint_url, s3_bucket, multipart_threshold="5MiB",
+                           multipart_chunksize="5MiB")
+
+    async def scenario(b: S3Backend) -> None:
+        await b.put("big", memoryview(value))
+        out = bytearray(len(value) + 100)
+        assert await b.get("big", memoryview(out)) == len(value)
+        assert bytes(out[: len(value)]) == value
+        with pytest.raises(BufferTooSmallError):
+            await b.get("big", memoryview(bytearray(MiB)))
+
+    run(backend, scenario)
+    head = moto_s3.client().head_object(Bucket=s3_bucket, Key="kvortex/big")
+    assert head["ContentLength"] == len(value)
+    assert "-" in head["ETag"], "a multipart upload has an ETag ending in -<parts>"
+
+
+def test_one_object_per_payload_under_prefix(moto_s3, s3_bucket) -> None:
+    value = os.urandom(3000)
+    run(make_backend(moto_s3.endpoint_url, s3_bucket, prefix="team/a/"),
+        lambda b: b.put("cd" * 20, value))
+    listed = moto_s3.client().list_objects_v2(Bucket=s3_bucket)["Contents"]
+    assert [o["Key"] for o in listed] == [f"team/a/{'cd' * 20}"]
+    body = moto_s3.client().get_object(Bucket=s3_bucket, Key=f"team/a/{'cd' * 20}")["Body"].read()
+    assert body == value
+
+
+def test_listing_cache_sees_other_writers_after_ttl(moto_s3, s3_bucket) -> None:
+    """contains answers from a short-lived listing: another writer's key shows up once it expires."""
+    raw = moto_s3.client()
+
+    async def scenario(b: S3Backend) -> None:
+        await b.put("mine", b"m" * 10)
+        assert await b.contains(["mine", "theirs"]) == [True, False]
+        raw.put_object(Bucket=s3_bucket, Key="kvortex/theirs", Body=b"t" * 10)
+        assert await b.contains(["mine", "theirs"]) == [True, False]  # cached listing
+        assert await b.contains(["theirs"]) == [True]  # a single key always HEADs
+        await asyncio.sleep(0.35)
+        assert await b.contains(["mine", "theirs"]) == [True, True]
+        await b.delete(["mine"])
+        assert await b.contains(["mine", "theirs"]) == [False, True]  # own delete patches the cache
+        assert (await b.usage()).used == 0  # "theirs" is never charged to this instance
+
+    run(make_backend(moto_s3.endpoint_url, s3_bucket, list_cache_ttl=0.3), scenario)
+
+
+def test_listing_too_large_falls_back_to_heads(moto_s3, s3_bucket) -> None:
+    async def scenario(b: S3Backend) -> None:
+        for i in range(5):
+            await b.put(f"k{i}", b"x")
+        assert await b.contains([f"k{i}" for i in range(7)]) == [True] * 5 + [False] * 2
+
+    run(make_backend(moto_s3.endpoint_url, s3_bucket, list_max_objects=3), scenario)
+
+
+def test_missing_bucket_raises_backend_error(moto_s3) -> None:
+    backend = make_backend(moto_s3.endpoint_url, "no-such-bucket-kvortex")
+    with pytest.raises(BackendError, match="no-such-bucket-kvortex"):
+        asyncio.run(backend.open())
+    asyncio.run(backend.close())
+
+
+def test_credentials_never_in_errors(moto_s3, monkeypatch) -> None:
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "very-secret-value")
+    backend = make_backend(moto_s3.endpoint_url, "absent-bucket-kvortex")
+    with pytest.raises(BackendError) as err:
+        asyncio.run(backend.open())
+    assert "very-secret-value" not in str(err.value)
+    assert "very-secret-value" not in repr(backend.opts)
+    asyncio.run(backend.close())
+
+
+def test_options_validate() -> None:
+    with pytest.raises(ValueError):
+        S3Options()  # bucket is required
+    with pytest.raises(ValueError):
+        S3Options(bucket="b" * 3, prefix="/abs/")
+    with pytest.raises(ValueError):
+        S3Options(bucket="bkt", multipart_chunksize="1MiB")  # S3 parts are at least 5 MiB
+    with pytest.raises(ValueError):
+        S3Options(bucket="bkt", endpoint="http://x")  # typo: unknown option
+    assert S3Options(bucket="bkt", multipart_threshold="128MiB").multipart_threshold == 128 * MiB
+
+
+def test_plugin_registers_s3() -> None:
+    from kvortex_core.plugins.manager import PluginManager
+
+    info = PluginManager().backend("s3")
+    assert info.cls is S3Backend and info.cls.shared
