@@ -1,0 +1,210 @@
+"""The ``kvortex`` command: exit codes and output of config, backends, demo; the console script."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from kvortex_core.cli.app import app
+
+GOOD = """
+chunk_tokens: 128
+tiers:
+  hot:
+    type: memory
+    capacity: 1GiB
+"""
+BAD = GOOD.replace("chunk_tokens: 128", "chunk_tokenz: 128")
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for name in list(os.environ):
+        if name.upper().startswith("KVORTEX_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("COLUMNS", "200")  # rich folds long cells at 80 columns off a terminal
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+def yaml_file(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "kvortex.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_version_and_help(runner: CliRunner) -> None:
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.stdout.startswith("kvortex-core ")
+    help_text = runner.invoke(app, ["--help"]).stdout
+    for command in ("config", "backends", "demo", "bench"):
+        assert command in help_text
+
+
+def test_stats_is_wired_when_built(runner: CliRunner) -> None:
+    if importlib.util.find_spec("kvortex_core.cli.stats_cmd") is None:
+        pytest.skip("kvortex_core.cli.stats_cmd is not built")
+    assert runner.invoke(app, ["stats", "--help"]).exit_code == 0
+
+
+def test_config_show_names_sources(runner: CliRunner, tmp_path: Path,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    path = yaml_file(tmp_path, GOOD)
+    monkeypatch.setenv("KVORTEX_EVICTION__POLICY", "s3fifo")
+    result = runner.invoke(app, ["config", "show", "--file", str(path), "--set", "salt=tenant-7"])
+    assert result.exit_code == 0, result.stderr
+    lines = {line.split("│")[1].strip(): line for line in result.stdout.splitlines() if line.count("│") >= 3}
+    assert "argument" in lines["salt"] and "tenant-7" in lines["salt"]
+    assert "env KVORTEX_EVICTION__POLICY" in lines["eviction.policy"]
+    assert f"YAML {path}" in lines["chunk_tokens"] and "128" in lines["chunk_tokens"]
+    assert "1 GiB" in lines["tiers.hot.capacity"]  # sizes in human units
+    assert "default" in lines["eviction.high_watermark"]
+
+
+def test_config_show_json_uses_config_file_env(runner: CliRunner, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KVORTEX_CONFIG_FILE", str(yaml_file(tmp_path, GOOD)))
+    result = runner.invoke(app, ["config", "show", "--json"])
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["chunk_tokens"] == {"value": 128, "source": f"YAML {tmp_path / 'kvortex.yaml'}"}
+    assert data["tiers.hot.capacity"]["value"] == {"bytes": 1024**3, "human": "1 GiB"}
+    assert data["transfer.num_streams"]["source"] == "default"
+
+
+def test_config_show_bad_config_exits_with_message(runner: CliRunner,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KVORTEX_CHUNK_TOKENS", "lots")
+    result = runner.invoke(app, ["config", "show"])
+    assert result.exit_code == 2
+    assert "chunk_tokens = 'lots' (from env KVORTEX_CHUNK_TOKENS)" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_config_show_bad_set_syntax(runner: CliRunner) -> None:
+    result = runner.invoke(app, ["config", "show", "--set", "chunk_tokens"])
+    assert result.exit_code == 2 and "expected PATH=VALUE" in result.stderr
+
+
+def test_config_validate_good_file(runner: CliRunner, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["config", "validate", str(yaml_file(tmp_path, GOOD))])
+    assert result.exit_code == 0, result.stderr
+    assert "valid" in result.stdout
+    assert "chunk_tokens=128" in result.stdout and "hot (memory, 1 GiB)" in result.stdout
+
+
+def test_config_validate_bad_file(runner: CliRunner, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["config", "validate", str(yaml_file(tmp_path, BAD))])
+    assert result.exit_code == 2
+    assert "chunk_tokenz = 128" in result.stderr
+    assert "did you mean 'chunk_tokens'" in result.stderr
+    assert result.stdout == ""
+
+
+def test_config_validate_missing_file(runner: CliRunner, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["config", "validate", str(tmp_path / "absent.yaml")])
+    assert result.exit_code == 2 and "does not exist" in result.stderr
+
+
+def test_config_validate_isolated_ignores_env(runner: CliRunner, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    path = str(yaml_file(tmp_path, GOOD))
+    monkeypatch.setenv("KVORTEX_CHUNK_TOKENS", "-1")
+    assert runner.invoke(app, ["config", "validate", path]).exit_code == 2
+    result = runner.invoke(app, ["config", "validate", "--isolated", path])
+    assert result.exit_code == 0, result.stderr
+    assert os.environ["KVORTEX_CHUNK_TOKENS"] == "-1"  # restored afterwards
+
+
+def test_backends_list(runner: CliRunner) -> None:
+    result = runner.invoke(app, ["backends", "list"])
+    assert result.exit_code == 0, result.stderr
+    for fragment in ("memory", "kvortex-core", "cpu", "disk", "kvortex-backends"):
+        assert fragment in result.stdout
+    rows = {r["name"]: r for r in json.loads(runner.invoke(app, ["backends", "list", "--json"]).stdout)}
+    assert rows["memory"]["distribution"] == "kvortex-core"
+    assert rows["memory"]["version"] and rows["memory"]["dependencies_installed"] is True
+    assert rows["disk"]["class"] == "kvortex_backends.disk.DiskBackend"
+
+
+def test_backends_list_reports_missing_dependency(runner: CliRunner,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvortex_core.testing import MemoryBackend
+
+    monkeypatch.setattr(MemoryBackend, "requires", ("kvortex_no_such_sdk",), raising=False)
+    monkeypatch.setattr(MemoryBackend, "install_hint", 'pip install "kvortex-x[y]"', raising=False)
+    row = {r["name"]: r for r in json.loads(runner.invoke(app, ["backends", "list", "--json"]).stdout)}["memory"]
+    assert row["dependencies_installed"] is False and row["missing"] == ["kvortex_no_such_sdk"]
+    table = runner.invoke(app, ["backends", "list"]).stdout
+    assert 'missing kvortex_no_such_sdk: pip install "kvortex-x[y]"' in table  # not eaten as markup
+
+
+def test_backends_list_empty_when_autoload_disabled(runner: CliRunner,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KVORTEX_DISABLE_PLUGIN_AUTOLOAD", "1")
+    result = runner.invoke(app, ["backends", "list"])
+    assert result.exit_code == 0 and "no backends registered" in result.stdout
+
+
+needs_engine = pytest.mark.skipif(importlib.util.find_spec("kvortex_core.engine") is None,
+                                  reason="kvortex_core.engine is not built yet")
+SMALL = ["--layers", "2", "--kv-heads", "2", "--head-size", "32", "--prompts", "2",
+         "--tokens", "600", "--device", "cpu"]
+
+
+@needs_engine
+def test_demo_round_trip(runner: CliRunner) -> None:
+    result = runner.invoke(app, ["demo", *SMALL])
+    assert result.exit_code == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "loaded bytes equal saved bytes" in out and "yes" in out.split("loaded bytes equal")[1]
+    # 2 prompts of 600 tokens: 2 whole chunks of 256 each are stored; 1 unseen prompt misses
+    assert "tokens loaded" in out and " 1024 " in out.split("tokens loaded")[1].splitlines()[0] + " "
+    assert "hit rate" in out and "GB/s" in out
+
+
+@needs_engine
+def test_demo_with_config_file(runner: CliRunner, tmp_path: Path) -> None:
+    text = "chunk_tokens: 128\ntiers:\n  cpu: {type: cpu, capacity: 64MiB}\n"
+    result = runner.invoke(app, ["demo", *SMALL, "--config", str(yaml_file(tmp_path, text))])
+    assert result.exit_code == 0, result.stdout + result.stderr
+    assert "cpu (cpu, 64 MiB)" in result.stdout
+
+
+def test_demo_bad_config_exits_with_message(runner: CliRunner, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["demo", *SMALL, "--config", str(yaml_file(tmp_path, BAD))])
+    assert result.exit_code == 2
+    assert "chunk_tokenz" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_demo_rejects_missing_cuda(runner: CliRunner) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is present")
+    result = runner.invoke(app, ["demo", "--device", "cuda"])
+    assert result.exit_code == 2 and "no CUDA device" in result.stdout + result.stderr
+
+
+def test_console_script_bad_config_no_traceback(tmp_path: Path) -> None:
+    script = Path(sys.executable).with_name("kvortex")
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "kvortex_core.cli.app"]
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("KVORTEX_")}
+    done = subprocess.run([*cmd, "config", "validate", str(yaml_file(tmp_path, BAD))],
+                          capture_output=True, text=True, env=env, timeout=120, check=False)
+    assert done.returncode == 2
+    assert "invalid KVortex configuration" in done.stderr and "Traceback" not in done.stderr
+    ok = subprocess.run([*cmd, "config", "validate", str(yaml_file(tmp_path, GOOD))],
+                        capture_output=True, text=True, env=env, timeout=120, check=False)
+    assert ok.returncode == 0 and "valid" in ok.stdout
