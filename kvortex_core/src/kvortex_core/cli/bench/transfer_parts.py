@@ -1,0 +1,221 @@
+"""Measurements behind ``kvortex bench transfer`` (torch is imported by the caller's process).
+
+Every figure is a ratio against a raw baseline of the same bytes in the same process:
+raw = one contiguous ``copy_`` between a device buffer and a pinned host buffer.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kvortex_core.cli.bench.common import Measurement, ratio
+
+__all__ = ["ratio"]
+from kvortex_core.data import kv_samples as ks
+from kvortex_core.data.layouts import KVLayout, detect_layout
+from kvortex_core.data.transfer import TransferEngine
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A model's per-rank KV shape."""
+
+    name: str
+    layers: int
+    heads: int
+    head: int
+    block: int
+    mla: bool = False
+
+    @property
+    def bytes_per_token(self) -> int:
+        return self.layers * (1 if self.mla else 2) * self.heads * self.head * 2  # bf16
+
+
+LLAMA_8B = Shape("llama-3.1-8b", 32, 8, 128, 16)
+DEEPSEEK_V3 = Shape("deepseek-v3-mla", 61, 1, 576, 64, mla=True)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], device: torch.device, reps: int, warmup: int = 1) -> list[float]:
+    """Seconds per run, the device drained before and after each run."""
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(reps):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def pinned(nbytes: int, device: torch.device) -> torch.Tensor:
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
+
+
+def make_caches(shape: Shape, num_blocks: int, device: torch.device) -> list[torch.Tensor]:
+    """Separate per-layer tensors (as vLLM < 0.30 allocates them), random bf16 content."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    if shape.mla:
+        dims: tuple[int, ...] = (num_blocks, shape.block, shape.head)
+    else:
+        dims = (2, num_blocks, shape.block, shape.heads, shape.head)
+    return [torch.randn(dims, generator=gen, device=device, dtype=torch.bfloat16) for _ in range(shape.layers)]
+
+
+def random_chunks(num_blocks: int, tokens: int, block: int, chunk_tokens: int, seed: int) -> list[list[int]]:
+    """Shuffled block ids for ``tokens`` tokens, grouped per chunk."""
+    ids = random.Random(seed).sample(range(num_blocks), tokens // block)
+    per = chunk_tokens // block
+    return [ids[i:i + per] for i in range(0, len(ids), per)]
+
+
+def raw_copy(nbytes: int, device: torch.device, reps: int) -> dict[str, Measurement]:
+    """The baseline: one contiguous copy of ``nbytes`` each way, and both ways at once."""
+    gpu = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    host = pinned(nbytes, device)
+    gpu2 = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    host2 = pinned(nbytes, device)
+    out = {
+        "d2h": Measurement("raw d2h", timed(lambda: host.copy_(gpu, non_blocking=True), device, reps), nbytes),
+        "h2d": Measurement("raw h2d", timed(lambda: gpu.copy_(host, non_blocking=True), device, reps), nbytes),
+    }
+    if device.type == "cuda":
+        s1, s2 = torch.cuda.Stream(device), torch.cuda.Stream(device)
+
+        def both() -> None:
+            with torch.cuda.stream(s1):
+                host.copy_(gpu, non_blocking=True)
+            with torch.cuda.stream(s2):
+                gpu2.copy_(host2, non_blocking=True)
+
+        out["bidir"] = Measurement("raw both", timed(both, device, reps), 2 * nbytes)
+    return out
+
+
+def transfer_engine_case(shape: Shape, tokens: int, caches: list[torch.Tensor], layout: KVLayout,
+                         chunk_tokens: int, staging: int, streams: int, reps: int) -> dict[str, Measurement]:
+    """The TransferEngine alone: shuffled blocks <-> one pinned buffer per chunk."""
+    device = caches[0].device
+    te = TransferEngine(caches, layout, chunk_tokens=chunk_tokens, staging_bytes=staging, num_streams=streams)
+    chunks = random_chunks(layout.num_blocks, tokens, shape.block, chunk_tokens, tokens)
+    nbytes = layout.chunk_bytes(tokens)
+    slots = pinned(layout.chunk_bytes(chunk_tokens) * len(chunks), device)
+    dst = list(slots.split(layout.chunk_bytes(chunk_tokens)))
+    load_ids = random_chunks(layout.num_blocks, tokens, shape.block, chunk_tokens, tokens + 1)
+    te.save(chunks, dst).wait()
+    sync(device)
+    t0 = time.perf_counter()
+    handle = te.save(chunks, dst)
+    t1 = time.perf_counter()
+    handle.wait()
+    enqueue = {"save_enqueue_s": t1 - t0, "save_total_s": time.perf_counter() - t0}
+    return {
+        "diag": enqueue,  # type: ignore[dict-item]
+        "save": Measurement("te save", timed(lambda: te.save(chunks, dst).wait(), device, reps), nbytes),
+        "load": Measurement("te load", timed(lambda: te.load(dst, load_ids).wait(), device, reps), nbytes),
+    }
+
+
+def verify_layouts(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> dict[str, bool]:
+    """Byte-exact: save from every layout, load into a zeroed twin and into FlashAttention NHD."""
+    L, B, N, H, D, chunk = 4, 64, 16, 2, 64, 64
+    results: dict[str, bool] = {}
+    layouts = ks.all_layouts(L, B, N, H, D, dtype, seed=7, device=str(device))
+    ref_src, _, ref_block = ks.flash_attn(L, B, N, H, D, dtype, seed=7, device=str(device))
+    chunks = random_chunks(B, 3 * chunk, N, chunk, 1)
+    new = random_chunks(B, 3 * chunk, N, chunk, 2)
+    for name, (caches, hints, block) in layouts.items():
+        layout = detect_layout(caches, hints)
+        te = TransferEngine(caches, layout, chunk_tokens=chunk, staging_bytes=40_000)
+        bufs = [pinned(layout.chunk_bytes(chunk), device) for _ in chunks]
+        te.save(chunks, bufs).wait()
+        twin, _, tblock = ks.all_layouts(L, B, N, H, D, dtype, seed=7, device=str(device))[name]
+        for t in _tensors(twin):
+            t.view(torch.uint8).zero_()
+        te2 = TransferEngine(twin, detect_layout(twin, hints), chunk_tokens=chunk, staging_bytes=40_000)
+        te2.load(bufs, new, layerwise=True).wait()
+        ok = all(
+            torch.equal(tblock(twin, layer, n), block(caches, layer, o))
+            for ids, nids in zip(chunks, new, strict=True)
+            for o, n in zip(ids, nids, strict=True)
+            for layer in range(L)
+        )
+        results[name] = ok
+    # cross-layout: NHD payloads into every non-MLA layout
+    te = TransferEngine(ref_src, detect_layout(ref_src), chunk_tokens=chunk)
+    bufs = [pinned(te.layout.chunk_bytes(chunk), device) for _ in chunks]
+    te.save(chunks, bufs).wait()
+    for name, (twin, hints, tblock) in ks.all_layouts(L, B, N, H, D, dtype, seed=8, device=str(device)).items():
+        if "mla" in name:
+            continue
+        TransferEngine(twin, detect_layout(twin, hints), chunk_tokens=chunk).load(bufs, new).wait()
+        results[f"nhd->{name}"] = all(
+            torch.equal(tblock(twin, layer, n), ref_block(ref_src, layer, o))
+            for ids, nids in zip(chunks, new, strict=True)
+            for o, n in zip(ids, nids, strict=True)
+            for layer in range(L)
+        )
+    return results
+
+
+def _tensors(caches: Any) -> list[torch.Tensor]:
+    if isinstance(caches, torch.Tensor):
+        return [caches]
+    return list(caches.values()) if isinstance(caches, dict) else list(caches)
+
+
+def matmul_slowdown(device: torch.device, background: Callable[[], None], iters: int = 200,
+                    size: int = 4096) -> dict[str, float]:
+    """Time a bf16 matmul loop alone, then while ``background`` runs in a loop on another thread."""
+    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+
+    def loop() -> float:
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            a @ b
+        sync(device)
+        return time.perf_counter() - t0
+
+    loop()
+    alone = min(loop() for _ in range(3))
+    stop = threading.Event()
+
+    def run_bg() -> None:
+        while not stop.is_set():
+            background()
+
+    thread = threading.Thread(target=run_bg, daemon=True)
+    thread.start()
+    time.sleep(0.05)
+    try:
+        busy = min(loop() for _ in range(3))
+    finally:
+        stop.set()
+        thread.join()
+    return {"alone_s": alone, "with_transfers_s": busy, "slowdown": busy / alone - 1.0}
+
+
+def summary_row(label: str, ours: Measurement, raw: Measurement) -> dict[str, Any]:
+    return {
+        "case": label,
+        "bytes": ours.nbytes,
+        "ours_gbps": ours.gbps()["median"],
+        "raw_gbps": raw.gbps()["median"],
+        "ratio": ratio(ours, raw),
+    }

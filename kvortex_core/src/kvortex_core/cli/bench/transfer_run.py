@@ -1,0 +1,176 @@
+"""Orchestration of ``kvortex bench transfer``: which cases run at which sizes, rows for the table."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from kvortex_core.cli.bench import transfer_parts as tp
+from kvortex_core.cli.bench.common import Measurement
+from kvortex_core.data.layouts import detect_layout
+from kvortex_core.data.transfer import TransferEngine
+
+CHUNK_TOKENS = 256
+
+
+def run_all(device: torch.device, sizes: list[int], *, reps: int, mla_layers: int, staging: int,
+            parts: set[str]) -> dict[str, Any]:
+    """Run the selected parts; a CPU run shrinks the model so it stays a quick smoke test."""
+    cpu = device.type != "cuda"
+    llama = tp.Shape("llama-3.1-8b(cpu-scaled)", 2, 2, 64, 16) if cpu else tp.LLAMA_8B
+    mla = tp.Shape("mla(cpu-scaled)", 2, 1, 64, 64, mla=True) if cpu else tp.Shape(
+        "deepseek-v3-mla", mla_layers, 1, 576, 64, mla=True)
+    res: dict[str, Any] = {
+        "device_name": torch.cuda.get_device_name(device) if not cpu else "cpu",
+        "sizes": sizes, "reps": reps, "staging_bytes": staging, "chunk_tokens": CHUNK_TOKENS,
+        "rows": [], "cases": {},
+    }
+    t0 = time.perf_counter()
+    if "verify" in parts:
+        res["verify"] = tp.verify_layouts(device)
+    for shape in (llama, mla):
+        _bandwidth(res, shape, device, sizes if shape is llama else [max(sizes)], reps, staging, parts)
+    res["elapsed_s"] = time.perf_counter() - t0
+    return res
+
+
+def _bandwidth(res: dict[str, Any], shape: tp.Shape, device: torch.device, sizes: list[int], reps: int,
+               staging: int, parts: set[str]) -> None:
+    max_tokens = max(sizes)
+    num_blocks = 2 * max_tokens // shape.block
+    caches = tp.make_caches(shape, num_blocks, device)
+    layout = detect_layout(caches)
+    engine_case = _engine_case_fn(parts)
+    for tokens in sizes:
+        raw = tp.raw_copy(layout.chunk_bytes(tokens), device, reps)
+        case: dict[str, Any] = {"raw": raw}
+        if "te" in parts:
+            te = tp.transfer_engine_case(shape, tokens, caches, layout, CHUNK_TOKENS, staging, 2, reps)
+            case["te"] = te
+            _rows(res, f"{shape.name} {tokens} te", te, raw)
+        if engine_case is not None:
+            eng = engine_case(shape, tokens, caches, layout, staging, reps)
+            case["engine"] = eng
+            _rows(res, f"{shape.name} {tokens} engine", eng, raw)
+        res["cases"][f"{shape.name}/{tokens}"] = case
+    extra_tokens = min(max_tokens, 8192 if device.type == "cuda" else max_tokens)
+    if "sweep" in parts and not shape.mla:
+        res["sweep"] = _sweep(shape, caches, layout, extra_tokens, reps)
+    if "bidir" in parts and device.type == "cuda":
+        res.setdefault("bidir", {})[shape.name] = _bidir(shape, caches, layout, extra_tokens, staging, reps)
+    if shape.mla:
+        return
+    if "layerwise" in parts:
+        res["layerwise"] = _layerwise(shape, caches, layout, extra_tokens, staging, reps)
+    if "matmul" in parts and device.type == "cuda":
+        res["matmul"] = _matmul(shape, caches, layout, extra_tokens, staging)
+
+
+def _rows(res: dict[str, Any], label: str, ours: dict[str, Measurement], raw: dict[str, Measurement]) -> None:
+    res["rows"].append(tp.summary_row(f"{label} save", ours["save"], raw["d2h"]))
+    res["rows"].append(tp.summary_row(f"{label} load", ours["load"], raw["h2d"]))
+
+
+def _engine_case_fn(parts: set[str]) -> Any:
+    if "engine" not in parts:
+        return None
+    try:
+        from kvortex_core.cli.bench.transfer_engine import engine_case
+    except ImportError:
+        return None
+    return engine_case
+
+
+def _te_pair(shape: tp.Shape, caches: list[torch.Tensor], layout: Any, tokens: int, staging: int) -> Any:
+    te = TransferEngine(caches, layout, chunk_tokens=CHUNK_TOKENS, staging_bytes=staging)
+    chunks = tp.random_chunks(layout.num_blocks, tokens, shape.block, CHUNK_TOKENS, 11)
+    other = tp.random_chunks(layout.num_blocks, tokens, shape.block, CHUNK_TOKENS, 12)
+    slot = layout.chunk_bytes(CHUNK_TOKENS)
+    device = caches[0].device
+    dst = list(tp.pinned(slot * len(chunks), device).split(slot))
+    src = list(tp.pinned(slot * len(chunks), device).split(slot))
+    return te, chunks, other, dst, src
+
+
+def _bidir(shape: tp.Shape, caches: list[torch.Tensor], layout: Any, tokens: int, staging: int,
+           reps: int) -> dict[str, Any]:
+    """Save one sequence while loading another, vs raw copies both ways at once."""
+    te, chunks, other, dst, src = _te_pair(shape, caches, layout, tokens, staging)
+    device = caches[0].device
+    nbytes = layout.chunk_bytes(tokens)
+
+    def both() -> None:
+        hs = te.save(chunks, dst)
+        hl = te.load(src, other)
+        hs.wait()
+        hl.wait()
+
+    ours = Measurement("te both", tp.timed(both, device, reps), 2 * nbytes)
+    raw = tp.raw_copy(nbytes, device, reps)["bidir"]
+    return {"tokens": tokens, **tp.summary_row("both directions", ours, raw)}
+
+
+def _matmul(shape: tp.Shape, caches: list[torch.Tensor], layout: Any, tokens: int, staging: int) -> dict[str, Any]:
+    te, chunks, other, dst, src = _te_pair(shape, caches, layout, tokens, staging)
+    device = caches[0].device
+
+    def transfers() -> None:
+        hs = te.save(chunks, dst)
+        hl = te.load(src, other)
+        hs.wait()
+        hl.wait()
+
+    gpu = torch.empty(layout.chunk_bytes(tokens), dtype=torch.uint8, device=device)
+    host = tp.pinned(gpu.numel(), device)
+
+    def raw() -> None:
+        host.copy_(gpu, non_blocking=True)
+        gpu.copy_(host, non_blocking=True)
+        torch.cuda.synchronize(device)
+
+    return {"ours": tp.matmul_slowdown(device, transfers), "raw_copy": tp.matmul_slowdown(device, raw)}
+
+
+def _layerwise(shape: tp.Shape, caches: list[torch.Tensor], layout: Any, tokens: int, staging: int,
+               reps: int) -> dict[str, Any]:
+    """Layer-wise load with a simulated per-layer compute of about the same duration."""
+    te, _, other, _, src = _te_pair(shape, caches, layout, tokens, staging)
+    device = caches[0].device
+    t_load = min(tp.timed(lambda: te.load(src, other, layerwise=True).wait(), device, reps))
+    n = 512 if device.type == "cuda" else 64
+    a = torch.randn(n, n, device=device)
+    per_mm = min(tp.timed(lambda: a @ a, device, 3))
+    per_layer = max(1, round(t_load / layout.num_layers / max(per_mm, 1e-7)))
+
+    def compute_layer() -> None:
+        for _ in range(per_layer):
+            a @ a
+
+    t_compute = min(tp.timed(lambda: [compute_layer() for _ in range(layout.num_layers)], device, reps))
+
+    def overlapped() -> None:
+        h = te.load(src, other, layerwise=True)
+        for layer in range(layout.num_layers):
+            h.wait_layer(layer)
+            compute_layer()
+        h.wait()
+
+    t_both = min(tp.timed(overlapped, device, reps))
+    hidden = (t_load + t_compute - t_both) / t_load if t_load > 0 else 0.0
+    return {"tokens": tokens, "load_s": t_load, "compute_s": t_compute, "overlapped_s": t_both,
+            "hidden_fraction": max(0.0, min(1.0, hidden))}
+
+
+def _sweep(shape: tp.Shape, caches: list[torch.Tensor], layout: Any, tokens: int, reps: int) -> list[dict[str, Any]]:
+    """Staging size and stream count against the ratio (tuning data, not a headline)."""
+    raw = tp.raw_copy(layout.chunk_bytes(tokens), caches[0].device, reps)
+    rows = []
+    for staging in (8 << 20, 32 << 20, 128 << 20):
+        for streams in (1, 2):
+            te = tp.transfer_engine_case(shape, tokens, caches, layout, CHUNK_TOKENS, staging, streams, reps)
+            rows.append({"staging": staging, "streams": streams,
+                         "save_ratio": tp.ratio(te["save"], raw["d2h"]),
+                         "load_ratio": tp.ratio(te["load"], raw["h2d"]), **te["diag"]})
+    return rows
