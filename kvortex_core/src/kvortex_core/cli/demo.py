@@ -9,6 +9,7 @@ raw ``copy_`` of the same bytes on the same device, measured in the same run.
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -247,11 +248,25 @@ def demo(
     config = demo_config(config_file, shape, 4 if dtype == "float32" else 2)
     console.print(f"KVortex demo: device [bold]{chosen}[/bold], tiers "
                   + ", ".join(f"{n} ({t.type}, {human_bytes(int(t.capacity))})" for n, t in config.tiers.items()))
+    if importlib.util.find_spec("kvortex_core.engine") is None:
+        _without_engine()
+        return
     with Progress(console=console, transient=True) as progress:
         result = run_demo(config, shape, chosen, dtype, progress)
     _report(result, shape)
     if not result.ok:
         raise fail("demo FAILED: loaded KV differs from the saved KV (or nothing was loaded)", EXIT_FAILED)
+
+
+def _without_engine() -> None:
+    """Until the engine is built: show what would run (configuration and backends)."""
+    from kvortex_core.cli.backends_cmd import list_backends
+    from kvortex_core.cli.config_cmd import show
+
+    console.print("[yellow]kvortex_core.engine is not built yet: showing the configuration "
+                  "and backends the demo would use[/yellow]")
+    show(file=None, assignments=None, as_json=False)
+    list_backends(as_json=False)
 
 
 def register(root: typer.Typer) -> None:
