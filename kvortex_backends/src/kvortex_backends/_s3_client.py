@@ -22,7 +22,7 @@ def make_client(options: S3Options) -> Any:
         max_pool_connections=options.max_concurrency * 2,
         connect_timeout=options.connect_timeout,
         read_timeout=options.read_timeout,
-        retries={"max_attempts": options.max_attempts, "mode": "standard"},
+        retries={"total_max_attempts": options.max_attempts, "mode": "standard"},
         s3={"addressing_style": options.addressing_style},
         tcp_keepalive=True,
     )

@@ -1,0 +1,279 @@
+"""Faults of the shared tiers: redis killed mid-put or restarted or paused, S3 erroring or stalling.
+
+Every failure must surface as a prompt BackendError (the tiering layer turns those into misses
+and opens its breaker), never as a partial or mixed payload, and the backend must recover once
+the server is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+from kvortex_core.errors import BackendError
+from kvortex_core.storage.protocol import BackendContext
+from kvortex_backends.redis import RedisBackend, RedisOptions
+from kvortex_backends.s3 import S3Backend, S3Options
+
+redis = pytest.importorskip("redis")
+MiB = 1024 * 1024
+
+
+def redis_backend(url: str, prefix: str, **options: Any) -> RedisBackend:
+    return RedisBackend(RedisOptions(url=url, key_prefix=prefix, **options), capacity=1 << 30,
+                        context=BackendContext(tier="redis"))
+
+
+def kill_when_receiving(server: Any, payload_bytes: int) -> threading.Thread:
+    """SIGKILL the server as soon as it holds part of a big command (or a MULTI) in flight."""
+
+    def watch() -> None:
+        client = redis.Redis(host="127.0.0.1", port=server.port, socket_timeout=1)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                for c in client.client_list():
+                    if c.get("cmd") == "client|list":
+                        continue
+                    if int(c.get("qbuf", 0)) > 0 or int(c.get("multi", -1)) > 0:
+                        server.kill()
+                        return
+            except (redis.RedisError, OSError):
+                return
+        server.kill()
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("part_bytes", [None, 256 * 1024], ids=["one-set", "multi-parts"])
+def test_redis_killed_mid_put_leaves_old_or_new_never_a_mix(make_redis, key_prefix, part_bytes) -> None:
+    # appendfsync always: whatever Redis acknowledged survives the kill, so a torn write would show.
+    server = make_redis("--appendonly", "yes", "--appendfsync", "always")
+    old, new = os.urandom(48 * MiB), os.urandom(48 * MiB)
+
+    async def write_then_kill() -> BaseException | None:
+        b = redis_backend(server.url, key_prefix, part_bytes=part_bytes, retries=0)
+        await b.open()
+        try:
+            await b.put("victim", old)
+            watcher = kill_when_receiving(server, len(new))
+            try:
+                await b.put("victim", new)
+            except BackendError as exc:
+                return exc
+            finally:
+                watcher.join(timeout=15)
+            return None
+        finally:
+            await b.close()
+
+    outcome = asyncio.run(write_then_kill())
+    server.start()  # same port and data directory: reloads the append-only file
+
+    async def read_back() -> bytes | None:
+        b = redis_backend(server.url, key_prefix)
+        await b.open()
+        try:
+            out = bytearray(len(new))
+            n = await b.get("victim", memoryview(out))
+            return None if n is None else bytes(out[:n])
+        finally:
+            await b.close()
+
+    value = asyncio.run(read_back())
+    assert value in (old, new), "a reader saw a partial or mixed payload after the crash"
+    # The kill lands while the command is still arriving, so the put fails and the old value
+    # stays (the new one could only win if the kill fell between fsync and the reply).
+    assert isinstance(outcome, BackendError)
+
+
+@pytest.mark.redis
+def test_redis_restart_and_outage_then_recovery(make_redis, key_prefix) -> None:
+    server = make_redis()
+
+    async def scenario() -> None:
+        b = redis_backend(server.url, key_prefix, retries=1, connect_timeout=1)
+        await b.open()
+        try:
+            await b.put("before", b"1" * 1000)
+            server.restart()  # no persistence: the data is gone, pooled sockets are dead
+            # The stale pooled connection fails once and is replaced by the retry.
+            assert await b.get("before", memoryview(bytearray(1000))) is None
+            server.kill()
+            with pytest.raises(BackendError, match="127.0.0.1"):
+                await b.put("during", b"2" * 1000)
+            assert not (await b.health()).ok
+            server.start()
+            await b.put("after", b"3" * 1000)
+            out = bytearray(1000)
+            assert await b.get("after", memoryview(out)) == 1000 and bytes(out) == b"3" * 1000
+            assert (await b.health()).ok
+        finally:
+            await b.close()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.redis
+def test_redis_slow_server_times_out_promptly(make_redis, key_prefix) -> None:
+    server = make_redis()
+    admin = redis.Redis(host="127.0.0.1", port=server.port)
+
+    async def scenario() -> None:
+        b = redis_backend(server.url, key_prefix, socket_timeout=0.3)
+        await b.open()
+        try:
+            await b.put("k", b"v" * 100)
+            admin.execute_command("CLIENT", "PAUSE", "1500", "ALL")
+            with pytest.raises(BackendError, match="Timeout"):
+                await b.get("k", memoryview(bytearray(100)))
+            await asyncio.sleep(1.6)  # pause over: the backend serves again
+            out = bytearray(100)
+            assert await b.get("k", memoryview(out)) == 100
+        finally:
+            await b.close()
+
+    asyncio.run(scenario())
+
+
+# -- S3 through a fault-injecting proxy in front of moto -----------------------------------------
+
+
+class FaultProxy:
+    """An HTTP proxy to the moto endpoint that can pass, fail (HTTP 500) or stall requests."""
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream.removeprefix("http://")
+        self.mode = "pass"
+        self.stall_s = 3.0
+        self.requests = 0
+        self.log: list[str] = []
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _any(self) -> None:
+                proxy.requests += 1
+                proxy.log.append(f"{proxy.mode} {self.command} {self.path}")
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if proxy.mode == "stall":
+                    time.sleep(proxy.stall_s)
+                    self.close_connection = True
+                    return
+                if proxy.mode == "error":
+                    self._reply(500, b"<Error><Code>InternalError</Code><Message>injected</Message></Error>",
+                                {"Content-Type": "application/xml"})
+                    return
+                conn = http.client.HTTPConnection(proxy.upstream, timeout=30)
+                conn.request(self.command, self.path, body=body, headers=dict(self.headers))
+                resp = conn.getresponse()
+                data = resp.read()
+                headers = {k: v for k, v in resp.getheaders() if k.lower() not in ("transfer-encoding", "content-length", "connection")}
+                self._reply(resp.status, data, headers)
+                conn.close()
+
+            def _reply(self, status: int, data: bytes, headers: dict[str, str]) -> None:
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)) if self.command != "HEAD" else headers.get("Content-Length", "0"))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _any
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def fault_proxy(moto_s3) -> Iterator[FaultProxy]:  # type: ignore[no-untyped-def]
+    proxy = FaultProxy(moto_s3.endpoint_url)
+    yield proxy
+    proxy.close()
+
+
+def s3_backend(endpoint: str, bucket: str, **options: Any) -> S3Backend:
+    opts = S3Options(bucket=bucket, endpoint_url=endpoint, region="us-east-1",
+                     addressing_style="path", **options)
+    return S3Backend(opts, capacity=1 << 30, context=BackendContext(tier="s3"))
+
+
+def run_s3(backend: S3Backend, scenario: Callable[[S3Backend], Any]) -> Any:
+    async def main() -> Any:
+        await backend.open()
+        try:
+            return await scenario(backend)
+        finally:
+            await backend.close()
+
+    return asyncio.run(main())
+
+
+@pytest.mark.s3
+def test_s3_errors_are_retried_then_raised_and_recovered(fault_proxy, s3_bucket) -> None:
+    async def scenario(b: S3Backend) -> None:
+        await b.put("ok", b"1" * 500)
+        fault_proxy.mode, before = "error", fault_proxy.requests
+        with pytest.raises(BackendError, match="InternalError"):
+            await b.put("fails", b"2" * 500)
+        assert fault_proxy.requests - before == 3, "\n".join(fault_proxy.log)
+        with pytest.raises(BackendError):
+            await b.get("ok", memoryview(bytearray(500)))
+        assert (await b.usage()).items == 1, "a failed put is not charged"
+        fault_proxy.mode = "pass"
+        out = bytearray(500)
+        assert await b.get("ok", memoryview(out)) == 500 and bytes(out) == b"1" * 500
+        assert await b.get("fails", memoryview(out)) is None
+
+    run_s3(s3_backend(fault_proxy.url, s3_bucket, max_attempts=3), scenario)
+
+
+@pytest.mark.s3
+def test_s3_stalled_endpoint_times_out(fault_proxy, s3_bucket) -> None:
+    async def scenario(b: S3Backend) -> None:
+        await b.put("ok", b"1" * 500)
+        fault_proxy.mode = "stall"
+        with pytest.raises(BackendError, match="(?i)timeout"):
+            await b.get("ok", memoryview(bytearray(500)))
+        with pytest.raises(BackendError, match="(?i)timeout"):
+            await b.contains(["ok", "other"])
+        assert not (await b.health()).ok
+        fault_proxy.mode = "pass"
+        assert await b.contains(["ok"]) == [True]
+
+    run_s3(s3_backend(fault_proxy.url, s3_bucket, read_timeout=0.3, max_attempts=1), scenario)
+
+
+@pytest.mark.s3
+def test_s3_unreachable_endpoint(unused_port) -> None:
+    backend = s3_backend(f"http://127.0.0.1:{unused_port}", "bucket", max_attempts=1, connect_timeout=0.5)
+    with pytest.raises(BackendError, match="endpoint_url"):
+        asyncio.run(backend.open())
+    asyncio.run(backend.close())
