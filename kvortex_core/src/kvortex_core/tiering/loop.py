@@ -1,0 +1,157 @@
+"""The tiering event loop: one daemon thread running asyncio, plus bounded work queues.
+
+Backend I/O (coroutines) runs here, never on the caller's thread. Callers either wait for a
+result with a timeout (:meth:`LoopThread.run`) or hand work to a :class:`WorkQueue`, which
+refuses (returns False) instead of blocking when it is full.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
+
+from kvortex_core.errors import KVortexError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+Job = Callable[[], Awaitable[None]]
+
+
+class LoopThread:
+    """An asyncio event loop on its own daemon thread."""
+
+    def __init__(self, name: str = "kvortex-tiering") -> None:
+        self.loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+        self._thread.start()
+        self._ready.wait()
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.call_soon(self._ready.set)
+        self.loop.run_forever()
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive() and not self.loop.is_closed()
+
+    def in_loop(self) -> bool:
+        return threading.current_thread() is self._thread
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        """Schedule ``coro`` on the loop; returns a thread-safe future."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float) -> T:
+        """Run ``coro`` on the loop and wait up to ``timeout`` s (cancelled past it).
+
+        Raises TimeoutError past the deadline and whatever ``coro`` raised otherwise.
+        """
+        if self.in_loop():
+            coro.close()
+            raise KVortexError("LoopThread.run called from the loop thread itself (would deadlock)")
+        future = self.submit(coro)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise TimeoutError(f"tiering operation did not finish within {timeout:.3g}s") from None
+
+    def call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run a plain callback on the loop thread (thread-safe, never blocks)."""
+        if not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(fn, *args)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Cancel what is left, stop the loop and join the thread."""
+        if self.loop.is_closed():
+            return
+
+        async def _cancel_all() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        try:
+            self.run(_cancel_all(), timeout)
+        except (TimeoutError, KVortexError):
+            log.warning("tiering loop: tasks still running at stop")
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout)
+        if not self._thread.is_alive():
+            self.loop.close()
+
+
+class WorkQueue:
+    """A bounded queue of jobs run by ``workers`` tasks on a :class:`LoopThread`.
+
+    :meth:`offer` is callable from any thread and never blocks: a full queue returns False, so
+    the caller counts a skipped write instead of waiting for a slow tier.
+    """
+
+    def __init__(self, loop: LoopThread, name: str, *, maxsize: int, workers: int) -> None:
+        self.name = name
+        self.maxsize = maxsize
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._pending = 0
+        self._queue: asyncio.Queue[Job] | None = None
+        self._idle: asyncio.Event | None = None
+        self._workers: list[asyncio.Task[None]] = []
+        loop.run(self._start(workers), timeout=10.0)
+
+    async def _start(self, workers: int) -> None:
+        self._queue = asyncio.Queue()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._workers = [asyncio.create_task(self._work()) for _ in range(workers)]
+
+    @property
+    def pending(self) -> int:
+        """Jobs queued or running."""
+        return self._pending
+
+    def offer(self, job: Job) -> bool:
+        """Queue ``job`` unless the queue is full; never blocks."""
+        with self._lock:
+            if self._pending >= self.maxsize:
+                return False
+            self._pending += 1
+        self._loop.call_soon(self._enqueue, job)
+        return True
+
+    def _enqueue(self, job: Job) -> None:
+        assert self._queue is not None and self._idle is not None
+        self._idle.clear()
+        self._queue.put_nowait(job)
+
+    async def _work(self) -> None:
+        assert self._queue is not None and self._idle is not None
+        while True:
+            job = await self._queue.get()
+            try:
+                await job()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a job reports its own failures; never kill the worker
+                log.exception("work queue %s: job failed", self.name)
+            finally:
+                with self._lock:
+                    self._pending -= 1
+                    idle = self._pending == 0
+                if idle:
+                    self._idle.set()
+
+    async def drain(self) -> None:
+        """Wait until every queued job has run (call on the loop, under a timeout)."""
+        assert self._idle is not None
+        while self._pending:
+            await self._idle.wait()
+            if self._pending:
+                self._idle.clear()

@@ -1,0 +1,143 @@
+"""One lower tier as the TierManager sees it: backend + index + breaker + queue + remote cache.
+
+Every backend call goes through :meth:`LowerTier.call`: skipped while the breaker is open, bounded
+by a timeout, and its failure counted (never raised past the TierManager).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from kvortex_core.errors import BackendFullError, BufferTooSmallError
+from kvortex_core.logs import event
+
+if TYPE_CHECKING:
+    from kvortex_core.control.index import ChunkIndex, IndexEntry
+    from kvortex_core.control.stats import Stats
+    from kvortex_core.storage.protocol import StorageBackend
+    from kvortex_core.tiering.breaker import CircuitBreaker
+    from kvortex_core.tiering.loop import WorkQueue
+
+log = logging.getLogger("kvortex_core.tiering")
+T = TypeVar("T")
+
+ERRORS = "tier_errors"
+TIMEOUTS = "tier_timeouts"
+SKIPPED_OPEN = "tier_calls_skipped"
+
+
+class TierUnavailable(Exception):
+    """The call was not made or failed; the caller treats it as a miss / a skipped write."""
+
+
+@dataclass(eq=False)
+class LowerTier:
+    """A tier below cpu."""
+
+    name: str
+    backend: StorageBackend
+    index: ChunkIndex
+    breaker: CircuitBreaker
+    queue: WorkQueue
+    stats: Stats
+    op_timeout_s: float
+    write_through: bool
+    shared: bool = False
+    remote: RemoteCache | None = None
+    doomed: list[IndexEntry] = field(default_factory=list)
+
+    async def call(self, op: str, awaitable: Awaitable[T], timeout: float | None = None) -> T:
+        """Run one backend call under the breaker and a timeout; TierUnavailable on failure."""
+        if not self.breaker.allow():
+            _close(awaitable)
+            self.stats.inc(SKIPPED_OPEN, 1, self.name)
+            raise TierUnavailable(f"tier {self.name} is out of service")
+        try:
+            result = await asyncio.wait_for(awaitable, timeout or self.op_timeout_s)
+        except (BackendFullError, BufferTooSmallError) as exc:
+            self.breaker.success()  # the tier answered; this value just does not fit
+            raise TierUnavailable(str(exc)) from exc
+        except TimeoutError as exc:
+            self._failed(op, f"{op} timed out after {timeout or self.op_timeout_s:.3g}s", TIMEOUTS)
+            raise TierUnavailable(f"tier {self.name}: {op} timed out") from exc
+        except Exception as exc:  # noqa: BLE001 - any backend failure must stay inside tiering
+            self._failed(op, f"{type(exc).__name__}: {exc}", ERRORS)
+            raise TierUnavailable(f"tier {self.name}: {op} failed: {exc}") from exc
+        self.breaker.success()
+        return result
+
+    def _failed(self, op: str, detail: str, counter: str) -> None:
+        self.stats.inc(counter, 1, self.name)
+        log.debug("tier %s: %s failed: %s", self.name, op, detail)
+        self.breaker.failure(detail)
+
+    @property
+    def available(self) -> bool:
+        return self.breaker.available
+
+
+def _close(awaitable: Awaitable[Any]) -> None:
+    close = getattr(awaitable, "close", None)
+    if close is not None:
+        close()  # a coroutine never awaited would warn
+
+
+class RemoteCache:
+    """Recent answers of a shared tier's ``contains``, so lookups never wait on the network.
+
+    ``mask`` answers from the cache at once and asks the loop to refresh keys it does not know
+    or knows only from an expired answer; the next lookup sees the result.
+    """
+
+    def __init__(self, ttl_s: float, max_keys: int = 100_000) -> None:
+        self.ttl_s = ttl_s
+        self.max_keys = max_keys
+        self._known: dict[bytes, tuple[bool, float]] = {}
+        self._wanted: set[bytes] = set()
+
+    def mask(self, keys: Sequence[bytes]) -> tuple[int, list[bytes]]:
+        """(bitmask of keys known present, keys to refresh)."""
+        now, mask, stale = time.monotonic(), 0, []
+        for i, k in enumerate(keys):
+            hit = self._known.get(k)
+            if hit is None or hit[1] < now:
+                stale.append(k)
+            if hit is not None and hit[0]:
+                mask |= 1 << i
+        fresh = [k for k in stale if k not in self._wanted]
+        self._wanted.update(fresh)
+        return mask, fresh
+
+    def record(self, keys: Sequence[bytes], present: Sequence[bool]) -> None:
+        if len(self._known) > self.max_keys:
+            self._known.clear()  # bounded memory; a cold cache only costs background lookups
+        expires = time.monotonic() + self.ttl_s
+        for k, p in zip(keys, present, strict=True):
+            self._known[k] = (p, expires)
+            self._wanted.discard(k)
+
+    def forget(self, keys: Sequence[bytes]) -> None:
+        for k in keys:
+            self._known.pop(k, None)
+            self._wanted.discard(k)
+
+    def present(self, key: bytes) -> bool:
+        hit = self._known.get(key)
+        return hit is not None and hit[0]
+
+    def give_up(self, keys: Sequence[bytes]) -> None:
+        """A refresh failed: let a later lookup ask again."""
+        for k in keys:
+            self._wanted.discard(k)
+
+
+def log_transition(name: str, old: str, new: str, error: str) -> None:
+    """One line per breaker transition (tier down / probing / up)."""
+    level = logging.WARNING if new == "open" else logging.INFO
+    what = {"open": "tier_down", "half_open": "tier_probe", "closed": "tier_up"}[new]
+    event(log, level, what, tier=name, previous=old, error=error or "-")

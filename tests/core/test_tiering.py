@@ -1,0 +1,368 @@
+"""TierManager: saves, write-behind, demotion, promotion, corruption, failure isolation."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from kvortex_core.config import KVortexConfig
+from kvortex_core.control.stats import Stats
+from kvortex_core.data import payload as pl
+from kvortex_core.errors import BackendError, ConfigError
+from kvortex_core.plugins.manager import PluginManager
+from kvortex_core.testing.memory import MemoryBackend
+from kvortex_core.tiering import manager as tm
+from kvortex_core.tiering.breaker import CircuitBreaker
+from kvortex_core.tiering.manager import TierManager
+
+pytestmark = pytest.mark.filterwarnings("ignore:CUDA is not available:RuntimeWarning")
+
+SHAPE = (2, 2, 16, 2, 64)  # layers, K/V, tokens, heads, head size -> 16 KiB in bf16
+DTYPE = torch.bfloat16
+NS = b"\x42" * 32
+PAYLOAD = 2 * 2 * 16 * 2 * 64 * 2
+SLOT = pl.HEADER_BYTES + PAYLOAD  # 20 KiB, already 4096-aligned
+
+
+class FlakyBackend(MemoryBackend):
+    """A memory backend whose calls fail (or hang) while ``broken`` is set, for breaker tests."""
+
+    shared = False
+    broken: str = ""  # "", "error" or "hang"
+    calls: int = 0
+
+    async def _maybe_fail(self) -> None:
+        type(self).calls += 1
+        if type(self).broken == "error":
+            raise BackendError("injected failure")
+        if type(self).broken == "hang":
+            await asyncio.sleep(3600)
+
+    async def put(self, key: str, data: Any) -> None:
+        await self._maybe_fail()
+        await super().put(key, data)
+
+    async def get(self, key: str, out: memoryview) -> int | None:
+        await self._maybe_fail()
+        return await super().get(key, out)
+
+
+class SharedMemory(MemoryBackend):
+    """A 'shared' tier: other writers may add keys behind our back."""
+
+    shared = True
+    store: dict[str, bytes] = {}
+
+    async def open(self) -> None:
+        self._data = type(self).store  # every instance sees one dict, like one Redis
+
+    async def close(self) -> None:
+        pass
+
+
+class _TestPlugin:
+    from kvortex_core.plugins.marker import hookimpl
+
+    @staticmethod
+    @hookimpl
+    def kvortex_register_backends(register) -> None:  # type: ignore[no-untyped-def]
+        register("flaky", FlakyBackend)
+        register("sharedmem", SharedMemory)
+
+
+def _config(tiers: dict[str, dict[str, Any]], **kw: Any) -> KVortexConfig:
+    return KVortexConfig.load(plugins=[_TestPlugin()], tiers=tiers, **kw)
+
+
+def _plugins() -> PluginManager:
+    return PluginManager(plugins=[_TestPlugin()])
+
+
+def _key(i: int) -> bytes:
+    return i.to_bytes(4, "big") * 8
+
+
+def _chunk(i: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(i)
+    return torch.randn(SHAPE, generator=g).to(DTYPE)
+
+
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.uint8).flatten()
+
+
+@pytest.fixture
+def make(tmp_path: Path) -> Iterator[Any]:
+    made: list[TierManager] = []
+
+    def build(tiers: dict[str, dict[str, Any]] | None = None, *, cpu_slots: int = 16,
+              disk: dict[str, Any] | None = None, **kw: Any) -> TierManager:
+        if tiers is None:
+            tiers = {"cpu": {"type": "cpu", "capacity": cpu_slots * SLOT}}
+            if disk is not None:
+                tiers["disk"] = {"type": "disk", "capacity": 64 * SLOT,
+                                 "path": str(tmp_path / "disk"), **disk}
+        mgr = TierManager.create(_config(tiers, **kw), _plugins(), namespace=NS,
+                                 payload_shape=SHAPE, dtype=DTYPE, stats=Stats())
+        made.append(mgr)
+        return mgr
+
+    yield build
+    for mgr in made:
+        mgr.close()
+
+
+def _save(mgr: TierManager, ids: Sequence[int]) -> list[int]:
+    """Save chunks ``ids``; returns the ids actually leased."""
+    leases = mgr.begin_save([_key(i) for i in ids])
+    for lease in leases:
+        lease.payload.copy_(_as_bytes(_chunk(ids[lease.index])))
+    mgr.commit_save(leases)
+    return [ids[lease.index] for lease in leases]
+
+
+def _load(mgr: TierManager, ids: Sequence[int]) -> list[tuple[int, str]]:
+    """Load ``ids``; checks every delivered payload's bytes; returns (id, source tier)."""
+    leases = mgr.begin_load([_key(i) for i in ids])
+    try:
+        out = []
+        for lease in leases:
+            got = lease.payload.view(DTYPE).view(SHAPE)
+            assert torch.equal(got, _chunk(ids[lease.index])), f"wrong bytes for chunk {ids[lease.index]}"
+            out.append((ids[lease.index], lease.tier))
+        return out
+    finally:
+        mgr.end_load(leases)
+
+
+def _counter(mgr: TierManager, name: str, tier: str | None = None) -> float:
+    return mgr.stats.snapshot().counter(name, tier)
+
+
+# -- basics ----------------------------------------------------------------------------------
+def test_layout_and_cpu_round_trip(make: Any) -> None:
+    mgr = make()
+    assert mgr.payload_offset == pl.HEADER_BYTES and mgr.payload_bytes == PAYLOAD
+    assert mgr.pool.slot_bytes == SLOT and mgr.pool.num_slots == 16
+    assert _save(mgr, [0, 1, 2]) == [0, 1, 2]
+    assert _save(mgr, [0, 1, 2, 3]) == [3]  # stored chunks get no lease
+    assert mgr.lookup([_key(i) for i in (0, 1, 2, 3, 9, 4)]) == 4
+    assert mgr.contains([_key(0), _key(9), _key(2)]) == 0b101
+    assert _load(mgr, [0, 1, 2, 3, 9, 4]) == [(i, "cpu") for i in range(4)]
+    header = pl.read_header(mgr.pool.view(mgr.cpu_index.get(_key(1)).location))
+    assert header.key == _key(1) and header.shape == SHAPE and header.dtype == "bfloat16"
+
+
+def test_first_tier_must_be_cpu(tmp_path: Path) -> None:
+    cfg = _config({"disk": {"type": "disk", "capacity": "1MiB", "path": str(tmp_path)}})
+    with pytest.raises(ConfigError, match="must be 'cpu'"):
+        TierManager.create(cfg, _plugins(), namespace=NS, payload_shape=SHAPE, dtype=DTYPE,
+                           stats=Stats())
+
+
+def test_cpu_capacity_is_per_node(make: Any) -> None:
+    mgr = make(ranks_per_node=4, cpu_slots=16)
+    assert mgr.pool.num_slots == 4
+
+
+def test_abort_returns_slots_and_pool_full_skips(make: Any) -> None:
+    mgr = make(cpu_slots=4)
+    leases = mgr.begin_save([_key(i) for i in range(6)])  # nothing evictable: 4 leases
+    assert len(leases) == 4 and _counter(mgr, tm.SAVE_SKIPPED) == 2
+    mgr.abort_save(leases)
+    assert mgr.pool.free_slots == 4 and mgr.lookup([_key(0)]) == 0
+
+
+# -- write-behind, restart, demotion, promotion ------------------------------------------------
+def test_write_behind_to_disk_and_restart_keeps_it(make: Any, tmp_path: Path) -> None:
+    mgr = make(disk={"write_through": True})
+    _save(mgr, range(5))
+    assert mgr.drain(30)
+    assert len(mgr.tiers[0].index) == 5
+    assert _counter(mgr, tm.BYTES_WRITTEN, "disk") == 5 * SLOT
+    mgr.close()
+    again = make(disk={})
+    assert again.lookup([_key(i) for i in range(6)]) == 5  # rebuilt from file headers
+    assert _load(again, range(6)) == [(i, "disk") for i in range(5)]
+    assert _counter(again, tm.PROMOTIONS, "disk") == 5
+    assert _load(again, range(5)) == [(i, "cpu") for i in range(5)]  # promoted
+
+
+def test_eviction_demotes_and_load_promotes_right_bytes(make: Any) -> None:
+    mgr = make(cpu_slots=5, disk={})  # write-back only: the disk gets chunks by demotion
+    for i in range(12):
+        assert _save(mgr, [i]) == [i]
+        assert mgr.drain(30)  # a demotion holds its slot until written (no copy)
+    disk = mgr.tiers[0]
+    assert _counter(mgr, tm.DEMOTIONS, "disk") == len(disk.index) > 0
+    everywhere = {k for k in disk.index.keys()} | set(mgr.cpu_index.keys())
+    assert everywhere == {_key(i) for i in range(12)}, "every chunk is in cpu or on disk"
+    sources = set()
+    for i in reversed(range(12)):  # each comes back bit-exact, from cpu or promoted from disk
+        got = _load(mgr, [i])
+        assert [c for c, _ in got] == [i]
+        sources.add(got[0][1])
+        assert mgr.drain(30)
+    assert sources == {"cpu", "disk"}
+    assert _counter(mgr, tm.PROMOTIONS, "disk") >= 1
+
+
+def test_chunk_below_is_dropped_not_rewritten(make: Any) -> None:
+    mgr = make(cpu_slots=5, disk={"write_through": True})
+    for i in range(12):
+        _save(mgr, [i])
+        assert mgr.drain(30)
+    assert _counter(mgr, tm.DEMOTIONS) == 0
+    assert _counter(mgr, tm.BYTES_WRITTEN, "disk") == 12 * SLOT
+
+
+# -- corruption ------------------------------------------------------------------------------
+def _disk_file(mgr: TierManager, i: int) -> Path:
+    return Path(mgr.tiers[0].backend._path(_key(i).hex()))
+
+
+@pytest.mark.parametrize("damage", ["bitflip", "truncate", "foreign"])
+def test_bad_disk_payload_is_miss_deleted_and_counted(make: Any, damage: str) -> None:
+    mgr = make(disk={"write_through": True})
+    _save(mgr, range(3))
+    assert mgr.drain(30)
+    mgr.close()
+    path = _disk_file(mgr, 1)
+    data = bytearray(path.read_bytes())
+    if damage == "bitflip":
+        data[pl.HEADER_BYTES + 123] ^= 0x01
+    elif damage == "truncate":
+        data = data[: len(data) // 2]
+    else:  # a valid payload of another namespace under this key's name
+        pl.write_header(data, key=_key(1), namespace=b"another model", shape=SHAPE, dtype=DTYPE,
+                        payload_len=PAYLOAD, checksum=pl.checksum(data[pl.HEADER_BYTES:]))
+    path.write_bytes(data)
+    again = make(disk={})
+    got = _load(again, [0, 1, 2])
+    assert got == [(0, "disk")], "never a wrong tensor: the prefix stops at the bad chunk"
+    assert not path.exists(), "the bad file is deleted"
+    assert again.lookup([_key(1)]) == 0
+    if damage == "bitflip":  # truncated / foreign files are already refused by the scan
+        assert _counter(again, tm.CHECKSUM_FAILURES, "disk") == 1
+
+
+# -- failure isolation -----------------------------------------------------------------------
+def _flaky(make: Any, **cb: Any) -> TierManager:
+    FlakyBackend.broken, FlakyBackend.calls = "", 0
+    tiers = {"cpu": {"type": "cpu", "capacity": 4 * SLOT},
+             "flaky": {"type": "flaky", "capacity": 64 * SLOT, "write_through": True}}
+    return make(tiers, circuit_breaker={"failure_threshold": 2, "reset_after_s": 0.2, **cb},
+                timeouts={"backend_op_s": 0.2})
+
+
+def test_circuit_breaker_opens_skips_and_closes(make: Any) -> None:
+    mgr = _flaky(make)
+    FlakyBackend.broken = "error"
+    for i in range(4):
+        _save(mgr, [i])
+        mgr.drain(10)
+    assert mgr.tier_states() == {"flaky": "open"}
+    calls = FlakyBackend.calls
+    assert calls == 2, "after the threshold no call reaches the broken tier"
+    _save(mgr, [10])
+    mgr.drain(10)
+    assert FlakyBackend.calls == calls and _counter(mgr, tm.WRITE_BEHIND_SKIPPED, "flaky") >= 1
+    # still serving from cpu
+    assert [i for i, _ in _load(mgr, [10])] == [10]
+    FlakyBackend.broken = ""
+    time.sleep(0.25)  # reset_after_s passes: the next call is the half-open probe
+    _save(mgr, [11])
+    mgr.drain(10)
+    assert mgr.tier_states() == {"flaky": "closed"}
+    assert _counter(mgr, tm.BREAKER_TRANSITIONS, "flaky") == 3  # open, half_open, closed
+
+
+def test_hanging_tier_times_out_and_load_still_answers(make: Any) -> None:
+    mgr = _flaky(make)
+    _save(mgr, [0, 1])
+    assert mgr.drain(10)
+    mgr.cpu_index.evict(mgr.cpu_index.used)  # only the flaky tier holds them now
+    assert mgr.lookup([_key(0), _key(1)]) == 2
+    FlakyBackend.broken = "hang"
+    t0 = time.monotonic()
+    assert mgr.begin_load([_key(0), _key(1)], timeout=5) == []  # a miss, not an exception
+    assert time.monotonic() - t0 < 5
+    assert _counter(mgr, "tier_timeouts", "flaky") >= 1
+    FlakyBackend.broken = ""
+
+
+def test_disk_full_keeps_engine_serving(make: Any, monkeypatch: Any) -> None:
+    from kvortex_backends import disk_io
+
+    def full(fd: int, view: memoryview, offset: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(disk_io, "_write_all", full)
+    mgr = make(disk={"write_through": True}, circuit_breaker={"failure_threshold": 3})
+    for i in range(8):
+        _save(mgr, [i])
+        mgr.drain(10)
+    assert mgr.tier_states() == {"disk": "open"}
+    assert len(mgr.tiers[0].index) == 0
+    assert [i for i, _ in _load(mgr, range(8))] == list(range(8))  # cpu keeps serving
+    assert _counter(mgr, "tier_errors", "disk") == 3
+
+
+def test_unopenable_tier_starts_out_of_service(make: Any, tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    tiers = {"cpu": {"type": "cpu", "capacity": 4 * SLOT},
+             "disk": {"type": "disk", "capacity": 64 * SLOT, "path": str(blocker),
+                      "write_through": True}}
+    mgr = make(tiers)
+    assert mgr.tier_states() == {"disk": "open"}
+    assert _save(mgr, [1]) == [1] and _load(mgr, [1]) == [(1, "cpu")]
+
+
+# -- shared tiers ----------------------------------------------------------------------------
+def test_shared_tier_lookup_never_blocks_and_learns_in_background(make: Any) -> None:
+    SharedMemory.store = {}
+    tiers = {"cpu": {"type": "cpu", "capacity": 4 * SLOT},
+             "shared": {"type": "sharedmem", "capacity": 64 * SLOT}}
+    writer = make(tiers)
+    # another instance wrote chunk 7 to the shared store
+    buf = bytearray(SLOT)
+    buf[pl.HEADER_BYTES:] = _as_bytes(_chunk(7)).numpy().tobytes()
+    pl.seal(buf, key=_key(7), namespace=NS, shape=SHAPE, dtype=DTYPE, payload_len=PAYLOAD)
+    SharedMemory.store[_key(7).hex()] = bytes(buf)
+    assert writer.lookup([_key(7)]) == 0  # unknown yet: answered at once, refresh queued
+    deadline = time.monotonic() + 10
+    while writer.lookup([_key(7)]) == 0:
+        assert time.monotonic() < deadline, "background refresh never landed"
+        time.sleep(0.01)
+    assert _load(writer, [7]) == [(7, "shared")]
+
+
+# -- breaker unit ----------------------------------------------------------------------------
+def test_breaker_states_with_fake_clock() -> None:
+    now = [0.0]
+    seen: list[tuple[str, str]] = []
+    b = CircuitBreaker("t", failure_threshold=2, reset_after_s=10, clock=lambda: now[0],
+                       on_transition=lambda n, o, s, e: seen.append((o, s)))
+    b.failure("x")
+    assert b.allow() and b.state == "closed"
+    b.failure("x")
+    assert b.state == "open" and not b.allow()
+    now[0] = 10.0
+    assert b.allow() and not b.allow()  # one probe at a time
+    b.failure("still down")
+    assert b.state == "open" and not b.allow()
+    now[0] = 20.0
+    assert b.allow()
+    b.success()
+    assert b.state == "closed"
+    assert seen == [("closed", "open"), ("open", "half_open"), ("half_open", "open"),
+                    ("open", "half_open"), ("half_open", "closed")]
