@@ -153,8 +153,7 @@ class ChunkIndex:
     def lookup(self, keys: Sequence[bytes]) -> int:
         """How many leading ``keys`` are stored; the hit prefix counts as used (recency)."""
         with self._lock:
-            n = self._prefix_locked(keys)
-            self._touch_locked(keys[:n])
+            n = self._hit_prefix_locked(keys)
         if self.stats is not None:
             self.stats.record_chunks(len(keys), n, self.name)
         return n
@@ -162,19 +161,23 @@ class ChunkIndex:
     def lookup_and_pin(self, keys: Sequence[bytes], op: str) -> tuple[int, PinHandle]:
         """Atomically find the stored prefix and pin it (no eviction can slip in between)."""
         with self._lock:
-            n = self._prefix_locked(keys)
-            self._touch_locked(keys[:n])
+            n = self._hit_prefix_locked(keys)
             handle = self._pin_locked(keys[:n], op)
         if self.stats is not None:
             self.stats.record_chunks(len(keys), n, self.name)
         return n, handle
 
-    def _prefix_locked(self, keys: Sequence[bytes]) -> int:
-        entries = self._entries
-        for i, k in enumerate(keys):
-            if k not in entries:
-                return i
-        return len(keys)
+    def _hit_prefix_locked(self, keys: Sequence[bytes]) -> int:
+        """Length of the stored prefix; its entries are touched (one tick for the batch)."""
+        entries, on_access, tick, n = self._entries, self._policy.on_access, next(self._tick), 0
+        for k in keys:
+            entry = entries.get(k)
+            if entry is None:
+                break
+            entry.tick = tick
+            on_access(entry)
+            n += 1
+        return n
 
     def contains(self, keys: Sequence[bytes]) -> int:
         """Bitmask: bit ``i`` is set when ``keys[i]`` is stored. Recency is not changed."""
@@ -200,11 +203,11 @@ class ChunkIndex:
             self._touch_locked(keys)
 
     def _touch_locked(self, keys: Iterable[bytes]) -> None:
-        entries, on_access, tick = self._entries, self._policy.on_access, self._tick
+        entries, on_access, tick = self._entries, self._policy.on_access, next(self._tick)
         for k in keys:
             entry = entries.get(k)
             if entry is not None:
-                entry.tick = next(tick)
+                entry.tick = tick
                 on_access(entry)
 
     # -- mutation -------------------------------------------------------------------------

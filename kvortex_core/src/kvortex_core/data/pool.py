@@ -194,7 +194,19 @@ class PinnedPool:
 
     def free(self, slot: int) -> None:
         """Give ``slot`` back; freeing a slot that is not allocated raises KVortexError."""
-        self.free_many((slot,))
+        with self._lock:
+            if not (isinstance(slot, int) and 0 <= slot < self.num_slots) or not self._in_use[slot]:
+                self._check_free(slot, set())
+            self._in_use[slot] = 0
+            self._free.append(slot)
+            self._used -= 1
+
+    def _check_free(self, slot: Any, seen: set[int]) -> None:
+        if not (isinstance(slot, int) and 0 <= slot < self.num_slots):
+            raise KVortexError(f"pool {self.name!r}: slot {slot!r} is not in [0, {self.num_slots})")
+        if not self._in_use[slot] or slot in seen:
+            raise KVortexError(f"pool {self.name!r}: double free of slot {slot}; "
+                               "each allocate() must be matched by exactly one free()")
 
     def free_many(self, slots: Any) -> None:
         """Give several slots back; validated first, so a bad one frees none of them."""
@@ -202,11 +214,7 @@ class PinnedPool:
         with self._lock:
             seen: set[int] = set()
             for s in slots:
-                if not (isinstance(s, int) and 0 <= s < self.num_slots):
-                    raise KVortexError(f"pool {self.name!r}: slot {s!r} is not in [0, {self.num_slots})")
-                if not self._in_use[s] or s in seen:
-                    raise KVortexError(f"pool {self.name!r}: double free of slot {s}; "
-                                       "each allocate() must be matched by exactly one free()")
+                self._check_free(s, seen)
                 seen.add(s)
             for s in slots:
                 self._in_use[s] = 0
