@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -11,26 +12,31 @@ from kvortex_core.config.messages import HEADLINE, did_you_mean, where
 from kvortex_core.errors import ConfigError, PluginError
 
 if TYPE_CHECKING:
-    from kvortex_core.config.settings import KVortexConfig
+    from kvortex_core.config.settings import KVortexConfig, TierConfig
     from kvortex_core.plugins.manager import PluginManager
     from kvortex_core.storage.protocol import BackendOptions
 
 
 def validate_tier_options(
-    config: KVortexConfig, config_file: Path | None, manager: PluginManager | None = None
+    tiers: Mapping[str, TierConfig], config_file: Path | None, manager: PluginManager | None = None
 ) -> None:
-    """Raise one ConfigError listing every unknown type, missing dependency or bad option."""
+    """Raise one ConfigError listing every unknown type, missing dependency or bad option.
+
+    ``manager`` is the plugin manager whose backends count (default: a fresh one loading the
+    installed ``kvortex`` entry points).
+    """
     from kvortex_core.plugins.manager import PluginManager
 
     manager = manager or PluginManager()
     problems: list[str] = []
-    for tier, tc in config.tiers.items():
+    for tier, tc in tiers.items():
         loc = ("tiers", tier, "type")
         try:
             info = manager.backend(tc.type)
             info.check_dependencies()
         except PluginError as exc:
-            problems.append(f"  tiers.{tier}.type = {tc.type!r}: {exc}\n    set it through {where(loc, config_file)}")
+            problems.append(f"  tiers.{tier}.type = {tc.type!r}: {exc}\n"
+                            f"    set it through {where(loc, config_file)}")
             continue
         problems.extend(_option_problems(tier, tc.type, tc.options, info.cls.Options, config_file))
     if problems:

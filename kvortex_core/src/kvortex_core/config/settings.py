@@ -22,7 +22,6 @@ from pydantic import (
     PrivateAttr,
     ValidationError,
     field_validator,
-    model_validator,
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -58,17 +57,17 @@ class _Section(BaseModel):
 class EvictionConfig(_Section):
     """When and how a tier makes room."""
 
-    policy: EvictionPolicy = "prefix-lru"
-    high_watermark: float = Field(0.8, gt=0.0, le=1.0)
-    evict_ratio: float = Field(0.2, gt=0.0, le=1.0)
+    policy: EvictionPolicy = Field("prefix-lru", description="which chunks go first")
+    high_watermark: float = Field(0.8, gt=0.0, le=1.0, description="usage fraction that starts eviction")
+    evict_ratio: float = Field(0.2, gt=0.0, le=1.0, description="capacity fraction freed per eviction")
 
 
 class TransferConfig(_Section):
     """GPU <-> pinned host transfer engine settings."""
 
-    num_streams: int = Field(2, ge=1, le=16)
-    staging_bytes: ByteSize = Field(ByteSize(32 * 1024**2))
-    layerwise: bool = True
+    num_streams: int = Field(2, ge=1, le=16, description="CUDA streams per direction")
+    staging_bytes: ByteSize = Field(ByteSize(32 * 1024**2), description="GPU staging buffer size")
+    layerwise: bool = Field(True, description="load layer by layer so compute overlaps the copy")
 
     @field_validator("staging_bytes")
     @classmethod
@@ -81,25 +80,25 @@ class TransferConfig(_Section):
 class TimeoutConfig(_Section):
     """Seconds each kind of operation may take before it is abandoned."""
 
-    backend_op_s: float = Field(5.0, gt=0)
-    remote_lookup_s: float = Field(0.05, gt=0)
-    transfer_s: float = Field(30.0, gt=0)
-    close_s: float = Field(10.0, gt=0)
+    backend_op_s: float = Field(5.0, gt=0, description="one backend call (put, get, contains)")
+    remote_lookup_s: float = Field(0.05, gt=0, description="refresh of a shared tier's lookup cache")
+    transfer_s: float = Field(30.0, gt=0, description="one GPU <-> host transfer")
+    close_s: float = Field(10.0, gt=0, description="draining write-behind queues at close")
 
 
 class CircuitBreakerConfig(_Section):
     """A tier that fails repeatedly is taken out of service, then probed again."""
 
-    failure_threshold: int = Field(5, ge=1)
-    reset_after_s: float = Field(30.0, gt=0)
+    failure_threshold: int = Field(5, ge=1, description="consecutive failures that open it")
+    reset_after_s: float = Field(30.0, gt=0, description="seconds before a probe tries again")
 
 
 class MetricsConfig(_Section):
     """Prometheus metrics."""
 
-    enabled: bool = False
-    host: str = "127.0.0.1"
-    port: int | None = Field(None, ge=0, le=65535)
+    enabled: bool = Field(False, description="export Prometheus metrics")
+    host: str = Field("127.0.0.1", description="address the metrics HTTP server binds")
+    port: int | None = Field(None, ge=0, le=65535, description="HTTP port; none = no own server")
 
 
 class TierConfig(BaseModel):
@@ -111,9 +110,9 @@ class TierConfig(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    type: str = Field(min_length=1)
-    capacity: ByteSize
-    write_through: bool = False
+    type: str = Field(min_length=1, description="registered backend name (kvortex backends list)")
+    capacity: ByteSize = Field(description="bytes this tier may hold, e.g. '8GiB'")
+    write_through: bool = Field(False, description="write every save here too, not only on demotion")
 
     @field_validator("capacity")
     @classmethod
@@ -148,11 +147,11 @@ class KVortexConfig(BaseSettings):
     )
 
     chunk_tokens: int = Field(256, gt=0, description="tokens per stored chunk")
-    hash_algorithm: HashAlgorithm = "sha256"
+    hash_algorithm: HashAlgorithm = Field("sha256", description="chunk key hash")
     salt: str = Field("", description="namespace salt (tenant, LoRA adapter)")
-    model_id: str = ""
-    model_revision: str = ""
-    store_partial_chunks: bool = False
+    model_id: str = Field("", description="model identity folded into every key")
+    model_revision: str = Field("", description="model revision folded into every key")
+    store_partial_chunks: bool = Field(False, description="also store a prompt's last partial chunk")
     ranks_per_node: int | None = Field(None, ge=1, description="ranks sharing the node's cpu capacity")
     tiers: dict[str, TierConfig] = Field(default_factory=_default_tiers)
     eviction: EvictionConfig = Field(default_factory=EvictionConfig)
@@ -160,7 +159,7 @@ class KVortexConfig(BaseSettings):
     timeouts: TimeoutConfig = Field(default_factory=TimeoutConfig)
     circuit_breaker: CircuitBreakerConfig = Field(default_factory=CircuitBreakerConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("WARNING", description="kvortex loggers")
 
     # Kept for provenance (`kvortex config show`): what this instance was loaded from.
     _source_file: Path | None = PrivateAttr(None)
@@ -189,17 +188,17 @@ class KVortexConfig(BaseSettings):
 
     @field_validator("tiers")
     @classmethod
-    def _tiers_not_empty(cls, v: dict[str, TierConfig]) -> dict[str, TierConfig]:
-        if not v:
-            raise ValueError("at least one tier is needed, e.g. tiers: {cpu: {type: cpu, capacity: 4GiB}}")
-        return v
-
-    @model_validator(mode="after")
-    def _validate_backends(self) -> KVortexConfig:
+    def _check_tiers(cls, v: dict[str, TierConfig]) -> dict[str, TierConfig]:
+        # A field validator (not a model one) so backend problems are reported in the same
+        # message as errors in other fields.
         from kvortex_core.config.backends import validate_tier_options
 
-        validate_tier_options(self, config_file_path(), _plugins.get())
-        return self
+        if not v:
+            raise ValueError(
+                "at least one tier is needed, e.g. tiers: {cpu: {type: cpu, capacity: 4GiB}}"
+            )
+        validate_tier_options(v, config_file_path(), _plugins.get())
+        return v
 
     @classmethod
     def settings_customise_sources(

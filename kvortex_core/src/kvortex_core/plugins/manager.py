@@ -7,6 +7,7 @@ Environment switches:
 
 from __future__ import annotations
 
+import difflib
 import importlib.metadata
 import importlib.util
 import logging
@@ -170,5 +171,9 @@ class PluginManager:
         backends = self.backends()
         if name not in backends:
             valid = ", ".join(sorted(backends)) or "(none: is kvortex-backends installed?)"
-            raise PluginError(f"unknown backend type {name!r}; registered backends: {valid}")
+            close = difflib.get_close_matches(name, list(backends), n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise PluginError(
+                f"unknown backend type {name!r}{hint}; registered backends: {valid}"
+            )
         return backends[name]
