@@ -334,3 +334,15 @@ def test_bad_keys_refused(tmp_path: Path) -> None:
         await b.close()
 
     _run(scenario())
+
+
+def test_bench_disk_smoke(tmp_path: Path) -> None:
+    """The benchmark runs end to end on tiny payloads (numbers are not asserted)."""
+    from kvortex_core.cli.bench.disk import bench_disk
+
+    result = bench_disk(sizes=[64 * 1024], reps=1, out=tmp_path, concurrency=[1, 2], variants=False)
+    ops = {(r["op"], r["concurrency"]) for r in result["rows"]}
+    assert ops == {(op, c) for op in ("put", "get cold", "get warm") for c in (1, 2)}
+    assert all(r["ratio"] > 0 for r in result["rows"])
+    assert (tmp_path / "disk.json").exists() and (tmp_path / "disk.md").exists()
+    assert not any(p.name.startswith("kvortex-disk-bench-") for p in tmp_path.iterdir())

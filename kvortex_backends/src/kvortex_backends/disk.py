@@ -40,9 +40,9 @@ class DiskOptions(BackendOptions):
     path: Path = Field(description="directory holding the cache files (created 0700 if absent)")
     shard_depth: int = Field(2, ge=0, le=3, description="levels of 2-hex-char subdirectories")
     fsync: bool = Field(True, description="fsync file and directory on every write (crash safe)")
-    o_direct: Literal["auto", "on", "off"] = Field(
-        "auto", description="auto: O_DIRECT writes of aligned buffers, page-cache reads; "
-        "on: O_DIRECT reads too; off: never")
+    o_direct: Literal["auto", "on", "off", "write"] = Field(
+        "auto", description="auto: the page cache (measured best for loads, see "
+        "docs/backends.md); write: O_DIRECT writes only; on: O_DIRECT reads and writes; off: never")
     compression: pl.Compression = Field("none", description="none, lz4 or zstd (lossless)")
     compression_level: int | None = Field(None, description="zstd level (default 1)")
     io_threads: int = Field(4, ge=1, le=64, description="threads doing blocking file I/O")
@@ -67,7 +67,10 @@ class DiskBackend(StorageBackend):
         self._lock = asyncio.Lock()
         self._pool: ThreadPoolExecutor | None = None
         self._dirs: set[str] = set()
-        self._write_direct = options.o_direct != "off"
+        # auto = page cache: O_DIRECT writes were faster to write but left the data out of
+        # the page cache and made later reads of those files slower (docs/backends.md), and
+        # reads (loads) are on the time-to-first-token path while writes are background work.
+        self._write_direct = options.o_direct in ("on", "write")
         self._read_direct = options.o_direct == "on"
         self.scan_removed: dict[str, int] = {}
 

@@ -3,10 +3,10 @@
 Writes are crash safe: a unique temporary name in the target directory, write, fsync, rename,
 fsync the directory. A reader therefore sees either the old value, the new one or nothing.
 
-O_DIRECT: measured on the dev VM (ext4 on virtio, see docs/benchmarks/disk.md) a direct write of
-a page-aligned buffer plus fsync is 1.3-2.4x faster than a buffered write plus fsync, while a
-buffered read that hits the page cache is 5-10x faster than a direct read. So ``auto`` writes
-directly when the buffer is 4096-aligned and reads through the page cache.
+O_DIRECT (used only when the tier's ``o_direct`` option asks for it): only the 4096-aligned head
+of a 4096-aligned buffer goes direct, the tail through the page cache; a filesystem that refuses
+O_DIRECT (tmpfs) silently gets buffered I/O. Measurements and the choice of the default are in
+docs/backends.md.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ app = typer.Typer(help="Benchmarks: every figure is a ratio against a raw baseli
 def _register() -> None:
     import importlib
 
-    for name in ("core", "transfer", "backends", "simulate", "ttft"):
+    for name in ("core", "transfer", "backends", "disk", "simulate", "ttft"):
         try:
             module = importlib.import_module(f"kvortex_core.cli.bench.{name}")
         except ModuleNotFoundError as exc:  # subcommand not built yet
