@@ -1,0 +1,127 @@
+"""The few places where vLLM versions differ, read through duck typing (no vLLM import here).
+
+Supported: vLLM 0.15.x through 0.33.x. Differences handled:
+- ``KVConnectorBase_V1.__init__``: ``kv_cache_config`` is optional in 0.15, required later.
+- ``handle_preemptions``: a set of request ids (0.15) or the step's connector metadata (0.33).
+- Cross-layer KV registration (``register_cross_layers_kv_cache``) exists only in 0.15-era
+  versions; 0.30+ carve every layer from one buffer (the "unified" ``[B, H, N, C]`` views).
+- ``CachedRequestData``: ``resumed_req_ids`` (set) or the older ``resumed_from_preemption``
+  (list of bools).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+
+def prompt_token_ids(request: Any) -> list[int]:
+    """The request's prompt token ids (empty for prompt embeddings: nothing to key on)."""
+    ids = getattr(request, "prompt_token_ids", None)
+    return list(ids) if ids is not None else []
+
+
+def first_group(block_ids: Any) -> list[int]:
+    """Block ids of KV cache group 0 from a tuple-of-lists (or None)."""
+    if not block_ids:
+        return []
+    return list(block_ids[0])
+
+
+def kv_blocks_ids(blocks: Any) -> list[int]:
+    """Group-0 block ids of a ``KVCacheBlocks`` object."""
+    return first_group(blocks.get_block_ids())
+
+
+def scheduled_requests(out: Any) -> Iterator[tuple[str, list[int], bool, int]]:
+    """``(req_id, block ids, replace?, num_computed_before_step)`` for every scheduled request.
+
+    New and resumed requests carry their whole block list (``replace``); running ones only
+    the blocks added this step.
+    """
+    for new in out.scheduled_new_reqs:
+        yield new.req_id, first_group(new.block_ids), True, new.num_computed_tokens
+    cached = out.scheduled_cached_reqs
+    resumed = _resumed(cached)
+    for i, req_id in enumerate(cached.req_ids):
+        yield req_id, first_group(cached.new_block_ids[i]), req_id in resumed, cached.num_computed_tokens[i]
+
+
+def _resumed(cached: Any) -> set[str]:
+    ids = getattr(cached, "resumed_req_ids", None)
+    if ids is not None:
+        return set(ids)
+    flags = getattr(cached, "resumed_from_preemption", None) or []
+    return {r for r, f in zip(cached.req_ids, flags, strict=False) if f}
+
+
+def preempted_ids(arg: Any) -> set[str]:
+    """Request ids from either ``handle_preemptions`` signature."""
+    if arg is None:
+        return set()
+    if isinstance(arg, (set, frozenset, list, tuple)):
+        return set(arg)
+    plan = getattr(arg, "plan", None)
+    return set(plan.preempted) if plan is not None else set()
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the control plane needs about the model: namespace fields and chunk bytes."""
+
+    model_id: str
+    revision: str
+    dtype: str
+    num_layers: int
+    num_kv_heads: int  # per rank
+    head_size: int
+    kv_count: int
+    element_size: int
+    tp_size: int
+    block_size: int
+
+    def chunk_bytes(self, chunk_tokens: int) -> int:
+        """Bytes of one chunk's canonical payload on one rank."""
+        per_token = self.num_layers * self.kv_count * self.num_kv_heads * self.head_size
+        return per_token * self.element_size * chunk_tokens
+
+    @property
+    def layout_tag(self) -> str:
+        """Matches ``KVLayout.canonical_tag`` of the workers' detected layout."""
+        return f"LKTHD-kv{self.kv_count}"
+
+
+def model_shape(vllm_config: Any) -> ModelShape:
+    """Read the model shape from a ``VllmConfig`` (works on 0.15 and 0.33)."""
+    import torch
+
+    mc = vllm_config.model_config
+    pc = vllm_config.parallel_config
+    cc = vllm_config.cache_config
+    dtype = mc.dtype
+    cache_dtype = getattr(cc, "cache_dtype", "auto")
+    if cache_dtype not in (None, "auto"):
+        dtype = _cache_dtype(cache_dtype, dtype)
+    use_mla = bool(getattr(mc, "use_mla", False))
+    return ModelShape(
+        model_id=str(mc.model),
+        revision=str(getattr(mc, "revision", None) or ""),
+        dtype=str(dtype).removeprefix("torch."),
+        num_layers=mc.get_num_layers(pc),
+        num_kv_heads=1 if use_mla else mc.get_num_kv_heads(pc),
+        head_size=mc.get_head_size(),
+        kv_count=1 if use_mla else 2,
+        element_size=torch.empty((), dtype=dtype).element_size(),
+        tp_size=pc.tensor_parallel_size,
+        block_size=cc.block_size,
+    )
+
+
+def _cache_dtype(name: str, model_dtype: Any) -> Any:
+    import torch
+
+    table = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2,
+             "bfloat16": torch.bfloat16, "float16": torch.float16, "half": torch.float16,
+             "float32": torch.float32}
+    return table.get(name, model_dtype)

@@ -1,0 +1,196 @@
+"""``KVortexConnector``: the vLLM ``KVConnectorBase_V1`` that plugs KVortex into vLLM.
+
+Enable it with::
+
+    vllm serve MODEL --kv-transfer-config '{"kv_connector": "KVortexConnector",
+        "kv_connector_module_path": "kvortex_vllm.connector", "kv_role": "kv_both",
+        "kv_connector_extra_config": {"chunk_tokens": 256, "tiers": {"cpu": {"type": "cpu", "capacity": "8GiB"}}}}'
+
+The scheduler-role instance is the control plane (:mod:`kvortex_vllm.scheduler`), each
+worker-role instance the data plane of one rank (:mod:`kvortex_vllm.worker`); the per-step
+plan travels in the connector metadata. This module imports vLLM; ``kvortex_vllm`` and
+``kvortex_core`` do not.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+
+from kvortex_core.config import KVortexConfig
+from kvortex_core.control.keys import KeyNamespace
+from kvortex_core.logs import configure as configure_logging
+from kvortex_vllm import compat
+from kvortex_vllm.metadata import StepPlan, slot_geometry
+from kvortex_vllm.scheduler import SchedulerSide
+from kvortex_vllm.worker import WorkerSide
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
+    from vllm.v1.request import Request
+
+log = logging.getLogger(__name__)
+
+
+class KVortexConnectorMetadata(KVConnectorMetadata):
+    """The connector metadata of one step: a :class:`~kvortex_vllm.metadata.StepPlan`."""
+
+    def __init__(self, plan: StepPlan) -> None:
+        self.plan = plan
+
+
+def load_config(vllm_config: VllmConfig) -> KVortexConfig:
+    """``kv_connector_extra_config`` as keyword arguments over env over YAML over defaults."""
+    ktc = vllm_config.kv_transfer_config
+    extra = dict(getattr(ktc, "kv_connector_extra_config", None) or {})
+    return KVortexConfig(**extra)
+
+
+def build_namespace(config: KVortexConfig, shape: compat.ModelShape) -> KeyNamespace:
+    """The key namespace: model, dtype, canonical layout, shape and TP size (rank-independent)."""
+    return KeyNamespace(
+        model_id=config.model_id or shape.model_id,
+        revision=config.model_revision or shape.revision,
+        dtype=shape.dtype,
+        layout=shape.layout_tag,
+        num_layers=shape.num_layers,
+        num_kv_heads=shape.num_kv_heads * shape.tp_size,
+        head_size=shape.head_size,
+        tp_size=shape.tp_size,
+        salt=config.salt,
+    )
+
+
+def _tp_rank(vllm_config: VllmConfig) -> int:
+    try:
+        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+        return int(get_tensor_model_parallel_rank())
+    except (AssertionError, ImportError, RuntimeError):  # no process group (tests, one GPU)
+        return int(getattr(vllm_config.parallel_config, "rank", 0) or 0)
+
+
+class KVortexConnector(KVConnectorBase_V1):
+    """KVortex for vLLM 0.15 through 0.33: tiered prefix KV reuse, best effort, never wrong."""
+
+    def __init__(
+        self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig | None = None,
+    ) -> None:
+        super().__init__(vllm_config, role, kv_cache_config)
+        self.kv_config = load_config(vllm_config)
+        configure_logging(self.kv_config.log_level)
+        shape = compat.model_shape(vllm_config)
+        namespace = build_namespace(self.kv_config, shape)
+        self._scheduler: SchedulerSide | None = None
+        self._worker: WorkerSide | None = None
+        if role == KVConnectorRole.SCHEDULER:
+            geometry = slot_geometry(self.kv_config, shape.chunk_bytes(self.kv_config.chunk_tokens), shape.tp_size)
+            self._scheduler = SchedulerSide(self.kv_config, namespace, geometry, shape.block_size)
+            log.info("KVortex scheduler: %d-token chunks, %d slots of %d bytes per rank",
+                     self.kv_config.chunk_tokens, geometry.num_slots, geometry.slot_bytes)
+        else:
+            self._worker = WorkerSide(self.kv_config, namespace.digest(),
+                                      tp_rank=_tp_rank(vllm_config), tp_size=shape.tp_size)
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def requires_kv_delivery(self) -> bool:
+        """A cache is best effort: a dropped save is a future miss, never a wrong answer."""
+        return False
+
+    @classmethod
+    def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
+        """Layer-wise loads run Python between layers, which a full CUDA graph would skip."""
+        transfer = (extra_config or {}).get("transfer") or {}
+        return bool(transfer.get("layerwise", True))
+
+    @property
+    def scheduler_side(self) -> SchedulerSide:
+        assert self._scheduler is not None, "scheduler-side method called on a worker connector"
+        return self._scheduler
+
+    @property
+    def worker_side(self) -> WorkerSide:
+        assert self._worker is not None, "worker-side method called on a scheduler connector"
+        return self._worker
+
+    # ------------------------------------------------------------------ worker side
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        self.worker_side.register_kv_caches(kv_caches)
+
+    def register_cross_layers_kv_cache(self, kv_cache: torch.Tensor, attn_backend: Any = None) -> None:
+        """vLLM 0.15-era hook: one ``(B, L, 2, N, H, D)`` tensor for all layers."""
+        self.worker_side.register_kv_caches(kv_cache)
+
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        super().bind_connector_metadata(connector_metadata)
+        if isinstance(connector_metadata, KVortexConnectorMetadata):
+            self.worker_side.bind(connector_metadata.plan)
+
+    def clear_connector_metadata(self) -> None:
+        super().clear_connector_metadata()
+        if self._worker is not None:
+            self._worker.clear()
+
+    def handle_preemptions(self, arg: Any = None) -> None:
+        """Both signatures: a set of ids (0.15) or this step's metadata (0.33)."""
+        self.worker_side.handle_preemptions(compat.preempted_ids(arg))
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        self.worker_side.start_load()
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        self.worker_side.wait_for_layer(layer_name)
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
+        """Saves are issued once per step in wait_for_save (one gather for all layers)."""
+
+    def wait_for_save(self) -> None:
+        self.worker_side.start_save()
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        done = self.worker_side.get_finished(finished_req_ids)
+        return (done or None), None
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self.worker_side.take_load_errors()
+
+    def shutdown(self) -> None:
+        if self._worker is not None:
+            self._worker.shutdown()
+        if self._scheduler is not None:
+            self._scheduler.close()
+
+    # ------------------------------------------------------------------ scheduler side
+
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        return self.scheduler_side.get_num_new_matched_tokens(request, num_computed_tokens)
+
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
+        self.scheduler_side.update_state_after_alloc(request, compat.kv_blocks_ids(blocks), num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        return KVortexConnectorMetadata(self.scheduler_side.build_plan(scheduler_output))
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        bad = getattr(connector_output, "invalid_block_ids", None)
+        if bad:
+            self.scheduler_side.on_load_errors(bad)
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        return self.scheduler_side.request_finished(request), None
+

@@ -1,0 +1,253 @@
+"""Scheduler side of the connector: the control plane (keys, index, slots, per-step plans).
+
+One instance per engine, in vLLM's EngineCore process. It decides everything: which prompt
+chunks are stored (a :class:`~kvortex_core.control.index.ChunkIndex` whose entries carry the
+pool slot id), what each step loads and saves, and when a slot is reused. Workers only execute
+the :class:`~kvortex_vllm.metadata.StepPlan`, so lookups need no IPC and every rank agrees on
+what exists. Nothing here imports vLLM: requests and scheduler outputs are read through the
+few attributes named in :mod:`kvortex_vllm.compat`.
+
+Contracts kept here: a hit never covers the last prompt token (vLLM must compute one); only
+whole chunks present now are counted; loaded chunks stay pinned until the workers have run the
+step; a request with saves keeps its blocks until the workers report the saves done.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvortex_core.config import KVortexConfig
+from kvortex_core.control.index import ChunkIndex, IndexEntry, PinHandle
+from kvortex_core.control.keys import ChunkHasher, KeyNamespace, validate_chunk_tokens
+from kvortex_core.control.stats import Stats
+from kvortex_vllm import compat
+from kvortex_vllm.metadata import LoadSpec, SaveSpec, SlotGeometry, StepPlan
+
+log = logging.getLogger(__name__)
+
+#: Steps a load pin outlives its plan: one for the step itself, one for async scheduling.
+_PIN_STEPS = 2
+
+
+@dataclass
+class _Request:
+    """What the control plane tracks about one live request."""
+
+    req_id: str
+    prompt: list[int]
+    keys: list[bytes]
+    block_ids: list[int] = field(default_factory=list)
+    #: Chunks below this index are stored (saved, loaded or found present): nothing to save.
+    saved_upto: int = 0
+    #: Set by get_num_new_matched_tokens: (local computed tokens, tokens we can supply).
+    matched: tuple[int, int] | None = None
+    pending_loads: list[LoadSpec] = field(default_factory=list)
+    has_saves: bool = False
+
+
+@dataclass
+class _Pin:
+    handle: PinHandle
+    release_at: int
+
+
+class SchedulerSide:
+    """The control plane of one engine."""
+
+    def __init__(
+        self,
+        config: KVortexConfig,
+        namespace: KeyNamespace,
+        geometry: SlotGeometry,
+        block_size: int,
+        stats: Stats | None = None,
+    ) -> None:
+        validate_chunk_tokens(config.chunk_tokens, block_size)
+        self.config = config
+        self.geometry = geometry
+        self.block_size = block_size
+        self.chunk_tokens = config.chunk_tokens
+        self.blocks_per_chunk = config.chunk_tokens // block_size
+        self.hasher = ChunkHasher(namespace, config.chunk_tokens, config.hash_algorithm)
+        self.stats = stats or Stats()
+        ev = config.eviction
+        self.index = ChunkIndex(
+            "cpu", geometry.capacity_bytes, policy=ev.policy, high_watermark=ev.high_watermark,
+            evict_ratio=ev.evict_ratio, on_evict=self._on_evict, stats=self.stats,
+        )
+        self._free_slots = list(range(geometry.num_slots - 1, -1, -1))
+        self._requests: dict[str, _Request] = {}
+        self._pins: list[_Pin] = []
+        self._await_saves: set[str] = set()
+        self._recent_loads: dict[int, tuple[str, bytes]] = {}  # block id -> (req, key)
+        self._step = 0
+
+    # ------------------------------------------------------------------ lookups
+
+    def _state(self, request: Any) -> _Request:
+        req_id = request.request_id
+        st = self._requests.get(req_id)
+        if st is None:
+            prompt = list(compat.prompt_token_ids(request))
+            st = _Request(req_id, prompt, self.hasher.keys(prompt))
+            self._requests[req_id] = st
+        return st
+
+    def stored_prefix(self, keys: Sequence[bytes]) -> int:
+        """Leading chunks present now (no side effect on recency or pins)."""
+        present = self.index.contains_list(keys)
+        return present.index(False) if False in present else len(present)
+
+    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
+        """Tokens beyond ``num_computed_tokens`` we can load now (whole chunks, never the last token)."""
+        st = self._state(request)
+        # vLLM must compute at least one prompt token to sample from: cap below the last one.
+        usable = max(len(st.prompt) - 1, 0) // self.chunk_tokens
+        hit_tokens = self.stored_prefix(st.keys[:usable]) * self.chunk_tokens
+        new = max(hit_tokens - num_computed_tokens, 0)
+        st.matched = (num_computed_tokens, hit_tokens) if new else None
+        self.stats.record_lookup(len(st.prompt), max(hit_tokens, num_computed_tokens))
+        return new, False
+
+    def update_state_after_alloc(self, request: Any, block_ids: list[int], num_external_tokens: int) -> None:
+        """Plan the load of the matched chunks into the blocks vLLM just allocated."""
+        st = self._state(request)
+        st.block_ids = list(block_ids)
+        if num_external_tokens <= 0 or st.matched is None:
+            return
+        start = st.matched[0]
+        end = start + num_external_tokens
+        c0, c1 = start // self.chunk_tokens, end // self.chunk_tokens
+        keys = st.keys[c0:c1]
+        handle = self.index.pin(keys, f"load {st.req_id}")
+        self._pins.append(_Pin(handle, self._step + _PIN_STEPS))
+        self.index.touch(keys)
+        skip = (start - c0 * self.chunk_tokens) // self.block_size
+        bpc = self.blocks_per_chunk
+        for i, key in enumerate(keys, start=c0):
+            entry = self.index.get(key)
+            slot = entry.location if entry is not None and entry.location is not None else -1
+            blocks = tuple(block_ids[i * bpc : (i + 1) * bpc])
+            st.pending_loads.append(LoadSpec(st.req_id, slot, key, blocks, skip if i == c0 else 0))
+        st.saved_upto = max(st.saved_upto, c1)
+        st.matched = None
+
+    # ------------------------------------------------------------------ per-step plan
+
+    def build_plan(self, out: Any) -> StepPlan:
+        """Turn this step's scheduler output into the workers' plan (and advance one step)."""
+        self._step += 1
+        self._release_pins(self._step)
+        preempted = frozenset(getattr(out, "preempted_req_ids", None) or ())
+        for req_id in preempted:
+            self._forget(req_id)
+        plan = StepPlan(self._step, self.geometry.num_slots, preempted=preempted,
+                        await_saves=frozenset(self._await_saves))
+        self._await_saves.clear()
+        for req_id, new_blocks, replace, computed in compat.scheduled_requests(out):
+            st = self._requests.get(req_id)
+            if st is None:
+                continue
+            if replace:
+                st.block_ids = list(new_blocks)
+            else:
+                st.block_ids.extend(new_blocks)
+            plan.loads.extend(st.pending_loads)
+            for spec in st.pending_loads:
+                for b in spec.block_ids[spec.skip_blocks:]:
+                    self._recent_loads[b] = (req_id, spec.key)
+            st.pending_loads = []
+            done = computed + out.num_scheduled_tokens.get(req_id, 0)
+            plan.saves.extend(self._plan_saves(st, done))
+        return plan
+
+    def _plan_saves(self, st: _Request, computed: int) -> list[SaveSpec]:
+        """Save every prompt chunk that is fully computed after this step and not yet stored."""
+        full = min(computed, len(st.prompt)) // self.chunk_tokens
+        bpc = self.blocks_per_chunk
+        saves: list[SaveSpec] = []
+        while st.saved_upto < full:
+            i = st.saved_upto
+            blocks = st.block_ids[i * bpc : (i + 1) * bpc]
+            if len(blocks) < bpc:
+                break  # blocks not known yet (should not happen); retry next step
+            key = st.keys[i]
+            if key in self.index:
+                self.index.touch([key])
+            else:
+                slot = self._claim_slot(key, st.keys[i - 1] if i else None)
+                if slot is None:
+                    break  # everything is pinned: skip saving now, the chunk is just not cached
+                saves.append(SaveSpec(st.req_id, slot, key, tuple(blocks)))
+                st.has_saves = True
+            st.saved_upto = i + 1
+        return saves
+
+    def _claim_slot(self, key: bytes, parent: bytes | None) -> int | None:
+        if not self.index.insert(key, self.geometry.slot_bytes, parent=parent):
+            return None
+        entry = self.index.get(key)
+        if not self._free_slots or entry is None:  # cannot happen: capacity is counted in slots
+            self.index.remove([key])
+            return None
+        entry.location = self._free_slots.pop()
+        return entry.location
+
+    def _on_evict(self, victims: list[IndexEntry]) -> None:
+        for entry in victims:
+            if entry.location is not None:
+                self._free_slots.append(entry.location)
+        log.debug("evicted %d chunk(s) from the cpu tier", len(victims))
+
+    def _release_pins(self, step: int) -> None:
+        keep = []
+        for pin in self._pins:
+            if pin.release_at <= step:
+                pin.handle.release()
+            else:
+                keep.append(pin)
+        self._pins = keep
+
+    # ------------------------------------------------------------------ outputs and lifecycle
+
+    def on_load_errors(self, block_ids: Iterable[int]) -> None:
+        """Workers could not load these blocks: forget those chunks so they are recomputed and re-saved."""
+        bad: dict[str, set[bytes]] = {}
+        for b in block_ids:
+            hit = self._recent_loads.get(b)
+            if hit is not None:
+                bad.setdefault(hit[0], set()).add(hit[1])
+        for req_id, keys in bad.items():
+            removed = self.index.remove(keys)
+            self._on_evict(removed)
+            st = self._requests.get(req_id)
+            if st is not None:
+                first = min(st.keys.index(k) for k in keys if k in st.keys)
+                st.saved_upto = min(st.saved_upto, first)
+            log.warning("load of %d chunk(s) for request %s failed; they will be recomputed",
+                        len(keys), req_id)
+
+    def request_finished(self, request: Any) -> bool:
+        """True when the request's blocks must outlive it until the workers finish its saves."""
+        st = self._requests.get(request.request_id)
+        delay = bool(st and st.has_saves)
+        self._forget(request.request_id)
+        if delay:
+            self._await_saves.add(request.request_id)
+        return delay
+
+    def _forget(self, req_id: str) -> None:
+        """Drop a request's state (finish, abort, preemption); load pins expire with their step."""
+        if self._requests.pop(req_id, None) is None:
+            return
+        for b in [b for b, (r, _) in self._recent_loads.items() if r == req_id]:
+            del self._recent_loads[b]
+
+    def close(self) -> None:
+        for pin in self._pins:
+            pin.handle.release()
+        self._pins = []
+        self.index.close()

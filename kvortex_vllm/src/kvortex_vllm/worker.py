@@ -1,0 +1,291 @@
+"""Worker side of the connector: the data plane of one GPU rank. No vLLM import here.
+
+It owns this rank's pinned pool (same slot count as every other rank, so a slot id from the
+scheduler means the same chunk everywhere) and a :class:`~kvortex_core.data.transfer.
+TransferEngine` over the registered KV caches, and executes each step's
+:class:`~kvortex_vllm.metadata.StepPlan`:
+
+- loads start before the forward (layer-wise: ``wait_for_layer`` orders each attention layer
+  after its own bytes; otherwise the compute stream waits for the whole load);
+- saves are issued after the forward on the transfer engine's side streams, so they never
+  delay sampling; a finished save writes the slot's self-checking header (its rank key);
+- a load first checks the slot's header against the expected rank key, namespace, shape and
+  dtype; any mismatch is a failed load whose blocks are reported so vLLM recomputes them;
+- requests the scheduler keeps alive for their saves are reported finished once every save
+  of theirs is done; preempted requests' saves are completed before their blocks are reused.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kvortex_core.config import KVortexConfig
+from kvortex_core.control.keys import rank_keys
+from kvortex_core.data.layouts import KVLayout, detect_layout
+from kvortex_core.data.payload import HEADER_BYTES, check_identity, read_header, seal
+from kvortex_core.data.pool import PinnedPool
+from kvortex_core.data.transfer import TransferEngine, TransferHandle
+from kvortex_core.errors import KVortexError, LayoutError, PayloadError
+from kvortex_vllm.metadata import SLOT_ALIGNMENT, LoadSpec, SaveSpec, SlotGeometry, StepPlan, slot_geometry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _PendingSave:
+    spec: SaveSpec
+    handle: TransferHandle
+
+
+@dataclass
+class WorkerCounters:
+    """What this rank moved (for logs, stats and the GPU check)."""
+
+    saved_chunks: int = 0
+    loaded_chunks: int = 0
+    failed_chunks: int = 0
+    saved_bytes: int = 0
+    loaded_bytes: int = 0
+
+
+class WorkerSide:
+    """Executes the scheduler's plans on one rank."""
+
+    def __init__(
+        self, config: KVortexConfig, namespace: bytes, *, tp_rank: int = 0, tp_size: int = 1,
+        pin: bool | None = None,
+    ) -> None:
+        self.config = config
+        self.namespace = namespace
+        self.rank = tp_rank
+        self.tp_size = tp_size
+        self.pin = pin
+        self.layout: KVLayout | None = None
+        self.geometry: SlotGeometry | None = None
+        self.pool: PinnedPool | None = None
+        self.engine: TransferEngine | None = None
+        self.layer_index: dict[str, int] = {}
+        self.counters = WorkerCounters()
+        self._plan: StepPlan | None = None
+        self._loads: list[TransferHandle] = []
+        self._pending: dict[int, _PendingSave] = {}  # slot -> latest save into it
+        self._req_saves: dict[str, set[int]] = defaultdict(set)  # req -> slots still saving
+        self._watch: set[str] = set()  # finished requests awaiting their saves
+        self._load_errors: set[int] = set()
+
+    # ------------------------------------------------------------------ setup
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor] | Any, hints: dict[str, Any] | None = None) -> KVLayout:
+        """Detect the layout, allocate this rank's pool and build the transfer engine."""
+        if isinstance(kv_caches, dict):
+            self.layer_index = {name: i for i, name in enumerate(kv_caches)}
+            caches: Any = list(kv_caches.values())
+        else:
+            caches = kv_caches
+        layout = detect_layout(caches, hints)
+        chunk = self.config.chunk_tokens
+        if chunk % layout.block_size:
+            raise LayoutError(
+                f"chunk_tokens={chunk} is not a multiple of the KV block size {layout.block_size}; "
+                f"set chunk_tokens to a multiple of {layout.block_size}"
+            )
+        geo = slot_geometry(self.config, layout.chunk_bytes(chunk), self.tp_size)
+        device = layout_device(caches)
+        self.pool = PinnedPool(geo.slot_bytes, geo.capacity_bytes, pin=self.pin,
+                               alignment=SLOT_ALIGNMENT,
+                               device=device.index if device.type == "cuda" else None)
+        tc = self.config.transfer
+        self.engine = TransferEngine(caches, layout, chunk_tokens=chunk, staging_bytes=int(tc.staging_bytes),
+                                     num_streams=tc.num_streams)
+        self.layout, self.geometry = layout, geo
+        log.info("rank %d: %s KV layout, %d layers, %d slots of %d bytes (%s)", self.rank, layout.kind,
+                 layout.num_layers, geo.num_slots, geo.slot_bytes, "pinned" if self.pool.pinned else "pageable")
+        return layout
+
+    # ------------------------------------------------------------------ per step
+
+    def bind(self, plan: StepPlan) -> None:
+        if self.geometry is not None and plan.num_slots != self.geometry.num_slots:
+            raise KVortexError(
+                f"rank {self.rank}: the scheduler plans {plan.num_slots} pool slots but this rank "
+                f"has {self.geometry.num_slots}; every rank and the scheduler must see the same "
+                "config (tiers.cpu.capacity, ranks_per_node, chunk_tokens) and model shape"
+            )
+        self._plan = plan
+        self._watch |= plan.await_saves
+
+    def clear(self) -> None:
+        self._plan = None
+        self._loads = []
+
+    def start_load(self) -> None:
+        """Verify and start every load of the bound plan (before the forward)."""
+        plan = self._plan
+        if plan is None or not plan.loads:
+            return
+        by_req: dict[str, list[LoadSpec]] = defaultdict(list)
+        for spec in plan.loads:
+            by_req[spec.req_id].append(spec)
+        layerwise = self.config.transfer.layerwise
+        for specs in by_req.values():
+            good = self._verified_prefix(specs)
+            if not good:
+                continue
+            srcs = [self._payload(s.slot) for s in good]
+            handle = self._engine().load(srcs, [list(s.block_ids) for s in good], layerwise=layerwise,
+                                         skip_blocks=good[0].skip_blocks)
+            if not layerwise:
+                handle.stream_wait()
+            self._loads.append(handle)
+            self.counters.loaded_chunks += len(good)
+            self.counters.loaded_bytes += len(good) * self._geo().chunk_bytes
+
+    def _verified_prefix(self, specs: list[LoadSpec]) -> list[LoadSpec]:
+        """The leading chunks whose slots hold what the plan expects; the rest are reported failed."""
+        for i, spec in enumerate(specs):
+            problem = self._check_slot(spec)
+            if problem is not None:
+                failed = specs[i:]
+                for s in failed:
+                    self._load_errors.update(s.block_ids[s.skip_blocks:])
+                self.counters.failed_chunks += len(failed)
+                log.warning("rank %d: load of request %s chunk %s failed (%s); %d chunk(s) will be "
+                            "recomputed", self.rank, spec.req_id, spec.key.hex()[:16], problem, len(failed))
+                return specs[:i]
+        return specs
+
+    def _check_slot(self, spec: LoadSpec) -> str | None:
+        if not 0 <= spec.slot < self._geo().num_slots:
+            return f"no slot (slot id {spec.slot})"
+        self._finish_save(spec.slot)
+        layout = self._layout()
+        try:
+            header = read_header(self._pool().view(spec.slot)[:HEADER_BYTES])
+            check_identity(header, key=rank_keys([spec.key], self.rank)[0], namespace=self.namespace,
+                           shape=layout.chunk_payload_shape(self.config.chunk_tokens), dtype=layout.dtype)
+        except PayloadError as exc:
+            return str(exc)
+        return None
+
+    def wait_for_layer(self, layer_name: str) -> None:
+        """Order the current stream after this layer's loaded bytes (no host block)."""
+        idx = self.layer_index.get(layer_name)
+        for handle in self._loads:
+            if idx is None:
+                handle.stream_wait()
+            else:
+                handle.wait_layer(idx)
+
+    def start_save(self) -> None:
+        """Issue this step's saves on the side streams (called after the forward)."""
+        plan = self._plan
+        if plan is None or not plan.saves:
+            return
+        for spec in plan.saves:
+            self._finish_save(spec.slot)  # an older save into a reused slot must land first
+            self._invalidate(spec.slot)
+        dst = [self._payload(s.slot) for s in plan.saves]
+        try:
+            handle = self._engine().save([list(s.block_ids) for s in plan.saves], dst)
+        except KVortexError:
+            log.exception("rank %d: saving %d chunk(s) failed; they stay uncached", self.rank, len(plan.saves))
+            return
+        for spec in plan.saves:
+            self._pending[spec.slot] = _PendingSave(spec, handle)
+            self._req_saves[spec.req_id].add(spec.slot)
+        self.poll()
+
+    def poll(self) -> None:
+        """Seal every save whose copy has completed (never blocks)."""
+        for slot, p in list(self._pending.items()):
+            if p.handle.done():
+                self._seal(slot, p)
+
+    def _finish_save(self, slot: int) -> None:
+        p = self._pending.get(slot)
+        if p is not None:
+            p.handle.wait(self.config.timeouts.transfer_s)
+            self._seal(slot, p)
+
+    def _seal(self, slot: int, p: _PendingSave) -> None:
+        del self._pending[slot]
+        layout = self._layout()
+        seal(self._pool().view(slot), key=rank_keys([p.spec.key], self.rank)[0], namespace=self.namespace,
+             shape=layout.chunk_payload_shape(self.config.chunk_tokens), dtype=layout.dtype,
+             payload_len=self._geo().chunk_bytes)
+        slots = self._req_saves.get(p.spec.req_id)
+        if slots is not None:
+            slots.discard(slot)
+            if not slots:
+                del self._req_saves[p.spec.req_id]
+        self.counters.saved_chunks += 1
+        self.counters.saved_bytes += self._geo().chunk_bytes
+
+    def _invalidate(self, slot: int) -> None:
+        self._pool().view(slot)[:8].zero_()  # the magic: no load trusts a slot being rewritten
+
+    def handle_preemptions(self, req_ids: set[str]) -> None:
+        """Finish the saves of preempted requests before vLLM reuses their blocks."""
+        for req_id in req_ids:
+            for slot in list(self._req_saves.get(req_id, ())):
+                self._finish_save(slot)
+
+    def get_finished(self, finished_req_ids: set[str]) -> set[str]:
+        """Requests the scheduler kept alive whose saves are now all done."""
+        self.poll()
+        done = {r for r in self._watch if r not in self._req_saves}
+        self._watch -= done
+        return done
+
+    def take_load_errors(self) -> set[int]:
+        errors, self._load_errors = self._load_errors, set()
+        return errors
+
+    def shutdown(self) -> None:
+        start = time.monotonic()
+        for slot in list(self._pending):
+            try:
+                self._finish_save(slot)
+            except KVortexError:
+                log.warning("rank %d: a save did not finish at shutdown", self.rank)
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
+        log.debug("rank %d: shut down in %.3fs", self.rank, time.monotonic() - start)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _payload(self, slot: int) -> torch.Tensor:
+        return self._pool().view(slot)[HEADER_BYTES : HEADER_BYTES + self._geo().chunk_bytes]
+
+    def _engine(self) -> TransferEngine:
+        if self.engine is None:
+            raise KVortexError("the KV caches are not registered yet: call register_kv_caches first")
+        return self.engine
+
+    def _pool(self) -> PinnedPool:
+        if self.pool is None:
+            raise KVortexError("the KV caches are not registered yet: call register_kv_caches first")
+        return self.pool
+
+    def _layout(self) -> KVLayout:
+        if self.layout is None:
+            raise KVortexError("the KV caches are not registered yet: call register_kv_caches first")
+        return self.layout
+
+    def _geo(self) -> SlotGeometry:
+        if self.geometry is None:
+            raise KVortexError("the KV caches are not registered yet: call register_kv_caches first")
+        return self.geometry
+
+
+def layout_device(caches: Any) -> torch.device:
+    """The device of the first KV tensor."""
+    first = caches if isinstance(caches, torch.Tensor) else caches[0]
+    return first.device

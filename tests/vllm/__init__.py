@@ -1,0 +1,1 @@
+"""Tests of the vLLM connector against real vLLM classes (on CPU)."""

@@ -1,0 +1,326 @@
+"""A real vLLM ``Scheduler`` driving ``KVortexConnector`` on CPU, with a fake model runner.
+
+The scheduler, its KV cache manager, request objects and the connector factory are vLLM's
+own; only the model is fake: each step the runner calls the worker-role connectors the way
+vLLM's ``KVConnectorModelRunnerMixin`` does (preemptions, bind, load, per-layer wait/save,
+wait_for_save, finished and failed transfers, clear), writes known KV for exactly the tokens
+the scheduler asked it to compute, and samples a fixed token once the prompt is done.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from vllm.config import (  # noqa: E402
+    CacheConfig,
+    DeviceConfig,
+    KVTransferConfig,
+    ModelConfig,
+    ParallelConfig,
+    SchedulerConfig,
+    VllmConfig,
+)
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole  # noqa: E402
+from vllm.sampling_params import SamplingParams  # noqa: E402
+from vllm.v1.core.sched.scheduler import Scheduler  # noqa: E402
+from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec  # noqa: E402
+from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput  # noqa: E402
+from vllm.v1.request import Request  # noqa: E402
+from vllm.v1.structured_output import StructuredOutputManager  # noqa: E402
+
+from kvortex_vllm.connector import KVortexConnector  # noqa: E402
+
+from .kv_alloc import Reader, Writer, flash_attn_v015, layer_names, token_kv, unified_v033  # noqa: E402
+
+L, H_TOTAL, D, BLOCK = 2, 2, 16, 16
+DTYPE = torch.float32
+SAMPLED = 7
+EOS = 2
+
+
+def write_model_dir(path: Path) -> Path:
+    """A directory holding only a tiny Llama ``config.json`` (no weights, no tokenizer)."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
+        "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": H_TOTAL,
+        "num_hidden_layers": L, "vocab_size": 1000, "max_position_embeddings": 4096,
+        "torch_dtype": "float32", "head_dim": D, "rms_norm_eps": 1e-5, "eos_token_id": EOS,
+    }))
+    return path
+
+
+def make_vllm_config(model_dir: Path, extra: dict[str, Any], *, tp: int = 1, prefix_caching: bool = False,
+                     max_batched: int = 512) -> VllmConfig:
+    model = ModelConfig(model=str(model_dir), skip_tokenizer_init=True, dtype="float32", max_model_len=2048)
+    sched = SchedulerConfig(max_num_batched_tokens=max_batched, max_num_seqs=8, max_model_len=2048,
+                            is_encoder_decoder=False, enable_chunked_prefill=True)
+    cache = CacheConfig(block_size=BLOCK, enable_prefix_caching=prefix_caching)
+    ktc = KVTransferConfig(kv_connector="KVortexConnector", kv_connector_module_path="kvortex_vllm.connector",
+                           kv_role="kv_both", kv_connector_extra_config=extra)
+    return VllmConfig(model_config=model, cache_config=cache, device_config=DeviceConfig("cpu"),
+                      scheduler_config=sched, kv_transfer_config=ktc,
+                      parallel_config=ParallelConfig(tensor_parallel_size=tp))
+
+
+def make_kv_cache_config(num_blocks: int, heads_per_rank: int) -> KVCacheConfig:
+    names = layer_names(L)
+    spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=heads_per_rank, head_size=D, dtype=DTYPE)
+    page = spec.page_size_bytes
+    try:  # vLLM 0.30+: one backing allocation, layers at a stride
+        from vllm.v1.kv_cache_interface import KVCacheTensor
+
+        params = inspect.signature(KVCacheTensor).parameters
+        if "layers" in params:
+            tensors = [KVCacheTensor(size=page * num_blocks * L, layers=names, layer_stride=page * num_blocks,
+                                     block_stride=page)]
+        else:
+            tensors = [KVCacheTensor(size=page * num_blocks, shared_by=[n]) for n in names]
+    except ImportError:  # pragma: no cover
+        tensors = []
+    return KVCacheConfig(num_blocks=num_blocks, kv_cache_tensors=tensors,
+                         kv_cache_groups=[KVCacheGroupSpec(names, spec)])
+
+
+def allocate_kv(kv_cache_config: KVCacheConfig, heads: int, num_blocks: int,
+                order: str = "LBNHC") -> tuple[dict[str, torch.Tensor], Writer, Reader, str]:
+    """KV tensors the way this vLLM version allocates them (its own allocator where it has one).
+
+    ``order``: the vLLM 0.30+ physical layout (LBNHC is what the engine core resolves for
+    NHD attention backends).
+    """
+    try:
+        from vllm.v1.kv_cache_layout import KVCacheLayout
+        from vllm.v1.worker.utils import allocate_kv_cache
+
+        from .kv_alloc import unified_writer_for
+
+        layout = KVCacheLayout[order]
+        caches = allocate_kv_cache(kv_cache_config, torch.device("cpu"), layout)
+        write, read = unified_writer_for(caches, D)
+        return caches, write, read, f"vllm allocate_kv_cache ({layout.name})"
+    except (ImportError, AttributeError):
+        pass
+    caches, write, read = flash_attn_v015(L, num_blocks, BLOCK, heads, D, DTYPE)
+    return caches, write, read, "flash_attn (2, B, N, H, D)"
+
+
+def make_request(req_id: str, prompt: list[int], max_tokens: int = 1) -> Request:
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    kwargs: dict[str, Any] = {}
+    if "eos_token_id" in inspect.signature(Request).parameters:
+        kwargs["eos_token_id"] = EOS
+    return Request(req_id, prompt, params, None, **kwargs)
+
+
+@dataclass
+class Worker:
+    """One TP rank: a worker-role connector over its own KV tensors."""
+
+    connector: KVortexConnector
+    caches: dict[str, torch.Tensor]
+    write: Writer
+    read: Reader
+    heads: int
+    rank: int
+
+
+@dataclass
+class StepLog:
+    scheduled: dict[str, int]
+    computed_before: dict[str, int]
+    loads: int
+    saves: int
+    finished_sending: set[str]
+    invalid_blocks: set[int]
+
+
+@dataclass
+class Harness:
+    """The engine loop: ``schedule()`` -> fake workers -> ``update_from_output()``."""
+
+    scheduler: Scheduler
+    workers: list[Worker]
+    vllm_config: VllmConfig
+    alloc_kind: str
+    tokens: dict[str, list[int]] = field(default_factory=dict)
+    blocks: dict[str, list[int]] = field(default_factory=dict)
+    history: list[StepLog] = field(default_factory=list)
+    finished: set[str] = field(default_factory=set)
+    #: Written by the fake model: (request, position) pairs actually computed.
+    computed_positions: dict[str, list[int]] = field(default_factory=dict)
+
+    @property
+    def connector(self) -> KVortexConnector:
+        return self.scheduler.connector  # type: ignore[return-value]
+
+    def add(self, req_id: str, prompt: list[int], max_tokens: int = 1) -> None:
+        self.tokens[req_id] = list(prompt)
+        self.scheduler.add_request(make_request(req_id, prompt, max_tokens))
+
+    def abort(self, req_id: str) -> None:
+        from vllm.v1.request import RequestStatus
+
+        self.scheduler.finish_requests([req_id], RequestStatus.FINISHED_ABORTED)
+
+    def step(self) -> StepLog:
+        out = self.scheduler.schedule()
+        kv_out, loads, saves = self._run_workers(out)
+        computed = self._computed_before(out)
+        req_ids = list(out.num_scheduled_tokens)
+        sampled = []
+        for r in req_ids:
+            done = computed[r] + out.num_scheduled_tokens[r]
+            sampled.append([SAMPLED] if done >= len(self.tokens[r]) else [])
+            if done >= len(self.tokens[r]):
+                self.tokens[r].append(SAMPLED)
+        mro = ModelRunnerOutput(req_ids=req_ids, req_id_to_index={r: i for i, r in enumerate(req_ids)},
+                                sampled_token_ids=sampled, logprobs=None, prompt_logprobs_dict={},
+                                pooler_output=[], kv_connector_output=kv_out)
+        results = self.scheduler.update_from_output(out, mro)
+        for eco in results.values():
+            for o in eco.outputs:
+                if o.finish_reason is not None:
+                    self.finished.add(o.request_id)
+        log = StepLog(dict(out.num_scheduled_tokens), computed, loads, saves,
+                      set(kv_out.finished_sending or ()), set(kv_out.invalid_block_ids or ()))
+        self.history.append(log)
+        return log
+
+    def run(self, max_steps: int = 200) -> None:
+        for _ in range(max_steps):
+            if not self.scheduler.has_requests():
+                return
+            self.step()
+        raise AssertionError(f"requests still pending after {max_steps} steps")
+
+    # ------------------------------------------------------------------ the fake model runner
+
+    def _computed_before(self, out: Any) -> dict[str, int]:
+        computed = {n.req_id: n.num_computed_tokens for n in out.scheduled_new_reqs}
+        cached = out.scheduled_cached_reqs
+        computed.update(zip(cached.req_ids, cached.num_computed_tokens, strict=True))
+        return computed
+
+    def _track_blocks(self, out: Any) -> None:
+        from kvortex_vllm.compat import scheduled_requests
+
+        for req_id, new_blocks, replace, _ in scheduled_requests(out):
+            if replace:
+                self.blocks[req_id] = list(new_blocks)
+            else:
+                self.blocks.setdefault(req_id, []).extend(new_blocks)
+
+    def _run_workers(self, out: Any) -> tuple[KVConnectorOutput, int, int]:
+        self._track_blocks(out)
+        computed = self._computed_before(out)
+        meta = out.kv_connector_metadata
+        sending: list[set[str]] = []
+        invalid: set[int] = set()
+        for w in self.workers:
+            c = w.connector
+            if out.preempted_req_ids:
+                c.handle_preemptions(_preemption_arg(out, meta))
+            c.bind_connector_metadata(meta)
+            c.start_load_kv(None)
+            for li, name in enumerate(w.caches):
+                c.wait_for_layer_load(name)
+                self._compute_layer(w, li, out, computed)
+                c.save_kv_layer(name, w.caches[name], None)
+            c.wait_for_save()
+            done_sending, _ = c.get_finished(set(out.finished_req_ids))
+            sending.append(set(done_sending or ()))
+            invalid |= c.get_block_ids_with_load_errors()
+            c.clear_connector_metadata()
+        for r, n in out.num_scheduled_tokens.items():
+            self.computed_positions.setdefault(r, []).extend(range(computed[r], computed[r] + n))
+        plan = meta.plan
+        # vLLM's output aggregator: a request is done sending only when every rank said so.
+        agg = set.intersection(*sending) if sending else set()
+        return (KVConnectorOutput(finished_sending=agg or None, finished_recving=None,
+                                  invalid_block_ids=invalid), len(plan.loads), len(plan.saves))
+
+    def _compute_layer(self, w: Worker, layer: int, out: Any, computed: dict[str, int]) -> None:
+        for r, n in out.num_scheduled_tokens.items():
+            toks = self.tokens[r]
+            for pos in range(computed[r], computed[r] + n):
+                k, v = self.expected_kv(toks[pos], pos, layer, w)
+                block, off = self.blocks[r][pos // BLOCK], pos % BLOCK
+                w.write(layer, block, off, k, v)
+
+    def expected_kv(self, token: int, pos: int, layer: int, w: Worker) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fake model's KV for one token, this rank's head shard."""
+        k, v = token_kv(token, pos, layer, H_TOTAL, D, DTYPE)
+        lo = w.rank * w.heads
+        return k[lo:lo + w.heads], v[lo:lo + w.heads]
+
+    # ------------------------------------------------------------------ checks
+
+    def kv_of(self, req_id: str, positions: Iterable[int], w: Worker | None = None) -> torch.Tensor:
+        """The KV stored in the request's blocks for ``positions`` (all layers), as one tensor."""
+        w = w or self.workers[0]
+        parts = []
+        for pos in positions:
+            block, off = self.blocks[req_id][pos // BLOCK], pos % BLOCK
+            for layer in range(L):
+                k, v = w.read(layer, block, off)
+                parts += [k.clone(), v.clone()]
+        return torch.stack(parts)
+
+    def expected_of(self, tokens: list[int], positions: Iterable[int], w: Worker | None = None) -> torch.Tensor:
+        w = w or self.workers[0]
+        parts = []
+        for pos in positions:
+            for layer in range(L):
+                k, v = self.expected_kv(tokens[pos], pos, layer, w)
+                parts += [k, v]
+        return torch.stack(parts)
+
+
+def _preemption_arg(out: Any, meta: Any) -> Any:
+    """What this vLLM version passes to ``handle_preemptions``."""
+    params = list(inspect.signature(KVortexConnector.__mro__[1].handle_preemptions).parameters)
+    return meta if "kv_connector_metadata" in params else set(out.preempted_req_ids)
+
+
+def build(tmp: Path, extra: dict[str, Any] | None = None, *, tp: int = 1, num_blocks: int = 64,
+          prefix_caching: bool = False, max_batched: int = 512, order: str = "LBNHC") -> Harness:
+    """A scheduler with the connector (through kv_connector_module_path) and ``tp`` worker ranks."""
+    extra = {"chunk_tokens": 32, "tiers": {"cpu": {"type": "cpu", "capacity": "1MiB"}}, **(extra or {})}
+    vc = make_vllm_config(write_model_dir(tmp / "model"), extra, tp=tp, prefix_caching=prefix_caching,
+                          max_batched=max_batched)
+    heads = H_TOTAL // tp
+    kcc = make_kv_cache_config(num_blocks, heads)
+    vc.cache_config.num_gpu_blocks = num_blocks
+    scheduler = Scheduler(**_scheduler_kwargs(vc, kcc))
+    assert isinstance(scheduler.connector, KVortexConnector), type(scheduler.connector)
+    workers = []
+    kind = ""
+    for rank in range(tp):
+        wc = copy.deepcopy(vc)
+        wc.parallel_config.rank = rank
+        conn = KVortexConnector(wc, KVConnectorRole.WORKER, kcc)
+        caches, write, read, kind = allocate_kv(kcc, heads, num_blocks, order)
+        conn.register_kv_caches(caches)
+        workers.append(Worker(conn, caches, write, read, heads, rank))
+    return Harness(scheduler, workers, vc, kind)
+
+
+def _scheduler_kwargs(vc: VllmConfig, kcc: KVCacheConfig) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"vllm_config": vc, "kv_cache_config": kcc,
+                              "structured_output_manager": StructuredOutputManager(vc), "log_stats": True}
+    params = inspect.signature(Scheduler).parameters
+    if "block_size" in params:
+        kwargs["block_size"] = BLOCK
+    return kwargs
