@@ -123,9 +123,13 @@ def numa_info() -> dict[str, Any]:
 def run_all(sizes: tuple[int, ...] = (GiB, 3 * GiB)) -> dict[str, Any]:
     import torch
 
-    rows = [r for n in sizes for r in measure_size(n)]
-    return {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "rows": rows,
-            "pool": measure_pool(2 * GiB), "numa": numa_info()}
+    out: dict[str, Any] = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
+                           "rows": [r for n in sizes for r in measure_size(n)]}
+    try:  # needs the kvortex_core package importable (pydantic & co.)
+        out.update(pool=measure_pool(2 * GiB), numa=numa_info())
+    except ImportError as exc:
+        out["pool_error"] = repr(exc)
+    return out
 
 
 if __name__ == "__main__":
