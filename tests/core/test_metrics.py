@@ -133,3 +133,46 @@ def test_multiprocess_mode_aggregates_ranks(tmp_path: Path) -> None:
     assert samples[("kvortex_load_seconds_bucket", "cpu0.0025")] == 0
     # Gauges sum over live processes: rank 0 closed its exporter, rank 1 still counts.
     assert samples[("kvortex_used_bytes", "cpu")] == 2000
+
+
+def test_logs_quiet_by_default_then_one_line_per_event() -> None:
+    import io
+    import logging
+
+    from kvortex_core import logs
+
+    log = logs.get_logger("kvortex_core.tiering.fake")
+    stream = io.StringIO()
+    logs.event(log, logging.WARNING, "tier_down", tier="redis", error="timed out")  # no handler yet
+    logs.configure("INFO", stream=stream)
+    logs.configure("WARNING", stream=stream)  # idempotent: still one handler, new level
+    try:
+        handlers = [h for h in logging.getLogger("kvortex_core").handlers if not isinstance(h, logging.NullHandler)]
+        assert len(handlers) == 1
+        log.info("not shown at WARNING")
+        logs.event(log, logging.WARNING, "tier_down", tier="redis", error="timed out")
+        lines = stream.getvalue().splitlines()
+        assert len(lines) == 1
+        assert lines[0].endswith("kvortex_core.tiering.fake: event=tier_down tier=redis error='timed out'")
+        with pytest.raises(Exception, match="log_level 'LOUD'"):
+            logs.configure("LOUD")
+    finally:
+        for name in logs.ROOT_LOGGERS:
+            logger = logging.getLogger(name)
+            for h in [h for h in logger.handlers if getattr(h, "_kvortex_handler", False)]:
+                logger.removeHandler(h)
+            logger.setLevel(logging.NOTSET)
+            logger.propagate = True
+
+
+def test_throttle_and_storm_detector() -> None:
+    from kvortex_core.logs import StormDetector, Throttle
+
+    throttle = Throttle(interval_s=3600)
+    assert throttle.allow("disk") == 0
+    assert throttle.allow("disk") is None and throttle.allow("disk") is None
+    assert throttle.allow("redis") == 0  # keys are independent
+    storms = StormDetector(threshold=100, window_s=3600)
+    assert storms.record(60) is None
+    assert storms.record(60) == 120  # crossed: report once
+    assert storms.record(500) is None  # same storm, no second line

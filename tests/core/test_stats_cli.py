@@ -57,6 +57,8 @@ def test_parse_reduces_families_per_tier() -> None:
     stats.set_gauge("used_bytes", 10, "cpu")
     stats.set_gauge("capacity_bytes", 40, "cpu")
     stats.inc("bytes_loaded", 7, "cpu")
+    stats.inc("tier_bytes_read", 5, "disk")
+    stats.inc("tier_timeouts", 1, "disk")
     stats.inc("checksum_failures", 2, "disk")
     stats.set_gauge("breaker_state", 2, "disk")
     exp = MetricsExporter(stats).start()
@@ -64,7 +66,8 @@ def test_parse_reduces_families_per_tier() -> None:
     exp.close()
     assert view.tiers["cpu"].used_bytes == 10 and view.tiers["cpu"].capacity_bytes == 40
     assert view.tiers["cpu"].bytes_loaded == 7
-    assert view.tiers["disk"].errors == 2 and view.errors == 2
+    assert view.tiers["disk"].bytes_loaded == 5
+    assert view.tiers["disk"].errors == 3 and view.errors == 3
     assert view.tiers["disk"].breaker == "half-open"
 
 

@@ -20,6 +20,8 @@ PREFIX = "kvortex_"
 #: ``breaker_state`` gauge values, as the tiering records them.
 BREAKER_STATES = {0: "closed", 1: "open", 2: "half-open"}
 _ERROR_WORDS = ("error", "failure", "timeout")
+_SUMMED = {"bytes_saved": "bytes_saved", "tier_bytes_written": "bytes_saved",
+           "bytes_loaded": "bytes_loaded", "tier_bytes_read": "bytes_loaded"}
 
 
 @dataclass
@@ -75,8 +77,9 @@ def _apply(view: MetricsView, name: str, tier: str, value: float) -> None:
             view.errors += value
         return
     t = view.tiers.setdefault(tier, TierView())
-    if name in ("used_bytes", "capacity_bytes", "entries", "bytes_saved", "bytes_loaded",
-                "evictions", "hit_chunks"):
+    if name in _SUMMED:  # the cpu tier counts bytes_*, lower tiers tier_bytes_*
+        setattr(t, _SUMMED[name], getattr(t, _SUMMED[name]) + value)
+    elif name in ("used_bytes", "capacity_bytes", "entries", "evictions", "hit_chunks"):
         setattr(t, name, value)
     elif name == "breaker_state":
         t.breaker = BREAKER_STATES.get(int(value), str(value))
