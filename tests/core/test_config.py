@@ -318,3 +318,22 @@ def test_provenance_of_json_env_and_backend_options(monkeypatch: pytest.MonkeyPa
     rows = provenance(KVortexConfig())
     assert rows["tiers.cold.path"] == ("/tmp/k", Source("env", "KVORTEX_TIERS"))
     assert rows["chunk_tokens"][1] == Source("default")
+
+
+# --- the documented examples are valid ------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def yaml_blocks(path: Path) -> list[str]:
+    text = path.read_text()
+    return [block.split("```", 1)[0] for block in text.split("```yaml\n")[1:]]
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/configuration.md"])
+def test_documented_yaml_examples_load(doc: str, tmp_path: Path) -> None:
+    blocks = yaml_blocks(ROOT / doc)
+    assert blocks, f"{doc} has no yaml example"
+    for i, block in enumerate(blocks):
+        config = KVortexConfig.load(write_yaml(tmp_path, block, f"example{i}.yaml"))
+        assert config.tier_names[0] == "cpu"
