@@ -32,6 +32,8 @@ def core(
     entries: Annotated[str, typer.Option(help="index sizes (chunks)")] = "1000,10000,100000",
     reps: Annotated[int, typer.Option(min=1, help="timed repetitions (median is reported)")] = 20,
     out: Annotated[Path, typer.Option(help="results folder")] = Path("bench-results"),
+    pin: Annotated[bool, typer.Option(help="with CUDA: also compare cudaHostRegister vs "
+                                           "pin_memory=True for the pool (1 and 3 GiB)")] = True,
 ) -> None:
     """Measure hashing, lookup, insert/evict and pool costs vs raw Python baselines."""
     from kvortex_core.cli.bench.common import hardware, write_results
@@ -40,9 +42,22 @@ def core(
     counts = [int(n) for n in entries.split(",") if n.strip()]
     rows = [*bench_hashing(sizes, chunk_tokens, reps), *bench_lookup(counts, reps),
             *bench_insert(counts), *bench_pool(reps)]
-    path = write_results(out, "core", {"rows": rows, "chunk_tokens": chunk_tokens})
+    payload: dict[str, Any] = {"rows": rows, "chunk_tokens": chunk_tokens}
+    if pin and _cuda():
+        from kvortex_core.cli.bench.core_pin import run_all
+
+        payload["pin"] = run_all()
+    path = write_results(out, "core", payload)
     _print(rows, hardware().get("cpu", "?"))
+    if "pin" in payload:
+        _print_pin(payload["pin"])
     typer.echo(f"results: {path}")
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _median(fn: Callable[[], object], reps: int) -> float:
@@ -187,4 +202,19 @@ def _print(rows: list[Row], cpu: str) -> None:
     for r in rows:
         table.add_row(r["case"], str(r["size"]), f"{r['ours']:.3f} {r['unit']}",
                       f"{r['raw']:.3f} {r['unit']}", f"{r['ratio']:.2f}")
+    Console(width=120).print(table)
+
+
+def _print_pin(pin: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"pool pinning ({pin['gpu']})")
+    for col in ("method", "GiB", "alloc s", "reserved GiB", "H2D GB/s", "D2H GB/s"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for r in pin["rows"]:
+        table.add_row(r["method"], f"{r['bytes'] / 2**30:.2f}",
+                      "-" if r["alloc_s"] is None else f"{r['alloc_s']:.3f}",
+                      "-" if r["reserved_bytes"] is None else f"{r['reserved_bytes'] / 2**30:.2f}",
+                      f"{r['h2d_slots_gbps']:.1f}", f"{r['d2h_slots_gbps']:.1f}")
     Console(width=120).print(table)
