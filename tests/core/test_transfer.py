@@ -186,3 +186,26 @@ def test_bad_construction() -> None:
         te.save_layer(7, [[1]], _buffers(te.layout, 1))
     with pytest.raises(LayoutError, match="skip_blocks=-1"):
         te.load(_buffers(te.layout, 1), [[1]], skip_blocks=-1)
+
+
+@pytest.mark.parametrize("name", ["flash_attn_nhd", "flashinfer_hnd", "unified_BLNHC", "mla", "cross_layer"])
+def test_per_layer_fallback_path(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Layouts whose strides do not divide into rows use one kernel per layer: same bytes."""
+    import kvortex_core.data.transfer as transfer_mod
+
+    caches, hints, block = ks.all_layouts(L, B, N, H, D, torch.float16)[name]
+    layout = detect_layout(caches, hints)
+    with_rows = TransferEngine(caches, layout, chunk_tokens=CHUNK, staging_bytes=700)
+    monkeypatch.setattr(transfer_mod, "build_row_plan", lambda views, keep: None)
+    fallback = TransferEngine(caches, layout, chunk_tokens=CHUNK, staging_bytes=700)
+    assert with_rows.row_gather and not fallback.row_gather
+    chunks = [[4, 2, 9, 1], [7, 8]]
+    a, b = _buffers(layout, 2), _buffers(layout, 2)
+    with_rows.save(chunks, a).wait()
+    fallback.save(chunks, b).wait()
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    target, _, tblock = _zeroed(name)
+    TransferEngine(target, detect_layout(target, hints), chunk_tokens=CHUNK).load(b, [[0, 1, 2, 3], [5, 6]],
+                                                                                   skip_blocks=1).wait()
+    for o, n in zip([2, 9, 1, 7, 8], [1, 2, 3, 5, 6], strict=True):
+        assert all(torch.equal(tblock(target, layer, n), block(caches, layer, o)) for layer in range(L))

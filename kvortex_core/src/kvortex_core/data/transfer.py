@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 
-from kvortex_core.data.layouts import KVLayout, layer_views, stacked_view
+from kvortex_core.data.layouts import KVLayout, layer_views
+from kvortex_core.data.rows import RowPlan, build_row_plan
 from kvortex_core.data.streams import (
     StreamSet,
     TransferTimeoutError,
@@ -33,6 +34,8 @@ from kvortex_core.data.streams import (
 from kvortex_core.errors import LayoutError
 
 __all__ = ["TransferEngine", "TransferHandle", "TransferTimeoutError"]
+
+_LAYERWISE_UNIT_BYTES = 4 * 1024**2
 
 
 @dataclass(frozen=True)
@@ -123,10 +126,10 @@ class TransferEngine:
         self.device = torch.device(device) if device is not None else self.views[0].device
         if self.views[0].device != self.device:
             raise LayoutError(f"KV caches live on {self.views[0].device} but device={self.device} was given")
-        # [K, B, N, H, D] per layer: block ids index dim 1 and the result is canonical.
+        self._keep = kv_caches  # the row alias below does not own the memory
+        self._rows: RowPlan | None = build_row_plan(self.views, kv_caches)
+        # Fallback, one kernel per layer: [K, B, N, H, D] per layer, block ids index dim 1.
         self._views_t = [v.transpose(0, 1) for v in self.views]
-        stacked = stacked_view(self.views)
-        self._stacked_t = stacked.transpose(1, 2) if stacked is not None else None
         # One layer of one full chunk must fit a staging half.
         half = max(int(staging_bytes) // 2, layout.layer_bytes(chunk_tokens))
         self.half_bytes = half
@@ -136,9 +139,9 @@ class TransferEngine:
     # ------------------------------------------------------------------ public API
 
     @property
-    def single_gather(self) -> bool:
-        """True when one kernel gathers all layers of a batch (layers share one storage)."""
-        return self._stacked_t is not None
+    def row_gather(self) -> bool:
+        """True when one kernel moves all layers of a unit (see :mod:`kvortex_core.data.rows`)."""
+        return self._rows is not None
 
     def save(self, block_ids_per_chunk: Sequence[Sequence[int]], dst: Sequence[torch.Tensor]) -> TransferHandle:
         """Copy each chunk's blocks (all layers) into ``dst[i]`` (uint8 payload view of a pinned slot)."""
@@ -202,7 +205,7 @@ class TransferEngine:
         per_chunk: list[list[_Unit]] = []
         for c, ids in enumerate(blocks):
             lb = lay.layer_bytes(len(ids) * lay.block_size)
-            step = 1 if layer_major else max(1, self.half_bytes // lb)
+            step = self._layer_group(lb) if layer_major else max(1, self.half_bytes // lb)
             per_chunk.append([
                 _Unit(c, l0, min(l0 + step, layers.stop), len(ids), l0 * lb, (min(l0 + step, layers.stop) - l0) * lb)
                 for l0 in range(layers.start, layers.stop, step)
@@ -212,17 +215,27 @@ class TransferEngine:
             order.sort(key=lambda u: (u.l0, u.chunk))
         return _pack(order, self.half_bytes)
 
+    def _layer_group(self, layer_bytes: int) -> int:
+        """Layers per unit in layer-wise order: units of >= 4 MiB (launch cost is per unit),
+        but at least 4 groups so compute can start early, and never more than a staging half."""
+        want = -(-_LAYERWISE_UNIT_BYTES // layer_bytes)
+        cap = max(1, min(self.layout.num_layers // 4, self.half_bytes // layer_bytes))
+        return max(1, min(want, cap))
+
     def _index_tensors(self, blocks: list[list[int]], streams: StreamSet) -> list[torch.Tensor]:
-        """Block ids on the device, one slice per chunk, from one pinned host tensor."""
+        """Per chunk: block ids on the device, or row offsets ``[K, n, N', H']`` with a row plan."""
         flat = torch.tensor([b for ids in blocks for b in ids], dtype=torch.int64)
-        if streams.cuda:
-            flat = flat.pin_memory()
-            with streams.on(streams.first):
-                flat = flat.to(self.device, non_blocking=True)
-            if streams.second is not streams.first:
-                # loads scatter with it on the second stream: keep the allocator off it until then
-                flat.record_stream(streams.second)
-        return list(torch.split(flat, [len(ids) for ids in blocks]))
+        lay = self.layout
+        with streams.on(streams.first):
+            if streams.cuda:
+                flat = flat.pin_memory().to(self.device, non_blocking=True)
+            if self._rows is not None:
+                flat = self._rows.chunk_offsets(flat, lay.block_size, lay.kv_count, lay.num_kv_heads)
+        if streams.cuda and streams.second is not streams.first:
+            # loads scatter with it on the second stream: keep the allocator off it until then
+            flat.record_stream(streams.second)
+        dim = 1 if self._rows is not None else 0
+        return list(torch.split(flat, [len(ids) for ids in blocks], dim=dim))
 
     # ------------------------------------------------------------------ save
 
@@ -265,11 +278,12 @@ class TransferEngine:
 
     def _gather(self, u: _Unit, idx: torch.Tensor, stage: torch.Tensor) -> None:
         out = self._unit_view(u, stage)
-        if self._stacked_t is not None:
-            torch.index_select(self._stacked_t[u.l0:u.l1], 2, idx, out=out)
+        if self._rows is not None:
+            rows = self._rows.unit_rows(idx, u.l0, u.l1)
+            torch.index_select(self._rows.alias, 0, rows, out=out.view(-1, self._rows.row_elems))
             return
-        for i, layer in enumerate(range(u.l0, u.l1)):
-            torch.index_select(self._views_t[layer], 1, idx, out=out[i])
+        for layer, o in zip(range(u.l0, u.l1), out.unbind(0), strict=True):
+            torch.index_select(self._views_t[layer], 1, idx, out=o)
 
     # ------------------------------------------------------------------ load
 
@@ -302,12 +316,15 @@ class TransferEngine:
             return
         src = self._unit_view(u, stage)
         if skip:
-            src, idx = src[:, :, skip:], idx[skip:]
-        if self._stacked_t is not None:
-            self._stacked_t[u.l0:u.l1].index_copy_(2, idx, src)
+            src = src[:, :, skip:]
+        if self._rows is not None:
+            rows = self._rows.unit_rows(idx, u.l0, u.l1, skip)
+            self._rows.alias.index_copy_(0, rows, src.reshape(-1, self._rows.row_elems))
             return
-        for i, layer in enumerate(range(u.l0, u.l1)):
-            self._views_t[layer].index_copy_(1, idx, src[i])
+        if skip:
+            idx = idx[skip:]
+        for layer, s in zip(range(u.l0, u.l1), src.unbind(0), strict=True):
+            self._views_t[layer].index_copy_(1, idx, s)
 
     @staticmethod
     def _mark_layers(batch: list[_Unit], remaining: list[int], events: list[Any], event: Any) -> None:

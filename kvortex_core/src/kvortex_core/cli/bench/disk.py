@@ -45,7 +45,8 @@ def disk_cmd(
     sizes: Annotated[str, typer.Option(help="comma-separated payload sizes in MiB")] = "1,8,32",
     reps: RepsOption = 5,
     concurrency: Annotated[str, typer.Option(help="comma-separated concurrent operations")] = "1,4",
-    path: Annotated[Path | None, typer.Option(help="directory on the disk to test (default: under --out)")] = None,
+    path: Annotated[Path | None, typer.Option(
+        help="directory on the disk to test (default: under --out)")] = None,
     compression: Annotated[bool, typer.Option(help="also measure lz4/zstd on bf16 KV-like data")] = True,
     out: OutOption = Path("bench-results"),
     quiet: QuietOption = False,

@@ -71,7 +71,7 @@ def bench_compression(size_mib: float = 8, reps: int = 5) -> list[dict[str, Any]
         for name, (comp, decomp) in _codecs().items():
             packed = comp(data)
             assert decomp(packed, n) == data, f"{name} is not lossless on {kind}"
-            c = _median_s(lambda comp=comp: comp(data), reps)
+            c = _median_s(lambda comp=comp, data=data: comp(data), reps)
             d = _median_s(lambda decomp=decomp, packed=packed: decomp(packed, n), reps)
             rows.append({"data": kind, "codec": name, "ratio": n / len(packed),
                          "compress_gbps": n / c / 1e9, "decompress_gbps": n / d / 1e9})

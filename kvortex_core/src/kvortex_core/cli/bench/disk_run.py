@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Awaitable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
-from collections.abc import Awaitable, Iterable
 from typing import Any
 
 
@@ -23,6 +23,7 @@ class DiskRig:
 
     def __enter__(self) -> DiskRig:
         from kvortex_backends.disk import DiskBackend
+
         from kvortex_core.data import payload as pl
         from kvortex_core.data.pool import PinnedPool
         from kvortex_core.storage.protocol import BackendContext

@@ -66,9 +66,15 @@ def pinned(nbytes: int, device: torch.device) -> torch.Tensor:
     return torch.empty(nbytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
 
 
-def make_caches(shape: Shape, num_blocks: int, device: torch.device) -> list[torch.Tensor]:
-    """Separate per-layer tensors (as vLLM < 0.30 allocates them), random bf16 content."""
+def make_caches(shape: Shape, num_blocks: int, device: torch.device, unified: bool = False) -> list[torch.Tensor]:
+    """Random bf16 KV: separate per-layer tensors (vLLM < 0.30, FlashAttention NHD / MLA), or
+    ``unified``: per-layer ``[B, H, N, C]`` views of one LBNHC buffer (vLLM 0.30+ default)."""
     gen = torch.Generator(device=device).manual_seed(0)
+    if unified:
+        c = shape.head * (1 if shape.mla else 2)
+        buf = torch.randn((shape.layers, num_blocks, shape.block, shape.heads, c), generator=gen,
+                          device=device, dtype=torch.bfloat16)
+        return [buf[i].transpose(1, 2) for i in range(shape.layers)]
     if shape.mla:
         dims: tuple[int, ...] = (num_blocks, shape.block, shape.head)
     else:

@@ -30,18 +30,20 @@ def run_all(device: torch.device, sizes: list[int], *, reps: int, mla_layers: in
     t0 = time.perf_counter()
     if "verify" in parts:
         res["verify"] = tp.verify_layouts(device)
-    for shape in (llama, mla):
-        _bandwidth(res, shape, device, sizes if shape is llama else [max(sizes)], reps, staging, parts)
+    for shape, unified in ((llama, True), (llama, False), (mla, False)):
+        _bandwidth(res, shape, device, sizes if shape is llama else [max(sizes)], reps, staging, parts, unified)
     res["elapsed_s"] = time.perf_counter() - t0
     return res
 
 
 def _bandwidth(res: dict[str, Any], shape: tp.Shape, device: torch.device, sizes: list[int], reps: int,
-               staging: int, parts: set[str]) -> None:
+               staging: int, parts: set[str], unified: bool) -> None:
+    """Save/load ratios at each size; extras (bidir, matmul, layer-wise) on the first layout only."""
     max_tokens = max(sizes)
     num_blocks = 2 * max_tokens // shape.block
-    caches = tp.make_caches(shape, num_blocks, device)
-    layout = detect_layout(caches)
+    caches = tp.make_caches(shape, num_blocks, device, unified=unified)
+    layout = detect_layout(caches, {"kv_count": 1} if unified and shape.mla else None)
+    label = f"{shape.name} {'unified-LBNHC' if unified else 'per-layer'}"
     engine_case = _engine_case_fn(parts)
     for tokens in sizes:
         raw = tp.raw_copy(layout.chunk_bytes(tokens), device, reps)
@@ -49,17 +51,19 @@ def _bandwidth(res: dict[str, Any], shape: tp.Shape, device: torch.device, sizes
         if "te" in parts:
             te = tp.transfer_engine_case(shape, tokens, caches, layout, CHUNK_TOKENS, staging, 2, reps)
             case["te"] = te
-            _rows(res, f"{shape.name} {tokens} te", te, raw)
+            _rows(res, f"{label} {tokens} te", te, raw)
         if engine_case is not None:
             eng = engine_case(shape, tokens, caches, layout, staging, reps)
             case["engine"] = eng
-            _rows(res, f"{shape.name} {tokens} engine", eng, raw)
-        res["cases"][f"{shape.name}/{tokens}"] = case
+            _rows(res, f"{label} {tokens} engine", eng, raw)
+        res["cases"][f"{label}/{tokens}"] = case
+    if unified:
+        return
     extra_tokens = min(max_tokens, 8192 if device.type == "cuda" else max_tokens)
     if "sweep" in parts and not shape.mla:
         res["sweep"] = _sweep(shape, caches, layout, extra_tokens, reps)
     if "bidir" in parts and device.type == "cuda":
-        res.setdefault("bidir", {})[shape.name] = _bidir(shape, caches, layout, extra_tokens, staging, reps)
+        res.setdefault("bidir", {})[label] = _bidir(shape, caches, layout, extra_tokens, staging, reps)
     if shape.mla:
         return
     if "layerwise" in parts:
@@ -123,12 +127,17 @@ def _matmul(shape: tp.Shape, caches: list[torch.Tensor], layout: Any, tokens: in
         hl.wait()
 
     gpu = torch.empty(layout.chunk_bytes(tokens), dtype=torch.uint8, device=device)
-    host = tp.pinned(gpu.numel(), device)
+    gpu2 = torch.empty_like(gpu)
+    host, host2 = tp.pinned(gpu.numel(), device), tp.pinned(gpu.numel(), device)
+    s1, s2 = torch.cuda.Stream(device), torch.cuda.Stream(device)
 
-    def raw() -> None:
-        host.copy_(gpu, non_blocking=True)
-        gpu.copy_(host, non_blocking=True)
-        torch.cuda.synchronize(device)
+    def raw() -> None:  # side streams, like ours: the matmul stream is never blocked by copies
+        with torch.cuda.stream(s1):
+            host.copy_(gpu, non_blocking=True)
+        with torch.cuda.stream(s2):
+            gpu2.copy_(host2, non_blocking=True)
+        s1.synchronize()
+        s2.synchronize()
 
     return {"ours": tp.matmul_slowdown(device, transfers), "raw_copy": tp.matmul_slowdown(device, raw)}
 
@@ -139,8 +148,8 @@ def _layerwise(shape: tp.Shape, caches: list[torch.Tensor], layout: Any, tokens:
     te, _, other, _, src = _te_pair(shape, caches, layout, tokens, staging)
     device = caches[0].device
     t_load = min(tp.timed(lambda: te.load(src, other, layerwise=True).wait(), device, reps))
-    n = 512 if device.type == "cuda" else 64
-    a = torch.randn(n, n, device=device)
+    n = 2048 if device.type == "cuda" else 64
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
     per_mm = min(tp.timed(lambda: a @ a, device, 3))
     per_layer = max(1, round(t_load / layout.num_layers / max(per_mm, 1e-7)))
 

@@ -154,14 +154,16 @@ class TTFTRun:
                  "disk": {"type": "disk", "capacity": 1 << 40, "path": str(disk_path)}}
         if not h.engine_available():
             return {"skipped": "KVortexEngine not available: the disk tier needs the tiering"}
-        writer = h.EnginePath(self.paged.kv, tiers, self.chunk_tokens)
+        # Large payloads on a slow disk: give write-behind and its drain at close room to finish.
+        slow = {"timeouts": {"close_s": 600, "backend_op_s": 120}}
+        writer = h.EnginePath(self.paged.kv, tiers, self.chunk_tokens, **slow)
         writer.save(toks, src.tolist())
         writer.close()  # drains the write-behind to disk
 
         def fresh() -> Any:
             if drop:
                 _drop_page_cache()
-            return h.EnginePath(self.paged.kv, tiers, self.chunk_tokens)
+            return h.EnginePath(self.paged.kv, tiers, self.chunk_tokens, **slow)
 
         res = self._loads(None, toks, dst, cache, prefill_s, fresh=fresh)
         res["page_cache_dropped"] = drop and _can_drop()

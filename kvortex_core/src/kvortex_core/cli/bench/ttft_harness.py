@@ -121,12 +121,15 @@ class EnginePath:
 
     name = "KVortexEngine"
 
-    def __init__(self, kv_caches: list[torch.Tensor], tiers: dict[str, Any], chunk_tokens: int) -> None:
+    def __init__(self, kv_caches: list[torch.Tensor], tiers: dict[str, Any], chunk_tokens: int,
+                 **config: Any) -> None:
         from kvortex_core.config import KVortexConfig
         from kvortex_core.engine import KVortexEngine
 
-        config = KVortexConfig(chunk_tokens=chunk_tokens, model_id="kvortex-ttft-bench", tiers=tiers)
-        self.engine = KVortexEngine.create(config)
+        plugins = builtin_plugins()
+        config = KVortexConfig.load(plugins=plugins, chunk_tokens=chunk_tokens,
+                                    model_id="kvortex-ttft-bench", tiers=tiers, **config)
+        self.engine = KVortexEngine.create(config, plugins=plugins)
         self.engine.register_kv_caches(kv_caches)
 
     def lookup(self, tokens: Sequence[int]) -> int:
@@ -194,6 +197,22 @@ class TransferPath:
             self.pool.free(slot)
         self.slots.clear()
         self.pool.close()
+
+
+def builtin_plugins() -> Any:
+    """A plugin manager with the built-in backends, also where they are not pip-installed.
+
+    On the GPU box the packages run from ``PYTHONPATH`` without entry points; register the
+    built-ins by hand there, exactly as their entry point would.
+    """
+    from kvortex_core.plugins.manager import PluginManager
+
+    manager = PluginManager()
+    if "cpu" not in manager.backends():
+        import kvortex_backends.plugin as builtin
+
+        manager.register(builtin, name="kvortex-backends")
+    return manager
 
 
 def engine_available() -> bool:

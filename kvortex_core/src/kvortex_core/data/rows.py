@@ -1,0 +1,146 @@
+"""Row gather: every layer's KV as rows of one 2-D alias, so one kernel moves many layers.
+
+Python pays ~10-20 us per kernel launch; one ``index_select`` per (layer, chunk) made the
+host, not PCIe, the bottleneck (1024 launches per GiB for Llama-8B). Instead the whole
+address span of the registered KV tensors is aliased once as ``[rows, row_elems]`` where a
+row is the longest run that is contiguous in both the engine layout and the canonical
+payload (a whole ``[N, H, D]`` page for NHD, one head vector ``D`` for HND or vLLM 0.30+
+unified layouts). A chunk's canonical payload is then a list of row numbers, and one
+``index_select`` (save) or ``index_copy_`` (load) moves any number of layers at once.
+
+The alias spans the gaps between separate per-layer allocations; only rows that belong to
+the registered tensors are ever addressed. When the strides or offsets do not divide into
+rows (an exotic layout), :func:`build_row_plan` returns None and the caller falls back to
+one kernel per layer.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass
+class RowPlan:
+    """The alias and the row arithmetic of one registered KV cache."""
+
+    alias: torch.Tensor  # [rows, row_elems], transfer dtype, on the KV device
+    row_elems: int
+    base_rows: torch.Tensor  # [L] first row of each layer's view (int64, on device)
+    k_rows: int
+    block_rows: int
+    token_rows: int  # 0 when the token dimension is folded into the row
+    head_rows: int  # 0 when the head dimension is folded into the row
+    tokens_in_row: bool
+    heads_in_row: bool
+
+    def chunk_offsets(self, block_ids: torch.Tensor, block_size: int, kv_count: int, heads: int) -> torch.Tensor:
+        """Row offsets ``[K, n, N', H']`` of one chunk's canonical payload (add a layer's base)."""
+        dev = block_ids.device
+        k = torch.arange(kv_count, device=dev).view(-1, 1, 1, 1) * self.k_rows
+        b = block_ids.view(1, -1, 1, 1) * self.block_rows
+        offs = k + b
+        if not self.tokens_in_row:
+            offs = offs + torch.arange(block_size, device=dev).view(1, 1, -1, 1) * self.token_rows
+        if not self.heads_in_row:
+            offs = offs + torch.arange(heads, device=dev).view(1, 1, 1, -1) * self.head_rows
+        return offs
+
+    def unit_rows(self, offsets: torch.Tensor, l0: int, l1: int, skip: int = 0) -> torch.Tensor:
+        """Row numbers of layers ``[l0, l1)`` of one chunk in payload order (skipping blocks)."""
+        if skip:
+            offsets = offsets[:, skip:]
+        return (self.base_rows[l0:l1].view(-1, 1, 1, 1, 1) + offsets.unsqueeze(0)).reshape(-1)
+
+
+def _alias(ptr: int, nbytes: int, device: torch.device) -> torch.Tensor:
+    """A uint8 tensor over ``[ptr, ptr + nbytes)`` without owning it (the caller keeps owners alive)."""
+    if device.type == "cuda":
+        holder = _CudaSpan(ptr, nbytes)
+        with torch.cuda.device(device):
+            return torch.as_tensor(holder, device=device)
+    import numpy as np
+
+    array = np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(ptr))
+    return torch.from_numpy(array)
+
+
+class _CudaSpan:
+    """Exposes a device address range through ``__cuda_array_interface__`` (zero-copy)."""
+
+    def __init__(self, ptr: int, nbytes: int) -> None:
+        self.__cuda_array_interface__ = {
+            "shape": (nbytes,), "typestr": "|u1", "data": (ptr, False), "version": 2, "strides": None,
+        }
+
+
+def _row_options(view: torch.Tensor) -> list[tuple[int, bool, bool]]:
+    """Canonical suffixes of ``[B, K, N, H, D]`` contiguous in memory, largest first.
+
+    Each option is ``(row_elems, tokens_in_row, heads_in_row)``: N*H*D, H*D or D.
+    """
+    _, _, n, h, d = view.shape
+    s = _strides(view)
+    if s[4] not in (0, 1):
+        return []
+    options = [(d, False, False)]
+    if h == 1 or s[3] == d:
+        options.append((h * d, False, True))
+        if n == 1 or s[2] == h * d:
+            options.append((n * h * d, True, True))
+    return options[::-1]
+
+
+def build_row_plan(views: list[torch.Tensor], keep: Any) -> RowPlan | None:
+    """A RowPlan for per-layer ``[B, K, N, H, D]`` views with identical strides, or None.
+
+    Tries the largest row first and falls back to smaller rows when layer offsets or strides
+    do not divide. ``keep`` (the engine's tensors) must outlive the plan: the alias owns nothing.
+    """
+    for option in _row_options(views[0]):
+        plan = _plan(views, *option)
+        if plan is not None:
+            return plan
+    return None
+
+
+def _plan(views: list[torch.Tensor], row: int, tokens_in: bool, heads_in: bool) -> RowPlan | None:
+    first = views[0]
+    es = first.element_size()
+    start, end = _span(views)
+    rel = [(v.data_ptr() - start) for v in views]
+    strides = _strides(first)
+    needed = [strides[1], strides[0]] + ([] if tokens_in else [strides[2]]) + ([] if heads_in else [strides[3]])
+    if any(r % (row * es) for r in rel) or any(x % row for x in needed):
+        return None
+    nbytes = (end - start) // (row * es) * (row * es)
+    alias = _alias(start, nbytes, first.device).view(first.dtype).view(-1, row)
+    base = torch.tensor([r // (row * es) for r in rel], dtype=torch.int64, device=first.device)
+    return RowPlan(
+        alias=alias, row_elems=row, base_rows=base,
+        k_rows=strides[1] // row, block_rows=strides[0] // row,
+        token_rows=0 if tokens_in else strides[2] // row,
+        head_rows=0 if heads_in else strides[3] // row,
+        tokens_in_row=tokens_in, heads_in_row=heads_in,
+    )
+
+
+def _strides(view: torch.Tensor) -> tuple[int, ...]:
+    """Strides with size-1 dimensions zeroed (their stride is arbitrary and never used)."""
+    return tuple(0 if size == 1 else stride for size, stride in zip(view.shape, view.stride(), strict=True))
+
+
+def _span(views: list[torch.Tensor]) -> tuple[int, int]:
+    """[first byte, one past the last byte] touched by any of the views."""
+    es = views[0].element_size()
+    lo, hi = None, None
+    for v in views:
+        extent = sum((size - 1) * stride for size, stride in zip(v.shape, v.stride(), strict=True))
+        a, b = v.data_ptr(), v.data_ptr() + (extent + 1) * es
+        lo = a if lo is None else min(lo, a)
+        hi = b if hi is None else max(hi, b)
+    assert lo is not None and hi is not None
+    return lo, hi
