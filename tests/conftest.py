@@ -28,7 +28,11 @@ def _module_missing(module: str, install: str) -> Callable[[], str | None]:
 
 
 def _redis_missing() -> str | None:
-    return None if shutil.which("redis-server") else "needs redis-server: apt-get install -y redis-server"
+    return (
+        None
+        if shutil.which("redis-server")
+        else "needs redis-server: apt-get install -y redis-server"
+    )
 
 
 _CHECKS: dict[str, Callable[[], str | None]] = {

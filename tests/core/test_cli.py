@@ -58,13 +58,18 @@ def test_stats_is_wired_when_built(runner: CliRunner) -> None:
     assert runner.invoke(app, ["stats", "--help"]).exit_code == 0
 
 
-def test_config_show_names_sources(runner: CliRunner, tmp_path: Path,
-                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_config_show_names_sources(
+    runner: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = yaml_file(tmp_path, GOOD)
     monkeypatch.setenv("KVORTEX_EVICTION__POLICY", "s3fifo")
     result = runner.invoke(app, ["config", "show", "--file", str(path), "--set", "salt=tenant-7"])
     assert result.exit_code == 0, result.stderr
-    lines = {line.split("│")[1].strip(): line for line in result.stdout.splitlines() if line.count("│") >= 3}
+    lines = {
+        line.split("│")[1].strip(): line
+        for line in result.stdout.splitlines()
+        if line.count("│") >= 3
+    }
     assert "argument" in lines["salt"] and "tenant-7" in lines["salt"]
     assert "env KVORTEX_EVICTION__POLICY" in lines["eviction.policy"]
     assert f"YAML {path}" in lines["chunk_tokens"] and "128" in lines["chunk_tokens"]
@@ -72,8 +77,9 @@ def test_config_show_names_sources(runner: CliRunner, tmp_path: Path,
     assert "default" in lines["eviction.high_watermark"]
 
 
-def test_config_show_json_uses_config_file_env(runner: CliRunner, tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_config_show_json_uses_config_file_env(
+    runner: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("KVORTEX_CONFIG_FILE", str(yaml_file(tmp_path, GOOD)))
     result = runner.invoke(app, ["config", "show", "--json"])
     assert result.exit_code == 0, result.stderr
@@ -83,8 +89,9 @@ def test_config_show_json_uses_config_file_env(runner: CliRunner, tmp_path: Path
     assert data["transfer.num_streams"]["source"] == "default"
 
 
-def test_config_show_bad_config_exits_with_message(runner: CliRunner,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_config_show_bad_config_exits_with_message(
+    runner: CliRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("KVORTEX_CHUNK_TOKENS", "lots")
     result = runner.invoke(app, ["config", "show"])
     assert result.exit_code == 2
@@ -117,8 +124,9 @@ def test_config_validate_missing_file(runner: CliRunner, tmp_path: Path) -> None
     assert result.exit_code == 2 and "does not exist" in result.stderr
 
 
-def test_config_validate_isolated_ignores_env(runner: CliRunner, tmp_path: Path,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_config_validate_isolated_ignores_env(
+    runner: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = str(yaml_file(tmp_path, GOOD))
     monkeypatch.setenv("KVORTEX_CHUNK_TOKENS", "-1")
     assert runner.invoke(app, ["config", "validate", path]).exit_code == 2
@@ -132,35 +140,55 @@ def test_backends_list(runner: CliRunner) -> None:
     assert result.exit_code == 0, result.stderr
     for fragment in ("memory", "kvortex-core", "cpu", "disk", "kvortex-backends"):
         assert fragment in result.stdout
-    rows = {r["name"]: r for r in json.loads(runner.invoke(app, ["backends", "list", "--json"]).stdout)}
+    rows = {
+        r["name"]: r for r in json.loads(runner.invoke(app, ["backends", "list", "--json"]).stdout)
+    }
     assert rows["memory"]["distribution"] == "kvortex-core"
     assert rows["memory"]["version"] and rows["memory"]["dependencies_installed"] is True
     assert rows["disk"]["class"] == "kvortex_backends.disk.DiskBackend"
 
 
-def test_backends_list_reports_missing_dependency(runner: CliRunner,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_backends_list_reports_missing_dependency(
+    runner: CliRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from kvortex_core.testing import MemoryBackend
 
     monkeypatch.setattr(MemoryBackend, "requires", ("kvortex_no_such_sdk",), raising=False)
     monkeypatch.setattr(MemoryBackend, "install_hint", 'pip install "kvortex-x[y]"', raising=False)
-    row = {r["name"]: r for r in json.loads(runner.invoke(app, ["backends", "list", "--json"]).stdout)}["memory"]
+    row = {
+        r["name"]: r for r in json.loads(runner.invoke(app, ["backends", "list", "--json"]).stdout)
+    }["memory"]
     assert row["dependencies_installed"] is False and row["missing"] == ["kvortex_no_such_sdk"]
     table = runner.invoke(app, ["backends", "list"]).stdout
     assert 'missing kvortex_no_such_sdk: pip install "kvortex-x[y]"' in table  # not eaten as markup
 
 
-def test_backends_list_empty_when_autoload_disabled(runner: CliRunner,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_backends_list_empty_when_autoload_disabled(
+    runner: CliRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("KVORTEX_DISABLE_PLUGIN_AUTOLOAD", "1")
     result = runner.invoke(app, ["backends", "list"])
     assert result.exit_code == 0 and "no backends registered" in result.stdout
 
 
-needs_engine = pytest.mark.skipif(importlib.util.find_spec("kvortex_core.engine") is None,
-                                  reason="kvortex_core.engine is not built yet")
-SMALL = ["--layers", "2", "--kv-heads", "2", "--head-size", "32", "--prompts", "2",
-         "--tokens", "600", "--device", "cpu"]
+needs_engine = pytest.mark.skipif(
+    importlib.util.find_spec("kvortex_core.engine") is None,
+    reason="kvortex_core.engine is not built yet",
+)
+SMALL = [
+    "--layers",
+    "2",
+    "--kv-heads",
+    "2",
+    "--head-size",
+    "32",
+    "--prompts",
+    "2",
+    "--tokens",
+    "600",
+    "--device",
+    "cpu",
+]
 
 
 @needs_engine
@@ -170,7 +198,9 @@ def test_demo_round_trip(runner: CliRunner) -> None:
     out = result.stdout
     assert "loaded bytes equal saved bytes" in out and "yes" in out.split("loaded bytes equal")[1]
     # 2 prompts of 600 tokens: 2 whole chunks of 256 each are stored; 1 unseen prompt misses
-    assert "tokens loaded" in out and " 1024 " in out.split("tokens loaded")[1].splitlines()[0] + " "
+    assert (
+        "tokens loaded" in out and " 1024 " in out.split("tokens loaded")[1].splitlines()[0] + " "
+    )
     assert "hit rate" in out and "GB/s" in out
 
 
@@ -201,10 +231,22 @@ def test_console_script_bad_config_no_traceback(tmp_path: Path) -> None:
     script = Path(sys.executable).with_name("kvortex")
     cmd = [str(script)] if script.exists() else [sys.executable, "-m", "kvortex_core.cli.app"]
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("KVORTEX_")}
-    done = subprocess.run([*cmd, "config", "validate", str(yaml_file(tmp_path, BAD))],
-                          capture_output=True, text=True, env=env, timeout=120, check=False)
+    done = subprocess.run(
+        [*cmd, "config", "validate", str(yaml_file(tmp_path, BAD))],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
     assert done.returncode == 2
     assert "invalid KVortex configuration" in done.stderr and "Traceback" not in done.stderr
-    ok = subprocess.run([*cmd, "config", "validate", str(yaml_file(tmp_path, GOOD))],
-                        capture_output=True, text=True, env=env, timeout=120, check=False)
+    ok = subprocess.run(
+        [*cmd, "config", "validate", str(yaml_file(tmp_path, GOOD))],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
     assert ok.returncode == 0 and "valid" in ok.stdout

@@ -57,20 +57,28 @@ def test_defaults() -> None:
     assert config.source_file is None
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("8GiB", 8 * GiB), ("512MiB", 512 * MiB), ("1.5GiB", 3 * GiB // 2), ("4096", 4096),
-    ("2GB", 2 * 10**9),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("8GiB", 8 * GiB),
+        ("512MiB", 512 * MiB),
+        ("1.5GiB", 3 * GiB // 2),
+        ("4096", 4096),
+        ("2GB", 2 * 10**9),
+    ],
+)
 def test_capacity_accepts_human_units(text: str, expected: int) -> None:
     config = KVortexConfig(tiers={"hot": {"type": "memory", "capacity": text}})
     assert config.tiers["hot"].capacity == expected
 
 
 def test_tier_order_is_kept_and_options_are_split() -> None:
-    config = KVortexConfig(tiers={
-        "hot": {"type": "memory", "capacity": "1GiB"},
-        "warm": {"type": "disk", "capacity": "10GiB", "path": "/tmp/kv", "fsync": False},
-    })
+    config = KVortexConfig(
+        tiers={
+            "hot": {"type": "memory", "capacity": "1GiB"},
+            "warm": {"type": "disk", "capacity": "10GiB", "path": "/tmp/kv", "fsync": False},
+        }
+    )
     assert config.tier_names == ["hot", "warm"]
     assert config.tiers["warm"].options == {"path": "/tmp/kv", "fsync": False}
     assert config.tiers["hot"].options == {}
@@ -90,7 +98,9 @@ def test_yaml_overrides_defaults(tmp_path: Path) -> None:
 def test_config_file_env_names_the_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KVORTEX_CONFIG_FILE", str(write_yaml(tmp_path, BASE)))
     assert KVortexConfig().chunk_tokens == 128
-    other = write_yaml(tmp_path, "chunk_tokens: 64\n" + BASE.replace("chunk_tokens: 128", ""), "b.yaml")
+    other = write_yaml(
+        tmp_path, "chunk_tokens: 64\n" + BASE.replace("chunk_tokens: 128", ""), "b.yaml"
+    )
     assert KVortexConfig.load(other).chunk_tokens == 64  # an explicit file wins over the env
 
 
@@ -159,7 +169,9 @@ def test_unknown_nested_key(tmp_path: Path) -> None:
 
 
 def test_unknown_backend_option(tmp_path: Path) -> None:
-    text = BASE + "  cold:\n    type: disk\n    capacity: 1GiB\n    path: /tmp/x\n    fsink: false\n"
+    text = (
+        BASE + "  cold:\n    type: disk\n    capacity: 1GiB\n    path: /tmp/x\n    fsink: false\n"
+    )
     text = text.replace("eviction:\n  policy: lru\n", "") + "eviction: {policy: lru}\n"
     message = load_error(tmp_path, text)
     assert "tiers.cold.fsink = False" in message
@@ -236,8 +248,9 @@ class NeedsSdkPlugin:
 def test_missing_optional_dependency_gives_install_line(tmp_path: Path) -> None:
     ok = KVortexConfig.load(write_yaml(tmp_path, BASE), plugins=[NeedsSdkPlugin()])
     assert ok.tiers["hot"].type == "memory"  # registered but unused: no error
-    message = load_error(tmp_path, BASE.replace("type: memory", "type: needs-sdk"),
-                         plugins=[NeedsSdkPlugin()])
+    message = load_error(
+        tmp_path, BASE.replace("type: memory", "type: needs-sdk"), plugins=[NeedsSdkPlugin()]
+    )
     assert "tiers.hot.type = 'needs-sdk'" in message
     assert "kvortex_no_such_sdk_module" in message
     assert 'pip install "kvortex-backends[redis]"' in message
@@ -247,15 +260,21 @@ def test_every_problem_in_one_message(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.setenv("KVORTEX_TRANSFER__NUM_STREAMS", "x")
     message = load_error(tmp_path, BASE.replace("policy: lru", "polcy: lru"), chunk_tokens=-1)
     assert message.startswith("invalid KVortex configuration:")
-    for fragment in ("chunk_tokens = -1 (from argument)", "eviction.polcy",
-                     "transfer.num_streams = 'x' (from env KVORTEX_TRANSFER__NUM_STREAMS)"):
+    for fragment in (
+        "chunk_tokens = -1 (from argument)",
+        "eviction.polcy",
+        "transfer.num_streams = 'x' (from env KVORTEX_TRANSFER__NUM_STREAMS)",
+    ):
         assert fragment in message
 
 
-@pytest.mark.parametrize(("text", "fragment"), [
-    ("chunk_tokens: [1\n", "is not valid YAML"),
-    ("- a\n- b\n", "must hold a mapping"),
-])
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("chunk_tokens: [1\n", "is not valid YAML"),
+        ("- a\n- b\n", "must hold a mapping"),
+    ],
+)
 def test_broken_yaml_file(tmp_path: Path, text: str, fragment: str) -> None:
     assert fragment in load_error(tmp_path, text)
 
@@ -314,7 +333,9 @@ def test_provenance_names_every_source(tmp_path: Path, monkeypatch: pytest.Monke
 
 
 def test_provenance_of_json_env_and_backend_options(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("KVORTEX_TIERS", '{"cold": {"type": "disk", "capacity": "1GiB", "path": "/tmp/k"}}')
+    monkeypatch.setenv(
+        "KVORTEX_TIERS", '{"cold": {"type": "disk", "capacity": "1GiB", "path": "/tmp/k"}}'
+    )
     rows = provenance(KVortexConfig())
     assert rows["tiers.cold.path"] == ("/tmp/k", Source("env", "KVORTEX_TIERS"))
     assert rows["chunk_tokens"][1] == Source("default")

@@ -73,7 +73,9 @@ def test_autoload_argument_overrides_env(monkeypatch: pytest.MonkeyPatch) -> Non
     assert "memory" in PluginManager(autoload=True).backends()
 
 
-def test_trace_env_logs_hook_calls(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+def test_trace_env_logs_hook_calls(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     monkeypatch.setenv(TRACE_ENV, "1")
     with caplog.at_level(logging.DEBUG, logger="kvortex_core.plugins"):
         PluginManager().backends()
@@ -97,10 +99,13 @@ def test_duplicate_name_names_both_classes() -> None:
     assert f"{__name__}.Other" in message
 
 
-@pytest.mark.parametrize(("name", "cls", "fragment"), [
-    ("Bad Name", Other, "names are lowercase"),
-    ("fine", dict, "must be a subclass of kvortex_core.StorageBackend"),
-])
+@pytest.mark.parametrize(
+    ("name", "cls", "fragment"),
+    [
+        ("Bad Name", Other, "names are lowercase"),
+        ("fine", dict, "must be a subclass of kvortex_core.StorageBackend"),
+    ],
+)
 def test_bad_registrations(name: str, cls: type, fragment: str) -> None:
     class Plugin:
         @hookimpl
@@ -117,12 +122,16 @@ def test_misspelt_hook_fails_at_registration() -> None:
         def kvortex_register_backend(self, register):  # type: ignore[no-untyped-def]
             pass
 
-    with pytest.raises(PluginError, match="unknown hook 'kvortex_register_backend'.*kvortex_register_backends"):
+    with pytest.raises(
+        PluginError, match="unknown hook 'kvortex_register_backend'.*kvortex_register_backends"
+    ):
         PluginManager([Typo()], autoload=False)
 
 
 def test_unknown_backend_lists_registered_ones() -> None:
-    with pytest.raises(PluginError, match=r"unknown backend type 'nope'; registered backends: .*memory"):
+    with pytest.raises(
+        PluginError, match=r"unknown backend type 'nope'; registered backends: .*memory"
+    ):
         PluginManager().backend("nope")
 
 
@@ -133,12 +142,16 @@ def test_missing_dependency_message() -> None:
 
     info = PluginManager([plugin_registering(needs=NeedsSdk)], autoload=False).backend("needs")
     assert info.missing_dependencies() == ["kvortex_no_such_sdk"]
-    with pytest.raises(MissingDependencyError, match=r'install it with: pip install "kvortex-backends\[s3\]"'):
+    with pytest.raises(
+        MissingDependencyError, match=r'install it with: pip install "kvortex-backends\[s3\]"'
+    ):
         info.check_dependencies()
 
 
 def test_broken_entry_point_names_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
-    broken = importlib.metadata.EntryPoint("kvortex-broken", "kvortex_no_such_module.plugin", ENTRY_POINT_GROUP)
+    broken = importlib.metadata.EntryPoint(
+        "kvortex-broken", "kvortex_no_such_module.plugin", ENTRY_POINT_GROUP
+    )
     monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: [broken])
     with pytest.raises(PluginError) as err:
         PluginManager()

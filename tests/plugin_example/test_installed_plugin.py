@@ -32,10 +32,23 @@ def site_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """pip-install the example package into a fresh folder on ``sys.path``."""
     root = tmp_path_factory.mktemp("plugin")
     source = root / "kvortex-example-backend"
-    shutil.copytree(PACKAGE, source, ignore=shutil.ignore_patterns("test_installed_plugin.py", "__pycache__"))
+    shutil.copytree(
+        PACKAGE, source, ignore=shutil.ignore_patterns("test_installed_plugin.py", "__pycache__")
+    )
     site = root / "site"
-    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-           "--no-index", "--target", str(site), str(source)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--no-deps",
+        "--no-build-isolation",
+        "--no-index",
+        "--target",
+        str(site),
+        str(source),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, check=False)
     assert done.returncode == 0, f"pip install failed:\n{done.stdout}\n{done.stderr}"
     sys.path.insert(0, str(site))
@@ -74,8 +87,9 @@ def test_discovered_through_entry_point(site_dir: Path, clean_env: None) -> None
     assert "memory" in backends  # kvortex-core's own entry point is loaded the same way
 
 
-def test_disabling_autoload_hides_it(site_dir: Path, clean_env: None,
-                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_disabling_autoload_hides_it(
+    site_dir: Path, clean_env: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("KVORTEX_DISABLE_PLUGIN_AUTOLOAD", "1")
     assert "example" not in PluginManager().backends()
     module = importlib.import_module("kvortex_example_backend.plugin")
@@ -99,7 +113,9 @@ def test_config_validates_its_options(site_dir: Path, clean_env: None) -> None:
 
 
 def test_missing_dependency_fails_only_when_configured(site_dir: Path, clean_env: None) -> None:
-    KVortexConfig(tiers={"t": {"type": "example", "capacity": "1MiB"}})  # registered, not used: fine
+    KVortexConfig(
+        tiers={"t": {"type": "example", "capacity": "1MiB"}}
+    )  # registered, not used: fine
     with pytest.raises(ConfigError) as err:
         KVortexConfig(tiers={"far": {"type": "example-remote", "capacity": "1MiB"}})
     message = str(err.value)
@@ -126,8 +142,9 @@ def test_duplicate_name_names_both_classes(site_dir: Path, clean_env: None) -> N
 def _kvortex(site: Path, *args: str) -> subprocess.CompletedProcess[str]:
     script = Path(sys.executable).with_name("kvortex")
     cmd = [str(script)] if script.exists() else [sys.executable, "-m", "kvortex_core.cli.app"]
-    return subprocess.run([*cmd, *args], capture_output=True, text=True, env=_env_with(site),
-                          timeout=120, check=False)
+    return subprocess.run(
+        [*cmd, *args], capture_output=True, text=True, env=_env_with(site), timeout=120, check=False
+    )
 
 
 def test_cli_lists_it(site_dir: Path) -> None:
@@ -145,9 +162,15 @@ def test_cli_lists_it(site_dir: Path) -> None:
 def test_package_own_test_suite_passes(site_dir: Path, tmp_path: Path) -> None:
     """What the plugin author runs: pytest in the package folder against the installed code."""
     source = site_dir.parent / "kvortex-example-backend"
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"], cwd=source,
-                          capture_output=True, text=True, env=_env_with(site_dir), timeout=240,
-                          check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"],
+        cwd=source,
+        capture_output=True,
+        text=True,
+        env=_env_with(site_dir),
+        timeout=240,
+        check=False,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "20 passed" in done.stdout
 

@@ -20,7 +20,13 @@ from kvortex_core.errors import (
     PluginError,
 )
 from kvortex_core.plugins.marker import hookimpl
-from kvortex_core.storage.protocol import BackendContext, BackendOptions, Health, StorageBackend, Usage
+from kvortex_core.storage.protocol import (
+    BackendContext,
+    BackendOptions,
+    Health,
+    StorageBackend,
+    Usage,
+)
 
 if TYPE_CHECKING:
     from kvortex_core.engine import KVortexEngine

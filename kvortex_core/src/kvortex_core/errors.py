@@ -8,7 +8,7 @@ class KVortexError(Exception):
 
 
 class ConfigError(KVortexError, ValueError):
-    """The configuration is invalid; the message names the value, YAML path, env variable and fix."""
+    """Invalid configuration; the message names the value, YAML path, env variable and fix."""
 
 
 class PluginError(KVortexError):

@@ -51,8 +51,9 @@ def _optional(module_name: str) -> object | None:
             return None
         err_console.print(f"warning: {module_name} unavailable: {exc}", markup=False)
     except Exception as exc:  # noqa: BLE001 - a broken optional command must not break the CLI
-        err_console.print(f"warning: {module_name} unavailable: {type(exc).__name__}: {exc}",
-                          markup=False)
+        err_console.print(
+            f"warning: {module_name} unavailable: {type(exc).__name__}: {exc}", markup=False
+        )
     return None
 
 

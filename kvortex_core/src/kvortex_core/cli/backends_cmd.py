@@ -11,8 +11,9 @@ from rich.table import Table
 
 from kvortex_core.cli.output import console, exits_on_error
 
-app = typer.Typer(help="Storage backends registered through the `kvortex` entry points.",
-                  no_args_is_help=True)
+app = typer.Typer(
+    help="Storage backends registered through the `kvortex` entry points.", no_args_is_help=True
+)
 
 
 def backend_rows() -> list[dict[str, Any]]:
@@ -22,18 +23,20 @@ def backend_rows() -> list[dict[str, Any]]:
     rows = []
     for name, info in sorted(PluginManager().backends().items()):
         missing = info.missing_dependencies()
-        rows.append({
-            "name": name,
-            "class": info.qualname,
-            "plugin": info.plugin,
-            "distribution": info.distribution,
-            "version": info.version,
-            "requires": list(getattr(info.cls, "requires", ())),
-            "missing": missing,
-            "dependencies_installed": not missing,
-            "install_hint": getattr(info.cls, "install_hint", None) if missing else None,
-            "shared": bool(getattr(info.cls, "shared", False)),
-        })
+        rows.append(
+            {
+                "name": name,
+                "class": info.qualname,
+                "plugin": info.plugin,
+                "distribution": info.distribution,
+                "version": info.version,
+                "requires": list(getattr(info.cls, "requires", ())),
+                "missing": missing,
+                "dependencies_installed": not missing,
+                "install_hint": getattr(info.cls, "install_hint", None) if missing else None,
+                "shared": bool(getattr(info.cls, "shared", False)),
+            }
+        )
     return rows
 
 
@@ -51,17 +54,29 @@ def list_backends(
     for column in ("backend", "distribution", "version", "class", "dependencies"):
         table.add_column(column, overflow="fold")
     for row in rows:
-        deps = "[green]installed[/green]" if row["dependencies_installed"] else (
-            f"[red]missing {escape(', '.join(row['missing']))}[/red]: {escape(row['install_hint'] or '')}"
+        deps = _deps_cell(row)
+        table.add_row(
+            escape(row["name"]),
+            escape(row["distribution"] or "(registered in code)"),
+            escape(row["version"] or "-"),
+            escape(row["class"]),
+            deps,
         )
-        if not row["requires"]:
-            deps = "[green]none needed[/green]"
-        table.add_row(escape(row["name"]), escape(row["distribution"] or "(registered in code)"),
-                      escape(row["version"] or "-"), escape(row["class"]), deps)
     console.print(table)
     if not rows:
-        console.print("no backends registered: install kvortex-backends, or unset "
-                      "KVORTEX_DISABLE_PLUGIN_AUTOLOAD")
+        console.print(
+            "no backends registered: install kvortex-backends, or unset "
+            "KVORTEX_DISABLE_PLUGIN_AUTOLOAD"
+        )
+
+
+def _deps_cell(row: dict[str, Any]) -> str:
+    if not row["requires"]:
+        return "[green]none needed[/green]"
+    if row["dependencies_installed"]:
+        return "[green]installed[/green]"
+    missing = escape(", ".join(row["missing"]))
+    return f"[red]missing {missing}[/red]: {escape(row['install_hint'] or '')}"
 
 
 def register(root: typer.Typer) -> None:

@@ -15,8 +15,9 @@ from rich.table import Table
 
 from kvortex_core.cli.output import console, exits_on_error, human_bytes, parse_assignments
 
-app = typer.Typer(help="Show where each setting comes from, or check a YAML file.",
-                  no_args_is_help=True)
+app = typer.Typer(
+    help="Show where each setting comes from, or check a YAML file.", no_args_is_help=True
+)
 
 FileOption = Annotated[
     Path | None,
@@ -56,7 +57,9 @@ def show(
     config = KVortexConfig.load(file, **parse_assignments(assignments))
     rows = provenance(config)
     if as_json:
-        data = {path: {"value": _jsonable(v), "source": str(src)} for path, (v, src) in rows.items()}
+        data = {
+            path: {"value": _jsonable(v), "source": str(src)} for path, (v, src) in rows.items()
+        }
         console.print_json(json.dumps(data))
         return
     title = f"KVortex configuration (file: {config.source_file or 'none'})"
@@ -65,7 +68,9 @@ def show(
     table.add_column("value", overflow="fold")
     table.add_column("source", style="cyan", overflow="fold")
     for path, (value, source) in rows.items():
-        table.add_row(path, _shown(value), str(source), style="dim" if source.kind == "default" else None)
+        table.add_row(
+            path, _shown(value), str(source), style="dim" if source.kind == "default" else None
+        )
     console.print(table)
 
 
@@ -86,8 +91,11 @@ def validate(
         f"{name} ({tc.type}, {human_bytes(int(tc.capacity))})" for name, tc in config.tiers.items()
     )
     console.print(f"[green]valid[/green]: {file}")
-    console.print(f"  chunk_tokens={config.chunk_tokens}, hash={config.hash_algorithm}, "
-                  f"eviction={config.eviction.policy}", markup=False)
+    console.print(
+        f"  chunk_tokens={config.chunk_tokens}, hash={config.hash_algorithm}, "
+        f"eviction={config.eviction.policy}",
+        markup=False,
+    )
     console.print(f"  tiers: {tiers}", markup=False)
 
 
@@ -96,8 +104,11 @@ def _without_env() -> Iterator[None]:
     """Temporarily hide ``KVORTEX_*`` configuration variables (the switches stay)."""
     from kvortex_core.config.settings import ENV_PREFIX, RESERVED_ENV
 
-    saved = {k: v for k, v in os.environ.items()
-             if k.upper().startswith(ENV_PREFIX) and k.upper() not in RESERVED_ENV}
+    saved = {
+        k: v
+        for k, v in os.environ.items()
+        if k.upper().startswith(ENV_PREFIX) and k.upper() not in RESERVED_ENV
+    }
     for k in saved:
         del os.environ[k]
     try:

@@ -106,8 +106,10 @@ def _kv_caches(shape: DemoShape, device: str, dtype: torch.dtype) -> list[torch.
     num_blocks = 2 * shape.prompts * shape.blocks_per_prompt
     dims = (2, num_blocks, shape.block_size, shape.kv_heads, shape.head_size)
     gen = torch.Generator(device="cpu").manual_seed(0)
-    return [torch.randn(dims, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
-            for _ in range(shape.layers)]
+    return [
+        torch.randn(dims, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
+        for _ in range(shape.layers)
+    ]
 
 
 def _raw_copy_seconds(kv: list[torch.Tensor], nbytes: int) -> float:
@@ -125,8 +127,13 @@ def _raw_copy_seconds(kv: list[torch.Tensor], nbytes: int) -> float:
     return elapsed
 
 
-def run_demo(config: KVortexConfig, shape: DemoShape, device: str, dtype_name: str,
-             progress: Progress | None = None) -> DemoResult:
+def run_demo(
+    config: KVortexConfig,
+    shape: DemoShape,
+    device: str,
+    dtype_name: str,
+    progress: Progress | None = None,
+) -> DemoResult:
     """Save, look up and load every prompt; compare loaded bytes with the saved ones."""
     import torch
 
@@ -136,8 +143,10 @@ def run_demo(config: KVortexConfig, shape: DemoShape, device: str, dtype_name: s
     kv = _kv_caches(shape, device, dtype)
     result = DemoResult(device=device)
     gen = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(0, 32000, (shape.prompt_tokens,), generator=gen).tolist()
-               for _ in range(shape.prompts)]
+    prompts = [
+        torch.randint(0, 32000, (shape.prompt_tokens,), generator=gen).tolist()
+        for _ in range(shape.prompts)
+    ]
     n = shape.blocks_per_prompt
     task = progress.add_task("save / lookup / load", total=3 * shape.prompts) if progress else None
 
@@ -165,7 +174,9 @@ def run_demo(config: KVortexConfig, shape: DemoShape, device: str, dtype_name: s
         load_base = shape.prompts * n
         t0 = time.perf_counter()
         for i, tokens in enumerate(prompts):
-            result.loaded_tokens += engine.load(tokens, list(range(load_base + i * n, load_base + (i + 1) * n)))
+            result.loaded_tokens += engine.load(
+                tokens, list(range(load_base + i * n, load_base + (i + 1) * n))
+            )
             advance()
         _sync(device)
         result.load_s = time.perf_counter() - t0
@@ -190,8 +201,10 @@ def _compare(kv: list[torch.Tensor], shape: DemoShape, tokens_per_prompt: int) -
     bad = 0
     for layer in kv:
         for i in range(shape.prompts):
-            saved = layer[:, i * n:(i + 1) * n].flatten(1, 2)[:, :tokens_per_prompt]
-            loaded = layer[:, base + i * n:base + (i + 1) * n].flatten(1, 2)[:, :tokens_per_prompt]
+            saved = layer[:, i * n : (i + 1) * n].flatten(1, 2)[:, :tokens_per_prompt]
+            loaded = layer[:, base + i * n : base + (i + 1) * n].flatten(1, 2)[
+                :, :tokens_per_prompt
+            ]
             # Compare bytes, not values: -0.0 == 0.0 would hide a wrong sign bit.
             if not _as_bytes(saved).equal(_as_bytes(loaded)):
                 bad += 1
@@ -228,16 +241,27 @@ def _report(result: DemoResult, shape: DemoShape) -> None:
 
 @exits_on_error
 def demo(
-    device: Annotated[str, typer.Option(help="auto (cuda when present), cpu, cuda, cuda:N.")] = "auto",
+    device: Annotated[
+        str, typer.Option(help="auto (cuda when present), cpu, cuda, cuda:N.")
+    ] = "auto",
     config_file: Annotated[
-        Path | None, typer.Option("--config", "-c", help="YAML config (default: a cpu tier sized for the demo).")
+        Path | None,
+        typer.Option(
+            "--config", "-c", help="YAML config (default: a cpu tier sized for the demo)."
+        ),
     ] = None,
     layers: Annotated[int, typer.Option(min=1, help="Synthetic model layers.")] = DemoShape.layers,
     kv_heads: Annotated[int, typer.Option(min=1)] = DemoShape.kv_heads,
     head_size: Annotated[int, typer.Option(min=1)] = DemoShape.head_size,
-    block_size: Annotated[int, typer.Option(min=1, help="Tokens per paged KV block.")] = DemoShape.block_size,
-    prompts: Annotated[int, typer.Option(min=1, help="Distinct prompts saved and loaded.")] = DemoShape.prompts,
-    tokens: Annotated[int, typer.Option(min=1, help="Tokens per prompt.")] = DemoShape.prompt_tokens,
+    block_size: Annotated[
+        int, typer.Option(min=1, help="Tokens per paged KV block.")
+    ] = DemoShape.block_size,
+    prompts: Annotated[
+        int, typer.Option(min=1, help="Distinct prompts saved and loaded.")
+    ] = DemoShape.prompts,
+    tokens: Annotated[
+        int, typer.Option(min=1, help="Tokens per prompt.")
+    ] = DemoShape.prompt_tokens,
     dtype: Annotated[str, typer.Option(help="KV dtype: bfloat16, float16, float32.")] = "bfloat16",
 ) -> None:
     """Save, look up and load a synthetic model's KV; print hit rate and bandwidth."""
@@ -246,8 +270,12 @@ def demo(
     shape = DemoShape(layers, kv_heads, head_size, block_size, prompts, tokens)
     chosen = pick_device(device)
     config = demo_config(config_file, shape, 4 if dtype == "float32" else 2)
-    console.print(f"KVortex demo: device [bold]{chosen}[/bold], tiers "
-                  + ", ".join(f"{n} ({t.type}, {human_bytes(int(t.capacity))})" for n, t in config.tiers.items()))
+    console.print(
+        f"KVortex demo: device [bold]{chosen}[/bold], tiers "
+        + ", ".join(
+            f"{n} ({t.type}, {human_bytes(int(t.capacity))})" for n, t in config.tiers.items()
+        )
+    )
     if importlib.util.find_spec("kvortex_core.engine") is None:
         _without_engine()
         return
@@ -255,7 +283,9 @@ def demo(
         result = run_demo(config, shape, chosen, dtype, progress)
     _report(result, shape)
     if not result.ok:
-        raise fail("demo FAILED: loaded KV differs from the saved KV (or nothing was loaded)", EXIT_FAILED)
+        raise fail(
+            "demo FAILED: loaded KV differs from the saved KV (or nothing was loaded)", EXIT_FAILED
+        )
 
 
 def _without_engine() -> None:
@@ -263,8 +293,10 @@ def _without_engine() -> None:
     from kvortex_core.cli.backends_cmd import list_backends
     from kvortex_core.cli.config_cmd import show
 
-    console.print("[yellow]kvortex_core.engine is not built yet: showing the configuration "
-                  "and backends the demo would use[/yellow]")
+    console.print(
+        "[yellow]kvortex_core.engine is not built yet: showing the configuration "
+        "and backends the demo would use[/yellow]"
+    )
     show(file=None, assignments=None, as_json=False)
     list_backends(as_json=False)
 

@@ -35,16 +35,23 @@ def validate_tier_options(
             info = manager.backend(tc.type)
             info.check_dependencies()
         except PluginError as exc:
-            problems.append(f"  tiers.{tier}.type = {tc.type!r}: {exc}\n"
-                            f"    set it through {where(loc, config_file)}")
+            problems.append(
+                f"  tiers.{tier}.type = {tc.type!r}: {exc}\n"
+                f"    set it through {where(loc, config_file)}"
+            )
             continue
         problems.extend(_option_problems(tier, tc.type, tc.options, info.cls.Options, config_file))
     if problems:
         raise ConfigError(HEADLINE + "\n" + "\n".join(problems))
 
 
-def _option_problems(tier: str, type_: str, options: dict[str, Any],
-                     model: type[BackendOptions], config_file: Path | None) -> list[str]:
+def _option_problems(
+    tier: str,
+    type_: str,
+    options: dict[str, Any],
+    model: type[BackendOptions],
+    config_file: Path | None,
+) -> list[str]:
     """One entry per bad option of one tier, checked by the backend's own Options model."""
     try:
         model.model_validate(options)

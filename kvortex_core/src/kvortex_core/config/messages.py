@@ -66,16 +66,23 @@ def _hint(err: Mapping[str, Any]) -> str:
         keys = valid_keys(loc)
         if not keys:
             return "remove this key"
-        return f"remove or rename it{did_you_mean(str(loc[-1]), keys)}; valid keys here: " + ", ".join(keys)
+        return (
+            f"remove or rename it{did_you_mean(str(loc[-1]), keys)}; valid keys here: "
+            + ", ".join(keys)
+        )
     if kind == "missing" and isinstance(err.get("input"), Mapping):
         given = [str(k) for k in err["input"]]
-        return f"add '{loc[-1]}'" + did_you_mean(str(loc[-1]), given).replace("did you mean", "misspelt as")
+        return f"add '{loc[-1]}'" + did_you_mean(str(loc[-1]), given).replace(
+            "did you mean", "misspelt as"
+        )
     if kind.startswith("byte_size") or (loc and loc[-1] in _SIZE_FIELDS):
         return f"use {_SIZE_HINT}"
     return ""
 
 
-def _origin(loc: tuple[Any, ...], overrides: Mapping[str, Any] | None, config_file: Path | None) -> str:
+def _origin(
+    loc: tuple[Any, ...], overrides: Mapping[str, Any] | None, config_file: Path | None
+) -> str:
     """Which source supplied the bad value, best effort (never raises: we are already failing)."""
     from kvortex_core.config.provenance import SourceMaps
 
@@ -86,8 +93,9 @@ def _origin(loc: tuple[Any, ...], overrides: Mapping[str, Any] | None, config_fi
     return "" if source.kind == "default" else f" (from {source})"
 
 
-def format_validation_error(exc: ValidationError, config_file: Path | None,
-                            overrides: Mapping[str, Any] | None = None) -> str:
+def format_validation_error(
+    exc: ValidationError, config_file: Path | None, overrides: Mapping[str, Any] | None = None
+) -> str:
     """One message listing every bad value, where it came from, where to fix it, what is valid."""
     lines = [HEADLINE]
     for err in exc.errors(include_url=False):
@@ -100,7 +108,9 @@ def format_validation_error(exc: ValidationError, config_file: Path | None,
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
-        lines.append(f"  {yaml_path(loc) or '<root>'} = {shown}{_origin(loc, overrides, config_file)}: {msg}")
+        lines.append(
+            f"  {yaml_path(loc) or '<root>'} = {shown}{_origin(loc, overrides, config_file)}: {msg}"
+        )
         lines.append(f"    set it through {where(loc, config_file)}")
         hint = _hint(err)
         if hint and hint not in msg:

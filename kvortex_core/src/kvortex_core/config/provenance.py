@@ -66,8 +66,9 @@ class SourceMaps:
     config_file: Path | None
 
     @classmethod
-    def collect(cls, overrides: Mapping[str, Any] | None = None,
-                config_file: Path | None = None) -> SourceMaps:
+    def collect(
+        cls, overrides: Mapping[str, Any] | None = None, config_file: Path | None = None
+    ) -> SourceMaps:
         """Read every source again (the YAML file only when one is given)."""
         from kvortex_core.config.sources import read_yaml
 

@@ -58,8 +58,12 @@ class EvictionConfig(_Section):
     """When and how a tier makes room."""
 
     policy: EvictionPolicy = Field("prefix-lru", description="which chunks go first")
-    high_watermark: float = Field(0.8, gt=0.0, le=1.0, description="usage fraction that starts eviction")
-    evict_ratio: float = Field(0.2, gt=0.0, le=1.0, description="capacity fraction freed per eviction")
+    high_watermark: float = Field(
+        0.8, gt=0.0, le=1.0, description="usage fraction that starts eviction"
+    )
+    evict_ratio: float = Field(
+        0.2, gt=0.0, le=1.0, description="capacity fraction freed per eviction"
+    )
 
 
 class TransferConfig(_Section):
@@ -81,7 +85,9 @@ class TimeoutConfig(_Section):
     """Seconds each kind of operation may take before it is abandoned."""
 
     backend_op_s: float = Field(5.0, gt=0, description="one backend call (put, get, contains)")
-    remote_lookup_s: float = Field(0.05, gt=0, description="refresh of a shared tier's lookup cache")
+    remote_lookup_s: float = Field(
+        0.05, gt=0, description="refresh of a shared tier's lookup cache"
+    )
     transfer_s: float = Field(30.0, gt=0, description="one GPU <-> host transfer")
     close_s: float = Field(10.0, gt=0, description="draining write-behind queues at close")
 
@@ -112,7 +118,9 @@ class TierConfig(BaseModel):
 
     type: str = Field(min_length=1, description="registered backend name (kvortex backends list)")
     capacity: ByteSize = Field(description="bytes this tier may hold, e.g. '8GiB'")
-    write_through: bool = Field(False, description="write every save here too, not only on demotion")
+    write_through: bool = Field(
+        False, description="write every save here too, not only on demotion"
+    )
 
     @field_validator("capacity")
     @classmethod
@@ -151,15 +159,21 @@ class KVortexConfig(BaseSettings):
     salt: str = Field("", description="namespace salt (tenant, LoRA adapter)")
     model_id: str = Field("", description="model identity folded into every key")
     model_revision: str = Field("", description="model revision folded into every key")
-    store_partial_chunks: bool = Field(False, description="also store a prompt's last partial chunk")
-    ranks_per_node: int | None = Field(None, ge=1, description="ranks sharing the node's cpu capacity")
+    store_partial_chunks: bool = Field(
+        False, description="also store a prompt's last partial chunk"
+    )
+    ranks_per_node: int | None = Field(
+        None, ge=1, description="ranks sharing the node's cpu capacity"
+    )
     tiers: dict[str, TierConfig] = Field(default_factory=_default_tiers)
     eviction: EvictionConfig = Field(default_factory=EvictionConfig)
     transfer: TransferConfig = Field(default_factory=TransferConfig)
     timeouts: TimeoutConfig = Field(default_factory=TimeoutConfig)
     circuit_breaker: CircuitBreakerConfig = Field(default_factory=CircuitBreakerConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("WARNING", description="kvortex loggers")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "WARNING", description="kvortex loggers"
+    )
 
     # Kept for provenance (`kvortex config show`): what this instance was loaded from.
     _source_file: Path | None = PrivateAttr(None)
@@ -211,7 +225,12 @@ class KVortexConfig(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         from kvortex_core.config.sources import StrictEnvCheck, YamlFileSource
 
-        return (init_settings, StrictEnvCheck(settings_cls), env_settings, YamlFileSource(settings_cls))
+        return (
+            init_settings,
+            StrictEnvCheck(settings_cls),
+            env_settings,
+            YamlFileSource(settings_cls),
+        )
 
     @classmethod
     def load(

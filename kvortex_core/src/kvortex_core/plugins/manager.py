@@ -127,42 +127,20 @@ class PluginManager:
         """All registered backends by name (the hook runs once, then the result is cached)."""
         if self._backends is not None:
             return self._backends
-        from kvortex_core.storage.protocol import StorageBackend
-
-        dists = self._dists
         found: dict[str, BackendInfo] = {}
+        # Each implementation is called on its own (not through pluggy's caller) so every
+        # registration is attributed to its plugin; the trace switch is honoured by hand.
         for impl in reversed(self._pm.hook.kvortex_register_backends.get_hookimpls()):
-            dist, version = dists.get(id(impl.plugin), (None, None))
-
-            def register(name: str, backend_class: Any, _impl: Any = impl, _d=dist, _v=version) -> None:
-                if not isinstance(name, str) or not _NAME_RE.match(name):
-                    raise PluginError(
-                        f"plugin {_impl.plugin_name!r} registered backend name {name!r}; names are "
-                        "lowercase letters, digits, '-' and '_', starting with a letter"
-                    )
-                if not (isinstance(backend_class, type) and issubclass(backend_class, StorageBackend)):
-                    raise PluginError(
-                        f"plugin {_impl.plugin_name!r} registered {backend_class!r} as backend "
-                        f"{name!r}; it must be a subclass of kvortex_core.StorageBackend"
-                    )
-                info = BackendInfo(name, backend_class, _impl.plugin_name, _d, _v)
-                if name in found:
-                    first = found[name]
-                    raise PluginError(
-                        f"backend name {name!r} is registered twice: by {first.qualname} "
-                        f"(plugin {first.plugin!r}) and by {info.qualname} (plugin {info.plugin!r}); "
-                        "uninstall one of the packages or set KVORTEX_DISABLE_PLUGIN_AUTOLOAD=1 "
-                        "and register the one you want"
-                    )
-                found[name] = info
-
-            impl.function(register=register)
-            # Called per implementation (not through pluggy's caller) to know who registered
-            # what, so the trace switch is honoured here by hand.
-            mine = [n for n, i in found.items() if i.plugin == impl.plugin_name]
-            log.log(logging.WARNING if self._trace else logging.DEBUG,
-                    "kvortex_register_backends: plugin %s (%s) registered %s",
-                    impl.plugin_name, dist or "in code", ", ".join(mine) or "nothing")
+            dist, version = self._dists.get(id(impl.plugin), (None, None))
+            registrar = _Registrar(impl.plugin_name, dist, version, found)
+            impl.function(register=registrar)
+            log.log(
+                logging.WARNING if self._trace else logging.DEBUG,
+                "kvortex_register_backends: plugin %s (%s) registered %s",
+                impl.plugin_name,
+                dist or "in code",
+                ", ".join(registrar.names) or "nothing",
+            )
         self._backends = found
         return found
 
@@ -173,7 +151,40 @@ class PluginManager:
             valid = ", ".join(sorted(backends)) or "(none: is kvortex-backends installed?)"
             close = difflib.get_close_matches(name, list(backends), n=1, cutoff=0.6)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise PluginError(
-                f"unknown backend type {name!r}{hint}; registered backends: {valid}"
-            )
+            raise PluginError(f"unknown backend type {name!r}{hint}; registered backends: {valid}")
         return backends[name]
+
+
+class _Registrar:
+    """The ``register`` callable handed to one plugin's hook: checks names and classes."""
+
+    def __init__(
+        self, plugin: str, dist: str | None, version: str | None, found: dict[str, BackendInfo]
+    ) -> None:
+        self.plugin, self.dist, self.version, self.found = plugin, dist, version, found
+        self.names: list[str] = []
+
+    def __call__(self, name: str, backend_class: Any) -> None:
+        from kvortex_core.storage.protocol import StorageBackend
+
+        if not isinstance(name, str) or not _NAME_RE.match(name):
+            raise PluginError(
+                f"plugin {self.plugin!r} registered backend name {name!r}; names are "
+                "lowercase letters, digits, '-' and '_', starting with a letter"
+            )
+        if not (isinstance(backend_class, type) and issubclass(backend_class, StorageBackend)):
+            raise PluginError(
+                f"plugin {self.plugin!r} registered {backend_class!r} as backend "
+                f"{name!r}; it must be a subclass of kvortex_core.StorageBackend"
+            )
+        info = BackendInfo(name, backend_class, self.plugin, self.dist, self.version)
+        if name in self.found:
+            first = self.found[name]
+            raise PluginError(
+                f"backend name {name!r} is registered twice: by {first.qualname} "
+                f"(plugin {first.plugin!r}) and by {info.qualname} (plugin {info.plugin!r}); "
+                f"uninstall one of the packages or set {DISABLE_AUTOLOAD_ENV}=1 "
+                "and register the one you want"
+            )
+        self.found[name] = info
+        self.names.append(name)

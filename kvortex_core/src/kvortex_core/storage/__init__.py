@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
-from kvortex_core.storage.protocol import BackendContext, BackendOptions, Health, StorageBackend, Usage
+from kvortex_core.storage.protocol import (
+    BackendContext,
+    BackendOptions,
+    Health,
+    StorageBackend,
+    Usage,
+)
 
 __all__ = ["BackendContext", "BackendOptions", "Health", "StorageBackend", "Usage"]

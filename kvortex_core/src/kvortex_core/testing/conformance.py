@@ -55,8 +55,12 @@ class BackendConformance:
     def backend_factory(self) -> Factory:  # pragma: no cover - must be overridden
         raise NotImplementedError("override the backend_factory fixture: capacity -> backend")
 
-    def run(self, factory: Factory, scenario: Callable[[StorageBackend], Awaitable[Any]],
-            capacity: int | None = None) -> Any:
+    def run(
+        self,
+        factory: Factory,
+        scenario: Callable[[StorageBackend], Awaitable[Any]],
+        capacity: int | None = None,
+    ) -> Any:
         async def main() -> Any:
             backend = factory(capacity or self.roomy_capacity)
             await backend.open()

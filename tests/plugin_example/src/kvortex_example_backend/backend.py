@@ -45,13 +45,17 @@ class ExampleBackend(StorageBackend):
     async def put(self, key: str, data: memoryview | bytes | bytearray) -> None:
         value = bytes(data)  # a copy: the caller may reuse its buffer as soon as we return
         if len(value) > self._opts.max_value_bytes:
-            raise BackendError(f"value of {len(value)} bytes exceeds max_value_bytes "
-                               f"{self._opts.max_value_bytes}; raise the option")
+            raise BackendError(
+                f"value of {len(value)} bytes exceeds max_value_bytes "
+                f"{self._opts.max_value_bytes}; raise the option"
+            )
         async with self._lock:
             old = len(self._values.get(self._k(key), b""))
             if self._used - old + len(value) > self.capacity:
-                raise BackendFullError(f"example backend full: {len(value)} bytes do not fit "
-                                       f"in {self.capacity - self._used + old} free")
+                raise BackendFullError(
+                    f"example backend full: {len(value)} bytes do not fit "
+                    f"in {self.capacity - self._used + old} free"
+                )
             self._values[self._k(key)] = value
             self._used += len(value) - old
 
