@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
-import pytest
+import asyncio
+import errno
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
 
+import pytest
 from kvortex_backends.disk import DiskBackend
+from kvortex_core.data import payload as pl
+from kvortex_core.errors import BackendError, PayloadError
 from kvortex_core.storage.protocol import BackendContext
 from kvortex_core.testing import BackendConformance
+
+from kvortex_backends import disk_io
 
 
 def _disk(path, capacity: int, **opts: object) -> DiskBackend:  # type: ignore[no-untyped-def]
@@ -28,20 +41,6 @@ class TestDiskConformanceCompressedNoFsync(BackendConformance):
 
 
 # -- helpers ---------------------------------------------------------------------------------
-import asyncio
-import errno
-import os
-import signal
-import subprocess
-import sys
-import textwrap
-import time
-from pathlib import Path
-
-from kvortex_backends import disk_io
-from kvortex_core.data import payload as pl
-from kvortex_core.errors import BackendError, PayloadError
-
 NS = bytes.fromhex("ab" * 16)
 SHAPE = (4, 1024)
 MiB = 1024 * 1024
@@ -346,3 +345,20 @@ def test_bench_disk_smoke(tmp_path: Path) -> None:
     assert all(r["ratio"] > 0 for r in result["rows"])
     assert (tmp_path / "disk.json").exists() and (tmp_path / "disk.md").exists()
     assert not any(p.name.startswith("kvortex-disk-bench-") for p in tmp_path.iterdir())
+
+
+def test_read_cached_never_waits_and_reads_exact_bytes(tmp_path: Path) -> None:
+    if not disk_io.HAS_NOWAIT:
+        pytest.skip("no RWF_NOWAIT on this platform")
+    path = tmp_path / "f.kv"
+    data = os.urandom(300_000)
+    disk_io.write_atomic(str(path), memoryview(data), fsync=True, direct=False)
+    fd = os.open(path, os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+    out = bytearray(len(data))
+    first = disk_io.read_cached(str(path), memoryview(out))  # None unless the kernel kept it
+    assert first is None or bytes(out) == data
+    assert disk_io.read_into(str(path), memoryview(out), direct=False) == len(data)
+    out[:] = bytes(len(out))
+    assert disk_io.read_cached(str(path), memoryview(out)) == len(data) and bytes(out) == data

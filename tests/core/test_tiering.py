@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 import torch
-
 from kvortex_core.config import KVortexConfig
 from kvortex_core.control.stats import Stats
 from kvortex_core.data import payload as pl
@@ -203,7 +202,7 @@ def test_eviction_demotes_and_load_promotes_right_bytes(make: Any) -> None:
         assert mgr.drain(30)  # a demotion holds its slot until written (no copy)
     disk = mgr.tiers[0]
     assert _counter(mgr, tm.DEMOTIONS, "disk") == len(disk.index) > 0
-    everywhere = {k for k in disk.index.keys()} | set(mgr.cpu_index.keys())
+    everywhere = set(disk.index.keys()) | set(mgr.cpu_index.keys())
     assert everywhere == {_key(i) for i in range(12)}, "every chunk is in cpu or on disk"
     sources = set()
     for i in reversed(range(12)):  # each comes back bit-exact, from cpu or promoted from disk

@@ -16,13 +16,14 @@ import os
 import uuid
 
 import numpy as np
-
 from kvortex_core.errors import BufferTooSmallError
 
 ALIGN = 4096
 TMP_MARK = ".tmp."
 SUFFIX = ".kv"
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
+_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
+HAS_NOWAIT = bool(_RWF_NOWAIT)
 
 
 def address(view: memoryview) -> int:
@@ -136,6 +137,36 @@ def read_into(path: str, out: memoryview, *, direct: bool) -> int:
         os.close(fd)
     if got != size:
         raise OSError(errno.EIO, f"short read: {got} of {size} bytes from {path}")
+    return size
+
+
+def read_cached(path: str, out: memoryview) -> int | None:
+    """Read the whole file into ``out`` only if it is entirely in the page cache, else None.
+
+    Uses ``preadv(RWF_NOWAIT)``, which never waits for the disk, so it is safe to call on the
+    event loop: a warm read then costs no thread hand-off. Raises FileNotFoundError,
+    BufferTooSmallError, or OSError(EOPNOTSUPP) where the filesystem lacks RWF_NOWAIT.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        if size > len(out):
+            raise BufferTooSmallError(
+                f"disk value {os.path.basename(path)} is {size} bytes, the buffer only {len(out)}"
+            )
+        done = 0
+        while done < size:
+            try:
+                n = os.preadv(fd, [out[done:size]], done, _RWF_NOWAIT)
+            except BlockingIOError:
+                return None  # part of it is on disk only: read it on an I/O thread
+            if n == 0:
+                break
+            done += n
+    finally:
+        os.close(fd)
+    if done != size:
+        raise OSError(errno.EIO, f"short read: {done} of {size} bytes from {path}")
     return size
 
 

@@ -1,0 +1,17 @@
+"""Names of the tiering counters (each recorded per tier in :class:`~kvortex_core.control.stats.Stats`)."""
+
+from __future__ import annotations
+
+BYTES_WRITTEN = "tier_bytes_written"
+BYTES_READ = "tier_bytes_read"
+CHECKSUM_FAILURES = "checksum_failures"
+WRITE_BEHIND_SKIPPED = "write_behind_skipped"
+SAVE_SKIPPED = "save_skipped_pool_full"
+PROMOTIONS = "promotions"
+DEMOTIONS = "demotions"
+DEMOTIONS_SKIPPED = "demotions_skipped"
+BREAKER_TRANSITIONS = "breaker_transitions"
+LOAD_MISSES = "load_misses"
+TIER_ERRORS = "tier_errors"
+TIER_TIMEOUTS = "tier_timeouts"
+TIER_CALLS_SKIPPED = "tier_calls_skipped"

@@ -1,0 +1,232 @@
+"""Loads: pin cpu hits, fetch lower-tier hits into slots, verify, promote (part of TierManager)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from kvortex_core.data import payload as pl
+from kvortex_core.errors import PayloadError
+from kvortex_core.logs import Throttle, event
+from kvortex_core.tiering.counters import BYTES_READ, CHECKSUM_FAILURES, LOAD_MISSES, PROMOTIONS
+from kvortex_core.tiering.leases import LoadLease
+from kvortex_core.tiering.tiers import LowerTier, TierUnavailable
+
+if TYPE_CHECKING:
+    import torch
+
+    from kvortex_core.config.settings import KVortexConfig
+    from kvortex_core.control.index import ChunkIndex
+    from kvortex_core.control.stats import Stats
+    from kvortex_core.data.pool import PinnedPool
+    from kvortex_core.tiering.loop import LoopThread
+
+log = logging.getLogger("kvortex_core.tiering")
+
+# Outcome of one lower-tier fetch: verified, a miss (slot reusable), or slot quarantined.
+OK, MISS, GONE = "ok", "miss", "gone"
+
+
+class LoadMixin:
+    """begin_load / end_load."""
+
+    config: KVortexConfig
+    namespace: bytes
+    payload_shape: tuple[int, ...]
+    dtype: torch.dtype
+    stats: Stats
+    pool: PinnedPool
+    payload_bytes: int
+    cpu_name: str
+    cpu_index: ChunkIndex
+    tiers: list[LowerTier]
+    loop: LoopThread
+    _lock: threading.RLock
+    _closed: bool
+    _checksum_log: Throttle
+
+    if TYPE_CHECKING:  # provided by TierManager / the other mixin
+        def _allocate_slot(self) -> int | None: ...
+        def _payload_view(self, slot: int) -> torch.Tensor: ...
+
+    def begin_load(self, keys: Sequence[bytes], timeout: float | None = None) -> list[LoadLease]:
+        """Leases for the longest prefix of ``keys`` deliverable now (pinned cpu slots)."""
+        keys = list(keys)
+        leases: list[LoadLease] = []
+        for i, key in enumerate(keys):  # the cpu-resident head needs no I/O
+            lease = self._cpu_lease(i, key)
+            if lease is None:
+                break
+            leases.append(lease)
+        if len(leases) < len(keys) and self._find_below(keys[len(leases)]) is not None:
+            leases += self._fetch_run(keys, len(leases), timeout)
+        return leases
+
+    def _find_below(self, key: bytes) -> LowerTier | None:
+        for tier in self.tiers:
+            if not tier.available:
+                continue
+            if key in tier.index or (tier.remote is not None and tier.remote.present(key)):
+                return tier
+        return None
+
+    def _fetch_run(self, keys: list[bytes], start: int, timeout: float | None) -> list[LoadLease]:
+        """From ``keys[start]`` on: fetch lower-tier chunks, take cpu hits, stop at a miss."""
+        plan: list[tuple[int, bytes, LowerTier | None, int]] = []
+        with self._lock:
+            for i in range(start, len(keys)):
+                key = keys[i]
+                if key in self.cpu_index:
+                    plan.append((i, key, None, -1))
+                    continue
+                tier = self._find_below(key)
+                slot = self._allocate_slot() if tier is not None else None
+                if tier is None or slot is None:
+                    break
+                plan.append((i, key, tier, slot))
+        fetches = [(i, k, t, s) for i, k, t, s in plan if t is not None]
+        bound = timeout if timeout is not None else self.config.timeouts.backend_op_s
+        run = _FetchRun()
+        future = self.loop.submit(self._fetch_all(fetches, run))
+        try:
+            results = future.result(bound)
+        except Exception as exc:  # noqa: BLE001 - a load never raises; TimeoutError included
+            if not run.abandon():  # finished in the meantime after all
+                results = future.result()
+            else:  # the run frees its slots itself once the backends let go of them
+                log.debug("load: fetch of %d chunks abandoned: %s", len(fetches), exc)
+                return []  # plan starts at the first lower-tier chunk: nothing deliverable
+        outcome = {i: r for (i, *_), r in zip(fetches, results, strict=True)}
+        return self._promote(plan, outcome)
+
+    async def _fetch_all(self, fetches: list[tuple[int, bytes, LowerTier, int]],
+                         run: _FetchRun) -> list[str]:
+        results = list(await asyncio.gather(*(self._fetch(k, t, s) for _, k, t, s in fetches)))
+        if not run.finish():
+            self.pool.free_many(f[3] for f, r in zip(fetches, results, strict=True) if r != GONE)
+        return results
+
+    async def _fetch(self, key: bytes, tier: LowerTier, slot: int) -> str:
+        """Read one chunk from a lower tier into ``slot`` and verify it: OK, MISS or GONE."""
+        out = self.pool.buffer(slot)
+        try:
+            n = await tier.call("get", tier.backend.get(key.hex(), out))
+        except TierUnavailable as exc:
+            if isinstance(exc.__cause__, TimeoutError):
+                self._quarantine(slot)  # an I/O thread may still be writing into it
+                return GONE
+            return MISS
+        if n is None:
+            tier.index.remove([key])
+            if tier.remote is not None:
+                tier.remote.forget([key])
+            self.stats.inc(LOAD_MISSES, 1, tier.name)
+            return MISS
+        try:
+            self._verify(out, n, key)
+        except PayloadError as exc:
+            await self._reject(tier, key, exc)
+            return MISS
+        self.stats.inc(BYTES_READ, n, tier.name)
+        return OK
+
+    def _quarantine(self, slot: int) -> None:
+        """Hold a slot back for ``timeouts.close_s``: a timed-out read may still land in it."""
+        asyncio.get_running_loop().call_later(self.config.timeouts.close_s, self.pool.free, slot)
+
+    def _verify(self, out: memoryview, n: int, key: bytes) -> None:
+        header = pl.read_header(out[:n])
+        if header.compression != "none":  # a backend that stores compressed values as they are
+            if pl.HEADER_BYTES + header.raw_len > len(out):
+                raise PayloadError(f"payload expands to {header.raw_len} bytes, slot {len(out)}")
+            pl.decompress_value(bytes(out[:n]), out)
+            n = pl.HEADER_BYTES + header.raw_len
+        if n != pl.HEADER_BYTES + self.payload_bytes:
+            raise PayloadError(f"payload is {n - pl.HEADER_BYTES} bytes, expected {self.payload_bytes}")
+        pl.parse(out[:n], key=key, namespace=self.namespace,
+                 shape=self.payload_shape, dtype=self.dtype)
+
+    async def _reject(self, tier: LowerTier, key: bytes, exc: PayloadError) -> None:
+        """A bad payload: a miss, deleted from its tier, counted, logged (throttled)."""
+        self.stats.inc(CHECKSUM_FAILURES, 1, tier.name)
+        suppressed = self._checksum_log.allow(tier.name)
+        if suppressed is not None:
+            event(log, logging.WARNING, "bad_payload", tier=tier.name, key=key.hex()[:16],
+                  error=str(exc), suppressed=suppressed)
+        tier.index.remove([key])
+        if tier.remote is not None:
+            tier.remote.forget([key])
+        try:
+            await tier.call("delete", tier.backend.delete([key.hex()]))
+        except TierUnavailable:
+            pass
+
+    def _promote(self, plan: list[tuple[int, bytes, LowerTier | None, int]],
+                 outcome: dict[int, str]) -> list[LoadLease]:
+        leases: list[LoadLease] = []
+        cut = False
+        for i, key, tier, slot in plan:
+            lease = None
+            if not cut:
+                lease = self._cpu_lease(i, key) if tier is None else (
+                    self._promote_one(i, key, tier, slot) if outcome.get(i) == OK else None)
+            if lease is not None:
+                leases.append(lease)
+                continue
+            cut = True
+            if tier is not None and outcome.get(i) != GONE:
+                self.pool.free(slot)
+        return leases
+
+    def _cpu_lease(self, i: int, key: bytes) -> LoadLease | None:
+        with self._lock:
+            pin = self.cpu_index.pin([key], "load")
+            entry = self.cpu_index.get(key)
+        if not len(pin) or entry is None:
+            pin.release()
+            return None
+        slot = int(entry.location)
+        return LoadLease(key, i, slot, self._payload_view(slot), self.cpu_name, pin)
+
+    def _promote_one(self, i: int, key: bytes, tier: LowerTier, slot: int) -> LoadLease | None:
+        with self._lock:
+            if not self.cpu_index.insert(key, self.pool.slot_bytes, location=slot):
+                return None  # caller frees the slot
+            pin = self.cpu_index.pin([key], "load")
+        self.stats.inc(PROMOTIONS, 1, tier.name)
+        return LoadLease(key, i, slot, self._payload_view(slot), tier.name, pin)
+
+    def end_load(self, leases: Sequence[LoadLease]) -> None:
+        """Unpin the slots of finished loads."""
+        for lease in leases:
+            if lease.pin is not None:
+                lease.pin.release()
+                lease.pin = None
+
+
+class _FetchRun:
+    """Who frees the slots of a load's fetches: the caller, or the run if the caller gave up."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._state = "running"
+
+    def abandon(self) -> bool:
+        """Caller timed out: True when the run will free the slots (it has not finished)."""
+        with self._lock:
+            if self._state == "finished":
+                return False
+            self._state = "abandoned"
+            return True
+
+    def finish(self) -> bool:
+        """Run finished: True when the caller still takes the results (and the slots)."""
+        with self._lock:
+            if self._state == "abandoned":
+                return False
+            self._state = "finished"
+            return True
+

@@ -1,0 +1,210 @@
+"""Saves, write-behind, eviction and demotion (part of :class:`~kvortex_core.tiering.manager.TierManager`)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from kvortex_core.data import payload as pl
+from kvortex_core.tiering.counters import (
+    BYTES_WRITTEN,
+    DEMOTIONS,
+    DEMOTIONS_SKIPPED,
+    SAVE_SKIPPED,
+    WRITE_BEHIND_SKIPPED,
+)
+from kvortex_core.tiering.leases import SaveLease
+from kvortex_core.tiering.tiers import LowerTier, TierUnavailable
+
+if TYPE_CHECKING:
+    import torch
+
+    from kvortex_core.config.settings import KVortexConfig
+    from kvortex_core.control.index import ChunkIndex, IndexEntry
+    from kvortex_core.control.stats import Stats
+    from kvortex_core.data.pool import PinnedPool
+    from kvortex_core.tiering.loop import LoopThread
+
+
+class SaveMixin:
+    """begin/commit/abort_save, write-behind to lower tiers, demotion on eviction."""
+
+    config: KVortexConfig
+    namespace: bytes
+    payload_shape: tuple[int, ...]
+    dtype: torch.dtype
+    stats: Stats
+    pool: PinnedPool
+    payload_bytes: int
+    cpu_name: str
+    cpu_index: ChunkIndex
+    tiers: list[LowerTier]
+    loop: LoopThread
+    _lock: threading.RLock
+    _closed: bool
+    _saving: set[bytes]
+
+    if TYPE_CHECKING:  # provided by TierManager / the other mixin
+        def contains(self, keys: Sequence[bytes]) -> int: ...  # noqa: D102 - see TierManager
+        def _spawn(self, coro: Any) -> None: ...
+        def _stored_below(self, key: bytes) -> bool: ...
+
+    def begin_save(self, keys: Sequence[bytes], parents: Sequence[bytes | None] | None = None
+                   ) -> list[SaveLease]:
+        """Reserve a slot for each chunk not stored anywhere (pool full: skipped and counted)."""
+        keys = list(keys)
+        stored = self.contains(keys)
+        leases: list[SaveLease] = []
+        with self._lock:
+            for i, key in enumerate(keys):
+                if stored >> i & 1 or key in self._saving or self._closed:
+                    continue
+                slot = self._allocate_slot()
+                if slot is None:
+                    self.stats.inc(SAVE_SKIPPED, 1, self.cpu_name)
+                    continue
+                self._saving.add(key)
+                parent = parents[i] if parents is not None else (keys[i - 1] if i else None)
+                leases.append(SaveLease(key, i, slot, self._payload_view(slot), parent))
+        return leases
+
+    def _payload_view(self, slot: int) -> torch.Tensor:
+        return self.pool.view(slot)[pl.HEADER_BYTES : pl.HEADER_BYTES + self.payload_bytes]
+
+    def _allocate_slot(self) -> int | None:
+        slot = self.pool.allocate()
+        if slot is None:
+            self.cpu_index.evict(self.pool.slot_bytes)  # frees (or demotes) unpinned chunks
+            slot = self.pool.allocate()
+        return slot
+
+    def commit_save(self, leases: Sequence[SaveLease]) -> None:
+        """Seal the filled slots into the cpu index and queue write-behind; never blocks."""
+        for lease in leases:
+            if lease.done:
+                continue
+            lease.done = True
+            try:
+                self._commit_one(lease)
+            finally:
+                with self._lock:
+                    self._saving.discard(lease.key)
+
+    def _commit_one(self, lease: SaveLease) -> None:
+        total = pl.seal(self.pool.view(lease.slot), key=lease.key, namespace=self.namespace,
+                        shape=self.payload_shape, dtype=self.dtype, payload_len=self.payload_bytes)
+        with self._lock:
+            ok = not self._closed and self.cpu_index.insert(
+                lease.key, self.pool.slot_bytes, location=lease.slot, parent=lease.parent)
+        if not ok:
+            self.pool.free(lease.slot)
+            self.stats.inc(SAVE_SKIPPED, 1, self.cpu_name)
+            return
+        self.stats.record_saved(total, self.cpu_name)
+        for tier in self.tiers:
+            if tier.write_through:
+                self._write_behind(tier, lease.key, lease.slot, total)
+
+    def _write_behind(self, tier: LowerTier, key: bytes, slot: int, total: int) -> None:
+        if not tier.available:
+            self.stats.inc(WRITE_BEHIND_SKIPPED, 1, tier.name)
+            return
+        pin = self.cpu_index.pin([key], f"write-behind {tier.name}")
+        if not len(pin):
+            return  # evicted meanwhile (its demotion covers it)
+
+        async def job() -> None:
+            try:
+                await self._put(tier, key, self.pool.buffer(slot)[:total])
+            finally:
+                pin.release()
+
+        if not tier.queue.offer(job):
+            pin.release()
+            self.stats.inc(WRITE_BEHIND_SKIPPED, 1, tier.name)
+
+    async def _put(self, tier: LowerTier, key: bytes, value: memoryview | bytes | bytearray) -> bool:
+        """Write one value into a lower tier and its index (evicting there first)."""
+        if key in tier.index:
+            return True
+        if not tier.index.insert(key, len(value)):
+            return False
+        await self._process_doomed(tier)
+        try:
+            await tier.call("put", tier.backend.put(key.hex(), value))
+        except TierUnavailable:
+            tier.index.remove([key])
+            return False
+        self.stats.inc(BYTES_WRITTEN, len(value), tier.name)
+        return True
+
+    def abort_save(self, leases: Sequence[SaveLease]) -> None:
+        """Give the slots of unfinished saves back."""
+        for lease in leases:
+            if lease.done:
+                continue
+            lease.done = True
+            self.pool.free(lease.slot)
+            with self._lock:
+                self._saving.discard(lease.key)
+
+    # -- eviction and demotion -------------------------------------------------------------
+    def _on_cpu_evict(self, victims: list[IndexEntry]) -> None:
+        """cpu chunks leaving: free their slots, demoting first those not stored below."""
+        for entry in victims:
+            slot = int(entry.location)
+            target = None if self._stored_below(entry.key) else self._demotion_target(0)
+            if target is None or self._closed:
+                self.pool.free(slot)
+                continue
+            if not target.queue.offer(self._demote_slot_job(target, entry.key, slot)):
+                self.pool.free(slot)
+                self.stats.inc(DEMOTIONS_SKIPPED, 1, target.name)
+
+    def _demotion_target(self, start: int) -> LowerTier | None:
+        return next((t for t in self.tiers[start:] if t.available), None)
+
+    def _demote_slot_job(self, tier: LowerTier, key: bytes, slot: int) -> Any:
+        async def job() -> None:
+            try:
+                header = pl.read_header(self.pool.view(slot))
+                if await self._put(tier, key, self.pool.buffer(slot)[: header.total_len]):
+                    self.stats.inc(DEMOTIONS, 1, tier.name)
+            finally:
+                self.pool.free(slot)
+
+        return job
+
+    def _on_lower_evict(self, position: int, victims: list[IndexEntry]) -> None:
+        """Chunks leaving a lower tier's index: delete them there (demoting first) on the loop."""
+        tier = self.tiers[position]
+        tier.doomed.extend(victims)
+        if not self._closed:
+            self.loop.call_soon(self._spawn, self._process_doomed(tier))
+
+    async def _process_doomed(self, tier: LowerTier) -> None:
+        victims, tier.doomed = tier.doomed, []
+        if not victims:
+            return
+        position = self.tiers.index(tier)
+        below = self._demotion_target(position + 1)
+        for entry in victims:
+            if below is not None and not self._stored_below_from(entry.key, position + 1):
+                await self._demote_between(tier, below, entry)
+        try:
+            await tier.call("delete", tier.backend.delete([e.key.hex() for e in victims]))
+        except TierUnavailable:
+            pass  # a later scan or the store's own expiry reclaims them
+
+    def _stored_below_from(self, key: bytes, start: int) -> bool:
+        return any(key in t.index for t in self.tiers[start:])
+
+    async def _demote_between(self, src: LowerTier, dst: LowerTier, entry: IndexEntry) -> None:
+        buf = bytearray(max(entry.size, self.pool.slot_bytes))
+        try:
+            n = await src.call("get", src.backend.get(entry.key.hex(), memoryview(buf)))
+        except TierUnavailable:
+            return
+        if n and await self._put(dst, entry.key, memoryview(buf)[:n]):
+            self.stats.inc(DEMOTIONS, 1, dst.name)
