@@ -15,8 +15,11 @@ pytestmark = pytest.mark.filterwarnings("ignore:CUDA is not available:RuntimeWar
 
 
 def _cpu(capacity: int, slot_bytes: int = 16 * 1024) -> CpuBackend:
-    return CpuBackend(CpuBackend.Options(slot_bytes=slot_bytes), capacity=capacity,
-                      context=BackendContext(tier="cpu"))
+    return CpuBackend(
+        CpuBackend.Options(slot_bytes=slot_bytes),
+        capacity=capacity,
+        context=BackendContext(tier="cpu"),
+    )
 
 
 class TestCpuConformance(BackendConformance):

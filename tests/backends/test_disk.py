@@ -23,8 +23,11 @@ from kvortex_backends import disk_io
 
 
 def _disk(path, capacity: int, **opts: object) -> DiskBackend:  # type: ignore[no-untyped-def]
-    return DiskBackend(DiskBackend.Options(path=path, **opts), capacity=capacity,
-                       context=BackendContext(tier="disk"))
+    return DiskBackend(
+        DiskBackend.Options(path=path, **opts),
+        capacity=capacity,
+        context=BackendContext(tier="disk"),
+    )
 
 
 class TestDiskConformance(BackendConformance):
@@ -36,8 +39,14 @@ class TestDiskConformance(BackendConformance):
 class TestDiskConformanceCompressedNoFsync(BackendConformance):
     @pytest.fixture
     def backend_factory(self, tmp_path):  # type: ignore[no-untyped-def]
-        return lambda capacity: _disk(tmp_path / "cache", capacity, compression="lz4", fsync=False,
-                                      o_direct="on", shard_depth=0)
+        return lambda capacity: _disk(
+            tmp_path / "cache",
+            capacity,
+            compression="lz4",
+            fsync=False,
+            o_direct="on",
+            shard_depth=0,
+        )
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -56,7 +65,7 @@ def _value(i: int, n: int = 4096) -> tuple[str, bytes]:
     key = i.to_bytes(4, "big") * 8
     body = bytes((i + j) % 251 for j in range(n))
     buf = bytearray(pl.HEADER_BYTES + n)
-    buf[pl.HEADER_BYTES:] = body
+    buf[pl.HEADER_BYTES :] = body
     pl.seal(buf, key=key, namespace=NS, shape=(n,), dtype="uint8", payload_len=n)
     return key.hex(), bytes(buf)
 
@@ -115,8 +124,15 @@ def test_scan_removes_damaged_foreign_and_temp_files(tmp_path: Path) -> None:
     flipped[20] ^= 0x04
     paths[keys[1]].write_bytes(flipped)
     other = bytearray(values[keys[2]])
-    pl.write_header(other, key=bytes.fromhex(keys[2]), namespace=b"other model", shape=(4096,),
-                    dtype="uint8", payload_len=4096, checksum=pl.checksum(other[pl.HEADER_BYTES:]))
+    pl.write_header(
+        other,
+        key=bytes.fromhex(keys[2]),
+        namespace=b"other model",
+        shape=(4096,),
+        dtype="uint8",
+        payload_len=4096,
+        checksum=pl.checksum(other[pl.HEADER_BYTES :]),
+    )
     paths[keys[2]].write_bytes(other)
     paths[keys[3]].write_bytes(b"\x89PNG" + bytes(5000))
     (paths[keys[4]].parent / "junk.txt").write_bytes(b"x")
@@ -244,8 +260,11 @@ def small_tmpfs(tmp_path: Path):  # type: ignore[no-untyped-def]
     mnt.mkdir()
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
-                          capture_output=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
+        capture_output=True,
+        check=False,
+    )
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
     try:
@@ -278,11 +297,17 @@ def test_real_disk_full_raises_cleanly_and_keeps_old_data(small_tmpfs: Path) -> 
     assert not any(disk_io.TMP_MARK in p.name for p in small_tmpfs.rglob("*"))
 
 
-@pytest.mark.parametrize(("err", "match"), [(errno.ENOSPC, "disk is full"),
-                                            (errno.EACCES, "permission denied"),
-                                            (errno.EIO, "Input/output error")])
-def test_injected_write_errors_become_backend_errors(tmp_path: Path, monkeypatch, err: int,
-                                                     match: str) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize(
+    ("err", "match"),
+    [
+        (errno.ENOSPC, "disk is full"),
+        (errno.EACCES, "permission denied"),
+        (errno.EIO, "Input/output error"),
+    ],
+)
+def test_injected_write_errors_become_backend_errors(
+    tmp_path: Path, monkeypatch, err: int, match: str
+) -> None:  # type: ignore[no-untyped-def]
     k, v = _value(3)
 
     def failing(fd: int, view: memoryview, offset: int) -> None:

@@ -24,7 +24,7 @@ def _kv() -> torch.Tensor:
 def _slot(kv: torch.Tensor) -> torch.Tensor:
     nbytes = kv.numel() * kv.element_size()
     slot = torch.zeros(pl.HEADER_BYTES + nbytes, dtype=torch.uint8)
-    slot[pl.HEADER_BYTES:] = kv.contiguous().view(torch.uint8).flatten()
+    slot[pl.HEADER_BYTES :] = kv.contiguous().view(torch.uint8).flatten()
     pl.seal(slot, key=KEY, namespace=NS, shape=SHAPE, dtype=DTYPE, payload_len=nbytes)
     return slot
 
@@ -93,7 +93,7 @@ def test_future_version_refused() -> None:
 @given(st.data())
 def test_any_bit_flip_in_header_or_payload_is_detected(data: st.DataObject) -> None:
     buf = bytearray(_slot(_kv()).numpy().tobytes())
-    checked = list(range(0, 272)) + list(range(pl.HEADER_BYTES, len(buf)))
+    checked = list(range(272)) + list(range(pl.HEADER_BYTES, len(buf)))
     pos = data.draw(st.sampled_from(checked))
     bit = data.draw(st.integers(0, 7))
     buf[pos] ^= 1 << bit
@@ -113,7 +113,7 @@ def test_compression_round_trip(codec: str) -> None:
     # parse expands straight into a caller buffer
     out = bytearray(slot.numel())
     view = _parse(packed, out=out)
-    assert bytes(view) == bytes(slot[pl.HEADER_BYTES:].numpy())
+    assert bytes(view) == bytes(slot[pl.HEADER_BYTES :].numpy())
     # decompress_value restores the exact stored value, header included
     restored = bytearray(slot.numel() + 10)
     n = pl.decompress_value(packed, restored)
@@ -143,8 +143,16 @@ def test_corrupt_compressed_payload_refused() -> None:
 def test_header_limits() -> None:
     buf = bytearray(pl.HEADER_BYTES)
     with pytest.raises(PayloadError, match="too large"):
-        pl.write_header(buf, key=b"k" * 200, namespace=NS, shape=SHAPE, dtype=DTYPE,
-                        payload_len=0, checksum=0)
+        pl.write_header(
+            buf, key=b"k" * 200, namespace=NS, shape=SHAPE, dtype=DTYPE, payload_len=0, checksum=0
+        )
     with pytest.raises(PayloadError, match="needs 4096"):
-        pl.write_header(bytearray(10), key=KEY, namespace=NS, shape=SHAPE, dtype=DTYPE,
-                        payload_len=0, checksum=0)
+        pl.write_header(
+            bytearray(10),
+            key=KEY,
+            namespace=NS,
+            shape=SHAPE,
+            dtype=DTYPE,
+            payload_len=0,
+            checksum=0,
+        )

@@ -8,7 +8,7 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import torch
@@ -58,7 +58,7 @@ class SharedMemory(MemoryBackend):
     """A 'shared' tier: other writers may add keys behind our back."""
 
     shared = True
-    store: dict[str, bytes] = {}
+    store: ClassVar[dict[str, bytes]] = {}
 
     async def open(self) -> None:
         self._data = type(self).store  # every instance sees one dict, like one Redis
@@ -102,15 +102,30 @@ def _as_bytes(t: torch.Tensor) -> torch.Tensor:
 def make(tmp_path: Path) -> Iterator[Any]:
     made: list[TierManager] = []
 
-    def build(tiers: dict[str, dict[str, Any]] | None = None, *, cpu_slots: int = 16,
-              disk: dict[str, Any] | None = None, **kw: Any) -> TierManager:
+    def build(
+        tiers: dict[str, dict[str, Any]] | None = None,
+        *,
+        cpu_slots: int = 16,
+        disk: dict[str, Any] | None = None,
+        **kw: Any,
+    ) -> TierManager:
         if tiers is None:
             tiers = {"cpu": {"type": "cpu", "capacity": cpu_slots * SLOT}}
             if disk is not None:
-                tiers["disk"] = {"type": "disk", "capacity": 64 * SLOT,
-                                 "path": str(tmp_path / "disk"), **disk}
-        mgr = TierManager.create(_config(tiers, **kw), _plugins(), namespace=NS,
-                                 payload_shape=SHAPE, dtype=DTYPE, stats=Stats())
+                tiers["disk"] = {
+                    "type": "disk",
+                    "capacity": 64 * SLOT,
+                    "path": str(tmp_path / "disk"),
+                    **disk,
+                }
+        mgr = TierManager.create(
+            _config(tiers, **kw),
+            _plugins(),
+            namespace=NS,
+            payload_shape=SHAPE,
+            dtype=DTYPE,
+            stats=Stats(),
+        )
         made.append(mgr)
         return mgr
 
@@ -135,7 +150,9 @@ def _load(mgr: TierManager, ids: Sequence[int]) -> list[tuple[int, str]]:
         out = []
         for lease in leases:
             got = lease.payload.view(DTYPE).view(SHAPE)
-            assert torch.equal(got, _chunk(ids[lease.index])), f"wrong bytes for chunk {ids[lease.index]}"
+            assert torch.equal(got, _chunk(ids[lease.index])), (
+                f"wrong bytes for chunk {ids[lease.index]}"
+            )
             out.append((ids[lease.index], lease.tier))
         return out
     finally:
@@ -163,8 +180,9 @@ def test_layout_and_cpu_round_trip(make: Any) -> None:
 def test_first_tier_must_be_cpu(tmp_path: Path) -> None:
     cfg = _config({"disk": {"type": "disk", "capacity": "1MiB", "path": str(tmp_path)}})
     with pytest.raises(ConfigError, match="must be 'cpu'"):
-        TierManager.create(cfg, _plugins(), namespace=NS, payload_shape=SHAPE, dtype=DTYPE,
-                           stats=Stats())
+        TierManager.create(
+            cfg, _plugins(), namespace=NS, payload_shape=SHAPE, dtype=DTYPE, stats=Stats()
+        )
 
 
 def test_cpu_capacity_is_per_node(make: Any) -> None:
@@ -241,8 +259,15 @@ def test_bad_disk_payload_is_miss_deleted_and_counted(make: Any, damage: str) ->
     elif damage == "truncate":
         data = data[: len(data) // 2]
     else:  # a valid payload of another namespace under this key's name
-        pl.write_header(data, key=_key(1), namespace=b"another model", shape=SHAPE, dtype=DTYPE,
-                        payload_len=PAYLOAD, checksum=pl.checksum(data[pl.HEADER_BYTES:]))
+        pl.write_header(
+            data,
+            key=_key(1),
+            namespace=b"another model",
+            shape=SHAPE,
+            dtype=DTYPE,
+            payload_len=PAYLOAD,
+            checksum=pl.checksum(data[pl.HEADER_BYTES :]),
+        )
     path.write_bytes(data)
     again = make(disk={})
     got = _load(again, [0, 1, 2])
@@ -256,10 +281,15 @@ def test_bad_disk_payload_is_miss_deleted_and_counted(make: Any, damage: str) ->
 # -- failure isolation -----------------------------------------------------------------------
 def _flaky(make: Any, **cb: Any) -> TierManager:
     FlakyBackend.broken, FlakyBackend.calls = "", 0
-    tiers = {"cpu": {"type": "cpu", "capacity": 4 * SLOT},
-             "flaky": {"type": "flaky", "capacity": 64 * SLOT, "write_through": True}}
-    return make(tiers, circuit_breaker={"failure_threshold": 2, "reset_after_s": 0.2, **cb},
-                timeouts={"backend_op_s": 0.2})
+    tiers = {
+        "cpu": {"type": "cpu", "capacity": 4 * SLOT},
+        "flaky": {"type": "flaky", "capacity": 64 * SLOT, "write_through": True},
+    }
+    return make(
+        tiers,
+        circuit_breaker={"failure_threshold": 2, "reset_after_s": 0.2, **cb},
+        timeouts={"backend_op_s": 0.2},
+    )
 
 
 def test_circuit_breaker_opens_skips_and_closes(make: Any) -> None:
@@ -318,9 +348,15 @@ def test_disk_full_keeps_engine_serving(make: Any, monkeypatch: Any) -> None:
 def test_unopenable_tier_starts_out_of_service(make: Any, tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    tiers = {"cpu": {"type": "cpu", "capacity": 4 * SLOT},
-             "disk": {"type": "disk", "capacity": 64 * SLOT, "path": str(blocker),
-                      "write_through": True}}
+    tiers = {
+        "cpu": {"type": "cpu", "capacity": 4 * SLOT},
+        "disk": {
+            "type": "disk",
+            "capacity": 64 * SLOT,
+            "path": str(blocker),
+            "write_through": True,
+        },
+    }
     mgr = make(tiers)
     assert mgr.tier_states() == {"disk": "open"}
     assert _save(mgr, [1]) == [1] and _load(mgr, [1]) == [(1, "cpu")]
@@ -329,12 +365,14 @@ def test_unopenable_tier_starts_out_of_service(make: Any, tmp_path: Path) -> Non
 # -- shared tiers ----------------------------------------------------------------------------
 def test_shared_tier_lookup_never_blocks_and_learns_in_background(make: Any) -> None:
     SharedMemory.store = {}
-    tiers = {"cpu": {"type": "cpu", "capacity": 4 * SLOT},
-             "shared": {"type": "sharedmem", "capacity": 64 * SLOT}}
+    tiers = {
+        "cpu": {"type": "cpu", "capacity": 4 * SLOT},
+        "shared": {"type": "sharedmem", "capacity": 64 * SLOT},
+    }
     writer = make(tiers)
     # another instance wrote chunk 7 to the shared store
     buf = bytearray(SLOT)
-    buf[pl.HEADER_BYTES:] = _as_bytes(_chunk(7)).numpy().tobytes()
+    buf[pl.HEADER_BYTES :] = _as_bytes(_chunk(7)).numpy().tobytes()
     pl.seal(buf, key=_key(7), namespace=NS, shape=SHAPE, dtype=DTYPE, payload_len=PAYLOAD)
     SharedMemory.store[_key(7).hex()] = bytes(buf)
     assert writer.lookup([_key(7)]) == 0  # unknown yet: answered at once, refresh queued
@@ -349,8 +387,13 @@ def test_shared_tier_lookup_never_blocks_and_learns_in_background(make: Any) -> 
 def test_breaker_states_with_fake_clock() -> None:
     now = [0.0]
     seen: list[tuple[str, str]] = []
-    b = CircuitBreaker("t", failure_threshold=2, reset_after_s=10, clock=lambda: now[0],
-                       on_transition=lambda n, o, s, e: seen.append((o, s)))
+    b = CircuitBreaker(
+        "t",
+        failure_threshold=2,
+        reset_after_s=10,
+        clock=lambda: now[0],
+        on_transition=lambda n, o, s, e: seen.append((o, s)),
+    )
     b.failure("x")
     assert b.allow() and b.state == "closed"
     b.failure("x")
@@ -363,5 +406,10 @@ def test_breaker_states_with_fake_clock() -> None:
     assert b.allow()
     b.success()
     assert b.state == "closed"
-    assert seen == [("closed", "open"), ("open", "half_open"), ("half_open", "open"),
-                    ("open", "half_open"), ("half_open", "closed")]
+    assert seen == [
+        ("closed", "open"),
+        ("open", "half_open"),
+        ("half_open", "open"),
+        ("open", "half_open"),
+        ("half_open", "closed"),
+    ]

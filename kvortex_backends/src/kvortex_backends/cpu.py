@@ -14,20 +14,21 @@ import asyncio
 from collections.abc import Sequence
 
 import numpy as np
-from pydantic import ByteSize, Field
-
 from kvortex_core.errors import BackendError, BackendFullError, BufferTooSmallError
 from kvortex_core.storage.protocol import BackendContext, BackendOptions, StorageBackend, Usage
+from pydantic import ByteSize, Field
 
 
 class CpuOptions(BackendOptions):
     """Options of the ``cpu`` tier (YAML keys under ``tiers.<name>``)."""
 
     pin: bool | None = Field(
-        None, description="page-lock the pool (None: when CUDA is available; False: plain memory)")
+        None, description="page-lock the pool (None: when CUDA is available; False: plain memory)"
+    )
     slot_bytes: ByteSize = Field(
         ByteSize(64 * 1024),
-        description="slot size for standalone use; inside an engine a slot is one chunk payload")
+        description="slot size for standalone use; inside an engine a slot is one chunk payload",
+    )
 
 
 class CpuBackend(StorageBackend):
@@ -82,7 +83,9 @@ class CpuBackend(StorageBackend):
             return None
         slots, length = found
         if len(out) < length:
-            raise BufferTooSmallError(f"cpu value {key} is {length} bytes, the buffer only {len(out)}")
+            raise BufferTooSmallError(
+                f"cpu value {key} is {length} bytes, the buffer only {len(out)}"
+            )
         dst = np.frombuffer(out, dtype=np.uint8)
         step = self._require_pool().slot_bytes
         for i, slot in enumerate(slots):

@@ -24,7 +24,13 @@ from typing import Literal, TypeVar
 
 from kvortex_core.data import payload as pl
 from kvortex_core.errors import BackendError, BackendFullError, BufferTooSmallError, PayloadError
-from kvortex_core.storage.protocol import BackendContext, BackendOptions, Health, StorageBackend, Usage
+from kvortex_core.storage.protocol import (
+    BackendContext,
+    BackendOptions,
+    Health,
+    StorageBackend,
+    Usage,
+)
 from pydantic import Field
 
 from kvortex_backends import disk_io
@@ -43,8 +49,10 @@ class DiskOptions(BackendOptions):
     shard_depth: int = Field(2, ge=0, le=3, description="levels of 2-hex-char subdirectories")
     fsync: bool = Field(True, description="fsync file and directory on every write (crash safe)")
     o_direct: Literal["auto", "on", "off", "write"] = Field(
-        "auto", description="auto: the page cache (measured best for loads, see "
-        "docs/backends.md); write: O_DIRECT writes only; on: O_DIRECT reads and writes; off: never")
+        "auto",
+        description="auto: the page cache (measured best for loads, see "
+        "docs/backends.md); write: O_DIRECT writes only; on: O_DIRECT reads and writes; off: never",
+    )
     compression: pl.Compression = Field("none", description="none, lz4 or zstd (lossless)")
     compression_level: int | None = Field(None, description="zstd level (default 1)")
     io_threads: int = Field(4, ge=1, le=64, description="threads doing blocking file I/O")
@@ -115,9 +123,14 @@ class DiskBackend(StorageBackend):
         return os.path.join(self.root, *self._parts(key), key + disk_io.SUFFIX)
 
     def _explain(self, what: str, exc: OSError) -> str:
-        cause = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
-                 errno.EACCES: "permission denied", errno.EPERM: "permission denied",
-                 errno.ENOENT: "the directory vanished", errno.EROFS: "read-only filesystem"}
+        cause = {
+            errno.ENOSPC: "the disk is full",
+            errno.EDQUOT: "the disk quota is exceeded",
+            errno.EACCES: "permission denied",
+            errno.EPERM: "permission denied",
+            errno.ENOENT: "the directory vanished",
+            errno.EROFS: "read-only filesystem",
+        }
         reason = cause.get(exc.errno or 0, exc.strerror or str(exc))
         return f"disk tier {self.root}: {what} failed: {reason} ({exc})"
 
@@ -209,7 +222,9 @@ class DiskBackend(StorageBackend):
         except PayloadError:
             return n
         if raw > len(view):
-            raise BufferTooSmallError(f"compressed disk value expands to {raw} bytes, buffer {len(view)}")
+            raise BufferTooSmallError(
+                f"compressed disk value expands to {raw} bytes, buffer {len(view)}"
+            )
         return pl.decompress_value(bytes(view[:n]), view)
 
     async def contains(self, keys: Sequence[str]) -> list[bool]:
@@ -295,4 +310,3 @@ def _namespace_hash(namespace: str) -> bytes:
         return pl.namespace_hash(bytes.fromhex(namespace)) if namespace else b""
     except ValueError:
         return b""
-

@@ -119,14 +119,30 @@ def write_header(
     raw_len: int | None = None,
 ) -> None:
     """Write a header into the first ``HEADER_BYTES`` of ``buf`` (a slot or a bytearray)."""
-    _pack_header(_bytes_view(buf), key=key, ns_hash=namespace_hash(namespace), shape=shape,
-                 dtype=dtype, payload_len=payload_len, checksum=checksum,
-                 compression=compression, raw_len=raw_len)
+    _pack_header(
+        _bytes_view(buf),
+        key=key,
+        ns_hash=namespace_hash(namespace),
+        shape=shape,
+        dtype=dtype,
+        payload_len=payload_len,
+        checksum=checksum,
+        compression=compression,
+        raw_len=raw_len,
+    )
 
 
 def _pack_header(
-    view: memoryview, *, key: bytes, ns_hash: bytes, shape: Sequence[int], dtype: object,
-    payload_len: int, checksum: int, compression: Compression = "none", raw_len: int | None = None,
+    view: memoryview,
+    *,
+    key: bytes,
+    ns_hash: bytes,
+    shape: Sequence[int],
+    dtype: object,
+    payload_len: int,
+    checksum: int,
+    compression: Compression = "none",
+    raw_len: int | None = None,
 ) -> None:
     if len(view) < HEADER_BYTES:
         raise PayloadError(f"header buffer is {len(view)} bytes; it needs {HEADER_BYTES}")
@@ -141,8 +157,20 @@ def _pack_header(
     dims = list(shape) + [0] * (MAX_DIMS - len(shape))
     raw = payload_len if raw_len is None else raw_len
     fixed = _FIXED.pack(
-        MAGIC, PAYLOAD_VERSION, HEADER_BYTES, _COMPRESSION_CODES[compression], CHECKSUM_XXH3_64,
-        len(shape), len(key), ns_hash, name, payload_len, raw, checksum, *dims, key,
+        MAGIC,
+        PAYLOAD_VERSION,
+        HEADER_BYTES,
+        _COMPRESSION_CODES[compression],
+        CHECKSUM_XXH3_64,
+        len(shape),
+        len(key),
+        ns_hash,
+        name,
+        payload_len,
+        raw,
+        checksum,
+        *dims,
+        key,
     )
     view[:_SUM_OFFSET] = fixed
     view[_SUM_OFFSET:_USED] = _HEADER_SUM.pack(xxhash.xxh3_64_intdigest(fixed))
@@ -160,7 +188,9 @@ def read_header(buf: Buffer) -> PayloadHeader:
     (stored_sum,) = _HEADER_SUM.unpack(view[_SUM_OFFSET:_USED])
     if xxhash.xxh3_64_intdigest(fixed) != stored_sum:
         raise PayloadError("payload header checksum mismatch: the header is corrupted")
-    (_, version, hlen, comp, algo, ndim, klen, ns, name, stored, raw, csum, *rest) = _FIXED.unpack(fixed)
+    (_, version, hlen, comp, algo, ndim, klen, ns, name, stored, raw, csum, *rest) = _FIXED.unpack(
+        fixed
+    )
     if version != PAYLOAD_VERSION or hlen != HEADER_BYTES or algo != CHECKSUM_XXH3_64:
         raise PayloadError(
             f"payload format version {version} (header {hlen} bytes, checksum {algo}) is not "
@@ -170,9 +200,15 @@ def read_header(buf: Buffer) -> PayloadHeader:
         raise PayloadError("payload header has out-of-range fields")
     dims, key = rest[:MAX_DIMS], rest[MAX_DIMS]
     return PayloadHeader(
-        version=version, compression=_COMPRESSION_NAMES[comp],  # type: ignore[arg-type]
-        namespace_hash=ns, dtype=name.rstrip(b"\0").decode("ascii", "replace"), stored_len=stored,
-        raw_len=raw, checksum=csum, shape=tuple(dims[:ndim]), key=key[:klen],
+        version=version,
+        compression=_COMPRESSION_NAMES[comp],  # type: ignore[arg-type]
+        namespace_hash=ns,
+        dtype=name.rstrip(b"\0").decode("ascii", "replace"),
+        stored_len=stored,
+        raw_len=raw,
+        checksum=csum,
+        shape=tuple(dims[:ndim]),
+        key=key[:klen],
     )
 
 
@@ -187,7 +223,9 @@ def check_identity(
     if header.shape != tuple(shape):
         raise PayloadError(f"payload shape {header.shape} differs from the expected {tuple(shape)}")
     if header.dtype != dtype_name(dtype):
-        raise PayloadError(f"payload dtype {header.dtype} differs from the expected {dtype_name(dtype)}")
+        raise PayloadError(
+            f"payload dtype {header.dtype} differs from the expected {dtype_name(dtype)}"
+        )
 
 
 def parse(
@@ -219,7 +257,13 @@ def parse(
 
 
 def seal(
-    slot: Buffer, *, key: bytes, namespace: bytes, shape: Sequence[int], dtype: object, payload_len: int
+    slot: Buffer,
+    *,
+    key: bytes,
+    namespace: bytes,
+    shape: Sequence[int],
+    dtype: object,
+    payload_len: int,
 ) -> int:
     """Checksum the payload already in ``slot[HEADER_BYTES:]`` and write its header.
 
@@ -229,8 +273,15 @@ def seal(
     payload = view[HEADER_BYTES : HEADER_BYTES + payload_len]
     if len(payload) != payload_len:
         raise PayloadError(f"slot of {len(view)} bytes cannot hold a {payload_len}-byte payload")
-    write_header(view, key=key, namespace=namespace, shape=shape, dtype=dtype,
-                 payload_len=payload_len, checksum=checksum(payload))
+    write_header(
+        view,
+        key=key,
+        namespace=namespace,
+        shape=shape,
+        dtype=dtype,
+        payload_len=payload_len,
+        checksum=checksum(payload),
+    )
     return HEADER_BYTES + payload_len
 
 
@@ -257,7 +308,9 @@ def _decompress(stored: memoryview, header: PayloadHeader, out: Buffer | None) -
     except Exception as exc:  # noqa: BLE001 - any codec failure means corrupt data
         raise PayloadError(f"payload does not decompress ({header.compression}): {exc}") from None
     if len(data) != header.raw_len:
-        raise PayloadError(f"payload decompressed to {len(data)} bytes, header says {header.raw_len}")
+        raise PayloadError(
+            f"payload decompressed to {len(data)} bytes, header says {header.raw_len}"
+        )
     if out is None:
         return memoryview(data)
     target = _bytes_view(out)
@@ -287,9 +340,17 @@ def compress_value(value: Buffer, compression: Compression, level: int | None = 
         return value
     out = bytearray(HEADER_BYTES + len(packed))
     out[HEADER_BYTES:] = packed
-    _pack_header(memoryview(out), key=header.key, ns_hash=header.namespace_hash,
-                 shape=header.shape, dtype=header.dtype, payload_len=len(packed),
-                 checksum=checksum(packed), compression=compression, raw_len=header.raw_len)
+    _pack_header(
+        memoryview(out),
+        key=header.key,
+        ns_hash=header.namespace_hash,
+        shape=header.shape,
+        dtype=header.dtype,
+        payload_len=len(packed),
+        checksum=checksum(packed),
+        compression=compression,
+        raw_len=header.raw_len,
+    )
     return out
 
 
@@ -314,9 +375,15 @@ def decompress_value(stored: Buffer, out: Buffer) -> int:
         raise PayloadError(f"payload checksum mismatch for key {header.key.hex()}")
     total = HEADER_BYTES + header.raw_len
     _decompress(packed, header, target[HEADER_BYTES:total])
-    _pack_header(target, key=header.key, ns_hash=header.namespace_hash, shape=header.shape,
-                 dtype=header.dtype, payload_len=header.raw_len,
-                 checksum=checksum(target[HEADER_BYTES:total]))
+    _pack_header(
+        target,
+        key=header.key,
+        ns_hash=header.namespace_hash,
+        shape=header.shape,
+        dtype=header.dtype,
+        payload_len=header.raw_len,
+        checksum=checksum(target[HEADER_BYTES:total]),
+    )
     return total
 
 

@@ -91,7 +91,9 @@ class CircuitBreaker:
             self.last_error = error
             probe_failed = self._state == "half_open"
             self._probing = False
-            if probe_failed or (self._state == "closed" and self._failures >= self.failure_threshold):
+            if probe_failed or (
+                self._state == "closed" and self._failures >= self.failure_threshold
+            ):
                 self._opened_at = self._clock()
                 change = self._set("open")
         self._notify(change)

@@ -49,6 +49,7 @@ class LoadMixin:
     _checksum_log: Throttle
 
     if TYPE_CHECKING:  # provided by TierManager / the other mixin
+
         def _allocate_slot(self) -> int | None: ...
         def _payload_view(self, slot: int) -> torch.Tensor: ...
 
@@ -102,8 +103,9 @@ class LoadMixin:
         outcome = {i: r for (i, *_), r in zip(fetches, results, strict=True)}
         return self._promote(plan, outcome)
 
-    async def _fetch_all(self, fetches: list[tuple[int, bytes, LowerTier, int]],
-                         run: _FetchRun) -> list[str]:
+    async def _fetch_all(
+        self, fetches: list[tuple[int, bytes, LowerTier, int]], run: _FetchRun
+    ) -> list[str]:
         results = list(await asyncio.gather(*(self._fetch(k, t, s) for _, k, t, s in fetches)))
         if not run.finish():
             self.pool.free_many(f[3] for f, r in zip(fetches, results, strict=True) if r != GONE)
@@ -145,17 +147,27 @@ class LoadMixin:
             pl.decompress_value(bytes(out[:n]), out)
             n = pl.HEADER_BYTES + header.raw_len
         if n != pl.HEADER_BYTES + self.payload_bytes:
-            raise PayloadError(f"payload is {n - pl.HEADER_BYTES} bytes, expected {self.payload_bytes}")
-        pl.parse(out[:n], key=key, namespace=self.namespace,
-                 shape=self.payload_shape, dtype=self.dtype)
+            raise PayloadError(
+                f"payload is {n - pl.HEADER_BYTES} bytes, expected {self.payload_bytes}"
+            )
+        pl.parse(
+            out[:n], key=key, namespace=self.namespace, shape=self.payload_shape, dtype=self.dtype
+        )
 
     async def _reject(self, tier: LowerTier, key: bytes, exc: PayloadError) -> None:
         """A bad payload: a miss, deleted from its tier, counted, logged (throttled)."""
         self.stats.inc(CHECKSUM_FAILURES, 1, tier.name)
         suppressed = self._checksum_log.allow(tier.name)
         if suppressed is not None:
-            event(log, logging.WARNING, "bad_payload", tier=tier.name, key=key.hex()[:16],
-                  error=str(exc), suppressed=suppressed)
+            event(
+                log,
+                logging.WARNING,
+                "bad_payload",
+                tier=tier.name,
+                key=key.hex()[:16],
+                error=str(exc),
+                suppressed=suppressed,
+            )
         tier.index.remove([key])
         if tier.remote is not None:
             tier.remote.forget([key])
@@ -164,15 +176,19 @@ class LoadMixin:
         except TierUnavailable:
             pass
 
-    def _promote(self, plan: list[tuple[int, bytes, LowerTier | None, int]],
-                 outcome: dict[int, str]) -> list[LoadLease]:
+    def _promote(
+        self, plan: list[tuple[int, bytes, LowerTier | None, int]], outcome: dict[int, str]
+    ) -> list[LoadLease]:
         leases: list[LoadLease] = []
         cut = False
         for i, key, tier, slot in plan:
             lease = None
             if not cut:
-                lease = self._cpu_lease(i, key) if tier is None else (
-                    self._promote_one(i, key, tier, slot) if outcome.get(i) == OK else None)
+                lease = (
+                    self._cpu_lease(i, key)
+                    if tier is None
+                    else (self._promote_one(i, key, tier, slot) if outcome.get(i) == OK else None)
+                )
             if lease is not None:
                 leases.append(lease)
                 continue
@@ -229,4 +245,3 @@ class _FetchRun:
                 return False
             self._state = "finished"
             return True
-

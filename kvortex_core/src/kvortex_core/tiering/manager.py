@@ -31,7 +31,7 @@ from kvortex_core.errors import ConfigError
 from kvortex_core.logs import Throttle, event
 from kvortex_core.storage.protocol import BackendContext
 from kvortex_core.tiering.breaker import CircuitBreaker
-from kvortex_core.tiering.counters import *  # noqa: F403 - counter names, re-exported
+from kvortex_core.tiering.counters import *
 from kvortex_core.tiering.counters import BREAKER_TRANSITIONS
 from kvortex_core.tiering.loads import LoadMixin
 from kvortex_core.tiering.loop import LoopThread, WorkQueue
@@ -58,8 +58,17 @@ class TierManager(SaveMixin, LoadMixin):
     #: How long a shared tier's ``contains`` answer is trusted by ``lookup``.
     REMOTE_CACHE_TTL_S = 2.0
 
-    def __init__(self, *, config: KVortexConfig, namespace: bytes, payload_shape: tuple[int, ...],
-                 dtype: torch.dtype, stats: Stats, pool: PinnedPool, cpu_name: str) -> None:
+    def __init__(
+        self,
+        *,
+        config: KVortexConfig,
+        namespace: bytes,
+        payload_shape: tuple[int, ...],
+        dtype: torch.dtype,
+        stats: Stats,
+        pool: PinnedPool,
+        cpu_name: str,
+    ) -> None:
         self.config = config
         self.namespace = namespace
         self.payload_shape = tuple(int(d) for d in payload_shape)
@@ -70,9 +79,15 @@ class TierManager(SaveMixin, LoadMixin):
         self.payload_bytes = math.prod(self.payload_shape) * _itemsize(dtype)
         self.cpu_name = cpu_name
         ev = config.eviction
-        self.cpu_index = ChunkIndex(cpu_name, pool.capacity_bytes, policy=ev.policy,
-                                    high_watermark=ev.high_watermark, evict_ratio=ev.evict_ratio,
-                                    on_evict=self._on_cpu_evict, stats=stats)
+        self.cpu_index = ChunkIndex(
+            cpu_name,
+            pool.capacity_bytes,
+            policy=ev.policy,
+            high_watermark=ev.high_watermark,
+            evict_ratio=ev.evict_ratio,
+            on_evict=self._on_cpu_evict,
+            stats=stats,
+        )
         self.tiers: list[LowerTier] = []
         self.loop = LoopThread()
         self._lock = threading.RLock()
@@ -83,9 +98,18 @@ class TierManager(SaveMixin, LoadMixin):
 
     # -- construction ----------------------------------------------------------------------
     @classmethod
-    def create(cls, config: KVortexConfig, plugins: PluginManager, *, namespace: bytes,
-               payload_shape: tuple[int, ...], dtype: torch.dtype, stats: Stats, rank: int = 0,
-               world_size: int = 1) -> TierManager:
+    def create(
+        cls,
+        config: KVortexConfig,
+        plugins: PluginManager,
+        *,
+        namespace: bytes,
+        payload_shape: tuple[int, ...],
+        dtype: torch.dtype,
+        stats: Stats,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> TierManager:
         """Build the pool and open every tier (a tier that cannot open starts out of service)."""
         names = config.tier_names
         first = config.tiers[names[0]]
@@ -97,43 +121,80 @@ class TierManager(SaveMixin, LoadMixin):
         ranks = config.ranks_per_node or world_size
         cpu_opts = backend_options(config, names[0], plugins)
         slot = pl.HEADER_BYTES + math.prod(payload_shape) * _itemsize(dtype)
-        pool = PinnedPool(slot, per_rank_capacity(int(first.capacity), ranks, 4096),
-                          pin=getattr(cpu_opts, "pin", None), alignment=4096, stats=stats,
-                          name=names[0])
-        mgr = cls(config=config, namespace=namespace, payload_shape=payload_shape, dtype=dtype,
-                  stats=stats, pool=pool, cpu_name=names[0])
+        pool = PinnedPool(
+            slot,
+            per_rank_capacity(int(first.capacity), ranks, 4096),
+            pin=getattr(cpu_opts, "pin", None),
+            alignment=4096,
+            stats=stats,
+            name=names[0],
+        )
+        mgr = cls(
+            config=config,
+            namespace=namespace,
+            payload_shape=payload_shape,
+            dtype=dtype,
+            stats=stats,
+            pool=pool,
+            cpu_name=names[0],
+        )
         try:
             for name in names[1:]:
-                mgr._add_tier(name, plugins, per_rank_capacity(int(config.tiers[name].capacity), ranks),
-                              rank, world_size)
+                mgr._add_tier(
+                    name,
+                    plugins,
+                    per_rank_capacity(int(config.tiers[name].capacity), ranks),
+                    rank,
+                    world_size,
+                )
         except BaseException:
             mgr.close()
             raise
         return mgr
 
-    def _add_tier(self, name: str, plugins: PluginManager, capacity: int, rank: int,
-                  world_size: int) -> None:
+    def _add_tier(
+        self, name: str, plugins: PluginManager, capacity: int, rank: int, world_size: int
+    ) -> None:
         tc = self.config.tiers[name]
         info = plugins.backend(tc.type)
         info.check_dependencies()
-        context = BackendContext(tier=name, namespace=self.namespace.hex(), rank=rank,
-                                 world_size=world_size)
-        backend = info.cls(backend_options(self.config, name, plugins), capacity=capacity,
-                           context=context)
+        context = BackendContext(
+            tier=name, namespace=self.namespace.hex(), rank=rank, world_size=world_size
+        )
+        backend = info.cls(
+            backend_options(self.config, name, plugins), capacity=capacity, context=context
+        )
         ev, cb = self.config.eviction, self.config.circuit_breaker
         position = len(self.tiers)
-        index = ChunkIndex(name, capacity, policy=ev.policy, high_watermark=ev.high_watermark,
-                           evict_ratio=ev.evict_ratio, stats=self.stats,
-                           on_evict=lambda victims: self._on_lower_evict(position, victims))
-        breaker = CircuitBreaker(name, failure_threshold=cb.failure_threshold,
-                                 reset_after_s=cb.reset_after_s, on_transition=self._on_transition)
+        index = ChunkIndex(
+            name,
+            capacity,
+            policy=ev.policy,
+            high_watermark=ev.high_watermark,
+            evict_ratio=ev.evict_ratio,
+            stats=self.stats,
+            on_evict=lambda victims: self._on_lower_evict(position, victims),
+        )
+        breaker = CircuitBreaker(
+            name,
+            failure_threshold=cb.failure_threshold,
+            reset_after_s=cb.reset_after_s,
+            on_transition=self._on_transition,
+        )
         shared = bool(getattr(info.cls, "shared", False))
         tier = LowerTier(
-            name=name, backend=backend, index=index, breaker=breaker, stats=self.stats,
-            queue=WorkQueue(self.loop, name, maxsize=self.WRITE_BEHIND_DEPTH,
-                            workers=self.WRITE_BEHIND_WORKERS),
-            op_timeout_s=self.config.timeouts.backend_op_s, write_through=tc.write_through,
-            shared=shared, remote=RemoteCache(self.REMOTE_CACHE_TTL_S) if shared else None,
+            name=name,
+            backend=backend,
+            index=index,
+            breaker=breaker,
+            stats=self.stats,
+            queue=WorkQueue(
+                self.loop, name, maxsize=self.WRITE_BEHIND_DEPTH, workers=self.WRITE_BEHIND_WORKERS
+            ),
+            op_timeout_s=self.config.timeouts.backend_op_s,
+            write_through=tc.write_through,
+            shared=shared,
+            remote=RemoteCache(self.REMOTE_CACHE_TTL_S) if shared else None,
         )
         self.tiers.append(tier)
         self._open_tier(tier)
@@ -195,17 +256,20 @@ class TierManager(SaveMixin, LoadMixin):
     async def _refresh_remote(self, tier: LowerTier, keys: list[bytes]) -> None:
         assert tier.remote is not None
         try:
-            found = await tier.call("contains", tier.backend.contains([k.hex() for k in keys]),
-                                    self.config.timeouts.remote_lookup_s)
+            found = await tier.call(
+                "contains",
+                tier.backend.contains([k.hex() for k in keys]),
+                self.config.timeouts.remote_lookup_s,
+            )
         except TierUnavailable:
             tier.remote.give_up(keys)
             return
         tier.remote.record(keys, found)
 
     def _stored_below(self, key: bytes) -> bool:
-        return any(key in t.index or (t.remote is not None and t.remote.present(key))
-                   for t in self.tiers)
-
+        return any(
+            key in t.index or (t.remote is not None and t.remote.present(key)) for t in self.tiers
+        )
 
     # -- state -----------------------------------------------------------------------------
     def tier_states(self) -> dict[str, str]:
@@ -234,8 +298,12 @@ class TierManager(SaveMixin, LoadMixin):
         drained = self.drain()
         self._closed = True
         if not drained:
-            event(log, logging.WARNING, "close_undrained",
-                  pending=sum(t.queue.pending for t in self.tiers))
+            event(
+                log,
+                logging.WARNING,
+                "close_undrained",
+                pending=sum(t.queue.pending for t in self.tiers),
+            )
         for tier in self.tiers:
             try:
                 self.loop.run(tier.backend.close(), self.config.timeouts.close_s)

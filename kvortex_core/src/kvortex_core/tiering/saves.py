@@ -46,12 +46,14 @@ class SaveMixin:
     _saving: set[bytes]
 
     if TYPE_CHECKING:  # provided by TierManager / the other mixin
-        def contains(self, keys: Sequence[bytes]) -> int: ...  # noqa: D102 - see TierManager
+
+        def contains(self, keys: Sequence[bytes]) -> int: ...
         def _spawn(self, coro: Any) -> None: ...
         def _stored_below(self, key: bytes) -> bool: ...
 
-    def begin_save(self, keys: Sequence[bytes], parents: Sequence[bytes | None] | None = None
-                   ) -> list[SaveLease]:
+    def begin_save(
+        self, keys: Sequence[bytes], parents: Sequence[bytes | None] | None = None
+    ) -> list[SaveLease]:
         """Reserve a slot for each chunk not stored anywhere (pool full: skipped and counted)."""
         keys = list(keys)
         stored = self.contains(keys)
@@ -92,11 +94,18 @@ class SaveMixin:
                     self._saving.discard(lease.key)
 
     def _commit_one(self, lease: SaveLease) -> None:
-        total = pl.seal(self.pool.view(lease.slot), key=lease.key, namespace=self.namespace,
-                        shape=self.payload_shape, dtype=self.dtype, payload_len=self.payload_bytes)
+        total = pl.seal(
+            self.pool.view(lease.slot),
+            key=lease.key,
+            namespace=self.namespace,
+            shape=self.payload_shape,
+            dtype=self.dtype,
+            payload_len=self.payload_bytes,
+        )
         with self._lock:
             ok = not self._closed and self.cpu_index.insert(
-                lease.key, self.pool.slot_bytes, location=lease.slot, parent=lease.parent)
+                lease.key, self.pool.slot_bytes, location=lease.slot, parent=lease.parent
+            )
         if not ok:
             self.pool.free(lease.slot)
             self.stats.inc(SAVE_SKIPPED, 1, self.cpu_name)
@@ -124,7 +133,9 @@ class SaveMixin:
             pin.release()
             self.stats.inc(WRITE_BEHIND_SKIPPED, 1, tier.name)
 
-    async def _put(self, tier: LowerTier, key: bytes, value: memoryview | bytes | bytearray) -> bool:
+    async def _put(
+        self, tier: LowerTier, key: bytes, value: memoryview | bytes | bytearray
+    ) -> bool:
         """Write one value into a lower tier and its index (evicting there first)."""
         if key in tier.index:
             return True

@@ -65,7 +65,7 @@ class LowerTier:
         except TimeoutError as exc:
             self._failed(op, f"{op} timed out after {timeout or self.op_timeout_s:.3g}s", TIMEOUTS)
             raise TierUnavailable(f"tier {self.name}: {op} timed out") from exc
-        except Exception as exc:  # noqa: BLE001 - any backend failure must stay inside tiering
+        except Exception as exc:
             self._failed(op, f"{type(exc).__name__}: {exc}", ERRORS)
             raise TierUnavailable(f"tier {self.name}: {op} failed: {exc}") from exc
         self.breaker.success()

@@ -45,24 +45,36 @@ def disk_cmd(
     sizes: Annotated[str, typer.Option(help="comma-separated payload sizes in MiB")] = "1,8,32",
     reps: RepsOption = 5,
     concurrency: Annotated[str, typer.Option(help="comma-separated concurrent operations")] = "1,4",
-    path: Annotated[Path | None, typer.Option(
-        help="directory on the disk to test (default: under --out)")] = None,
-    compression: Annotated[bool, typer.Option(help="also measure lz4/zstd on bf16 KV-like data")] = True,
+    path: Annotated[
+        Path | None, typer.Option(help="directory on the disk to test (default: under --out)")
+    ] = None,
+    compression: Annotated[
+        bool, typer.Option(help="also measure lz4/zstd on bf16 KV-like data")
+    ] = True,
     out: OutOption = Path("bench-results"),
     quiet: QuietOption = False,
 ) -> None:
     """Disk tier put/get throughput vs raw write+fsync+rename / read of the same bytes."""
-    result = bench_disk([float(s) for s in sizes.split(",") if s.strip()], reps, out,
-                        concurrency=[int(c) for c in concurrency.split(",") if c.strip()],
-                        path=path, quiet=quiet)
+    result = bench_disk(
+        [float(s) for s in sizes.split(",") if s.strip()],
+        reps,
+        out,
+        concurrency=[int(c) for c in concurrency.split(",") if c.strip()],
+        path=path,
+        quiet=quiet,
+    )
     if compression:
         from kvortex_core.cli.bench.disk_compression import bench_compression
 
         result["compression"] = bench_compression(8, reps)
-        print_table("payload compression on bf16 KV-like data (8 MiB)",
-                    ["data", "codec", "ratio", "compress GB/s", "decompress GB/s"],
-                    [[r["data"], r["codec"], r["ratio"], r["compress_gbps"], r["decompress_gbps"]]
-                     for r in result["compression"]])
+        print_table(
+            "payload compression on bf16 KV-like data (8 MiB)",
+            ["data", "codec", "ratio", "compress GB/s", "decompress GB/s"],
+            [
+                [r["data"], r["codec"], r["ratio"], r["compress_gbps"], r["decompress_gbps"]]
+                for r in result["compression"]
+            ],
+        )
         write_results(out, "disk", result)
 
 
@@ -98,11 +110,29 @@ def bench_disk(
                     rows += _measure(work, size, 1, reps, opts, name)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    table = [[r["variant"], r["op"], r["size"] / MiB, r["concurrency"], r["ours_gbps"],
-              r["raw_gbps"], r["ratio"], "ok" if r["ratio"] >= GOAL else f"< {GOAL}"] for r in rows]
-    result = {"params": {"sizes": byte_sizes, "concurrency": list(concurrency), "reps": reps,
-                         "seconds": time.perf_counter() - t0, "fs": _fs_name(path or out_dir)},
-              "rows": rows}
+    table = [
+        [
+            r["variant"],
+            r["op"],
+            r["size"] / MiB,
+            r["concurrency"],
+            r["ours_gbps"],
+            r["raw_gbps"],
+            r["ratio"],
+            "ok" if r["ratio"] >= GOAL else f"< {GOAL}",
+        ]
+        for r in rows
+    ]
+    result = {
+        "params": {
+            "sizes": byte_sizes,
+            "concurrency": list(concurrency),
+            "reps": reps,
+            "seconds": time.perf_counter() - t0,
+            "fs": _fs_name(path or out_dir),
+        },
+        "rows": rows,
+    }
     write_results(out_dir, "disk", result)
     (out_dir / "disk.md").write_text(markdown_table(COLUMNS, table) + "\n")
     if not quiet or out is None:
@@ -122,29 +152,35 @@ def _fs_name(path: Path) -> str:
     try:
         import subprocess
 
-        done = subprocess.run(["stat", "-f", "-c", "%T", str(path)], capture_output=True, text=True)
+        done = subprocess.run(
+            ["stat", "-f", "-c", "%T", str(path)], capture_output=True, text=True, check=False
+        )
         return done.stdout.strip() or "?"
     except OSError:
         return "?"
 
 
-def _measure(work: Path, size: int, conc: int, reps: int, opts: dict[str, Any],
-             variant: str) -> list[dict[str, Any]]:
+def _measure(
+    work: Path, size: int, conc: int, reps: int, opts: dict[str, Any], variant: str
+) -> list[dict[str, Any]]:
     from kvortex_core.cli.bench.disk_run import DiskRig
 
     with DiskRig(work, size, conc, opts) as rig:
         rows = []
-        for op, ours, raw, prep in (("put", rig.put, rig.raw_put, None),
-                                    ("get cold", rig.get, rig.raw_get, rig.drop_cache),
-                                    ("get warm", rig.get, rig.raw_get, None)):
+        for op, ours, raw, prep in (
+            ("put", rig.put, rig.raw_put, None),
+            ("get cold", rig.get, rig.raw_get, rig.drop_cache),
+            ("get warm", rig.get, rig.raw_get, None),
+        ):
             o, r = _paired(ours, raw, reps, prep)
             nbytes = rig.value_bytes * conc
             rows.append(_row(variant, op, size, conc, nbytes, o, r))
         return rows
 
 
-def _paired(ours: Callable[[], None], raw: Callable[[], None], reps: int,
-            prep: Callable[[], None] | None) -> tuple[list[float], list[float]]:
+def _paired(
+    ours: Callable[[], None], raw: Callable[[], None], reps: int, prep: Callable[[], None] | None
+) -> tuple[list[float], list[float]]:
     """Alternate ours/raw repetitions so drift (page cache, disk state) hits both alike."""
     ours(), raw()  # warm-up: files exist, code paths are hot
     o, r = [], []
@@ -158,12 +194,21 @@ def _paired(ours: Callable[[], None], raw: Callable[[], None], reps: int,
     return o, r
 
 
-def _row(variant: str, op: str, size: int, conc: int, nbytes: int, ours: list[float],
-         raw: list[float]) -> dict[str, Any]:
+def _row(
+    variant: str, op: str, size: int, conc: int, nbytes: int, ours: list[float], raw: list[float]
+) -> dict[str, Any]:
     o, r = spread(ours), spread(raw)
-    return {"variant": variant, "op": op, "size": size, "concurrency": conc,
-            "ours_gbps": nbytes / o["median"] / 1e9, "raw_gbps": nbytes / r["median"] / 1e9,
-            "ratio": r["median"] / o["median"], "ours_s": o, "raw_s": r}
+    return {
+        "variant": variant,
+        "op": op,
+        "size": size,
+        "concurrency": conc,
+        "ours_gbps": nbytes / o["median"] / 1e9,
+        "raw_gbps": nbytes / r["median"] / 1e9,
+        "ratio": r["median"] / o["median"],
+        "ours_s": o,
+        "raw_s": r,
+    }
 
 
 __all__ = ["bench_disk", "register"]

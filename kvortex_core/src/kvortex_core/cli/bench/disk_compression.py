@@ -46,8 +46,10 @@ def _codecs() -> dict[str, tuple[Any, Any]]:
     z1, z3 = zstandard.ZstdCompressor(level=1), zstandard.ZstdCompressor(level=3)
     dz = zstandard.ZstdDecompressor()
     return {
-        "lz4": (lambda b: lz4.block.compress(b, store_size=False),
-                lambda c, n: lz4.block.decompress(c, uncompressed_size=n)),
+        "lz4": (
+            lambda b: lz4.block.compress(b, store_size=False),
+            lambda c, n: lz4.block.decompress(c, uncompressed_size=n),
+        ),
         "zstd-1": (z1.compress, lambda c, n: dz.decompress(c, max_output_size=n)),
         "zstd-3": (z3.compress, lambda c, n: dz.decompress(c, max_output_size=n)),
     }
@@ -73,6 +75,13 @@ def bench_compression(size_mib: float = 8, reps: int = 5) -> list[dict[str, Any]
             assert decomp(packed, n) == data, f"{name} is not lossless on {kind}"
             c = _median_s(lambda comp=comp, data=data: comp(data), reps)
             d = _median_s(lambda decomp=decomp, packed=packed: decomp(packed, n), reps)
-            rows.append({"data": kind, "codec": name, "ratio": n / len(packed),
-                         "compress_gbps": n / c / 1e9, "decompress_gbps": n / d / 1e9})
+            rows.append(
+                {
+                    "data": kind,
+                    "codec": name,
+                    "ratio": n / len(packed),
+                    "compress_gbps": n / c / 1e9,
+                    "decompress_gbps": n / d / 1e9,
+                }
+            )
     return rows

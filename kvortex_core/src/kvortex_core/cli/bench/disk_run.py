@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 
 class DiskRig:
@@ -21,7 +21,7 @@ class DiskRig:
         self.loop = asyncio.new_event_loop()
         self.threads = ThreadPoolExecutor(max(conc, 1), thread_name_prefix="raw-io")
 
-    def __enter__(self) -> DiskRig:
+    def __enter__(self) -> Self:
         from kvortex_backends.disk import DiskBackend
 
         from kvortex_core.data import payload as pl
@@ -29,26 +29,41 @@ class DiskRig:
         from kvortex_core.storage.protocol import BackendContext
 
         self.value_bytes = pl.HEADER_BYTES + self.size
-        self.pool = PinnedPool(self.value_bytes, self.value_bytes * self.conc * 2, pin=False,
-                               alignment=4096, name="bench")
+        self.pool = PinnedPool(
+            self.value_bytes,
+            self.value_bytes * self.conc * 2,
+            pin=False,
+            alignment=4096,
+            name="bench",
+        )
         self.src = [self.pool.allocate() for _ in range(self.conc)]
         self.dst = [self.pool.allocate() for _ in range(self.conc)]
         self.keys = [f"{i:02x}" * 32 for i in range(self.conc)]
         for i, slot in enumerate(self.src):
             body = self.pool.buffer(slot)[pl.HEADER_BYTES : self.value_bytes]
             body[:] = os.urandom(self.size)
-            pl.seal(self.pool.buffer(slot), key=bytes.fromhex(self.keys[i]), namespace=b"bench",
-                    shape=(self.size,), dtype="uint8", payload_len=self.size)
+            pl.seal(
+                self.pool.buffer(slot),
+                key=bytes.fromhex(self.keys[i]),
+                namespace=b"bench",
+                shape=(self.size,),
+                dtype="uint8",
+                payload_len=self.size,
+            )
         root = self.work / "tier"
         self.raw_dir = self.work / "raw"
         self.raw_dir.mkdir(parents=True, exist_ok=True)
-        self.backend = DiskBackend(DiskBackend.Options(path=root, **self.opts),
-                                   capacity=1 << 50, context=BackendContext(tier="bench"))
+        self.backend = DiskBackend(
+            DiskBackend.Options(path=root, **self.opts),
+            capacity=1 << 50,
+            context=BackendContext(tier="bench"),
+        )
         self.loop.run_until_complete(self.backend.open())
         return self
 
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.loop.run_until_complete(self.backend.delete(self.keys))
         self.loop.run_until_complete(self.backend.close())
         self.loop.close()
@@ -62,13 +77,15 @@ class DiskRig:
     # -- ours -------------------------------------------------------------------------------
     def put(self) -> None:
         b = self.backend
-        self.loop.run_until_complete(_all(
-            b.put(k, self._view(s)) for k, s in zip(self.keys, self.src, strict=True)))
+        self.loop.run_until_complete(
+            _all(b.put(k, self._view(s)) for k, s in zip(self.keys, self.src, strict=True))
+        )
 
     def get(self) -> None:
         b = self.backend
-        got = self.loop.run_until_complete(_all(
-            b.get(k, self.pool.buffer(s)) for k, s in zip(self.keys, self.dst, strict=True)))
+        got = self.loop.run_until_complete(
+            _all(b.get(k, self.pool.buffer(s)) for k, s in zip(self.keys, self.dst, strict=True))
+        )
         assert all(n == self.value_bytes for n in got)
 
     # -- raw --------------------------------------------------------------------------------
