@@ -311,3 +311,15 @@ def test_stats_and_bad_arguments() -> None:
         ChunkIndex("x", 10, policy="mru")
     with pytest.raises(ConfigError, match="size=-1"):
         idx.insert(b"n", -1)
+
+
+def test_insert_chain_links_parents_and_stops_when_full() -> None:
+    evicted: list[bytes] = []
+    idx = ChunkIndex("cpu", 1000, policy="prefix-lru", high_watermark=1.0,
+                     on_evict=lambda v: evicted.extend(e.key for e in v))
+    keys = [b"c%d" % i for i in range(12)]
+    assert idx.insert_chain(keys, 100, locations=list(range(12))) == 10
+    assert idx.lookup(keys) == 10 and idx.get(b"c3").location == 3  # type: ignore[union-attr]
+    assert idx.get(b"c3").parent == b"c2" and not evicted  # type: ignore[union-attr]
+    idx.insert(b"other", 100)  # the chain makes room from its tail
+    assert evicted == [b"c9", b"c8", b"c7"]  # down to (1.0 - 0.2) of capacity

@@ -228,6 +228,31 @@ class ChunkIndex:
             self.stats.inc(INSERTS if ok else INSERT_REJECTS, 1, self.name)
         return ok
 
+    def insert_chain(self, keys: Sequence[bytes], size: int, *, locations: Sequence[Any] | None = None,
+                     parent: bytes | None = None) -> int:
+        """Insert consecutive chunks of one prefix (each the parent of the next) under one lock.
+
+        Stops at the first chunk that finds no room and returns how many were inserted; one
+        ``on_evict`` call covers all of them.
+        """
+        if size < 0:
+            raise ConfigError(f"index {self.name!r}: size={size} of a chunk must be >= 0")
+        done, victims = 0, []
+        with self._lock:
+            for i, key in enumerate(keys):
+                ok, evicted = self._insert_locked(key, size, None if locations is None else locations[i],
+                                                  parent)
+                victims += evicted
+                if not ok:
+                    break
+                done, parent = done + 1, key
+        self._after_evict(victims)
+        if self.stats is not None:
+            self.stats.inc(INSERTS, done, self.name)
+            if done < len(keys):
+                self.stats.inc(INSERT_REJECTS, 1, self.name)
+        return done
+
     def _insert_locked(self, key: bytes, size: int, location: Any,
                        parent: bytes | None) -> tuple[bool, list[IndexEntry]]:
         existing = self._entries.get(key)

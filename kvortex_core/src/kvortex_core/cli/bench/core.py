@@ -41,7 +41,7 @@ def core(
     sizes = [int(t) for t in tokens.split(",") if t.strip()]
     counts = [int(n) for n in entries.split(",") if n.strip()]
     rows = [*bench_hashing(sizes, chunk_tokens, reps), *bench_lookup(counts, reps),
-            *bench_insert(counts), *bench_pool(reps)]
+            *bench_insert(counts, max(3, reps // 10)), *bench_pool(reps)]
     payload: dict[str, Any] = {"rows": rows, "chunk_tokens": chunk_tokens}
     if pin and _cuda():
         from kvortex_core.cli.bench.core_pin import run_all
@@ -60,10 +60,10 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def _median(fn: Callable[[], object], reps: int) -> float:
+def _median(fn: Callable[[], object], reps: int, warmup: int = 2) -> float:
     from kvortex_core.cli.bench.common import repeat
 
-    times = sorted(repeat(fn, reps, warmup=2))
+    times = sorted(repeat(fn, reps, warmup=warmup))
     return times[len(times) // 2]
 
 
@@ -141,29 +141,35 @@ def bench_lookup(counts: list[int], reps: int) -> list[Row]:
     return rows
 
 
-def bench_insert(counts: list[int]) -> list[Row]:
-    """Inserting 2x capacity chained keys (so half are evicted) per policy vs an OrderedDict LRU."""
+def bench_insert(counts: list[int], reps: int = 3) -> list[Row]:
+    """Inserting 2x capacity chained keys (so half are evicted) per policy vs an OrderedDict LRU.
+
+    Each repetition starts from an empty index; the median of ``reps`` runs is reported.
+    """
     from kvortex_core.control.index import ChunkIndex
 
     rows = []
     for n in counts:
         keys = [k for c in _chains(2 * n) for k in c]
-        t0 = time.perf_counter()
-        lru: OrderedDict[bytes, int] = OrderedDict()
-        for k in keys:
-            lru[k] = 10
-            if len(lru) > n:
-                lru.popitem(last=False)
-        raw = time.perf_counter() - t0
+
+        def raw() -> None:
+            lru: OrderedDict[bytes, int] = OrderedDict()
+            for k in keys:
+                lru[k] = 10
+                if len(lru) > n:
+                    lru.popitem(last=False)
+
+        raw_s = _median(raw, reps, warmup=0)
         for policy in ("lru", "prefix-lru", "s3fifo"):
-            index = ChunkIndex("bench", n * 10, policy=policy)
-            t0 = time.perf_counter()
-            parent = None
-            for i, k in enumerate(keys):
-                index.insert(k, 10, parent=parent if i % 512 else None)
-                parent = k
-            ours = time.perf_counter() - t0
-            rows.append(_row(f"insert+evict {policy}", n, ours, raw, "us", per=len(keys)))
+
+            def ours(policy: str = policy) -> None:
+                index, parent = ChunkIndex("bench", n * 10, policy=policy), None
+                for i, k in enumerate(keys):
+                    index.insert(k, 10, parent=parent if i % 512 else None)
+                    parent = k
+
+            rows.append(_row(f"insert+evict {policy}", n, _median(ours, reps, warmup=0), raw_s, "us",
+                             per=len(keys)))
     return rows
 
 
