@@ -59,6 +59,7 @@ class TransferHandle:
     what: str
     done_event: Any = None
     layer_events: list[Any] = field(default_factory=list)
+    chunk_events: list[Any] = field(default_factory=list)
     keepalive: list[Any] = field(default_factory=list)
 
     def done(self) -> bool:
@@ -72,6 +73,12 @@ class TransferHandle:
         """Block the host until the transfer completed; TransferTimeoutError after ``timeout`` s."""
         event_wait(self.done_event, timeout, self.what)
         self.keepalive.clear()
+
+    def wait_chunk(self, chunk: int, timeout: float | None = None) -> None:
+        """Block the host until chunk ``chunk`` of a save sits in its buffer (commit it early)."""
+        events = self.chunk_events
+        event = events[chunk] if 0 <= chunk < len(events) else self.done_event
+        event_wait(event, timeout, f"{self.what} (chunk {chunk})")
 
     def wait_layer(self, layer: int) -> None:
         """Order the caller's current stream after layer ``layer`` arrived (no host block).
@@ -248,6 +255,11 @@ class TransferEngine:
             s = d.streams
             produced = s.record_current()
             idx = self._index_tensors(blocks, s)
+            remaining = [0] * len(blocks)
+            for batch in batches:
+                for u in batch:
+                    remaining[u.chunk] += 1
+            chunk_events: list[Any] = [None] * len(blocks)
             for batch in batches:
                 stage = self._next_stage(d, produced, s.first)
                 with s.on(s.first):
@@ -260,8 +272,12 @@ class TransferEngine:
                         dst[u.chunk][u.payload_offset:u.payload_offset + u.nbytes].copy_(
                             stage[u.stage_offset:u.stage_offset + u.nbytes], non_blocking=True)
                 d.free_events[d.turn] = s.record(s.second)
+                for u in batch:
+                    remaining[u.chunk] -= 1
+                    if remaining[u.chunk] == 0:
+                        chunk_events[u.chunk] = d.free_events[d.turn]
             done = s.record(s.second)
-        return TransferHandle(self.device, what, done, [], [list(dst), idx])
+        return TransferHandle(self.device, what, done, [], chunk_events, [list(dst), idx])
 
     def _next_stage(self, d: _Direction, after: Any, stream: Any) -> torch.Tensor:
         """The other staging half, once its previous copy finished (a GPU-side wait)."""
@@ -309,7 +325,7 @@ class TransferEngine:
             if layerwise:
                 self._mark_layers(batch, remaining, layer_events, d.free_events[d.turn])
         done = s.record(s.second)
-        return TransferHandle(self.device, "load", done, layer_events, [list(src), idx])
+        return TransferHandle(self.device, "load", done, layer_events, [], [list(src), idx])
 
     def _scatter(self, u: _Unit, idx: torch.Tensor, stage: torch.Tensor, skip: int) -> None:
         if skip >= u.blocks:

@@ -1,0 +1,382 @@
+"""KVortexEngine: the standalone KV cache API (keys + tiers + transfer engine, one process).
+
+    with KVortexEngine.create(KVortexConfig(model_id="meta-llama/Llama-3.1-8B")) as engine:
+        engine.register_kv_caches(kv_caches)        # list / dict of per-layer tensors, or one tensor
+        engine.save(token_ids, block_ids)           # block_ids[i] holds tokens [i*bs, (i+1)*bs)
+        hit = engine.lookup(token_ids)              # leading tokens stored
+        got = engine.load(token_ids, block_ids)     # tokens written into the blocks
+
+Every call is thread-safe. ``save_async`` / ``load_async`` return an :class:`EngineHandle`.
+A save never fails the caller for lack of room (chunks that find no slot are skipped and
+counted); bad input raises :class:`~kvortex_core.errors.KVortexError` before any byte moves.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+from kvortex_core.config import KVortexConfig
+from kvortex_core.errors import KVortexError, LayoutError
+
+if TYPE_CHECKING:
+    import torch
+
+    from kvortex_core.control.keys import ChunkHasher
+    from kvortex_core.control.stats import Stats
+    from kvortex_core.data.layouts import KVLayout
+    from kvortex_core.data.transfer import TransferEngine
+    from kvortex_core.plugins.manager import PluginManager
+    from kvortex_core.tiering.manager import TierManager
+
+log = logging.getLogger("kvortex_core.engine")
+
+#: Engine-level counters in ``stats()``.
+SAVED_TOKENS, LOADED_TOKENS, SAVE_CALLS, LOAD_CALLS = "engine_saved_tokens", "engine_loaded_tokens", \
+    "engine_save_calls", "engine_load_calls"
+
+
+class EngineHandle:
+    """Completion of a ``save_async`` / ``load_async``: ``wait()`` returns the call's result."""
+
+    def __init__(self, future: Future[int], what: str) -> None:
+        self._future = future
+        self.what = what
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Block until done and return the token count (re-raises the call's error)."""
+        from concurrent.futures import TimeoutError as FutureTimeout
+
+        from kvortex_core.data.streams import TransferTimeoutError
+
+        try:
+            return self._future.result(timeout)
+        except FutureTimeout:
+            raise TransferTimeoutError(f"{self.what} did not finish within timeout={timeout}s") from None
+
+    def done(self) -> bool:
+        return self._future.done()
+
+
+class _Registered:
+    """What ``register_kv_caches`` builds: layout, keys, tiers and the transfer engine."""
+
+    def __init__(self, layout: KVLayout, hasher: ChunkHasher, tiers: TierManager,
+                 transfer: TransferEngine, shapes: list[tuple[Any, ...]]) -> None:
+        self.layout = layout
+        self.hasher = hasher
+        self.tiers = tiers
+        self.transfer = transfer
+        self.shapes = shapes
+
+
+class KVortexEngine:
+    """Save, look up and load the KV cache of token prefixes; see the module docstring."""
+
+    def __init__(self, config: KVortexConfig, plugins: PluginManager, *, rank: int = 0,
+                 world_size: int = 1) -> None:
+        from kvortex_core.control.stats import Stats
+
+        self.config = config
+        self.plugins = plugins
+        self.rank = rank
+        self.world_size = world_size
+        self._stats: Stats = Stats()
+        self._lock = threading.RLock()
+        self._reg: _Registered | None = None
+        self._closed = False
+        self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kvortex-engine")
+        # Commits checksum each chunk on the host; a few threads overlap that with the DMA.
+        self._committer = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1),
+                                             thread_name_prefix="kvortex-commit")
+
+    @classmethod
+    def create(cls, config: KVortexConfig | None = None, plugins: PluginManager | Sequence[object] | None = None,
+               *, rank: int = 0, world_size: int = 1) -> KVortexEngine:
+        """An engine for ``config`` (default: ``KVortexConfig()``, i.e. env and YAML).
+
+        ``plugins``: a PluginManager, or extra plugin objects registered beside the entry points.
+        """
+        from kvortex_core.plugins.manager import PluginManager
+
+        if not isinstance(plugins, PluginManager):
+            plugins = PluginManager(list(plugins or ()))
+        return cls(config if config is not None else KVortexConfig(), plugins, rank=rank,
+                   world_size=world_size)
+
+    # ------------------------------------------------------------------ registration
+
+    def register_kv_caches(self, kv_caches: Any, hints: dict[str, Any] | None = None) -> KVLayout:
+        """Detect the layout of the engine's KV tensors and build tiers and transfers for it.
+
+        Registering again with tensors of the same layout (a re-allocated cache) is allowed;
+        a different shape, dtype or layout raises (stored chunks would no longer fit).
+        """
+        from kvortex_core.data.layouts import detect_layout
+
+        layout = detect_layout(kv_caches, hints)
+        shapes = _shapes(kv_caches)
+        with self._lock:
+            self._check_open()
+            if self._reg is not None:
+                if self._reg.layout != layout:
+                    raise LayoutError(
+                        f"register_kv_caches was already called with layout {self._reg.layout}; "
+                        f"got {layout}. Close this engine and create a new one for another model"
+                    )
+                self._reg.transfer = self._transfer(kv_caches, layout)
+                self._reg.shapes = shapes
+                return layout
+            self._reg = self._build(kv_caches, layout, shapes)
+        return layout
+
+    def _build(self, kv_caches: Any, layout: KVLayout, shapes: list[tuple[Any, ...]]) -> _Registered:
+        from kvortex_core.control.keys import ChunkHasher, KeyNamespace, validate_chunk_tokens
+        from kvortex_core.tiering.manager import TierManager
+
+        cfg = self.config
+        validate_chunk_tokens(cfg.chunk_tokens, layout.block_size)
+        ns = KeyNamespace(model_id=cfg.model_id, revision=cfg.model_revision, tp_size=self.world_size,
+                          salt=cfg.salt, **layout.namespace_fields())
+        hasher = ChunkHasher(ns, cfg.chunk_tokens, cfg.hash_algorithm, cfg.store_partial_chunks)
+        transfer = self._transfer(kv_caches, layout)
+        tiers = TierManager.create(cfg, self.plugins, namespace=ns.digest(),
+                                   payload_shape=layout.chunk_payload_shape(cfg.chunk_tokens),
+                                   dtype=layout.dtype, stats=self._stats, rank=self.rank,
+                                   world_size=self.world_size)
+        return _Registered(layout, hasher, tiers, transfer, shapes)
+
+    def _transfer(self, kv_caches: Any, layout: KVLayout) -> TransferEngine:
+        from kvortex_core.data.transfer import TransferEngine
+
+        t = self.config.transfer
+        return TransferEngine(kv_caches, layout, chunk_tokens=self.config.chunk_tokens,
+                              staging_bytes=int(t.staging_bytes), num_streams=t.num_streams)
+
+    @property
+    def layout(self) -> KVLayout | None:
+        """The registered layout (None before ``register_kv_caches``)."""
+        return self._reg.layout if self._reg is not None else None
+
+    # ------------------------------------------------------------------ keys and lookups
+
+    def keys(self, token_ids: Any) -> list[bytes]:
+        """Storage keys of the chunks of ``token_ids`` (this rank)."""
+        from kvortex_core.control.keys import rank_keys
+
+        reg = self._registered()
+        return rank_keys(reg.hasher.keys(_tokens(token_ids)), self.rank)
+
+    def lookup(self, token_ids: Any) -> int:
+        """How many leading tokens of ``token_ids`` are stored (whole chunks; never blocks)."""
+        reg = self._registered()
+        tokens = _tokens(token_ids)
+        keys = self.keys(tokens)
+        hit = reg.tiers.lookup(keys)
+        hit_tokens = min(hit * self.config.chunk_tokens, len(tokens))
+        self._stats.record_lookup(len(tokens), hit_tokens, len(keys), hit)
+        return hit_tokens
+
+    def contains(self, keys: Sequence[bytes]) -> int:
+        """Bitmask over ``keys`` (as returned by :meth:`keys`): bit i set when keys[i] is stored."""
+        return self._registered().tiers.contains(list(keys))
+
+    # ------------------------------------------------------------------ save
+
+    def save(self, token_ids: Any, block_ids: Sequence[int]) -> int:
+        """Store the KV of ``token_ids`` read from ``block_ids``; returns tokens newly stored.
+
+        Chunks already stored are skipped; so are chunks for which no cpu slot is free.
+        When this returns the blocks may be overwritten: every byte has been copied out.
+        """
+        from kvortex_core.control.keys import rank_keys
+
+        reg = self._registered()
+        tokens = _tokens(token_ids)
+        blocks = _blocks(block_ids, len(tokens), reg.layout)
+        keys = rank_keys(reg.hasher.keys(tokens), self.rank)
+        leases = reg.tiers.begin_save(keys)
+        if not leases:
+            self._stats.inc(SAVE_CALLS)
+            return 0
+        per_chunk = [self._chunk_blocks(blocks, lease.index, len(tokens), reg) for lease in leases]
+        try:
+            handle = reg.transfer.save(per_chunk, [lease.payload for lease in leases])
+            self._commit_as_ready(reg, handle, leases)
+        except BaseException:
+            reg.tiers.abort_save(leases)
+            raise
+        saved = sum(len(ids) for ids in per_chunk) * reg.layout.block_size
+        saved = min(saved, len(tokens))
+        self._stats.inc(SAVE_CALLS)
+        self._stats.inc(SAVED_TOKENS, saved)
+        return saved
+
+    def _commit_as_ready(self, reg: _Registered, handle: Any, leases: list[Any]) -> None:
+        """Seal each chunk as soon as its DMA finished, overlapping checksums with later DMAs."""
+        timeout = self.config.timeouts.transfer_s
+        futures = []
+        for i, lease in enumerate(leases):
+            handle.wait_chunk(i, timeout)
+            futures.append(self._committer.submit(reg.tiers.commit_save, [lease]))
+        handle.wait(timeout)
+        for f in futures:
+            f.result()
+
+    def _chunk_blocks(self, blocks: list[int], chunk: int, n_tokens: int, reg: _Registered) -> list[int]:
+        ct, bs = self.config.chunk_tokens, reg.layout.block_size
+        first = chunk * ct
+        last = min(first + ct, n_tokens)
+        return blocks[first // bs: -(-last // bs)]
+
+    def save_async(self, token_ids: Any, block_ids: Sequence[int]) -> EngineHandle:
+        """Non-blocking :meth:`save`; the blocks must stay untouched until ``wait()`` returns."""
+        tokens, blocks = _tokens(token_ids), list(block_ids)
+        self._check_open()
+        return EngineHandle(self._executor.submit(self.save, tokens, blocks), "save_async")
+
+    # ------------------------------------------------------------------ load
+
+    def load(self, token_ids: Any, block_ids: Sequence[int], *, skip_tokens: int = 0) -> int:
+        """Write the stored KV of the longest stored prefix into ``block_ids``.
+
+        ``skip_tokens``: leading tokens the caller already holds; their blocks are not written
+        (rounded down to a block boundary: a partly held block is rewritten with equal bytes).
+        Returns the number of tokens written after ``skip_tokens`` (0 on a miss).
+        """
+        from kvortex_core.control.keys import rank_keys
+
+        reg = self._registered()
+        tokens = _tokens(token_ids)
+        blocks = _blocks(block_ids, len(tokens), reg.layout)
+        if skip_tokens < 0:
+            raise KVortexError(f"skip_tokens={skip_tokens} must be >= 0")
+        ct = self.config.chunk_tokens
+        keys = rank_keys(reg.hasher.keys(tokens), self.rank)
+        first = min(skip_tokens // ct, len(keys))
+        leases = reg.tiers.begin_load(keys[first:], timeout=self.config.timeouts.backend_op_s)
+        self._stats.inc(LOAD_CALLS)
+        if not leases:
+            return 0
+        try:
+            per_chunk = [self._chunk_blocks(blocks, first + lease.index, len(tokens), reg) for lease in leases]
+            skip_blocks = (skip_tokens - first * ct) // reg.layout.block_size
+            handle = reg.transfer.load([lease.payload for lease in leases], per_chunk, skip_blocks=skip_blocks)
+            handle.wait(self.config.timeouts.transfer_s)
+        finally:
+            reg.tiers.end_load(leases)
+        end = min((first + len(leases)) * ct, len(tokens))
+        loaded = max(0, end - skip_tokens)
+        self._stats.inc(LOADED_TOKENS, loaded)
+        return loaded
+
+    def load_async(self, token_ids: Any, block_ids: Sequence[int], *, skip_tokens: int = 0) -> EngineHandle:
+        """Non-blocking :meth:`load`; read the blocks only after ``wait()`` returned."""
+        tokens, blocks = _tokens(token_ids), list(block_ids)
+        self._check_open()
+        return EngineHandle(self._executor.submit(self.load, tokens, blocks, skip_tokens=skip_tokens),
+                            "load_async")
+
+    # ------------------------------------------------------------------ state
+
+    def stats(self) -> dict[str, Any]:
+        """Counters, gauges and latency histograms (``StatsSnapshot.to_dict()``) plus the layout."""
+        out: dict[str, Any] = self._stats.snapshot().to_dict()
+        reg = self._reg
+        if reg is not None:
+            out["layout"] = {"kind": reg.layout.kind, "stride_order": reg.layout.stride_order,
+                             "num_layers": reg.layout.num_layers, "dtype": str(reg.layout.dtype),
+                             "chunk_bytes": reg.layout.chunk_bytes(self.config.chunk_tokens),
+                             "row_gather": reg.transfer.row_gather}
+            out["pool"] = reg.tiers.pool.stats().to_dict()
+        return out
+
+    @property
+    def stats_recorder(self) -> Stats:
+        """The live :class:`~kvortex_core.control.stats.Stats` (for Prometheus export)."""
+        return self._stats
+
+    def close(self) -> None:
+        """Finish pending async calls, drain write-behind, free the pinned pool. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._executor.shutdown(wait=True)
+        self._committer.shutdown(wait=True)
+        if self._reg is not None:
+            self._reg.tiers.close()
+
+    def __enter__(self) -> KVortexEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise KVortexError("this KVortexEngine is closed; create a new one")
+
+    def _registered(self) -> _Registered:
+        self._check_open()
+        reg = self._reg
+        if reg is None:
+            raise KVortexError("no KV cache registered; call register_kv_caches(kv_caches) first")
+        return reg
+
+
+# ---------------------------------------------------------------------- input checks
+
+
+def _tokens(token_ids: Any) -> list[int] | Any:
+    """A 1-D integer sequence (list, tuple, range, numpy array or tensor), else KVortexError."""
+    shape = getattr(token_ids, "shape", None)
+    if shape is not None:
+        if len(shape) != 1:
+            raise KVortexError(f"token_ids must be 1-D, got shape {tuple(shape)}; pass one request's tokens")
+        dtype = str(getattr(token_ids, "dtype", ""))
+        if not any(k in dtype for k in ("int", "uint")):
+            raise KVortexError(f"token_ids must hold integers, got dtype {dtype}")
+        return token_ids.tolist()
+    if isinstance(token_ids, (str, bytes)) or not isinstance(token_ids, (Sequence, range)):
+        raise KVortexError(f"token_ids must be a 1-D sequence of ints, got {type(token_ids).__name__}")
+    out = list(token_ids)
+    for i, t in enumerate(out):
+        if isinstance(t, bool) or not isinstance(t, int):
+            raise KVortexError(f"token_ids[{i}] = {t!r} is not an int; pass a flat list of token ids")
+    return out
+
+
+def _blocks(block_ids: Sequence[int], n_tokens: int, layout: KVLayout) -> list[int]:
+    """Block ids covering ``n_tokens`` tokens, each inside the registered cache."""
+    shape = getattr(block_ids, "shape", None)
+    if shape is not None and len(shape) != 1:
+        raise KVortexError(f"block_ids must be 1-D, got shape {tuple(shape)}")
+    ids = block_ids.tolist() if hasattr(block_ids, "tolist") else list(block_ids)
+    need = -(-n_tokens // layout.block_size)
+    if len(ids) < need:
+        raise KVortexError(
+            f"{n_tokens} tokens need {need} blocks of {layout.block_size} tokens, got {len(ids)} "
+            "block_ids; pass the request's whole block table"
+        )
+    for i, b in enumerate(ids[:need]):
+        if isinstance(b, bool) or not isinstance(b, int) or not 0 <= b < layout.num_blocks:
+            raise KVortexError(
+                f"block_ids[{i}] = {b!r} is not a block id in [0, {layout.num_blocks}) of the "
+                "registered KV cache"
+            )
+    return ids[:need]
+
+
+def _shapes(kv_caches: Any) -> list[tuple[Any, ...]]:
+    import torch
+
+    if isinstance(kv_caches, torch.Tensor):
+        return [tuple(kv_caches.shape)]
+    values = kv_caches.values() if isinstance(kv_caches, dict) else kv_caches
+    return [tuple(t.shape) for t in values]
+
