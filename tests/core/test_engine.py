@@ -1,0 +1,242 @@
+"""KVortexEngine on CPU tensors: save/lookup/load round trips, skips, partial chunks, threads,
+cross-layout loads, async handles, bad input, close."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from kvortex_core import KVortexConfig, KVortexEngine, KVortexError, LayoutError
+from kvortex_core.data import kv_samples as ks
+
+L, B, N, H, D = 2, 96, 16, 2, 8
+CHUNK = 64  # 4 blocks
+
+
+@pytest.fixture(autouse=True)
+def _quiet_pageable_warning(recwarn: pytest.WarningsRecorder) -> None:
+    """The pool warns once that it is pageable without CUDA; expected here."""
+
+
+def _config(**kw: Any) -> KVortexConfig:
+    base: dict[str, Any] = {"model_id": "test/model", "chunk_tokens": CHUNK,
+                            "tiers": {"cpu": {"type": "cpu", "capacity": "2MiB"}}}
+    base.update(kw)
+    return KVortexConfig(**base)
+
+
+def _engine(caches: Any = None, hints: Any = None, **kw: Any) -> tuple[KVortexEngine, Any, Any]:
+    if caches is None:
+        caches, hints, block = ks.flash_attn(L, B, N, H, D, torch.bfloat16)
+    else:
+        block = None
+    engine = KVortexEngine.create(_config(**kw))
+    engine.register_kv_caches(caches, hints)
+    return engine, caches, block
+
+
+def _same_blocks(caches: Any, block: Any, src: list[int], dst: list[int], target: Any = None) -> bool:
+    target = caches if target is None else target
+    return all(torch.equal(block(target, layer, d), block(caches, layer, s))
+               for s, d in zip(src, dst, strict=True) for layer in range(L))
+
+
+def test_save_lookup_load_roundtrip() -> None:
+    engine, caches, block = _engine()
+    with engine:
+        tokens = list(range(1000, 1000 + 3 * CHUNK + 10))  # 3 whole chunks and a partial one
+        blocks = list(range(13))
+        assert engine.lookup(tokens) == 0
+        assert engine.save(tokens, blocks) == 3 * CHUNK  # partial chunk not stored by default
+        assert engine.lookup(tokens) == 3 * CHUNK
+        assert engine.lookup(tokens[:CHUNK + 5]) == CHUNK
+        assert engine.save(tokens, blocks) == 0  # already stored
+        new = list(range(40, 53))
+        assert engine.load(tokens, new) == 3 * CHUNK
+        assert _same_blocks(caches, block, blocks[:12], new[:12])
+        stats = engine.stats()
+        assert stats["layout"]["kind"] == "flash_attn"
+
+
+def test_load_miss_and_diverging_prefix() -> None:
+    engine, caches, block = _engine()
+    with engine:
+        tokens = list(range(2 * CHUNK))
+        engine.save(tokens, list(range(8)))
+        other = tokens[:CHUNK] + [7] * CHUNK  # same first chunk, different second
+        assert engine.lookup(other) == CHUNK
+        before = caches[0][:, 60:68].clone()
+        assert engine.load(other, list(range(60, 68))) == CHUNK
+        assert _same_blocks(caches, block, [0, 1, 2, 3], [60, 61, 62, 63])
+        assert torch.equal(caches[0][:, 64:68], before[:, 4:8])  # second chunk untouched
+        assert engine.load([9] * CHUNK, list(range(60, 64))) == 0
+
+
+def test_skip_tokens_leaves_held_blocks_alone() -> None:
+    engine, caches, block = _engine()
+    with engine:
+        tokens = list(range(500, 500 + 3 * CHUNK))
+        engine.save(tokens, list(range(12)))
+        dst = list(range(70, 82))
+        held = caches[1][:, 70:76].clone()
+        assert engine.load(tokens, dst, skip_tokens=CHUNK + 2 * N) == 2 * CHUNK - 2 * N
+        assert torch.equal(caches[1][:, 70:76], held)  # 1 chunk + 2 blocks skipped
+        assert _same_blocks(caches, block, list(range(6, 12)), list(range(76, 82)))
+        assert engine.load(tokens, dst, skip_tokens=3 * CHUNK) == 0
+
+
+def test_partial_chunks_when_configured() -> None:
+    engine, caches, block = _engine(store_partial_chunks=True)
+    with engine:
+        tokens = list(range(CHUNK + 20))  # one chunk + 20 tokens (2 blocks)
+        assert engine.save(tokens, list(range(6))) == CHUNK + 20
+        assert engine.lookup(tokens) == CHUNK + 20
+        assert engine.load(tokens, list(range(30, 36))) == CHUNK + 20
+        assert _same_blocks(caches, block, [0, 1, 2, 3, 4, 5], [30, 31, 32, 33, 34, 35])
+
+
+def test_cross_layout_load_between_engines_sharing_a_tier(tmp_path: Any) -> None:
+    """Save from FlashAttention NHD, load into vLLM 0.30+ unified BLNHC through a shared disk tier."""
+    tiers = {"cpu": {"type": "cpu", "capacity": "1MiB"},
+             "disk": {"type": "disk", "capacity": "8MiB", "path": str(tmp_path), "write_through": True}}
+    src, _, sblock = ks.flash_attn(L, B, N, H, D, torch.bfloat16, seed=1)
+    tokens = list(range(7, 7 + 2 * CHUNK))
+    with KVortexEngine.create(_config(tiers=tiers)) as a:
+        a.register_kv_caches(src)
+        a.save(tokens, list(range(10, 18)))
+    dst, hints, dblock = ks.unified(L, B, N, H, D, torch.bfloat16, order="BLNHC", seed=2)
+    with KVortexEngine.create(_config(tiers=tiers)) as b:
+        b.register_kv_caches(dst, hints)
+        assert b.lookup(tokens) == 2 * CHUNK
+        assert b.load(tokens, list(range(50, 58))) == 2 * CHUNK
+    for s, d in zip(range(10, 18), range(50, 58), strict=True):
+        assert all(torch.equal(dblock(dst, layer, d), sblock(src, layer, s)) for layer in range(L))
+
+
+@pytest.mark.parametrize("name", ["flashinfer_hnd", "cross_layer", "mla", "unified_LBHNC", "unified_mla_LBNHC"])
+def test_engine_with_other_layouts(name: str) -> None:
+    caches, hints, block = ks.all_layouts(L, B, N, H, D, torch.float16)[name]
+    with KVortexEngine.create(_config()) as engine:
+        engine.register_kv_caches(caches, hints)
+        tokens = list(range(2 * CHUNK))
+        assert engine.save(tokens, [5, 9, 1, 3, 60, 61, 62, 70]) == 2 * CHUNK
+        assert engine.load(tokens, list(range(80, 88))) == 2 * CHUNK
+        assert _same_blocks(caches, block, [5, 9, 1, 3, 60, 61, 62, 70], list(range(80, 88)))
+
+
+def test_model_identity_separates_keys() -> None:
+    caches, _, _ = ks.flash_attn(L, B, N, H, D, torch.bfloat16)
+    tokens = list(range(CHUNK))
+    keys = {}
+    for ident in ({"model_id": "a"}, {"model_id": "b"}, {"model_id": "a", "salt": "tenant-1"},
+                  {"model_id": "a", "model_revision": "v2"}):
+        with KVortexEngine.create(_config(**ident)) as engine:
+            engine.register_kv_caches(caches)
+            keys[str(ident)] = engine.keys(tokens)[0]
+    assert len(set(keys.values())) == 4
+    with KVortexEngine.create(_config(model_id="a")) as engine:  # deterministic
+        engine.register_kv_caches(caches)
+        assert engine.keys(tokens)[0] == keys[str({"model_id": "a"})]
+        assert engine.contains(engine.keys(tokens)) == 0
+
+
+def test_contains_bitmask() -> None:
+    engine, _, _ = _engine()
+    with engine:
+        tokens = list(range(3 * CHUNK))
+        engine.save(tokens[:2 * CHUNK], list(range(8)))
+        assert engine.contains(engine.keys(tokens)) == 0b011
+
+
+def test_pool_full_saves_what_fits_and_never_raises() -> None:
+    engine, _, _ = _engine(tiers={"cpu": {"type": "cpu", "capacity": 3 * (4096 + 4096)}})
+    with engine:
+        saved = engine.save(list(range(6 * CHUNK)), list(range(24)))
+        assert 0 < saved < 6 * CHUNK or saved == 6 * CHUNK  # evicts or skips, never raises
+        assert engine.lookup(list(range(6 * CHUNK))) <= 6 * CHUNK
+
+
+def test_tensor_and_numpy_inputs() -> None:
+    engine, caches, block = _engine()
+    with engine:
+        tokens = torch.arange(CHUNK, dtype=torch.int64)
+        assert engine.save(tokens, torch.tensor([3, 4, 5, 6])) == CHUNK
+        assert engine.lookup(np.arange(CHUNK, dtype=np.int32)) == CHUNK
+        assert engine.load(np.arange(CHUNK), np.array([20, 21, 22, 23])) == CHUNK
+        assert _same_blocks(caches, block, [3, 4, 5, 6], [20, 21, 22, 23])
+
+
+@pytest.mark.parametrize(
+    ("tokens", "blocks", "match"),
+    [
+        (list(range(CHUNK)), [1, 2, 3], "need 4 blocks"),
+        (list(range(CHUNK)), [1, 2, 3, B], f"block_ids\\[3\\] = {B}"),
+        (list(range(CHUNK)), [1, 2, 3, -1], "block_ids\\[3\\] = -1"),
+        ([[1, 2], [3, 4]], [1], "token_ids\\[0\\]"),
+        (torch.zeros(2, CHUNK, dtype=torch.int64), [1], "1-D"),
+        (torch.zeros(CHUNK), [1, 2, 3, 4], "integers"),
+        ("hello", [1], "1-D sequence"),
+        ([1.5] * CHUNK, [1, 2, 3, 4], "not an int"),
+    ],
+)
+def test_bad_input_raises_and_stores_nothing(tokens: Any, blocks: Any, match: str) -> None:
+    engine, _, _ = _engine()
+    with engine:
+        with pytest.raises(KVortexError, match=match):
+            engine.save(tokens, blocks)
+        with pytest.raises(KVortexError, match=match):
+            engine.load(tokens, blocks)
+        assert engine.stats()["pool"]["used_slots"] == 0
+    with _engine()[0] as e2, pytest.raises(KVortexError, match="skip_tokens=-1"):
+        e2.load(list(range(CHUNK)), [1, 2, 3, 4], skip_tokens=-1)
+
+
+def test_register_rules() -> None:
+    engine = KVortexEngine.create(_config())
+    with engine:
+        with pytest.raises(KVortexError, match="register_kv_caches"):
+            engine.lookup([1, 2, 3])
+        caches, _, _ = ks.flash_attn(L, B, N, H, D, torch.bfloat16)
+        engine.register_kv_caches(caches)
+        engine.register_kv_caches([c.clone() for c in caches])  # same layout: allowed
+        with pytest.raises(LayoutError, match="already called"):
+            engine.register_kv_caches(ks.flash_attn(L, B + 1, N, H, D, torch.bfloat16)[0])
+    with pytest.raises(KVortexError, match="multiple"):
+        KVortexEngine.create(_config(chunk_tokens=24)).register_kv_caches(caches)
+    with pytest.raises(KVortexError, match="closed"):
+        engine.save([1], [1])
+    engine.close()  # idempotent
+
+
+def test_async_handles_and_threads() -> None:
+    engine, caches, block = _engine(tiers={"cpu": {"type": "cpu", "capacity": "4MiB"}})
+    with engine:
+        handles = [engine.save_async(list(range(i * 10_000, i * 10_000 + CHUNK)), [4 * i, 4 * i + 1, 4 * i + 2, 4 * i + 3])
+                   for i in range(6)]
+        assert [h.wait(timeout=30) for h in handles] == [CHUNK] * 6
+        assert all(h.done() for h in handles)
+        errors: list[BaseException] = []
+
+        def worker(i: int) -> None:
+            try:
+                toks = list(range(i * 10_000, i * 10_000 + CHUNK))
+                dst = [48 + 4 * i + j for j in range(4)]
+                for _ in range(5):
+                    assert engine.lookup(toks) == CHUNK
+                    assert engine.load_async(toks, dst).wait(timeout=30) == CHUNK
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors
+        for i in range(6):
+            assert _same_blocks(caches, block, [4 * i + j for j in range(4)], [48 + 4 * i + j for j in range(4)])
+        assert engine.stats()["counters"]["engine_load_calls"][""] >= 30
