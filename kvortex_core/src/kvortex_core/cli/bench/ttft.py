@@ -151,7 +151,7 @@ class TTFTRun:
         h = self.h
         shutil.rmtree(disk_path, ignore_errors=True)
         tiers = {"cpu": {"type": "cpu", "capacity": int(1.25 * len(toks) * self.per_token) + (64 << 20)},
-                 "disk": {"type": "disk", "capacity": 1 << 40, "path": str(disk_path)}}
+                 "disk": {"type": "disk", "capacity": 32 << 30, "path": str(disk_path), "write_through": True}}
         if not h.engine_available():
             return {"skipped": "KVortexEngine not available: the disk tier needs the tiering"}
         # Large payloads on a slow disk: give write-behind and its drain at close room to finish.
