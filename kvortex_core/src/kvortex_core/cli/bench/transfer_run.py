@@ -42,49 +42,58 @@ def _bandwidth(res: dict[str, Any], shape: tp.Shape, device: torch.device, sizes
     max_tokens = max(sizes)
     num_blocks = 2 * max_tokens // shape.block
     caches = tp.make_caches(shape, num_blocks, device, unified=unified)
-    layout = detect_layout(caches, {"kv_count": 1} if unified and shape.mla else None)
+    hints = {"kv_count": 1} if unified and shape.mla else None
+    layout = detect_layout(caches, hints)
     label = f"{shape.name} {'unified-LBNHC' if unified else 'per-layer'}"
-    engine_case = _engine_case_fn(parts)
-    for tokens in sizes:
-        raw = tp.raw_copy(layout.chunk_bytes(tokens), device, reps)
-        case: dict[str, Any] = {"raw": raw}
-        if "te" in parts:
-            te = tp.transfer_engine_case(shape, tokens, caches, layout, CHUNK_TOKENS, staging, 2, reps)
-            case["te"] = te
-            _rows(res, f"{label} {tokens} te", te, raw)
-        if engine_case is not None:
-            eng = engine_case(shape, tokens, caches, layout, staging, reps)
-            case["engine"] = eng
-            _rows(res, f"{label} {tokens} engine", eng, raw)
-        res["cases"][f"{label}/{tokens}"] = case
-    if unified:
-        return
-    extra_tokens = min(max_tokens, 8192 if device.type == "cuda" else max_tokens)
-    if "sweep" in parts and not shape.mla:
-        res["sweep"] = _sweep(shape, caches, layout, extra_tokens, reps)
-    if "bidir" in parts and device.type == "cuda":
-        res.setdefault("bidir", {})[label] = _bidir(shape, caches, layout, extra_tokens, staging, reps)
-    if shape.mla:
-        return
-    if "layerwise" in parts:
-        res["layerwise"] = _layerwise(shape, caches, layout, extra_tokens, staging, reps)
-    if "matmul" in parts and device.type == "cuda":
-        res["matmul"] = _matmul(shape, caches, layout, extra_tokens, staging)
+    engine = _engine(parts, caches, layout, max_tokens, staging, hints)
+    try:
+        for tokens in sizes:
+            raw = tp.raw_copy(layout.chunk_bytes(tokens), device, reps)
+            case: dict[str, Any] = {"raw": raw}
+            if "te" in parts:
+                te = tp.transfer_engine_case(shape, tokens, caches, layout, CHUNK_TOKENS, staging, 2, reps)
+                case["te"] = te
+                _rows(res, f"{label} {tokens} te", te, raw)
+            if engine is not None:
+                from kvortex_core.cli.bench.transfer_engine import engine_case
+
+                eng = engine_case(engine, shape, tokens, layout, reps)
+                case["engine"] = eng
+                _rows(res, f"{label} {tokens} engine", eng, raw)
+            res["cases"][f"{label}/{tokens}"] = case
+        extra_tokens = min(max_tokens, 8192 if device.type == "cuda" else max_tokens)
+        if "bidir" in parts and device.type == "cuda":
+            bidir = res.setdefault("bidir", {})
+            bidir[f"{label} te"] = _bidir(shape, caches, layout, extra_tokens, staging, reps)
+            if engine is not None:
+                from kvortex_core.cli.bench.transfer_engine import engine_bidir
+
+                bidir[f"{label} engine"] = engine_bidir(engine, shape, extra_tokens, layout, reps)
+        if shape.mla or not unified:
+            return
+        if "sweep" in parts:
+            res["sweep"] = _sweep(shape, caches, layout, extra_tokens, reps)
+        if "layerwise" in parts:
+            res["layerwise"] = _layerwise(shape, caches, layout, extra_tokens, staging, reps)
+        if "matmul" in parts and device.type == "cuda":
+            res["matmul"] = _matmul(shape, caches, layout, extra_tokens, staging)
+    finally:
+        if engine is not None:
+            engine.close()
+
+
+def _engine(parts: set[str], caches: list[torch.Tensor], layout: Any, max_tokens: int, staging: int,
+            hints: dict[str, Any] | None) -> Any:
+    if "engine" not in parts:
+        return None
+    from kvortex_core.cli.bench.transfer_engine import make_engine
+
+    return make_engine(caches, layout, max_tokens, staging, hints)
 
 
 def _rows(res: dict[str, Any], label: str, ours: dict[str, Measurement], raw: dict[str, Measurement]) -> None:
     res["rows"].append(tp.summary_row(f"{label} save", ours["save"], raw["d2h"]))
     res["rows"].append(tp.summary_row(f"{label} load", ours["load"], raw["h2d"]))
-
-
-def _engine_case_fn(parts: set[str]) -> Any:
-    if "engine" not in parts:
-        return None
-    try:
-        from kvortex_core.cli.bench.transfer_engine import engine_case
-    except ImportError:
-        return None
-    return engine_case
 
 
 def _te_pair(shape: tp.Shape, caches: list[torch.Tensor], layout: Any, tokens: int, staging: int) -> Any:
