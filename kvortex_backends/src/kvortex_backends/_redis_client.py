@@ -29,6 +29,7 @@ def _common_kwargs(options: RedisOptions) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
         "socket_timeout": options.socket_timeout,
         "socket_connect_timeout": options.connect_timeout,
+        "socket_read_size": int(options.read_buffer_bytes),
         "retry": _retry(options),
     }
     if options.username is not None:

@@ -100,10 +100,16 @@ def _read_body(body: Any, out: memoryview, name: str) -> int:
     return got
 
 
-def get_first(client: Any, bucket: str, name: str, out: memoryview, first: int) -> FirstRead | None:
-    """GET bytes ``[0, first)`` into ``out``; None when the object does not exist."""
+def get_first(client: Any, bucket: str, name: str, out: memoryview, first: int | None) -> FirstRead | None:
+    """GET the object (or only bytes ``[0, first)``) into ``out``; None when it does not exist.
+
+    A plain GET is cheaper than a ranged one for servers that slice the object to serve a range.
+    """
     try:
-        resp = client.get_object(Bucket=bucket, Key=name, Range=f"bytes=0-{first - 1}")
+        if first is None:
+            resp = client.get_object(Bucket=bucket, Key=name)
+        else:
+            resp = client.get_object(Bucket=bucket, Key=name, Range=f"bytes=0-{first - 1}")
     except Exception as exc:
         if is_missing(exc):
             return None

@@ -67,6 +67,9 @@ class RedisOptions(BackendOptions):
     pool_timeout: float = Field(5.0, gt=0, description="seconds to wait for a free pooled connection")
     socket_timeout: float = Field(5.0, gt=0)
     connect_timeout: float = Field(2.0, gt=0)
+    read_buffer_bytes: ByteSize = Field(
+        ByteSize(256 * 1024), ge=4096, description="socket read size (larger = fewer reads per payload)"
+    )
     retries: int = Field(1, ge=0, le=10, description="retries of a command after a connection error")
     part_bytes: ByteSize | None = Field(
         None, description="write payloads larger than this as SET+APPEND parts in one MULTI"

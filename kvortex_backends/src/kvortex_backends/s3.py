@@ -144,7 +144,10 @@ class S3Backend(StorageBackend):
     async def get(self, key: str, out: memoryview) -> int | None:
         view = out if out.format == "B" and out.ndim == 1 else out.cast("B")
         name, bucket = self._name(key), self.opts.bucket
-        first_len = min(len(view), int(self.opts.multipart_threshold)) or 1
+        # A buffer below the threshold holds only objects read in one request; above it, the
+        # first range tells the size and the rest is fetched as parallel ranges.
+        threshold = int(self.opts.multipart_threshold)
+        first_len = threshold if len(view) >= threshold else None
         first = await self._call(
             "get", key, lambda: s3io.get_first(self._client, bucket, name, view, first_len)
         )
