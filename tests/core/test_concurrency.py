@@ -7,9 +7,9 @@ import hashlib
 import random
 import sys
 import threading
+from typing import Any
 
 import pytest
-
 from kvortex_core.control.index import ChunkIndex, IndexEntry
 from kvortex_core.control.stats import Stats
 from kvortex_core.data.pool import PinnedPool
@@ -62,7 +62,7 @@ def test_index_and_pool_under_threads(policy: str) -> None:
                         pool.free(slot)
                 elif op < 0.85 and mine:
                     chain = mine[-rng.randint(1, 6):]
-                    n, handle = index.lookup_and_pin(chain, f"load t{tid}")
+                    _, handle = index.lookup_and_pin(chain, f"load t{tid}")
                     with handle:  # pinned: the slot cannot be evicted and handed out again
                         for key in handle.keys:
                             entry = index.get(key)
@@ -101,7 +101,7 @@ def test_index_and_pool_under_threads(policy: str) -> None:
     assert snap.counter("evictions", "cpu") == len(freed)
 
 
-def _tensor(data: bytes):  # noqa: ANN202 - torch is imported lazily like the library does
+def _tensor(data: bytes) -> Any:  # torch is imported lazily, as the library does
     import torch
 
     return torch.frombuffer(bytearray(data), dtype=torch.uint8)

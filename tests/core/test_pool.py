@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from kvortex_core.control.stats import Stats
-from kvortex_core.data import numa, pool as pool_mod
+from kvortex_core.data import numa
+from kvortex_core.data import pool as pool_mod
 from kvortex_core.data.pool import PinnedPool, per_rank_capacity
 from kvortex_core.errors import ConfigError, KVortexError
 

@@ -6,10 +6,9 @@ import json
 import threading
 
 import pytest
-from prometheus_client import CollectorRegistry, generate_latest
-
 from kvortex_core.control import stats as S
 from kvortex_core.control.stats import Stats
+from prometheus_client import CollectorRegistry, generate_latest
 
 
 def test_counters_by_tier_and_snapshot_is_a_copy() -> None:
@@ -22,7 +21,8 @@ def test_counters_by_tier_and_snapshot_is_a_copy() -> None:
     st.record_eviction(3, 4096, "cpu")
     snap = st.snapshot()
     assert snap.counter("errors", "redis") == 3 and snap.counter("errors") == 4
-    assert snap.counter(S.BYTES_SAVED, "cpu") == 1000 and snap.counter(S.BYTES_LOADED, "disk") == 300
+    assert snap.counter(S.BYTES_SAVED, "cpu") == 1000
+    assert snap.counter(S.BYTES_LOADED, "disk") == 300
     assert snap.counter(S.EVICTIONS, "cpu") == 3 and snap.counter(S.EVICTED_BYTES, "cpu") == 4096
     st.inc("errors", tier="redis")
     assert snap.counter("errors", "redis") == 3  # the snapshot does not move

@@ -216,4 +216,6 @@ def make_policy(name: str, entries: dict[bytes, IndexEntry], capacity: int) -> E
         return PrefixLRUPolicy(entries)
     if name == "s3fifo":
         return S3FIFOPolicy(capacity)
-    raise ConfigError(f"eviction policy {name!r} is not supported; use one of {', '.join(POLICIES)}")
+    raise ConfigError(
+        f"eviction policy {name!r} is not supported; use one of {', '.join(POLICIES)}"
+    )

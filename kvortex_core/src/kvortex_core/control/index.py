@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 from kvortex_core.control.eviction import make_policy
 from kvortex_core.control.stats import INSERT_REJECTS, INSERTS, PIN_LEAKS, Stats
@@ -75,7 +75,7 @@ class PinHandle:
         """Drop the pins; safe to call any number of times."""
         self.index._release(self)
 
-    def __enter__(self) -> PinHandle:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
@@ -228,8 +228,8 @@ class ChunkIndex:
             self.stats.inc(INSERTS if ok else INSERT_REJECTS, 1, self.name)
         return ok
 
-    def insert_chain(self, keys: Sequence[bytes], size: int, *, locations: Sequence[Any] | None = None,
-                     parent: bytes | None = None) -> int:
+    def insert_chain(self, keys: Sequence[bytes], size: int, *,
+                     locations: Sequence[Any] | None = None, parent: bytes | None = None) -> int:
         """Insert consecutive chunks of one prefix (each the parent of the next) under one lock.
 
         Stops at the first chunk that finds no room and returns how many were inserted; one
@@ -240,8 +240,8 @@ class ChunkIndex:
         done, victims = 0, []
         with self._lock:
             for i, key in enumerate(keys):
-                ok, evicted = self._insert_locked(key, size, None if locations is None else locations[i],
-                                                  parent)
+                location = None if locations is None else locations[i]
+                ok, evicted = self._insert_locked(key, size, location, parent)
                 victims += evicted
                 if not ok:
                     break
@@ -313,7 +313,8 @@ class ChunkIndex:
             try:
                 self.on_evict(victims)
             except Exception:  # the entries are gone either way; never fail the caller's insert
-                log.exception("index %s: on_evict callback failed for %d entries", self.name, len(victims))
+                log.exception("index %s: on_evict callback failed for %d entries",
+                              self.name, len(victims))
 
     def remove(self, keys: Iterable[bytes]) -> list[IndexEntry]:
         """Remove the stored ones among ``keys`` (pinned or not); returns what was removed."""
@@ -377,7 +378,8 @@ class ChunkIndex:
         """Pins currently held (what :meth:`close` would report)."""
         now = time.monotonic()
         with self._lock:
-            return [LeakedPin(h.op, tuple(h.keys), now - h.taken_at) for h in self._handles.values()]
+            handles = list(self._handles.values())
+        return [LeakedPin(h.op, tuple(h.keys), now - h.taken_at) for h in handles]
 
     def close(self) -> list[LeakedPin]:
         """Release every pin still held, report each one as a leak and return them."""

@@ -85,7 +85,7 @@ class KeyNamespace:
 
 
 def tokens_to_bytes(token_ids: Any) -> bytes | memoryview:
-    """Token ids (list, tuple, numpy array, torch tensor) as contiguous little-endian uint32 bytes."""
+    """Token ids (list, tuple, numpy array, torch tensor) as little-endian uint32 bytes."""
     if isinstance(token_ids, (list, tuple, range)):
         return _sequence_bytes(token_ids)
     if hasattr(token_ids, "detach"):  # torch tensor: no torch import needed here
@@ -154,7 +154,8 @@ class ChunkHasher:
         whole, rest = divmod(max(n_tokens, 0), self.chunk_tokens)
         return whole + (1 if rest and self.store_partial else 0)
 
-    def keys(self, token_ids: Any, *, prefix: bytes | None = None, start_chunk: int = 0) -> list[bytes]:
+    def keys(self, token_ids: Any, *, prefix: bytes | None = None,
+             start_chunk: int = 0) -> list[bytes]:
         """One key per whole chunk (plus the trailing partial one when ``store_partial``).
 
         ``prefix``/``start_chunk`` resume a chain: pass the key of chunk ``start_chunk - 1`` and
@@ -187,7 +188,7 @@ def rank_keys(keys: Sequence[bytes], rank: int) -> list[bytes]:
 
 
 def validate_chunk_tokens(chunk_tokens: int, block_size: int) -> None:
-    """Raise :class:`ConfigError` unless ``chunk_tokens`` is a positive multiple of ``block_size``."""
+    """:class:`ConfigError` unless ``chunk_tokens`` is a positive multiple of ``block_size``."""
     if block_size <= 0:
         raise ConfigError(f"engine block_size={block_size} must be positive")
     if chunk_tokens <= 0 or chunk_tokens % block_size:

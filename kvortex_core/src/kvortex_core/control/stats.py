@@ -13,12 +13,15 @@ and the connector record their own events (``errors``, ``checksum_failures``, ..
 from __future__ import annotations
 
 import bisect
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 LOOKUPS = "lookups"
 LOOKUP_CHUNKS = "lookup_chunks"
@@ -108,7 +111,7 @@ class StatsSnapshot:
 
 
 class _Histogram:
-    __slots__ = ("counts", "count", "sum")
+    __slots__ = ("count", "counts", "sum")
 
     def __init__(self) -> None:
         self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
@@ -214,15 +217,16 @@ class Stats:
         for label, fn in gauge_fns:
             try:
                 gauges[label] = float(fn())
-            except Exception:  # noqa: BLE001 - a closed component must not break reporting
-                continue
+            except Exception:  # a closed component must not break reporting
+                log.debug("gauge %s of tier %r could not be read", *label, exc_info=True)
         snap = StatsSnapshot()
         for (name, tier), v in counters.items():
             snap.counters.setdefault(name, {})[tier] = v
         for (name, tier), v in gauges.items():
             snap.gauges.setdefault(name, {})[tier] = v
         for (name, tier), (counts, n, s) in hists.items():
-            snap.histograms.setdefault(name, {})[tier] = HistogramSnapshot(LATENCY_BUCKETS, counts, n, s)
+            hist = HistogramSnapshot(LATENCY_BUCKETS, counts, n, s)
+            snap.histograms.setdefault(name, {})[tier] = hist
         return snap
 
     def reset(self) -> None:
@@ -251,7 +255,11 @@ class _PrometheusCollector:
         return []  # unchecked collector: metric names appear as they are recorded
 
     def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+        )
 
         snap, ns = self._stats.snapshot(), self._stats.namespace
         for name, per in sorted(snap.counters.items()):
@@ -268,7 +276,8 @@ class _PrometheusCollector:
         hit.add_metric([""], snap.hit_rate)
         yield hit
         for name, per in sorted(snap.histograms.items()):
-            h = HistogramMetricFamily(f"{ns}_{name}_seconds", f"KVortex latency {name}", labels=["tier"])
+            h = HistogramMetricFamily(f"{ns}_{name}_seconds", f"KVortex latency {name}",
+                                      labels=["tier"])
             for tier, hs in sorted(per.items()):
                 h.add_metric([tier], _cumulative(hs), hs.sum)
             yield h

@@ -112,7 +112,8 @@ class PinnedPool:
         self._registered_ptr: int | None = None
         self._closed = False
         self.pinned = _want_pin(pin)
-        self.numa_node = numa.gpu_numa_node(device) if (device is not None and self.pinned) else None
+        on_gpu = device is not None and self.pinned
+        self.numa_node = numa.gpu_numa_node(device) if on_gpu else None
         self._buffer, self._base = self._allocate(pin_method)
         if stats is not None:
             stats.register_gauge("pool_used_slots", lambda: self._used, name)
@@ -124,7 +125,7 @@ class PinnedPool:
 
         total = self.num_slots * self.slot_bytes
         if self.pinned and method == "host_alloc":
-            # cudaHostAlloc memory is page-aligned: no slack, so a 2^k pool is not rounded to 2^(k+1)
+            # cudaHostAlloc memory is page-aligned: no slack, or a 2^k pool would pin 2^(k+1)
             buf = torch.empty(total if self.alignment <= 4096 else total + self.alignment,
                               dtype=torch.uint8, pin_memory=True)
         else:
@@ -144,8 +145,10 @@ class PinnedPool:
         with numa.run_on_node(None if bound else self.numa_node):
             err = torch.cuda.cudart().cudaHostRegister(ptr, size, 0)
         if int(err) != 0:
-            raise KVortexError(f"cudaHostRegister of {size} bytes failed with CUDA error {int(err)}; "
-                               "lower the cpu tier capacity or check the memlock limit (ulimit -l)")
+            raise KVortexError(
+                f"cudaHostRegister of {size} bytes failed with CUDA error {int(err)}; "
+                "lower the cpu tier capacity or check the memlock limit (ulimit -l)"
+            )
         self._registered_ptr = ptr
 
     # -- slots ----------------------------------------------------------------------------
@@ -277,7 +280,8 @@ class PinnedPool:
         return leaked
 
     def __repr__(self) -> str:
-        return (f"PinnedPool({self.name!r}, slots={self._used}/{self.num_slots} x {self.slot_bytes} B, "
+        return (f"PinnedPool({self.name!r}, slots={self._used}/{self.num_slots} "
+                f"x {self.slot_bytes} B, "
                 f"pinned={self.pinned}, numa_node={self.numa_node})")
 
 

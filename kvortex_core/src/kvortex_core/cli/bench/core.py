@@ -11,7 +11,6 @@ Results go to ``<out>/core.json`` plus a table.
 
 from __future__ import annotations
 
-import time
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -27,7 +26,8 @@ def register(app: typer.Typer) -> None:
 
 
 def core(
-    tokens: Annotated[str, typer.Option(help="prompt lengths (tokens) to hash")] = "8192,32768,131072",
+    tokens: Annotated[str, typer.Option(help="prompt lengths (tokens) to hash")] =
+        "8192,32768,131072",
     chunk_tokens: Annotated[int, typer.Option(min=1)] = 256,
     entries: Annotated[str, typer.Option(help="index sizes (chunks)")] = "1000,10000,100000",
     reps: Annotated[int, typer.Option(min=1, help="timed repetitions (median is reported)")] = 20,
@@ -89,10 +89,10 @@ def bench_hashing(sizes: list[int], chunk_tokens: int, reps: int) -> list[Row]:
         chunks = [raw_bytes[i : i + step] for i in range(0, len(raw_bytes) - step + 1, step)]
         for alg in ALGORITHMS:
             digest = digest_function(alg)
-            raw = _median(lambda: [digest(c) for c in chunks], reps)
+            raw = _median(lambda d=digest, c=chunks: [d(x) for x in c], reps)
             hasher = ChunkHasher(ns, chunk_tokens, alg)
             for kind, data in (("list", as_list), ("numpy", as_array)):
-                ours = _median(lambda data=data: hasher.keys(data), reps)
+                ours = _median(lambda h=hasher, d=data: h.keys(d), reps)
                 rows.append(_row(f"hash {alg} ({kind})", n, ours, raw))
     return rows
 
@@ -125,19 +125,19 @@ def bench_lookup(counts: list[int], reps: int) -> list[Row]:
         index, plain = _filled_index(chains), {k: 10 for c in chains for k in c}
         probe = chains[0]
 
-        def raw_prefix() -> int:
+        def raw_prefix(probe: list[bytes] = probe, plain: dict[bytes, int] = plain) -> int:
             for i, k in enumerate(probe):
                 if k not in plain:
                     return i
             return len(probe)
 
-        def raw_mask() -> int:
+        def raw_mask(probe: list[bytes] = probe, plain: dict[bytes, int] = plain) -> int:
             return sum(1 << i for i, k in enumerate(probe) if k in plain)
 
-        rows.append(_row(f"lookup {len(probe)} keys", n, _median(lambda: index.lookup(probe), reps),
-                         _median(raw_prefix, reps), "us"))
-        rows.append(_row(f"contains {len(probe)} keys", n,
-                         _median(lambda: index.contains(probe), reps), _median(raw_mask, reps), "us"))
+        lookup = _median(lambda i=index, p=probe: i.lookup(p), reps)
+        contains = _median(lambda i=index, p=probe: i.contains(p), reps)
+        rows.append(_row(f"lookup {len(probe)} keys", n, lookup, _median(raw_prefix, reps), "us"))
+        rows.append(_row(f"contains {len(probe)} keys", n, contains, _median(raw_mask, reps), "us"))
     return rows
 
 
@@ -152,7 +152,7 @@ def bench_insert(counts: list[int], reps: int = 3) -> list[Row]:
     for n in counts:
         keys = [k for c in _chains(2 * n) for k in c]
 
-        def raw() -> None:
+        def raw(keys: list[bytes] = keys, n: int = n) -> None:
             lru: OrderedDict[bytes, int] = OrderedDict()
             for k in keys:
                 lru[k] = 10
@@ -162,14 +162,14 @@ def bench_insert(counts: list[int], reps: int = 3) -> list[Row]:
         raw_s = _median(raw, reps, warmup=0)
         for policy in ("lru", "prefix-lru", "s3fifo"):
 
-            def ours(policy: str = policy) -> None:
+            def ours(policy: str = policy, keys: list[bytes] = keys, n: int = n) -> None:
                 index, parent = ChunkIndex("bench", n * 10, policy=policy), None
                 for i, k in enumerate(keys):
                     index.insert(k, 10, parent=parent if i % 512 else None)
                     parent = k
 
-            rows.append(_row(f"insert+evict {policy}", n, _median(ours, reps, warmup=0), raw_s, "us",
-                             per=len(keys)))
+            ours_s = _median(ours, reps, warmup=0)
+            rows.append(_row(f"insert+evict {policy}", n, ours_s, raw_s, "us", per=len(keys)))
     return rows
 
 

@@ -66,7 +66,8 @@ def _bandwidth(host: Any, dev: Any, slot: int, reps: int = 5) -> dict[str, float
     }
 
 
-def measure_size(nbytes: int, copy_bytes: int = GiB // 4, slot: int = 32 << 20) -> list[dict[str, Any]]:
+def measure_size(nbytes: int, copy_bytes: int = GiB // 4,
+                 slot: int = 32 << 20) -> list[dict[str, Any]]:
     """One row per method for a pinned buffer of ``nbytes``."""
     import torch
 
@@ -91,7 +92,8 @@ def measure_size(nbytes: int, copy_bytes: int = GiB // 4, slot: int = 32 << 20) 
     buf, secs = _timed(register)
     rows.append({"method": "register", "bytes": nbytes, "alloc_s": secs, "reserved_bytes": nbytes,
                  **_bandwidth(buf, dev, slot)})
-    _, unreg = _timed(lambda: torch.cuda.cudart().cudaHostUnregister(buf.data_ptr()))
+    ptr = buf.data_ptr()
+    _, unreg = _timed(lambda: torch.cuda.cudart().cudaHostUnregister(ptr))
     rows[-1]["unregister_s"] = unreg
     del buf
     pageable = torch.empty(copy_bytes, dtype=torch.uint8).fill_(1)
