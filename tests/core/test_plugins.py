@@ -172,3 +172,36 @@ def test_hook_runs_once_per_manager() -> None:
     manager = PluginManager([Counting()], autoload=False)
     assert manager.backends() is manager.backends()
     assert calls == [1]
+
+
+def test_core_and_registration_need_no_optional_dependency() -> None:
+    """kvortex-core installs without redis/boto3 (and without pytest): loading every plugin
+    and a config must not import them."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in {"redis", "boto3", "botocore", "pytest", "vllm"}:
+                    raise ImportError(f"blocked {name}")
+        sys.meta_path.insert(0, Block())
+        from kvortex_core import KVortexConfig
+        from kvortex_core.plugins import PluginManager
+        backends = PluginManager().backends()
+        assert {"memory", "cpu", "disk"} <= set(backends), backends
+        KVortexConfig(tiers={"m": {"type": "memory", "capacity": "1MiB"}})
+        print("ok")
+    """)
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("KVORTEX_")}
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
