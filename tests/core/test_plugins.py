@@ -205,3 +205,11 @@ def test_core_and_registration_need_no_optional_dependency() -> None:
         check=False,
     )
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def test_builtin_name_without_kvortex_backends_gives_install_line(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(DISABLE_AUTOLOAD_ENV, "1")
+    with pytest.raises(PluginError, match=r"'redis' \(it comes with kvortex-backends: pip install"):
+        PluginManager([memory_plugin]).backend("redis")

@@ -28,6 +28,13 @@ log = logging.getLogger("kvortex_core.plugins")
 ENTRY_POINT_GROUP = "kvortex"
 DISABLE_AUTOLOAD_ENV = "KVORTEX_DISABLE_PLUGIN_AUTOLOAD"
 TRACE_ENV = "KVORTEX_TRACE_PLUGINS"
+#: Built-in backend names and the install line of the package that registers them.
+_BUILTIN_BACKENDS = {
+    "cpu": "pip install kvortex-backends",
+    "disk": "pip install kvortex-backends",
+    "redis": 'pip install "kvortex-backends[redis]"',
+    "s3": 'pip install "kvortex-backends[s3]"',
+}
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_\-]{0,63}$")
 
 
@@ -151,6 +158,8 @@ class PluginManager:
             valid = ", ".join(sorted(backends)) or "(none: is kvortex-backends installed?)"
             close = difflib.get_close_matches(name, list(backends), n=1, cutoff=0.6)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
+            if name in _BUILTIN_BACKENDS:
+                hint = f" (it comes with kvortex-backends: {_BUILTIN_BACKENDS[name]})"
             raise PluginError(f"unknown backend type {name!r}{hint}; registered backends: {valid}")
         return backends[name]
 
