@@ -323,3 +323,26 @@ def test_insert_chain_links_parents_and_stops_when_full() -> None:
     assert idx.get(b"c3").parent == b"c2" and not evicted  # type: ignore[union-attr]
     idx.insert(b"other", 100)  # the chain makes room from its tail
     assert evicted == [b"c9", b"c8", b"c7"]  # down to (1.0 - 0.2) of capacity
+
+
+@pytest.mark.parametrize("policy", ["lru", "prefix-lru", "s3fifo"])
+def test_heavy_reuse_then_big_eviction_keeps_structure(policy: str) -> None:
+    """Many touches (stale heap items), then one eviction that walks whole chains."""
+    evicted: list[IndexEntry] = []
+    idx = ChunkIndex("cpu", 100_000, policy=policy, high_watermark=1.0, on_evict=evicted.extend)
+    chains = [[b"%d-%d" % (c, i) for i in range(50)] for c in range(20)]
+    for ch in chains:
+        assert idx.insert_chain(ch, 100) == 50
+    for _ in range(30):
+        for ch in chains[::3]:
+            idx.lookup(ch)
+    with idx.pin(chains[0][-1:], "save"):
+        victims = idx.evict(60_000)
+    assert sum(v.size for v in victims) >= 60_000 and idx.used == 100_000 - len(victims) * 100
+    assert chains[0][-1] in idx and len(evicted) == len(victims)
+    stored = set(idx.keys())
+    assert len(stored) + len(victims) == 1000
+    if policy == "prefix-lru":  # every stored chunk still has its predecessor
+        for ch in chains:
+            present = [k in stored for k in ch]
+            assert present == sorted(present, reverse=True)

@@ -82,12 +82,12 @@ class PrefixLRUPolicy:
 
     def _push(self, entry: IndexEntry) -> None:
         heapq.heappush(self._heap, (entry.tick, entry.key))
-        if len(self._heap) > 2 * len(self._entries) + 64:
-            self._rebuild()
 
-    def _rebuild(self) -> None:
-        self._heap = [(e.tick, k) for k, e in self._entries.items() if self._is_leaf(k)]
-        heapq.heapify(self._heap)
+    def _compact(self) -> None:
+        """Drop stale items once they outnumber live entries (never in the middle of select)."""
+        if len(self._heap) > 2 * len(self._entries) + 64:
+            self._heap = [(e.tick, k) for k, e in self._entries.items() if self._is_leaf(k)]
+            heapq.heapify(self._heap)
 
     def on_insert(self, entry: IndexEntry) -> None:
         parent = entry.parent
@@ -95,10 +95,12 @@ class PrefixLRUPolicy:
             self._children[parent] = self._children.get(parent, 0) + 1
         if self._is_leaf(entry.key):
             self._push(entry)
+            self._compact()
 
     def on_access(self, entry: IndexEntry) -> None:
         if self._is_leaf(entry.key):
             self._push(entry)
+            self._compact()
 
     def on_remove(self, entry: IndexEntry) -> None:
         parent = entry.parent
@@ -114,8 +116,9 @@ class PrefixLRUPolicy:
             self._push(parent_entry)  # it just became a leaf
 
     def select(self, need: int) -> list[IndexEntry]:
+        self._compact()
         victims, freed, held = [], 0, []
-        heap, entries = self._heap, self._entries
+        heap, entries = self._heap, self._entries  # on_remove below pushes here, never compacts
         while freed < need and heap:
             tick, key = heapq.heappop(heap)
             entry = entries.get(key)
