@@ -413,3 +413,46 @@ def test_breaker_states_with_fake_clock() -> None:
         ("open", "half_open"),
         ("half_open", "closed"),
     ]
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A real 1 MiB filesystem (needs root and mount); skips where mounting is not allowed."""
+    import subprocess
+
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    cmd = ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)]
+    done = subprocess.run(cmd, capture_output=True, check=False)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_real_full_disk_tier_goes_out_of_service_engine_keeps_serving(
+    make: Any, small_tmpfs: Path
+) -> None:
+    tiers = {
+        "cpu": {"type": "cpu", "capacity": 80 * SLOT},
+        "disk": {
+            "type": "disk",
+            "capacity": 200 * SLOT,
+            "path": str(small_tmpfs),
+            "write_through": True,
+        },
+    }  # the disk tier believes it has 4 MB; the filesystem has 1 MiB
+    mgr = make(tiers, circuit_breaker={"failure_threshold": 3, "reset_after_s": 3600})
+    for i in range(60):
+        assert _save(mgr, [i]) == [i]
+        mgr.drain(30)
+    assert mgr.tier_states() == {"disk": "open"}
+    assert _counter(mgr, "tier_errors", "disk") == 3
+    on_disk = len(mgr.tiers[0].index)
+    assert 0 < on_disk < 60
+    assert mgr.lookup([_key(i) for i in range(60)]) == 60  # every chunk is still in cpu
+    assert [i for i, _ in _load(mgr, range(60))] == list(range(60))

@@ -100,11 +100,7 @@ class DiskRig:
             f.flush()
             os.fsync(f.fileno())
         os.rename(tmp, final)
-        fd = os.open(self.raw_dir, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync_dir(str(self.raw_dir))
 
     async def _aiofiles_put_one(self, i: int) -> None:
         import aiofiles
@@ -117,6 +113,7 @@ class DiskRig:
             await f.flush()
             await aiofiles.os.wrap(os.fsync)(f.fileno())
         await aiofiles.os.rename(tmp, final)
+        await aiofiles.os.wrap(_fsync_dir)(str(self.raw_dir))
 
     def _raw_get_one(self, i: int) -> None:
         with open(self._raw_path(i), "rb", buffering=0) as f:
@@ -145,6 +142,14 @@ class DiskRig:
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             finally:
                 os.close(fd)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 async def _all(aws: Iterable[Awaitable[Any]]) -> list[Any]:
