@@ -100,6 +100,10 @@ class KVortexConnector(KVConnectorBase_V1):
             self._scheduler = SchedulerSide(self.kv_config, namespace, geometry, shape.block_size)
             log.info("KVortex scheduler: %d-token chunks, %d slots of %d bytes per rank",
                      self.kv_config.chunk_tokens, geometry.num_slots, geometry.slot_bytes)
+            if getattr(self._kv_transfer_config, "kv_load_failure_policy", "recompute") == "fail":
+                log.warning("kv_load_failure_policy is 'fail': a cache load that fails its checks will "
+                            "fail the request instead of recomputing it; set "
+                            "\"kv_load_failure_policy\": \"recompute\" in --kv-transfer-config")
         else:
             self._worker = WorkerSide(self.kv_config, namespace.digest(),
                                       tp_rank=_tp_rank(vllm_config), tp_size=shape.tp_size)

@@ -82,7 +82,8 @@ class SchedulerSide:
         self._requests: dict[str, _Request] = {}
         self._pins: list[_Pin] = []
         self._await_saves: set[str] = set()
-        self._recent_loads: dict[int, tuple[str, bytes]] = {}  # block id -> (req, key)
+        # block id -> (req, key, step): maps failed-load reports back to chunks for a few steps.
+        self._recent_loads: dict[int, tuple[str, bytes, int]] = {}
         self._step = 0
 
     # ------------------------------------------------------------------ lookups
@@ -141,6 +142,7 @@ class SchedulerSide:
         """Turn this step's scheduler output into the workers' plan (and advance one step)."""
         self._step += 1
         self._release_pins(self._step)
+        self._recent_loads = {b: v for b, v in self._recent_loads.items() if v[2] + _PIN_STEPS >= self._step}
         preempted = frozenset(getattr(out, "preempted_req_ids", None) or ())
         for req_id in preempted:
             self._forget(req_id)
@@ -158,7 +160,7 @@ class SchedulerSide:
             plan.loads.extend(st.pending_loads)
             for spec in st.pending_loads:
                 for b in spec.block_ids[spec.skip_blocks:]:
-                    self._recent_loads[b] = (req_id, spec.key)
+                    self._recent_loads[b] = (req_id, spec.key, self._step)
             st.pending_loads = []
             done = computed + out.num_scheduled_tokens.get(req_id, 0)
             plan.saves.extend(self._plan_saves(st, done))
@@ -240,11 +242,8 @@ class SchedulerSide:
         return delay
 
     def _forget(self, req_id: str) -> None:
-        """Drop a request's state (finish, abort, preemption); load pins expire with their step."""
-        if self._requests.pop(req_id, None) is None:
-            return
-        for b in [b for b, (r, _) in self._recent_loads.items() if r == req_id]:
-            del self._recent_loads[b]
+        """Drop a request's state (finish, abort, preemption); its load pins expire with their step."""
+        self._requests.pop(req_id, None)
 
     def close(self) -> None:
         for pin in self._pins:

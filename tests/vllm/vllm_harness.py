@@ -41,7 +41,7 @@ from vllm.v1.structured_output import StructuredOutputManager  # noqa: E402
 
 from kvortex_vllm.connector import KVortexConnector  # noqa: E402
 
-from .kv_alloc import Reader, Writer, flash_attn_v015, layer_names, token_kv, unified_v033  # noqa: E402
+from vllm_kv_alloc import Reader, Writer, flash_attn_v015, layer_names, token_kv, unified_v033  # noqa: E402
 
 L, H_TOTAL, D, BLOCK = 2, 2, 16, 16
 DTYPE = torch.float32
@@ -69,6 +69,7 @@ def make_vllm_config(model_dir: Path, extra: dict[str, Any], *, tp: int = 1, pre
     cache = CacheConfig(block_size=BLOCK, enable_prefix_caching=prefix_caching)
     ktc = KVTransferConfig(kv_connector="KVortexConnector", kv_connector_module_path="kvortex_vllm.connector",
                            kv_role="kv_both", kv_connector_extra_config=extra)
+    ktc.kv_load_failure_policy = "recompute"  # 0.33 defaults to "fail"; a cache miss must recompute
     return VllmConfig(model_config=model, cache_config=cache, device_config=DeviceConfig("cpu"),
                       scheduler_config=sched, kv_transfer_config=ktc,
                       parallel_config=ParallelConfig(tensor_parallel_size=tp))
@@ -104,7 +105,7 @@ def allocate_kv(kv_cache_config: KVCacheConfig, heads: int, num_blocks: int,
         from vllm.v1.kv_cache_layout import KVCacheLayout
         from vllm.v1.worker.utils import allocate_kv_cache
 
-        from .kv_alloc import unified_writer_for
+        from vllm_kv_alloc import unified_writer_for
 
         layout = KVCacheLayout[order]
         caches = allocate_kv_cache(kv_cache_config, torch.device("cpu"), layout)
@@ -113,7 +114,11 @@ def allocate_kv(kv_cache_config: KVCacheConfig, heads: int, num_blocks: int,
     except (ImportError, AttributeError):
         pass
     caches, write, read = flash_attn_v015(L, num_blocks, BLOCK, heads, D, DTYPE)
-    return caches, write, read, "flash_attn (2, B, N, H, D)"
+    from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend
+
+    shape = tuple(FlashAttentionBackend.get_kv_cache_shape(num_blocks, BLOCK, heads, D))
+    assert all(tuple(t.shape) == shape for t in caches.values()), (shape, "vLLM's FlashAttention shape")
+    return caches, write, read, f"vllm FlashAttentionBackend shape {shape}"
 
 
 def make_request(req_id: str, prompt: list[int], max_tokens: int = 1) -> Request:
@@ -144,6 +149,7 @@ class StepLog:
     saves: int
     finished_sending: set[str]
     invalid_blocks: set[int]
+    preempted: set[str]
 
 
 @dataclass
@@ -176,6 +182,8 @@ class Harness:
 
     def step(self) -> StepLog:
         out = self.scheduler.schedule()
+        for r in out.num_scheduled_tokens:  # the engine's view of each request's tokens
+            self.tokens[r] = list(self.scheduler.requests[r].all_token_ids)
         kv_out, loads, saves = self._run_workers(out)
         computed = self._computed_before(out)
         req_ids = list(out.num_scheduled_tokens)
@@ -183,8 +191,6 @@ class Harness:
         for r in req_ids:
             done = computed[r] + out.num_scheduled_tokens[r]
             sampled.append([SAMPLED] if done >= len(self.tokens[r]) else [])
-            if done >= len(self.tokens[r]):
-                self.tokens[r].append(SAMPLED)
         mro = ModelRunnerOutput(req_ids=req_ids, req_id_to_index={r: i for i, r in enumerate(req_ids)},
                                 sampled_token_ids=sampled, logprobs=None, prompt_logprobs_dict={},
                                 pooler_output=[], kv_connector_output=kv_out)
@@ -194,7 +200,8 @@ class Harness:
                 if o.finish_reason is not None:
                     self.finished.add(o.request_id)
         log = StepLog(dict(out.num_scheduled_tokens), computed, loads, saves,
-                      set(kv_out.finished_sending or ()), set(kv_out.invalid_block_ids or ()))
+                      set(kv_out.finished_sending or ()), set(kv_out.invalid_block_ids or ()),
+                      set(out.preempted_req_ids or ()))
         self.history.append(log)
         return log
 
@@ -266,6 +273,23 @@ class Harness:
         return k[lo:lo + w.heads], v[lo:lo + w.heads]
 
     # ------------------------------------------------------------------ checks
+
+    def scrub(self) -> None:
+        """Fill every KV block with garbage, as if other requests had reused all blocks."""
+        for w in self.workers:
+            for t in w.caches.values():
+                t.fill_(-12345.0)
+
+    def slot_of(self, key: bytes) -> int:
+        entry = self.connector.scheduler_side.index.get(key)
+        assert entry is not None, "chunk not stored"
+        return int(entry.location)
+
+    def keys_of(self, prompt: list[int]) -> list[bytes]:
+        return self.connector.scheduler_side.hasher.keys(prompt)
+
+    def free_blocks(self) -> int:
+        return self.scheduler.kv_cache_manager.block_pool.get_num_free_blocks()
 
     def kv_of(self, req_id: str, positions: Iterable[int], w: Worker | None = None) -> torch.Tensor:
         """The KV stored in the request's blocks for ``positions`` (all layers), as one tensor."""

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Install vLLM VERSION into the current Python environment for the CPU connector tests.
+#
+#   scripts/install-vllm.sh 0.33.0            # uses `python` (or $PYTHON)
+#   PYTHON=/path/to/venv/bin/python scripts/install-vllm.sh 0.15.1
+#
+# The PyPI wheel is a CUDA build that pins a CUDA torch; installing it normally would pull
+# gigabytes of CUDA wheels. So: vLLM itself with --no-deps, then only the pure-Python
+# requirements its scheduler/config/connector imports need, with the version pins this vLLM
+# declares (read from its own metadata), xgrammar with --no-deps, and the test-only platform
+# plugin that makes vLLM pick its CPU platform. The CPU torch already installed is kept.
+# Use a separate venv: vLLM's pins (transformers, ...) may differ from the project's.
+set -euo pipefail
+
+VERSION="${1:?usage: scripts/install-vllm.sh VERSION (e.g. 0.33.0 or 0.15.1)}"
+PY="${PYTHON:-python}"
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PIP=("$PY" -m pip install --quiet --disable-pip-version-check)
+
+"$PY" -c "import torch" 2>/dev/null || {
+  echo "install-vllm: torch is not installed in $PY; install the CPU build first (pip install torch)" >&2
+  exit 1
+}
+
+"${PIP[@]}" --no-deps "vllm==${VERSION}"
+
+# Pure-Python packages the imports need (names only; pins come from vLLM's metadata).
+ALLOW="regex cachetools psutil sentencepiece numpy requests tqdm blake3 py-cpuinfo transformers
+tokenizers protobuf aiohttp openai pydantic prometheus-client pillow partial-json-parser pyzmq
+msgspec gguf pyyaml einops cloudpickle pybase64 cbor2 ijson setproctitle openai-harmony fastapi
+llguidance filelock typing-extensions watchfiles python-json-logger uvloop diskcache lark
+safetensors huggingface-hub mistral-common tiktoken jsonschema"
+
+mapfile -t REQS < <("$PY" - "$ALLOW" <<'EOF'
+import importlib.metadata as md
+import re
+import sys
+
+allow = {n.lower() for n in sys.argv[1].split()}
+for req in md.requires("vllm") or []:
+    if "extra ==" in req:
+        continue
+    name = re.match(r"[A-Za-z0-9_.\-]+", req).group(0).lower().replace("_", "-")
+    if name in allow:
+        print(re.sub(r"\[.*?\]", "", req.split(";")[0]).replace(" ", ""))
+EOF
+)
+# Needed by some versions' imports but not always declared.
+"${PIP[@]}" "${REQS[@]}" uvloop huggingface-hub safetensors
+
+XGR="$("$PY" - <<'EOF'
+import importlib.metadata as md
+print(next((r.split(";")[0].replace(" ", "") for r in md.requires("vllm") or [] if r.startswith("xgrammar")), "xgrammar"))
+EOF
+)"
+"${PIP[@]}" --no-deps "$XGR"
+"${PIP[@]}" --no-deps -e "$HERE/tests/vllm_cpu_platform"
+
+"$PY" - <<'EOF'
+import os
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import vllm
+from vllm.v1.core.sched.scheduler import Scheduler  # noqa: F401
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1  # noqa: F401
+from vllm.platforms import current_platform
+print(f"install-vllm: vLLM {vllm.__version__} imports; platform {type(current_platform).__name__}")
+EOF

@@ -1,1 +1,0 @@
-"""Tests of the vLLM connector against real vLLM classes (on CPU)."""

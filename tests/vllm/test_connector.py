@@ -1,0 +1,260 @@
+"""KVortexConnector against a real vLLM Scheduler on CPU (fake model, real KV tensors)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from vllm_harness import BLOCK, Harness, build  # noqa: E402
+
+pytestmark = pytest.mark.vllm
+
+CHUNK = 32
+
+
+def prompt(seed: int, n: int) -> list[int]:
+    return [(seed * 131 + i * 7) % 900 + 10 for i in range(n)]
+
+
+def first_step_of(h: Harness, req_id: str) -> int:
+    return next(i for i, s in enumerate(h.history) if req_id in s.scheduled)
+
+
+def assert_kv(h: Harness, req_id: str, tokens: list[int], upto: int) -> None:
+    for w in h.workers:
+        got = h.kv_of(req_id, range(upto), w)
+        want = h.expected_of(tokens, range(upto), w)
+        assert torch.equal(got, want), f"rank {w.rank}: KV of {req_id} differs from the model's"
+
+
+def save_a(h: Harness, a: list[int]) -> None:
+    h.add("A", a)
+    h.run()
+    assert "A" in h.finished
+    h.scrub()  # every block reused since: only a real load can bring A's KV back
+
+
+def test_b_loads_a_prefix_byte_exact_and_skips_exactly_the_loaded_tokens(tmp_path: Path) -> None:
+    h = build(tmp_path)
+    a = prompt(1, 80)
+    save_a(h, a)
+    assert sum(s.saves for s in h.history) == 2  # two whole chunks; the 16-token tail is not stored
+    b = a[:70] + prompt(2, 14)
+    h.add("B", b)
+    step = h.step()
+    assert step.loads == 2
+    assert step.computed_before["B"] == 2 * CHUNK
+    assert step.scheduled["B"] == len(b) - 2 * CHUNK
+    assert h.computed_positions["B"][0] == 2 * CHUNK
+    assert_kv(h, "B", b, 2 * CHUNK)
+    h.run()
+    assert "B" in h.finished
+
+
+def test_loaded_bytes_equal_the_saved_requests_bytes(tmp_path: Path) -> None:
+    h = build(tmp_path)
+    a = prompt(3, 70)
+    h.add("A", a)
+    h.step()
+    a_bytes = h.kv_of("A", range(2 * CHUNK)).clone()
+    h.run()
+    h.scrub()
+    h.add("B", a[:66])
+    h.step()
+    b_bytes = h.kv_of("B", range(2 * CHUNK))
+    assert a_bytes.numpy().tobytes() == b_bytes.numpy().tobytes()
+
+
+def test_full_hit_never_claims_the_last_prompt_token(tmp_path: Path) -> None:
+    h = build(tmp_path)
+    a = prompt(4, 2 * CHUNK)
+    save_a(h, a)
+    h.add("B", list(a))  # exactly the two stored chunks
+    step = h.step()
+    assert step.loads == 1, "the second chunk would cover the last token: vLLM must compute it"
+    assert step.computed_before["B"] == CHUNK
+    assert step.scheduled["B"] == CHUNK
+    assert_kv(h, "B", a, len(a))
+
+
+def test_only_whole_chunks_are_counted(tmp_path: Path) -> None:
+    h = build(tmp_path)
+    a = prompt(5, 80)
+    save_a(h, a)
+    b = a[:50] + prompt(6, 30)  # shares chunk 0 and 18 tokens of chunk 1
+    h.add("B", b)
+    step = h.step()
+    assert step.loads == 1 and step.computed_before["B"] == CHUNK
+    assert_kv(h, "B", b, len(b))
+
+
+def test_no_match_loads_nothing(tmp_path: Path) -> None:
+    h = build(tmp_path)
+    save_a(h, prompt(7, 80))
+    h.add("B", prompt(8, 80))
+    step = h.step()
+    assert step.loads == 0 and step.computed_before["B"] == 0
+
+
+def test_local_prefix_hit_inside_a_chunk_loads_only_the_missing_blocks(tmp_path: Path) -> None:
+    h = build(tmp_path, {"chunk_tokens": 64}, prefix_caching=True)
+    p = prompt(9, 100)
+    h.add("A", p[:80])
+    h.run()
+    assert h.scheduler.reset_prefix_cache()
+    h.scrub()
+    h.add("R", p[:40])  # vLLM's own prefix cache now holds blocks 0-1 (32 tokens)
+    h.run()
+    h.add("B", p[:90])
+    step = h.step()
+    assert step.loads == 1
+    assert step.computed_before["B"] == 64
+    assert_kv(h, "B", p, 64)
+
+
+def test_save_keeps_blocks_until_workers_report_it_done(tmp_path: Path) -> None:
+    h = build(tmp_path)
+    h.add("A", prompt(10, 70))
+    h.step()  # computes the whole prompt, saves two chunks, samples the only token
+    assert "A" in h.finished
+    before = h.free_blocks()
+    step = h.step()  # the plan tells workers to report A's saves; only then are blocks freed
+    assert step.finished_sending == {"A"}
+    assert h.free_blocks() > before
+    assert not h.scheduler.has_requests()
+
+
+def test_request_without_saves_frees_its_blocks_at_once(tmp_path: Path) -> None:
+    h = build(tmp_path)
+    h.add("A", prompt(11, 20))  # shorter than a chunk: nothing to save
+    h.run()
+    assert all(not s.finished_sending for s in h.history)
+    assert h.free_blocks() == h.scheduler.kv_cache_manager.block_pool.num_gpu_blocks - 1
+
+
+def test_abort_releases_everything(tmp_path: Path) -> None:
+    h = build(tmp_path, max_batched=32)  # chunked prefill: one chunk per step
+    total = h.free_blocks()
+    h.add("A", prompt(12, 100), max_tokens=20)
+    h.step()
+    h.step()
+    h.abort("A")
+    h.run()
+    assert h.free_blocks() == total
+    assert any(s.finished_sending == {"A"} for s in h.history), "A's started saves were awaited"
+    assert_no_leaks(h)
+
+
+def assert_no_leaks(h: Harness) -> None:
+    for _ in range(3):  # load pins outlive their step by design (async scheduling)
+        h.step()
+    side = h.connector.scheduler_side
+    assert not side.index.open_pins()
+    assert not side._requests
+    for w in h.workers:
+        assert not w.connector.worker_side._pending
+
+
+def test_preemption_releases_and_the_request_resumes_from_the_cache(tmp_path: Path) -> None:
+    h = build(tmp_path, num_blocks=14, max_batched=256)
+    prompts = {"P": prompt(13, 96), "Q": prompt(14, 96)}
+    for r, p in prompts.items():
+        h.add(r, p, max_tokens=40)
+    h.run(400)
+    assert {"P", "Q"} <= h.finished
+    victims = set().union(*(s.preempted for s in h.history))
+    assert victims, "the test needs a preemption"
+    after = next(i for i, s in enumerate(h.history) if s.preempted)
+    assert any(s.loads for s in h.history[after:]), "a preempted request comes back through a load"
+    assert h.free_blocks() == 13
+    for r in victims:
+        assert_kv(h, r, h.tokens[r], 2 * CHUNK)
+    assert_no_leaks(h)
+
+
+def test_eviction_under_capacity_pressure(tmp_path: Path) -> None:
+    h = build(tmp_path, {"tiers": {"cpu": {"type": "cpu", "capacity": "64KiB"}}})
+    side = h.connector.scheduler_side
+    slots = side.geometry.num_slots
+    assert 2 <= slots < 8
+    prompts = [prompt(20 + i, 2 * CHUNK + 1) for i in range(slots + 2)]
+    for i, p in enumerate(prompts):
+        h.add(f"R{i}", p)
+        h.run()
+    assert side.index.used <= side.geometry.capacity_bytes
+    old_keys = h.keys_of(prompts[0])
+    assert not any(k in side.index for k in old_keys), "the oldest chunks must be evicted"
+    h.scrub()
+    h.add("again", prompts[-1])
+    step = h.step()
+    assert step.loads == 2
+    assert_kv(h, "again", prompts[-1], 2 * CHUNK)
+    h.add("old", prompts[0])
+    assert h.step().loads == 0
+
+
+def test_failed_load_is_reported_and_recomputed(tmp_path: Path) -> None:
+    h = build(tmp_path)
+    a = prompt(30, 80)
+    save_a(h, a)
+    key1 = h.keys_of(a)[1]
+    slot = h.slot_of(key1)
+    h.workers[0].connector.worker_side.pool.view(slot)[100] ^= 0xFF  # corrupt chunk 1's header
+    h.add("B", a[:75])
+    step = h.step()
+    assert step.invalid_blocks, "the corrupted chunk's blocks must be reported"
+    assert key1 not in h.connector.scheduler_side.index, "a failed chunk is forgotten"
+    h.run()
+    assert "B" in h.finished
+    assert set(range(CHUNK, 2 * CHUNK)) <= set(h.computed_positions["B"]), "vLLM recomputed chunk 1"
+    assert_kv(h, "B", a, 2 * CHUNK)
+    assert key1 in h.connector.scheduler_side.index, "the recomputed chunk is saved again"
+
+
+def test_tensor_parallel_two_ranks(tmp_path: Path) -> None:
+    h = build(tmp_path, tp=2)
+    assert [w.connector.worker_side.rank for w in h.workers] == [0, 1]
+    a = prompt(40, 80)
+    save_a(h, a)
+    h.add("B", a[:70])
+    assert h.step().loads == 2
+    assert_kv(h, "B", a, 2 * CHUNK)  # each rank holds its own head shard
+
+
+def test_tensor_parallel_chunk_missing_on_one_rank_is_not_loaded(tmp_path: Path) -> None:
+    h = build(tmp_path, tp=2)
+    a = prompt(41, 80)
+    save_a(h, a)
+    slot = h.slot_of(h.keys_of(a)[0])
+    h.workers[1].connector.worker_side.pool.view(slot)[:8].zero_()  # rank 1 lost chunk 0
+    h.add("B", a[:70])
+    step = h.step()
+    assert step.invalid_blocks
+    h.run()
+    assert_kv(h, "B", a, 2 * CHUNK)
+    assert set(range(0, CHUNK)) <= set(h.computed_positions["B"])
+
+
+def test_requires_kv_delivery_is_false(tmp_path: Path) -> None:
+    h = build(tmp_path)
+    assert h.connector.requires_kv_delivery is False
+    assert BLOCK == 16
+
+
+def test_extra_config_wins_over_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KVORTEX_CHUNK_TOKENS", "64")
+    monkeypatch.setenv("KVORTEX_SALT", "tenant-a")
+    h = build(tmp_path, {"chunk_tokens": 32})
+    cfg = h.connector.kv_config
+    assert cfg.chunk_tokens == 32 and cfg.salt == "tenant-a"
+
+
+def test_bad_chunk_tokens_is_a_clear_error(tmp_path: Path) -> None:
+    from kvortex_core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="multiple of the engine's block_size=16"):
+        build(tmp_path, {"chunk_tokens": 40})
