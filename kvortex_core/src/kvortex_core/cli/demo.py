@@ -9,8 +9,8 @@ raw ``copy_`` of the same bytes on the same device, measured in the same run.
 
 from __future__ import annotations
 
-import importlib.util
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -234,9 +234,27 @@ def _report(result: DemoResult, shape: DemoShape) -> None:
         ("load / raw ratio", f"{result.raw_copy_s / result.load_s:.2f}" if result.load_s else "-"),
         ("loaded bytes equal saved bytes", "[green]yes[/green]" if result.ok else "[red]NO[/red]"),
     ]
+    rows[3:3] = _stats_rows(result.stats)
     for name, value in rows:
         table.add_row(name, value)
     console.print(table)
+
+
+def _stats_rows(stats: Any) -> list[tuple[str, str]]:
+    """What the engine itself counted: its hit rate and each tier's usage."""
+    if not isinstance(stats, dict):
+        return []
+    rows = []
+    if isinstance(stats.get("hit_rate"), int | float):
+        rows.append(("engine-reported hit rate", f"{stats['hit_rate']:.1%}"))
+    gauges = stats.get("gauges", {})
+    used, capacity = gauges.get("used_bytes", {}), gauges.get("capacity_bytes", {})
+    for tier, nbytes in used.items():
+        if capacity.get(tier):
+            rows.append(
+                (f"tier {tier} usage", f"{human_bytes(nbytes)} of {human_bytes(capacity[tier])}")
+            )
+    return rows
 
 
 @exits_on_error
@@ -276,29 +294,15 @@ def demo(
             f"{n} ({t.type}, {human_bytes(int(t.capacity))})" for n, t in config.tiers.items()
         )
     )
-    if importlib.util.find_spec("kvortex_core.engine") is None:
-        _without_engine()
-        return
-    with Progress(console=console, transient=True) as progress:
+    with Progress(console=console, transient=True) as progress, warnings.catch_warnings():
+        # Without CUDA the host pool cannot be pinned; the demo already says it runs on cpu.
+        warnings.filterwarnings("ignore", message="CUDA is not available")
         result = run_demo(config, shape, chosen, dtype, progress)
     _report(result, shape)
     if not result.ok:
         raise fail(
             "demo FAILED: loaded KV differs from the saved KV (or nothing was loaded)", EXIT_FAILED
         )
-
-
-def _without_engine() -> None:
-    """Until the engine is built: show what would run (configuration and backends)."""
-    from kvortex_core.cli.backends_cmd import list_backends
-    from kvortex_core.cli.config_cmd import show
-
-    console.print(
-        "[yellow]kvortex_core.engine is not built yet: showing the configuration "
-        "and backends the demo would use[/yellow]"
-    )
-    show(file=None, assignments=None, as_json=False)
-    list_backends(as_json=False)
 
 
 def register(root: typer.Typer) -> None:
