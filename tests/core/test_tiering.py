@@ -272,6 +272,7 @@ def test_bad_disk_payload_is_miss_deleted_and_counted(make: Any, damage: str) ->
     again = make(disk={})
     got = _load(again, [0, 1, 2])
     assert got == [(0, "disk")], "never a wrong tensor: the prefix stops at the bad chunk"
+    assert again.cpu_index.open_pins() == [] and again.pool.used_slots == 1
     assert not path.exists(), "the bad file is deleted"
     assert again.lookup([_key(1)]) == 0
     if damage == "bitflip":  # truncated / foreign files are already refused by the scan
@@ -456,3 +457,15 @@ def test_real_full_disk_tier_goes_out_of_service_engine_keeps_serving(
     assert 0 < on_disk < 60
     assert mgr.lookup([_key(i) for i in range(60)]) == 60  # every chunk is still in cpu
     assert [i for i, _ in _load(mgr, range(60))] == list(range(60))
+
+
+def test_mixed_load_cpu_disk_cpu_then_miss(make: Any) -> None:
+    mgr = make(disk={"write_through": True})
+    _save(mgr, range(3))
+    assert mgr.drain(30)
+    (entry,) = mgr.cpu_index.remove([_key(1)])  # chunk 1 now only on disk
+    mgr.pool.free(entry.location)
+    got = _load(mgr, [0, 1, 2, 3])
+    assert got == [(0, "cpu"), (1, "disk"), (2, "cpu")]
+    assert mgr.cpu_index.open_pins() == []
+    assert mgr.lookup([_key(i) for i in range(4)]) == 3

@@ -58,6 +58,10 @@ _HEADER_SUM = struct.Struct("<Q")
 _SUM_OFFSET = _FIXED.size  # 264
 _USED = _SUM_OFFSET + _HEADER_SUM.size
 
+#: compress_value first tries this many bytes and gives up unless they shrink below _PROBE_GAIN
+_PROBE_BYTES = 256 * 1024
+_PROBE_GAIN = 0.97
+
 Buffer = Any  # anything exposing the buffer protocol (bytes, memoryview, numpy, uint8 tensor)
 
 
@@ -335,7 +339,12 @@ def compress_value(value: Buffer, compression: Compression, level: int | None = 
         return value  # opaque bytes: stored as given
     if header.compression != "none" or len(view) < header.total_len:
         return value
-    packed = _compress_bytes(view[HEADER_BYTES : header.total_len], compression, level)
+    body = view[HEADER_BYTES : header.total_len]
+    if len(body) > 2 * _PROBE_BYTES:  # a quick probe spares compressing incompressible data
+        probe = body[:_PROBE_BYTES]
+        if len(_compress_bytes(probe, compression, level)) >= _PROBE_GAIN * len(probe):
+            return value
+    packed = _compress_bytes(body, compression, level)
     if len(packed) >= header.stored_len:
         return value
     out = bytearray(HEADER_BYTES + len(packed))

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from kvortex_core.data import payload as pl
@@ -76,19 +77,20 @@ class LoadMixin:
 
     def _fetch_run(self, keys: list[bytes], start: int, timeout: float | None) -> list[LoadLease]:
         """From ``keys[start]`` on: fetch lower-tier chunks, take cpu hits, stop at a miss."""
-        plan: list[tuple[int, bytes, LowerTier | None, int]] = []
+        plan: list[_Step] = []
         with self._lock:
             for i in range(start, len(keys)):
-                key = keys[i]
-                if key in self.cpu_index:
-                    plan.append((i, key, None, -1))
+                parent = keys[i - 1] if i else None
+                lease = self._cpu_lease(i, keys[i])  # pinned now: slot allocation cannot evict it
+                if lease is not None:
+                    plan.append(_Step(i, keys[i], parent, None, -1, lease))
                     continue
-                tier = self._find_below(key)
+                tier = self._find_below(keys[i])
                 slot = self._allocate_slot() if tier is not None else None
                 if tier is None or slot is None:
                     break
-                plan.append((i, key, tier, slot))
-        fetches = [(i, k, t, s) for i, k, t, s in plan if t is not None]
+                plan.append(_Step(i, keys[i], parent, tier, slot))
+        fetches = [(p.i, p.key, p.tier, p.slot) for p in plan if p.tier is not None]
         bound = timeout if timeout is not None else self.config.timeouts.backend_op_s
         run = _FetchRun()
         future = self.loop.submit(self._fetch_all(fetches, run))
@@ -99,6 +101,7 @@ class LoadMixin:
                 results = future.result()
             else:  # the run frees its slots itself once the backends let go of them
                 log.debug("load: fetch of %d chunks abandoned: %s", len(fetches), exc)
+                self.end_load([p.lease for p in plan if p.lease is not None])
                 return []  # plan starts at the first lower-tier chunk: nothing deliverable
         outcome = {i: r for (i, *_), r in zip(fetches, results, strict=True)}
         return self._promote(plan, outcome)
@@ -176,25 +179,24 @@ class LoadMixin:
         except TierUnavailable:
             pass
 
-    def _promote(
-        self, plan: list[tuple[int, bytes, LowerTier | None, int]], outcome: dict[int, str]
-    ) -> list[LoadLease]:
+    def _promote(self, plan: list[_Step], outcome: dict[int, str]) -> list[LoadLease]:
+        """Leases up to the first failed step; the steps after it are unpinned or freed."""
         leases: list[LoadLease] = []
         cut = False
-        for i, key, tier, slot in plan:
+        for step in plan:
             lease = None
-            if not cut:
-                lease = (
-                    self._cpu_lease(i, key)
-                    if tier is None
-                    else (self._promote_one(i, key, tier, slot) if outcome.get(i) == OK else None)
-                )
+            if not cut and step.tier is None:
+                lease = step.lease
+            elif not cut and outcome.get(step.i) == OK:
+                lease = self._promote_one(step)
             if lease is not None:
                 leases.append(lease)
                 continue
             cut = True
-            if tier is not None and outcome.get(i) != GONE:
-                self.pool.free(slot)
+            if step.lease is not None:
+                self.end_load([step.lease])
+            elif outcome.get(step.i) != GONE:
+                self.pool.free(step.slot)
         return leases
 
     def _cpu_lease(self, i: int, key: bytes) -> LoadLease | None:
@@ -207,9 +209,13 @@ class LoadMixin:
         slot = int(entry.location)
         return LoadLease(key, i, slot, self._payload_view(slot), self.cpu_name, pin)
 
-    def _promote_one(self, i: int, key: bytes, tier: LowerTier, slot: int) -> LoadLease | None:
+    def _promote_one(self, step: _Step) -> LoadLease | None:
+        i, key, tier, slot = step.i, step.key, step.tier, step.slot
+        assert tier is not None
         with self._lock:
-            if not self.cpu_index.insert(key, self.pool.slot_bytes, location=slot):
+            if not self.cpu_index.insert(
+                key, self.pool.slot_bytes, location=slot, parent=step.parent
+            ):
                 return None  # caller frees the slot
             pin = self.cpu_index.pin([key], "load")
         self.stats.inc(PROMOTIONS, 1, tier.name)
@@ -221,6 +227,18 @@ class LoadMixin:
             if lease.pin is not None:
                 lease.pin.release()
                 lease.pin = None
+
+
+@dataclass(eq=False)
+class _Step:
+    """One chunk of a load plan: a pinned cpu hit (``lease``) or a fetch into ``slot``."""
+
+    i: int
+    key: bytes
+    parent: bytes | None
+    tier: LowerTier | None
+    slot: int
+    lease: LoadLease | None = None
 
 
 class _FetchRun:
