@@ -7,14 +7,17 @@ reason when ``redis-server`` or moto is missing.
 
 from __future__ import annotations
 
+import http.client
 import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -352,3 +355,75 @@ def moto_s3() -> Iterator[MotoS3]:
 @pytest.fixture
 def s3_bucket(moto_s3: MotoS3) -> str:
     return moto_s3.new_bucket()
+
+
+# -- S3 faults: a proxy in front of moto ---------------------------------------------------------
+
+
+class FaultProxy:
+    """An HTTP proxy to the moto endpoint that can pass, fail (HTTP 500) or stall requests."""
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream.removeprefix("http://")
+        self.mode = "pass"
+        self.stall_s = 3.0
+        self.requests = 0
+        self.log: list[str] = []
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _any(self) -> None:
+                proxy.requests += 1
+                proxy.log.append(f"{proxy.mode} {self.command} {self.path}")
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if proxy.mode == "stall":
+                    time.sleep(proxy.stall_s)
+                    self.close_connection = True
+                    return
+                if proxy.mode == "error":
+                    self._reply(500, b"<Error><Code>InternalError</Code><Message>injected</Message></Error>",
+                                {"Content-Type": "application/xml"})
+                    return
+                conn = http.client.HTTPConnection(proxy.upstream, timeout=30)
+                conn.request(self.command, self.path, body=body, headers=dict(self.headers))
+                resp = conn.getresponse()
+                data = resp.read()
+                headers = {k: v for k, v in resp.getheaders() if k.lower() not in ("transfer-encoding", "content-length", "connection")}
+                self._reply(resp.status, data, headers)
+                conn.close()
+
+            def _reply(self, status: int, data: bytes, headers: dict[str, str]) -> None:
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)) if self.command != "HEAD" else headers.get("Content-Length", "0"))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _any
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def fault_proxy(moto_s3: MotoS3) -> Iterator[FaultProxy]:
+    proxy = FaultProxy(moto_s3.endpoint_url)
+    yield proxy
+    proxy.close()
