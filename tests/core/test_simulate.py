@@ -59,11 +59,25 @@ def test_unbounded_cache_reaches_the_ideal_and_small_ones_do_not() -> None:
     assert small.tiers[0].evictions > 0
 
 
+def test_demotion_moves_exactly_the_evicted_chunks_down() -> None:
+    trace = prepare(chat_sessions(4, sessions=30))
+    cb = trace.chunk_bytes[0]
+    res = simulate(trace, policy="lru", capacities=[("cpu", trace.working_set_bytes // 10),
+                                                     ("disk", trace.working_set_bytes)])
+    cpu, disk = res.tiers
+    # Nothing is written behind: the disk only receives what cpu evicts and it lacks.
+    assert 0 < disk.bytes_written <= cpu.evictions * cb
+    assert disk.bytes_written < trace.unique_chunks * cb
+    assert disk.bytes_read > 0  # demoted chunks come back as hits
+    assert res.token_hit_rate > res.tier_hit_rate("cpu")
+
+
 def test_bytes_moved_add_up_per_tier() -> None:
     trace = prepare(chat_sessions(4, sessions=30))
     cb = trace.chunk_bytes[0]
     res = simulate(trace, policy="prefix-lru", capacities=[("cpu", trace.working_set_bytes // 10),
-                                                            ("disk", trace.working_set_bytes)])
+                                                            ("disk", trace.working_set_bytes)],
+                   write_through=True)
     cpu, disk = res.tiers
     # Every unique chunk is written behind to the unbounded disk exactly once.
     assert disk.bytes_written == trace.unique_chunks * cb

@@ -2,9 +2,10 @@
 
 No tensors move: each request is turned into chunk keys by :class:`ChunkHasher`, looked up in
 one :class:`ChunkIndex` per tier (the same code the engine runs), and its missing chunks are
-inserted the way the engine stores them: into the first tier, written behind to every lower
-tier; a hit found only in a lower tier is promoted into the first. Token hit rate and bytes
-read and written per tier come out per run.
+inserted the way the engine stores them: into the first tier; a chunk reaches a lower tier when
+the tier above evicts it (demotion, the default) or right away (``write_through``); a hit found
+only in a lower tier is promoted into the first. Token hit rate and bytes read and written per
+tier come out per run.
 """
 
 from __future__ import annotations
@@ -108,29 +109,40 @@ class SimResult:
 class _Tier:
     def __init__(self, name: str, capacity: int, policy: str, hw: float, ratio: float) -> None:
         self.result = TierResult(name, capacity)
+        self.below: _Tier | None = None  # demotion target (None: evicted chunks are dropped)
         self.index = ChunkIndex(name, capacity, policy=policy, high_watermark=hw,
                                 evict_ratio=ratio, on_evict=self._evicted)
 
     def _evicted(self, entries: list[IndexEntry]) -> None:
         self.result.evictions += len(entries)
+        below = self.below
+        if below is None:
+            return
+        for e in entries:  # as the tiering does: demote unless the chunk is already below
+            if e.key not in below.index and below.index.insert(e.key, e.size, parent=e.parent):
+                below.result.bytes_written += e.size
 
 
 def simulate(trace: PreparedTrace, *, policy: str, capacities: Sequence[tuple[str, int]],
              capacity_fraction: float = 0.0, high_watermark: float = 1.0,
-             evict_ratio: float = 0.05) -> SimResult:
+             evict_ratio: float = 0.05, write_through: bool = False) -> SimResult:
     """Replay ``trace`` through one index per ``(tier name, capacity bytes)``, first = hottest."""
     tiers = [_Tier(n, c, policy, high_watermark, evict_ratio) for n, c in capacities]
+    if not write_through:
+        for upper, lower in zip(tiers, tiers[1:]):
+            upper.below = lower
     result = SimResult(policy, capacity_fraction, len(trace.keys), trace.total_tokens,
                        [t.result for t in tiers])
     for r, keys in enumerate(trace.keys):
-        _replay_one(tiers, keys, trace.chunk_tokens[r], trace.chunk_bytes[r], trace.tokens[r])
+        _replay_one(tiers, keys, trace.chunk_tokens[r], trace.chunk_bytes[r], trace.tokens[r],
+                    write_through)
     for t in tiers:
         t.index.close()
     return result
 
 
 def _replay_one(tiers: list[_Tier], keys: list[bytes], ctok: int, cbytes: int,
-                n_tokens: int) -> None:
+                n_tokens: int, write_through: bool) -> None:
     if not keys:
         return
     masks = [t.index.contains(keys) for t in tiers]
@@ -158,7 +170,7 @@ def _replay_one(tiers: list[_Tier], keys: list[bytes], ctok: int, cbytes: int,
         if not masks[0] >> i & 1:
             if first.index.insert(keys[i], cbytes, parent=parent):
                 first.result.bytes_written += cbytes
-        if i >= hit:
+        if i >= hit and write_through:
             _write_behind(tiers, masks, keys[i], i, cbytes, parent)
 
 
@@ -173,7 +185,7 @@ def _write_behind(tiers: list[_Tier], masks: list[int], key: bytes, i: int, cbyt
 
 def sweep(trace: PreparedTrace, *, policies: Sequence[str], fractions: Sequence[float],
           lower_tiers: Sequence[tuple[str, float]] = (), high_watermark: float = 1.0,
-          evict_ratio: float = 0.05) -> list[SimResult]:
+          evict_ratio: float = 0.05, write_through: bool = False) -> list[SimResult]:
     """Every policy at every first-tier capacity (fraction of the working set).
 
     ``lower_tiers`` are ``(name, factor)``: a lower tier holds ``factor`` x the first tier.
@@ -184,7 +196,8 @@ def sweep(trace: PreparedTrace, *, policies: Sequence[str], fractions: Sequence[
         caps = [("cpu", cap)] + [(n, max(1, int(cap * f))) for n, f in lower_tiers]
         for policy in policies:
             out.append(simulate(trace, policy=policy, capacities=caps, capacity_fraction=frac,
-                                high_watermark=high_watermark, evict_ratio=evict_ratio))
+                                high_watermark=high_watermark, evict_ratio=evict_ratio,
+                                write_through=write_through))
     return out
 
 

@@ -51,6 +51,7 @@ def simulate_cmd(
     seed: int = 0,
     high_watermark: Annotated[float, typer.Option(min=0.01, max=1.0)] = 1.0,
     evict_ratio: Annotated[float, typer.Option(min=0.001, max=1.0)] = 0.05,
+    write_through: Annotated[bool, typer.Option(help="write every chunk to lower tiers at once instead of on eviction")] = False,
 ) -> None:
     """Replay chat, document-QA and Zipf workloads through every eviction policy."""
     pols = [p.strip() for p in policies.split(",") if p.strip()]
@@ -64,12 +65,14 @@ def simulate_cmd(
         for name, loaders in sources.items():
             runs = []
             for load in loaders:
-                runs.append(_one_trace(load(), pols, fracs, lower, chunk_tokens, high_watermark, evict_ratio))
+                runs.append(_one_trace(load(), pols, fracs, lower, chunk_tokens, high_watermark, evict_ratio,
+                                       write_through))
                 bar.advance(task)
             results[name] = _aggregate(runs, pols, fracs)
     elapsed = time.perf_counter() - t0
     params = {"policies": pols, "fractions": fracs, "chunk_tokens": chunk_tokens, "disk_factor": disk_factor,
               "reps": reps, "seed": seed, "high_watermark": high_watermark, "evict_ratio": evict_ratio,
+              "write_through": write_through,
               "trace": str(trace) if trace else None, "seconds": elapsed}
     path = write_results(out, "simulate", {"params": params, "workloads": results})
     _report(results, pols, out)
@@ -92,11 +95,12 @@ def _sources(workloads: str, trace: Path | None, block_tokens: int, reps: int, s
 
 
 def _one_trace(requests: list[Any], pols: list[str], fracs: list[float], lower: list[tuple[str, float]],
-               chunk_tokens: int, hw: float, ratio: float) -> dict[str, Any]:
+               chunk_tokens: int, hw: float, ratio: float, write_through: bool) -> dict[str, Any]:
     from kvortex_core.sim.simulator import ideal_hit_rate, prepare, sweep
 
     trace = prepare(requests, chunk_tokens=chunk_tokens)
-    runs = sweep(trace, policies=pols, fractions=fracs, lower_tiers=lower, high_watermark=hw, evict_ratio=ratio)
+    runs = sweep(trace, policies=pols, fractions=fracs, lower_tiers=lower, high_watermark=hw, evict_ratio=ratio,
+                 write_through=write_through)
     return {"ideal": ideal_hit_rate(trace), "requests": len(requests), "tokens": trace.total_tokens,
             "unique_chunks": trace.unique_chunks, "working_set_bytes": trace.working_set_bytes,
             "runs": [r.to_dict() | {"cpu_hit_rate": r.tier_hit_rate("cpu")} for r in runs]}

@@ -66,10 +66,10 @@ def ttft_cmd(
     try:
         for n in lengths:
             typer.echo(f"[ttft] {n} tokens", err=True)
-            results["lengths"][n] = run.measure_length(n, wanted, disk_path, drop_caches)
+            results["lengths"][n] = _guard(lambda n=n: run.measure_length(n, wanted, disk_path, drop_caches))
         for n in sorted(parse_sizes(overhead_tokens)):
             typer.echo(f"[ttft] overhead at {n} tokens", err=True)
-            results["overhead"][n] = run.measure_overhead(n, overhead_requests)
+            results["overhead"][n] = _guard(lambda n=n: run.measure_overhead(n, overhead_requests))
     finally:
         run.close()
     path = write_results(out, "ttft", results)
@@ -209,6 +209,17 @@ class TTFTRun:
         self.path.close()
 
 
+def _guard(fn: Any) -> dict[str, Any]:
+    """One point's result, or its error: a failure at one length must not lose the others."""
+    import traceback
+
+    try:
+        return fn()
+    except Exception as exc:  # noqa: BLE001 - reported in the results and on stderr
+        traceback.print_exc()
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
 def _median(xs: list[float]) -> float:
     return spread(xs)["median"]
 
@@ -225,7 +236,8 @@ def _drop_page_cache() -> None:
 
 
 def _report(results: dict[str, Any], out: Path) -> None:
-    rows, lengths = [], sorted(results["lengths"])
+    lengths = sorted(n for n, r in results["lengths"].items() if "error" not in r)
+    rows = []
     for n in lengths:
         r = results["lengths"][n]
         row: list[Any] = [n, r["prefill"]["median"] * 1e3]
@@ -240,7 +252,7 @@ def _report(results: dict[str, Any], out: Path) -> None:
                 ["tokens", "prefill ms", "cpu load ms", "cpu speedup", "cpu equal",
                  "disk load ms", "disk speedup", "disk equal"], rows)
     over = [[n, o["base"]["median"] * 1e3, o["ours"]["median"] * 1e3, f"{o['overhead_fraction']:+.2%}"]
-            for n, o in sorted(results["overhead"].items())]
+            for n, o in sorted(results["overhead"].items()) if "error" not in o]
     if over:
         print_table("miss overhead: lookup + save added to prefills that miss",
                     ["tokens", "bare ms", "with KVortex ms", "overhead"], over)
