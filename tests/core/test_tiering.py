@@ -358,9 +358,16 @@ def test_unopenable_tier_starts_out_of_service(make: Any, tmp_path: Path) -> Non
             "write_through": True,
         },
     }
-    mgr = make(tiers)
+    mgr = make(tiers, circuit_breaker={"reset_after_s": 0.1})
     assert mgr.tier_states() == {"disk": "open"}
     assert _save(mgr, [1]) == [1] and _load(mgr, [1]) == [(1, "cpu")]
+    mgr.drain(10)
+    blocker.unlink()  # the operator fixes the path: the next probe opens the tier
+    time.sleep(0.15)
+    assert _save(mgr, [2]) == [2]
+    assert mgr.drain(10)
+    assert mgr.tier_states() == {"disk": "closed"}
+    assert _key(2) in mgr.tiers[0].index
 
 
 # -- shared tiers ----------------------------------------------------------------------------

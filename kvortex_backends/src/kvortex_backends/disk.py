@@ -87,7 +87,10 @@ class DiskBackend(StorageBackend):
 
     # -- lifecycle -------------------------------------------------------------------------
     async def open(self) -> None:
-        self._pool = ThreadPoolExecutor(self.options.io_threads, thread_name_prefix="kvortex-disk")
+        if self._pool is None:  # open() is retried after a failed start
+            self._pool = ThreadPoolExecutor(
+                self.options.io_threads, thread_name_prefix="kvortex-disk"
+            )
         try:
             await self._run(self._prepare_root)
         except OSError as exc:

@@ -55,6 +55,8 @@ class TierManager(SaveMixin, LoadMixin):
     WRITE_BEHIND_DEPTH = 256
     #: Concurrent backend writes per tier.
     WRITE_BEHIND_WORKERS = 4
+    #: open() + scan() of a tier may take this many times max(backend_op_s, close_s).
+    OPEN_TIMEOUT_FACTOR = 6
     #: How long a shared tier's ``contains`` answer is trusted by ``lookup``.
     REMOTE_CACHE_TTL_S = 2.0
 
@@ -195,27 +197,18 @@ class TierManager(SaveMixin, LoadMixin):
             write_through=tc.write_through,
             shared=shared,
             remote=RemoteCache(self.REMOTE_CACHE_TTL_S) if shared else None,
+            # Opening may rebuild an index from a large directory (one header read per file).
+            open_timeout_s=self.OPEN_TIMEOUT_FACTOR
+            * max(self.config.timeouts.backend_op_s, self.config.timeouts.close_s),
         )
         self.tiers.append(tier)
         self._open_tier(tier)
 
     def _open_tier(self, tier: LowerTier) -> None:
-        bound = max(self.config.timeouts.backend_op_s, self.config.timeouts.close_s)
         try:
-            entries = self.loop.run(self._open_and_scan(tier), bound)
+            self.loop.run(tier.open(), tier.open_timeout_s)
         except Exception as exc:  # noqa: BLE001 - a tier that cannot start is skipped, not fatal
             tier.breaker.force_open(f"open failed: {type(exc).__name__}: {exc}")
-            return
-        for key, size in entries or ():
-            try:
-                tier.index.insert(bytes.fromhex(key), size)
-            except ValueError:
-                continue  # not one of our keys
-
-    @staticmethod
-    async def _open_and_scan(tier: LowerTier) -> list[tuple[str, int]] | None:
-        await tier.backend.open()
-        return await tier.backend.scan()
 
     def _on_transition(self, name: str, old: str, new: str, error: str) -> None:
         self.stats.inc(BREAKER_TRANSITIONS, 1, name)

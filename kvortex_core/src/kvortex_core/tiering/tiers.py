@@ -50,22 +50,41 @@ class LowerTier:
     shared: bool = False
     remote: RemoteCache | None = None
     doomed: list[IndexEntry] = field(default_factory=list)
+    open_timeout_s: float = 60.0
+    opened: bool = False
+
+    async def open(self) -> None:
+        """Open the backend and rebuild the index from its ``scan()`` (once)."""
+        await self.backend.open()
+        for key, size in await self.backend.scan() or ():
+            try:
+                self.index.insert(bytes.fromhex(key), size)
+            except ValueError:
+                continue  # not one of our keys
+        self.opened = True
 
     async def call(self, op: str, awaitable: Awaitable[T], timeout: float | None = None) -> T:
-        """Run one backend call under the breaker and a timeout; TierUnavailable on failure."""
+        """Run one backend call under the breaker and a timeout; TierUnavailable on failure.
+
+        A tier that could not open at start is opened by its first allowed call (the probe).
+        """
         if not self.breaker.allow():
             _close(awaitable)
             self.stats.inc(SKIPPED_OPEN, 1, self.name)
             raise TierUnavailable(f"tier {self.name} is out of service")
         try:
+            if not self.opened:
+                await asyncio.wait_for(self.open(), self.open_timeout_s)
             result = await asyncio.wait_for(awaitable, timeout or self.op_timeout_s)
         except (BackendFullError, BufferTooSmallError) as exc:
             self.breaker.success()  # the tier answered; this value just does not fit
             raise TierUnavailable(str(exc)) from exc
         except TimeoutError as exc:
-            self._failed(op, f"{op} timed out after {timeout or self.op_timeout_s:.3g}s", TIMEOUTS)
+            _close(awaitable)
+            self._failed(op, f"{op} timed out", TIMEOUTS)
             raise TierUnavailable(f"tier {self.name}: {op} timed out") from exc
         except Exception as exc:
+            _close(awaitable)
             self._failed(op, f"{type(exc).__name__}: {exc}", ERRORS)
             raise TierUnavailable(f"tier {self.name}: {op} failed: {exc}") from exc
         self.breaker.success()
