@@ -121,9 +121,18 @@ def allocate_kv(kv_cache_config: KVCacheConfig, heads: int, num_blocks: int,
     return caches, write, read, f"vllm FlashAttentionBackend shape {shape}"
 
 
+def _block_hasher() -> Any:
+    """vLLM's own per-request block hasher (its prefix cache needs it; KVortex never uses it)."""
+    from vllm.utils.hashing import sha256
+    from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+
+    init_none_hash(sha256)
+    return get_request_block_hasher(BLOCK, sha256)
+
+
 def make_request(req_id: str, prompt: list[int], max_tokens: int = 1) -> Request:
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {"block_hasher": _block_hasher()}
     if "eos_token_id" in inspect.signature(Request).parameters:
         kwargs["eos_token_id"] = EOS
     return Request(req_id, prompt, params, None, **kwargs)
