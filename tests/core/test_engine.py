@@ -176,11 +176,12 @@ def test_tensor_and_numpy_inputs() -> None:
         (list(range(CHUNK)), [1, 2, 3], "need 4 blocks"),
         (list(range(CHUNK)), [1, 2, 3, B], f"block_ids\\[3\\] = {B}"),
         (list(range(CHUNK)), [1, 2, 3, -1], "block_ids\\[3\\] = -1"),
-        ([[1, 2], [3, 4]], [1], "token_ids\\[0\\]"),
+        ([[1, 2], [3, 4]], [1], "1-D"),
         (torch.zeros(2, CHUNK, dtype=torch.int64), [1], "1-D"),
         (torch.zeros(CHUNK), [1, 2, 3, 4], "integers"),
         ("hello", [1], "1-D sequence"),
-        ([1.5] * CHUNK, [1, 2, 3, 4], "not an int"),
+        ([1.5] * CHUNK, [1, 2, 3, 4], "integers"),
+        (list(range(CHUNK)), [1.0, 2.0, 3.0, 4.0], "block_ids must be"),
     ],
 )
 def test_bad_input_raises_and_stores_nothing(tokens: Any, blocks: Any, match: str) -> None:

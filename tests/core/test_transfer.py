@@ -209,3 +209,22 @@ def test_per_layer_fallback_path(name: str, monkeypatch: pytest.MonkeyPatch) -> 
                                                                                    skip_blocks=1).wait()
     for o, n in zip([2, 9, 1, 7, 8], [1, 2, 3, 5, 6], strict=True):
         assert all(torch.equal(tblock(target, layer, n), block(caches, layer, o)) for layer in range(L))
+
+
+def test_row_plan_splits_heads_when_layers_are_misaligned() -> None:
+    """Layers 24 elements apart (not a multiple of D=48): rows shrink to a divisor of D."""
+    L2, B2, N2, D2 = 3, 8, 4, 48
+    flat = torch.randn(L2 * (B2 * N2 * D2 + 24))
+    caches = [flat[i * (B2 * N2 * D2 + 24):][: B2 * N2 * D2].view(B2, N2, D2) for i in range(L2)]
+    layout = detect_layout(caches)
+    te = TransferEngine(caches, layout, chunk_tokens=8, staging_bytes=500)
+    assert te.row_gather and te._rows.row_elems == 24 and te._rows.rows_per_head == 2
+    bufs = [torch.zeros(layout.chunk_bytes(8), dtype=torch.uint8) for _ in range(2)]
+    te.save([[5, 2], [7]], bufs).wait()
+    payload = bufs[0].view(torch.float32).view(layout.chunk_payload_shape(8))
+    for layer in range(L2):
+        assert torch.equal(payload[layer, 0, :, 0], torch.cat([caches[layer][5], caches[layer][2]]))
+    target = [torch.zeros_like(c) for c in caches]
+    te2 = TransferEngine(target, detect_layout(target), chunk_tokens=8)
+    te2.load(bufs, [[0, 1], [3]]).wait()
+    assert all(torch.equal(target[layer][[0, 1, 3]], caches[layer][[5, 2, 7]]) for layer in range(L2))

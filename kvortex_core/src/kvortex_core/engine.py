@@ -90,9 +90,12 @@ class KVortexEngine:
         self._reg: _Registered | None = None
         self._closed = False
         self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kvortex-engine")
-        # Commits checksum each chunk on the host; a few threads overlap that with the DMA.
-        self._committer = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1),
+        # Commits checksum each chunk on the host (xxh3 releases the GIL): several threads,
+        # started as each chunk's DMA lands, and not awaited by save() (see _settle).
+        self._committer = ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1),
                                              thread_name_prefix="kvortex-commit")
+        self._pending: dict[bytes, Future[None]] = {}
+        self._pending_lock = threading.Lock()
 
     @classmethod
     def create(cls, config: KVortexConfig | None = None, plugins: PluginManager | Sequence[object] | None = None,
@@ -172,10 +175,11 @@ class KVortexEngine:
         return rank_keys(reg.hasher.keys(_tokens(token_ids)), self.rank)
 
     def lookup(self, token_ids: Any) -> int:
-        """How many leading tokens of ``token_ids`` are stored (whole chunks; never blocks)."""
+        """How many leading tokens of ``token_ids`` are stored (whole chunks; never blocks on I/O)."""
         reg = self._registered()
         tokens = _tokens(token_ids)
         keys = self.keys(tokens)
+        self._settle(keys)
         hit = reg.tiers.lookup(keys)
         hit_tokens = min(hit * self.config.chunk_tokens, len(tokens))
         self._stats.record_lookup(len(tokens), hit_tokens, len(keys), hit)
@@ -183,7 +187,10 @@ class KVortexEngine:
 
     def contains(self, keys: Sequence[bytes]) -> int:
         """Bitmask over ``keys`` (as returned by :meth:`keys`): bit i set when keys[i] is stored."""
-        return self._registered().tiers.contains(list(keys))
+        keys = list(keys)
+        reg = self._registered()
+        self._settle(keys)
+        return reg.tiers.contains(keys)
 
     # ------------------------------------------------------------------ save
 
@@ -217,15 +224,39 @@ class KVortexEngine:
         return saved
 
     def _commit_as_ready(self, reg: _Registered, handle: Any, leases: list[Any]) -> None:
-        """Seal each chunk as soon as its DMA finished, overlapping checksums with later DMAs."""
+        """Seal each chunk as soon as its DMA landed, overlapping checksums with later DMAs.
+
+        Returns once every byte left the device; the seals finish in the background and any
+        read of those keys (lookup, contains, load) waits for them first.
+        """
         timeout = self.config.timeouts.transfer_s
-        futures = []
         for i, lease in enumerate(leases):
             handle.wait_chunk(i, timeout)
-            futures.append(self._committer.submit(reg.tiers.commit_save, [lease]))
+            future = self._committer.submit(reg.tiers.commit_save, [lease])
+            with self._pending_lock:
+                self._pending[lease.key] = future
+            future.add_done_callback(lambda f, key=lease.key: self._committed(key, f))
         handle.wait(timeout)
+
+    def _committed(self, key: bytes, future: Future[None]) -> None:
+        with self._pending_lock:
+            if self._pending.get(key) is future:
+                del self._pending[key]
+        exc = future.exception()
+        if exc is not None:
+            log.warning("committing chunk %s failed: %s", key.hex()[:16], exc)
+
+    def _settle(self, keys: Sequence[bytes]) -> None:
+        """Wait for background seals of any of ``keys`` (read-after-save consistency)."""
+        if not self._pending:
+            return
+        with self._pending_lock:
+            futures = [f for k in keys if (f := self._pending.get(k)) is not None]
         for f in futures:
-            f.result()
+            try:
+                f.result()
+            except Exception:  # noqa: BLE001 - logged by _committed; the chunk is simply absent
+                pass
 
     def _chunk_blocks(self, blocks: list[int], chunk: int, n_tokens: int, reg: _Registered) -> list[int]:
         ct, bs = self.config.chunk_tokens, reg.layout.block_size
@@ -235,7 +266,8 @@ class KVortexEngine:
 
     def save_async(self, token_ids: Any, block_ids: Sequence[int]) -> EngineHandle:
         """Non-blocking :meth:`save`; the blocks must stay untouched until ``wait()`` returns."""
-        tokens, blocks = _tokens(token_ids), list(block_ids)
+        tokens = _tokens(token_ids)
+        blocks = block_ids.tolist() if hasattr(block_ids, "tolist") else list(block_ids)
         self._check_open()
         return EngineHandle(self._executor.submit(self.save, tokens, blocks), "save_async")
 
@@ -258,6 +290,7 @@ class KVortexEngine:
         ct = self.config.chunk_tokens
         keys = rank_keys(reg.hasher.keys(tokens), self.rank)
         first = min(skip_tokens // ct, len(keys))
+        self._settle(keys[first:])
         leases = reg.tiers.begin_load(keys[first:], timeout=self.config.timeouts.backend_op_s)
         self._stats.inc(LOAD_CALLS)
         if not leases:
@@ -276,7 +309,8 @@ class KVortexEngine:
 
     def load_async(self, token_ids: Any, block_ids: Sequence[int], *, skip_tokens: int = 0) -> EngineHandle:
         """Non-blocking :meth:`load`; read the blocks only after ``wait()`` returned."""
-        tokens, blocks = _tokens(token_ids), list(block_ids)
+        tokens = _tokens(token_ids)
+        blocks = block_ids.tolist() if hasattr(block_ids, "tolist") else list(block_ids)
         self._check_open()
         return EngineHandle(self._executor.submit(self.load, tokens, blocks, skip_tokens=skip_tokens),
                             "load_async")
@@ -332,44 +366,51 @@ class KVortexEngine:
 # ---------------------------------------------------------------------- input checks
 
 
-def _tokens(token_ids: Any) -> list[int] | Any:
-    """A 1-D integer sequence (list, tuple, range, numpy array or tensor), else KVortexError."""
-    shape = getattr(token_ids, "shape", None)
-    if shape is not None:
-        if len(shape) != 1:
-            raise KVortexError(f"token_ids must be 1-D, got shape {tuple(shape)}; pass one request's tokens")
-        dtype = str(getattr(token_ids, "dtype", ""))
-        if not any(k in dtype for k in ("int", "uint")):
-            raise KVortexError(f"token_ids must hold integers, got dtype {dtype}")
-        return token_ids.tolist()
-    if isinstance(token_ids, (str, bytes)) or not isinstance(token_ids, (Sequence, range)):
+def _tokens(token_ids: Any) -> Any:
+    """A 1-D integer numpy array from a list, tuple, range, numpy array or tensor, else KVortexError."""
+    import numpy as np
+
+    if isinstance(token_ids, (str, bytes)):
         raise KVortexError(f"token_ids must be a 1-D sequence of ints, got {type(token_ids).__name__}")
-    out = list(token_ids)
-    for i, t in enumerate(out):
-        if isinstance(t, bool) or not isinstance(t, int):
-            raise KVortexError(f"token_ids[{i}] = {t!r} is not an int; pass a flat list of token ids")
-    return out
+    if hasattr(token_ids, "detach"):
+        token_ids = token_ids.detach().cpu().numpy()
+    try:
+        arr = np.asarray(token_ids)
+    except (TypeError, ValueError) as exc:
+        raise KVortexError(f"token_ids must be a 1-D sequence of ints: {exc}") from None
+    if arr.ndim != 1:
+        raise KVortexError(f"token_ids must be 1-D, got shape {arr.shape}; pass one request's tokens")
+    if arr.size == 0:
+        return arr.astype(np.int64)
+    if arr.dtype.kind not in "iu":
+        raise KVortexError(f"token_ids must hold integers, got dtype {arr.dtype}; pass token ids")
+    return arr
 
 
 def _blocks(block_ids: Sequence[int], n_tokens: int, layout: KVLayout) -> list[int]:
     """Block ids covering ``n_tokens`` tokens, each inside the registered cache."""
-    shape = getattr(block_ids, "shape", None)
-    if shape is not None and len(shape) != 1:
-        raise KVortexError(f"block_ids must be 1-D, got shape {tuple(shape)}")
-    ids = block_ids.tolist() if hasattr(block_ids, "tolist") else list(block_ids)
+    import numpy as np
+
+    if hasattr(block_ids, "detach"):
+        block_ids = block_ids.detach().cpu().numpy()
+    ids = np.asarray(block_ids)
+    if ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu"):
+        raise KVortexError(f"block_ids must be a 1-D sequence of ints, got shape {ids.shape} {ids.dtype}")
     need = -(-n_tokens // layout.block_size)
     if len(ids) < need:
         raise KVortexError(
             f"{n_tokens} tokens need {need} blocks of {layout.block_size} tokens, got {len(ids)} "
             "block_ids; pass the request's whole block table"
         )
-    for i, b in enumerate(ids[:need]):
-        if isinstance(b, bool) or not isinstance(b, int) or not 0 <= b < layout.num_blocks:
-            raise KVortexError(
-                f"block_ids[{i}] = {b!r} is not a block id in [0, {layout.num_blocks}) of the "
-                "registered KV cache"
-            )
-    return ids[:need]
+    ids = ids[:need]
+    bad = np.flatnonzero((ids < 0) | (ids >= layout.num_blocks))
+    if bad.size:
+        i = int(bad[0])
+        raise KVortexError(
+            f"block_ids[{i}] = {int(ids[i])} is not a block id in [0, {layout.num_blocks}) of the "
+            "registered KV cache"
+        )
+    return ids.tolist()
 
 
 def _shapes(kv_caches: Any) -> list[tuple[Any, ...]]:

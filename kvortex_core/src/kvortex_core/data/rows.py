@@ -36,9 +36,10 @@ class RowPlan:
     head_rows: int  # 0 when the head dimension is folded into the row
     tokens_in_row: bool
     heads_in_row: bool
+    rows_per_head: int = 1
 
     def chunk_offsets(self, block_ids: torch.Tensor, block_size: int, kv_count: int, heads: int) -> torch.Tensor:
-        """Row offsets ``[K, n, N', H']`` of one chunk's canonical payload (add a layer's base)."""
+        """Row offsets ``[K, n, N', H'(, D/row)]`` of one chunk's canonical payload (add a layer's base)."""
         dev = block_ids.device
         k = torch.arange(kv_count, device=dev).view(-1, 1, 1, 1) * self.k_rows
         b = block_ids.view(1, -1, 1, 1) * self.block_rows
@@ -47,13 +48,16 @@ class RowPlan:
             offs = offs + torch.arange(block_size, device=dev).view(1, 1, -1, 1) * self.token_rows
         if not self.heads_in_row:
             offs = offs + torch.arange(heads, device=dev).view(1, 1, 1, -1) * self.head_rows
+        if self.rows_per_head > 1:  # rows split the head dimension: consecutive row numbers
+            offs = offs.unsqueeze(-1) + torch.arange(self.rows_per_head, device=dev)
         return offs
 
     def unit_rows(self, offsets: torch.Tensor, l0: int, l1: int, skip: int = 0) -> torch.Tensor:
         """Row numbers of layers ``[l0, l1)`` of one chunk in payload order (skipping blocks)."""
         if skip:
             offsets = offsets[:, skip:]
-        return (self.base_rows[l0:l1].view(-1, 1, 1, 1, 1) + offsets.unsqueeze(0)).reshape(-1)
+        base = self.base_rows[l0:l1].view(-1, *([1] * offsets.dim()))
+        return (base + offsets.unsqueeze(0)).reshape(-1)
 
 
 def _alias(ptr: int, nbytes: int, device: torch.device) -> torch.Tensor:
@@ -80,18 +84,22 @@ class _CudaSpan:
 def _row_options(view: torch.Tensor) -> list[tuple[int, bool, bool]]:
     """Canonical suffixes of ``[B, K, N, H, D]`` contiguous in memory, largest first.
 
-    Each option is ``(row_elems, tokens_in_row, heads_in_row)``: N*H*D, H*D or D.
+    Each option is ``(row_elems, tokens_in_row, heads_in_row)``: N*H*D, H*D, D, then the
+    divisors of D down to 16 bytes (separate allocations are only 512-byte aligned relative
+    to each other, e.g. MLA's 1152-byte head vectors need 128-byte rows).
     """
     _, _, n, h, d = view.shape
     s = _strides(view)
     if s[4] not in (0, 1):
         return []
-    options = [(d, False, False)]
+    options = []
     if h == 1 or s[3] == d:
-        options.append((h * d, False, True))
         if n == 1 or s[2] == h * d:
             options.append((n * h * d, True, True))
-    return options[::-1]
+        options.append((h * d, False, True))
+    min_elems = max(1, 16 // view.element_size())
+    options += [(r, False, False) for r in range(d, min_elems - 1, -1) if d % r == 0]
+    return options
 
 
 def build_row_plan(views: list[torch.Tensor], keep: Any) -> RowPlan | None:
@@ -125,6 +133,7 @@ def _plan(views: list[torch.Tensor], row: int, tokens_in: bool, heads_in: bool) 
         token_rows=0 if tokens_in else strides[2] // row,
         head_rows=0 if heads_in else strides[3] // row,
         tokens_in_row=tokens_in, heads_in_row=heads_in,
+        rows_per_head=1 if heads_in else first.shape[4] // row,
     )
 
 

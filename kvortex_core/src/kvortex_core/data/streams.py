@@ -31,8 +31,12 @@ class StreamSet:
         self.device = device
         self.cuda = device.type == "cuda"
         if self.cuda:
-            self.first: Any = torch.cuda.Stream(device=device)
-            self.second: Any = torch.cuda.Stream(device=device) if num_streams > 1 else self.first
+            # High priority: the small gather/scatter kernels are scheduled ahead of queued model
+            # kernels, so a long matmul never stalls the DMA pipeline (copies use no SMs anyway).
+            prio = torch.cuda.Stream.priority_range()[1]
+            self.first: Any = torch.cuda.Stream(device=device, priority=prio)
+            self.second: Any = (torch.cuda.Stream(device=device, priority=prio) if num_streams > 1
+                                else self.first)
         else:
             self.first = self.second = None
 

@@ -139,8 +139,8 @@ def _keys(size: int, conc: int, tag: str) -> list[str]:
 async def _redis_points(url: str, sizes: list[int], concs: list[int], reps: int,
                         part_bytes: int | None, label: str) -> list[Point]:
     import redis.asyncio as aredis
-
     from kvortex_backends.redis import RedisBackend, RedisOptions
+
     from kvortex_core.storage.protocol import BackendContext
 
     prefix = f"kvbench:{uuid.uuid4().hex[:8]}:"
@@ -154,36 +154,43 @@ async def _redis_points(url: str, sizes: list[int], concs: list[int], reps: int,
         for size in sizes:
             payload = os.urandom(size)
             for conc in concs:
-                keys = _keys(size, conc, "r")
-                outs = [memoryview(bytearray(size)) for _ in keys]
-                names = [prefix + "raw" + k for k in keys]
-
-                async def raw_put() -> None:
-                    pipe = raw.pipeline(transaction=False)
-                    for n in names:
-                        pipe.set(n, payload)
-                    await pipe.execute()
-
-                async def raw_get() -> None:
-                    pipe = raw.pipeline(transaction=False)
-                    for n in names:
-                        pipe.get(n)
-                    await pipe.execute()
-
-                put = await _paired(Point(label, "put", size, conc),
-                                    lambda: asyncio.gather(*(ours.put(k, payload) for k in keys)),
-                                    raw_put, reps)
-                get = await _paired(Point(label, "get", size, conc),
-                                    lambda: asyncio.gather(*(ours.get(k, o) for k, o in zip(keys, outs))),
-                                    raw_get, reps)
-                assert bytes(outs[-1]) == payload, "redis bench read back different bytes"
-                points += [put, get]
-                await ours.delete(keys)
-                await raw.delete(*names)
+                points += await _redis_point(ours, raw, label, prefix, payload, conc, reps)
     finally:
         await ours.close()
         await raw.aclose()
     return points
+
+
+async def _redis_point(ours: Any, raw: Any, label: str, prefix: str, payload: bytes, conc: int,
+                       reps: int) -> list[Point]:
+    """put then get of ``conc`` payloads: our backend vs one raw redis-py pipeline."""
+    size = len(payload)
+    keys = _keys(size, conc, "r")
+    outs = [memoryview(bytearray(size)) for _ in keys]
+    names = [prefix + "raw" + k for k in keys]
+
+    async def raw_put() -> None:
+        pipe = raw.pipeline(transaction=False)
+        for n in names:
+            pipe.set(n, payload)
+        await pipe.execute()
+
+    async def raw_get() -> None:
+        pipe = raw.pipeline(transaction=False)
+        for n in names:
+            pipe.get(n)
+        await pipe.execute()
+
+    put = await _paired(Point(label, "put", size, conc),
+                        lambda: asyncio.gather(*(ours.put(k, payload) for k in keys)), raw_put, reps)
+    get = await _paired(Point(label, "get", size, conc),
+                        lambda: asyncio.gather(*(ours.get(k, o) for k, o in zip(keys, outs))),
+                        raw_get, reps)
+    if bytes(outs[-1]) != payload:
+        raise RuntimeError("redis bench read back different bytes")
+    await ours.delete(keys)
+    await raw.delete(*names)
+    return [put, get]
 
 
 def bench_redis(url: str, sizes: list[int], concs: list[int], reps: int,
@@ -209,6 +216,7 @@ def _raw_s3(endpoint: str, bucket: str, conc: int) -> tuple[Any, ThreadPoolExecu
 
 async def _s3_points(endpoint: str, sizes: list[int], concs: list[int], reps: int) -> list[Point]:
     from kvortex_backends.s3 import S3Backend, S3Options
+
     from kvortex_core.storage.protocol import BackendContext
 
     bucket = f"kvbench-{uuid.uuid4().hex[:12]}"
@@ -218,35 +226,41 @@ async def _s3_points(endpoint: str, sizes: list[int], concs: list[int], reps: in
                                max_concurrency=max(concs), read_timeout=120),
                      capacity=1 << 40, context=BackendContext(tier="bench"))
     await ours.open()
-    loop = asyncio.get_running_loop()
     points: list[Point] = []
     try:
         for size in sizes:
             payload = os.urandom(size)
             for conc in concs:
-                keys = _keys(size, conc, "s")
-                outs = [memoryview(bytearray(size)) for _ in keys]
-                names = [f"raw/{k}" for k in keys]
-
-                def raw_all(fn: Callable[[str], Any]) -> Callable[[], Awaitable[Any]]:
-                    return lambda: asyncio.gather(*(loop.run_in_executor(pool, fn, n) for n in names))
-
-                put = await _paired(
-                    Point("s3", "put", size, conc),
-                    lambda: asyncio.gather(*(ours.put(k, payload) for k in keys)),
-                    raw_all(lambda n: client.put_object(Bucket=bucket, Key=n, Body=payload)), reps)
-                get = await _paired(
-                    Point("s3", "get", size, conc),
-                    lambda: asyncio.gather(*(ours.get(k, o) for k, o in zip(keys, outs))),
-                    raw_all(lambda n: client.get_object(Bucket=bucket, Key=n)["Body"].read()), reps)
-                assert bytes(outs[-1]) == payload, "s3 bench read back different bytes"
-                points += [put, get]
-                await ours.delete(keys)
-                client.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": n} for n in names]})
+                points += await _s3_point(ours, client, pool, bucket, payload, conc, reps)
     finally:
         await ours.close()
         pool.shutdown()
     return points
+
+
+async def _s3_point(ours: Any, client: Any, pool: ThreadPoolExecutor, bucket: str, payload: bytes,
+                    conc: int, reps: int) -> list[Point]:
+    """put then get of ``conc`` payloads: our backend vs raw boto3 calls from ``conc`` threads."""
+    loop = asyncio.get_running_loop()
+    size = len(payload)
+    keys = _keys(size, conc, "s")
+    outs = [memoryview(bytearray(size)) for _ in keys]
+    names = [f"raw/{k}" for k in keys]
+
+    def raw_all(fn: Callable[[str], Any]) -> Callable[[], Awaitable[Any]]:
+        return lambda: asyncio.gather(*(loop.run_in_executor(pool, fn, n) for n in names))
+
+    put = await _paired(Point("s3", "put", size, conc),
+                        lambda: asyncio.gather(*(ours.put(k, payload) for k in keys)),
+                        raw_all(lambda n: client.put_object(Bucket=bucket, Key=n, Body=payload)), reps)
+    get = await _paired(Point("s3", "get", size, conc),
+                        lambda: asyncio.gather(*(ours.get(k, o) for k, o in zip(keys, outs))),
+                        raw_all(lambda n: client.get_object(Bucket=bucket, Key=n)["Body"].read()), reps)
+    if bytes(outs[-1]) != payload:
+        raise RuntimeError("s3 bench read back different bytes")
+    await ours.delete(keys)
+    client.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": n} for n in names]})
+    return [put, get]
 
 
 def bench_s3(endpoint: str, sizes: list[int], concs: list[int], reps: int) -> list[Point]:

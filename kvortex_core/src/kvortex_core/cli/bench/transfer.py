@@ -22,8 +22,8 @@ def transfer(
     out: Annotated[Path, typer.Option(help="results folder")] = Path("bench-results"),
     mla_layers: Annotated[int, typer.Option(min=1, help="layers of the MLA shape")] = 61,
     staging: Annotated[str, typer.Option(help="staging bytes per direction")] = "32MiB",
-    parts: Annotated[str, typer.Option(help="comma list: verify,te,engine,bidir,matmul,layerwise")] =
-        "verify,te,engine,bidir,matmul,layerwise",
+    parts: Annotated[str, typer.Option(help="comma list: verify,te,engine,bidir,matmul,layerwise,sweep")] =
+        "verify,te,engine,bidir,matmul,layerwise,sweep",
     device: Annotated[str, typer.Option(help="cuda, cpu or auto")] = "auto",
 ) -> None:
     """Measure save/load GB/s through the transfer engine and KVortexEngine vs raw pinned copies."""

@@ -159,7 +159,8 @@ def _layerwise(shape: tp.Shape, caches: list[torch.Tensor], layout: Any, tokens:
     t_load = min(tp.timed(lambda: te.load(src, other, layerwise=True).wait(), device, reps))
     n = 2048 if device.type == "cuda" else 64
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
-    per_mm = min(tp.timed(lambda: a @ a, device, 3))
+    # per-layer compute about as long as the per-layer transfer (matmuls timed in a batch of 50)
+    per_mm = min(tp.timed(lambda: [a @ a for _ in range(50)], device, 3)) / 50
     per_layer = max(1, round(t_load / layout.num_layers / max(per_mm, 1e-7)))
 
     def compute_layer() -> None:
@@ -178,17 +179,17 @@ def _layerwise(shape: tp.Shape, caches: list[torch.Tensor], layout: Any, tokens:
     t_both = min(tp.timed(overlapped, device, reps))
     hidden = (t_load + t_compute - t_both) / t_load if t_load > 0 else 0.0
     return {"tokens": tokens, "load_s": t_load, "compute_s": t_compute, "overlapped_s": t_both,
-            "hidden_fraction": max(0.0, min(1.0, hidden))}
+            "hidden_fraction": max(0.0, min(1.0, hidden)),
+            "serial_s": t_load + t_compute, "ideal_s": max(t_load, t_compute)}
 
 
 def _sweep(shape: tp.Shape, caches: list[torch.Tensor], layout: Any, tokens: int, reps: int) -> list[dict[str, Any]]:
     """Staging size and stream count against the ratio (tuning data, not a headline)."""
     raw = tp.raw_copy(layout.chunk_bytes(tokens), caches[0].device, reps)
     rows = []
-    for staging in (8 << 20, 32 << 20, 128 << 20):
-        for streams in (1, 2):
-            te = tp.transfer_engine_case(shape, tokens, caches, layout, CHUNK_TOKENS, staging, streams, reps)
-            rows.append({"staging": staging, "streams": streams,
-                         "save_ratio": tp.ratio(te["save"], raw["d2h"]),
-                         "load_ratio": tp.ratio(te["load"], raw["h2d"]), **te["diag"]})
+    for staging, streams in ((32 << 20, 1), (32 << 20, 2), (64 << 20, 2), (128 << 20, 2)):
+        te = tp.transfer_engine_case(shape, tokens, caches, layout, CHUNK_TOKENS, staging, streams, reps)
+        rows.append({"staging": staging, "streams": streams,
+                     "save_ratio": tp.ratio(te["save"], raw["d2h"]),
+                     "load_ratio": tp.ratio(te["load"], raw["h2d"]), **te["diag"]})
     return rows
