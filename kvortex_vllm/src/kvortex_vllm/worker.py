@@ -28,7 +28,7 @@ import torch
 from kvortex_core.config import KVortexConfig
 from kvortex_core.control.keys import rank_keys
 from kvortex_core.data.layouts import KVLayout, detect_layout
-from kvortex_core.data.payload import HEADER_BYTES, check_identity, read_header, seal
+from kvortex_core.data.payload import HEADER_BYTES, check_identity, read_header, write_header
 from kvortex_core.data.pool import PinnedPool
 from kvortex_core.data.transfer import TransferEngine, TransferHandle
 from kvortex_core.errors import KVortexError, LayoutError, PayloadError
@@ -216,9 +216,12 @@ class WorkerSide:
     def _seal(self, slot: int, p: _PendingSave) -> None:
         del self._pending[slot]
         layout = self._layout()
-        seal(self._pool().view(slot), key=rank_keys([p.spec.key], self.rank)[0], namespace=self.namespace,
-             shape=layout.chunk_payload_shape(self.config.chunk_tokens), dtype=layout.dtype,
-             payload_len=self._geo().chunk_bytes)
+        # The identity header makes a reused or lost slot detectable on load. The payload
+        # checksum (0 here) is computed only when a slot is written to a lower tier: hashing
+        # every save on the host would cap saves well below the DMA rate.
+        write_header(self._pool().view(slot), key=rank_keys([p.spec.key], self.rank)[0],
+                     namespace=self.namespace, shape=layout.chunk_payload_shape(self.config.chunk_tokens),
+                     dtype=layout.dtype, payload_len=self._geo().chunk_bytes, checksum=0)
         slots = self._req_saves.get(p.spec.req_id)
         if slots is not None:
             slots.discard(slot)
