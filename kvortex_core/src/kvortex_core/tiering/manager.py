@@ -94,6 +94,8 @@ class TierManager(SaveMixin, LoadMixin):
         self.loop = LoopThread()
         self._lock = threading.RLock()
         self._saving: set[bytes] = set()
+        self._demoting = 0
+        self._demoting_lock = threading.Lock()
         self._checksum_log = Throttle(10.0)
         self._closed = False
         self._tasks: set[asyncio.Task[Any]] = set()

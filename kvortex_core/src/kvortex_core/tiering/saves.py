@@ -44,6 +44,8 @@ class SaveMixin:
     _lock: threading.RLock
     _closed: bool
     _saving: set[bytes]
+    _demoting: int  # cpu slots held by demotions in flight
+    _demoting_lock: threading.Lock
 
     if TYPE_CHECKING:  # provided by TierManager / the other mixin
 
@@ -76,8 +78,11 @@ class SaveMixin:
 
     def _allocate_slot(self) -> int | None:
         slot = self.pool.allocate()
-        if slot is None:
-            self.cpu_index.evict(self.pool.slot_bytes)  # frees (or demotes) unpinned chunks
+        if slot is None and self._demoting < max(1, self.pool.num_slots // 4):
+            # Evict one chunk: freed at once if stored below, else held until demoted. Past
+            # the limit a slow lower tier would make every failed allocation evict another
+            # chunk without freeing anything, draining the cache for nothing.
+            self.cpu_index.evict(self.pool.slot_bytes)
             slot = self.pool.allocate()
         return slot
 
@@ -169,9 +174,17 @@ class SaveMixin:
             if target is None or self._closed:
                 self.pool.free(slot)
                 continue
+            with self._demoting_lock:
+                self._demoting += 1
             if not target.queue.offer(self._demote_slot_job(target, entry.key, slot)):
-                self.pool.free(slot)
+                self._demoted(slot)
                 self.stats.inc(DEMOTIONS_SKIPPED, 1, target.name)
+
+    def _demoted(self, slot: int) -> None:
+        """A demotion is over (written or not): its slot goes back to the pool."""
+        self.pool.free(slot)
+        with self._demoting_lock:
+            self._demoting -= 1
 
     def _demotion_target(self, start: int) -> LowerTier | None:
         return next((t for t in self.tiers[start:] if t.available), None)
@@ -183,7 +196,7 @@ class SaveMixin:
                 if await self._put(tier, key, self.pool.buffer(slot)[: header.total_len]):
                     self.stats.inc(DEMOTIONS, 1, tier.name)
             finally:
-                self.pool.free(slot)
+                self._demoted(slot)
 
         return job
 
