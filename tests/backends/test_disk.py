@@ -387,3 +387,22 @@ def test_read_cached_never_waits_and_reads_exact_bytes(tmp_path: Path) -> None:
     assert disk_io.read_into(str(path), memoryview(out), direct=False) == len(data)
     out[:] = bytes(len(out))
     assert disk_io.read_cached(str(path), memoryview(out)) == len(data) and bytes(out) == data
+
+
+def test_concurrent_writers_of_one_key_never_mix(tmp_path: Path) -> None:
+    """Eight concurrent puts of one key with different values: the survivor is one of them, whole."""
+    key = "ab" * 32
+    values = [bytes([i]) * (256 * 1024 + i) for i in range(8)]
+
+    async def scenario() -> None:
+        b = await _opened(_ns_disk(tmp_path, io_threads=8))
+        await asyncio.gather(*(b.put(key, v) for v in values))
+        out = bytearray(300 * 1024)
+        n = await b.get(key, memoryview(out))
+        assert bytes(out[:n]) in values
+        usage = await b.usage()
+        assert usage.items == 1 and usage.used == n
+        await b.close()
+
+    _run(scenario())
+    assert [p.name for p in _files(tmp_path)] == [f"{key}.kv"]

@@ -13,11 +13,12 @@ circuit breaker, so a full or vanished disk never stops the engine.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal, TypeVar
@@ -75,6 +76,7 @@ class DiskBackend(StorageBackend):
         self._index: dict[str, int] = {}
         self._used = 0
         self._lock = asyncio.Lock()
+        self._key_locks: dict[str, _KeyLock] = {}  # only keys with a put in progress
         self._pool: ThreadPoolExecutor | None = None
         self._dirs: set[str] = set()
         # auto = page cache: O_DIRECT writes were faster to write but left the data out of
@@ -150,17 +152,38 @@ class DiskBackend(StorageBackend):
                     f"disk tier {self.root} full: {key} needs {size} bytes, "
                     f"{self.capacity - self._used} free of {self.capacity}; raise its capacity"
                 )
-            self._used += size  # reserved; settled below
+            self._used += size  # reserved; settled by _write_and_settle
+        # Shielded: a caller that times out stops waiting, but the write (already running on a
+        # thread) still finishes and its accounting is settled; the checksum guards the bytes.
+        await asyncio.shield(asyncio.ensure_future(self._write_and_settle(key, path, parts, value)))
+
+    async def _write_and_settle(
+        self, key: str, path: str, parts: list[str], value: memoryview
+    ) -> None:
+        size = len(value)
+        async with self._key_lock(key):  # one writer per key at a time: index == file on disk
+            try:
+                await self._run(self._write, path, parts, value)
+            except OSError as exc:
+                self._used -= size
+                raise BackendError(self._explain(f"writing {key}", exc)) from exc
+            except BaseException:
+                self._used -= size
+                raise
+            self._used -= self._index.pop(key, 0)
+            self._index[key] = size
+
+    @contextlib.asynccontextmanager
+    async def _key_lock(self, key: str) -> AsyncIterator[None]:
+        entry = self._key_locks.setdefault(key, _KeyLock())
+        entry.users += 1
         try:
-            await self._run(self._write, path, parts, value)
-        except OSError as exc:
-            self._used -= size
-            raise BackendError(self._explain(f"writing {key}", exc)) from exc
-        except BaseException:
-            self._used -= size
-            raise
-        self._used -= self._index.pop(key, 0)
-        self._index[key] = size
+            async with entry.lock:
+                yield
+        finally:
+            entry.users -= 1
+            if entry.users == 0:
+                del self._key_locks[key]
 
     def _compress(self, value: memoryview) -> memoryview | bytes | bytearray:
         return pl.compress_value(value, self.options.compression, self.options.compression_level)
@@ -305,6 +328,16 @@ class DiskBackend(StorageBackend):
         if header.key.hex() != key or (self._ns_hash and header.namespace_hash != self._ns_hash):
             return "foreign"
         return None if size == header.total_len else "damaged"
+
+
+class _KeyLock:
+    """A lock for the puts of one key and how many puts use it (dropped at zero)."""
+
+    __slots__ = ("lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.users = 0
 
 
 def _namespace_hash(namespace: str) -> bytes:
