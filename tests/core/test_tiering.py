@@ -513,3 +513,29 @@ def test_concurrent_saves_loads_and_evictions_never_deliver_wrong_bytes(
     assert mgr.drain(30)
     assert mgr.cpu_index.open_pins() == []
     assert mgr.pool.used_slots == len(mgr.cpu_index)  # no slot leaked or double-owned
+
+
+def test_disk_capacity_evicts_and_deletes_files(make: Any, tmp_path: Path) -> None:
+    tiers = {
+        "cpu": {"type": "cpu", "capacity": 4 * SLOT},
+        "disk": {
+            "type": "disk",
+            "capacity": 10 * SLOT,
+            "path": str(tmp_path / "d"),
+            "write_through": True,
+        },
+    }
+    mgr = make(tiers)
+    for i in range(30):
+        _save(mgr, [i])
+        assert mgr.drain(30)
+    disk = mgr.tiers[0]
+    files = {p.name.removesuffix(".kv") for p in (tmp_path / "d").rglob("*.kv")}
+    indexed = {k.hex() for k in disk.index.keys()}
+    assert files == indexed, "the files on disk are exactly the indexed chunks"
+    assert 0 < len(files) <= 8  # high watermark 0.8 of 10 slots
+    assert _counter(mgr, "evictions", "disk") == 30 - len(files)
+    gone = [i for i in range(30) if _key(i).hex() not in files and _key(i) not in mgr.cpu_index]
+    assert gone and mgr.lookup([_key(gone[0])]) == 0
+    kept = sorted(bytes.fromhex(k) for k in files)
+    assert all(len(_load(mgr, [int.from_bytes(k[:4], "big")])) == 1 for k in kept)
