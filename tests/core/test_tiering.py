@@ -531,7 +531,8 @@ def test_disk_capacity_evicts_and_deletes_files(make: Any, tmp_path: Path) -> No
         assert mgr.drain(30)
     disk = mgr.tiers[0]
     files = {p.name.removesuffix(".kv") for p in (tmp_path / "d").rglob("*.kv")}
-    indexed = {k.hex() for k in disk.index.keys()}
+    snapshot = disk.index.keys()  # ChunkIndex.keys() is a locked snapshot, not a dict view
+    indexed = {k.hex() for k in snapshot}
     assert files == indexed, "the files on disk are exactly the indexed chunks"
     assert 0 < len(files) <= 8  # high watermark 0.8 of 10 slots
     assert _counter(mgr, "evictions", "disk") == 30 - len(files)
