@@ -29,7 +29,7 @@ ALLOW="regex cachetools psutil sentencepiece numpy requests tqdm blake3 py-cpuin
 tokenizers protobuf aiohttp openai pydantic prometheus-client pillow partial-json-parser pyzmq
 msgspec gguf pyyaml einops cloudpickle pybase64 cbor2 ijson setproctitle openai-harmony fastapi
 llguidance filelock typing-extensions watchfiles python-json-logger uvloop diskcache lark
-safetensors huggingface-hub mistral-common tiktoken jsonschema"
+safetensors huggingface-hub mistral-common tiktoken jsonschema oss-harmony"
 
 mapfile -t REQS < <("$PY" - "$ALLOW" <<'EOF'
 import importlib.metadata as md
@@ -46,7 +46,8 @@ for req in md.requires("vllm") or []:
 EOF
 )
 # Needed by some versions' imports but not always declared.
-"${PIP[@]}" "${REQS[@]}" uvloop huggingface-hub safetensors
+# apache-tvm-ffi: imported by xgrammar, which is installed with --no-deps below.
+"${PIP[@]}" "${REQS[@]}" uvloop huggingface-hub safetensors apache-tvm-ffi
 
 XGR="$("$PY" - <<'EOF'
 import importlib.metadata as md
