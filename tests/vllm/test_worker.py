@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -82,16 +82,32 @@ class Rank:
         w.clear()
         return done
 
+    def close(self) -> None:
+        self.worker.shutdown()  # unregisters the pinned pool (CUDA refuses a second registration)
+
     def plan(self, **kw: Any) -> StepPlan:
         self.step += 1
         return StepPlan(self.step, self.worker.geometry.num_slots, **kw)  # type: ignore[union-attr]
 
 
+@pytest.fixture
+def ranks() -> Iterator[list[Rank]]:
+    made: list[Rank] = []
+    yield made
+    for r in made:
+        r.close()
+
+
+def make(ranks: list[Rank], kind: str, device: str, **cfg: Any) -> Rank:
+    ranks.append(Rank(kind, device, **cfg))
+    return ranks[-1]
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", list(ALLOCS))
 @pytest.mark.parametrize("layerwise", [True, False])
-def test_save_then_load_is_byte_exact(kind: str, device: str, layerwise: bool) -> None:
-    r = Rank(kind, device, transfer={"layerwise": layerwise})
+def test_save_then_load_is_byte_exact(ranks: list[Rank], kind: str, device: str, layerwise: bool) -> None:
+    r = make(ranks, kind, device, transfer={"layerwise": layerwise})
     tokens = list(range(100, 100 + 3 * CHUNK))
     keys = ChunkHasher(r.ns, CHUNK).keys(tokens)
     a_blocks = list(range(1, 1 + 3 * BPC))
@@ -112,8 +128,8 @@ def test_save_then_load_is_byte_exact(kind: str, device: str, layerwise: bool) -
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_skip_blocks_leave_local_blocks_untouched(device: str) -> None:
-    r = Rank("v033_unified_LBNHC", device)
+def test_skip_blocks_leave_local_blocks_untouched(ranks: list[Rank], device: str) -> None:
+    r = make(ranks, "v033_unified_LBNHC", device)
     tokens = list(range(7, 7 + CHUNK))
     key = ChunkHasher(r.ns, CHUNK).keys(tokens)[0]
     r.compute(tokens, [1, 2])
@@ -127,8 +143,8 @@ def test_skip_blocks_leave_local_blocks_untouched(device: str) -> None:
     assert torch.equal(r.kv(CHUNK, [5, 6])[half:], want[half:])
 
 
-def test_finished_requests_are_reported_only_when_awaited_and_saved() -> None:
-    r = Rank("v015_flash_attn_nhd", "cpu")
+def test_finished_requests_are_reported_only_when_awaited_and_saved(ranks: list[Rank]) -> None:
+    r = make(ranks, "v015_flash_attn_nhd", "cpu")
     tokens = list(range(CHUNK))
     key = ChunkHasher(r.ns, CHUNK).keys(tokens)[0]
     r.compute(tokens, [1, 2])
@@ -137,8 +153,8 @@ def test_finished_requests_are_reported_only_when_awaited_and_saved() -> None:
     assert r.run(r.plan()) == set(), "reported once"
 
 
-def test_reused_or_foreign_slot_is_a_load_error() -> None:
-    r = Rank("v015_flash_attn_nhd", "cpu")
+def test_reused_or_foreign_slot_is_a_load_error(ranks: list[Rank]) -> None:
+    r = make(ranks, "v015_flash_attn_nhd", "cpu")
     hasher = ChunkHasher(r.ns, CHUNK)
     k1, k2 = hasher.keys(list(range(CHUNK))) + hasher.keys(list(range(1, CHUNK + 1)))
     r.compute(list(range(CHUNK)), [1, 2])
@@ -149,14 +165,14 @@ def test_reused_or_foreign_slot_is_a_load_error() -> None:
     assert r.worker.take_load_errors() == {8}
 
 
-def test_plan_from_a_differently_configured_scheduler_is_refused() -> None:
-    r = Rank("v015_flash_attn_nhd", "cpu")
+def test_plan_from_a_differently_configured_scheduler_is_refused(ranks: list[Rank]) -> None:
+    r = make(ranks, "v015_flash_attn_nhd", "cpu")
     with pytest.raises(Exception, match="same config"):
         r.worker.bind(StepPlan(1, r.worker.geometry.num_slots + 1))  # type: ignore[union-attr]
 
 
-def test_geometry_matches_between_scheduler_and_worker() -> None:
-    r = Rank("v033_unified_BLNHC", "cpu")
+def test_geometry_matches_between_scheduler_and_worker(ranks: list[Rank]) -> None:
+    r = make(ranks, "v033_unified_BLNHC", "cpu")
     chunk_bytes = L * 2 * CHUNK * H * D * 2
     assert slot_geometry(config(), chunk_bytes, 1) == r.worker.geometry
 
