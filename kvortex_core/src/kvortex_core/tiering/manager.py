@@ -31,8 +31,21 @@ from kvortex_core.errors import ConfigError
 from kvortex_core.logs import Throttle, event
 from kvortex_core.storage.protocol import BackendContext
 from kvortex_core.tiering.breaker import CircuitBreaker
-from kvortex_core.tiering.counters import *
-from kvortex_core.tiering.counters import BREAKER_TRANSITIONS
+from kvortex_core.tiering.counters import (  # re-exported: the counter names of this layer
+    BREAKER_TRANSITIONS,
+    BYTES_READ,
+    BYTES_WRITTEN,
+    CHECKSUM_FAILURES,
+    DEMOTIONS,
+    DEMOTIONS_SKIPPED,
+    LOAD_MISSES,
+    PROMOTIONS,
+    SAVE_SKIPPED,
+    TIER_CALLS_SKIPPED,
+    TIER_ERRORS,
+    TIER_TIMEOUTS,
+    WRITE_BEHIND_SKIPPED,
+)
 from kvortex_core.tiering.loads import LoadMixin
 from kvortex_core.tiering.loop import LoopThread, WorkQueue
 from kvortex_core.tiering.saves import SaveMixin
@@ -324,3 +337,21 @@ def _leading_ones(mask: int, n: int) -> int:
     """How many low bits of ``mask`` are set before the first clear one (at most n)."""
     run = (~mask & (mask + 1)).bit_length() - 1
     return min(run, n)
+
+
+__all__ = [
+    "BREAKER_TRANSITIONS",
+    "BYTES_READ",
+    "BYTES_WRITTEN",
+    "CHECKSUM_FAILURES",
+    "DEMOTIONS",
+    "DEMOTIONS_SKIPPED",
+    "LOAD_MISSES",
+    "PROMOTIONS",
+    "SAVE_SKIPPED",
+    "TIER_CALLS_SKIPPED",
+    "TIER_ERRORS",
+    "TIER_TIMEOUTS",
+    "WRITE_BEHIND_SKIPPED",
+    "TierManager",
+]
