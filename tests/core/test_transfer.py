@@ -228,3 +228,22 @@ def test_row_plan_splits_heads_when_layers_are_misaligned() -> None:
     te2 = TransferEngine(target, detect_layout(target), chunk_tokens=8)
     te2.load(bufs, [[0, 1], [3]]).wait()
     assert all(torch.equal(target[layer][[0, 1, 3]], caches[layer][[5, 2, 7]]) for layer in range(L2))
+
+
+def test_layerwise_load_enqueues_ahead_of_the_reader() -> None:
+    """On CPU the copies run when enqueued: after load() only the first layer groups are in."""
+    caches, _, _ = ks.flash_attn(8, B, N, H, D, torch.float16)
+    te = TransferEngine(caches, detect_layout(caches), chunk_tokens=CHUNK)
+    dst = _buffers(te.layout, 1)
+    te.save([[1, 2, 3, 4]], dst).wait()
+    target = [torch.zeros_like(c) for c in caches]
+    unit = 2 * te.layout.layer_bytes(CHUNK)  # staging halves of one unit: one batch per unit
+    te2 = TransferEngine(target, detect_layout(target), chunk_tokens=CHUNK, staging_bytes=2 * unit)
+    handle = te2.load(dst, [[5, 6, 7, 8]], layerwise=True)  # groups of 2 layers, 1 group ahead
+    filled = [bool(target[layer][:, 5:9].any()) for layer in range(8)]
+    assert filled == [True] * 4 + [False] * 4
+    handle.wait_layer(4)
+    assert all(bool(target[layer][:, 5:9].any()) for layer in range(8))
+    handle.wait()
+    assert handle.done()
+    assert all(torch.equal(target[layer][:, 5:9], caches[layer][:, 1:5]) for layer in range(8))

@@ -38,26 +38,35 @@ class RowPlan:
     heads_in_row: bool
     rows_per_head: int = 1
 
-    def chunk_offsets(self, block_ids: torch.Tensor, block_size: int, kv_count: int, heads: int) -> torch.Tensor:
-        """Row offsets ``[K, n, N', H'(, D/row)]`` of one chunk's canonical payload (add a layer's base)."""
-        dev = block_ids.device
-        k = torch.arange(kv_count, device=dev).view(-1, 1, 1, 1) * self.k_rows
-        b = block_ids.view(1, -1, 1, 1) * self.block_rows
-        offs = k + b
-        if not self.tokens_in_row:
-            offs = offs + torch.arange(block_size, device=dev).view(1, 1, -1, 1) * self.token_rows
-        if not self.heads_in_row:
-            offs = offs + torch.arange(heads, device=dev).view(1, 1, 1, -1) * self.head_rows
-        if self.rows_per_head > 1:  # rows split the head dimension: consecutive row numbers
-            offs = offs.unsqueeze(-1) + torch.arange(self.rows_per_head, device=dev)
-        return offs
+    def call_rows(self, block_ids: torch.Tensor, block_size: int, kv_count: int, heads: int) -> torch.Tensor:
+        """Row numbers of whole chunks in payload order: ``[C, L, K, n, N', H'(, D/row)]``.
 
-    def unit_rows(self, offsets: torch.Tensor, l0: int, l1: int, skip: int = 0) -> torch.Tensor:
-        """Row numbers of layers ``[l0, l1)`` of one chunk in payload order (skipping blocks)."""
-        if skip:
-            offsets = offsets[:, skip:]
-        base = self.base_rows[l0:l1].view(-1, *([1] * offsets.dim()))
-        return (base + offsets.unsqueeze(0)).reshape(-1)
+        ``block_ids`` is ``[C, n]`` (pad short chunks; their tail is sliced off per unit).
+        Computed once per call (a few kernels), so each unit costs only a slice.
+        """
+        dev = block_ids.device
+        # dims: C, L, K, n, N', H', R'
+        def ax(t: torch.Tensor, dim: int) -> torch.Tensor:
+            shape = [1] * 7
+            shape[dim] = -1
+            return t.view(shape)
+
+        rows = ax(self.base_rows, 1) + ax(torch.arange(kv_count, device=dev) * self.k_rows, 2)
+        rows = rows + block_ids.view(block_ids.shape[0], 1, 1, block_ids.shape[1], 1, 1, 1) * self.block_rows
+        n_tok = 1 if self.tokens_in_row else block_size
+        n_head = 1 if self.heads_in_row else heads
+        if n_tok > 1:
+            rows = rows + ax(torch.arange(n_tok, device=dev) * self.token_rows, 4)
+        if n_head > 1:
+            rows = rows + ax(torch.arange(n_head, device=dev) * self.head_rows, 5)
+        if self.rows_per_head > 1:  # rows split the head dimension: consecutive row numbers
+            rows = rows + ax(torch.arange(self.rows_per_head, device=dev), 6)
+        return rows  # int64: index_copy_ takes no int32 (8 bytes per row: 3% of 256-byte rows)
+
+    @staticmethod
+    def unit_rows(rows: torch.Tensor, chunk: int, l0: int, l1: int, blocks: int, skip: int = 0) -> torch.Tensor:
+        """Row numbers of layers ``[l0, l1)`` of one chunk (``blocks`` valid, ``skip`` skipped)."""
+        return rows[chunk, l0:l1, :, skip:blocks].reshape(-1)
 
 
 def _alias(ptr: int, nbytes: int, device: torch.device) -> torch.Tensor:

@@ -16,7 +16,8 @@ Payload byte layout of one chunk of ``t`` tokens: ``[layers, kv, t, heads, head_
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +37,7 @@ from kvortex_core.errors import LayoutError
 __all__ = ["TransferEngine", "TransferHandle", "TransferTimeoutError"]
 
 _LAYERWISE_UNIT_BYTES = 4 * 1024**2
+_FILL_BYTES = 2 * 1024**2
 
 
 @dataclass(frozen=True)
@@ -61,9 +63,16 @@ class TransferHandle:
     layer_events: list[Any] = field(default_factory=list)
     chunk_events: list[Any] = field(default_factory=list)
     keepalive: list[Any] = field(default_factory=list)
+    #: Enqueues the rest of a layer-wise load (``advance(layer)``: up to that layer; None: all).
+    advance: Callable[[int | None], None] | None = None
+
+    def _flush(self) -> None:
+        if self.advance is not None:
+            self.advance(None)
 
     def done(self) -> bool:
-        """True once every copy of this transfer has completed (never blocks)."""
+        """True once every copy of this transfer has completed (never blocks on the device)."""
+        self._flush()
         finished = event_done(self.done_event)
         if finished:
             self.keepalive.clear()
@@ -71,20 +80,26 @@ class TransferHandle:
 
     def wait(self, timeout: float | None = None) -> None:
         """Block the host until the transfer completed; TransferTimeoutError after ``timeout`` s."""
+        self._flush()
         event_wait(self.done_event, timeout, self.what)
         self.keepalive.clear()
 
     def wait_chunk(self, chunk: int, timeout: float | None = None) -> None:
         """Block the host until chunk ``chunk`` of a save sits in its buffer (commit it early)."""
         events = self.chunk_events
+        if not 0 <= chunk < len(events):
+            self._flush()
         event = events[chunk] if 0 <= chunk < len(events) else self.done_event
         event_wait(event, timeout, f"{self.what} (chunk {chunk})")
 
     def wait_layer(self, layer: int) -> None:
         """Order the caller's current stream after layer ``layer`` arrived (no host block).
 
-        Only layer-wise loads have per-layer events; otherwise the whole load is awaited.
+        A layer-wise load enqueues its copies a layer group ahead of these calls, so the
+        host never spends the whole enqueue up front. Other handles: the whole transfer.
         """
+        if self.advance is not None:
+            self.advance(layer)
         if self.device.type != "cuda":
             return
         events = self.layer_events
@@ -93,6 +108,7 @@ class TransferHandle:
 
     def stream_wait(self) -> None:
         """Order the caller's current stream after the whole transfer (no host block)."""
+        self._flush()
         if self.device.type == "cuda":
             stream_wait_current(self.done_event, self.device)
 
@@ -180,9 +196,10 @@ class TransferEngine:
         skips = _split_skip(blocks, skip_blocks)
         layers = range(self.layout.num_layers)
         units = self._units(blocks, layers, layer_major=layerwise)
-        d = self._load
-        with d.lock:
-            return self._run_load(d, units, blocks, skips, src, layerwise)
+        handle = TransferHandle(self.device, "load")
+        job = _LoadJob(self, units, blocks, skips, src, handle, layerwise)
+        job.advance(0 if layerwise else None)
+        return handle
 
     # ------------------------------------------------------------------ planning
 
@@ -213,10 +230,11 @@ class TransferEngine:
         for c, ids in enumerate(blocks):
             lb = lay.layer_bytes(len(ids) * lay.block_size)
             step = self._layer_group(lb) if layer_major else max(1, self.half_bytes // lb)
-            per_chunk.append([
-                _Unit(c, l0, min(l0 + step, layers.stop), len(ids), l0 * lb, (min(l0 + step, layers.stop) - l0) * lb)
-                for l0 in range(layers.start, layers.stop, step)
-            ])
+            # The first DMA waits for the first gather: keep that first unit small.
+            first = step if layer_major or c else max(1, min(step, _FILL_BYTES // lb))
+            cuts = [layers.start, *range(layers.start + first, layers.stop, step), layers.stop]
+            cuts = sorted(set(min(x, layers.stop) for x in cuts))
+            per_chunk.append([_Unit(c, a, b, len(ids), a * lb, (b - a) * lb) for a, b in zip(cuts, cuts[1:])])
         order = [u for p in per_chunk for u in p]
         if layer_major:
             order.sort(key=lambda u: (u.l0, u.chunk))
@@ -229,20 +247,24 @@ class TransferEngine:
         cap = max(1, min(self.layout.num_layers // 4, self.half_bytes // layer_bytes))
         return max(1, min(want, cap))
 
-    def _index_tensors(self, blocks: list[list[int]], streams: StreamSet) -> list[torch.Tensor]:
-        """Per chunk: block ids on the device, or row offsets ``[K, n, N', H']`` with a row plan."""
-        flat = torch.tensor([b for ids in blocks for b in ids], dtype=torch.int64)
+    def _index_tensors(self, blocks: list[list[int]], streams: StreamSet) -> Any:
+        """Device indices: row numbers ``[C, L, K, n, ...]`` with a row plan, else per-chunk block ids."""
         lay = self.layout
+        if self._rows is not None:
+            width = max(len(ids) for ids in blocks)
+            host = torch.tensor([ids + ids[:1] * (width - len(ids)) for ids in blocks], dtype=torch.int64)
+        else:
+            host = torch.tensor([b for ids in blocks for b in ids], dtype=torch.int64)
         with streams.on(streams.first):
-            if streams.cuda:
-                flat = flat.pin_memory().to(self.device, non_blocking=True)
+            dev = host.pin_memory().to(self.device, non_blocking=True) if streams.cuda else host
             if self._rows is not None:
-                flat = self._rows.chunk_offsets(flat, lay.block_size, lay.kv_count, lay.num_kv_heads)
+                dev = self._rows.call_rows(dev, lay.block_size, lay.kv_count, lay.num_kv_heads)
         if streams.cuda and streams.second is not streams.first:
             # loads scatter with it on the second stream: keep the allocator off it until then
-            flat.record_stream(streams.second)
-        dim = 1 if self._rows is not None else 0
-        return list(torch.split(flat, [len(ids) for ids in blocks], dim=dim))
+            dev.record_stream(streams.second)
+        if self._rows is not None:
+            return dev
+        return list(torch.split(dev, [len(ids) for ids in blocks]))
 
     # ------------------------------------------------------------------ save
 
@@ -264,7 +286,7 @@ class TransferEngine:
                 stage = self._next_stage(d, produced, s.first)
                 with s.on(s.first):
                     for u in batch:
-                        self._gather(u, idx[u.chunk], stage)
+                        self._gather(u, idx, stage)
                 gathered = s.record(s.first)
                 s.wait(s.second, gathered)
                 with s.on(s.second):
@@ -292,55 +314,47 @@ class TransferEngine:
         shape = (u.l1 - u.l0, lay.kv_count, u.blocks, lay.block_size, lay.num_kv_heads, lay.head_size)
         return stage[u.stage_offset:u.stage_offset + u.nbytes].view(lay.transfer_dtype).view(shape)
 
-    def _gather(self, u: _Unit, idx: torch.Tensor, stage: torch.Tensor) -> None:
+    def _gather(self, u: _Unit, idx: Any, stage: torch.Tensor) -> None:
         out = self._unit_view(u, stage)
         if self._rows is not None:
-            rows = self._rows.unit_rows(idx, u.l0, u.l1)
+            rows = self._rows.unit_rows(idx, u.chunk, u.l0, u.l1, u.blocks)
             torch.index_select(self._rows.alias, 0, rows, out=out.view(-1, self._rows.row_elems))
             return
         for layer, o in zip(range(u.l0, u.l1), out.unbind(0), strict=True):
-            torch.index_select(self._views_t[layer], 1, idx, out=o)
+            torch.index_select(self._views_t[layer], 1, idx[u.chunk], out=o)
 
     # ------------------------------------------------------------------ load
 
-    def _run_load(self, d: _Direction, batches: list[list[_Unit]], blocks: list[list[int]],
-                  skips: list[int], src: Sequence[torch.Tensor], layerwise: bool) -> TransferHandle:
+    def _load_batch(self, d: _Direction, batch: list[_Unit], idx: Any, skips: list[int],
+                    src: Sequence[torch.Tensor], in_use: Any) -> Any:
+        """DMA one batch into a staging half, scatter it into the blocks; returns its done event."""
         s = d.streams
-        in_use = s.record_current()
-        idx = self._index_tensors(blocks, s)
-        layer_events: list[Any] = [None] * self.layout.num_layers if layerwise else []
-        remaining = _units_per_layer(batches, self.layout.num_layers) if layerwise else []
-        for batch in batches:
-            stage = self._next_stage(d, in_use, s.first)
-            with s.on(s.first):
-                for u in batch:
-                    stage[u.stage_offset:u.stage_offset + u.nbytes].copy_(
-                        src[u.chunk][u.payload_offset:u.payload_offset + u.nbytes], non_blocking=True)
-            arrived = s.record(s.first)
-            s.wait(s.second, arrived)
-            with s.on(s.second):
-                for u in batch:
-                    self._scatter(u, idx[u.chunk], stage, skips[u.chunk])
-            d.free_events[d.turn] = s.record(s.second)
-            if layerwise:
-                self._mark_layers(batch, remaining, layer_events, d.free_events[d.turn])
-        done = s.record(s.second)
-        return TransferHandle(self.device, "load", done, layer_events, [], [list(src), idx])
+        stage = self._next_stage(d, in_use, s.first)
+        with s.on(s.first):
+            for u in batch:
+                stage[u.stage_offset:u.stage_offset + u.nbytes].copy_(
+                    src[u.chunk][u.payload_offset:u.payload_offset + u.nbytes], non_blocking=True)
+        arrived = s.record(s.first)
+        s.wait(s.second, arrived)
+        with s.on(s.second):
+            for u in batch:
+                self._scatter(u, idx, stage, skips[u.chunk])
+        d.free_events[d.turn] = s.record(s.second)
+        return d.free_events[d.turn]
 
-    def _scatter(self, u: _Unit, idx: torch.Tensor, stage: torch.Tensor, skip: int) -> None:
+    def _scatter(self, u: _Unit, idx: Any, stage: torch.Tensor, skip: int) -> None:
         if skip >= u.blocks:
             return
         src = self._unit_view(u, stage)
         if skip:
             src = src[:, :, skip:]
         if self._rows is not None:
-            rows = self._rows.unit_rows(idx, u.l0, u.l1, skip)
+            rows = self._rows.unit_rows(idx, u.chunk, u.l0, u.l1, u.blocks, skip)
             self._rows.alias.index_copy_(0, rows, src.reshape(-1, self._rows.row_elems))
             return
-        if skip:
-            idx = idx[skip:]
+        ids = idx[u.chunk][skip:]
         for layer, s in zip(range(u.l0, u.l1), src.unbind(0), strict=True):
-            self._views_t[layer].index_copy_(1, idx, s)
+            self._views_t[layer].index_copy_(1, ids, s)
 
     @staticmethod
     def _mark_layers(batch: list[_Unit], remaining: list[int], events: list[Any], event: Any) -> None:
@@ -349,6 +363,45 @@ class TransferEngine:
                 remaining[layer] -= 1
                 if remaining[layer] == 0:
                     events[layer] = event
+
+
+class _LoadJob:
+    """Enqueues one load's batches: all at once, or layer-wise a layer group ahead of the reader."""
+
+    def __init__(self, te: TransferEngine, batches: list[list[_Unit]], blocks: list[list[int]],
+                 skips: list[int], src: Sequence[torch.Tensor], handle: TransferHandle,
+                 layerwise: bool) -> None:
+        self.te, self.d, self.skips, self.src, self.handle = te, te._load, skips, src, handle
+        self.batches = deque(batches)
+        num_layers = te.layout.num_layers
+        self.pending = _units_per_layer(batches, num_layers)
+        self.layerwise = layerwise
+        self.lookahead = (batches[0][0].l1 - batches[0][0].l0) if batches else 1
+        self.lock = threading.Lock()
+        streams = self.d.streams
+        self.in_use = streams.record_current()
+        with self.d.lock:  # the index is computed on the direction's stream
+            self.idx = te._index_tensors(blocks, streams)
+        handle.layer_events = [None] * num_layers if layerwise else []
+        handle.keepalive = [list(src), self.idx]
+        handle.advance = self.advance
+
+    def advance(self, layer: int | None) -> None:
+        """Enqueue batches until every unit of layers ``<= layer + lookahead`` is queued (None: all)."""
+        with self.lock:
+            limit = None if layer is None else min(layer + self.lookahead, len(self.pending) - 1)
+            while self.batches and (limit is None or any(self.pending[: limit + 1])):
+                batch = self.batches.popleft()
+                with self.d.lock:
+                    event = self.te._load_batch(self.d, batch, self.idx, self.skips, self.src, self.in_use)
+                for u in batch:
+                    for lyr in range(u.l0, u.l1):
+                        self.pending[lyr] -= 1
+                        if self.layerwise and self.pending[lyr] == 0:
+                            self.handle.layer_events[lyr] = event
+            if not self.batches and self.handle.advance is not None:
+                self.handle.done_event = self.d.streams.record(self.d.streams.second)
+                self.handle.advance = None
 
 
 def _pack(units: list[_Unit], capacity: int) -> list[list[_Unit]]:
