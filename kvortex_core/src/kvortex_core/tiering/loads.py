@@ -48,6 +48,7 @@ class LoadMixin:
     _lock: threading.RLock
     _closed: bool
     _checksum_log: Throttle
+    _quarantined: set[int]  # slots a timed-out read may still write; only the loop touches it
 
     if TYPE_CHECKING:  # provided by TierManager / the other mixin
 
@@ -140,7 +141,15 @@ class LoadMixin:
 
     def _quarantine(self, slot: int) -> None:
         """Hold a slot back for ``timeouts.close_s``: a timed-out read may still land in it."""
-        asyncio.get_running_loop().call_later(self.config.timeouts.close_s, self.pool.free, slot)
+        self._quarantined.add(slot)
+        asyncio.get_running_loop().call_later(
+            self.config.timeouts.close_s, self._release_quarantined, slot
+        )
+
+    def _release_quarantined(self, slot: int) -> None:
+        if slot in self._quarantined:  # close() may have freed it already
+            self._quarantined.discard(slot)
+            self.pool.free(slot)
 
     def _verify(self, out: memoryview, n: int, key: bytes) -> None:
         header = pl.read_header(out[:n])

@@ -110,6 +110,7 @@ class TierManager(SaveMixin, LoadMixin):
         self._demoting = 0
         self._demoting_lock = threading.Lock()
         self._checksum_log = Throttle(10.0)
+        self._quarantined: set[int] = set()
         self._closed = False
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -319,6 +320,9 @@ class TierManager(SaveMixin, LoadMixin):
                 event(log, logging.WARNING, "tier_close_failed", tier=tier.name, error=str(exc))
             tier.index.close()
         self.loop.stop(self.config.timeouts.close_s)
+        # Backends are closed and the loop is stopped: no late read can land in these now.
+        self.pool.free_many(self._quarantined)
+        self._quarantined.clear()
         self.cpu_index.close()
         self.pool.free_many(int(e.location) for e in self.cpu_index.clear())
         self.pool.close()

@@ -126,6 +126,7 @@ class SaveMixin:
             return
         pin = self.cpu_index.pin([key], f"write-behind {tier.name}")
         if not len(pin):
+            pin.release()
             return  # evicted meanwhile (its demotion covers it)
 
         async def job() -> None:
