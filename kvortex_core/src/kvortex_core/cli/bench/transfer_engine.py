@@ -42,26 +42,47 @@ def _sequence(tokens: int, seed: int) -> list[int]:
 
 
 def engine_case(engine: Any, shape: tp.Shape, tokens: int, layout: KVLayout, reps: int) -> dict[str, Any]:
-    """Save fresh sequences (one per rep) then load the last one into other shuffled blocks."""
+    """Save fresh sequences (one per rep) then load the last one into other shuffled blocks.
+
+    ``save``: until ``save()`` returns (every byte off the GPU, blocks reusable); ``save_sealed``:
+    until the chunks are also checksummed and indexed (what a later reader waits for). Seals of
+    one rep finish before the next rep starts, so reps do not compete for host memory.
+    """
     device = torch.device(layout_device(engine))
     blocks = random.Random(tokens).sample(range(layout.num_blocks), tokens // shape.block)
     other = random.Random(tokens + 7).sample(range(layout.num_blocks), tokens // shape.block)
     seqs = [_sequence(tokens, tokens * 100 + i) for i in range(reps + 1)]
-    save_s, saved = [], []
+    save_s, sealed_s, saved = [], [], []
     for i, seq in enumerate(seqs):
         tp.sync(device)
         t0 = time.perf_counter()
         saved.append(engine.save(seq, blocks))
         tp.sync(device)
+        t1 = time.perf_counter()
+        engine.contains(engine.keys(seq))  # waits for this save's background seals
         if i:  # the first is a warm-up
-            save_s.append(time.perf_counter() - t0)
+            save_s.append(t1 - t0)
+            sealed_s.append(time.perf_counter() - t0)
     loaded: list[int] = []
     load_s = tp.timed(lambda: loaded.append(engine.load(seqs[-1], other)), device, reps)
     nbytes = layout.chunk_bytes(tokens)
     return {
         "save": Measurement("engine save", save_s, nbytes),
+        "save_sealed": Measurement("engine save+seal", sealed_s, nbytes),
         "load": Measurement("engine load", load_s, nbytes),
+        "raw_pool": _raw_pool(engine, nbytes, device, reps),
         "diag": {"saved_tokens": saved, "loaded_tokens": loaded[-1:], "tokens": tokens},
+    }
+
+
+def _raw_pool(engine: Any, nbytes: int, device: torch.device, reps: int) -> dict[str, Measurement]:
+    """Raw copies into the engine's own pinned pool (registered host memory), for comparison."""
+    base = engine._reg.tiers.pool.view(0)  # noqa: SLF001 - benchmark introspection
+    span = torch.empty(0, dtype=torch.uint8).set_(base.untyped_storage(), base.storage_offset(), (nbytes,))
+    gpu = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    return {
+        "d2h": Measurement("raw d2h pool", tp.timed(lambda: span.copy_(gpu, non_blocking=True), device, reps), nbytes),
+        "h2d": Measurement("raw h2d pool", tp.timed(lambda: gpu.copy_(span, non_blocking=True), device, reps), nbytes),
     }
 
 

@@ -91,9 +91,14 @@ def _engine(parts: set[str], caches: list[torch.Tensor], layout: Any, max_tokens
     return make_engine(caches, layout, max_tokens, staging, hints)
 
 
-def _rows(res: dict[str, Any], label: str, ours: dict[str, Measurement], raw: dict[str, Measurement]) -> None:
+def _rows(res: dict[str, Any], label: str, ours: dict[str, Any], raw: dict[str, Measurement]) -> None:
     res["rows"].append(tp.summary_row(f"{label} save", ours["save"], raw["d2h"]))
+    if "save_sealed" in ours:
+        res["rows"].append(tp.summary_row(f"{label} save+seal", ours["save_sealed"], raw["d2h"]))
     res["rows"].append(tp.summary_row(f"{label} load", ours["load"], raw["h2d"]))
+    if "raw_pool" in ours:  # the same raw copy, into the engine's registered pinned pool
+        res["rows"].append(tp.summary_row(f"{label} raw-into-pool d2h", ours["raw_pool"]["d2h"], raw["d2h"]))
+        res["rows"].append(tp.summary_row(f"{label} raw-into-pool h2d", ours["raw_pool"]["h2d"], raw["h2d"]))
 
 
 def _te_pair(shape: tp.Shape, caches: list[torch.Tensor], layout: Any, tokens: int, staging: int) -> Any:
@@ -185,11 +190,33 @@ def _layerwise(shape: tp.Shape, caches: list[torch.Tensor], layout: Any, tokens:
 
 def _sweep(shape: tp.Shape, caches: list[torch.Tensor], layout: Any, tokens: int, reps: int) -> list[dict[str, Any]]:
     """Staging size and stream count against the ratio (tuning data, not a headline)."""
-    raw = tp.raw_copy(layout.chunk_bytes(tokens), caches[0].device, reps)
-    rows = []
+    device = caches[0].device
+    nbytes = layout.chunk_bytes(tokens)
+    raw = tp.raw_copy(nbytes, device, reps)
+    rows: list[dict[str, Any]] = [_raw_pieces(nbytes, device, reps, raw, 16 << 20)]
     for staging, streams in ((32 << 20, 1), (32 << 20, 2), (64 << 20, 2), (128 << 20, 2)):
         te = tp.transfer_engine_case(shape, tokens, caches, layout, CHUNK_TOKENS, staging, streams, reps)
         rows.append({"staging": staging, "streams": streams,
                      "save_ratio": tp.ratio(te["save"], raw["d2h"]),
                      "load_ratio": tp.ratio(te["load"], raw["h2d"]), **te["diag"]})
     return rows
+
+
+def _raw_pieces(nbytes: int, device: torch.device, reps: int, raw: dict[str, Measurement],
+                piece: int) -> dict[str, Any]:
+    """The raw copy cut in ``piece``-byte DMAs on one stream: the cost of splitting alone."""
+    gpu = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    host = tp.pinned(nbytes, device)
+    pairs = list(zip(gpu.split(piece), host.split(piece), strict=True))
+
+    def d2h() -> None:
+        for g, h in pairs:
+            h.copy_(g, non_blocking=True)
+
+    def h2d() -> None:
+        for g, h in pairs:
+            g.copy_(h, non_blocking=True)
+
+    return {"raw_pieces": piece,
+            "save_ratio": tp.ratio(Measurement("d2h pieces", tp.timed(d2h, device, reps), nbytes), raw["d2h"]),
+            "load_ratio": tp.ratio(Measurement("h2d pieces", tp.timed(h2d, device, reps), nbytes), raw["h2d"])}
