@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -133,58 +134,90 @@ def run_demo(
     device: str,
     dtype_name: str,
     progress: Progress | None = None,
+    warmup: bool = True,
 ) -> DemoResult:
     """Save, look up and load every prompt; compare loaded bytes with the saved ones."""
     import torch
 
     from kvortex_core import KVortexEngine
 
-    dtype = getattr(torch, dtype_name)
-    kv = _kv_caches(shape, device, dtype)
-    result = DemoResult(device=device)
+    kv = _kv_caches(shape, device, getattr(torch, dtype_name))
     gen = torch.Generator().manual_seed(1)
-    prompts = [
-        torch.randint(0, 32000, (shape.prompt_tokens,), generator=gen).tolist()
-        for _ in range(shape.prompts)
-    ]
-    n = shape.blocks_per_prompt
-    task = progress.add_task("save / lookup / load", total=3 * shape.prompts) if progress else None
-
-    def advance() -> None:
-        if progress is not None and task is not None:
-            progress.advance(task)
-
+    prompts = [_random_tokens(shape, gen) for _ in range(shape.prompts + 1)]
+    unseen = prompts.pop()  # never saved: its lookup must miss
+    step = _stepper(progress, 3 * shape.prompts)
+    result = DemoResult(device=device, saved_tokens=shape.prompts * shape.prompt_tokens)
     with KVortexEngine.create(config) as engine:
         engine.register_kv_caches(kv)
-        _sync(device)
-        t0 = time.perf_counter()
-        for i, tokens in enumerate(prompts):
-            engine.save(tokens, list(range(i * n, (i + 1) * n)))
-            advance()
-        _sync(device)
-        result.save_s = time.perf_counter() - t0
-        result.saved_tokens = shape.prompts * shape.prompt_tokens
-        unseen = torch.randint(0, 32000, (shape.prompt_tokens,), generator=gen).tolist()
+        if warmup:  # first use pays for CUDA kernels, streams and page faults: keep it out
+            warm = _random_tokens(shape, gen)
+            engine.save(warm, _blocks(shape, 0))
+            engine.load(warm, _blocks(shape, shape.prompts))
+        before = engine.stats()
+        loaded: list[int] = []
+
+        def save_all() -> None:
+            for i, tokens in enumerate(prompts):
+                engine.save(tokens, _blocks(shape, i))
+                step()
+
+        def load_all() -> None:
+            for i, tokens in enumerate(prompts):
+                loaded.append(engine.load(tokens, _blocks(shape, shape.prompts + i)))
+                step()
+
+        result.save_s = _timed(device, save_all)
         for tokens in prompts:
-            result.asked_tokens += len(tokens)
             result.hit_tokens += engine.lookup(tokens)
-            advance()
-        result.asked_tokens += len(unseen)
-        result.hit_tokens += engine.lookup(unseen)  # never saved: must miss
-        load_base = shape.prompts * n
-        t0 = time.perf_counter()
-        for i, tokens in enumerate(prompts):
-            result.loaded_tokens += engine.load(
-                tokens, list(range(load_base + i * n, load_base + (i + 1) * n))
-            )
-            advance()
-        _sync(device)
-        result.load_s = time.perf_counter() - t0
-        result.mismatches = _compare(kv, shape, result.loaded_tokens // max(shape.prompts, 1))
-        result.stats = engine.stats()
+            step()
+        result.hit_tokens += engine.lookup(unseen)
+        result.asked_tokens = (shape.prompts + 1) * shape.prompt_tokens
+        result.load_s = _timed(device, load_all)
+        result.loaded_tokens = sum(loaded)
+        result.mismatches = _compare(kv, shape, loaded)
+        result.stats = _since(before, engine.stats())
     result.moved_bytes = result.loaded_tokens * shape.bytes_per_token(kv[0].element_size())
     result.raw_copy_s = _raw_copy_seconds(kv, max(result.moved_bytes, 1))
     return result
+
+
+def _random_tokens(shape: DemoShape, gen: torch.Generator) -> list[int]:
+    import torch
+
+    return torch.randint(0, 32000, (shape.prompt_tokens,), generator=gen).tolist()
+
+
+def _blocks(shape: DemoShape, slot: int) -> list[int]:
+    """Block ids of prompt slot ``slot``: slots [0, prompts) are saved, the rest loaded into."""
+    n = shape.blocks_per_prompt
+    return list(range(slot * n, (slot + 1) * n))
+
+
+def _stepper(progress: Progress | None, total: int) -> Callable[[], None]:
+    if progress is None:
+        return lambda: None
+    task = progress.add_task("save / lookup / load", total=total)
+    return lambda: progress.advance(task)
+
+
+def _timed(device: str, work: Callable[[], object]) -> float:
+    """Wall seconds of ``work``, with the device drained before and after."""
+    _sync(device)
+    t0 = time.perf_counter()
+    work()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def _since(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """``after`` with the engine's hit rate recomputed over the measured work only."""
+
+    def total(stats: dict[str, Any], name: str) -> float:
+        return float(sum(stats.get("counters", {}).get(name, {}).values()))
+
+    asked = total(after, "lookup_tokens") - total(before, "lookup_tokens")
+    hits = total(after, "hit_tokens") - total(before, "hit_tokens")
+    return {**after, "hit_rate": hits / asked if asked else None}
 
 
 def _sync(device: str) -> None:
@@ -194,19 +227,15 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _compare(kv: list[torch.Tensor], shape: DemoShape, tokens_per_prompt: int) -> int:
+def _compare(kv: list[torch.Tensor], shape: DemoShape, loaded: list[int]) -> int:
     """Count (layer, prompt) pairs whose loaded tokens differ from the saved ones."""
-    n = shape.blocks_per_prompt
-    base = shape.prompts * n
     bad = 0
     for layer in kv:
-        for i in range(shape.prompts):
-            saved = layer[:, i * n : (i + 1) * n].flatten(1, 2)[:, :tokens_per_prompt]
-            loaded = layer[:, base + i * n : base + (i + 1) * n].flatten(1, 2)[
-                :, :tokens_per_prompt
-            ]
+        for i, n_tokens in enumerate(loaded):
+            saved = layer[:, _blocks(shape, i)].flatten(1, 2)[:, :n_tokens]
+            back = layer[:, _blocks(shape, shape.prompts + i)].flatten(1, 2)[:, :n_tokens]
             # Compare bytes, not values: -0.0 == 0.0 would hide a wrong sign bit.
-            if not _as_bytes(saved).equal(_as_bytes(loaded)):
+            if not _as_bytes(saved).equal(_as_bytes(back)):
                 bad += 1
     return bad
 
@@ -217,8 +246,9 @@ def _as_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(torch.uint8)
 
 
-def _report(result: DemoResult, shape: DemoShape) -> None:
-    table = Table(title=f"KVortex demo on {result.device}", title_justify="left")
+def _report(result: DemoResult, shape: DemoShape, warmup: bool) -> None:
+    when = "after one untimed warm-up round trip" if warmup else "cold, first use"
+    table = Table(title=f"KVortex demo on {result.device} ({when})", title_justify="left")
     table.add_column("measure")
     table.add_column("value", justify="right")
     gbps = lambda s: result.moved_bytes / s / 1e9 if s > 0 else 0.0  # noqa: E731
@@ -281,6 +311,9 @@ def demo(
         int, typer.Option(min=1, help="Tokens per prompt.")
     ] = DemoShape.prompt_tokens,
     dtype: Annotated[str, typer.Option(help="KV dtype: bfloat16, float16, float32.")] = "bfloat16",
+    warmup: Annotated[
+        bool, typer.Option(help="One untimed round trip first (CUDA kernels, page faults).")
+    ] = True,
 ) -> None:
     """Save, look up and load a synthetic model's KV; print hit rate and bandwidth."""
     if dtype not in ("bfloat16", "float16", "float32"):
@@ -297,8 +330,8 @@ def demo(
     with Progress(console=console, transient=True) as progress, warnings.catch_warnings():
         # Without CUDA the host pool cannot be pinned; the demo already says it runs on cpu.
         warnings.filterwarnings("ignore", message="CUDA is not available")
-        result = run_demo(config, shape, chosen, dtype, progress)
-    _report(result, shape)
+        result = run_demo(config, shape, chosen, dtype, progress, warmup)
+    _report(result, shape, warmup)
     if not result.ok:
         raise fail(
             "demo FAILED: loaded KV differs from the saved KV (or nothing was loaded)", EXIT_FAILED
