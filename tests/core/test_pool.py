@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -127,6 +128,12 @@ def test_numa_helpers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert numa.pci_numa_node("0000:1B:00.0") == 1 and numa.pci_numa_node("0000:00:00.0") is None
     with numa.run_on_node(None) as moved:
         assert not moved
+    before = os.sched_getaffinity(0)
+    cpu = min(before)
+    (root / "node1" / "cpulist").write_text(str(cpu))
+    with numa.run_on_node(1) as moved:  # first touch would happen on node 1's CPUs
+        assert moved and os.sched_getaffinity(0) == {cpu}
+    assert os.sched_getaffinity(0) == before
 
 
 @pytest.mark.gpu
