@@ -216,8 +216,9 @@ class ChunkIndex:
         """Account ``size`` bytes for ``key``; False when there is no room (all pinned).
 
         Crossing the high watermark first evicts down to ``high_watermark - evict_ratio`` of
-        the capacity; the new entry is never its own victim. Re-inserting a stored key updates
-        its location and recency.
+        the capacity; the new entry is never its own victim. Re-inserting a stored key with the
+        same size updates its location (when given) and recency; with another size it replaces
+        the entry (releasing the old location is the caller's business: it is not evicted).
         """
         if size < 0:
             raise ConfigError(f"index {self.name!r}: size={size} of a chunk must be >= 0")
