@@ -78,7 +78,7 @@ class Rank:
         if self.device == "cuda":
             torch.cuda.current_stream().synchronize()
         w.start_save()
-        done = w.get_finished(finished or set())
+        done, _ = w.get_finished(finished or set())
         w.clear()
         return done
 

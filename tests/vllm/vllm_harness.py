@@ -159,6 +159,7 @@ class StepLog:
     finished_sending: set[str]
     invalid_blocks: set[int]
     preempted: set[str]
+    finished_recving: set[str]
 
 
 @dataclass
@@ -175,6 +176,8 @@ class Harness:
     finished: set[str] = field(default_factory=set)
     #: Written by the fake model: (request, position) pairs actually computed.
     computed_positions: dict[str, list[int]] = field(default_factory=dict)
+    _sent: dict[str, int] = field(default_factory=dict)
+    _recvd: dict[str, int] = field(default_factory=dict)
 
     @property
     def connector(self) -> KVortexConnector:
@@ -210,7 +213,7 @@ class Harness:
                     self.finished.add(o.request_id)
         log = StepLog(dict(out.num_scheduled_tokens), computed, loads, saves,
                       set(kv_out.finished_sending or ()), set(kv_out.invalid_block_ids or ()),
-                      set(out.preempted_req_ids or ()))
+                      set(out.preempted_req_ids or ()), set(kv_out.finished_recving or ()))
         self.history.append(log)
         return log
 
@@ -242,7 +245,6 @@ class Harness:
         self._track_blocks(out)
         computed = self._computed_before(out)
         meta = out.kv_connector_metadata
-        sending: list[set[str]] = []
         invalid: set[int] = set()
         for w in self.workers:
             c = w.connector
@@ -255,17 +257,27 @@ class Harness:
                 self._compute_layer(w, li, out, computed)
                 c.save_kv_layer(name, w.caches[name], None)
             c.wait_for_save()
-            done_sending, _ = c.get_finished(set(out.finished_req_ids))
-            sending.append(set(done_sending or ()))
+            done_sending, done_recving = c.get_finished(set(out.finished_req_ids))
+            for r in done_sending or ():
+                self._sent[r] = self._sent.get(r, 0) + 1
+            for r in done_recving or ():
+                self._recvd[r] = self._recvd.get(r, 0) + 1
             invalid |= c.get_block_ids_with_load_errors()
             c.clear_connector_metadata()
         for r, n in out.num_scheduled_tokens.items():
             self.computed_positions.setdefault(r, []).extend(range(computed[r], computed[r] + n))
         plan = meta.plan
-        # vLLM's output aggregator: a request is done sending only when every rank said so.
-        agg = set.intersection(*sending) if sending else set()
-        return (KVConnectorOutput(finished_sending=agg or None, finished_recving=None,
+        # vLLM's output aggregator: a request is done only once every rank said so (any step).
+        sent = self._complete(self._sent)
+        recvd = self._complete(self._recvd)
+        return (KVConnectorOutput(finished_sending=sent or None, finished_recving=recvd or None,
                                   invalid_block_ids=invalid), len(plan.loads), len(plan.saves))
+
+    def _complete(self, counts: dict[str, int]) -> set[str]:
+        done = {r for r, n in counts.items() if n >= len(self.workers)}
+        for r in done:
+            del counts[r]
+        return done
 
     def _compute_layer(self, w: Worker, layer: int, out: Any, computed: dict[str, int]) -> None:
         for r, n in out.num_scheduled_tokens.items():

@@ -81,6 +81,16 @@ class ModelShape:
     tp_size: int
     block_size: int
 
+    @property
+    def torch_dtype(self) -> Any:
+        import torch
+
+        return getattr(torch, self.dtype)
+
+    def payload_shape(self, chunk_tokens: int) -> tuple[int, ...]:
+        """``KVLayout.chunk_payload_shape`` of the workers: ``[layers, kv, tokens, heads, head]``."""
+        return (self.num_layers, self.kv_count, chunk_tokens, self.num_kv_heads, self.head_size)
+
     def chunk_bytes(self, chunk_tokens: int) -> int:
         """Bytes of one chunk's canonical payload on one rank."""
         per_token = self.num_layers * self.kv_count * self.num_kv_heads * self.head_size

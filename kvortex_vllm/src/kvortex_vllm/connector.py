@@ -28,6 +28,7 @@ from kvortex_core.config import KVortexConfig
 from kvortex_core.control.keys import KeyNamespace
 from kvortex_core.logs import configure as configure_logging
 from kvortex_vllm import compat
+from kvortex_vllm.lower import scheduler_tiers
 from kvortex_vllm.metadata import StepPlan, slot_geometry
 from kvortex_vllm.scheduler import SchedulerSide
 from kvortex_vllm.worker import WorkerSide
@@ -96,8 +97,11 @@ class KVortexConnector(KVConnectorBase_V1):
         self._scheduler: SchedulerSide | None = None
         self._worker: WorkerSide | None = None
         if role == KVConnectorRole.SCHEDULER:
-            geometry = slot_geometry(self.kv_config, shape.chunk_bytes(self.kv_config.chunk_tokens), shape.tp_size)
-            self._scheduler = SchedulerSide(self.kv_config, namespace, geometry, shape.block_size)
+            chunk = self.kv_config.chunk_tokens
+            geometry = slot_geometry(self.kv_config, shape.chunk_bytes(chunk), shape.tp_size)
+            tiers = scheduler_tiers(self.kv_config, namespace.digest(), shape.payload_shape(chunk),
+                                    shape.torch_dtype, geometry.slot_bytes, shape.tp_size)
+            self._scheduler = SchedulerSide(self.kv_config, namespace, geometry, shape.block_size, tiers=tiers)
             log.info("KVortex scheduler: %d-token chunks, %d slots of %d bytes per rank",
                      self.kv_config.chunk_tokens, geometry.num_slots, geometry.slot_bytes)
             if getattr(self._kv_transfer_config, "kv_load_failure_policy", "recompute") == "fail":
@@ -167,8 +171,8 @@ class KVortexConnector(KVConnectorBase_V1):
         self.worker_side.start_save()
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
-        done = self.worker_side.get_finished(finished_req_ids)
-        return (done or None), None
+        sent, received = self.worker_side.get_finished(finished_req_ids)
+        return (sent or None), (received or None)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self.worker_side.take_load_errors()
@@ -194,6 +198,8 @@ class KVortexConnector(KVConnectorBase_V1):
         bad = getattr(connector_output, "invalid_block_ids", None)
         if bad:
             self.scheduler_side.on_load_errors(bad)
+        if connector_output.finished_recving:
+            self.scheduler_side.on_loads_finished(connector_output.finished_recving)
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         return self.scheduler_side.request_finished(request), None

@@ -30,6 +30,8 @@ class LoadSpec:
     ``skip_blocks`` leading ones already hold the tokens (a local prefix-cache hit that ends
     inside the chunk) and are left untouched. ``slot`` is -1 when the scheduler could not pin
     the chunk: the worker then reports the blocks as failed so vLLM recomputes them.
+    ``fetch``: the chunk is only in a lower tier; the worker reads it into ``slot`` first, and
+    the whole request's load runs asynchronously (vLLM's ``load_kv_async`` path).
     """
 
     req_id: str
@@ -37,6 +39,7 @@ class LoadSpec:
     key: bytes
     block_ids: tuple[int, ...]
     skip_blocks: int = 0
+    fetch: bool = False
 
 
 @dataclass(frozen=True)

@@ -24,12 +24,15 @@ from kvortex_core.control.index import ChunkIndex, IndexEntry, PinHandle
 from kvortex_core.control.keys import ChunkHasher, KeyNamespace, validate_chunk_tokens
 from kvortex_core.control.stats import Stats
 from kvortex_vllm import compat
+from kvortex_vllm.lower import SchedulerTiers
 from kvortex_vllm.metadata import LoadSpec, SaveSpec, SlotGeometry, StepPlan
 
 log = logging.getLogger(__name__)
 
 #: Steps a load pin outlives its plan: one for the step itself, one for async scheduling.
 _PIN_STEPS = 2
+#: How many times one request may be told "ask again" while a shared tier is being asked.
+_ASK_AGAIN_MAX = 2
 
 
 @dataclass
@@ -46,6 +49,10 @@ class _Request:
     matched: tuple[int, int] | None = None
     pending_loads: list[LoadSpec] = field(default_factory=list)
     has_saves: bool = False
+    #: Pins of an asynchronous load (lower-tier fetch), held until the workers report it done.
+    async_pins: list[PinHandle] = field(default_factory=list)
+    #: Times get_num_new_matched_tokens answered "ask again" while shared tiers were consulted.
+    deferrals: int = 0
 
 
 @dataclass
@@ -64,6 +71,7 @@ class SchedulerSide:
         geometry: SlotGeometry,
         block_size: int,
         stats: Stats | None = None,
+        tiers: SchedulerTiers | None = None,
     ) -> None:
         validate_chunk_tokens(config.chunk_tokens, block_size)
         self.config = config
@@ -73,6 +81,7 @@ class SchedulerSide:
         self.blocks_per_chunk = config.chunk_tokens // block_size
         self.hasher = ChunkHasher(namespace, config.chunk_tokens, config.hash_algorithm)
         self.stats = stats or Stats()
+        self.tiers = tiers
         ev = config.eviction
         self.index = ChunkIndex(
             "cpu", geometry.capacity_bytes, policy=ev.policy, high_watermark=ev.high_watermark,
@@ -97,21 +106,43 @@ class SchedulerSide:
             self._requests[req_id] = st
         return st
 
-    def stored_prefix(self, keys: Sequence[bytes]) -> int:
-        """Leading chunks present now (no side effect on recency or pins)."""
-        present = self.index.contains_list(keys)
-        return present.index(False) if False in present else len(present)
+    def stored_prefix(self, keys: Sequence[bytes]) -> tuple[int, bool]:
+        """Leading chunks loadable now, and whether any of them must come from a lower tier.
 
-    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
-        """Tokens beyond ``num_computed_tokens`` we can load now (whole chunks, never the last token)."""
+        No side effect on recency or pins (vLLM may ask several times).
+        """
+        in_cpu = self.index.contains_list(keys)
+        below = self.tiers.present(keys) if self.tiers is not None and not all(in_cpu) else in_cpu
+        n = 0
+        while n < len(keys) and (in_cpu[n] or below[n]):
+            n += 1
+        return n, not all(in_cpu[:n])
+
+    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
+        """Tokens beyond ``num_computed_tokens`` we can load now (whole chunks, never the last token).
+
+        The second value is True when a lower tier must be read first (an asynchronous load).
+        ``None`` ("ask again next step") is answered once per request when shared tiers were
+        just asked about chunks beyond the known prefix, so the answer arrives without waiting.
+        """
         st = self._state(request)
         # vLLM must compute at least one prompt token to sample from: cap below the last one.
         usable = max(len(st.prompt) - 1, 0) // self.chunk_tokens
-        hit_tokens = self.stored_prefix(st.keys[:usable]) * self.chunk_tokens
+        hit, fetch = self.stored_prefix(st.keys[:usable])
+        if hit < usable and self._should_ask_again(st, st.keys[hit]):
+            return None, False
+        hit_tokens = hit * self.chunk_tokens
         new = max(hit_tokens - num_computed_tokens, 0)
         st.matched = (num_computed_tokens, hit_tokens) if new else None
         self.stats.record_lookup(len(st.prompt), max(hit_tokens, num_computed_tokens))
-        return new, False
+        return new, bool(new and fetch)
+
+    def _should_ask_again(self, st: _Request, key: bytes) -> bool:
+        """A shared tier's answer for ``key`` is on its way (the lookup above asked): wait a step."""
+        if self.tiers is None or st.deferrals >= _ASK_AGAIN_MAX or not self.tiers.unknown(key):
+            return False
+        st.deferrals += 1
+        return True
 
     def update_state_after_alloc(self, request: Any, block_ids: list[int], num_external_tokens: int) -> None:
         """Plan the load of the matched chunks into the blocks vLLM just allocated."""
@@ -123,8 +154,19 @@ class SchedulerSide:
         end = start + num_external_tokens
         c0, c1 = start // self.chunk_tokens, end // self.chunk_tokens
         keys = st.keys[c0:c1]
-        handle = self.index.pin(keys, f"load {st.req_id}")
-        self._pins.append(_Pin(handle, self._step + _PIN_STEPS))
+        pins = [self.index.pin(keys, f"load {st.req_id}")]  # cpu hits first: claims below cannot evict them
+        missing = [k for k in keys if k not in self.index]
+        fetch = set()
+        for k in missing:
+            i = st.keys.index(k)
+            if self._claim_slot(k, st.keys[i - 1] if i else None) is None:
+                break
+            fetch.add(k)
+        if fetch:
+            pins.append(self.index.pin(list(fetch), f"fetch {st.req_id}"))
+            st.async_pins.extend(pins)
+        else:
+            self._pins.extend(_Pin(h, self._step + _PIN_STEPS) for h in pins)
         self.index.touch(keys)
         skip = (start - c0 * self.chunk_tokens) // self.block_size
         bpc = self.blocks_per_chunk
@@ -132,7 +174,8 @@ class SchedulerSide:
             entry = self.index.get(key)
             slot = entry.location if entry is not None and entry.location is not None else -1
             blocks = tuple(block_ids[i * bpc : (i + 1) * bpc])
-            st.pending_loads.append(LoadSpec(st.req_id, slot, key, blocks, skip if i == c0 else 0))
+            st.pending_loads.append(LoadSpec(st.req_id, slot, key, blocks, skip if i == c0 else 0,
+                                             fetch=key in fetch))
         st.saved_upto = max(st.saved_upto, c1)
         st.matched = None
 
@@ -149,6 +192,12 @@ class SchedulerSide:
         plan = StepPlan(self._step, self.geometry.num_slots, preempted=preempted,
                         await_saves=frozenset(self._await_saves))
         self._await_saves.clear()
+        for st in self._requests.values():  # async loads ship while their request waits unscheduled
+            plan.loads.extend(st.pending_loads)
+            for spec in st.pending_loads:
+                for b in spec.block_ids[spec.skip_blocks:]:
+                    self._recent_loads[b] = (st.req_id, spec.key, self._step)
+            st.pending_loads = []
         for req_id, new_blocks, replace, computed in compat.scheduled_requests(out):
             st = self._requests.get(req_id)
             if st is None:
@@ -157,11 +206,6 @@ class SchedulerSide:
                 st.block_ids = list(new_blocks)
             else:
                 st.block_ids.extend(new_blocks)
-            plan.loads.extend(st.pending_loads)
-            for spec in st.pending_loads:
-                for b in spec.block_ids[spec.skip_blocks:]:
-                    self._recent_loads[b] = (req_id, spec.key, self._step)
-            st.pending_loads = []
             done = computed + out.num_scheduled_tokens.get(req_id, 0)
             plan.saves.extend(self._plan_saves(st, done))
         return plan
@@ -185,6 +229,8 @@ class SchedulerSide:
                     break  # everything is pinned: skip saving now, the chunk is just not cached
                 saves.append(SaveSpec(st.req_id, slot, key, tuple(blocks)))
                 st.has_saves = True
+                if self.tiers is not None:
+                    self.tiers.note_written(key)
             st.saved_upto = i + 1
         return saves
 
@@ -225,12 +271,26 @@ class SchedulerSide:
         for req_id, keys in bad.items():
             removed = self.index.remove(keys)
             self._on_evict(removed)
+            if self.tiers is not None:
+                self.tiers.forget(list(keys))
             st = self._requests.get(req_id)
             if st is not None:
                 first = min(st.keys.index(k) for k in keys if k in st.keys)
                 st.saved_upto = min(st.saved_upto, first)
             log.warning("load of %d chunk(s) for request %s failed; they will be recomputed",
                         len(keys), req_id)
+
+    def on_loads_finished(self, req_ids: Iterable[str]) -> None:
+        """Asynchronous loads the workers completed (or gave up on): unpin their chunks."""
+        for req_id in req_ids:
+            st = self._requests.get(req_id)
+            if st is not None:
+                self._release_async(st)
+
+    def _release_async(self, st: _Request) -> None:
+        for handle in st.async_pins:
+            handle.release()
+        st.async_pins = []
 
     def request_finished(self, request: Any) -> bool:
         """True when the request's blocks must outlive it until the workers finish its saves."""
@@ -243,10 +303,16 @@ class SchedulerSide:
 
     def _forget(self, req_id: str) -> None:
         """Drop a request's state (finish, abort, preemption); its load pins expire with their step."""
-        self._requests.pop(req_id, None)
+        st = self._requests.pop(req_id, None)
+        if st is not None:
+            self._release_async(st)
 
     def close(self) -> None:
         for pin in self._pins:
             pin.handle.release()
         self._pins = []
+        for st in self._requests.values():
+            self._release_async(st)
         self.index.close()
+        if self.tiers is not None:
+            self.tiers.close()

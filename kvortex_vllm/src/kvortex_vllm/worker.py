@@ -17,6 +17,7 @@ TransferEngine` over the registered KV caches, and executes each step's
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import time
 from collections import defaultdict
@@ -32,6 +33,7 @@ from kvortex_core.data.payload import HEADER_BYTES, check_identity, read_header,
 from kvortex_core.data.pool import PinnedPool
 from kvortex_core.data.transfer import TransferEngine, TransferHandle
 from kvortex_core.errors import KVortexError, LayoutError, PayloadError
+from kvortex_vllm.lower import WorkerTiers, has_lower_tiers, open_tiers
 from kvortex_vllm.metadata import SLOT_ALIGNMENT, LoadSpec, SaveSpec, SlotGeometry, StepPlan, slot_geometry
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,15 @@ log = logging.getLogger(__name__)
 class _PendingSave:
     spec: SaveSpec
     handle: TransferHandle
+
+
+@dataclass
+class _AsyncLoad:
+    """A request whose chunks are read from a lower tier before they are copied to its blocks."""
+
+    specs: list[LoadSpec]
+    fetch: concurrent.futures.Future[list[bool]] | None
+    handle: TransferHandle | None = None
 
 
 @dataclass
@@ -78,6 +89,8 @@ class WorkerSide:
         self._req_saves: dict[str, set[int]] = defaultdict(set)  # req -> slots still saving
         self._watch: set[str] = set()  # finished requests awaiting their saves
         self._load_errors: set[int] = set()
+        self._async: dict[str, _AsyncLoad] = {}
+        self.tiers: WorkerTiers | None = None
 
     # ------------------------------------------------------------------ setup
 
@@ -104,6 +117,10 @@ class WorkerSide:
         self.engine = TransferEngine(caches, layout, chunk_tokens=chunk, staging_bytes=int(tc.staging_bytes),
                                      num_streams=tc.num_streams)
         self.layout, self.geometry = layout, geo
+        if has_lower_tiers(self.config):
+            mgr = open_tiers(self.config, self.namespace, layout.chunk_payload_shape(chunk), layout.dtype,
+                             self.pool, rank=self.rank, world_size=self.tp_size)
+            self.tiers = WorkerTiers(mgr, self.rank)
         log.info("rank %d: %s KV layout, %d layers, %d slots of %d bytes (%s)", self.rank, layout.kind,
                  layout.num_layers, geo.num_slots, geo.slot_bytes, "pinned" if self.pool.pinned else "pageable")
         return layout
@@ -133,7 +150,10 @@ class WorkerSide:
         for spec in plan.loads:
             by_req[spec.req_id].append(spec)
         layerwise = self.config.transfer.layerwise
-        for specs in by_req.values():
+        for req_id, specs in by_req.items():
+            if any(s.fetch for s in specs):
+                self._start_fetch(req_id, specs)
+                continue
             good = self._verified_prefix(specs)
             if not good:
                 continue
@@ -145,6 +165,60 @@ class WorkerSide:
             self._loads.append(handle)
             self.counters.loaded_chunks += len(good)
             self.counters.loaded_bytes += len(good) * self._geo().chunk_bytes
+
+    def _start_fetch(self, req_id: str, specs: list[LoadSpec]) -> None:
+        """Read the lower-tier chunks into their slots in the background (an async load)."""
+        items = []
+        for s in specs:
+            if s.fetch and 0 <= s.slot < self._geo().num_slots:
+                self._finish_save(s.slot)
+                self._invalidate(s.slot)
+                items.append((rank_keys([s.key], self.rank)[0], s.slot))
+        tiers = self.tiers
+        future = tiers.fetch(items) if tiers is not None and items else None
+        self._async[req_id] = _AsyncLoad(specs, future)
+
+    def _poll_async(self) -> set[str]:
+        """Advance async loads: fetched -> copy to blocks -> done. Returns the finished requests."""
+        done: set[str] = set()
+        for req_id, job in list(self._async.items()):
+            if job.handle is None:
+                if job.fetch is not None and not job.fetch.done():
+                    continue
+                self._copy_fetched(job)
+            if job.handle is None or job.handle.done():
+                done.add(req_id)
+                del self._async[req_id]
+        return done
+
+    def _copy_fetched(self, job: _AsyncLoad) -> None:
+        try:
+            ok = list(job.fetch.result()) if job.fetch is not None else []
+        except Exception:  # noqa: BLE001 - a failed fetch is a miss, never an engine error
+            log.exception("rank %d: lower-tier fetch failed", self.rank)
+            ok = []
+        fetched, n, slots = iter(ok), 0, self._geo().num_slots
+        for s in job.specs:  # fetch results are in spec order, for the specs with a slot
+            if s.fetch and not (0 <= s.slot < slots and next(fetched, False)):
+                break
+            n += 1
+        self._fail(job.specs[n:])
+        good = self._verified_prefix(job.specs[:n])
+        if good:
+            job.handle = self._engine().load([self._payload(s.slot) for s in good],
+                                             [list(s.block_ids) for s in good],
+                                             skip_blocks=good[0].skip_blocks)
+            self.counters.loaded_chunks += len(good)
+            self.counters.loaded_bytes += len(good) * self._geo().chunk_bytes
+
+    def _fail(self, specs: list[LoadSpec]) -> list[LoadSpec]:
+        for s in specs:
+            self._load_errors.update(s.block_ids[s.skip_blocks:])
+        self.counters.failed_chunks += len(specs)
+        if specs:
+            log.warning("rank %d: %d chunk(s) of request %s could not be read from a lower tier; "
+                        "they will be recomputed", self.rank, len(specs), specs[0].req_id)
+        return []
 
     def _verified_prefix(self, specs: list[LoadSpec]) -> list[LoadSpec]:
         """The leading chunks whose slots hold what the plan expects; the rest are reported failed."""
@@ -216,12 +290,15 @@ class WorkerSide:
     def _seal(self, slot: int, p: _PendingSave) -> None:
         del self._pending[slot]
         layout = self._layout()
+        rank_key = rank_keys([p.spec.key], self.rank)[0]
         # The identity header makes a reused or lost slot detectable on load. The payload
         # checksum (0 here) is computed only when a slot is written to a lower tier: hashing
         # every save on the host would cap saves well below the DMA rate.
-        write_header(self._pool().view(slot), key=rank_keys([p.spec.key], self.rank)[0],
+        write_header(self._pool().view(slot), key=rank_key,
                      namespace=self.namespace, shape=layout.chunk_payload_shape(self.config.chunk_tokens),
                      dtype=layout.dtype, payload_len=self._geo().chunk_bytes, checksum=0)
+        if self.tiers is not None:
+            self.tiers.write_behind(slot, rank_key)
         slots = self._req_saves.get(p.spec.req_id)
         if slots is not None:
             slots.discard(slot)
@@ -232,6 +309,8 @@ class WorkerSide:
 
     def _invalidate(self, slot: int) -> None:
         self._pool().view(slot)[:8].zero_()  # the magic: no load trusts a slot being rewritten
+        if self.tiers is not None:
+            self.tiers.slot_reused(slot)  # and no write-behind copy taken across this is used
 
     def handle_preemptions(self, req_ids: set[str]) -> None:
         """Finish the saves of preempted requests before vLLM reuses their blocks."""
@@ -239,12 +318,12 @@ class WorkerSide:
             for slot in list(self._req_saves.get(req_id, ())):
                 self._finish_save(slot)
 
-    def get_finished(self, finished_req_ids: set[str]) -> set[str]:
-        """Requests the scheduler kept alive whose saves are now all done."""
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str], set[str]]:
+        """(requests the scheduler kept alive whose saves are all done, async loads completed)."""
         self.poll()
         done = {r for r in self._watch if r not in self._req_saves}
         self._watch -= done
-        return done
+        return done, self._poll_async()
 
     def take_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()
@@ -257,6 +336,13 @@ class WorkerSide:
                 self._finish_save(slot)
             except KVortexError:
                 log.warning("rank %d: a save did not finish at shutdown", self.rank)
+        for job in self._async.values():
+            if job.fetch is not None:
+                job.fetch.cancel()
+        self._async.clear()
+        if self.tiers is not None:
+            self.tiers.close()
+            self.tiers = None
         if self.pool is not None:
             self.pool.close()
             self.pool = None

@@ -1,0 +1,189 @@
+"""The tiers below cpu (disk, redis, s3, plugins) for the connector, over ``TierManager``.
+
+The connector's cpu tier is split: the scheduler owns its index and assigns slots, every rank
+owns an identical pool. The lower tiers are exactly the engine's: each rank builds a
+:class:`~kvortex_core.tiering.manager.TierManager` over its own pool and uses only its lower
+tiers (backend, index, circuit breaker, write-behind queue, eviction below, remote cache), so
+failure isolation and capacity handling are the same code as the standalone engine's.
+
+- :class:`WorkerTiers` (per rank): writes a saved slot behind to the lower tiers (from a copy
+  taken under a slot generation check, so a slot reused meanwhile is never written half-new),
+  and fetches chunks from a lower tier into scheduler-assigned slots, verified end to end.
+- :class:`SchedulerTiers` (scheduler process): answers "is this chunk below?" without waiting:
+  keys this engine wrote, indexes rebuilt from what earlier runs left (disk), and shared tiers'
+  answers from a cache refreshed in the background. A chunk counts only when every rank has it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from kvortex_core.config import KVortexConfig
+from kvortex_core.control.keys import rank_keys
+from kvortex_core.control.stats import Stats
+from kvortex_core.data import payload as pl
+from kvortex_core.data.pool import PinnedPool, per_rank_capacity
+from kvortex_core.errors import PayloadError
+from kvortex_core.plugins.manager import PluginManager
+from kvortex_core.tiering.manager import TierManager
+from kvortex_core.tiering.tiers import TierUnavailable
+
+log = logging.getLogger(__name__)
+
+
+def has_lower_tiers(config: KVortexConfig) -> bool:
+    return len(config.tier_names) > 1
+
+
+def open_tiers(config: KVortexConfig, namespace: bytes, payload_shape: tuple[int, ...], dtype: torch.dtype,
+               pool: PinnedPool, *, rank: int, world_size: int, stats: Stats | None = None) -> TierManager:
+    """A TierManager over ``pool`` with every configured lower tier opened (failures isolated)."""
+    names = config.tier_names
+    mgr = TierManager(config=config, namespace=namespace, payload_shape=payload_shape, dtype=dtype,
+                      stats=stats or Stats(), pool=pool, cpu_name=names[0])
+    plugins = PluginManager()
+    ranks = config.ranks_per_node or world_size
+    try:
+        for name in names[1:]:
+            cap = per_rank_capacity(int(config.tiers[name].capacity), ranks)
+            mgr._add_tier(name, plugins, cap, rank, world_size)
+    except BaseException:
+        mgr.close()
+        raise
+    return mgr
+
+
+class WorkerTiers:
+    """Write-behind and fetch for one rank (slots are the scheduler's, bytes are this rank's)."""
+
+    def __init__(self, mgr: TierManager, rank: int) -> None:
+        self.mgr = mgr
+        self.rank = rank
+        self.pool = mgr.pool
+        self._gen = [0] * mgr.pool.num_slots
+        targets = [t for t in mgr.tiers if t.write_through]
+        self.targets = targets or mgr.tiers[:1]
+
+    def slot_reused(self, slot: int) -> None:
+        """A new save goes into ``slot``: any write-behind copy taken across this is discarded."""
+        self._gen[slot] += 1
+
+    def write_behind(self, slot: int, key: bytes) -> None:
+        """Queue the sealed slot (its rank key is ``key``) to the write-behind tiers."""
+        gen = self._gen[slot]
+        for tier in self.targets:
+            if not tier.available:
+                continue
+
+            async def job(tier: Any = tier) -> None:
+                value = self._snapshot(slot, gen, key)
+                if value is not None:
+                    await self.mgr._put(tier, key, value)
+
+            if not tier.queue.offer(job):
+                log.debug("rank %d: write-behind queue of %s is full; chunk skipped", self.rank, tier.name)
+
+    def _snapshot(self, slot: int, gen: int, key: bytes) -> bytearray | None:
+        """A consistent copy of the slot as a stored value (header with its payload checksum)."""
+        mgr = self.mgr
+        total = pl.HEADER_BYTES + mgr.payload_bytes
+        value = bytearray(self.pool.buffer(slot)[:total])
+        if self._gen[slot] != gen:
+            return None  # rewritten while we copied
+        pl.seal(value, key=key, namespace=mgr.namespace, shape=mgr.payload_shape, dtype=mgr.dtype,
+                payload_len=mgr.payload_bytes)
+        return value
+
+    def fetch(self, items: Sequence[tuple[bytes, int]]) -> concurrent.futures.Future[list[bool]]:
+        """Read each ``(rank key, slot)`` from the first lower tier that has it, verified."""
+        return self.mgr.loop.submit(self._fetch_all(list(items)))
+
+    async def _fetch_all(self, items: list[tuple[bytes, int]]) -> list[bool]:
+        return list(await asyncio.gather(*(self._fetch(k, s) for k, s in items)))
+
+    async def _fetch(self, key: bytes, slot: int) -> bool:
+        mgr = self.mgr
+        out = self.pool.buffer(slot)
+        for tier in mgr.tiers:
+            if not tier.available:
+                continue
+            try:
+                n = await tier.call("get", tier.backend.get(key.hex(), out))
+            except TierUnavailable:
+                continue
+            if n is None:
+                continue
+            try:
+                mgr._verify(out, n, key)
+            except PayloadError as exc:
+                await mgr._reject(tier, key, exc)
+                continue
+            return True
+        return False
+
+    def close(self) -> None:
+        self.mgr.drain(self.mgr.config.timeouts.close_s)
+        self.mgr.close()
+
+
+class SchedulerTiers:
+    """The scheduler's non-blocking view of what the lower tiers hold, for every rank."""
+
+    def __init__(self, mgr: TierManager, tp_size: int, max_keys: int) -> None:
+        self.mgr = mgr
+        self.tp_size = tp_size
+        self.written: OrderedDict[bytes, None] = OrderedDict()
+        self.max_keys = max(max_keys, 1)
+
+    def note_written(self, key: bytes) -> None:
+        """This engine queued ``key`` for write-behind (optimistic: a failed write is a failed load)."""
+        self.written[key] = None
+        self.written.move_to_end(key)
+        while len(self.written) > self.max_keys:
+            self.written.popitem(last=False)
+
+    def forget(self, keys: Sequence[bytes]) -> None:
+        for k in keys:
+            self.written.pop(k, None)
+
+    def present(self, keys: Sequence[bytes]) -> list[bool]:
+        """Per key: below on every rank (never waits; shared tiers answer from their cache)."""
+        mask = (1 << len(keys)) - 1
+        for rank in range(self.tp_size):
+            mask &= self.mgr.contains(rank_keys(keys, rank))
+        return [k in self.written or bool(mask >> i & 1) for i, k in enumerate(keys)]
+
+    def unknown(self, key: bytes) -> bool:
+        """True while some shared tier has no fresh answer about ``key`` on every rank."""
+        now = time.monotonic()
+        for tier in self.mgr.tiers:
+            if tier.remote is None or not tier.available:
+                continue
+            for k in rank_keys([key], 0) + rank_keys([key], self.tp_size - 1):
+                hit = tier.remote._known.get(k)  # RemoteCache has no public freshness query yet
+                if hit is None or hit[1] < now:
+                    return True
+        return False
+
+    def close(self) -> None:
+        self.mgr.close()
+
+
+def scheduler_tiers(config: KVortexConfig, namespace: bytes, payload_shape: tuple[int, ...], dtype: torch.dtype,
+                    slot_bytes: int, tp_size: int) -> SchedulerTiers | None:
+    """Lower-tier lookups for the scheduler, or None when only the cpu tier is configured."""
+    if not has_lower_tiers(config):
+        return None
+    # The TierManager needs a pool; the scheduler never moves bytes: one small pageable slot.
+    pool = PinnedPool(slot_bytes, slot_bytes, pin=False, alignment=128, name="scheduler")
+    mgr = open_tiers(config, namespace, payload_shape, dtype, pool, rank=0, world_size=tp_size)
+    cap = sum(int(config.tiers[n].capacity) for n in config.tier_names[1:])
+    return SchedulerTiers(mgr, tp_size, cap // slot_bytes)
