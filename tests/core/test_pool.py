@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import warnings
 from pathlib import Path
@@ -102,6 +103,40 @@ def test_pageable_without_cuda_warns_once(monkeypatch: pytest.MonkeyPatch) -> No
     assert len([w for w in caught if "pageable" in str(w.message)]) == 1
     with pytest.raises(ConfigError, match="pin=True needs CUDA"):
         PinnedPool(128, 1024, pin=True)
+
+
+class _FakeCudart:
+    """Records cudaHostRegister/Unregister calls (the pinning logic, tested without a GPU)."""
+
+    def __init__(self) -> None:
+        self.registered: dict[int, int] = {}
+        self.unregistered: list[int] = []
+
+    def cudaHostRegister(self, ptr: int, size: int, flags: int) -> int:
+        self.registered[ptr] = size
+        return 0
+
+    def cudaHostUnregister(self, ptr: int) -> int:
+        self.unregistered.append(ptr)
+        return 0
+
+
+def test_registered_pool_unpins_once_on_close_or_collection(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = _FakeCudart()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: fake)
+    pool = PinnedPool(4096, 4096 * 8, alignment=4096)
+    assert pool.pinned and list(fake.registered.values()) == [4096 * 9]  # + alignment slack
+    (ptr,) = fake.registered
+    pool.close()
+    pool.close()
+    assert fake.unregistered == [ptr]
+    forgotten = PinnedPool(4096, 4096 * 8)
+    (ptr2,) = set(fake.registered) - {ptr}
+    del forgotten  # never closed: collection must still unpin the range
+    gc.collect()
+    assert fake.unregistered == [ptr, ptr2]
 
 
 def test_per_rank_capacity() -> None:

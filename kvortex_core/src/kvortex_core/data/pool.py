@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import warnings
+import weakref
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -109,7 +110,7 @@ class PinnedPool:
         self._free = list(range(self.num_slots - 1, -1, -1))  # pop() hands out slot 0 first
         self._in_use = bytearray(self.num_slots)
         self._used = self._high_water = self._allocs = self._failed = 0
-        self._registered_ptr: int | None = None
+        self._unpin: weakref.finalize | None = None
         self._closed = False
         self.pinned = _want_pin(pin)
         on_gpu = device is not None and self.pinned
@@ -149,7 +150,9 @@ class PinnedPool:
                 f"cudaHostRegister of {size} bytes failed with CUDA error {int(err)}; "
                 "lower the cpu tier capacity or check the memlock limit (ulimit -l)"
             )
-        self._registered_ptr = ptr
+        # Unregister on close() or, if the owner forgets, when the pool is collected: a range
+        # left registered makes a later cudaHostRegister over the same addresses fail.
+        self._unpin = weakref.finalize(self, _unregister, ptr, buf)
 
     # -- slots ----------------------------------------------------------------------------
     def allocate(self) -> int | None:
@@ -269,11 +272,8 @@ class PinnedPool:
         if leaked:
             log.warning("pool %s: %d slot(s) still allocated at close: %s", self.name,
                         len(leaked), leaked[:16])
-        if self._registered_ptr is not None:
-            import torch
-
-            torch.cuda.cudart().cudaHostUnregister(self._registered_ptr)
-            self._registered_ptr = None
+        if self._unpin is not None:
+            self._unpin()  # runs at most once
         if self._stats is not None:
             self._stats.unregister_gauge("pool_used_slots", self.name)
             self._stats.unregister_gauge("pool_slots", self.name)
@@ -283,6 +283,16 @@ class PinnedPool:
         return (f"PinnedPool({self.name!r}, slots={self._used}/{self.num_slots} "
                 f"x {self.slot_bytes} B, "
                 f"pinned={self.pinned}, numa_node={self.numa_node})")
+
+
+def _unregister(ptr: int, buf: torch.Tensor) -> None:
+    """Unpin ``buf`` (passed only to keep its memory alive until it is unregistered)."""
+    try:
+        import torch
+
+        torch.cuda.cudart().cudaHostUnregister(ptr)
+    except Exception:
+        log.debug("cudaHostUnregister(%#x) failed", ptr, exc_info=True)
 
 
 def _want_pin(pin: bool | None) -> bool:
