@@ -291,7 +291,7 @@ def _unregister(ptr: int, buf: torch.Tensor) -> None:
         import torch
 
         torch.cuda.cudart().cudaHostUnregister(ptr)
-    except Exception:
+    except Exception:  # at interpreter exit CUDA may already be torn down
         log.debug("cudaHostUnregister(%#x) failed", ptr, exc_info=True)
 
 
