@@ -300,6 +300,7 @@ def test_circuit_breaker_opens_skips_and_closes(make: Any) -> None:
         _save(mgr, [i])
         mgr.drain(10)
     assert mgr.tier_states() == {"flaky": "open"}
+    assert mgr.stats.snapshot().gauges["tier_in_service"]["flaky"] == 0.0
     calls = FlakyBackend.calls
     assert calls == 2, "after the threshold no call reaches the broken tier"
     _save(mgr, [10])
@@ -312,6 +313,7 @@ def test_circuit_breaker_opens_skips_and_closes(make: Any) -> None:
     _save(mgr, [11])
     mgr.drain(10)
     assert mgr.tier_states() == {"flaky": "closed"}
+    assert mgr.stats.snapshot().gauges["tier_in_service"]["flaky"] == 1.0
     assert _counter(mgr, tm.BREAKER_TRANSITIONS, "flaky") == 3  # open, half_open, closed
 
 

@@ -15,3 +15,4 @@ LOAD_MISSES = "load_misses"
 TIER_ERRORS = "tier_errors"
 TIER_TIMEOUTS = "tier_timeouts"
 TIER_CALLS_SKIPPED = "tier_calls_skipped"
+TIER_IN_SERVICE = "tier_in_service"  # a gauge: 1 = breaker closed

@@ -222,6 +222,11 @@ class LoadMixin:
         i, key, tier, slot = step.i, step.key, step.tier, step.slot
         assert tier is not None
         with self._lock:
+            if key in self.cpu_index:  # a concurrent load promoted it first: use that copy
+                existing = self._cpu_lease(i, key)
+                if existing is not None:
+                    self.pool.free(slot)
+                return existing  # None: the caller frees the slot
             if not self.cpu_index.insert(
                 key, self.pool.slot_bytes, location=slot, parent=step.parent
             ):

@@ -43,6 +43,7 @@ from kvortex_core.tiering.counters import (  # re-exported: the counter names of
     SAVE_SKIPPED,
     TIER_CALLS_SKIPPED,
     TIER_ERRORS,
+    TIER_IN_SERVICE,
     TIER_TIMEOUTS,
     WRITE_BEHIND_SKIPPED,
 )
@@ -218,6 +219,8 @@ class TierManager(SaveMixin, LoadMixin):
             * max(self.config.timeouts.backend_op_s, self.config.timeouts.close_s),
         )
         self.tiers.append(tier)
+        # 1 while the tier serves, 0 while its breaker is open or half-open (Prometheus gauge).
+        self.stats.register_gauge(TIER_IN_SERVICE, lambda: float(breaker.state == "closed"), name)
         self._open_tier(tier)
 
     def _open_tier(self, tier: LowerTier) -> None:
@@ -319,6 +322,7 @@ class TierManager(SaveMixin, LoadMixin):
             except Exception as exc:  # noqa: BLE001 - closing must finish
                 event(log, logging.WARNING, "tier_close_failed", tier=tier.name, error=str(exc))
             tier.index.close()
+            self.stats.unregister_gauge(TIER_IN_SERVICE, tier.name)
         self.loop.stop(self.config.timeouts.close_s)
         # Backends are closed and the loop is stopped: no late read can land in these now.
         self.pool.free_many(self._quarantined)
@@ -355,6 +359,7 @@ __all__ = [
     "SAVE_SKIPPED",
     "TIER_CALLS_SKIPPED",
     "TIER_ERRORS",
+    "TIER_IN_SERVICE",
     "TIER_TIMEOUTS",
     "WRITE_BEHIND_SKIPPED",
     "TierManager",

@@ -108,8 +108,13 @@ class SaveMixin:
             payload_len=self.payload_bytes,
         )
         with self._lock:
-            ok = not self._closed and self.cpu_index.insert(
-                lease.key, self.pool.slot_bytes, location=lease.slot, parent=lease.parent
+            # A key promoted meanwhile keeps its slot: re-inserting would orphan that one.
+            ok = (
+                not self._closed
+                and lease.key not in self.cpu_index
+                and self.cpu_index.insert(
+                    lease.key, self.pool.slot_bytes, location=lease.slot, parent=lease.parent
+                )
             )
         if not ok:
             self.pool.free(lease.slot)
