@@ -542,3 +542,31 @@ def test_disk_capacity_evicts_and_deletes_files(make: Any, tmp_path: Path) -> No
     assert gone and mgr.lookup([_key(gone[0])]) == 0
     kept = sorted(bytes.fromhex(k) for k in files)
     assert all(len(_load(mgr, [int.from_bytes(k[:4], "big")])) == 1 for k in kept)
+
+
+def test_three_tiers_demote_down_the_chain(make: Any, tmp_path: Path) -> None:
+    tiers = {
+        "cpu": {"type": "cpu", "capacity": 4 * SLOT},
+        "ssd": {"type": "disk", "capacity": 5 * SLOT, "path": str(tmp_path / "ssd")},
+        "hdd": {"type": "disk", "capacity": 64 * SLOT, "path": str(tmp_path / "hdd")},
+    }
+    mgr = make(tiers)
+    for i in range(20):
+        assert _save(mgr, [i]) == [i]
+        assert mgr.drain(30)
+    ssd, hdd = mgr.tiers
+    assert _counter(mgr, tm.DEMOTIONS, "hdd") > 0, "ssd evictions moved chunks to hdd"
+    where = {
+        i: [
+            n
+            for n, idx in (("cpu", mgr.cpu_index), ("ssd", ssd.index), ("hdd", hdd.index))
+            if _key(i) in idx
+        ]
+        for i in range(20)
+    }
+    assert all(where[i] for i in range(20)), f"a chunk was lost: {where}"
+    deepest = next(i for i in range(20) if where[i] == ["hdd"])
+    assert _load(mgr, [deepest]) == [(deepest, "hdd")]  # bit-exact after two demotions
+    files = {p.name for p in (tmp_path / "ssd").rglob("*.kv")}
+    snapshot = ssd.index.keys()  # ChunkIndex.keys() is a locked snapshot, not a dict view
+    assert files == {k.hex() + ".kv" for k in snapshot}
