@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import typer
 from typer.testing import CliRunner
@@ -83,3 +85,41 @@ def test_no_url_and_no_port_names_the_fix(monkeypatch: pytest.MonkeyPatch) -> No
     result = CliRunner().invoke(_app(), ["stats", "--once"])
     assert result.exit_code != 0
     assert "KVORTEX_METRICS__PORT" in result.output
+
+
+@pytest.mark.filterwarnings("ignore:CUDA is not available")
+def test_stats_of_a_real_engine_with_two_tiers(tmp_path: Path) -> None:
+    """The engine's own Stats, served over HTTP, shown per tier after real saves and loads."""
+    import torch
+
+    from kvortex_core import KVortexConfig, KVortexEngine
+    from kvortex_core.data import kv_samples as ks
+
+    caches, hints, _ = ks.flash_attn(2, 64, 16, 2, 8, torch.bfloat16)
+    config = KVortexConfig(model_id="stats/test", chunk_tokens=64, tiers={
+        "cpu": {"type": "cpu", "capacity": "1MiB"},
+        "disk": {"type": "disk", "capacity": "8MiB", "path": str(tmp_path), "write_through": True}})
+    engine = KVortexEngine.create(config)
+    engine.register_kv_caches(caches, hints)
+    with engine, MetricsExporter(engine.stats_recorder, port=0).start() as exp:
+        assert exp.url is not None
+        tokens = list(range(256))
+        engine.save(tokens, list(range(16)))
+        assert engine.load(tokens, list(range(16, 32))) == 256
+        assert engine.lookup(tokens + list(range(1000, 1064))) == 256
+        live = parse_metrics(fetch_text(exp.url))
+        cpu = live.tiers["cpu"]
+        assert cpu.bytes_saved > 0 and cpu.used_bytes == cpu.bytes_saved  # 4 chunks, one save
+        assert cpu.capacity_bytes > 0 and live.tiers["disk"].capacity_bytes == 8 << 20
+        assert live.hit_tokens == 256 and live.lookup_tokens == 320
+        out = _run("--url", exp.url, "--once")
+        assert "disk" in out and "cpu" in out and "hit rate 80.0%" in out
+        engine.drain() if hasattr(engine, "drain") else engine.close()  # write-behind lands
+        after = parse_metrics(fetch_text(exp.url))
+        assert after.tiers["disk"].bytes_saved > 0  # written behind to disk
+
+
+def fetch_text(url: str) -> str:
+    from kvortex_core.cli.stats_cmd import fetch
+
+    return fetch(url)
