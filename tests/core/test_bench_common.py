@@ -7,8 +7,6 @@ from pathlib import Path
 
 import pytest
 import typer
-from typer.testing import CliRunner
-
 from kvortex_core.cli.bench.common import (
     Measurement,
     Series,
@@ -23,12 +21,16 @@ from kvortex_core.cli.bench.common import (
     spread,
     write_results,
 )
+from typer.testing import CliRunner
 
 
 def test_spread_and_ratios() -> None:
     assert spread([3.0, 1.0, 2.0]) == {"min": 1.0, "median": 2.0, "max": 3.0}
     assert spread([]) == {"min": 0.0, "median": 0.0, "max": 0.0}
-    ours, raw = Measurement("ours", [2.0, 4.0, 3.0], nbytes=6_000_000_000), Measurement("raw", [1.0, 2.0, 1.5])
+    ours, raw = (
+        Measurement("ours", [2.0, 4.0, 3.0], nbytes=6_000_000_000),
+        Measurement("raw", [1.0, 2.0, 1.5]),
+    )
     assert ratio(ours, raw) == pytest.approx(0.5)
     assert ours.gbps() == {"min": 1.5, "median": 2.0, "max": 3.0}
     assert ours.summary()["median"] == 3.0
@@ -62,7 +64,9 @@ def test_write_results_names_the_hardware(tmp_path: Path) -> None:
 
 def test_plot_writes_a_png(tmp_path: Path) -> None:
     s = Series("a", [1, 2, 4], [1.0, 2.0, 3.0], [0.5, 1.5, 2.5], [1.5, 2.5, 3.5], linestyle="--")
-    path = plot_lines(tmp_path / "p.png", [s], title="t", xlabel="x", ylabel="y", logx=True, hline=2.0)
+    path = plot_lines(
+        tmp_path / "p.png", [s], title="t", xlabel="x", ylabel="y", logx=True, hline=2.0
+    )
     assert path is not None and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -85,9 +89,24 @@ def test_ttft_tiny_runs_and_verifies_on_cpu(tmp_path: Path) -> None:
         """bench"""
 
     register(app)
-    result = CliRunner().invoke(app, ["ttft", "--tiny", "--tokens", "256,512", "--overhead-tokens", "256",
-                                      "--reps", "1", "--out", str(tmp_path), "--disk-path",
-                                      str(tmp_path / "disk"), "--no-drop-caches"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "ttft",
+            "--tiny",
+            "--tokens",
+            "256,512",
+            "--overhead-tokens",
+            "256",
+            "--reps",
+            "1",
+            "--out",
+            str(tmp_path),
+            "--disk-path",
+            str(tmp_path / "disk"),
+            "--no-drop-caches",
+        ],
+    )
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "ttft.json").read_text())
     for n in ("256", "512"):
@@ -96,5 +115,7 @@ def test_ttft_tiny_runs_and_verifies_on_cpu(tmp_path: Path) -> None:
         disk = data["lengths"][n]["disk"]
         assert disk.get("verified", True) is True  # skipped (no engine yet) or verified
     over = data["overhead"]["256"]
-    assert over["requests"] == 4 and {"ttft_overhead", "total_overhead", "lookup_fraction"} <= set(over)
+    assert over["requests"] == 4 and {"ttft_overhead", "total_overhead", "lookup_fraction"} <= set(
+        over
+    )
     assert (tmp_path / "ttft_speedup.png").exists()

@@ -10,12 +10,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-
 from kvortex_core.config import KVortexConfig
 from kvortex_core.control.index import ChunkIndex
 from kvortex_core.control.stats import Stats
 from kvortex_core.metrics import MetricsExporter, start_metrics
+from prometheus_client.parser import text_string_to_metric_families
 
 
 def _scrape(url: str) -> dict[tuple[str, str], float]:
@@ -122,11 +121,22 @@ def test_multiprocess_mode_aggregates_ranks(tmp_path: Path) -> None:
     """Two 'ranks' in their own processes; a third serves the directory, as vLLM does."""
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
     for rank, end in ((0, "close"), (1, "flush")):
-        subprocess.run([sys.executable, "-c", _WORKER, str(rank), end], env=env, check=True, timeout=60)
-    out = subprocess.run([sys.executable, "-c", _READER], env=env, check=True, timeout=60,
-                         capture_output=True, text=True).stdout
-    samples = {(s.name, s.labels.get("tier", "") + s.labels.get("le", "")): s.value
-               for fam in text_string_to_metric_families(out) for s in fam.samples}
+        subprocess.run(
+            [sys.executable, "-c", _WORKER, str(rank), end], env=env, check=True, timeout=60
+        )
+    out = subprocess.run(
+        [sys.executable, "-c", _READER],
+        env=env,
+        check=True,
+        timeout=60,
+        capture_output=True,
+        text=True,
+    ).stdout
+    samples = {
+        (s.name, s.labels.get("tier", "") + s.labels.get("le", "")): s.value
+        for fam in text_string_to_metric_families(out)
+        for s in fam.samples
+    }
     assert samples[("kvortex_hit_tokens_total", "")] == 300  # 100 + 200, summed over ranks
     assert samples[("kvortex_load_seconds_count", "cpu")] == 2
     assert samples[("kvortex_load_seconds_bucket", "cpu0.005")] == 2
@@ -147,13 +157,19 @@ def test_logs_quiet_by_default_then_one_line_per_event() -> None:
     logs.configure("INFO", stream=stream)
     logs.configure("WARNING", stream=stream)  # idempotent: still one handler, new level
     try:
-        handlers = [h for h in logging.getLogger("kvortex_core").handlers if not isinstance(h, logging.NullHandler)]
+        handlers = [
+            h
+            for h in logging.getLogger("kvortex_core").handlers
+            if not isinstance(h, logging.NullHandler)
+        ]
         assert len(handlers) == 1
         log.info("not shown at WARNING")
         logs.event(log, logging.WARNING, "tier_down", tier="redis", error="timed out")
         lines = stream.getvalue().splitlines()
         assert len(lines) == 1
-        assert lines[0].endswith("kvortex_core.tiering.fake: event=tier_down tier=redis error='timed out'")
+        assert lines[0].endswith(
+            "kvortex_core.tiering.fake: event=tier_down tier=redis error='timed out'"
+        )
         with pytest.raises(Exception, match="log_level 'LOUD'"):
             logs.configure("LOUD")
     finally:

@@ -2,23 +2,25 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import typer
-from typer.testing import CliRunner
-
 from kvortex_core.cli.bench.simulate import register
 from kvortex_core.sim import TraceError, chat_sessions, document_qa, load_jsonl, zipf_mix
 from kvortex_core.sim.simulator import ideal_hit_rate, prepare, simulate, sweep
 from kvortex_core.sim.trace import Request
+from typer.testing import CliRunner
 
 
 def _same(a: list[Request], b: list[Request]) -> bool:
     return len(a) == len(b) and all(
-        x.timestamp == y.timestamp and np.array_equal(x.tokens, y.tokens) for x, y in zip(a, b, strict=True))
+        x.timestamp == y.timestamp and np.array_equal(x.tokens, y.tokens)
+        for x, y in zip(a, b, strict=True)
+    )
 
 
 @pytest.mark.parametrize("gen", [chat_sessions, document_qa, zipf_mix])
@@ -32,9 +34,9 @@ def test_chat_turns_extend_their_history_and_share_system_prompts() -> None:
     by_session: dict[str, list[Request]] = {}
     for r in reqs:
         by_session.setdefault(r.label, []).append(r)
-    assert all(a.timestamp <= b.timestamp for a, b in zip(reqs, reqs[1:]))
+    assert all(a.timestamp <= b.timestamp for a, b in itertools.pairwise(reqs))
     for turns in by_session.values():
-        for prev, cur in zip(turns, turns[1:]):
+        for prev, cur in itertools.pairwise(turns):
             assert len(cur.tokens) > len(prev.tokens)
             assert np.array_equal(cur.tokens[: len(prev.tokens)], prev.tokens)
     heads = {bytes(t[0].tokens[:1024]) for t in by_session.values()}
@@ -62,8 +64,11 @@ def test_unbounded_cache_reaches_the_ideal_and_small_ones_do_not() -> None:
 def test_demotion_moves_exactly_the_evicted_chunks_down() -> None:
     trace = prepare(chat_sessions(4, sessions=30))
     cb = trace.chunk_bytes[0]
-    res = simulate(trace, policy="lru", capacities=[("cpu", trace.working_set_bytes // 10),
-                                                     ("disk", trace.working_set_bytes)])
+    res = simulate(
+        trace,
+        policy="lru",
+        capacities=[("cpu", trace.working_set_bytes // 10), ("disk", trace.working_set_bytes)],
+    )
     cpu, disk = res.tiers
     # Nothing is written behind: the disk only receives what cpu evicts and it lacks.
     assert 0 < disk.bytes_written <= cpu.evictions * cb
@@ -75,9 +80,12 @@ def test_demotion_moves_exactly_the_evicted_chunks_down() -> None:
 def test_bytes_moved_add_up_per_tier() -> None:
     trace = prepare(chat_sessions(4, sessions=30))
     cb = trace.chunk_bytes[0]
-    res = simulate(trace, policy="prefix-lru", capacities=[("cpu", trace.working_set_bytes // 10),
-                                                            ("disk", trace.working_set_bytes)],
-                   write_through=True)
+    res = simulate(
+        trace,
+        policy="prefix-lru",
+        capacities=[("cpu", trace.working_set_bytes // 10), ("disk", trace.working_set_bytes)],
+        write_through=True,
+    )
     cpu, disk = res.tiers
     # Every unique chunk is written behind to the unbounded disk exactly once.
     assert disk.bytes_written == trace.unique_chunks * cb
@@ -93,8 +101,12 @@ def test_bytes_moved_add_up_per_tier() -> None:
 @pytest.mark.parametrize("gen", [chat_sessions, document_qa, zipf_mix])
 def test_prefix_lru_is_never_worse_than_lru(gen: object) -> None:
     trace = prepare(gen(0))  # type: ignore[operator]
-    runs = sweep(trace, policies=["lru", "prefix-lru"], fractions=[0.05, 0.1, 0.3],
-                 lower_tiers=[("disk", 4.0)])
+    runs = sweep(
+        trace,
+        policies=["lru", "prefix-lru"],
+        fractions=[0.05, 0.1, 0.3],
+        lower_tiers=[("disk", 4.0)],
+    )
     for lru, plru in zip(runs[::2], runs[1::2], strict=True):
         assert (lru.policy, plru.policy) == ("lru", "prefix-lru")
         assert plru.tier_hit_rate("cpu") >= lru.tier_hit_rate("cpu") - 1e-9
@@ -121,15 +133,18 @@ def test_jsonl_loader_reads_tokens_and_mooncake_hash_ids(tmp_path: Path) -> None
     assert trace.tokens[-1] == 1300
 
 
-@pytest.mark.parametrize("line, message", [
-    ("{not json", "not JSON"),
-    ('{"prompt": "hi"}', "no token or block-hash field"),
-    ('{"tokens": [1, -2]}', "non-negative integers"),
-    ('"text"', "expected a list of token ids"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("{not json", "not JSON"),
+        ('{"prompt": "hi"}', "no token or block-hash field"),
+        ('{"tokens": [1, -2]}', "non-negative integers"),
+        ('"text"', "expected a list of token ids"),
+    ],
+)
 def test_jsonl_loader_errors_name_the_line(tmp_path: Path, line: str, message: str) -> None:
     path = tmp_path / "bad.jsonl"
-    path.write_text('[1, 2]\n' + line + "\n")
+    path.write_text("[1, 2]\n" + line + "\n")
     with pytest.raises(TraceError, match=message) as info:
         load_jsonl(path)
     assert f"{path}:2" in str(info.value)
@@ -147,9 +162,23 @@ def _bench_app() -> typer.Typer:
 
 
 def test_cli_writes_json_png_and_reports_the_gain(tmp_path: Path) -> None:
-    result = CliRunner().invoke(_bench_app(), [
-        "simulate", "--out", str(tmp_path), "--reps", "2", "--workloads", "chat",
-        "--fractions", "0.1,1.0", "--policies", "lru,prefix-lru", "--quiet"])
+    result = CliRunner().invoke(
+        _bench_app(),
+        [
+            "simulate",
+            "--out",
+            str(tmp_path),
+            "--reps",
+            "2",
+            "--workloads",
+            "chat",
+            "--fractions",
+            "0.1,1.0",
+            "--policies",
+            "lru,prefix-lru",
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "simulate.json").read_text())
     chat = data["workloads"]["chat"]
@@ -166,11 +195,24 @@ def test_cli_writes_json_png_and_reports_the_gain(tmp_path: Path) -> None:
 
 def test_cli_replays_a_trace_file(tmp_path: Path) -> None:
     trace = tmp_path / "mooncake.jsonl"
-    trace.write_text("\n".join(json.dumps({"timestamp": i, "hash_ids": [0, 1, 2 + i % 3]})
-                               for i in range(30)))
-    result = CliRunner().invoke(_bench_app(), [
-        "simulate", "--out", str(tmp_path), "--trace", str(trace), "--fractions", "1.0", "--quiet",
-        "--disk-factor", "0"])
+    trace.write_text(
+        "\n".join(json.dumps({"timestamp": i, "hash_ids": [0, 1, 2 + i % 3]}) for i in range(30))
+    )
+    result = CliRunner().invoke(
+        _bench_app(),
+        [
+            "simulate",
+            "--out",
+            str(tmp_path),
+            "--trace",
+            str(trace),
+            "--fractions",
+            "1.0",
+            "--quiet",
+            "--disk-factor",
+            "0",
+        ],
+    )
     assert result.exit_code == 0, result.output
     res = json.loads((tmp_path / "simulate.json").read_text())["workloads"]["mooncake"]
     # 30 requests of 3 blocks; the first sees 0 hits, the next two 2 blocks, then all 3.

@@ -6,12 +6,11 @@ from pathlib import Path
 
 import pytest
 import typer
-from typer.testing import CliRunner
-
 from kvortex_core.cli.stats_cmd import parse_metrics, register
 from kvortex_core.control.index import ChunkIndex
 from kvortex_core.control.stats import Stats
 from kvortex_core.metrics import MetricsExporter
+from typer.testing import CliRunner
 
 
 def _app() -> typer.Typer:
@@ -91,14 +90,24 @@ def test_no_url_and_no_port_names_the_fix(monkeypatch: pytest.MonkeyPatch) -> No
 def test_stats_of_a_real_engine_with_two_tiers(tmp_path: Path) -> None:
     """The engine's own Stats, served over HTTP, shown per tier after real saves and loads."""
     import torch
-
-    from kvortex_core import KVortexConfig, KVortexEngine
     from kvortex_core.data import kv_samples as ks
 
+    from kvortex_core import KVortexConfig, KVortexEngine
+
     caches, hints, _ = ks.flash_attn(2, 64, 16, 2, 8, torch.bfloat16)
-    config = KVortexConfig(model_id="stats/test", chunk_tokens=64, tiers={
-        "cpu": {"type": "cpu", "capacity": "1MiB"},
-        "disk": {"type": "disk", "capacity": "8MiB", "path": str(tmp_path), "write_through": True}})
+    config = KVortexConfig(
+        model_id="stats/test",
+        chunk_tokens=64,
+        tiers={
+            "cpu": {"type": "cpu", "capacity": "1MiB"},
+            "disk": {
+                "type": "disk",
+                "capacity": "8MiB",
+                "path": str(tmp_path),
+                "write_through": True,
+            },
+        },
+    )
     engine = KVortexEngine.create(config)
     engine.register_kv_caches(caches, hints)
     with engine, MetricsExporter(engine.stats_recorder, port=0).start() as exp:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 from kvortex_core.logs import get_logger
 
@@ -42,8 +42,15 @@ def multiprocess_mode() -> bool:
 class MetricsExporter:
     """Exposes one Stats object; ``close()`` undoes everything ``start()`` did."""
 
-    def __init__(self, stats: Stats, *, host: str = "127.0.0.1", port: int | None = None,
-                 expose_global: bool = False, interval_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        stats: Stats,
+        *,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        expose_global: bool = False,
+        interval_s: float = 1.0,
+    ) -> None:
         self.stats = stats
         self.host = host
         self.port = port
@@ -93,12 +100,15 @@ class MetricsExporter:
 
         assert self.registry is not None
         try:
-            self._server, self._thread = start_http_server(self.port or 0, addr=self.host,
-                                                           registry=self.registry)
+            self._server, self._thread = start_http_server(
+                self.port or 0, addr=self.host, registry=self.registry
+            )
         except OSError as exc:
             # Several ranks share one configured port: the first serves all (multiprocess mode
             # aggregates every process); the others carry on without a server.
-            log.warning("event=metrics_port_busy host=%s port=%s error=%r", self.host, self.port, str(exc))
+            log.warning(
+                "event=metrics_port_busy host=%s port=%s error=%r", self.host, self.port, str(exc)
+            )
             return
         log.info("event=metrics_serving url=%s", self.url)
 
@@ -125,7 +135,7 @@ class MetricsExporter:
             REGISTRY.unregister(self.collector)
             self._global = False
 
-    def __enter__(self) -> MetricsExporter:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -150,7 +160,9 @@ class Mirror:
         self._thread: threading.Thread | None = None
 
     def start(self) -> Mirror:
-        self._thread = threading.Thread(target=self._run, name="kvortex-metrics-mirror", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, name="kvortex-metrics-mirror", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -185,14 +197,28 @@ class Mirror:
 
         labels = sorted({k for s in family.samples for k in s.labels if k != "le"})
         if family.type == "counter":
-            metric = Counter(family.name, family.documentation or family.name, labels, registry=None)
+            metric = Counter(
+                family.name, family.documentation or family.name, labels, registry=None
+            )
         elif family.type == "histogram":
-            bounds = sorted({float(s.labels["le"]) for s in family.samples if s.name.endswith("_bucket")})
-            metric = Histogram(family.name, family.documentation or family.name, labels, registry=None,
-                               buckets=bounds or (float("inf"),))
+            bounds = sorted(
+                {float(s.labels["le"]) for s in family.samples if s.name.endswith("_bucket")}
+            )
+            metric = Histogram(
+                family.name,
+                family.documentation or family.name,
+                labels,
+                registry=None,
+                buckets=bounds or (float("inf"),),
+            )
         else:
-            metric = Gauge(family.name, family.documentation or family.name, labels, registry=None,
-                           multiprocess_mode="livesum")
+            metric = Gauge(
+                family.name,
+                family.documentation or family.name,
+                labels,
+                registry=None,
+                multiprocess_mode="livesum",
+            )
         self._metrics[family.name] = metric
         return metric
 
@@ -238,8 +264,9 @@ class Mirror:
             self._last[key] = own
 
 
-def start_metrics(stats: Stats, config: KVortexConfig | MetricsConfig, *,
-                  expose_global: bool = False) -> MetricsExporter | None:
+def start_metrics(
+    stats: Stats, config: KVortexConfig | MetricsConfig, *, expose_global: bool = False
+) -> MetricsExporter | None:
     """Start exporting ``stats`` as ``config.metrics`` says; None when metrics are disabled.
 
     A configured ``metrics.port`` serves HTTP there; without one the metrics are only exposed
@@ -249,5 +276,6 @@ def start_metrics(stats: Stats, config: KVortexConfig | MetricsConfig, *,
     metrics = getattr(config, "metrics", config)
     if not metrics.enabled:
         return None
-    return MetricsExporter(stats, host=metrics.host, port=metrics.port,
-                           expose_global=expose_global).start()
+    return MetricsExporter(
+        stats, host=metrics.host, port=metrics.port, expose_global=expose_global
+    ).start()

@@ -20,8 +20,12 @@ PREFIX = "kvortex_"
 #: ``breaker_state`` gauge values, as the tiering records them.
 BREAKER_STATES = {0: "closed", 1: "open", 2: "half-open"}
 _ERROR_WORDS = ("error", "failure", "timeout")
-_SUMMED = {"bytes_saved": "bytes_saved", "tier_bytes_written": "bytes_saved",
-           "bytes_loaded": "bytes_loaded", "tier_bytes_read": "bytes_loaded"}
+_SUMMED = {
+    "bytes_saved": "bytes_saved",
+    "tier_bytes_written": "bytes_saved",
+    "bytes_loaded": "bytes_loaded",
+    "tier_bytes_read": "bytes_loaded",
+}
 
 
 @dataclass
@@ -59,7 +63,7 @@ def parse_metrics(text: str) -> MetricsView:
     for family in text_string_to_metric_families(text):
         if not family.name.startswith(PREFIX):
             continue
-        name = family.name[len(PREFIX):]
+        name = family.name[len(PREFIX) :]
         for sample in family.samples:
             if family.type == "counter" and not sample.name.endswith("_total"):
                 continue  # skip the _created samples
@@ -68,8 +72,12 @@ def parse_metrics(text: str) -> MetricsView:
 
 
 def _apply(view: MetricsView, name: str, tier: str, value: float) -> None:
-    engine_wide = {"hit_rate": "hit_rate", "lookups": "lookups", "lookup_tokens": "lookup_tokens",
-                   "hit_tokens": "hit_tokens"}
+    engine_wide = {
+        "hit_rate": "hit_rate",
+        "lookups": "lookups",
+        "lookup_tokens": "lookup_tokens",
+        "hit_tokens": "hit_tokens",
+    }
     if not tier:
         if name in engine_wide:
             setattr(view, engine_wide[name], value)
@@ -93,7 +101,7 @@ def fetch(url: str, timeout: float = 5.0) -> str:
     from kvortex_core.errors import KVortexError
 
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - user-given URL
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
             return resp.read().decode()
     except (urllib.error.URLError, OSError) as exc:
         raise KVortexError(
@@ -106,20 +114,42 @@ def render(view: MetricsView, previous: MetricsView | None = None, elapsed_s: fl
     """The rich table of one scrape; with ``previous``, load/save rates in MB/s."""
     from rich.table import Table
 
-    title = (f"KVortex  hit rate {view.hit_rate:.1%}  lookups {view.lookups:,.0f}  "
-             f"hit tokens {view.hit_tokens:,.0f}/{view.lookup_tokens:,.0f}  errors {view.errors:,.0f}")
+    title = (
+        f"KVortex  hit rate {view.hit_rate:.1%}  lookups {view.lookups:,.0f}  "
+        f"hit tokens {view.hit_tokens:,.0f}/{view.lookup_tokens:,.0f}  errors {view.errors:,.0f}"
+    )
     table = Table(title=title)
-    for col in ("tier", "used", "capacity", "usage", "chunks", "saved", "loaded", "save MB/s",
-                "load MB/s", "evictions", "errors", "breaker"):
+    for col in (
+        "tier",
+        "used",
+        "capacity",
+        "usage",
+        "chunks",
+        "saved",
+        "loaded",
+        "save MB/s",
+        "load MB/s",
+        "evictions",
+        "errors",
+        "breaker",
+    ):
         table.add_column(col, justify="left" if col in ("tier", "breaker") else "right")
     for name, t in view.tiers.items():
         before = previous.tiers.get(name) if previous else None
-        table.add_row(name, _bytes(t.used_bytes), _bytes(t.capacity_bytes),
-                      f"{t.used_bytes / t.capacity_bytes:.1%}" if t.capacity_bytes else "-",
-                      f"{t.entries:,.0f}", _bytes(t.bytes_saved), _bytes(t.bytes_loaded),
-                      _rate(t.bytes_saved, before.bytes_saved if before else None, elapsed_s),
-                      _rate(t.bytes_loaded, before.bytes_loaded if before else None, elapsed_s),
-                      f"{t.evictions:,.0f}", f"{t.errors:,.0f}", t.breaker)
+        table.add_row(
+            name,
+            _bytes(t.used_bytes),
+            _bytes(t.capacity_bytes),
+            f"{t.used_bytes / t.capacity_bytes:.1%}" if t.capacity_bytes else "-",
+            f"{t.entries:,.0f}",
+            _bytes(t.bytes_saved),
+            _bytes(t.bytes_loaded),
+            _rate(t.bytes_saved, before.bytes_saved if before else None, elapsed_s),
+            _rate(t.bytes_loaded, before.bytes_loaded if before else None, elapsed_s),
+            f"{t.evictions:,.0f}",
+            f"{t.errors:,.0f}",
+            t.breaker,
+        )
     return table
 
 
@@ -145,12 +175,16 @@ def default_url() -> str:
     if metrics.port is None:
         raise typer.BadParameter(
             "no --url given and metrics.port is not configured; pass --url "
-            "http://HOST:PORT/metrics or set KVORTEX_METRICS__PORT", param_hint="--url")
+            "http://HOST:PORT/metrics or set KVORTEX_METRICS__PORT",
+            param_hint="--url",
+        )
     return f"http://{metrics.host}:{metrics.port}/metrics"
 
 
 def stats_cmd(
-    url: Annotated[str | None, typer.Option(help="metrics URL, e.g. http://127.0.0.1:9400/metrics")] = None,
+    url: Annotated[
+        str | None, typer.Option(help="metrics URL, e.g. http://127.0.0.1:9400/metrics")
+    ] = None,
     once: Annotated[bool, typer.Option("--once", help="print one table and exit")] = False,
     interval: Annotated[float, typer.Option(min=0.1, help="seconds between refreshes")] = 2.0,
 ) -> None:

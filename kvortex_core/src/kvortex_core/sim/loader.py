@@ -31,8 +31,9 @@ class TraceError(KVortexError, ValueError):
     """A trace file line is not a request this loader understands."""
 
 
-def load_jsonl(path: str | Path, *, block_tokens: int = MOONCAKE_BLOCK_TOKENS,
-               limit: int | None = None) -> list[Request]:
+def load_jsonl(
+    path: str | Path, *, block_tokens: int = MOONCAKE_BLOCK_TOKENS, limit: int | None = None
+) -> list[Request]:
     """Read ``path`` (see the module docstring for the accepted lines)."""
     path = Path(path)
     try:
@@ -46,21 +47,36 @@ def load_jsonl(path: str | Path, *, block_tokens: int = MOONCAKE_BLOCK_TOKENS,
         try:
             value = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise TraceError(f"{path}:{lineno}: not JSON ({exc.msg}); one request per line") from None
-        out.append(parse_request(value, block_tokens=block_tokens, where=f"{path}:{lineno}",
-                                 default_ts=float(len(out))))
+            raise TraceError(
+                f"{path}:{lineno}: not JSON ({exc.msg}); one request per line"
+            ) from None
+        out.append(
+            parse_request(
+                value,
+                block_tokens=block_tokens,
+                where=f"{path}:{lineno}",
+                default_ts=float(len(out)),
+            )
+        )
         if limit is not None and len(out) >= limit:
             break
     return sorted(out, key=lambda r: r.timestamp)
 
 
-def parse_request(value: Any, *, block_tokens: int = MOONCAKE_BLOCK_TOKENS, where: str = "",
-                  default_ts: float = 0.0) -> Request:
+def parse_request(
+    value: Any,
+    *,
+    block_tokens: int = MOONCAKE_BLOCK_TOKENS,
+    where: str = "",
+    default_ts: float = 0.0,
+) -> Request:
     """One decoded JSON line as a :class:`Request`."""
     if isinstance(value, list):
         return Request(default_ts, _ids(value, where, "token ids"))
     if not isinstance(value, dict):
-        raise TraceError(f"{where}: expected a list of token ids or an object, got {type(value).__name__}")
+        raise TraceError(
+            f"{where}: expected a list of token ids or an object, got {type(value).__name__}"
+        )
     ts = float(value.get("timestamp", default_ts))
     for name in _TOKEN_FIELDS:
         if name in value:

@@ -10,6 +10,7 @@ tier come out per run.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -39,8 +40,13 @@ class PreparedTrace:
         return sum(self.tokens)
 
 
-def prepare(requests: Iterable[Request], *, chunk_tokens: int = 256,
-            bytes_per_token: int = LLAMA_8B_BYTES_PER_TOKEN, algorithm: str = "sha256") -> PreparedTrace:
+def prepare(
+    requests: Iterable[Request],
+    *,
+    chunk_tokens: int = 256,
+    bytes_per_token: int = LLAMA_8B_BYTES_PER_TOKEN,
+    algorithm: str = "sha256",
+) -> PreparedTrace:
     """Hash every request into chunk keys with the real :class:`ChunkHasher`.
 
     Token requests are cut into ``chunk_tokens`` chunks. Block-hash requests (Mooncake) are
@@ -62,8 +68,9 @@ def prepare(requests: Iterable[Request], *, chunk_tokens: int = 256,
     for ks, ct in zip(keys, ctoks, strict=True):
         for k in ks:
             unique[k] = ct * bytes_per_token
-    return PreparedTrace(keys, tokens, ctoks, [c * bytes_per_token for c in ctoks],
-                         len(unique), sum(unique.values()))
+    return PreparedTrace(
+        keys, tokens, ctoks, [c * bytes_per_token for c in ctoks], len(unique), sum(unique.values())
+    )
 
 
 @dataclass
@@ -110,8 +117,14 @@ class _Tier:
     def __init__(self, name: str, capacity: int, policy: str, hw: float, ratio: float) -> None:
         self.result = TierResult(name, capacity)
         self.below: _Tier | None = None  # demotion target (None: evicted chunks are dropped)
-        self.index = ChunkIndex(name, capacity, policy=policy, high_watermark=hw,
-                                evict_ratio=ratio, on_evict=self._evicted)
+        self.index = ChunkIndex(
+            name,
+            capacity,
+            policy=policy,
+            high_watermark=hw,
+            evict_ratio=ratio,
+            on_evict=self._evicted,
+        )
 
     def _evicted(self, entries: list[IndexEntry]) -> None:
         self.result.evictions += len(entries)
@@ -123,26 +136,41 @@ class _Tier:
                 below.result.bytes_written += e.size
 
 
-def simulate(trace: PreparedTrace, *, policy: str, capacities: Sequence[tuple[str, int]],
-             capacity_fraction: float = 0.0, high_watermark: float = 1.0,
-             evict_ratio: float = 0.05, write_through: bool = False) -> SimResult:
+def simulate(
+    trace: PreparedTrace,
+    *,
+    policy: str,
+    capacities: Sequence[tuple[str, int]],
+    capacity_fraction: float = 0.0,
+    high_watermark: float = 1.0,
+    evict_ratio: float = 0.05,
+    write_through: bool = False,
+) -> SimResult:
     """Replay ``trace`` through one index per ``(tier name, capacity bytes)``, first = hottest."""
     tiers = [_Tier(n, c, policy, high_watermark, evict_ratio) for n, c in capacities]
     if not write_through:
-        for upper, lower in zip(tiers, tiers[1:]):
+        for upper, lower in itertools.pairwise(tiers):
             upper.below = lower
-    result = SimResult(policy, capacity_fraction, len(trace.keys), trace.total_tokens,
-                       [t.result for t in tiers])
+    result = SimResult(
+        policy, capacity_fraction, len(trace.keys), trace.total_tokens, [t.result for t in tiers]
+    )
     for r, keys in enumerate(trace.keys):
-        _replay_one(tiers, keys, trace.chunk_tokens[r], trace.chunk_bytes[r], trace.tokens[r],
-                    write_through)
+        _replay_one(
+            tiers, keys, trace.chunk_tokens[r], trace.chunk_bytes[r], trace.tokens[r], write_through
+        )
     for t in tiers:
         t.index.close()
     return result
 
 
-def _replay_one(tiers: list[_Tier], keys: list[bytes], ctok: int, cbytes: int,
-                n_tokens: int, write_through: bool) -> None:
+def _replay_one(
+    tiers: list[_Tier],
+    keys: list[bytes],
+    ctok: int,
+    cbytes: int,
+    n_tokens: int,
+    write_through: bool,
+) -> None:
     if not keys:
         return
     masks = [t.index.contains(keys) for t in tiers]
@@ -167,15 +195,15 @@ def _replay_one(tiers: list[_Tier], keys: list[bytes], ctok: int, cbytes: int,
         if i < hit and served_by[i] == 0:
             continue
         parent = keys[i - 1] if i else None
-        if not masks[0] >> i & 1:
-            if first.index.insert(keys[i], cbytes, parent=parent):
-                first.result.bytes_written += cbytes
+        if not masks[0] >> i & 1 and first.index.insert(keys[i], cbytes, parent=parent):
+            first.result.bytes_written += cbytes
         if i >= hit and write_through:
             _write_behind(tiers, masks, keys[i], i, cbytes, parent)
 
 
-def _write_behind(tiers: list[_Tier], masks: list[int], key: bytes, i: int, cbytes: int,
-                  parent: bytes | None) -> None:
+def _write_behind(
+    tiers: list[_Tier], masks: list[int], key: bytes, i: int, cbytes: int, parent: bytes | None
+) -> None:
     for ti in range(1, len(tiers)):
         if masks[ti] >> i & 1:
             tiers[ti].index.touch([key])
@@ -183,9 +211,16 @@ def _write_behind(tiers: list[_Tier], masks: list[int], key: bytes, i: int, cbyt
             tiers[ti].result.bytes_written += cbytes
 
 
-def sweep(trace: PreparedTrace, *, policies: Sequence[str], fractions: Sequence[float],
-          lower_tiers: Sequence[tuple[str, float]] = (), high_watermark: float = 1.0,
-          evict_ratio: float = 0.05, write_through: bool = False) -> list[SimResult]:
+def sweep(
+    trace: PreparedTrace,
+    *,
+    policies: Sequence[str],
+    fractions: Sequence[float],
+    lower_tiers: Sequence[tuple[str, float]] = (),
+    high_watermark: float = 1.0,
+    evict_ratio: float = 0.05,
+    write_through: bool = False,
+) -> list[SimResult]:
     """Every policy at every first-tier capacity (fraction of the working set).
 
     ``lower_tiers`` are ``(name, factor)``: a lower tier holds ``factor`` x the first tier.
@@ -195,9 +230,17 @@ def sweep(trace: PreparedTrace, *, policies: Sequence[str], fractions: Sequence[
         cap = max(1, int(frac * trace.working_set_bytes))
         caps = [("cpu", cap)] + [(n, max(1, int(cap * f))) for n, f in lower_tiers]
         for policy in policies:
-            out.append(simulate(trace, policy=policy, capacities=caps, capacity_fraction=frac,
-                                high_watermark=high_watermark, evict_ratio=evict_ratio,
-                                write_through=write_through))
+            out.append(
+                simulate(
+                    trace,
+                    policy=policy,
+                    capacities=caps,
+                    capacity_fraction=frac,
+                    high_watermark=high_watermark,
+                    evict_ratio=evict_ratio,
+                    write_through=write_through,
+                )
+            )
     return out
 
 

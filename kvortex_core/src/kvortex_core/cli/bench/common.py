@@ -121,7 +121,7 @@ def hardware() -> dict[str, Any]:
         info["torch"] = torch.__version__
         if torch.cuda.is_available():
             info["gpu"] = torch.cuda.get_device_name(0)
-    except Exception:  # noqa: BLE001 - hardware info is best effort
+    except Exception:  # noqa: BLE001, S110 - hardware info is best effort
         pass
     return info
 
@@ -195,8 +195,9 @@ def plot_lines(
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     for s in series:
-        (line,) = ax.plot(s.x, s.y, marker="o", markersize=3, label=s.label, color=s.color,
-                          linestyle=s.linestyle)
+        (line,) = ax.plot(
+            s.x, s.y, marker="o", markersize=3, label=s.label, color=s.color, linestyle=s.linestyle
+        )
         if s.y_min is not None and s.y_max is not None:
             ax.fill_between(s.x, s.y_min, s.y_max, alpha=0.2, color=line.get_color())
     if hline is not None:

@@ -44,12 +44,22 @@ def ttft_cmd(
     tokens: Annotated[str, typer.Option(help="prompt lengths")] = DEFAULT_TOKENS,
     layers: Annotated[int, typer.Option(min=1, help="decoder layers (Llama-3.1-8B has 32)")] = 32,
     tiers: Annotated[str, typer.Option(help="tiers to load from: cpu,disk")] = "cpu,disk",
-    overhead_tokens: Annotated[str, typer.Option(help="lengths for the miss-overhead test")] = "1K,8K,32K",
-    overhead_requests: Annotated[int, typer.Option(min=1, help="back-to-back misses per repetition")] = 4,
-    disk_path: Annotated[Path, typer.Option(help="directory for the disk tier")] = Path("/tmp/kvortex-ttft-disk"),
-    drop_caches: Annotated[bool, typer.Option(help="drop the page cache before disk loads (root only)")] = True,
+    overhead_tokens: Annotated[
+        str, typer.Option(help="lengths for the miss-overhead test")
+    ] = "1K,8K,32K",
+    overhead_requests: Annotated[
+        int, typer.Option(min=1, help="back-to-back misses per repetition")
+    ] = 4,
+    disk_path: Annotated[Path, typer.Option(help="directory for the disk tier")] = Path(
+        "/tmp/kvortex-ttft-disk"
+    ),
+    drop_caches: Annotated[
+        bool, typer.Option(help="drop the page cache before disk loads (root only)")
+    ] = True,
     chunk_tokens: int = 256,
-    tiny: Annotated[bool, typer.Option(help="toy model on CPU: checks the harness, not speed")] = False,
+    tiny: Annotated[
+        bool, typer.Option(help="toy model on CPU: checks the harness, not speed")
+    ] = False,
 ) -> None:
     """TTFT: prefill vs KV load from each tier, with the loaded KV verified."""
     import torch
@@ -60,13 +70,20 @@ def ttft_cmd(
     shape = h.TINY if tiny else dataclasses.replace(h.LLAMA_8B, layers=layers)
     lengths = sorted(parse_sizes(tokens))
     run = TTFTRun(shape, device, chunk_tokens, reps, max(lengths + parse_sizes(overhead_tokens)))
-    results: dict[str, Any] = {"path": run.path_name, "shape": shape.__dict__, "device": str(device),
-                               "lengths": {}, "overhead": {}}
+    results: dict[str, Any] = {
+        "path": run.path_name,
+        "shape": shape.__dict__,
+        "device": str(device),
+        "lengths": {},
+        "overhead": {},
+    }
     wanted = {t.strip() for t in tiers.split(",")}
     try:
         for n in lengths:
             typer.echo(f"[ttft] {n} tokens", err=True)
-            results["lengths"][n] = _guard(lambda n=n: run.measure_length(n, wanted, disk_path, drop_caches))
+            results["lengths"][n] = _guard(
+                lambda n=n: run.measure_length(n, wanted, disk_path, drop_caches)
+            )
         for n in sorted(parse_sizes(overhead_tokens)):
             typer.echo(f"[ttft] overhead at {n} tokens", err=True)
             results["overhead"][n] = _guard(lambda n=n: run.measure_overhead(n, overhead_requests))
@@ -80,7 +97,9 @@ def ttft_cmd(
 class TTFTRun:
     """One model, one paged cache and one cpu-tier engine shared by every measurement."""
 
-    def __init__(self, shape: Any, device: Any, chunk_tokens: int, reps: int, max_tokens: int) -> None:
+    def __init__(
+        self, shape: Any, device: Any, chunk_tokens: int, reps: int, max_tokens: int
+    ) -> None:
         import torch
 
         from kvortex_core.cli.bench import ttft_harness as h
@@ -106,7 +125,9 @@ class TTFTRun:
     def _prompt(self, n: int) -> Any:
         return self.torch.randint(0, self.shape.vocab, (n,), generator=self.gen).to(self.device)
 
-    def measure_length(self, n: int, tiers: set[str], disk_path: Path, drop: bool) -> dict[str, Any]:
+    def measure_length(
+        self, n: int, tiers: set[str], disk_path: Path, drop: bool
+    ) -> dict[str, Any]:
         h, dev = self.h, self.device
         ids = self._prompt(n)
         toks = ids.tolist()
@@ -119,8 +140,11 @@ class TTFTRun:
         src, dst = self.src_region[: n // h.BLOCK_SIZE], self.dst_region[: n // h.BLOCK_SIZE]
         self.paged.write(cache, src)
         self.path.save(toks, src.tolist())
-        out: dict[str, Any] = {"kv_bytes": n * self.per_token, "prefill_s": prefill_s,
-                               "prefill": spread(prefill_s)}
+        out: dict[str, Any] = {
+            "kv_bytes": n * self.per_token,
+            "prefill_s": prefill_s,
+            "prefill": spread(prefill_s),
+        }
         if "cpu" in tiers:
             out["cpu"] = self._loads(self.path, toks, dst, cache, prefill_s)
         if "disk" in tiers:
@@ -128,8 +152,15 @@ class TTFTRun:
         del cache
         return out
 
-    def _loads(self, path: Any, toks: list[int], dst: Any, cache: Any, prefill_s: list[float],
-               fresh: Any = None) -> dict[str, Any]:
+    def _loads(
+        self,
+        path: Any,
+        toks: list[int],
+        dst: Any,
+        cache: Any,
+        prefill_s: list[float],
+        fresh: Any = None,
+    ) -> dict[str, Any]:
         h, dev = self.h, self.device
         load_s, verified, loaded = [], True, 0
         dst_list = dst.tolist()  # the engine gets host lists, as vLLM passes them
@@ -142,17 +173,38 @@ class TTFTRun:
             if fresh is not None:
                 p.close()
         nbytes = len(toks) * self.per_token
-        return {"load_s": load_s, "load": spread(load_s), "verified": verified, "loaded_tokens": loaded,
-                "gbps": spread([nbytes / s / 1e9 for s in load_s]),
-                "speedup": ratio_spread(load_s, prefill_s) | {"at_medians": _median(prefill_s) / _median(load_s)}}
+        return {
+            "load_s": load_s,
+            "load": spread(load_s),
+            "verified": verified,
+            "loaded_tokens": loaded,
+            "gbps": spread([nbytes / s / 1e9 for s in load_s]),
+            "speedup": ratio_spread(load_s, prefill_s)
+            | {"at_medians": _median(prefill_s) / _median(load_s)},
+        }
 
-    def _disk_loads(self, toks: list[int], src: Any, dst: Any, cache: Any, prefill_s: list[float],
-                    disk_path: Path, drop: bool) -> dict[str, Any]:
+    def _disk_loads(
+        self,
+        toks: list[int],
+        src: Any,
+        dst: Any,
+        cache: Any,
+        prefill_s: list[float],
+        disk_path: Path,
+        drop: bool,
+    ) -> dict[str, Any]:
         """Each repetition opens a fresh engine on the same directory: the KV is only on disk."""
         h = self.h
         shutil.rmtree(disk_path, ignore_errors=True)
-        tiers = {"cpu": {"type": "cpu", "capacity": int(1.25 * len(toks) * self.per_token) + (64 << 20)},
-                 "disk": {"type": "disk", "capacity": 32 << 30, "path": str(disk_path), "write_through": True}}
+        tiers = {
+            "cpu": {"type": "cpu", "capacity": int(1.25 * len(toks) * self.per_token) + (64 << 20)},
+            "disk": {
+                "type": "disk",
+                "capacity": 32 << 30,
+                "path": str(disk_path),
+                "write_through": True,
+            },
+        }
         if not h.engine_available():
             return {"skipped": "KVortexEngine not available: the disk tier needs the tiering"}
         # Large payloads on a slow disk: give write-behind and its drain at close room to finish.
@@ -186,7 +238,7 @@ class TTFTRun:
         runs: dict[str, list[dict[str, float]]] = {"base": [], "ours": []}
         self.h.prefill(self.model, self._prompt(n))
         for rep in range(self.reps):
-            for mode in (("base", "ours") if rep % 2 == 0 else ("ours", "base")):
+            for mode in ("base", "ours") if rep % 2 == 0 else ("ours", "base"):
                 prompts = [self._prompt(n) for _ in range(k)]
                 runs[mode].append(self._misses(prompts, regions, lists, mode == "ours"))
         out: dict[str, Any] = {"requests": k, "runs": runs}
@@ -194,15 +246,18 @@ class TTFTRun:
             base, ours = [r[key] for r in runs["base"]], [r[key] for r in runs["ours"]]
             out[f"{key}_base"], out[f"{key}_ours"] = spread(base), spread(ours)
             out[f"{key}_overhead"] = _median(ours) / _median(base) - 1.0
-            out[f"{key}_overhead_spread"] = spread([o / b - 1.0 for o, b in zip(ours, base, strict=True)])
+            out[f"{key}_overhead_spread"] = spread(
+                [o / b - 1.0 for o, b in zip(ours, base, strict=True)]
+            )
         per_request = _median([r["ttft"] for r in runs["base"]]) / k
         for key in ("lookup", "submit", "reuse_wait"):
             out[f"{key}_fraction"] = _median([r[key] for r in runs["ours"]]) / k / per_request
         out["overhead_fraction"] = out["ttft_overhead"]
         return out
 
-    def _misses(self, prompts: list[Any], regions: list[Any], lists: list[list[int]],
-                ours: bool) -> dict[str, float]:
+    def _misses(
+        self, prompts: list[Any], regions: list[Any], lists: list[list[int]], ours: bool
+    ) -> dict[str, float]:
         import time
 
         h, dev = self.h, self.device
@@ -265,8 +320,13 @@ def _raw_read(root: Path, reps: int, drop: bool) -> dict[str, Any]:
             with open(p, "rb", buffering=0) as f:
                 f.readinto(buf)
         secs.append(time.perf_counter() - t0)
-    return {"files": len(files), "bytes": nbytes, "seconds": secs, "median_s": _median(secs),
-            "gbps": spread([nbytes / s / 1e9 for s in secs if s > 0])}
+    return {
+        "files": len(files),
+        "bytes": nbytes,
+        "seconds": secs,
+        "median_s": _median(secs),
+        "gbps": spread([nbytes / s / 1e9 for s in secs if s > 0]),
+    }
 
 
 def _median(xs: list[float]) -> float:
@@ -293,29 +353,71 @@ def _report(results: dict[str, Any], out: Path) -> None:
         for tier in ("cpu", "disk"):
             t = r.get(tier, {})
             if "load" in t:
-                row += [t["load"]["median"] * 1e3, t["speedup"]["median"], "yes" if t["verified"] else "NO"]
+                row += [
+                    t["load"]["median"] * 1e3,
+                    t["speedup"]["median"],
+                    "yes" if t["verified"] else "NO",
+                ]
             else:
                 row += ["-", "-", "-"]
         rows.append(row)
-    print_table(f"TTFT: prefill vs KV load ({results['path']})",
-                ["tokens", "prefill ms", "cpu load ms", "cpu speedup", "cpu equal",
-                 "disk load ms", "disk speedup", "disk equal"], rows)
-    over = [[n, o["ttft_base"]["median"] * 1e3, o["ttft_ours"]["median"] * 1e3, f"{o['ttft_overhead']:+.2%}",
-             f"{o['total_overhead']:+.2%}", f"{o['lookup_fraction']:.2%}", f"{o['submit_fraction']:.2%}",
-             f"{o['reuse_wait_fraction']:.2%}"]
-            for n, o in sorted(results["overhead"].items()) if "error" not in o]
+    print_table(
+        f"TTFT: prefill vs KV load ({results['path']})",
+        [
+            "tokens",
+            "prefill ms",
+            "cpu load ms",
+            "cpu speedup",
+            "cpu equal",
+            "disk load ms",
+            "disk speedup",
+            "disk equal",
+        ],
+        rows,
+    )
+    over = [
+        [
+            n,
+            o["ttft_base"]["median"] * 1e3,
+            o["ttft_ours"]["median"] * 1e3,
+            f"{o['ttft_overhead']:+.2%}",
+            f"{o['total_overhead']:+.2%}",
+            f"{o['lookup_fraction']:.2%}",
+            f"{o['submit_fraction']:.2%}",
+            f"{o['reuse_wait_fraction']:.2%}",
+        ]
+        for n, o in sorted(results["overhead"].items())
+        if "error" not in o
+    ]
     if over:
-        print_table("miss overhead: lookup + save added to back-to-back prefills that miss",
-                    ["tokens", "bare ms", "KVortex ms", "TTFT overhead", "incl. drain", "lookup",
-                     "save submit", "block reuse wait"], over)
+        print_table(
+            "miss overhead: lookup + save added to back-to-back prefills that miss",
+            [
+                "tokens",
+                "bare ms",
+                "KVortex ms",
+                "TTFT overhead",
+                "incl. drain",
+                "lookup",
+                "save submit",
+                "block reuse wait",
+            ],
+            over,
+        )
     _plots(results, lengths, out)
 
 
 def _plots(results: dict[str, Any], lengths: list[int], out: Path) -> None:
     x = [float(n) for n in lengths]
-    times = [Series("prefill (raw baseline)", x, [results["lengths"][n]["prefill"]["median"] * 1e3 for n in lengths],
-                    [results["lengths"][n]["prefill"]["min"] * 1e3 for n in lengths],
-                    [results["lengths"][n]["prefill"]["max"] * 1e3 for n in lengths])]
+    times = [
+        Series(
+            "prefill (raw baseline)",
+            x,
+            [results["lengths"][n]["prefill"]["median"] * 1e3 for n in lengths],
+            [results["lengths"][n]["prefill"]["min"] * 1e3 for n in lengths],
+            [results["lengths"][n]["prefill"]["max"] * 1e3 for n in lengths],
+        )
+    ]
     speed = []
     for tier in ("cpu", "disk"):
         have = [n for n in lengths if "load" in results["lengths"][n].get(tier, {})]
@@ -323,13 +425,39 @@ def _plots(results: dict[str, Any], lengths: list[int], out: Path) -> None:
             continue
         t = [results["lengths"][n][tier] for n in have]
         xs = [float(n) for n in have]
-        times.append(Series(f"load from {tier}", xs, [v["load"]["median"] * 1e3 for v in t],
-                            [v["load"]["min"] * 1e3 for v in t], [v["load"]["max"] * 1e3 for v in t]))
-        speed.append(Series(f"{tier} tier", xs, [v["speedup"]["median"] for v in t],
-                            [v["speedup"]["min"] for v in t], [v["speedup"]["max"] for v in t]))
-    plot_lines(out / "ttft_times.png", times, title="prefill vs KV load time", xlabel="prompt tokens",
-               ylabel="ms", logx=True)
+        times.append(
+            Series(
+                f"load from {tier}",
+                xs,
+                [v["load"]["median"] * 1e3 for v in t],
+                [v["load"]["min"] * 1e3 for v in t],
+                [v["load"]["max"] * 1e3 for v in t],
+            )
+        )
+        speed.append(
+            Series(
+                f"{tier} tier",
+                xs,
+                [v["speedup"]["median"] for v in t],
+                [v["speedup"]["min"] for v in t],
+                [v["speedup"]["max"] for v in t],
+            )
+        )
+    plot_lines(
+        out / "ttft_times.png",
+        times,
+        title="prefill vs KV load time",
+        xlabel="prompt tokens",
+        ylabel="ms",
+        logx=True,
+    )
     if speed:
-        plot_lines(out / "ttft_speedup.png", speed, title="TTFT speedup: prefill time / load time",
-                   xlabel="prompt tokens", ylabel="speedup (x)", logx=True, hline=10.0)
-
+        plot_lines(
+            out / "ttft_speedup.png",
+            speed,
+            title="TTFT speedup: prefill time / load time",
+            xlabel="prompt tokens",
+            ylabel="speedup (x)",
+            logx=True,
+            hline=10.0,
+        )

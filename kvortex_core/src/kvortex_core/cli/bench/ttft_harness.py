@@ -31,7 +31,13 @@ class ModelShape:
     vocab: int
 
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
-        return self.layers * 2 * self.kv_heads * self.head_dim * torch.empty((), dtype=dtype).element_size()
+        return (
+            self.layers
+            * 2
+            * self.kv_heads
+            * self.head_dim
+            * torch.empty((), dtype=dtype).element_size()
+        )
 
 
 LLAMA_8B = ModelShape(32, 4096, 32, 8, 128, 14336, 128256)
@@ -42,10 +48,17 @@ def build_model(shape: ModelShape, device: torch.device, dtype: torch.dtype) -> 
     """``LlamaForCausalLM`` with random weights, built directly on ``device``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(hidden_size=shape.hidden, intermediate_size=shape.intermediate,
-                         num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
-                         head_dim=shape.head_dim, num_hidden_layers=shape.layers,
-                         vocab_size=shape.vocab, max_position_embeddings=131072, rope_theta=500000.0)
+    config = LlamaConfig(
+        hidden_size=shape.hidden,
+        intermediate_size=shape.intermediate,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        head_dim=shape.head_dim,
+        num_hidden_layers=shape.layers,
+        vocab_size=shape.vocab,
+        max_position_embeddings=131072,
+        rope_theta=500000.0,
+    )
     config._attn_implementation = "sdpa"
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # initialise in the target dtype: no fp32 copy of 8B weights
@@ -80,9 +93,21 @@ def prefill(model: Any, ids: torch.Tensor) -> Any:
 class PagedCache:
     """vLLM FlashAttention-shaped KV cache: one ``[2, blocks, 16, kv_heads, head]`` per layer."""
 
-    def __init__(self, shape: ModelShape, num_blocks: int, device: torch.device, dtype: torch.dtype) -> None:
-        self.kv = [torch.zeros(2, num_blocks, BLOCK_SIZE, shape.kv_heads, shape.head_dim,
-                               dtype=dtype, device=device) for _ in range(shape.layers)]
+    def __init__(
+        self, shape: ModelShape, num_blocks: int, device: torch.device, dtype: torch.dtype
+    ) -> None:
+        self.kv = [
+            torch.zeros(
+                2,
+                num_blocks,
+                BLOCK_SIZE,
+                shape.kv_heads,
+                shape.head_dim,
+                dtype=dtype,
+                device=device,
+            )
+            for _ in range(shape.layers)
+        ]
         self.num_blocks = num_blocks
 
     def _blocked(self, t: torch.Tensor) -> torch.Tensor:
@@ -98,9 +123,11 @@ class PagedCache:
 
     def equals(self, cache: Any, block_ids: torch.Tensor) -> bool:
         """True when ``block_ids`` hold exactly the prefill's KV (bit for bit)."""
-        return all(torch.equal(kv[0, block_ids], self._blocked(kv_keys(layer)))
-                   and torch.equal(kv[1, block_ids], self._blocked(kv_values(layer)))
-                   for layer, kv in zip(cache.layers, self.kv, strict=True))
+        return all(
+            torch.equal(kv[0, block_ids], self._blocked(kv_keys(layer)))
+            and torch.equal(kv[1, block_ids], self._blocked(kv_values(layer)))
+            for layer, kv in zip(cache.layers, self.kv, strict=True)
+        )
 
     def poison(self, block_ids: torch.Tensor) -> None:
         """NaN the blocks so a load that skips any of them fails :meth:`equals`."""
@@ -121,14 +148,20 @@ class EnginePath:
 
     name = "KVortexEngine"
 
-    def __init__(self, kv_caches: list[torch.Tensor], tiers: dict[str, Any], chunk_tokens: int,
-                 **config: Any) -> None:
+    def __init__(
+        self, kv_caches: list[torch.Tensor], tiers: dict[str, Any], chunk_tokens: int, **config: Any
+    ) -> None:
         from kvortex_core.config import KVortexConfig
         from kvortex_core.engine import KVortexEngine
 
         plugins = builtin_plugins()
-        config = KVortexConfig.load(plugins=plugins, chunk_tokens=chunk_tokens,
-                                    model_id="kvortex-ttft-bench", tiers=tiers, **config)
+        config = KVortexConfig.load(
+            plugins=plugins,
+            chunk_tokens=chunk_tokens,
+            model_id="kvortex-ttft-bench",
+            tiers=tiers,
+            **config,
+        )
         self.engine = KVortexEngine.create(config, plugins=plugins)
         self.engine.register_kv_caches(kv_caches)
 
@@ -162,15 +195,16 @@ class TransferPath:
         layout = detect_layout(kv_caches)
         self.chunk_tokens = chunk_tokens
         self.blocks_per_chunk = chunk_tokens // BLOCK_SIZE
-        self.hasher = ChunkHasher(KeyNamespace("kvortex-ttft-bench", "", "bf16", "canonical", 0, 0, 0),
-                                  chunk_tokens)
+        self.hasher = ChunkHasher(
+            KeyNamespace("kvortex-ttft-bench", "", "bf16", "canonical", 0, 0, 0), chunk_tokens
+        )
         self.pool = PinnedPool(layout.chunk_bytes(chunk_tokens), capacity)
         self.transfer = TransferEngine(kv_caches, layout, chunk_tokens=chunk_tokens)
         self.slots: dict[bytes, int] = {}
 
     def _chunks(self, block_ids: Sequence[int], n: int) -> list[list[int]]:
         b = self.blocks_per_chunk
-        return [list(block_ids[i * b:(i + 1) * b]) for i in range(n)]
+        return [list(block_ids[i * b : (i + 1) * b]) for i in range(n)]
 
     def lookup(self, tokens: Sequence[int]) -> int:
         keys = self.hasher.keys(tokens)
@@ -181,7 +215,9 @@ class TransferPath:
         keys = [k for k in self.hasher.keys(tokens) if k not in self.slots]
         slots = self.pool.allocate_many(len(keys)) or []
         self.slots.update(zip(keys, slots, strict=False))
-        return self.transfer.save(self._chunks(block_ids, len(slots)), [self.pool.view(s) for s in slots])
+        return self.transfer.save(
+            self._chunks(block_ids, len(slots)), [self.pool.view(s) for s in slots]
+        )
 
     def save(self, tokens: Sequence[int], block_ids: Sequence[int]) -> None:
         self.save_async(tokens, block_ids).wait()
@@ -189,7 +225,9 @@ class TransferPath:
     def load(self, tokens: Sequence[int], block_ids: Sequence[int]) -> int:
         n = self.lookup(tokens) // self.chunk_tokens
         keys = self.hasher.keys(tokens)[:n]
-        self.transfer.load([self.pool.view(self.slots[k]) for k in keys], self._chunks(block_ids, n)).wait()
+        self.transfer.load(
+            [self.pool.view(self.slots[k]) for k in keys], self._chunks(block_ids, n)
+        ).wait()
         return n * self.chunk_tokens
 
     def close(self) -> None:
