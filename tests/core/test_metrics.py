@@ -172,13 +172,13 @@ def test_logs_quiet_by_default_then_one_line_per_event() -> None:
         )
         with pytest.raises(Exception, match="log_level 'LOUD'"):
             logs.configure("LOUD")
+        assert logging.getLogger("kvortex_core").propagate  # the app's own handlers still see it
     finally:
         for name in logs.ROOT_LOGGERS:
             logger = logging.getLogger(name)
             for h in [h for h in logger.handlers if getattr(h, "_kvortex_handler", False)]:
                 logger.removeHandler(h)
             logger.setLevel(logging.NOTSET)
-            logger.propagate = True
 
 
 def test_throttle_and_storm_detector() -> None:

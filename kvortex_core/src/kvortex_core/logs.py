@@ -31,10 +31,13 @@ def get_logger(name: str) -> logging.Logger:
 
 
 def configure(level: str | int = "WARNING", *, stream: Any = None) -> None:
-    """Set the level of every KVortex logger and attach one stderr handler (idempotent).
+    """Set the level of every KVortex logger; print to stderr unless the app already logs.
 
-    Calling it twice changes the level but never adds a second handler, so each event is
-    printed once even when several engines live in one process.
+    When the root logger has handlers (the application configured logging, or pytest's
+    capture), records propagate to them and nothing else is added. Otherwise (or with an
+    explicit ``stream``) one handler of ours is attached, once: calling this twice changes the
+    level but never adds a second handler, so each event prints once even with several engines
+    in one process. Propagation is never switched off, so the application still sees our logs.
     """
     if isinstance(level, str):
         resolved = logging.getLevelName(level.upper())
@@ -46,16 +49,15 @@ def configure(level: str | int = "WARNING", *, stream: Any = None) -> None:
                 "(KVORTEX_LOG_LEVEL)"
             )
         level = resolved
+    own_handler = stream is not None or not logging.getLogger().handlers
     for name in ROOT_LOGGERS:
         logger = logging.getLogger(name)
         logger.setLevel(level)
-        if not any(getattr(h, _HANDLER_FLAG, False) for h in logger.handlers):
+        if own_handler and not any(getattr(h, _HANDLER_FLAG, False) for h in logger.handlers):
             handler = logging.StreamHandler(stream)
             handler.setFormatter(logging.Formatter(FORMAT))
             setattr(handler, _HANDLER_FLAG, True)
             logger.addHandler(handler)
-        # Our handler prints; propagating too would print twice under a configured root.
-        logger.propagate = False
 
 
 def format_event(event_name: str, **fields: Any) -> str:
