@@ -234,7 +234,7 @@ def _make_tls_files(directory: Path) -> TlsFiles:
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
 
     def name(cn: str) -> x509.Name:
         return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
@@ -305,8 +305,8 @@ def redis_tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsRedis]:
             "--tls-auth-clients", "yes",
             "--user", user, "on", f">{password}", "~*", "&*", "+@all",
             "--user", "default", "off"]
-    client = dict(ssl=True, ssl_ca_certs=str(files.ca), ssl_certfile=str(files.client_cert),
-                  ssl_keyfile=str(files.client_key), username=user, password=password)
+    client = {"ssl": True, "ssl_ca_certs": str(files.ca), "ssl_certfile": str(files.client_cert),
+              "ssl_keyfile": str(files.client_key), "username": user, "password": password}
     try:
         server = start_redis(base / "data", *args, **client)
     except RuntimeError as exc:

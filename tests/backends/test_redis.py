@@ -8,11 +8,10 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-
-from kvortex_core.errors import BackendError, BackendFullError
+from kvortex_backends.redis import RedisBackend, RedisOptions
+from kvortex_core.errors import BackendError, BackendFullError, BufferTooSmallError
 from kvortex_core.storage.protocol import BackendContext
 from kvortex_core.testing import BackendConformance
-from kvortex_backends.redis import RedisBackend, RedisOptions
 
 pytestmark = pytest.mark.redis
 redis = pytest.importorskip("redis")
@@ -48,6 +47,46 @@ class TestRedisPartsConformance(BackendConformance):
     def backend_factory(self, redis_server, key_prefix):  # type: ignore[no-untyped-def]
         return lambda capacity: make_backend(capacity, url=redis_server.url, key_prefix=key_prefix,
                                              part_bytes=16 * 1024)
+
+
+class TestRedisUncoalescedConformance(BackendConformance):
+    """The same contract with every get on its own pooled connection."""
+
+    sizes = (1, 65537)
+
+    @pytest.fixture
+    def backend_factory(self, redis_server, key_prefix):  # type: ignore[no-untyped-def]
+        return lambda capacity: make_backend(capacity, url=redis_server.url, key_prefix=key_prefix,
+                                             coalesce_gets=False)
+
+
+def test_coalesced_gets_keep_per_key_results_and_errors(redis_server, key_prefix) -> None:
+    values = {f"c{i}": os.urandom(1000 + i) for i in range(12)}
+
+    async def scenario(b: RedisBackend) -> None:
+        for k, v in values.items():
+            await b.put(k, v)
+        outs = {k: bytearray(len(v)) for k, v in values.items()}
+        small = bytearray(10)
+        results = await asyncio.gather(
+            *(b.get(k, memoryview(o)) for k, o in outs.items()),
+            b.get("absent", memoryview(bytearray(10))),
+            b.get("c0", memoryview(small)),
+            return_exceptions=True,
+        )
+        assert results[:12] == [len(v) for v in values.values()]
+        assert all(bytes(outs[k]) == v for k, v in values.items())
+        assert results[12] is None
+        assert isinstance(results[13], BufferTooSmallError)
+        # A waiter cancelled mid-batch (the engine's timeout) leaves the others intact.
+        tasks = [asyncio.ensure_future(b.get(k, memoryview(bytearray(2000)))) for k in values]
+        await asyncio.sleep(0)
+        tasks[0].cancel()
+        done = await asyncio.gather(*tasks, return_exceptions=True)
+        assert isinstance(done[0], asyncio.CancelledError)
+        assert done[1:] == [len(v) for v in list(values.values())[1:]]
+
+    run(make_backend(url=redis_server.url, key_prefix=key_prefix), scenario)
 
 
 def test_one_key_per_payload_under_prefix(redis_server, key_prefix) -> None:

@@ -6,10 +6,9 @@ import asyncio
 import os
 
 import pytest
-
+from kvortex_backends.redis import RedisBackend, RedisOptions
 from kvortex_core.storage.protocol import BackendContext
 from kvortex_core.testing import BackendConformance
-from kvortex_backends.redis import RedisBackend, RedisOptions
 
 pytestmark = pytest.mark.redis
 redis = pytest.importorskip("redis")

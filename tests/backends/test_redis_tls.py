@@ -6,22 +6,23 @@ import asyncio
 import os
 
 import pytest
-
+from kvortex_backends.redis import RedisBackend, RedisOptions
 from kvortex_core.errors import BackendError
 from kvortex_core.storage.protocol import BackendContext
 from kvortex_core.testing import BackendConformance
-from kvortex_backends.redis import RedisBackend, RedisOptions
 
 pytestmark = pytest.mark.redis
 pytest.importorskip("redis")
 
 
 def tls_backend(tls, key_prefix: str, capacity: int = 1 << 28, **overrides: object) -> RedisBackend:  # type: ignore[no-untyped-def]
-    options = dict(url=tls.url, key_prefix=key_prefix, username=tls.username, password=tls.password,
-                   ssl_ca_certs=str(tls.files.ca), ssl_certfile=str(tls.files.client_cert),
-                   ssl_keyfile=str(tls.files.client_key),
-                   # 48 concurrent TLS handshakes on a loaded 2-core CI box can take seconds.
-                   connect_timeout=15, socket_timeout=30)
+    options: dict[str, object] = {
+        "url": tls.url, "key_prefix": key_prefix, "username": tls.username, "password": tls.password,
+        "ssl_ca_certs": str(tls.files.ca), "ssl_certfile": str(tls.files.client_cert),
+        "ssl_keyfile": str(tls.files.client_key),
+        # 48 concurrent TLS handshakes on a loaded 2-core CI box can take seconds.
+        "connect_timeout": 15, "socket_timeout": 30,
+    }
     options.update(overrides)
     return RedisBackend(RedisOptions(**options), capacity=capacity, context=BackendContext(tier="tls"))
 

@@ -8,11 +8,10 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-
+from kvortex_backends.s3 import S3Backend, S3Options
 from kvortex_core.errors import BackendError, BufferTooSmallError
 from kvortex_core.storage.protocol import BackendContext
 from kvortex_core.testing import BackendConformance
-from kvortex_backends.s3 import S3Backend, S3Options
 
 pytestmark = pytest.mark.s3
 pytest.importorskip("boto3")

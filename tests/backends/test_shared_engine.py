@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 import torch
+from kvortex_core.data import kv_samples as ks
 
 from kvortex_core import KVortexConfig, KVortexEngine
-from kvortex_core.data import kv_samples as ks
 
 pytest.importorskip("redis")
 pytest.importorskip("boto3")
@@ -90,7 +90,7 @@ def test_engine_keeps_serving_with_redis_killed(make_redis, key_prefix) -> None:
     caches, _, block = ks.flash_attn(L, B, N, H, D, torch.bfloat16, seed=3)
     with KVortexEngine.create(_config(_redis_tier(server, key_prefix))) as engine:
         engine.register_kv_caches(caches)
-        first = list(range(0, 2 * CHUNK))
+        first = list(range(2 * CHUNK))
         assert engine.save(first, [0, 1, 2, 3]) == 2 * CHUNK
         server.kill()
         # Saves and loads go on from the cpu tier; write-behind to redis fails and is counted.
@@ -111,7 +111,7 @@ def test_engine_keeps_serving_with_s3_stalling(fault_proxy, s3_bucket) -> None: 
     caches, _, block = ks.flash_attn(L, B, N, H, D, torch.bfloat16, seed=4)
     with KVortexEngine.create(_config(tier)) as engine:
         engine.register_kv_caches(caches)
-        first = list(range(0, 2 * CHUNK))
+        first = list(range(2 * CHUNK))
         assert engine.save(first, [0, 1, 2, 3]) == 2 * CHUNK
         fault_proxy.mode = "stall"
         for i in range(4):

@@ -15,11 +15,10 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-
-from kvortex_core.errors import BackendError
-from kvortex_core.storage.protocol import BackendContext
 from kvortex_backends.redis import RedisBackend, RedisOptions
 from kvortex_backends.s3 import S3Backend, S3Options
+from kvortex_core.errors import BackendError
+from kvortex_core.storage.protocol import BackendContext
 
 redis = pytest.importorskip("redis")
 MiB = 1024 * 1024

@@ -14,16 +14,22 @@ imported in :meth:`RedisBackend.open`, so registering the backend never needs it
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from urllib.parse import urlsplit, urlunsplit
 
+from kvortex_core.errors import BackendError, BackendFullError, BufferTooSmallError
+from kvortex_core.storage.protocol import (
+    BackendContext,
+    BackendOptions,
+    Health,
+    StorageBackend,
+    Usage,
+)
 from pydantic import ByteSize, Field, SecretStr, field_validator, model_validator
 
-from kvortex_core.errors import BackendError, BackendFullError, BufferTooSmallError
-from kvortex_core.storage.protocol import BackendContext, BackendOptions, Health, StorageBackend, Usage
+from kvortex_backends._redis_batch import GetBatcher
 from kvortex_backends.ledger import WriteLedger
 
 if TYPE_CHECKING:
@@ -68,9 +74,12 @@ class RedisOptions(BackendOptions):
     socket_timeout: float = Field(5.0, gt=0)
     connect_timeout: float = Field(2.0, gt=0)
     read_buffer_bytes: ByteSize = Field(
-        ByteSize(256 * 1024), ge=4096, description="socket read size (larger = fewer reads per payload)"
+        ByteSize(64 * 1024), ge=4096, description="socket read size per read call"
     )
     retries: int = Field(1, ge=0, le=10, description="retries of a command after a connection error")
+    coalesce_gets: bool = Field(
+        True, description="gets issued in the same event-loop turn share one pipeline"
+    )
     part_bytes: ByteSize | None = Field(
         None, description="write payloads larger than this as SET+APPEND parts in one MULTI"
     )
@@ -141,6 +150,7 @@ class RedisBackend(StorageBackend):
         self.opts: RedisOptions = options  # type: ignore[assignment]
         self._ledger = WriteLedger(context.tier, capacity, self.opts.ttl)
         self._client: Redis | RedisCluster | None = None
+        self._batcher: GetBatcher | None = None
         self._where = ", ".join(urlsplit(u).netloc.split("@")[-1] for u in self.opts.node_urls())
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -153,10 +163,15 @@ class RedisBackend(StorageBackend):
         from kvortex_backends._redis_client import make_client
 
         self._client = make_client(self.opts)
+        if self.opts.coalesce_gets:
+            self._batcher = GetBatcher(self._require, max_batch=64)
         with self._errors("connect"):
             await self._client.ping()
 
     async def close(self) -> None:
+        if self._batcher is not None:
+            await self._batcher.close()
+            self._batcher = None
         client, self._client = self._client, None
         if client is not None:
             with contextlib.suppress(Exception):  # closing a dead connection is not an error
@@ -201,7 +216,10 @@ class RedisBackend(StorageBackend):
 
     async def get(self, key: str, out: memoryview) -> int | None:
         with self._errors("get", key):
-            value = await self._require().get(self._name(key))
+            if self._batcher is not None:
+                value = await self._batcher.get(self._name(key))
+            else:
+                value = await self._require().get(self._name(key))
         if value is None:
             self._ledger.forget([key])  # evicted, expired or deleted elsewhere
             return None
@@ -304,7 +322,7 @@ class RedisBackend(StorageBackend):
             ) from exc
         except rex.ResponseError as exc:
             raise BackendError(f"{what}: {exc}") from exc
-        except (rex.RedisError, rex.RedisClusterException, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, rex.RedisError, rex.RedisClusterException, OSError) as exc:
             raise BackendError(
                 f"{what} failed: {type(exc).__name__}: {exc}; check that the server is up and "
                 "reachable (url, TLS and auth options)"

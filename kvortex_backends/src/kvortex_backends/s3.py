@@ -23,10 +23,16 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar, Literal, TypeVar
 
+from kvortex_core.errors import BackendError, BufferTooSmallError
+from kvortex_core.storage.protocol import (
+    BackendContext,
+    BackendOptions,
+    Health,
+    StorageBackend,
+    Usage,
+)
 from pydantic import ByteSize, Field, field_validator
 
-from kvortex_core.errors import BackendError, BufferTooSmallError
-from kvortex_core.storage.protocol import BackendContext, BackendOptions, Health, StorageBackend, Usage
 from kvortex_backends import _s3_io as s3io
 from kvortex_backends.ledger import WriteLedger
 

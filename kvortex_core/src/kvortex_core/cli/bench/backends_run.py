@@ -42,6 +42,8 @@ class Point:
     concurrency: int
     ours: list[float] = field(default_factory=list)
     raw: list[float] = field(default_factory=list)
+    #: gets only: the raw read plus the copy into the caller's buffer that a tier must make
+    raw_copy: list[float] = field(default_factory=list)
 
     @property
     def nbytes(self) -> int:
@@ -54,6 +56,13 @@ class Point:
     @property
     def ratio(self) -> float:
         raw, ours = self.gbps("raw"), self.gbps("ours")
+        return ours / raw if raw else 0.0
+
+    @property
+    def ratio_vs_copy(self) -> float | None:
+        if not self.raw_copy:
+            return None
+        raw, ours = self.gbps("raw_copy"), self.gbps("ours")
         return ours / raw if raw else 0.0
 
 
@@ -116,17 +125,26 @@ def local_moto() -> Iterator[str]:
 
 
 async def _paired(point: Point, ours: Callable[[], Awaitable[Any]],
-                  raw: Callable[[], Awaitable[Any]], reps: int) -> Point:
-    """Time ours and raw alternately (ours first on even reps), so load drift hits both alike."""
-    await ours()  # warm-up: connections open, keys exist, allocator primed
-    await raw()
+                  raw: Callable[[], Awaitable[Any]], reps: int,
+                  raw_copy: Callable[[], Awaitable[Any]] | None = None) -> Point:
+    """Time ours and the baselines in a rotating order, so load drift hits all of them alike."""
+    runs = [(ours, point.ours), (raw, point.raw)]
+    if raw_copy is not None:
+        runs.append((raw_copy, point.raw_copy))
+    for fn, _ in runs:  # warm-up: connections open, keys exist, allocator primed
+        await fn()
     for rep in range(reps):
-        pair = ((ours, point.ours), (raw, point.raw))
-        for fn, sink in pair if rep % 2 == 0 else pair[::-1]:
+        shift = rep % len(runs)
+        for fn, sink in runs[shift:] + runs[:shift]:
             t0 = time.perf_counter()
             await fn()
             sink.append(time.perf_counter() - t0)
     return point
+
+
+def _copy_into(outs: list[memoryview], values: list[Any]) -> None:
+    for out, value in zip(outs, values):
+        out[: len(value)] = value
 
 
 def _keys(size: int, conc: int, tag: str) -> list[str]:
@@ -175,17 +193,20 @@ async def _redis_point(ours: Any, raw: Any, label: str, prefix: str, payload: by
             pipe.set(n, payload)
         await pipe.execute()
 
-    async def raw_get() -> None:
+    async def raw_get() -> list[Any]:
         pipe = raw.pipeline(transaction=False)
         for n in names:
             pipe.get(n)
-        await pipe.execute()
+        return await pipe.execute()
+
+    async def raw_get_copy() -> None:
+        _copy_into(outs, await raw_get())
 
     put = await _paired(Point(label, "put", size, conc),
                         lambda: asyncio.gather(*(ours.put(k, payload) for k in keys)), raw_put, reps)
     get = await _paired(Point(label, "get", size, conc),
                         lambda: asyncio.gather(*(ours.get(k, o) for k, o in zip(keys, outs))),
-                        raw_get, reps)
+                        raw_get, reps, raw_get_copy)
     if bytes(outs[-1]) != payload:
         raise RuntimeError("redis bench read back different bytes")
     await ours.delete(keys)
@@ -250,12 +271,18 @@ async def _s3_point(ours: Any, client: Any, pool: ThreadPoolExecutor, bucket: st
     def raw_all(fn: Callable[[str], Any]) -> Callable[[], Awaitable[Any]]:
         return lambda: asyncio.gather(*(loop.run_in_executor(pool, fn, n) for n in names))
 
+    def read(name: str) -> bytes:
+        return client.get_object(Bucket=bucket, Key=name)["Body"].read()
+
+    async def raw_get_copy() -> None:
+        _copy_into(outs, await raw_all(read)())
+
     put = await _paired(Point("s3", "put", size, conc),
                         lambda: asyncio.gather(*(ours.put(k, payload) for k in keys)),
                         raw_all(lambda n: client.put_object(Bucket=bucket, Key=n, Body=payload)), reps)
     get = await _paired(Point("s3", "get", size, conc),
                         lambda: asyncio.gather(*(ours.get(k, o) for k, o in zip(keys, outs))),
-                        raw_all(lambda n: client.get_object(Bucket=bucket, Key=n)["Body"].read()), reps)
+                        raw_all(read), reps, raw_get_copy)
     if bytes(outs[-1]) != payload:
         raise RuntimeError("s3 bench read back different bytes")
     await ours.delete(keys)
