@@ -144,3 +144,29 @@ def test_plugin_registers_s3() -> None:
 
     info = PluginManager().backend("s3")
     assert info.cls is S3Backend and info.cls.shared
+
+
+def test_ranged_read_never_mixes_two_writes(moto_s3, s3_bucket, monkeypatch) -> None:
+    """An overwrite between the first range and the rest fails the read (If-Match), no mix."""
+    from kvortex_backends import _s3_io
+
+    old, new = os.urandom(11 * MiB), os.urandom(11 * MiB)
+    raw = moto_s3.client()
+    original = _s3_io.get_first
+
+    def first_then_overwrite(*args: Any, **kwargs: Any) -> Any:
+        result = original(*args, **kwargs)
+        raw.put_object(Bucket=s3_bucket, Key="kvortex/race", Body=new)  # another writer
+        return result
+
+    async def scenario(b: S3Backend) -> None:
+        await b.put("race", old)
+        monkeypatch.setattr(_s3_io, "get_first", first_then_overwrite)
+        with pytest.raises(BackendError, match="PreconditionFailed"):
+            await b.get("race", memoryview(bytearray(len(old))))
+        monkeypatch.setattr(_s3_io, "get_first", original)
+        out = bytearray(len(new))
+        assert await b.get("race", memoryview(out)) == len(new) and bytes(out) == new
+
+    run(make_backend(moto_s3.endpoint_url, s3_bucket, multipart_threshold="5MiB",
+                     multipart_chunksize="5MiB"), scenario)
