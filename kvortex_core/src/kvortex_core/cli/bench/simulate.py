@@ -270,3 +270,29 @@ def _plot(name: str, res: dict[str, Any], pols: list[str], out: Path) -> None:
         ylabel="token hit rate",
         hline=res["ideal"]["median"],
     )
+    _plot_bytes(name, res, pols, out)
+
+
+def _plot_bytes(name: str, res: dict[str, Any], pols: list[str], out: Path) -> None:
+    """Bytes moved per tier (medians over seeds) against capacity, one colour per policy."""
+    series = []
+    kinds = (
+        ("bytes_read", "cpu", "read from cpu", "-"),
+        ("bytes_read", "disk", "read from disk", "--"),
+        ("bytes_written", "disk", "written to disk", ":"),
+    )
+    for n, pol in enumerate(pols):
+        pts = res["curves"][pol]
+        x = [p["capacity_fraction"] * 100 for p in pts]
+        for key, tier, tag, style in kinds:
+            if tier not in pts[0][key]:
+                continue
+            y = [p[key][tier] / 2**30 for p in pts]
+            series.append(Series(f"{pol}: {tag}", x, y, color=f"C{n}", linestyle=style))
+    plot_lines(
+        out / f"simulate_{name}_bytes.png",
+        series,
+        title=f"bytes moved per tier: {name}",
+        xlabel="cpu tier capacity, % of working set",
+        ylabel="GiB over the trace",
+    )
