@@ -570,3 +570,68 @@ def test_three_tiers_demote_down_the_chain(make: Any, tmp_path: Path) -> None:
     files = {p.name for p in (tmp_path / "ssd").rglob("*.kv")}
     snapshot = ssd.index.keys()  # ChunkIndex.keys() is a locked snapshot, not a dict view
     assert files == {k.hex() + ".kv" for k in snapshot}
+
+
+def test_given_pool_and_public_building_blocks(tmp_path: Path) -> None:
+    from kvortex_core.data.pool import PinnedPool
+    from kvortex_core.errors import PayloadError
+
+    cfg = _config(
+        {
+            "cpu": {"type": "cpu", "capacity": 8 * SLOT},
+            "disk": {"type": "disk", "capacity": 8 * SLOT, "path": str(tmp_path)},
+        }
+    )
+    small = PinnedPool(SLOT - 4096, 4 * SLOT, pin=False)
+    with pytest.raises(ConfigError, match="slot_bytes >= "):
+        TierManager.create(
+            cfg,
+            _plugins(),
+            namespace=NS,
+            payload_shape=SHAPE,
+            dtype=DTYPE,
+            stats=Stats(),
+            pool=small,
+        )
+    small.close()
+    pool = PinnedPool(SLOT, 3 * SLOT, pin=False, name="mine")
+    mgr = TierManager.create(
+        cfg, _plugins(), namespace=NS, payload_shape=SHAPE, dtype=DTYPE, stats=Stats(), pool=pool
+    )
+    try:
+        assert mgr.pool is pool and mgr.pool.num_slots == 3
+        disk = mgr.tiers[0]
+        slot = pool.allocate()
+        pool.view(slot)[pl.HEADER_BYTES :].copy_(_as_bytes(_chunk(5)))
+        pl.seal(
+            pool.view(slot),
+            key=_key(5),
+            namespace=NS,
+            shape=SHAPE,
+            dtype=DTYPE,
+            payload_len=PAYLOAD,
+        )
+        value = bytes(pool.buffer(slot))
+        assert mgr.loop.run(mgr.write_value(disk, _key(5), value), 10)
+        out = bytearray(SLOT)
+        n = mgr.loop.run(disk.backend.get(_key(5).hex(), memoryview(out)), 10)
+        mgr.verify(memoryview(out), n, _key(5))
+        with pytest.raises(PayloadError):
+            mgr.verify(memoryview(out), n, _key(6))
+        pool.free(slot)
+    finally:
+        mgr.close()
+
+
+def test_remote_cache_freshness() -> None:
+    from kvortex_core.tiering.tiers import RemoteCache
+
+    cache = RemoteCache(ttl_s=0.05)
+    mask, stale = cache.mask([b"a", b"b"])
+    assert mask == 0 and stale == [b"a", b"b"]
+    assert cache.mask([b"a"]) == (0, [])  # already asked: not requested twice
+    cache.record([b"a", b"b"], [True, False])
+    assert cache.fresh(b"a") and cache.fresh(b"b") and cache.present(b"a")
+    assert cache.mask([b"a", b"b"]) == (0b01, [])
+    time.sleep(0.06)
+    assert not cache.fresh(b"a") and cache.mask([b"a"]) == (0b1, [b"a"])  # stale: refresh

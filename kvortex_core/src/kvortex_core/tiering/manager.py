@@ -128,8 +128,14 @@ class TierManager(SaveMixin, LoadMixin):
         stats: Stats,
         rank: int = 0,
         world_size: int = 1,
+        pool: PinnedPool | None = None,
     ) -> TierManager:
-        """Build the pool and open every tier (a tier that cannot open starts out of service)."""
+        """Build the pool and open every tier (a tier that cannot open starts out of service).
+
+        ``pool``: use this pool (slots of at least ``HEADER_BYTES`` + payload bytes) instead of
+        allocating one from the cpu tier's capacity, e.g. a pool the vLLM connector shares with
+        its scheduler-assigned slots.
+        """
         names = config.tier_names
         first = config.tiers[names[0]]
         if first.type != "cpu":
@@ -138,16 +144,21 @@ class TierManager(SaveMixin, LoadMixin):
                 f"host memory), e.g. tiers: {{cpu: {{type: cpu, capacity: 8GiB}}, {names[0]}: ...}}"
             )
         ranks = config.ranks_per_node or world_size
-        cpu_opts = backend_options(config, names[0], plugins)
         slot = pl.HEADER_BYTES + math.prod(payload_shape) * _itemsize(dtype)
-        pool = PinnedPool(
-            slot,
-            per_rank_capacity(int(first.capacity), ranks, 4096),
-            pin=getattr(cpu_opts, "pin", None),
-            alignment=4096,
-            stats=stats,
-            name=names[0],
-        )
+        if pool is None:
+            pool = PinnedPool(
+                slot,
+                per_rank_capacity(int(first.capacity), ranks, 4096),
+                pin=getattr(backend_options(config, names[0], plugins), "pin", None),
+                alignment=4096,
+                stats=stats,
+                name=names[0],
+            )
+        elif pool.slot_bytes < slot:
+            raise ConfigError(
+                f"the given pool's slots are {pool.slot_bytes} bytes; a chunk needs {slot} "
+                f"({pl.HEADER_BYTES} header + payload): build the pool with slot_bytes >= {slot}"
+            )
         mgr = cls(
             config=config,
             namespace=namespace,
@@ -282,6 +293,33 @@ class TierManager(SaveMixin, LoadMixin):
         return any(
             key in t.index or (t.remote is not None and t.remote.present(key)) for t in self.tiers
         )
+
+    # -- building blocks for callers that own their cpu slots (the vLLM connector) -----------
+    def add_tier(
+        self,
+        name: str,
+        plugins: PluginManager,
+        capacity: int,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> LowerTier:
+        """Open one configured lower tier (``config.tiers[name]``) with this byte capacity."""
+        self._add_tier(name, plugins, capacity, rank, world_size)
+        return self.tiers[-1]
+
+    async def write_value(self, tier: LowerTier, key: bytes, value: Any) -> bool:
+        """On the loop: store one sealed value in ``tier`` and its index; False if not stored."""
+        return await self._put(tier, key, value)
+
+    def verify(self, out: memoryview, n: int, key: bytes) -> None:
+        """Check the ``n``-byte value in ``out`` is this chunk (expanding a compressed one in
+        place); raises PayloadError otherwise."""
+        self._verify(out, n, key)
+
+    async def reject(self, tier: LowerTier, key: bytes, exc: Exception) -> None:
+        """On the loop: count, log and delete a bad value found in ``tier``."""
+        await self._reject(tier, key, exc)  # type: ignore[arg-type]
 
     # -- state -----------------------------------------------------------------------------
     def tier_states(self) -> dict[str, str]:

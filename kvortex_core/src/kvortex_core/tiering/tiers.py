@@ -145,6 +145,11 @@ class RemoteCache:
             self._known.pop(k, None)
             self._wanted.discard(k)
 
+    def fresh(self, key: bytes) -> bool:
+        """True when the cache holds an unexpired answer (present or absent) about ``key``."""
+        hit = self._known.get(key)
+        return hit is not None and hit[1] >= time.monotonic()
+
     def present(self, key: bytes) -> bool:
         hit = self._known.get(key)
         return hit is not None and hit[0]
