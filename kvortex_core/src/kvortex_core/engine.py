@@ -131,8 +131,10 @@ class KVortexEngine:
                         f"register_kv_caches was already called with layout {self._reg.layout}; "
                         f"got {layout}. Close this engine and create a new one for another model"
                     )
+                old = self._reg.transfer
                 self._reg.transfer = self._transfer(kv_caches, layout)
                 self._reg.shapes = shapes
+                old.close()
                 return layout
             self._reg = self._build(kv_caches, layout, shapes)
         return layout
@@ -343,6 +345,7 @@ class KVortexEngine:
         self._executor.shutdown(wait=True)
         self._committer.shutdown(wait=True)
         if self._reg is not None:
+            self._reg.transfer.close()
             self._reg.tiers.close()
 
     def __enter__(self) -> KVortexEngine:

@@ -1,13 +1,16 @@
 """The transfer engine: paged KV between device blocks and canonical chunk payloads.
 
 Save gathers the scattered blocks of a batch of chunks on the device into a staging
-buffer (one ``index_select`` per layer, or one for all layers when the layers share a
-storage), then moves the batch with one DMA per chunk range into the pinned slot;
-load is the reverse (one DMA in, one ``index_copy_`` out). Staging is double-buffered
+buffer (one ``index_select`` over a row alias of all layers, see :mod:`.rows`; one per
+layer as a fallback), then moves the batch with one DMA per chunk range into the pinned
+slot; load is the reverse (one DMA in, one ``index_copy_`` out). Staging is double-buffered
 and bounded: while batch i is in flight over PCIe, batch i+1 is gathered into the
 other half. Everything runs on dedicated side streams, ordered after the caller's
 current (compute) stream by an event, and completion is reported by events; the host
-never synchronizes the device on the hot path. On CPU tensors the same code runs inline.
+never synchronizes the device on the hot path. Each direction has one enqueuer thread,
+so ``save``/``load`` return at once and a save and a load issued together enqueue side
+by side (layer-wise loads are enqueued by their reader, a layer group ahead). On CPU
+tensors the same code runs, the copies happening as they are enqueued.
 
 Payload byte layout of one chunk of ``t`` tokens: ``[layers, kv, t, heads, head_size]``
 (layers outermost, so a range of layers is one contiguous byte range).
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,9 +57,18 @@ class _Unit:
     stage_offset: int = 0
 
 
+#: A chunk event not recorded yet (its batch is still being enqueued by the worker).
+_UNSET: Any = object()
+
+
 @dataclass
 class TransferHandle:
-    """Completion of one save or load; keeps its pinned buffers referenced until done."""
+    """Completion of one save or load; keeps its pinned buffers referenced until done.
+
+    Saves and whole loads are enqueued by the direction's worker thread, so the caller gets
+    the handle at once (a save and a load issued back to back enqueue side by side); every
+    method first waits, if needed, until the worker has enqueued the transfer.
+    """
 
     device: torch.device
     what: str
@@ -65,14 +78,37 @@ class TransferHandle:
     keepalive: list[Any] = field(default_factory=list)
     #: Enqueues the rest of a layer-wise load (``advance(layer)``: up to that layer; None: all).
     advance: Callable[[int | None], None] | None = None
+    _cond: threading.Condition = field(default_factory=threading.Condition, repr=False)
+    _enqueued: bool = True
+    _error: BaseException | None = None
 
     def _flush(self) -> None:
         if self.advance is not None:
             self.advance(None)
 
+    def _finish_enqueue(self, error: BaseException | None = None) -> None:
+        with self._cond:
+            self._enqueued, self._error = True, error
+            self._cond.notify_all()
+
+    def _notify(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def _await_enqueue(self, timeout: float | None, ready: Callable[[], bool] | None = None) -> None:
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._enqueued or (ready is not None and ready()), timeout):
+                raise TransferTimeoutError(f"{self.what} was not even enqueued within timeout={timeout}s")
+        if self._error is not None:
+            raise self._error
+
     def done(self) -> bool:
         """True once every copy of this transfer has completed (never blocks on the device)."""
         self._flush()
+        if not self._enqueued:
+            return False
+        if self._error is not None:
+            raise self._error
         finished = event_done(self.done_event)
         if finished:
             self.keepalive.clear()
@@ -81,6 +117,7 @@ class TransferHandle:
     def wait(self, timeout: float | None = None) -> None:
         """Block the host until the transfer completed; TransferTimeoutError after ``timeout`` s."""
         self._flush()
+        self._await_enqueue(timeout)
         event_wait(self.done_event, timeout, self.what)
         self.keepalive.clear()
 
@@ -88,18 +125,21 @@ class TransferHandle:
         """Block the host until chunk ``chunk`` of a save sits in its buffer (commit it early)."""
         events = self.chunk_events
         if not 0 <= chunk < len(events):
-            self._flush()
-        event = events[chunk] if 0 <= chunk < len(events) else self.done_event
-        event_wait(event, timeout, f"{self.what} (chunk {chunk})")
+            self.wait(timeout)
+            return
+        self._await_enqueue(timeout, lambda: events[chunk] is not _UNSET)
+        event_wait(events[chunk], timeout, f"{self.what} (chunk {chunk})")
 
     def wait_layer(self, layer: int) -> None:
         """Order the caller's current stream after layer ``layer`` arrived (no host block).
 
         A layer-wise load enqueues its copies a layer group ahead of these calls, so the
-        host never spends the whole enqueue up front. Other handles: the whole transfer.
+        host never spends the whole enqueue up front. Other handles: the whole transfer
+        (the host waits only until the worker has enqueued it).
         """
         if self.advance is not None:
             self.advance(layer)
+        self._await_enqueue(None)
         if self.device.type != "cuda":
             return
         events = self.layer_events
@@ -109,6 +149,7 @@ class TransferHandle:
     def stream_wait(self) -> None:
         """Order the caller's current stream after the whole transfer (no host block)."""
         self._flush()
+        self._await_enqueue(None)
         if self.device.type == "cuda":
             stream_wait_current(self.done_event, self.device)
 
@@ -122,6 +163,22 @@ class _Direction:
         self.free_events: list[Any] = [None, None]
         self.turn = 0
         self.lock = threading.Lock()
+        # One enqueuer thread per direction: transfers of one direction keep their order.
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvortex-transfer")
+
+    def submit(self, handle: TransferHandle, work: Callable[[], None]) -> None:
+        """Run ``work`` (the enqueue) on the worker; the handle learns when it finished."""
+        handle._enqueued = False
+
+        def run() -> None:
+            try:
+                work()
+            except BaseException as exc:  # noqa: BLE001 - re-raised by the handle's waiters
+                handle._finish_enqueue(exc)
+            else:
+                handle._finish_enqueue()
+
+        self.worker.submit(run)
 
 
 class TransferEngine:
@@ -198,8 +255,16 @@ class TransferEngine:
         units = self._units(blocks, layers, layer_major=layerwise)
         handle = TransferHandle(self.device, "load")
         job = _LoadJob(self, units, blocks, skips, src, handle, layerwise)
-        job.advance(0 if layerwise else None)
+        if layerwise:  # driven by the reader's wait_layer calls, from its own thread
+            job.advance(0)
+        else:
+            self._load.submit(handle, lambda: job.advance(None))
         return handle
+
+    def close(self) -> None:
+        """Stop the enqueuer threads once queued transfers are enqueued (handles stay valid)."""
+        for d in (self._save, self._load):
+            d.worker.shutdown(wait=True)
 
     # ------------------------------------------------------------------ planning
 
@@ -273,15 +338,22 @@ class TransferEngine:
         blocks = self._check(block_ids_per_chunk, dst, what)
         batches = self._units(blocks, layers, layer_major=False)
         d = self._save
+        produced = d.streams.record_current()  # the caller's stream: the forward that wrote the KV
+        handle = TransferHandle(self.device, what, chunk_events=[_UNSET] * len(blocks),
+                                keepalive=[list(dst)])
+        d.submit(handle, lambda: self._enqueue_save(d, batches, blocks, dst, produced, handle))
+        return handle
+
+    def _enqueue_save(self, d: _Direction, batches: list[list[_Unit]], blocks: list[list[int]],
+                      dst: Sequence[torch.Tensor], produced: Any, handle: TransferHandle) -> None:
+        s = d.streams
+        remaining = [0] * len(blocks)
+        for batch in batches:
+            for u in batch:
+                remaining[u.chunk] += 1
         with d.lock:
-            s = d.streams
-            produced = s.record_current()
             idx = self._index_tensors(blocks, s)
-            remaining = [0] * len(blocks)
-            for batch in batches:
-                for u in batch:
-                    remaining[u.chunk] += 1
-            chunk_events: list[Any] = [None] * len(blocks)
+            handle.keepalive.append(idx)
             for batch in batches:
                 stage = self._next_stage(d, produced, s.first)
                 with s.on(s.first):
@@ -294,12 +366,12 @@ class TransferEngine:
                         dst[u.chunk][u.payload_offset:u.payload_offset + u.nbytes].copy_(
                             stage[u.stage_offset:u.stage_offset + u.nbytes], non_blocking=True)
                 d.free_events[d.turn] = s.record(s.second)
-                for u in batch:
-                    remaining[u.chunk] -= 1
-                    if remaining[u.chunk] == 0:
-                        chunk_events[u.chunk] = d.free_events[d.turn]
-            done = s.record(s.second)
-        return TransferHandle(self.device, what, done, [], chunk_events, [list(dst), idx])
+                landed = [u.chunk for u in batch if _last(remaining, u.chunk)]
+                for c in landed:
+                    handle.chunk_events[c] = d.free_events[d.turn]
+                if landed:
+                    handle._notify()
+            handle.done_event = s.record(s.second)
 
     def _next_stage(self, d: _Direction, after: Any, stream: Any) -> torch.Tensor:
         """The other staging half, once its previous copy finished (a GPU-side wait)."""
@@ -378,13 +450,14 @@ class _LoadJob:
         self.layerwise = layerwise
         self.lookahead = (batches[0][0].l1 - batches[0][0].l0) if batches else 1
         self.lock = threading.Lock()
-        streams = self.d.streams
-        self.in_use = streams.record_current()
-        with self.d.lock:  # the index is computed on the direction's stream
-            self.idx = te._index_tensors(blocks, streams)
+        self.finished = False
+        self.in_use = self.d.streams.record_current()  # the caller's stream may still read the blocks
+        self.blocks = blocks
+        self.idx: Any = None
         handle.layer_events = [None] * num_layers if layerwise else []
-        handle.keepalive = [list(src), self.idx]
-        handle.advance = self.advance
+        handle.keepalive = [list(src)]
+        if layerwise:
+            handle.advance = self.advance
 
     def advance(self, layer: int | None) -> None:
         """Enqueue batches until every unit of layers ``<= layer + lookahead`` is queued (None: all)."""
@@ -393,15 +466,25 @@ class _LoadJob:
             while self.batches and (limit is None or any(self.pending[: limit + 1])):
                 batch = self.batches.popleft()
                 with self.d.lock:
+                    if self.idx is None:  # computed on the direction's stream, once
+                        self.idx = self.te._index_tensors(self.blocks, self.d.streams)
+                        self.handle.keepalive.append(self.idx)
                     event = self.te._load_batch(self.d, batch, self.idx, self.skips, self.src, self.in_use)
                 for u in batch:
                     for lyr in range(u.l0, u.l1):
                         self.pending[lyr] -= 1
                         if self.layerwise and self.pending[lyr] == 0:
                             self.handle.layer_events[lyr] = event
-            if not self.batches and self.handle.advance is not None:
+            if not self.batches and not self.finished:
+                self.finished = True
                 self.handle.done_event = self.d.streams.record(self.d.streams.second)
                 self.handle.advance = None
+
+
+def _last(remaining: list[int], chunk: int) -> bool:
+    """Count one unit of ``chunk`` as enqueued; True when it was the chunk's last."""
+    remaining[chunk] -= 1
+    return remaining[chunk] == 0
 
 
 def _pack(units: list[_Unit], capacity: int) -> list[list[_Unit]]:
