@@ -125,6 +125,17 @@ def test_env_alone_overrides_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     assert config.tiers["hot"].capacity == 3 * GiB
 
 
+def test_env_resizes_the_default_cpu_tier(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KVORTEX_TIERS__CPU__CAPACITY", "8GiB")
+    config = KVortexConfig()
+    assert list(config.tiers) == ["cpu"]
+    assert config.tiers["cpu"].type == "cpu"  # from the default tier
+    assert config.tiers["cpu"].capacity == 8 * GiB
+    rows = provenance(config)
+    assert rows["tiers.cpu.type"][1] == Source("default")
+    assert rows["tiers.cpu.capacity"][1] == Source("env", "KVORTEX_TIERS__CPU__CAPACITY")
+
+
 def test_arguments_override_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KVORTEX_CHUNK_TOKENS", "512")
     monkeypatch.setenv("KVORTEX_TIERS__HOT__CAPACITY", "2GiB")

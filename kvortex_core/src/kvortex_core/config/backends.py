@@ -16,6 +16,9 @@ if TYPE_CHECKING:
     from kvortex_core.plugins.manager import PluginManager
     from kvortex_core.storage.protocol import BackendOptions
 
+#: Keys every tier accepts besides its backend's options (see ``TierConfig``).
+_COMMON_KEYS = ("type", "capacity", "write_through")
+
 
 def validate_tier_options(
     tiers: Mapping[str, TierConfig], config_file: Path | None, manager: PluginManager | None = None
@@ -62,7 +65,11 @@ def _option_problems(
             oloc = ("tiers", tier, *err["loc"])
             shown = "(missing)" if err["type"] == "missing" else repr(err.get("input"))
             unknown = err["type"] == "extra_forbidden"
-            msg = f"unknown option{did_you_mean(str(oloc[-1]), valid)}" if unknown else err["msg"]
+            msg = (
+                f"unknown option{did_you_mean(str(oloc[-1]), [*valid, *_COMMON_KEYS])}"
+                if unknown
+                else err["msg"]
+            )
             problems.append(
                 f"  {'.'.join(map(str, oloc))} = {shown}: {msg} (backend {type_!r})\n"
                 f"    set it through {where(oloc, config_file)}\n"

@@ -200,6 +200,21 @@ class KVortexConfig(BaseSettings):
         """The keyword arguments this configuration was built with (highest priority)."""
         return dict(self._arguments)
 
+    @field_validator("tiers", mode="before")
+    @classmethod
+    def _fill_default_tiers(cls, v: Any) -> Any:
+        # `KVORTEX_TIERS__CPU__CAPACITY=16GiB` alone resizes the default cpu tier: keys a source
+        # leaves out of a tier named like a default one come from that default.
+        if not isinstance(v, dict):
+            return v
+        defaults = {name: tc.model_dump() for name, tc in _default_tiers().items()}
+        return {
+            name: {**defaults[name], **entry}
+            if name in defaults and isinstance(entry, dict)
+            else entry
+            for name, entry in v.items()
+        }
+
     @field_validator("tiers")
     @classmethod
     def _check_tiers(cls, v: dict[str, TierConfig]) -> dict[str, TierConfig]:
