@@ -36,6 +36,8 @@ class BackendOptions(BaseModel):
 
 @dataclass(frozen=True)
 class Usage:
+    """Bytes this backend instance may hold, holds, and how many values."""
+
     capacity: int
     used: int
     items: int
@@ -43,6 +45,8 @@ class Usage:
 
 @dataclass(frozen=True)
 class Health:
+    """Result of a liveness probe; ``detail`` says what is wrong when ``ok`` is False."""
+
     ok: bool
     detail: str = ""
 
