@@ -250,3 +250,14 @@ def test_console_script_bad_config_no_traceback(tmp_path: Path) -> None:
         check=False,
     )
     assert ok.returncode == 0 and "valid" in ok.stdout
+
+
+def test_config_show_masks_credentials(runner: CliRunner, monkeypatch: pytest.MonkeyPatch) -> None:
+    tiers = '{"cpu": {"type": "cpu", "capacity": "1GiB"}, "team": {"type": "redis", "capacity": "1GiB", "password": "hunter2", "username": "svc"}}'
+    monkeypatch.setenv("KVORTEX_TIERS", tiers)
+    result = runner.invoke(app, ["config", "show", "--json"])
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["tiers.team.password"]["value"] == "********"
+    assert data["tiers.team.username"]["value"] == "svc"
+    assert "hunter2" not in runner.invoke(app, ["config", "show"]).stdout

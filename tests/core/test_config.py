@@ -369,3 +369,15 @@ def test_documented_yaml_examples_load(doc: str, tmp_path: Path) -> None:
     for i, block in enumerate(blocks):
         config = KVortexConfig.load(write_yaml(tmp_path, block, f"example{i}.yaml"))
         assert config.tier_names[0] == "cpu"
+
+
+# --- credentials never appear in messages ----------------------------------------------------
+
+
+def test_error_messages_mask_credentials(tmp_path: Path) -> None:
+    text = BASE + "  team: {type: redis, capacity: 1GiB, password: 5, pasword: hunter2}\n"
+    text = text.replace("eviction:\n  policy: lru\n", "") + "eviction: {policy: lru}\n"
+    message = load_error(tmp_path, text)
+    assert "tiers.team.password = '********'" in message  # wrong type, value hidden
+    assert "tiers.team.pasword = '********'" in message  # misspelt credential, hidden too
+    assert "hunter2" not in message

@@ -14,6 +14,7 @@ from pydantic import ByteSize
 from rich.table import Table
 
 from kvortex_core.cli.output import console, exits_on_error, human_bytes, parse_assignments
+from kvortex_core.config.messages import MASK, SECRET_NAME
 
 app = typer.Typer(
     help="Show where each setting comes from, or check a YAML file.", no_args_is_help=True
@@ -27,6 +28,12 @@ SetOption = Annotated[
     list[str] | None,
     typer.Option("--set", "-s", help="Override a value like a keyword argument: PATH=VALUE."),
 ]
+
+
+def _masked(path: str, value: Any) -> Any:
+    """Credentials (redis password, S3 secret, ...) are never printed."""
+    leaf = path.rsplit(".", 1)[-1]
+    return MASK if value not in (None, "") and SECRET_NAME.search(leaf) else value
 
 
 def _shown(value: Any) -> str:
@@ -55,7 +62,7 @@ def show(
     from kvortex_core.config.provenance import provenance
 
     config = KVortexConfig.load(file, **parse_assignments(assignments))
-    rows = provenance(config)
+    rows = {path: (_masked(path, v), src) for path, (v, src) in provenance(config).items()}
     if as_json:
         data = {
             path: {"value": _jsonable(v), "source": str(src)} for path, (v, src) in rows.items()

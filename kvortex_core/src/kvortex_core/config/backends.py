@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from kvortex_core.config.messages import HEADLINE, did_you_mean, where
+from kvortex_core.config.messages import HEADLINE, did_you_mean, shown_value, where
 from kvortex_core.errors import ConfigError, PluginError
 
 if TYPE_CHECKING:
@@ -63,7 +63,11 @@ def _option_problems(
         problems = []
         for err in exc.errors(include_url=False):
             oloc = ("tiers", tier, *err["loc"])
-            shown = "(missing)" if err["type"] == "missing" else repr(err.get("input"))
+            shown = (
+                "(missing)"
+                if err["type"] == "missing"
+                else shown_value(oloc, err.get("input"), valid)
+            )
             unknown = err["type"] == "extra_forbidden"
             msg = (
                 f"unknown option{did_you_mean(str(oloc[-1]), [*valid, *_COMMON_KEYS])}"

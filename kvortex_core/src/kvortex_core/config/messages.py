@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,25 @@ from kvortex_core.errors import ConfigError
 HEADLINE = "invalid KVortex configuration:"
 _SIZE_HINT = "a positive size such as '8GiB', '512MiB' or a byte count"
 _SIZE_FIELDS = ("capacity", "staging_bytes")
+
+
+#: Setting names whose values are never printed (backend credentials).
+SECRET_NAME = re.compile(
+    r"(^|_)(password|passwd|secret|token|credentials?|access_key|private_key)(_|$)", re.I
+)
+MASK = "********"
+
+
+def shown_value(loc: tuple[Any, ...], value: Any, candidates: list[str] | None = None) -> str:
+    """``repr(value)`` for messages, masked when the setting looks like a credential.
+
+    With ``candidates`` (the valid names), a misspelt credential (``pasword``) is masked too.
+    """
+    name = str(loc[-1]) if loc else ""
+    names = [name, closest(name, candidates)] if candidates else [name]
+    if value not in (None, "") and any(n and SECRET_NAME.search(n) for n in names):
+        return repr(MASK)
+    return repr(value)
 
 
 def yaml_path(loc: tuple[Any, ...]) -> str:
@@ -33,10 +53,16 @@ def where(loc: tuple[Any, ...], config_file: Path | None) -> str:
     return f"YAML key '{yaml_path(loc)}'{file_part}, env {env_name(loc)}"
 
 
+def closest(word: str, candidates: list[str]) -> str | None:
+    """The one candidate close to ``word`` (a likely typo), if any."""
+    close = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
 def did_you_mean(word: str, candidates: list[str]) -> str:
     """`` (did you mean 'policy'?)`` when one candidate is close, else empty."""
-    close = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    match = closest(word, candidates)
+    return f" (did you mean {match!r}?)" if match else ""
 
 
 def valid_keys(loc: tuple[Any, ...]) -> list[str]:
@@ -104,7 +130,7 @@ def format_validation_error(
             lines.append(str(ctx_error).removeprefix(HEADLINE + "\n"))
             continue
         loc = tuple(err["loc"])
-        shown = "(missing)" if err["type"] == "missing" else repr(err.get("input"))
+        shown = "(missing)" if err["type"] == "missing" else shown_value(loc, err.get("input"))
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import contextvars
 import os
-from pathlib import Path
 from collections.abc import Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import (
