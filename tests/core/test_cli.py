@@ -261,3 +261,18 @@ def test_config_show_masks_credentials(runner: CliRunner, monkeypatch: pytest.Mo
     assert data["tiers.team.password"]["value"] == "********"
     assert data["tiers.team.username"]["value"] == "svc"
     assert "hunter2" not in runner.invoke(app, ["config", "show"]).stdout
+
+
+def test_readme_commands_exist_and_parse() -> None:
+    """The README's two commands and CI's entry point are real, executable bash scripts."""
+    root = Path(__file__).resolve().parents[2]
+    readme = (root / "README.md").read_text()
+    for script in ("scripts/demo", "scripts/test", "scripts/setup", ".ci/run"):
+        path = root / script
+        assert os.access(path, os.X_OK), f"{script} is missing or not executable"
+        done = subprocess.run(
+            ["bash", "-n", str(path)], capture_output=True, text=True, check=False
+        )
+        assert done.returncode == 0, done.stderr
+    assert "./scripts/demo" in readme and "./scripts/test" in readme
+    assert "scripts/test" in (root / ".ci/run").read_text()
