@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from kvortex_core.data import kv_samples as ks
-from kvortex_core.data.layouts import KVLayout, detect_layout, layer_views, stacked_view
+from kvortex_core.data.layouts import KVLayout, detect_layout, layer_views
 from kvortex_core.errors import LayoutError
 
 L, B, N, H, D = 3, 10, 4, 2, 8
@@ -64,17 +63,6 @@ def test_payload_shape_and_bytes() -> None:
     assert layout.chunk_payload_shape(256) == (32, 2, 256, 8, 128)
     assert layout.chunk_bytes(256) == 32 * 1024**2  # Llama-3.1-8B: 128 KiB per token
     assert layout.bytes_per_token == 128 * 1024
-
-
-def test_stacked_view_for_shared_storage_only() -> None:
-    shared, _, _ = ks.unified(L, B, N, H, D, torch.float32, order="BLNHC")
-    layout = detect_layout(shared)
-    stacked = stacked_view(layer_views(shared, layout))
-    assert stacked is not None
-    for layer in range(L):
-        assert torch.equal(stacked[layer], layer_views(shared, layout)[layer])
-    separate, _, _ = ks.flash_attn(L, B, N, H, D, torch.float32)
-    assert stacked_view(layer_views(separate, detect_layout(separate))) is None
 
 
 def test_unified_unequal_k_and_v_travel_as_one_vector() -> None:

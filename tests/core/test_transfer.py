@@ -9,7 +9,6 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from kvortex_core.data import kv_samples as ks
 from kvortex_core.data.layouts import detect_layout
 from kvortex_core.data.transfer import TransferEngine
@@ -92,7 +91,7 @@ def test_payload_saved_from_one_layout_loads_into_another(src_name: str, dst_nam
 
 
 def test_layerwise_load_and_skip_blocks() -> None:
-    caches, _, block = ks.flash_attn(L, B, N, H, D, torch.float16)
+    caches, _, _ = ks.flash_attn(L, B, N, H, D, torch.float16)
     te = TransferEngine(caches, detect_layout(caches), chunk_tokens=CHUNK, staging_bytes=700)
     dst = _buffers(te.layout, 2)
     te.save([[1, 2, 3, 4], [5, 6, 7, 8]], dst).wait()

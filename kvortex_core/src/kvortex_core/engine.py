@@ -18,13 +18,12 @@ import os
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 from kvortex_core.config import KVortexConfig
 from kvortex_core.errors import KVortexError, LayoutError
 
 if TYPE_CHECKING:
-    import torch
 
     from kvortex_core.control.keys import ChunkHasher
     from kvortex_core.control.stats import Stats
@@ -257,8 +256,8 @@ class KVortexEngine:
         for f in futures:
             try:
                 f.result()
-            except Exception:  # noqa: BLE001 - logged by _committed; the chunk is simply absent
-                pass
+            except Exception as exc:  # noqa: BLE001 - the chunk is simply absent (and logged once)
+                log.debug("read waited on a failed seal: %s", exc)
 
     def _chunk_blocks(self, blocks: list[int], chunk: int, n_tokens: int, reg: _Registered) -> list[int]:
         ct, bs = self.config.chunk_tokens, reg.layout.block_size
@@ -348,7 +347,7 @@ class KVortexEngine:
             self._reg.transfer.close()
             self._reg.tiers.close()
 
-    def __enter__(self) -> KVortexEngine:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -366,22 +366,3 @@ def layer_views(kv_caches: Any, layout: KVLayout) -> list[torch.Tensor]:
     if len(tensors) != layout.num_layers:
         raise LayoutError(f"got {len(tensors)} layer tensors for a layout of {layout.num_layers} layers")
     return [_logical_view(t, layout.dims, layout) for t in tensors]
-
-
-def stacked_view(views: Sequence[torch.Tensor]) -> torch.Tensor | None:
-    """``[L, B, K, N, H, D]`` over all layers when they sit at a constant stride in one storage.
-
-    Lets the gather for many layers run as one kernel (cross-layer tensors, vLLM 0.30+
-    which carves every layer from one buffer). None when the layers are separate allocations.
-    """
-    first = views[0]
-    if len(views) == 1:
-        return first.unsqueeze(0)
-    ptrs = [v.data_ptr() for v in views]
-    step = ptrs[1] - ptrs[0]
-    es = first.element_size()
-    if step <= 0 or step % es or any(b - a != step for a, b in zip(ptrs, ptrs[1:], strict=False)):
-        return None
-    if any(v.untyped_storage().data_ptr() != first.untyped_storage().data_ptr() for v in views):
-        return None
-    return first.as_strided((len(views), *first.shape), (step // es, *first.stride()), first.storage_offset())

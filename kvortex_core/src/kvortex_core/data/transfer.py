@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import Any
 
 import torch
@@ -298,8 +299,8 @@ class TransferEngine:
             # The first DMA waits for the first gather: keep that first unit small.
             first = step if layer_major or c else max(1, min(step, _FILL_BYTES // lb))
             cuts = [layers.start, *range(layers.start + first, layers.stop, step), layers.stop]
-            cuts = sorted(set(min(x, layers.stop) for x in cuts))
-            per_chunk.append([_Unit(c, a, b, len(ids), a * lb, (b - a) * lb) for a, b in zip(cuts, cuts[1:])])
+            cuts = sorted({min(x, layers.stop) for x in cuts})
+            per_chunk.append([_Unit(c, a, b, len(ids), a * lb, (b - a) * lb) for a, b in pairwise(cuts)])
         order = [u for p in per_chunk for u in p]
         if layer_major:
             order.sort(key=lambda u: (u.l0, u.chunk))

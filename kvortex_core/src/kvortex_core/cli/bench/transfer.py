@@ -39,7 +39,7 @@ def transfer(
     staging_bytes = int(TypeAdapter(ByteSize).validate_python(staging))
     results: dict[str, Any] = run_all(
         dev, sizes, reps=reps, mla_layers=mla_layers, staging=staging_bytes,
-        parts=set(p.strip() for p in parts.split(",")))
+        parts={p.strip() for p in parts.split(",")})
     path = write_results(out, "transfer", results)
     _print_table(results)
     typer.echo(f"results: {path}")

@@ -77,7 +77,7 @@ def engine_case(engine: Any, shape: tp.Shape, tokens: int, layout: KVLayout, rep
 
 def _raw_pool(engine: Any, nbytes: int, device: torch.device, reps: int) -> dict[str, Measurement]:
     """Raw copies into the engine's own pinned pool (registered host memory), for comparison."""
-    base = engine._reg.tiers.pool.view(0)  # noqa: SLF001 - benchmark introspection
+    base = engine._reg.tiers.pool.view(0)
     span = torch.empty(0, dtype=torch.uint8).set_(base.untyped_storage(), base.storage_offset(), (nbytes,))
     gpu = torch.empty(nbytes, dtype=torch.uint8, device=device)
     return {
@@ -108,5 +108,5 @@ def engine_bidir(engine: Any, shape: tp.Shape, tokens: int, layout: KVLayout, re
 
 
 def layout_device(engine: Any) -> str:
-    reg = engine._reg  # noqa: SLF001 - benchmark introspection
+    reg = engine._reg
     return str(reg.transfer.device)
