@@ -4,6 +4,7 @@ skips, cross-layout payloads and input checks. (tests/gpu/ runs the CUDA paths.)
 from __future__ import annotations
 
 import random
+import threading
 
 import pytest
 import torch
@@ -246,3 +247,53 @@ def test_layerwise_load_enqueues_ahead_of_the_reader() -> None:
     handle.wait()
     assert handle.done()
     assert all(torch.equal(target[layer][:, 5:9], caches[layer][:, 1:5]) for layer in range(8))
+
+
+def test_enqueue_errors_reach_every_waiter(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure inside the enqueuer thread is raised by wait(), done() and wait_chunk()."""
+    caches, _, _ = ks.flash_attn(L, B, N, H, D, torch.float16)
+    te = TransferEngine(caches, detect_layout(caches), chunk_tokens=CHUNK)
+
+    def boom(*args: object) -> None:
+        raise RuntimeError("gather failed")
+
+    monkeypatch.setattr(te, "_gather", boom)
+    handle = te.save([[1, 2, 3, 4]], _buffers(te.layout, 1))
+    with pytest.raises(RuntimeError, match="gather failed"):
+        handle.wait(timeout=10)
+    with pytest.raises(RuntimeError, match="gather failed"):
+        handle.wait_chunk(0, timeout=10)
+    with pytest.raises(RuntimeError, match="gather failed"):
+        handle.done()
+    monkeypatch.undo()
+    handle = te.save([[1, 2, 3, 4]], _buffers(te.layout, 1))  # the engine still works
+    handle.wait(timeout=10)
+    te.close()
+
+
+def test_saves_and_loads_from_many_threads() -> None:
+    caches, _, _ = ks.cross_layer(L, B, N, H, D, torch.float32, seed=5)
+    te = TransferEngine(caches, detect_layout(caches), chunk_tokens=CHUNK, staging_bytes=900)
+    target = torch.zeros_like(caches)
+    te2 = TransferEngine(target, detect_layout(target), chunk_tokens=CHUNK, staging_bytes=900)
+    errors: list[BaseException] = []
+
+    def worker(i: int) -> None:
+        try:
+            ids = [[4 * i, 4 * i + 1, 4 * i + 2, 4 * i + 3]]
+            bufs = _buffers(te.layout, 1)
+            h = te.save(ids, bufs)
+            h.wait_chunk(0, timeout=10)
+            te2.load(bufs, ids).wait(timeout=10)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(B // 4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert torch.equal(target, caches)
+    te.close()
+    te2.close()
