@@ -8,9 +8,11 @@ refuses (returns False) instead of blocking when it is full.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import logging
 import threading
+import weakref
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -19,6 +21,16 @@ from kvortex_core.errors import KVortexError
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 Job = Callable[[], Awaitable[None]]
+
+
+_live: weakref.WeakSet[LoopThread] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all() -> None:
+    """Stop loops whose owner never called close(), so exit is quiet (no pending-task noise)."""
+    for lt in list(_live):
+        lt.stop(timeout=1.0)
 
 
 class LoopThread:
@@ -30,6 +42,7 @@ class LoopThread:
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
         self._thread.start()
         self._ready.wait()
+        _live.add(self)
 
     def _main(self) -> None:
         asyncio.set_event_loop(self.loop)
@@ -86,6 +99,7 @@ class LoopThread:
         self._thread.join(timeout)
         if not self._thread.is_alive():
             self.loop.close()
+            _live.discard(self)
 
 
 class WorkQueue:
