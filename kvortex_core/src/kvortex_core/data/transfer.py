@@ -291,20 +291,28 @@ class TransferEngine:
 
     def _units(self, blocks: list[list[int]], layers: range, *, layer_major: bool) -> list[list[_Unit]]:
         """Split the chunks into layer ranges and pack them into staging-sized batches."""
-        lay = self.layout
-        per_chunk: list[list[_Unit]] = []
+        templates: dict[tuple[int, bool], list[tuple[int, int, int, int]]] = {}
+        order: list[_Unit] = []
         for c, ids in enumerate(blocks):
-            lb = lay.layer_bytes(len(ids) * lay.block_size)
-            step = self._layer_group(lb) if layer_major else max(1, self.half_bytes // lb)
-            # The first DMA waits for the first gather: keep that first unit small.
-            first = step if layer_major or c else max(1, min(step, _FILL_BYTES // lb))
-            cuts = [layers.start, *range(layers.start + first, layers.stop, step), layers.stop]
-            cuts = sorted({min(x, layers.stop) for x in cuts})
-            per_chunk.append([_Unit(c, a, b, len(ids), a * lb, (b - a) * lb) for a, b in pairwise(cuts)])
-        order = [u for p in per_chunk for u in p]
+            key = (len(ids), c == 0)
+            spans = templates.get(key)
+            if spans is None:  # chunks of one size share their layer split
+                spans = templates[key] = self._spans(len(ids), layers, layer_major, first_chunk=c == 0)
+            order += [_Unit(c, a, b, len(ids), off, n) for a, b, off, n in spans]
         if layer_major:
             order.sort(key=lambda u: (u.l0, u.chunk))
         return _pack(order, self.half_bytes)
+
+    def _spans(self, n_blocks: int, layers: range, layer_major: bool, *, first_chunk: bool
+               ) -> list[tuple[int, int, int, int]]:
+        """``(l0, l1, payload_offset, nbytes)`` of each unit of a chunk of ``n_blocks`` blocks."""
+        lb = self.layout.layer_bytes(n_blocks * self.layout.block_size)
+        step = self._layer_group(lb) if layer_major else max(1, self.half_bytes // lb)
+        # The first DMA waits for the first gather: keep that first unit small.
+        first = max(1, min(step, _FILL_BYTES // lb)) if first_chunk and not layer_major else step
+        cuts = sorted({min(x, layers.stop) for x in (layers.start, *range(layers.start + first,
+                                                                          layers.stop, step), layers.stop)})
+        return [(a, b, a * lb, (b - a) * lb) for a, b in pairwise(cuts)]
 
     def _layer_group(self, layer_bytes: int) -> int:
         """Layers per unit in layer-wise order: units of >= 4 MiB (launch cost is per unit),
