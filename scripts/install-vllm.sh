@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# Install vLLM VERSION into the current Python environment for the CPU connector tests.
+# Install vLLM VERSION for the CPU connector tests.
 #
-#   scripts/install-vllm.sh 0.33.0            # uses `python` (or $PYTHON)
-#   PYTHON=/path/to/venv/bin/python scripts/install-vllm.sh 0.15.1
+#   scripts/install-vllm.sh 0.33.0                  # into `python`'s environment (or $PYTHON's)
+#   scripts/install-vllm.sh 0.15.1 .venv-vllm015    # into a new venv layered over that environment
+#
+# With a venv directory, the new venv sees everything of the base environment (torch, the
+# KVortex packages, pytest, redis, ...) through a .pth file, while vLLM and its pins live only
+# in the new venv: nothing of the base environment changes and no torch is downloaded again.
 #
 # The PyPI wheel is a CUDA build that pins a CUDA torch; installing it normally would pull
 # gigabytes of CUDA wheels. So: vLLM itself with --no-deps, then only the pure-Python
@@ -12,9 +16,20 @@
 # Use a separate venv: vLLM's pins (transformers, ...) may differ from the project's.
 set -euo pipefail
 
-VERSION="${1:?usage: scripts/install-vllm.sh VERSION (e.g. 0.33.0 or 0.15.1)}"
+VERSION="${1:?usage: scripts/install-vllm.sh VERSION [VENV_DIR] (e.g. 0.33.0 .venv-vllm)}"
+VENV="${2:-}"
 PY="${PYTHON:-python}"
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+if [ -n "$VENV" ]; then
+  BASE_SITE="$("$PY" -c 'import site; print(site.getsitepackages()[0])')"
+  "$PY" -m venv --without-pip "$VENV" 2>/dev/null || "$PY" -m venv "$VENV"
+  NEW_SITE="$("$VENV/bin/python" -c 'import site; print(site.getsitepackages()[0])')"
+  # addsitedir also runs the base environment's own .pth files (editable installs).
+  echo "import site; site.addsitedir('$BASE_SITE')" > "$NEW_SITE/zz_kvortex_base_env.pth"
+  PY="$VENV/bin/python"
+  "$PY" -m pip --version >/dev/null 2>&1 || { echo "install-vllm: no pip in $VENV" >&2; exit 1; }
+fi
 PIP=("$PY" -m pip install --quiet --disable-pip-version-check)
 
 "$PY" -c "import torch" 2>/dev/null || {

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import time
 import json
 import os
 from collections.abc import Iterable
@@ -21,6 +22,9 @@ from typing import Any
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# One intra-op thread: idle OpenMP workers of the fake model spin and starve the transfer
+# and tiering threads on a 2-core machine.
+torch.set_num_threads(1)
 
 from vllm.config import (  # noqa: E402
     CacheConfig,
@@ -194,6 +198,10 @@ class Harness:
 
     def step(self) -> StepLog:
         out = self.scheduler.schedule()
+        if not out.num_scheduled_tokens:
+            # Nothing to compute: only background transfers (async loads, saves) are pending.
+            # A real engine would not spin either; give those threads the CPU.
+            time.sleep(0.002)
         for r in out.num_scheduled_tokens:  # the engine's view of each request's tokens
             self.tokens[r] = list(self.scheduler.requests[r].all_token_ids)
         kv_out, loads, saves = self._run_workers(out)
@@ -217,7 +225,7 @@ class Harness:
         self.history.append(log)
         return log
 
-    def run(self, max_steps: int = 200) -> None:
+    def run(self, max_steps: int = 2000) -> None:
         for _ in range(max_steps):
             if not self.scheduler.has_requests():
                 return

@@ -91,6 +91,9 @@ class WorkerSide:
         self._load_errors: set[int] = set()
         self._async: dict[str, _AsyncLoad] = {}
         self.tiers: WorkerTiers | None = None
+        #: KV on the CPU: no streams order a copy after the forward, so transfers complete
+        #: before the call returns (the next forward may rewrite the blocks).
+        self._host_kv = False
 
     # ------------------------------------------------------------------ setup
 
@@ -117,6 +120,7 @@ class WorkerSide:
         self.engine = TransferEngine(caches, layout, chunk_tokens=chunk, staging_bytes=int(tc.staging_bytes),
                                      num_streams=tc.num_streams)
         self.layout, self.geometry = layout, geo
+        self._host_kv = device.type != "cuda"
         if has_lower_tiers(self.config):
             mgr = open_tiers(self.config, self.namespace, layout.chunk_payload_shape(chunk), layout.dtype,
                              self.pool, rank=self.rank, world_size=self.tp_size)
@@ -160,7 +164,9 @@ class WorkerSide:
             srcs = [self._payload(s.slot) for s in good]
             handle = self._engine().load(srcs, [list(s.block_ids) for s in good], layerwise=layerwise,
                                          skip_blocks=good[0].skip_blocks)
-            if not layerwise:
+            if self._host_kv:
+                handle.wait(self.config.timeouts.transfer_s)
+            elif not layerwise:
                 handle.stream_wait()
             self._loads.append(handle)
             self.counters.loaded_chunks += len(good)
@@ -208,6 +214,8 @@ class WorkerSide:
             job.handle = self._engine().load([self._payload(s.slot) for s in good],
                                              [list(s.block_ids) for s in good],
                                              skip_blocks=good[0].skip_blocks)
+            if self._host_kv:
+                job.handle.wait(self.config.timeouts.transfer_s)
             self.counters.loaded_chunks += len(good)
             self.counters.loaded_bytes += len(good) * self._geo().chunk_bytes
 
@@ -273,6 +281,8 @@ class WorkerSide:
         for spec in plan.saves:
             self._pending[spec.slot] = _PendingSave(spec, handle)
             self._req_saves[spec.req_id].add(spec.slot)
+        if self._host_kv:
+            handle.wait(self.config.timeouts.transfer_s)
         self.poll()
 
     def poll(self) -> None:
@@ -343,6 +353,8 @@ class WorkerSide:
         if self.tiers is not None:
             self.tiers.close()
             self.tiers = None
+        if self.engine is not None and hasattr(self.engine, "close"):
+            self.engine.close()
         if self.pool is not None:
             self.pool.close()
             self.pool = None

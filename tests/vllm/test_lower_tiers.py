@@ -1,0 +1,157 @@
+"""Lower tiers under the connector: write-behind, async loads from disk, restart, shared Redis."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from vllm_harness import Harness, build  # noqa: E402
+
+pytestmark = pytest.mark.vllm
+
+CHUNK = 32
+
+
+def prompt(seed: int, n: int) -> list[int]:
+    return [(seed * 131 + i * 7) % 900 + 10 for i in range(n)]
+
+
+def tiers(tmp: Path, cpu: str = "64KiB", **extra: Any) -> dict[str, Any]:
+    return {"tiers": {"cpu": {"type": "cpu", "capacity": cpu},
+                      "disk": {"type": "disk", "capacity": "16MiB", "path": str(tmp / "disk"), "fsync": False},
+                      **extra}}
+
+
+def drain(h: Harness) -> None:
+    for w in h.workers:
+        assert w.connector.worker_side.tiers is not None
+        assert w.connector.worker_side.tiers.mgr.drain(10.0)
+
+
+def assert_kv(h: Harness, req_id: str, tokens: list[int], upto: int) -> None:
+    for w in h.workers:
+        assert torch.equal(h.kv_of(req_id, range(upto), w), h.expected_of(tokens, range(upto), w))
+
+
+def evict_from_cpu(h: Harness, n: int) -> None:
+    for i in range(n):
+        h.add(f"filler{i}", prompt(500 + i, 2 * CHUNK + 1))
+        h.run()
+    drain(h)
+
+
+def run_async_load(h: Harness, req_id: str, tokens: list[int]) -> list[Any]:
+    h.add(req_id, tokens)
+    for _ in range(2000):  # idle steps sleep 2 ms: background fetches get seconds
+        h.step()
+        if req_id in h.history[-1].scheduled:
+            return h.history
+    raise AssertionError(f"{req_id} was never scheduled")
+
+
+def test_chunk_evicted_from_cpu_is_loaded_back_from_disk(tmp_path: Path) -> None:
+    h = build(tmp_path, tiers(tmp_path))
+    side = h.connector.scheduler_side
+    a = prompt(1, 80)
+    h.add("A", a)
+    h.run()
+    drain(h)
+    evict_from_cpu(h, side.geometry.num_slots)
+    assert not any(k in side.index for k in h.keys_of(a)), "A must be gone from the cpu tier"
+    h.scrub()
+    hist = run_async_load(h, "B", a[:70])
+    assert any("B" in s.finished_recving for s in hist), "the async load was reported done"
+    step = hist[-1]
+    assert step.computed_before["B"] == 2 * CHUNK and step.scheduled["B"] == 70 - 2 * CHUNK
+    assert_kv(h, "B", a, 2 * CHUNK)
+    assert all(k in side.index for k in h.keys_of(a)), "fetched chunks are promoted to cpu"
+    h.run()
+    assert not side.index.open_pins()
+
+
+def test_a_new_engine_finds_what_the_last_one_left_on_disk(tmp_path: Path) -> None:
+    a = prompt(2, 80)
+    first = build(tmp_path, tiers(tmp_path))  # same model directory: same model id, same keys
+    first.add("A", a)
+    first.run()
+    drain(first)
+    first.connector.shutdown()
+    for w in first.workers:
+        w.connector.shutdown()
+    h = build(tmp_path, tiers(tmp_path))
+    hist = run_async_load(h, "B", a[:70])
+    assert hist[-1].computed_before["B"] == 2 * CHUNK
+    assert_kv(h, "B", a, 2 * CHUNK)
+
+
+def test_lost_disk_file_is_a_failed_load_and_is_recomputed(tmp_path: Path) -> None:
+    h = build(tmp_path, tiers(tmp_path))
+    a = prompt(3, 80)
+    h.add("A", a)
+    h.run()
+    drain(h)
+    evict_from_cpu(h, h.connector.scheduler_side.geometry.num_slots)
+    key1 = h.keys_of(a)[1].hex()
+    lost = [p for p in (tmp_path / "disk").rglob("*.kv") if p.name.startswith(key1)]
+    assert lost, "chunk 1 was written behind to disk"
+    for p in lost:
+        p.unlink()
+    h.scrub()
+    hist = run_async_load(h, "B", a[:70])
+    assert any(s.invalid_blocks for s in hist), "the missing chunk's blocks are reported"
+    h.run()
+    assert "B" in h.finished
+    assert set(range(CHUNK, 2 * CHUNK)) <= set(h.computed_positions["B"])
+    assert_kv(h, "B", a, 2 * CHUNK)
+
+
+# ---------------------------------------------------------------------------------- redis
+
+
+@pytest.fixture
+def redis_url(tmp_path: Path) -> Iterator[str]:
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.skip("needs redis-server (apt-get install redis-server)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.2).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.mark.redis
+def test_shared_redis_tier_serves_another_engine(tmp_path: Path, redis_url: str) -> None:
+    shared = {"tiers": {"cpu": {"type": "cpu", "capacity": "1MiB"},
+                        "redis": {"type": "redis", "capacity": "16MiB", "url": redis_url, "write_through": True}}}
+    a = prompt(4, 80)
+    writer = build(tmp_path, shared)
+    writer.add("A", a)
+    writer.run()
+    drain(writer)
+    reader = build(tmp_path, shared)
+    hist = run_async_load(reader, "B", a[:70])
+    assert hist[-1].computed_before["B"] == 2 * CHUNK
+    assert_kv(reader, "B", a, 2 * CHUNK)
