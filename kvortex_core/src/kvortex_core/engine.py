@@ -95,6 +95,10 @@ class KVortexEngine:
                                              thread_name_prefix="kvortex-commit")
         self._pending: dict[bytes, Future[None]] = {}
         self._pending_lock = threading.Lock()
+        from kvortex_core.metrics import start_metrics
+
+        # Prometheus export when config.metrics.enabled (serves on metrics.port when set).
+        self._metrics = start_metrics(self._stats, config)
 
     @classmethod
     def create(cls, config: KVortexConfig | None = None, plugins: PluginManager | Sequence[object] | None = None,
@@ -151,7 +155,7 @@ class KVortexEngine:
         tiers = TierManager.create(cfg, self.plugins, namespace=ns.digest(),
                                    payload_shape=layout.chunk_payload_shape(cfg.chunk_tokens),
                                    dtype=layout.dtype, stats=self._stats, rank=self.rank,
-                                   world_size=self.world_size)
+                                   world_size=self.world_size, device=_cuda_index(kv_caches))
         return _Registered(layout, hasher, tiers, transfer, shapes)
 
     def _transfer(self, kv_caches: Any, layout: KVLayout) -> TransferEngine:
@@ -306,6 +310,8 @@ class KVortexEngine:
         end = min((first + len(leases)) * ct, len(tokens))
         loaded = max(0, end - skip_tokens)
         self._stats.inc(LOADED_TOKENS, loaded)
+        # Every load crosses the cpu tier (lower-tier chunks are promoted into a slot first).
+        self._stats.record_loaded(len(leases) * reg.tiers.payload_bytes, reg.tiers.cpu_name)
         return loaded
 
     def load_async(self, token_ids: Any, block_ids: Sequence[int], *, skip_tokens: int = 0) -> EngineHandle:
@@ -346,6 +352,8 @@ class KVortexEngine:
         if self._reg is not None:
             self._reg.transfer.close()
             self._reg.tiers.close()
+        if self._metrics is not None:
+            self._metrics.close()
 
     def __enter__(self) -> Self:
         return self
@@ -413,6 +421,15 @@ def _blocks(block_ids: Sequence[int], n_tokens: int, layout: KVLayout) -> list[i
             "registered KV cache"
         )
     return ids.tolist()
+
+
+def _cuda_index(kv_caches: Any) -> int | None:
+    """The CUDA device index of the registered tensors (None on CPU)."""
+    import torch
+
+    first = kv_caches if isinstance(kv_caches, torch.Tensor) else next(
+        iter(kv_caches.values() if isinstance(kv_caches, dict) else kv_caches))
+    return first.device.index if first.device.type == "cuda" else None
 
 
 def _shapes(kv_caches: Any) -> list[tuple[Any, ...]]:

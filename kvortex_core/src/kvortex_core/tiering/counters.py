@@ -16,3 +16,4 @@ TIER_ERRORS = "tier_errors"
 TIER_TIMEOUTS = "tier_timeouts"
 TIER_CALLS_SKIPPED = "tier_calls_skipped"
 TIER_IN_SERVICE = "tier_in_service"  # a gauge: 1 = breaker closed
+BREAKER_STATE = "breaker_state"  # a gauge: 0 closed, 1 open, 2 half-open

@@ -45,9 +45,12 @@ from kvortex_core.tiering.counters import (  # re-exported: the counter names of
     TIER_ERRORS,
     TIER_IN_SERVICE,
     TIER_TIMEOUTS,
+    BREAKER_STATE,
     WRITE_BEHIND_SKIPPED,
 )
 from kvortex_core.tiering.loads import LoadMixin
+
+_BREAKER_CODE = {"closed": 0.0, "open": 1.0, "half_open": 2.0}
 from kvortex_core.tiering.loop import LoopThread, WorkQueue
 from kvortex_core.tiering.saves import SaveMixin
 from kvortex_core.tiering.tiers import LowerTier, RemoteCache, TierUnavailable, log_transition
@@ -129,12 +132,14 @@ class TierManager(SaveMixin, LoadMixin):
         rank: int = 0,
         world_size: int = 1,
         pool: PinnedPool | None = None,
+        device: int | None = None,
     ) -> TierManager:
         """Build the pool and open every tier (a tier that cannot open starts out of service).
 
         ``pool``: use this pool (slots of at least ``HEADER_BYTES`` + payload bytes) instead of
         allocating one from the cpu tier's capacity, e.g. a pool the vLLM connector shares with
-        its scheduler-assigned slots.
+        its scheduler-assigned slots. ``device``: the CUDA device index the pool serves (its
+        pages are placed on that GPU's NUMA node).
         """
         names = config.tier_names
         first = config.tiers[names[0]]
@@ -151,6 +156,7 @@ class TierManager(SaveMixin, LoadMixin):
                 per_rank_capacity(int(first.capacity), ranks, 4096),
                 pin=getattr(backend_options(config, names[0], plugins), "pin", None),
                 alignment=4096,
+                device=device,
                 stats=stats,
                 name=names[0],
             )
@@ -232,6 +238,8 @@ class TierManager(SaveMixin, LoadMixin):
         self.tiers.append(tier)
         # 1 while the tier serves, 0 while its breaker is open or half-open (Prometheus gauge).
         self.stats.register_gauge(TIER_IN_SERVICE, lambda: float(breaker.state == "closed"), name)
+        # 0 closed, 1 open, 2 half-open: what `kvortex stats` shows as the breaker state.
+        self.stats.register_gauge(BREAKER_STATE, lambda: _BREAKER_CODE[breaker.state], name)
         self._open_tier(tier)
 
     def _open_tier(self, tier: LowerTier) -> None:
@@ -361,6 +369,7 @@ class TierManager(SaveMixin, LoadMixin):
                 event(log, logging.WARNING, "tier_close_failed", tier=tier.name, error=str(exc))
             tier.index.close()
             self.stats.unregister_gauge(TIER_IN_SERVICE, tier.name)
+            self.stats.unregister_gauge(BREAKER_STATE, tier.name)
         self.loop.stop(self.config.timeouts.close_s)
         # Backends are closed and the loop is stopped: no late read can land in these now.
         self.pool.free_many(self._quarantined)
