@@ -241,3 +241,21 @@ def test_async_handles_and_threads() -> None:
         for i in range(6):
             assert _same_blocks(caches, block, [4 * i + j for j in range(4)], [48 + 4 * i + j for j in range(4)])
         assert engine.stats()["counters"]["engine_load_calls"][""] >= 30
+
+
+def test_layerwise_load_per_layer_then_whole() -> None:
+    engine, caches, block = _engine()
+    with engine:
+        tokens = list(range(7, 7 + 2 * CHUNK))
+        blocks = list(range(2 * CHUNK // N))
+        engine.save(tokens, blocks)
+        new = list(range(40, 40 + len(blocks)))
+        with engine.load_layerwise(tokens, new) as pending:
+            assert pending.tokens == 2 * CHUNK
+            for layer in range(L):
+                pending.wait_layer(layer)
+                assert all(torch.equal(block(caches, layer, d), block(caches, layer, s))
+                           for s, d in zip(blocks, new, strict=True))
+        assert pending.done()
+        # a miss starts nothing and reports zero tokens
+        assert engine.load_layerwise(list(range(99, 99 + CHUNK)), blocks).wait() == 0

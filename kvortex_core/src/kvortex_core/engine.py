@@ -61,6 +61,46 @@ class EngineHandle:
         return self._future.done()
 
 
+class LayerwiseLoad:
+    """A load started for all layers and awaited per layer (``KVortexEngine.load_layerwise``).
+
+    ``wait_layer(i)`` orders the caller's current CUDA stream after layer ``i`` arrived (on CPU
+    it returns once the layer is copied), so layer ``i`` computes while ``i+1`` is in flight.
+    ``wait()`` blocks until every layer landed and releases the pinned slots; call it (or use
+    the object as a context manager) once the forward pass is done.
+    """
+
+    def __init__(self, tokens: int, handle: Any, release: Any, timeout: float) -> None:
+        self.tokens = tokens
+        self._handle = handle
+        self._release = release
+        self._timeout = timeout
+        self._finished = handle is None
+
+    def wait_layer(self, layer: int) -> None:
+        if self._handle is not None:
+            self._handle.wait_layer(layer)
+
+    def done(self) -> bool:
+        return self._finished or bool(self._handle.done())
+
+    def wait(self) -> int:
+        """Block until all layers landed, release the slots, return the tokens loaded."""
+        if not self._finished:
+            try:
+                self._handle.wait(self._timeout)
+            finally:
+                self._finished = True
+                self._release()
+        return self.tokens
+
+    def __enter__(self) -> LayerwiseLoad:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wait()
+
+
 class _Registered:
     """What ``register_kv_caches`` builds: layout, keys, tiers and the transfer engine."""
 
@@ -313,6 +353,40 @@ class KVortexEngine:
         # Every load crosses the cpu tier (lower-tier chunks are promoted into a slot first).
         self._stats.record_loaded(len(leases) * reg.tiers.payload_bytes, reg.tiers.cpu_name)
         return loaded
+
+    def load_layerwise(self, token_ids: Any, block_ids: Sequence[int], *, skip_tokens: int = 0) -> LayerwiseLoad:
+        """Start loading the stored prefix for all layers; await each with ``wait_layer(i)``.
+
+        ``.tokens`` says at once how many tokens (after ``skip_tokens``) will be written.
+        """
+        from kvortex_core.control.keys import rank_keys
+
+        reg = self._registered()
+        tokens = _tokens(token_ids)
+        blocks = _blocks(block_ids, len(tokens), reg.layout)
+        if skip_tokens < 0:
+            raise KVortexError(f"skip_tokens={skip_tokens} must be >= 0")
+        ct = self.config.chunk_tokens
+        keys = rank_keys(reg.hasher.keys(tokens), self.rank)
+        first = min(skip_tokens // ct, len(keys))
+        self._settle(keys[first:])
+        leases = reg.tiers.begin_load(keys[first:], timeout=self.config.timeouts.backend_op_s)
+        self._stats.inc(LOAD_CALLS)
+        if not leases:
+            return LayerwiseLoad(0, None, lambda: None, 0.0)
+        try:
+            per_chunk = [self._chunk_blocks(blocks, first + lease.index, len(tokens), reg) for lease in leases]
+            skip_blocks = (skip_tokens - first * ct) // reg.layout.block_size
+            handle = reg.transfer.load([lease.payload for lease in leases], per_chunk,
+                                       layerwise=True, skip_blocks=skip_blocks)
+        except BaseException:
+            reg.tiers.end_load(leases)
+            raise
+        loaded = max(0, min((first + len(leases)) * ct, len(tokens)) - skip_tokens)
+        self._stats.inc(LOADED_TOKENS, loaded)
+        self._stats.record_loaded(len(leases) * reg.tiers.payload_bytes, reg.tiers.cpu_name)
+        return LayerwiseLoad(loaded, handle, lambda: reg.tiers.end_load(leases),
+                             self.config.timeouts.transfer_s)
 
     def load_async(self, token_ids: Any, block_ids: Sequence[int], *, skip_tokens: int = 0) -> EngineHandle:
         """Non-blocking :meth:`load`; read the blocks only after ``wait()`` returned."""
