@@ -15,6 +15,7 @@ step; a request with saves keeps its blocks until the workers report the saves d
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,8 +32,6 @@ log = logging.getLogger(__name__)
 
 #: Steps a load pin outlives its plan: one for the step itself, one for async scheduling.
 _PIN_STEPS = 2
-#: How many times one request may be told "ask again" while a shared tier is being asked.
-_ASK_AGAIN_MAX = 2
 
 
 @dataclass
@@ -51,8 +50,8 @@ class _Request:
     has_saves: bool = False
     #: Pins of an asynchronous load (lower-tier fetch), held until the workers report it done.
     async_pins: list[PinHandle] = field(default_factory=list)
-    #: Times get_num_new_matched_tokens answered "ask again" while shared tiers were consulted.
-    deferrals: int = 0
+    #: When get_num_new_matched_tokens first answered "ask again" (a shared tier was asked).
+    deferred_at: float | None = None
 
 
 @dataclass
@@ -122,8 +121,9 @@ class SchedulerSide:
         """Tokens beyond ``num_computed_tokens`` we can load now (whole chunks, never the last token).
 
         The second value is True when a lower tier must be read first (an asynchronous load).
-        ``None`` ("ask again next step") is answered once per request when shared tiers were
-        just asked about chunks beyond the known prefix, so the answer arrives without waiting.
+        ``None`` ("ask again next step") is answered while a shared tier's answer about the
+        next chunk is on its way, for at most ``timeouts.remote_lookup_s`` per request: the
+        scheduler loop never waits on the network, and a slow tier only costs a miss.
         """
         st = self._state(request)
         # vLLM must compute at least one prompt token to sample from: cap below the last one.
@@ -139,10 +139,12 @@ class SchedulerSide:
 
     def _should_ask_again(self, st: _Request, key: bytes) -> bool:
         """A shared tier's answer for ``key`` is on its way (the lookup above asked): wait a step."""
-        if self.tiers is None or st.deferrals >= _ASK_AGAIN_MAX or not self.tiers.unknown(key):
+        if self.tiers is None or not self.tiers.unknown(key):
             return False
-        st.deferrals += 1
-        return True
+        now = time.monotonic()
+        if st.deferred_at is None:
+            st.deferred_at = now
+        return now - st.deferred_at < self.config.timeouts.remote_lookup_s
 
     def update_state_after_alloc(self, request: Any, block_ids: list[int], num_external_tokens: int) -> None:
         """Plan the load of the matched chunks into the blocks vLLM just allocated."""
