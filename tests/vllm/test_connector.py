@@ -258,3 +258,24 @@ def test_bad_chunk_tokens_is_a_clear_error(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="multiple of the engine's block_size=16"):
         build(tmp_path, {"chunk_tokens": 40})
+
+
+def test_metrics_show_hits_saves_and_loads(tmp_path: Path) -> None:
+    import urllib.request
+
+    h = build(tmp_path, {"metrics": {"enabled": True, "port": 0}})
+    a = prompt(50, 80)
+    save_a(h, a)
+    h.add("B", a[:70])
+    h.run()
+    for conn in (h.connector, h.workers[0].connector):
+        exporter = conn._metrics
+        assert exporter is not None
+        text = urllib.request.urlopen(exporter.url, timeout=10).read().decode()
+        assert "kvortex" in text
+    sched = h.connector.stats.snapshot()
+    worker = h.workers[0].connector.stats.snapshot()
+    assert sched.counter("hit_tokens") == 2 * CHUNK
+    assert worker.counter("bytes_saved", "cpu") > 0 and worker.counter("bytes_loaded", "cpu") > 0
+    for conn in (h.connector, *(w.connector for w in h.workers)):
+        conn.shutdown()

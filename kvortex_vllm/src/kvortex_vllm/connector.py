@@ -26,7 +26,9 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 from kvortex_core.config import KVortexConfig
 from kvortex_core.control.keys import KeyNamespace
+from kvortex_core.control.stats import Stats
 from kvortex_core.logs import configure as configure_logging
+from kvortex_core.metrics import start_metrics
 from kvortex_vllm import compat
 from kvortex_vllm.lower import scheduler_tiers
 from kvortex_vllm.metadata import StepPlan, slot_geometry
@@ -96,12 +98,14 @@ class KVortexConnector(KVConnectorBase_V1):
         namespace = build_namespace(self.kv_config, shape)
         self._scheduler: SchedulerSide | None = None
         self._worker: WorkerSide | None = None
+        self.stats = Stats()
         if role == KVConnectorRole.SCHEDULER:
             chunk = self.kv_config.chunk_tokens
             geometry = slot_geometry(self.kv_config, shape.chunk_bytes(chunk), shape.tp_size)
             tiers = scheduler_tiers(self.kv_config, namespace.digest(), shape.payload_shape(chunk),
                                     shape.torch_dtype, geometry.slot_bytes, shape.tp_size)
-            self._scheduler = SchedulerSide(self.kv_config, namespace, geometry, shape.block_size, tiers=tiers)
+            self._scheduler = SchedulerSide(self.kv_config, namespace, geometry, shape.block_size,
+                                            stats=self.stats, tiers=tiers)
             log.info("KVortex scheduler: %d-token chunks, %d slots of %d bytes per rank",
                      self.kv_config.chunk_tokens, geometry.num_slots, geometry.slot_bytes)
             if getattr(self._kv_transfer_config, "kv_load_failure_policy", "recompute") == "fail":
@@ -109,8 +113,10 @@ class KVortexConnector(KVConnectorBase_V1):
                             "fail the request instead of recomputing it; set "
                             "\"kv_load_failure_policy\": \"recompute\" in --kv-transfer-config")
         else:
-            self._worker = WorkerSide(self.kv_config, namespace.digest(),
-                                      tp_rank=_tp_rank(vllm_config), tp_size=shape.tp_size)
+            self._worker = WorkerSide(self.kv_config, namespace.digest(), tp_rank=_tp_rank(vllm_config),
+                                      tp_size=shape.tp_size, stats=self.stats)
+        # vLLM serves prometheus_client's global registry on its own /metrics.
+        self._metrics = start_metrics(self.stats, self.kv_config, expose_global=True)
 
     # ------------------------------------------------------------------ properties
 
@@ -178,6 +184,8 @@ class KVortexConnector(KVConnectorBase_V1):
         return self.worker_side.take_load_errors()
 
     def shutdown(self) -> None:
+        if self._metrics is not None and hasattr(self._metrics, "close"):
+            self._metrics.close()
         if self._worker is not None:
             self._worker.shutdown()
         if self._scheduler is not None:

@@ -28,6 +28,7 @@ import torch
 
 from kvortex_core.config import KVortexConfig
 from kvortex_core.control.keys import rank_keys
+from kvortex_core.control.stats import Stats
 from kvortex_core.data.layouts import KVLayout, detect_layout
 from kvortex_core.data.payload import HEADER_BYTES, check_identity, read_header, write_header
 from kvortex_core.data.pool import PinnedPool
@@ -70,9 +71,10 @@ class WorkerSide:
 
     def __init__(
         self, config: KVortexConfig, namespace: bytes, *, tp_rank: int = 0, tp_size: int = 1,
-        pin: bool | None = None,
+        pin: bool | None = None, stats: Stats | None = None,
     ) -> None:
         self.config = config
+        self.stats = stats or Stats()
         self.namespace = namespace
         self.rank = tp_rank
         self.tp_size = tp_size
@@ -123,7 +125,7 @@ class WorkerSide:
         self._host_kv = device.type != "cuda"
         if has_lower_tiers(self.config):
             mgr = open_tiers(self.config, self.namespace, layout.chunk_payload_shape(chunk), layout.dtype,
-                             self.pool, rank=self.rank, world_size=self.tp_size)
+                             self.pool, rank=self.rank, world_size=self.tp_size, stats=self.stats)
             self.tiers = WorkerTiers(mgr, self.rank)
         log.info("rank %d: %s KV layout, %d layers, %d slots of %d bytes (%s)", self.rank, layout.kind,
                  layout.num_layers, geo.num_slots, geo.slot_bytes, "pinned" if self.pool.pinned else "pageable")
@@ -169,8 +171,7 @@ class WorkerSide:
             elif not layerwise:
                 handle.stream_wait()
             self._loads.append(handle)
-            self.counters.loaded_chunks += len(good)
-            self.counters.loaded_bytes += len(good) * self._geo().chunk_bytes
+            self._count_loaded(len(good))
 
     def _start_fetch(self, req_id: str, specs: list[LoadSpec]) -> None:
         """Read the lower-tier chunks into their slots in the background (an async load)."""
@@ -216,13 +217,18 @@ class WorkerSide:
                                              skip_blocks=good[0].skip_blocks)
             if self._host_kv:
                 job.handle.wait(self.config.timeouts.transfer_s)
-            self.counters.loaded_chunks += len(good)
-            self.counters.loaded_bytes += len(good) * self._geo().chunk_bytes
+            self._count_loaded(len(good))
+
+    def _count_loaded(self, chunks: int) -> None:
+        self.counters.loaded_chunks += chunks
+        self.counters.loaded_bytes += chunks * self._geo().chunk_bytes
+        self.stats.record_loaded(chunks * self._geo().chunk_bytes, self.config.tier_names[0])
 
     def _fail(self, specs: list[LoadSpec]) -> list[LoadSpec]:
         for s in specs:
             self._load_errors.update(s.block_ids[s.skip_blocks:])
         self.counters.failed_chunks += len(specs)
+        self.stats.inc("load_failures", len(specs), self.config.tier_names[0])
         if specs:
             log.warning("rank %d: %d chunk(s) of request %s could not be read from a lower tier; "
                         "they will be recomputed", self.rank, len(specs), specs[0].req_id)
@@ -237,6 +243,7 @@ class WorkerSide:
                 for s in failed:
                     self._load_errors.update(s.block_ids[s.skip_blocks:])
                 self.counters.failed_chunks += len(failed)
+                self.stats.inc("load_failures", len(failed), self.config.tier_names[0])
                 log.warning("rank %d: load of request %s chunk %s failed (%s); %d chunk(s) will be "
                             "recomputed", self.rank, spec.req_id, spec.key.hex()[:16], problem, len(failed))
                 return specs[:i]
@@ -316,6 +323,7 @@ class WorkerSide:
                 del self._req_saves[p.spec.req_id]
         self.counters.saved_chunks += 1
         self.counters.saved_bytes += self._geo().chunk_bytes
+        self.stats.record_saved(self._geo().chunk_bytes, self.config.tier_names[0])
 
     def _invalidate(self, slot: int) -> None:
         self._pool().view(slot)[:8].zero_()  # the magic: no load trusts a slot being rewritten
