@@ -229,3 +229,20 @@ def test_plugin_registers_redis() -> None:
 
     info = PluginManager().backend("redis")
     assert info.cls is RedisBackend and info.cls.shared
+
+
+def test_tier_config_validates_redis_and_s3_options(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from kvortex_core import KVortexConfig
+    from kvortex_core.errors import ConfigError
+
+    monkeypatch.setenv("KVORTEX_TIERS__SHARED__PASSWORD", "from-env")
+    cfg = KVortexConfig(tiers={
+        "cpu": {"type": "cpu", "capacity": "1GiB"},
+        "shared": {"type": "redis", "capacity": "8GiB", "url": "rediss://kv:6380/0", "ttl": 60},
+        "cold": {"type": "s3", "capacity": "1TiB", "bucket": "kv-bucket", "prefix": "m/"},
+    })
+    assert cfg.tiers["shared"].options["password"] == "from-env"
+    with pytest.raises(ConfigError) as err:
+        KVortexConfig(tiers={"cpu": {"type": "cpu", "capacity": "1GiB"},
+                             "shared": {"type": "redis", "capacity": "8GiB", "urll": "redis://x"}})
+    assert "urll" in str(err.value) and "key_prefix" in str(err.value)  # lists the valid options

@@ -47,9 +47,9 @@ class Point:
 
     @property
     def inner(self) -> int:
-        """Operations per timed repetition: small payloads repeat until ~32 MiB have moved,
-        so one scheduler hiccup on this shared machine does not decide a 1 ms measurement."""
-        return max(1, (32 * MiB) // (self.size * self.concurrency))
+        """Operations per timed repetition: small payloads repeat until ~32 MiB have moved (at
+        most 32 times), so one scheduler hiccup does not decide a 1 ms measurement."""
+        return max(1, min(32, (32 * MiB) // (self.size * self.concurrency)))
 
     @property
     def nbytes(self) -> int:

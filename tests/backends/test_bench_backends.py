@@ -1,0 +1,34 @@
+"""``kvortex bench backends`` end to end on tiny payloads against the test servers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from kvortex_core.cli.app import app
+
+pytestmark = [pytest.mark.redis, pytest.mark.s3]
+pytest.importorskip("redis")
+pytest.importorskip("boto3")
+
+
+def test_bench_backends_writes_ratios_for_every_cell(redis_server, moto_s3, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "bench"
+    result = CliRunner().invoke(app, [
+        "bench", "backends", "--sizes", "4K,64K", "--concurrency", "1,3", "--reps", "1",
+        "--targets", "redis,s3", "--part-bytes", "16K", "--redis-url", redis_server.url,
+        "--s3-endpoint", moto_s3.endpoint_url, "--out", str(out), "--quiet",
+    ])
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "backends.json").read_text())
+    cells = {(r["target"], r["op"], r["size"], r["concurrency"]) for r in data["rows"]}
+    for target in ("redis", "redis parts 16K", "s3"):  # 16 KiB is below 1 MiB: named in bytes
+        assert {c for c in cells if c[0].startswith(target.split(" ")[0])}, target
+    assert len([c for c in cells if c[0] == "s3"]) == 2 * 2 * 2  # ops x sizes x concurrency
+    assert all(r["ours_gbps"] > 0 and r["raw_gbps"] > 0 and r["ratio"] > 0 for r in data["rows"])
+    assert all(r["ratio_vs_raw_copy"] is not None for r in data["rows"] if r["op"] == "get")
+    assert data["disk"] is None and "redis" in (out / "backends.md").read_text()
+    assert (out / "backends-s3.png").exists()
