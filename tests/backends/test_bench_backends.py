@@ -6,9 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
-
 from kvortex_core.cli.app import app
+from typer.testing import CliRunner
 
 pytestmark = [pytest.mark.redis, pytest.mark.s3]
 pytest.importorskip("redis")

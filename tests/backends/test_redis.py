@@ -232,8 +232,9 @@ def test_plugin_registers_redis() -> None:
 
 
 def test_tier_config_validates_redis_and_s3_options(monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    from kvortex_core import KVortexConfig
     from kvortex_core.errors import ConfigError
+
+    from kvortex_core import KVortexConfig
 
     monkeypatch.setenv("KVORTEX_TIERS__SHARED__PASSWORD", "from-env")
     cfg = KVortexConfig(tiers={
