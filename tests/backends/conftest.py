@@ -116,10 +116,10 @@ class RedisProcess:
         self.start()
 
 
-def start_redis(workdir: Path, *args: str, **client_kwargs: Any) -> RedisProcess:
-    """Start a redis-server of our own on a free port (the caller stops it)."""
+def start_redis(workdir: Path, *args: str, port: int | None = None, **client_kwargs: Any) -> RedisProcess:
+    """Start a redis-server of our own on ``port`` or a free one (the caller stops it)."""
     workdir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     if "--tls-port" in args:
         args = tuple(a if a != "{port}" else str(port) for a in args)
     return RedisProcess(port, workdir, list(args), dict(client_kwargs)).start()
@@ -137,8 +137,8 @@ def make_redis(tmp_path: Path) -> Iterator[Callable[..., RedisProcess]]:
     """Start private redis-servers (``make_redis(*server_args, **client_kwargs)``); stopped after."""
     started: list[RedisProcess] = []
 
-    def make(*args: str, **client_kwargs: Any) -> RedisProcess:
-        server = start_redis(tmp_path / f"redis{len(started)}", *args, **client_kwargs)
+    def make(*args: str, port: int | None = None, **client_kwargs: Any) -> RedisProcess:
+        server = start_redis(tmp_path / f"redis{len(started)}", *args, port=port, **client_kwargs)
         started.append(server)
         return server
 

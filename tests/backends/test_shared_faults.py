@@ -205,3 +205,41 @@ def test_s3_unreachable_endpoint(unused_port) -> None:
     with pytest.raises(BackendError, match="endpoint_url"):
         asyncio.run(backend.open())
     asyncio.run(backend.close())
+
+
+@pytest.mark.redis
+def test_redis_open_retried_after_server_comes_up(make_redis, unused_port, key_prefix) -> None:
+    """The tiering calls open() again on a tier that failed to open; the same client recovers."""
+    backend = redis_backend(f"redis://127.0.0.1:{unused_port}/0", key_prefix, connect_timeout=0.5)
+
+    async def scenario() -> None:
+        with pytest.raises(BackendError):
+            await backend.open()
+        client = backend._client
+        make_redis(port=unused_port)  # the server comes up where the tier points
+        await backend.open()
+        assert backend._client is client  # reused, not leaked and rebuilt
+        await backend.put("k", b"v")
+        out = bytearray(1)
+        assert await backend.get("k", memoryview(out)) == 1 and out == b"v"
+        await backend.close()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.s3
+def test_s3_open_retried_after_endpoint_recovers(fault_proxy, s3_bucket) -> None:
+    backend = s3_backend(fault_proxy.url, s3_bucket, max_attempts=1)
+
+    async def scenario() -> None:
+        fault_proxy.mode = "error"
+        with pytest.raises(BackendError):
+            await backend.open()
+        pool, client = backend._pool, backend._client
+        fault_proxy.mode = "pass"
+        await backend.open()
+        assert backend._pool is pool and backend._client is client  # nothing leaked or rebuilt
+        await backend.put("k", b"v")
+        await backend.close()
+
+    asyncio.run(scenario())

@@ -158,12 +158,14 @@ class RedisBackend(StorageBackend):
     async def open(self) -> None:
         """Build the pooled client, then PING; a BackendError names the servers if it fails.
 
-        The client stays usable after a failed PING: every later call reconnects.
+        The client stays usable after a failed PING (every later call reconnects), and calling
+        ``open()`` again (the tiering retries a tier that failed to open) reuses it.
         """
         from kvortex_backends._redis_client import make_client
 
-        self._client = make_client(self.opts)
-        if self.opts.coalesce_gets:
+        if self._client is None:
+            self._client = make_client(self.opts)
+        if self.opts.coalesce_gets and self._batcher is None:
             self._batcher = GetBatcher(self._require, max_batch=64)
         with self._errors("connect"):
             await self._client.ping()

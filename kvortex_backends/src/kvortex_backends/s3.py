@@ -98,12 +98,17 @@ class S3Backend(StorageBackend):
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def open(self) -> None:
-        """Build the client, thread pool and transfer manager, then check the bucket exists."""
+        """Build the client, thread pool and transfer manager, then check the bucket exists.
+
+        Calling it again after a failure (the tiering retries) reuses what was built.
+        """
         from kvortex_backends._s3_client import make_client, make_transfer_manager
 
-        self._pool = ThreadPoolExecutor(self.opts.max_concurrency, thread_name_prefix="kvortex-s3")
-        self._client = make_client(self.opts)
-        self._manager = make_transfer_manager(self._client, self.opts)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.opts.max_concurrency, thread_name_prefix="kvortex-s3")
+        if self._client is None:
+            self._client = make_client(self.opts)
+            self._manager = make_transfer_manager(self._client, self.opts)
         await self._call("open", "", lambda: self._client.head_bucket(Bucket=self.opts.bucket))
 
     async def close(self) -> None:
