@@ -25,10 +25,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from vllm_kv_alloc import flash_attn_v015, unified_v033  # noqa: E402
+from vllm_kv_alloc import cross_layer_v015, flash_attn_v015, unified_v033  # noqa: E402
 
 from kvortex_core.config import KVortexConfig  # noqa: E402
 from kvortex_core.control.keys import ChunkHasher, KeyNamespace  # noqa: E402
+from kvortex_vllm.compat import cross_layer_views  # noqa: E402
 from kvortex_vllm.metadata import LoadSpec, SaveSpec, StepPlan  # noqa: E402
 from kvortex_vllm.worker import WorkerSide  # noqa: E402
 
@@ -37,7 +38,13 @@ BPC = CHUNK // N
 DTYPE = torch.bfloat16
 DEV = "cuda"  # --device cpu runs a small smoke test of this script anywhere
 
+def _cross(b: int, hnd: bool) -> dict[str, torch.Tensor]:
+    phys, order, _, _ = cross_layer_v015(L, b, N, H, D, DTYPE, DEV, hnd=hnd)
+    return {f"layer.{i}": v for i, v in enumerate(cross_layer_views(phys, order))}
+
+
 LAYOUTS = {
+    "vllm-0.15 cross-layer NHD": lambda b: _cross(b, False),
     "vllm-0.15 flash_attn NHD": lambda b: flash_attn_v015(L, b, N, H, D, DTYPE, DEV)[0],
     "vllm-0.15 flash_attn HND": lambda b: flash_attn_v015(L, b, N, H, D, DTYPE, DEV, hnd=True)[0],
     "vllm-0.33 unified LBNHC": lambda b: unified_v033(L, b, N, H, D, DTYPE, DEV, order="LBNHC")[0],
@@ -47,7 +54,7 @@ LAYOUTS = {
 
 def blocks_of(name: str, t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """The given blocks of one layer tensor, in vLLM's own indexing for that layout."""
-    return t[:, ids] if name.startswith("vllm-0.15") else t[ids]
+    return t[:, ids] if name.startswith("vllm-0.15") else t[ids]  # (2, B, ...) vs [B, H, N, C]
 
 
 def sync() -> None:

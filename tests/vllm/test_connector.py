@@ -279,3 +279,33 @@ def test_metrics_show_hits_saves_and_loads(tmp_path: Path) -> None:
     assert worker.counter("bytes_saved", "cpu") > 0 and worker.counter("bytes_loaded", "cpu") > 0
     for conn in (h.connector, *(w.connector for w in h.workers)):
         conn.shutdown()
+
+
+def test_vllm_015_cross_layer_registration(tmp_path: Path) -> None:
+    """0.15-era vLLM hands one cross-layer tensor to register_cross_layers_kv_cache."""
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1
+
+    if not hasattr(KVConnectorBase_V1, "register_cross_layers_kv_cache"):
+        pytest.skip("this vLLM has no cross-layer registration (0.30+ unified layouts instead)")
+    from vllm.config import set_current_vllm_config
+    from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend
+    from vllm_harness import D, DTYPE, H_TOTAL, L
+    from vllm_kv_alloc import cross_layer_v015
+
+    h = build(tmp_path)
+    w = h.workers[0]
+    with set_current_vllm_config(h.vllm_config):
+        phys, order, write, read = cross_layer_v015(L, 64, BLOCK, H_TOTAL, D, DTYPE)
+        assert tuple(FlashAttentionBackend.get_kv_cache_stride_order(include_num_layers_dimension=True)) == order
+        assert w.connector.prefer_cross_layer_blocks
+        w.connector.register_cross_layers_kv_cache(phys, FlashAttentionBackend)
+    assert w.connector.worker_side.layout.num_layers == L
+    w.write, w.read = write, read
+    w.caches = dict(zip(w.connector.worker_side.layer_index, [phys] * L, strict=True))
+    a = prompt(60, 80)
+    h.add("A", a)
+    h.run()
+    phys.fill_(-7.0)  # every block reused since
+    h.add("B", a[:70])
+    assert h.step().loads == 2
+    assert_kv(h, "B", a, 2 * CHUNK)

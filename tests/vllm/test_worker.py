@@ -13,10 +13,11 @@ from typing import Any
 
 import pytest
 import torch
-from vllm_kv_alloc import Reader, Writer, flash_attn_v015, token_kv, unified_v033
+from vllm_kv_alloc import Reader, Writer, cross_layer_v015, flash_attn_v015, token_kv, unified_v033
 
 from kvortex_core.config import KVortexConfig
 from kvortex_core.control.keys import ChunkHasher, KeyNamespace
+from kvortex_vllm.compat import cross_layer_views
 from kvortex_vllm.metadata import LoadSpec, SaveSpec, StepPlan, slot_geometry
 from kvortex_vllm.worker import WorkerSide
 
@@ -26,7 +27,20 @@ BPC = CHUNK // N
 NUM_BLOCKS = 24
 
 Alloc = Callable[..., tuple[dict[str, torch.Tensor], Writer, Reader]]
+
+
+def _cross(hnd: bool) -> Alloc:
+    def make(dt: torch.dtype, dev: str) -> tuple[dict[str, torch.Tensor], Writer, Reader]:
+        phys, order, write, read = cross_layer_v015(L, NUM_BLOCKS, N, H, D, dt, dev, hnd=hnd)
+        views = cross_layer_views(phys, order)  # what register_cross_layers_kv_cache registers
+        return {f"layer.{i}": v for i, v in enumerate(views)}, write, read
+
+    return make
+
+
 ALLOCS: dict[str, Alloc] = {
+    "v015_cross_layer_nhd": _cross(False),
+    "v015_cross_layer_hnd": _cross(True),
     "v015_flash_attn_nhd": lambda dt, dev: flash_attn_v015(L, NUM_BLOCKS, N, H, D, dt, dev),
     "v015_flash_attn_hnd": lambda dt, dev: flash_attn_v015(L, NUM_BLOCKS, N, H, D, dt, dev, hnd=True),
     "v033_unified_LBNHC": lambda dt, dev: unified_v033(L, NUM_BLOCKS, N, H, D, dt, dev, order="LBNHC"),

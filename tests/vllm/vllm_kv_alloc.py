@@ -51,6 +51,29 @@ def flash_attn_v015(L: int, B: int, N: int, H: int, D: int, dtype: torch.dtype, 
     return caches, write, read
 
 
+def cross_layer_v015(L: int, B: int, N: int, H: int, D: int, dtype: torch.dtype, device: Any = "cpu",
+                     *, hnd: bool = False) -> tuple[torch.Tensor, tuple[int, ...], Writer, Reader]:
+    """vLLM 0.15 with ``prefer_cross_layer_blocks``: one buffer, logical ``(L, 2, B, N, H, D)``.
+
+    Physically permuted by FlashAttention's stride order with a layers dimension:
+    ``(B, L, 2, N, H, D)`` for NHD, ``(B, H, L, 2, N, D)`` for HND. Returns the physical tensor
+    (what the connector's ``register_cross_layers_kv_cache`` receives) and the stride order.
+    """
+    order = (2, 4, 0, 1, 3, 5) if hnd else (2, 0, 1, 3, 4, 5)
+    logical_shape = (L, 2, B, N, H, D)
+    phys = torch.zeros(tuple(logical_shape[i] for i in order), dtype=dtype, device=device)
+    logical = phys.permute(*[order.index(i) for i in range(6)])
+
+    def write(layer: int, block: int, off: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        logical[layer, 0, block, off] = k
+        logical[layer, 1, block, off] = v
+
+    def read(layer: int, block: int, off: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return logical[layer, 0, block, off], logical[layer, 1, block, off]
+
+    return phys, order, write, read
+
+
 def unified_v033(L: int, B: int, N: int, H: int, D: int, dtype: torch.dtype, device: Any = "cpu",
                  *, order: str = "LBNHC") -> tuple[dict[str, torch.Tensor], Writer, Reader]:
     """vLLM 0.30+ unified layout: one buffer, per-layer ``[B, H, N, C]`` views, C = 2 * D."""

@@ -11,7 +11,7 @@ Supported: vLLM 0.15.x through 0.33.x. Differences handled:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,6 +64,20 @@ def preempted_ids(arg: Any) -> set[str]:
         return set(arg)
     plan = getattr(arg, "plan", None)
     return set(plan.preempted) if plan is not None else set()
+
+
+def cross_layer_views(kv_cache: Any, stride_order: Sequence[int] | None) -> list[Any]:
+    """Per-layer logical views of vLLM 0.15's cross-layer KV tensor.
+
+    vLLM allocates the logical ``(L, 2, B, N, H, D)`` cache physically permuted by the
+    backend's ``get_kv_cache_stride_order(include_num_layers_dimension=True)`` (e.g.
+    ``(B, L, 2, N, H, D)`` for NHD) and hands the connector that physical tensor. Undoing the
+    permutation gives one ``(2, B, N, H, D)`` view per layer, all in one storage, which the
+    transfer engine gathers with one kernel for all layers.
+    """
+    order = list(stride_order) if stride_order is not None else list(range(kv_cache.dim()))
+    inverse = [order.index(i) for i in range(len(order))]
+    return list(kv_cache.permute(*inverse).unbind(0))
 
 
 @dataclass(frozen=True)

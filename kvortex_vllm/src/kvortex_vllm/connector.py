@@ -132,6 +132,11 @@ class KVortexConnector(KVConnectorBase_V1):
         return bool(transfer.get("layerwise", True))
 
     @property
+    def prefer_cross_layer_blocks(self) -> bool:
+        """vLLM 0.15-era hook: one allocation for all layers makes a block's layers one span."""
+        return True
+
+    @property
     def scheduler_side(self) -> SchedulerSide:
         assert self._scheduler is not None, "scheduler-side method called on a worker connector"
         return self._scheduler
@@ -147,8 +152,18 @@ class KVortexConnector(KVConnectorBase_V1):
         self.worker_side.register_kv_caches(kv_caches)
 
     def register_cross_layers_kv_cache(self, kv_cache: torch.Tensor, attn_backend: Any = None) -> None:
-        """vLLM 0.15-era hook: one ``(B, L, 2, N, H, D)`` tensor for all layers."""
-        self.worker_side.register_kv_caches(kv_cache)
+        """vLLM 0.15-era hook: one tensor for all layers, physically permuted by the backend."""
+        order = None
+        try:
+            order = attn_backend.get_kv_cache_stride_order(include_num_layers_dimension=True)
+        except (AttributeError, NotImplementedError, TypeError):
+            pass
+        views = compat.cross_layer_views(kv_cache, order)
+        kcc = self._kv_cache_config
+        names = [n for t in getattr(kcc, "kv_cache_tensors", None) or () for n in getattr(t, "shared_by", ())[:1]]
+        if len(names) != len(views):
+            names = [f"layer.{i}" for i in range(len(views))]
+        self.worker_side.register_kv_caches(dict(zip(names, views, strict=True)))
 
     def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
         super().bind_connector_metadata(connector_metadata)

@@ -129,8 +129,10 @@ class SchedulerSide:
         # vLLM must compute at least one prompt token to sample from: cap below the last one.
         usable = max(len(st.prompt) - 1, 0) // self.chunk_tokens
         hit, fetch = self.stored_prefix(st.keys[:usable])
-        if hit < usable and self._should_ask_again(st, st.keys[hit]):
-            return None, False
+        if hit < usable and self.tiers is not None:
+            if self._should_ask_again(st, st.keys[hit]):
+                return None, False
+            hit, fetch = self.stored_prefix(st.keys[:usable])  # an answer that just arrived counts
         hit_tokens = hit * self.chunk_tokens
         new = max(hit_tokens - num_computed_tokens, 0)
         st.matched = (num_computed_tokens, hit_tokens) if new else None
