@@ -25,13 +25,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from vllm_kv_alloc import cross_layer_v015, flash_attn_v015, unified_v033  # noqa: E402
-
-from kvortex_core.config import KVortexConfig  # noqa: E402
-from kvortex_core.control.keys import ChunkHasher, KeyNamespace  # noqa: E402
-from kvortex_vllm.compat import cross_layer_views  # noqa: E402
-from kvortex_vllm.metadata import LoadSpec, SaveSpec, StepPlan  # noqa: E402
-from kvortex_vllm.worker import WorkerSide  # noqa: E402
+from kvortex_core.config import KVortexConfig
+from kvortex_core.control.keys import ChunkHasher, KeyNamespace
+from kvortex_vllm.compat import cross_layer_views
+from kvortex_vllm.metadata import LoadSpec, SaveSpec, StepPlan
+from kvortex_vllm.worker import WorkerSide
+from vllm_kv_alloc import cross_layer_v015, flash_attn_v015, unified_v033
 
 L, H, D, N, CHUNK = 32, 8, 128, 16, 256
 BPC = CHUNK // N
@@ -130,7 +129,7 @@ def check_layout(name: str, chunks: int, repeats: int) -> dict[str, Any]:
     eng_load_s = timed(lambda: eng.load(views, [list(s.block_ids) for s in loads]).wait(), repeats)
     total = chunks * chunk_bytes
     worker.shutdown()
-    del caches
+    caches.clear()
     if DEV == "cuda":
         torch.cuda.empty_cache()
     return {

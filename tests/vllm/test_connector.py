@@ -9,7 +9,7 @@ import torch
 
 pytest.importorskip("vllm")
 
-from vllm_harness import BLOCK, Harness, build  # noqa: E402
+from vllm_harness import BLOCK, Harness, build
 
 pytestmark = pytest.mark.vllm
 
@@ -236,7 +236,7 @@ def test_tensor_parallel_chunk_missing_on_one_rank_is_not_loaded(tmp_path: Path)
     assert step.invalid_blocks
     h.run()
     assert_kv(h, "B", a, 2 * CHUNK)
-    assert set(range(0, CHUNK)) <= set(h.computed_positions["B"])
+    assert set(range(CHUNK)) <= set(h.computed_positions["B"])
 
 
 def test_requires_kv_delivery_is_false(tmp_path: Path) -> None:
@@ -289,7 +289,7 @@ def test_vllm_015_cross_layer_registration(tmp_path: Path) -> None:
         pytest.skip("this vLLM has no cross-layer registration (0.30+ unified layouts instead)")
     from vllm.config import set_current_vllm_config
     from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend
-    from vllm_harness import D, DTYPE, H_TOTAL, L
+    from vllm_harness import DTYPE, H_TOTAL, D, L
     from vllm_kv_alloc import cross_layer_v015
 
     h = build(tmp_path)

@@ -15,7 +15,7 @@ import torch
 
 pytest.importorskip("vllm")
 
-from vllm_harness import Harness, build  # noqa: E402
+from vllm_harness import Harness, build
 
 pytestmark = pytest.mark.vllm
 

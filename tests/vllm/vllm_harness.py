@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import copy
 import inspect
-import time
 import json
 import os
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +26,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # and tiering threads on a 2-core machine.
 torch.set_num_threads(1)
 
-from vllm.config import (  # noqa: E402
+from kvortex_vllm.connector import KVortexConnector
+from vllm.config import (
     CacheConfig,
     DeviceConfig,
     KVTransferConfig,
@@ -35,17 +36,14 @@ from vllm.config import (  # noqa: E402
     SchedulerConfig,
     VllmConfig,
 )
-from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole  # noqa: E402
-from vllm.sampling_params import SamplingParams  # noqa: E402
-from vllm.v1.core.sched.scheduler import Scheduler  # noqa: E402
-from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec  # noqa: E402
-from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput  # noqa: E402
-from vllm.v1.request import Request  # noqa: E402
-from vllm.v1.structured_output import StructuredOutputManager  # noqa: E402
-
-from kvortex_vllm.connector import KVortexConnector  # noqa: E402
-
-from vllm_kv_alloc import Reader, Writer, flash_attn_v015, layer_names, token_kv, unified_v033  # noqa: E402
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+from vllm.sampling_params import SamplingParams
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
+from vllm.v1.request import Request
+from vllm.v1.structured_output import StructuredOutputManager
+from vllm_kv_alloc import Reader, Writer, flash_attn_v015, layer_names, token_kv
 
 L, H_TOTAL, D, BLOCK = 2, 2, 16, 16
 DTYPE = torch.float32
@@ -108,7 +106,6 @@ def allocate_kv(kv_cache_config: KVCacheConfig, heads: int, num_blocks: int,
     try:
         from vllm.v1.kv_cache_layout import KVCacheLayout
         from vllm.v1.worker.utils import allocate_kv_cache
-
         from vllm_kv_alloc import unified_writer_for
 
         layout = KVCacheLayout[order]

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-
 from kvortex_core.config import KVortexConfig
 from kvortex_core.control.keys import rank_keys
 from kvortex_core.control.stats import Stats
@@ -34,8 +33,16 @@ from kvortex_core.data.payload import HEADER_BYTES, check_identity, read_header,
 from kvortex_core.data.pool import PinnedPool
 from kvortex_core.data.transfer import TransferEngine, TransferHandle
 from kvortex_core.errors import KVortexError, LayoutError, PayloadError
+
 from kvortex_vllm.lower import WorkerTiers, has_lower_tiers, open_tiers
-from kvortex_vllm.metadata import SLOT_ALIGNMENT, LoadSpec, SaveSpec, SlotGeometry, StepPlan, slot_geometry
+from kvortex_vllm.metadata import (
+    SLOT_ALIGNMENT,
+    LoadSpec,
+    SaveSpec,
+    SlotGeometry,
+    StepPlan,
+    slot_geometry,
+)
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +208,7 @@ class WorkerSide:
     def _copy_fetched(self, job: _AsyncLoad) -> None:
         try:
             ok = list(job.fetch.result()) if job.fetch is not None else []
-        except Exception:  # noqa: BLE001 - a failed fetch is a miss, never an engine error
+        except Exception:
             log.exception("rank %d: lower-tier fetch failed", self.rank)
             ok = []
         fetched, n, slots = iter(ok), 0, self._geo().num_slots
