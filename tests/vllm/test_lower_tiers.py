@@ -158,3 +158,27 @@ def test_shared_redis_tier_serves_another_engine(tmp_path: Path, redis_url: str)
     hist = run_async_load(reader, "B", a[:70])
     assert hist[-1].computed_before["B"] == 2 * CHUNK
     assert_kv(reader, "B", a, 2 * CHUNK)
+
+
+def test_chunks_being_fetched_are_nobodys_hit_and_outlive_an_abort(tmp_path: Path) -> None:
+    h = build(tmp_path, tiers(tmp_path))
+    side = h.connector.scheduler_side
+    a = prompt(5, 80)
+    h.add("A", a)
+    h.run()
+    drain(h)
+    evict_from_cpu(h, side.geometry.num_slots)
+    keys = h.keys_of(a)[:2]
+
+    class Req:
+        request_id = "X"
+        prompt_token_ids = a[:70]
+
+    assert side.get_num_new_matched_tokens(Req, 0) == (2 * CHUNK, True)
+    side.update_state_after_alloc(Req, list(range(1, 6)), 2 * CHUNK)
+    assert side.stored_prefix(keys)[0] == 0, "a slot being filled is not a hit for anyone"
+    assert side.request_finished(Req) is False  # aborted while its fetch is in flight
+    assert side.index.open_pins(), "the slots stay pinned until the workers report the load"
+    side.on_loads_finished({"X"})
+    assert not side.index.open_pins()
+    assert side.stored_prefix(keys) == (2, False)

@@ -49,8 +49,6 @@ class _Request:
     matched: tuple[int, int] | None = None
     pending_loads: list[LoadSpec] = field(default_factory=list)
     has_saves: bool = False
-    #: Pins of an asynchronous load (lower-tier fetch), held until the workers report it done.
-    async_pins: list[PinHandle] = field(default_factory=list)
     #: When get_num_new_matched_tokens first answered "ask again" (a shared tier was asked).
     deferred_at: float | None = None
 
@@ -91,6 +89,10 @@ class SchedulerSide:
         self._requests: dict[str, _Request] = {}
         self._pins: list[_Pin] = []
         self._await_saves: set[str] = set()
+        # Asynchronous loads in flight, by request: their pins, and the chunks being fetched.
+        # Both outlive an aborted request: workers still write the slots until they report.
+        self._async_pins: dict[str, list[PinHandle]] = {}
+        self._fetching: dict[bytes, str] = {}
         # block id -> (req, key, step): maps failed-load reports back to chunks for a few steps.
         self._recent_loads: dict[int, tuple[str, bytes, int]] = {}
         self._step = 0
@@ -112,9 +114,11 @@ class SchedulerSide:
         No side effect on recency or pins (vLLM may ask several times).
         """
         in_cpu = self.index.contains_list(keys)
+        if self._fetching:  # a slot still being filled from a lower tier is nobody's hit yet
+            in_cpu = [c and k not in self._fetching for k, c in zip(keys, in_cpu, strict=True)]
         below = self.tiers.present(keys) if self.tiers is not None and not all(in_cpu) else in_cpu
         n = 0
-        while n < len(keys) and (in_cpu[n] or below[n]):
+        while n < len(keys) and (in_cpu[n] or (below[n] and keys[n] not in self._fetching)):
             n += 1
         return n, not all(in_cpu[:n])
 
@@ -169,7 +173,9 @@ class SchedulerSide:
             fetch.add(k)
         if fetch:
             pins.append(self.index.pin(list(fetch), f"fetch {st.req_id}"))
-            st.async_pins.extend(pins)
+            self._async_pins[st.req_id] = pins
+            for k in fetch:
+                self._fetching[k] = st.req_id
         else:
             self._pins.extend(_Pin(h, self._step + _PIN_STEPS) for h in pins)
         self.index.touch(keys)
@@ -286,16 +292,12 @@ class SchedulerSide:
                         len(keys), req_id)
 
     def on_loads_finished(self, req_ids: Iterable[str]) -> None:
-        """Asynchronous loads the workers completed (or gave up on): unpin their chunks."""
+        """Asynchronous loads the workers completed (or gave up on): their chunks are ordinary now."""
         for req_id in req_ids:
-            st = self._requests.get(req_id)
-            if st is not None:
-                self._release_async(st)
-
-    def _release_async(self, st: _Request) -> None:
-        for handle in st.async_pins:
-            handle.release()
-        st.async_pins = []
+            for handle in self._async_pins.pop(req_id, ()):
+                handle.release()
+            for k in [k for k, r in self._fetching.items() if r == req_id]:
+                del self._fetching[k]
 
     def request_finished(self, request: Any) -> bool:
         """True when the request's blocks must outlive it until the workers finish its saves."""
@@ -308,16 +310,13 @@ class SchedulerSide:
 
     def _forget(self, req_id: str) -> None:
         """Drop a request's state (finish, abort, preemption); its load pins expire with their step."""
-        st = self._requests.pop(req_id, None)
-        if st is not None:
-            self._release_async(st)
+        self._requests.pop(req_id, None)
 
     def close(self) -> None:
         for pin in self._pins:
             pin.handle.release()
         self._pins = []
-        for st in self._requests.values():
-            self._release_async(st)
+        self.on_loads_finished(list(self._async_pins))
         self.index.close()
         if self.tiers is not None:
             self.tiers.close()
