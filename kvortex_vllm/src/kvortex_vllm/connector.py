@@ -98,6 +98,7 @@ class KVortexConnector(KVConnectorBase_V1):
         namespace = build_namespace(self.kv_config, shape)
         self._scheduler: SchedulerSide | None = None
         self._worker: WorkerSide | None = None
+        self._layout_hints: dict[str, Any] | None = None
         self.stats = Stats()
         if role == KVConnectorRole.SCHEDULER:
             chunk = self.kv_config.chunk_tokens
@@ -115,6 +116,8 @@ class KVortexConnector(KVConnectorBase_V1):
         else:
             self._worker = WorkerSide(self.kv_config, namespace.digest(), tp_rank=_tp_rank(vllm_config),
                                       tp_size=shape.tp_size, stats=self.stats)
+            # MLA stores one latent vector per token: vLLM 0.30+ views it as [B, 1, N, C].
+            self._layout_hints = {"kv_count": 1} if shape.kv_count == 1 else None
         # vLLM serves prometheus_client's global registry on its own /metrics.
         self._metrics = start_metrics(self.stats, self.kv_config, expose_global=True)
 
@@ -149,7 +152,7 @@ class KVortexConnector(KVConnectorBase_V1):
     # ------------------------------------------------------------------ worker side
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        self.worker_side.register_kv_caches(kv_caches)
+        self.worker_side.register_kv_caches(kv_caches, self._layout_hints)
 
     def register_cross_layers_kv_cache(self, kv_cache: torch.Tensor, attn_backend: Any = None) -> None:
         """vLLM 0.15-era hook: one tensor for all layers, physically permuted by the backend."""
@@ -163,7 +166,7 @@ class KVortexConnector(KVConnectorBase_V1):
         names = [n for t in getattr(kcc, "kv_cache_tensors", None) or () for n in getattr(t, "shared_by", ())[:1]]
         if len(names) != len(views):
             names = [f"layer.{i}" for i in range(len(views))]
-        self.worker_side.register_kv_caches(dict(zip(names, views, strict=True)))
+        self.worker_side.register_kv_caches(dict(zip(names, views, strict=True)), self._layout_hints)
 
     def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
         super().bind_connector_metadata(connector_metadata)
