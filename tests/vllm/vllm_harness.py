@@ -22,9 +22,6 @@ from typing import Any
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# One intra-op thread: idle OpenMP workers of the fake model spin and starve the transfer
-# and tiering threads on a 2-core machine.
-torch.set_num_threads(1)
 
 from kvortex_vllm.connector import KVortexConnector
 from vllm.config import (
