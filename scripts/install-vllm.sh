@@ -57,7 +57,8 @@ for req in md.requires("vllm") or []:
         continue
     name = re.match(r"[A-Za-z0-9_.\-]+", req).group(0).lower().replace("_", "-")
     if name in allow:
-        print(re.sub(r"\[.*?\]", "", req.split(";")[0]).replace(" ", ""))
+        name_part, _, marker = req.partition(";")  # keep environment markers: pip evaluates them
+        print(re.sub(r"\[.*?\]", "", name_part).replace(" ", "") + (";" + marker if marker else ""))
 EOF
 )
 # Needed by some versions' imports but not always declared.
