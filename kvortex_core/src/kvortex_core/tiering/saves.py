@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -99,14 +100,13 @@ class SaveMixin:
                     self._saving.discard(lease.key)
 
     def _commit_one(self, lease: SaveLease) -> None:
-        total = pl.seal(
-            self.pool.view(lease.slot),
-            key=lease.key,
-            namespace=self.namespace,
-            shape=self.payload_shape,
-            dtype=self.dtype,
-            payload_len=self.payload_bytes,
-        )
+        # Identity header only (checksum 0): a cpu slot is our own memory and is never
+        # verified. The checksum is computed when the chunk leaves for a lower tier
+        # (_sealed), so a save costs no host pass over its bytes unless it is written below.
+        total = pl.HEADER_BYTES + self.payload_bytes
+        pl.write_header(self.pool.view(lease.slot), key=lease.key, namespace=self.namespace,
+                        shape=self.payload_shape, dtype=self.dtype,
+                        payload_len=self.payload_bytes, checksum=0)
         with self._lock:
             # A key promoted meanwhile keeps its slot: re-inserting would orphan that one.
             ok = (
@@ -125,6 +125,17 @@ class SaveMixin:
             if tier.write_through:
                 self._write_behind(tier, lease.key, lease.slot, total)
 
+    async def _sealed(self, key: bytes, slot: int) -> memoryview:
+        """Checksum the slot's payload and write its header (off the loop: xxh3 drops the GIL)."""
+        view = self.pool.view(slot)
+
+        def seal() -> int:
+            return pl.seal(view, key=key, namespace=self.namespace, shape=self.payload_shape,
+                           dtype=self.dtype, payload_len=self.payload_bytes)
+
+        total = await asyncio.get_running_loop().run_in_executor(None, seal)
+        return self.pool.buffer(slot)[:total]
+
     def _write_behind(self, tier: LowerTier, key: bytes, slot: int, total: int) -> None:
         if not tier.available:
             self.stats.inc(WRITE_BEHIND_SKIPPED, 1, tier.name)
@@ -136,7 +147,7 @@ class SaveMixin:
 
         async def job() -> None:
             try:
-                await self._put(tier, key, self.pool.buffer(slot)[:total])
+                await self._put(tier, key, await self._sealed(key, slot))
             finally:
                 pin.release()
 
@@ -198,8 +209,7 @@ class SaveMixin:
     def _demote_slot_job(self, tier: LowerTier, key: bytes, slot: int) -> Any:
         async def job() -> None:
             try:
-                header = pl.read_header(self.pool.view(slot))
-                if await self._put(tier, key, self.pool.buffer(slot)[: header.total_len]):
+                if await self._put(tier, key, await self._sealed(key, slot)):
                     self.stats.inc(DEMOTIONS, 1, tier.name)
             finally:
                 self._demoted(slot)
