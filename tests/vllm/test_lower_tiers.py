@@ -181,4 +181,22 @@ def test_chunks_being_fetched_are_nobodys_hit_and_outlive_an_abort(tmp_path: Pat
     assert side.index.open_pins(), "the slots stay pinned until the workers report the load"
     side.on_loads_finished({"X"})
     assert not side.index.open_pins()
-    assert side.stored_prefix(keys) == (2, False)
+    assert side.stored_prefix(keys) == (2, [True, True])
+
+
+def test_async_only_when_a_chunk_to_load_is_below(tmp_path: Path) -> None:
+    h = build(tmp_path, tiers(tmp_path, cpu="1MiB"))
+    side = h.connector.scheduler_side
+    a = prompt(6, 80)
+    h.add("A", a)
+    h.run()
+    drain(h)
+    keys = h.keys_of(a)[:2]
+    side._on_evict(side.index.remove([keys[0]]))  # chunk 0 now only on disk, chunk 1 in cpu
+
+    class Req:
+        request_id = "Y"
+        prompt_token_ids = a[:70]
+
+    assert side.get_num_new_matched_tokens(Req, 0) == (2 * CHUNK, True), "chunk 0 must be read from disk"
+    assert side.get_num_new_matched_tokens(Req, CHUNK) == (CHUNK, False), "vLLM holds chunk 0 itself"

@@ -64,6 +64,8 @@ class StepPlan:
     preempted: frozenset[str] = frozenset()
     #: Finished requests whose blocks vLLM keeps until the workers report their saves done.
     await_saves: frozenset[str] = frozenset()
+    #: Requests whose loads vLLM runs asynchronously: reported through finished_recving.
+    async_loads: frozenset[str] = frozenset()
 
     def is_empty(self) -> bool:
         return not (self.loads or self.saves or self.preempted or self.await_saves)

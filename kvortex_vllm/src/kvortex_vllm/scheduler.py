@@ -45,8 +45,8 @@ class _Request:
     block_ids: list[int] = field(default_factory=list)
     #: Chunks below this index are stored (saved, loaded or found present): nothing to save.
     saved_upto: int = 0
-    #: Set by get_num_new_matched_tokens: (local computed tokens, tokens we can supply).
-    matched: tuple[int, int] | None = None
+    #: Set by get_num_new_matched_tokens: (local computed tokens, tokens we supply, async?).
+    matched: tuple[int, int, bool] | None = None
     pending_loads: list[LoadSpec] = field(default_factory=list)
     has_saves: bool = False
     #: When get_num_new_matched_tokens first answered "ask again" (a shared tier was asked).
@@ -93,6 +93,7 @@ class SchedulerSide:
         # Both outlive an aborted request: workers still write the slots until they report.
         self._async_pins: dict[str, list[PinHandle]] = {}
         self._fetching: dict[bytes, str] = {}
+        self._async_reqs: set[str] = set()  # async loads planned since the last plan
         # block id -> (req, key, step): maps failed-load reports back to chunks for a few steps.
         self._recent_loads: dict[int, tuple[str, bytes, int]] = {}
         self._step = 0
@@ -108,8 +109,8 @@ class SchedulerSide:
             self._requests[req_id] = st
         return st
 
-    def stored_prefix(self, keys: Sequence[bytes]) -> tuple[int, bool]:
-        """Leading chunks loadable now, and whether any of them must come from a lower tier.
+    def stored_prefix(self, keys: Sequence[bytes]) -> tuple[int, list[bool]]:
+        """Leading chunks loadable now, and per key whether it is in the cpu tier.
 
         No side effect on recency or pins (vLLM may ask several times).
         """
@@ -120,7 +121,7 @@ class SchedulerSide:
         n = 0
         while n < len(keys) and (in_cpu[n] or (below[n] and keys[n] not in self._fetching)):
             n += 1
-        return n, not all(in_cpu[:n])
+        return n, in_cpu
 
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
         """Tokens beyond ``num_computed_tokens`` we can load now (whole chunks, never the last token).
@@ -133,16 +134,18 @@ class SchedulerSide:
         st = self._state(request)
         # vLLM must compute at least one prompt token to sample from: cap below the last one.
         usable = max(len(st.prompt) - 1, 0) // self.chunk_tokens
-        hit, fetch = self.stored_prefix(st.keys[:usable])
+        hit, in_cpu = self.stored_prefix(st.keys[:usable])
         if hit < usable and self.tiers is not None:
             if self._should_ask_again(st, st.keys[hit]):
                 return None, False
-            hit, fetch = self.stored_prefix(st.keys[:usable])  # an answer that just arrived counts
+            hit, in_cpu = self.stored_prefix(st.keys[:usable])  # an answer that just arrived counts
         hit_tokens = hit * self.chunk_tokens
         new = max(hit_tokens - num_computed_tokens, 0)
-        st.matched = (num_computed_tokens, hit_tokens) if new else None
+        # Asynchronous only when a chunk we would load (not one vLLM already holds) is below.
+        is_async = bool(new) and not all(in_cpu[num_computed_tokens // self.chunk_tokens : hit])
+        st.matched = (num_computed_tokens, hit_tokens, is_async) if new else None
         self.stats.record_lookup(len(st.prompt), max(hit_tokens, num_computed_tokens))
-        return new, bool(new and fetch)
+        return new, is_async
 
     def _should_ask_again(self, st: _Request, key: bytes) -> bool:
         """A shared tier's answer for ``key`` is on its way (the lookup above asked): wait a step."""
@@ -164,18 +167,23 @@ class SchedulerSide:
         c0, c1 = start // self.chunk_tokens, end // self.chunk_tokens
         keys = st.keys[c0:c1]
         pins = [self.index.pin(keys, f"load {st.req_id}")]  # cpu hits first: claims below cannot evict them
-        missing = [k for k in keys if k not in self.index]
+        # A chunk to read from below needs the async path; a sync load that finds one gone
+        # (cannot happen between lookup and allocation) reports it failed instead.
+        missing = [k for k in keys if k not in self.index] if st.matched[2] else []
         fetch = set()
         for k in missing:
             i = st.keys.index(k)
             if self._claim_slot(k, st.keys[i - 1] if i else None) is None:
                 break
             fetch.add(k)
+        is_async = st.matched[2]
         if fetch:
             pins.append(self.index.pin(list(fetch), f"fetch {st.req_id}"))
-            self._async_pins[st.req_id] = pins
             for k in fetch:
                 self._fetching[k] = st.req_id
+        if is_async:  # vLLM waits for this request's finished_recving: pins live until then
+            self._async_pins[st.req_id] = pins
+            self._async_reqs.add(st.req_id)
         else:
             self._pins.extend(_Pin(h, self._step + _PIN_STEPS) for h in pins)
         self.index.touch(keys)
@@ -201,8 +209,9 @@ class SchedulerSide:
         for req_id in preempted:
             self._forget(req_id)
         plan = StepPlan(self._step, self.geometry.num_slots, preempted=preempted,
-                        await_saves=frozenset(self._await_saves))
+                        await_saves=frozenset(self._await_saves), async_loads=frozenset(self._async_reqs))
         self._await_saves.clear()
+        self._async_reqs.clear()
         for st in self._requests.values():  # async loads ship while their request waits unscheduled
             plan.loads.extend(st.pending_loads)
             for spec in st.pending_loads:

@@ -164,7 +164,7 @@ class WorkerSide:
             by_req[spec.req_id].append(spec)
         layerwise = self.config.transfer.layerwise
         for req_id, specs in by_req.items():
-            if any(s.fetch for s in specs):
+            if req_id in plan.async_loads or any(s.fetch for s in specs):
                 self._start_fetch(req_id, specs)
                 continue
             good = self._verified_prefix(specs)
