@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
@@ -53,7 +52,7 @@ def open_tiers(config: KVortexConfig, namespace: bytes, payload_shape: tuple[int
     try:
         for name in names[1:]:
             cap = per_rank_capacity(int(config.tiers[name].capacity), ranks)
-            mgr._add_tier(name, plugins, cap, rank, world_size)
+            mgr.add_tier(name, plugins, cap, rank=rank, world_size=world_size)
     except BaseException:
         mgr.close()
         raise
@@ -85,7 +84,7 @@ class WorkerTiers:
             async def job(tier: Any = tier) -> None:
                 value = self._snapshot(slot, gen, key)
                 if value is not None:
-                    await self.mgr._put(tier, key, value)
+                    await self.mgr.write_value(tier, key, value)
 
             if not tier.queue.offer(job):
                 log.debug("rank %d: write-behind queue of %s is full; chunk skipped", self.rank, tier.name)
@@ -121,9 +120,9 @@ class WorkerTiers:
             if n is None:
                 continue
             try:
-                mgr._verify(out, n, key)
+                mgr.verify(out, n, key)
             except PayloadError as exc:
-                await mgr._reject(tier, key, exc)
+                await mgr.reject(tier, key, exc)
                 continue
             return True
         return False
@@ -162,13 +161,11 @@ class SchedulerTiers:
 
     def unknown(self, key: bytes) -> bool:
         """True while some shared tier has no fresh answer about ``key`` on every rank."""
-        now = time.monotonic()
         for tier in self.mgr.tiers:
             if tier.remote is None or not tier.available:
                 continue
             for k in rank_keys([key], 0) + rank_keys([key], self.tp_size - 1):
-                hit = tier.remote._known.get(k)  # RemoteCache has no public freshness query yet
-                if hit is None or hit[1] < now:
+                if not tier.remote.fresh(k):
                     return True
         return False
 
