@@ -325,40 +325,19 @@ class KVortexEngine:
         (rounded down to a block boundary: a partly held block is rewritten with equal bytes).
         Returns the number of tokens written after ``skip_tokens`` (0 on a miss).
         """
-        from kvortex_core.control.keys import rank_keys
-
-        reg = self._registered()
-        tokens = _tokens(token_ids)
-        blocks = _blocks(block_ids, len(tokens), reg.layout)
-        if skip_tokens < 0:
-            raise KVortexError(f"skip_tokens={skip_tokens} must be >= 0")
-        ct = self.config.chunk_tokens
-        keys = rank_keys(reg.hasher.keys(tokens), self.rank)
-        first = min(skip_tokens // ct, len(keys))
-        self._settle(keys[first:])
-        leases = reg.tiers.begin_load(keys[first:], timeout=self.config.timeouts.backend_op_s)
-        self._stats.inc(LOAD_CALLS)
-        if not leases:
-            return 0
-        try:
-            per_chunk = [self._chunk_blocks(blocks, first + lease.index, len(tokens), reg) for lease in leases]
-            skip_blocks = (skip_tokens - first * ct) // reg.layout.block_size
-            handle = reg.transfer.load([lease.payload for lease in leases], per_chunk, skip_blocks=skip_blocks)
-            handle.wait(self.config.timeouts.transfer_s)
-        finally:
-            reg.tiers.end_load(leases)
-        end = min((first + len(leases)) * ct, len(tokens))
-        loaded = max(0, end - skip_tokens)
-        self._stats.inc(LOADED_TOKENS, loaded)
-        # Every load crosses the cpu tier (lower-tier chunks are promoted into a slot first).
-        self._stats.record_loaded(len(leases) * reg.tiers.payload_bytes, reg.tiers.cpu_name)
-        return loaded
+        pending = self._start_load(token_ids, block_ids, skip_tokens, layerwise=False)
+        return pending.wait()
 
     def load_layerwise(self, token_ids: Any, block_ids: Sequence[int], *, skip_tokens: int = 0) -> LayerwiseLoad:
         """Start loading the stored prefix for all layers; await each with ``wait_layer(i)``.
 
         ``.tokens`` says at once how many tokens (after ``skip_tokens``) will be written.
         """
+        return self._start_load(token_ids, block_ids, skip_tokens, layerwise=True)
+
+    def _start_load(self, token_ids: Any, block_ids: Sequence[int], skip_tokens: int, *,
+                    layerwise: bool) -> LayerwiseLoad:
+        """Pin (or fetch) the stored prefix and enqueue its transfer into ``block_ids``."""
         from kvortex_core.control.keys import rank_keys
 
         reg = self._registered()
@@ -378,12 +357,13 @@ class KVortexEngine:
             per_chunk = [self._chunk_blocks(blocks, first + lease.index, len(tokens), reg) for lease in leases]
             skip_blocks = (skip_tokens - first * ct) // reg.layout.block_size
             handle = reg.transfer.load([lease.payload for lease in leases], per_chunk,
-                                       layerwise=True, skip_blocks=skip_blocks)
+                                       layerwise=layerwise, skip_blocks=skip_blocks)
         except BaseException:
             reg.tiers.end_load(leases)
             raise
         loaded = max(0, min((first + len(leases)) * ct, len(tokens)) - skip_tokens)
         self._stats.inc(LOADED_TOKENS, loaded)
+        # Every load crosses the cpu tier (lower-tier chunks are promoted into a slot first).
         self._stats.record_loaded(len(leases) * reg.tiers.payload_bytes, reg.tiers.cpu_name)
         return LayerwiseLoad(loaded, handle, lambda: reg.tiers.end_load(leases),
                              self.config.timeouts.transfer_s)
