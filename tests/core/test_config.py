@@ -53,7 +53,7 @@ def test_defaults() -> None:
     assert list(config.tiers) == ["cpu"]
     assert config.tiers["cpu"].type == "cpu"
     assert config.tiers["cpu"].capacity == 4 * GiB
-    assert config.transfer.staging_bytes == 32 * MiB
+    assert config.transfer.staging_bytes == 64 * MiB
     assert config.source_file is None
 
 

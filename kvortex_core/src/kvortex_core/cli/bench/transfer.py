@@ -21,7 +21,7 @@ def transfer(
     reps: Annotated[int, typer.Option(min=1, help="timed repetitions per case")] = 5,
     out: Annotated[Path, typer.Option(help="results folder")] = Path("bench-results"),
     mla_layers: Annotated[int, typer.Option(min=1, help="layers of the MLA shape")] = 61,
-    staging: Annotated[str, typer.Option(help="staging bytes per direction")] = "32MiB",
+    staging: Annotated[str, typer.Option(help="staging bytes per direction")] = "64MiB",
     parts: Annotated[str, typer.Option(help="comma list: verify,te,engine,bidir,matmul,layerwise,sweep")] =
         "verify,te,engine,bidir,matmul,layerwise,sweep",
     device: Annotated[str, typer.Option(help="cuda, cpu or auto")] = "auto",
