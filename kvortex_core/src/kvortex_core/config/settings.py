@@ -70,7 +70,10 @@ class TransferConfig(_Section):
     """GPU <-> pinned host transfer engine settings."""
 
     num_streams: int = Field(2, ge=1, le=16, description="CUDA streams per direction")
-    staging_bytes: ByteSize = Field(ByteSize(64 * 1024**2), description="GPU staging buffer size (measured: 64MiB beats 32 and 128 on H100)")
+    staging_bytes: ByteSize = Field(
+        ByteSize(64 * 1024**2),
+        description="GPU staging buffer size (measured: 64MiB beats 32 and 128 on H100)",
+    )
     layerwise: bool = Field(True, description="load layer by layer so compute overlaps the copy")
 
     @field_validator("staging_bytes")
