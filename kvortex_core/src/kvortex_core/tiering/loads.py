@@ -14,16 +14,12 @@ from kvortex_core.errors import PayloadError
 from kvortex_core.logs import Throttle, event
 from kvortex_core.tiering.counters import BYTES_READ, CHECKSUM_FAILURES, LOAD_MISSES, PROMOTIONS
 from kvortex_core.tiering.leases import LoadLease
+from kvortex_core.tiering.state import TierState
 from kvortex_core.tiering.tiers import LowerTier, TierUnavailable
 
 if TYPE_CHECKING:
     import torch
 
-    from kvortex_core.config.settings import KVortexConfig
-    from kvortex_core.control.index import ChunkIndex
-    from kvortex_core.control.stats import Stats
-    from kvortex_core.data.pool import PinnedPool
-    from kvortex_core.tiering.loop import LoopThread
 
 log = logging.getLogger("kvortex_core.tiering")
 
@@ -31,22 +27,9 @@ log = logging.getLogger("kvortex_core.tiering")
 OK, MISS, GONE = "ok", "miss", "gone"
 
 
-class LoadMixin:
+class LoadMixin(TierState):
     """begin_load / end_load."""
 
-    config: KVortexConfig
-    namespace: bytes
-    payload_shape: tuple[int, ...]
-    dtype: torch.dtype
-    stats: Stats
-    pool: PinnedPool
-    payload_bytes: int
-    cpu_name: str
-    cpu_index: ChunkIndex
-    tiers: list[LowerTier]
-    loop: LoopThread
-    _lock: threading.RLock
-    _closed: bool
     _checksum_log: Throttle
     _quarantined: set[int]  # slots a timed-out read may still write; only the loop touches it
 

@@ -32,6 +32,7 @@ from kvortex_core.logs import Throttle, event
 from kvortex_core.storage.protocol import BackendContext
 from kvortex_core.tiering.breaker import CircuitBreaker
 from kvortex_core.tiering.counters import (  # re-exported: the counter names of this layer
+    BREAKER_STATE,
     BREAKER_TRANSITIONS,
     BYTES_READ,
     BYTES_WRITTEN,
@@ -45,7 +46,6 @@ from kvortex_core.tiering.counters import (  # re-exported: the counter names of
     TIER_ERRORS,
     TIER_IN_SERVICE,
     TIER_TIMEOUTS,
-    BREAKER_STATE,
     WRITE_BEHIND_SKIPPED,
 )
 from kvortex_core.tiering.loads import LoadMixin

@@ -16,34 +16,18 @@ from kvortex_core.tiering.counters import (
     WRITE_BEHIND_SKIPPED,
 )
 from kvortex_core.tiering.leases import SaveLease
+from kvortex_core.tiering.state import TierState
 from kvortex_core.tiering.tiers import LowerTier, TierUnavailable
 
 if TYPE_CHECKING:
     import torch
 
-    from kvortex_core.config.settings import KVortexConfig
-    from kvortex_core.control.index import ChunkIndex, IndexEntry
-    from kvortex_core.control.stats import Stats
-    from kvortex_core.data.pool import PinnedPool
-    from kvortex_core.tiering.loop import LoopThread
+    from kvortex_core.control.index import IndexEntry
 
 
-class SaveMixin:
+class SaveMixin(TierState):
     """begin/commit/abort_save, write-behind to lower tiers, demotion on eviction."""
 
-    config: KVortexConfig
-    namespace: bytes
-    payload_shape: tuple[int, ...]
-    dtype: torch.dtype
-    stats: Stats
-    pool: PinnedPool
-    payload_bytes: int
-    cpu_name: str
-    cpu_index: ChunkIndex
-    tiers: list[LowerTier]
-    loop: LoopThread
-    _lock: threading.RLock
-    _closed: bool
     _saving: set[bytes]
     _demoting: int  # cpu slots held by demotions in flight
     _demoting_lock: threading.Lock
