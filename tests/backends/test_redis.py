@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 from kvortex_backends.redis import RedisBackend, RedisOptions
 from kvortex_core.errors import BackendError, BackendFullError, BufferTooSmallError
 from kvortex_core.storage.protocol import BackendContext
-from kvortex_core.testing import BackendConformance
+from kvortex_core.testing import BackendConformance, run_scenario
 
 pytestmark = pytest.mark.redis
 redis = pytest.importorskip("redis")
@@ -23,15 +22,7 @@ def make_backend(capacity: int = 256 * MiB, **options: Any) -> RedisBackend:
     return RedisBackend(RedisOptions(**options), capacity=capacity, context=BackendContext(tier="shared"))
 
 
-def run(backend: RedisBackend, scenario: Callable[[RedisBackend], Any]) -> Any:
-    async def main() -> Any:
-        await backend.open()
-        try:
-            return await scenario(backend)
-        finally:
-            await backend.close()
-
-    return asyncio.run(main())
+run = run_scenario  # open, run the scenario, always close
 
 
 class TestRedisConformance(BackendConformance):

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 from kvortex_backends.s3 import S3Backend, S3Options
 from kvortex_core.errors import BackendError, BufferTooSmallError
 from kvortex_core.storage.protocol import BackendContext
-from kvortex_core.testing import BackendConformance
+from kvortex_core.testing import BackendConformance, run_scenario
 
 pytestmark = pytest.mark.s3
 pytest.importorskip("boto3")
@@ -24,15 +23,7 @@ def make_backend(endpoint: str, bucket: str, capacity: int = 256 * MiB, **option
     return S3Backend(opts, capacity=capacity, context=BackendContext(tier="s3"))
 
 
-def run(backend: S3Backend, scenario: Callable[[S3Backend], Any]) -> Any:
-    async def main() -> Any:
-        await backend.open()
-        try:
-            return await scenario(backend)
-        finally:
-            await backend.close()
-
-    return asyncio.run(main())
+run = run_scenario  # open, run the scenario, always close
 
 
 class TestS3Conformance(BackendConformance):

@@ -11,7 +11,6 @@ import asyncio
 import os
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -19,6 +18,7 @@ from kvortex_backends.redis import RedisBackend, RedisOptions
 from kvortex_backends.s3 import S3Backend, S3Options
 from kvortex_core.errors import BackendError
 from kvortex_core.storage.protocol import BackendContext
+from kvortex_core.testing import run_scenario
 
 redis = pytest.importorskip("redis")
 MiB = 1024 * 1024
@@ -153,15 +153,7 @@ def s3_backend(endpoint: str, bucket: str, **options: Any) -> S3Backend:
     return S3Backend(opts, capacity=1 << 30, context=BackendContext(tier="s3"))
 
 
-def run_s3(backend: S3Backend, scenario: Callable[[S3Backend], Any]) -> Any:
-    async def main() -> Any:
-        await backend.open()
-        try:
-            return await scenario(backend)
-        finally:
-            await backend.close()
-
-    return asyncio.run(main())
+run_s3 = run_scenario  # open, run the scenario, always close
 
 
 @pytest.mark.s3

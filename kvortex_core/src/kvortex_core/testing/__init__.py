@@ -9,11 +9,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from kvortex_core.testing.memory import MemoryBackend
+from kvortex_core.testing.scenario import run_scenario
 
 if TYPE_CHECKING:
     from kvortex_core.testing.conformance import BackendConformance
 
-__all__ = ["BackendConformance", "MemoryBackend"]
+__all__ = ["BackendConformance", "MemoryBackend", "run_scenario"]
 
 
 def __getattr__(name: str) -> Any:

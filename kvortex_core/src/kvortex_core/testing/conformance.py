@@ -30,6 +30,7 @@ import pytest
 
 from kvortex_core.errors import BackendFullError, BufferTooSmallError
 from kvortex_core.storage.protocol import StorageBackend
+from kvortex_core.testing.scenario import run_scenario
 
 Factory = Callable[[int], StorageBackend]
 MiB = 1024 * 1024
@@ -61,15 +62,7 @@ class BackendConformance:
         scenario: Callable[[StorageBackend], Awaitable[Any]],
         capacity: int | None = None,
     ) -> Any:
-        async def main() -> Any:
-            backend = factory(capacity or self.roomy_capacity)
-            await backend.open()
-            try:
-                return await scenario(backend)
-            finally:
-                await backend.close()
-
-        return asyncio.run(main())
+        return run_scenario(factory(capacity or self.roomy_capacity), scenario)
 
     def test_round_trip_bytes_equal(self, backend_factory: Factory) -> None:
         rng = random.Random(1)

@@ -10,8 +10,8 @@ import asyncio
 from collections.abc import Sequence
 
 from kvortex_core.errors import BackendFullError, BufferTooSmallError
-from kvortex_core.plugins.marker import hookimpl
 from kvortex_core.plugins.hookspecs import Register
+from kvortex_core.plugins.marker import hookimpl
 from kvortex_core.storage.protocol import BackendContext, BackendOptions, StorageBackend, Usage
 
 
