@@ -259,3 +259,39 @@ def test_layerwise_load_per_layer_then_whole() -> None:
         assert pending.done()
         # a miss starts nothing and reports zero tokens
         assert engine.load_layerwise(list(range(99, 99 + CHUNK)), blocks).wait() == 0
+
+
+@pytest.fixture
+def _split(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every call of more than 2 chunks run as a 1-chunk head, then the rest."""
+    import kvortex_core.engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "_HEAD_BYTES", 1)
+
+
+@pytest.mark.usefixtures("_split")
+def test_head_then_rest_roundtrip_partial_prefix_and_skip() -> None:
+    engine, caches, block = _engine()
+    with engine:
+        assert engine._parts(6, engine._reg) == [(0, 1), (1, 6)]
+        tokens = list(range(3000, 3000 + 6 * CHUNK))
+        # the first 3 chunks first: a later save of all 6 stores only the last 3
+        assert engine.save(tokens[: 3 * CHUNK], list(range(12))) == 3 * CHUNK
+        assert engine.save(tokens, list(range(24))) == 3 * CHUNK
+        assert engine.lookup(tokens) == 6 * CHUNK
+        dst = list(range(40, 64))
+        assert engine.load(tokens, dst) == 6 * CHUNK
+        assert _same_blocks(caches, block, list(range(24)), dst)
+        # the stored prefix ends inside the rest: 4 chunks load, the 5th chunk's blocks stay
+        other = tokens[: 4 * CHUNK] + [1] * (2 * CHUNK)
+        untouched = caches[0][:, 80:88].clone()
+        assert engine.load(other, list(range(64, 88))) == 4 * CHUNK
+        assert torch.equal(caches[0][:, 80:88], untouched)
+        assert _same_blocks(caches, block, list(range(16)), list(range(64, 80)))
+        # skip: the head's first blocks are left alone, the rest is written
+        for layer in caches:
+            layer[:, 64:88].zero_()
+        assert engine.load(tokens, list(range(64, 88)), skip_tokens=2 * N) == 6 * CHUNK - 2 * N
+        assert all(not layer[:, 64:66].any() for layer in caches)
+        assert _same_blocks(caches, block, list(range(2, 24)), list(range(66, 88)))
+        assert engine._reg.tiers.cpu_index.pinned_bytes == 0  # every load unpinned its slots

@@ -297,3 +297,40 @@ def test_saves_and_loads_from_many_threads() -> None:
     assert torch.equal(target, caches)
     te.close()
     te2.close()
+
+
+class _StalledEvent:
+    """A CUDA event stand-in for a device that stalls (no CPU tensor can produce one)."""
+
+    def __init__(self, error: Exception | None = None) -> None:
+        self.finished = threading.Event()
+        self.error = error
+        self.asked = False
+
+    def query(self) -> bool:
+        if self.error is not None and self.asked:  # as CUDA: the failure shows at the next call
+            raise self.error
+        self.asked = True
+        return self.finished.is_set()
+
+    def synchronize(self) -> None:
+        if self.error is not None:
+            raise self.error
+        self.finished.wait()
+
+
+def test_event_wait_times_out_on_a_stalled_device_then_returns_once_done() -> None:
+    from kvortex_core.data.streams import TransferTimeoutError, event_wait
+
+    event = _StalledEvent()
+    with pytest.raises(TransferTimeoutError, match=r"save did not finish within timeout=0.05s"):
+        event_wait(event, 0.05, "save")
+    # more stalled waiters than waiter threads: every one still times out on its own
+    for _ in range(10):
+        with pytest.raises(TransferTimeoutError):
+            event_wait(event, 0.01, "load")
+    threading.Timer(0.05, event.finished.set).start()
+    event_wait(event, 5.0, "save")
+    assert event.query()
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        event_wait(_StalledEvent(RuntimeError("CUDA error: an illegal memory access")), 5.0, "load")

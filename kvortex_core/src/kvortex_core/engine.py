@@ -34,6 +34,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kvortex_core.engine")
 
+#: A save or load first moves a head of about this many bytes, then prepares the rest (see _parts).
+_HEAD_BYTES = 96 * 1024**2
+
 #: Engine-level counters in ``stats()``.
 SAVED_TOKENS, LOADED_TOKENS, SAVE_CALLS, LOAD_CALLS = "engine_saved_tokens", "engine_loaded_tokens", \
     "engine_save_calls", "engine_load_calls"
@@ -70,25 +73,26 @@ class LayerwiseLoad:
     the object as a context manager) once the forward pass is done.
     """
 
-    def __init__(self, tokens: int, handle: Any, release: Any, timeout: float) -> None:
+    def __init__(self, tokens: int, handles: list[Any], release: Any, timeout: float) -> None:
         self.tokens = tokens
-        self._handle = handle
+        self._handles = handles  # one per pipelined part (one for a layer-wise load)
         self._release = release
         self._timeout = timeout
-        self._finished = handle is None
+        self._finished = not handles
 
     def wait_layer(self, layer: int) -> None:
-        if self._handle is not None:
-            self._handle.wait_layer(layer)
+        for handle in self._handles:
+            handle.wait_layer(layer)
 
     def done(self) -> bool:
-        return self._finished or bool(self._handle.done())
+        return self._finished or all(h.done() for h in self._handles)
 
     def wait(self) -> int:
         """Block until all layers landed, release the slots, return the tokens loaded."""
         if not self._finished:
             try:
-                self._handle.wait(self._timeout)
+                for handle in self._handles:
+                    handle.wait(self._timeout)
             finally:
                 self._finished = True
                 self._release()
@@ -251,22 +255,52 @@ class KVortexEngine:
         tokens = _tokens(token_ids)
         blocks = _blocks(block_ids, len(tokens), reg.layout)
         keys = rank_keys(reg.hasher.keys(tokens), self.rank)
-        leases = reg.tiers.begin_save(keys)
-        if not leases:
-            self._stats.inc(SAVE_CALLS)
-            return 0
-        per_chunk = [self._chunk_blocks(blocks, lease.index, len(tokens), reg) for lease in leases]
+        started: list[tuple[Any, list[Any]]] = []
+        saved = 0
+        error: BaseException | None = None
         try:
-            handle = reg.transfer.save(per_chunk, [lease.payload for lease in leases])
-            self._commit_as_ready(reg, handle, leases)
-        except BaseException:
-            reg.tiers.abort_save(leases)
-            raise
-        saved = sum(len(ids) for ids in per_chunk) * reg.layout.block_size
-        saved = min(saved, len(tokens))
+            for a, b in self._parts(len(keys), reg):
+                leases = reg.tiers.begin_save(keys[a:b], [keys[i - 1] if i else None for i in range(a, b)])
+                if not leases:
+                    continue
+                for lease in leases:
+                    lease.index += a
+                per_chunk = [self._chunk_blocks(blocks, lease.index, len(tokens), reg) for lease in leases]
+                try:
+                    # enqueued on this thread: no hand-off before the first copy (save_async runs
+                    # this on an executor thread, so a save and a load still enqueue side by side)
+                    handle = reg.transfer.save(per_chunk, [lease.payload for lease in leases], inline=True)
+                except BaseException:
+                    reg.tiers.abort_save(leases)
+                    raise
+                started.append((handle, leases))
+                saved += sum(len(ids) for ids in per_chunk) * reg.layout.block_size
+        except BaseException as exc:  # noqa: BLE001 - re-raised once enqueued parts are settled
+            error = exc
+        for handle, leases in started:  # parts already enqueued finish whatever happened later
+            try:
+                self._commit_as_ready(reg, handle, leases)
+            except BaseException as exc:  # noqa: BLE001 - re-raised below
+                reg.tiers.abort_save(leases)
+                error = error or exc
         self._stats.inc(SAVE_CALLS)
+        if error is not None:
+            raise error
+        saved = min(saved, len(tokens))
         self._stats.inc(SAVED_TOKENS, saved)
         return saved
+
+    def _parts(self, n_chunks: int, reg: _Registered) -> list[tuple[int, int]]:
+        """Chunk ranges handled one after the other: a small head, then the rest.
+
+        The head's copies start after the host prepared only the head (keys, slots, indices
+        for a few chunks); the rest is prepared while the head is on the wire, so per-call host
+        work (~1 ms for 8K tokens) hides behind the copies instead of delaying the first one.
+        """
+        head = max(1, -(-_HEAD_BYTES // reg.transfer.layout.chunk_bytes(self.config.chunk_tokens)))
+        if n_chunks <= 2 * head:
+            return [(0, n_chunks)]
+        return [(0, head), (head, n_chunks)]
 
     def _commit_as_ready(self, reg: _Registered, handle: Any, leases: list[Any]) -> None:
         """Seal each chunk as soon as its DMA landed, overlapping checksums with later DMAs.
@@ -349,23 +383,37 @@ class KVortexEngine:
         keys = rank_keys(reg.hasher.keys(tokens), self.rank)
         first = min(skip_tokens // ct, len(keys))
         self._settle(keys[first:])
-        leases = reg.tiers.begin_load(keys[first:], timeout=self.config.timeouts.backend_op_s)
         self._stats.inc(LOAD_CALLS)
-        if not leases:
-            return LayerwiseLoad(0, None, lambda: None, 0.0)
+        parts = [(0, len(keys) - first)] if layerwise else self._parts(len(keys) - first, reg)
+        handles: list[Any] = []
+        pinned: list[Any] = []
         try:
-            per_chunk = [self._chunk_blocks(blocks, first + lease.index, len(tokens), reg) for lease in leases]
-            skip_blocks = (skip_tokens - first * ct) // reg.layout.block_size
-            handle = reg.transfer.load([lease.payload for lease in leases], per_chunk,
-                                       layerwise=layerwise, skip_blocks=skip_blocks)
+            for a, b in parts:
+                leases = reg.tiers.begin_load(keys[first + a:first + b], timeout=self.config.timeouts.backend_op_s)
+                if not leases:
+                    break
+                pinned += leases
+                per_chunk = [self._chunk_blocks(blocks, first + a + lease.index, len(tokens), reg)
+                             for lease in leases]
+                skip_blocks = (skip_tokens - first * ct) // reg.layout.block_size if a == 0 else 0
+                handles.append(reg.transfer.load([lease.payload for lease in leases], per_chunk,
+                                                 layerwise=layerwise, skip_blocks=skip_blocks, inline=True))
+                if len(leases) < b - a:  # the stored prefix ends inside this part
+                    break
         except BaseException:
-            reg.tiers.end_load(leases)
+            try:  # enqueued copies read the slots: unpin only once they are done
+                for handle in handles:
+                    handle.wait(self.config.timeouts.transfer_s)
+            finally:
+                reg.tiers.end_load(pinned)
             raise
-        loaded = max(0, min((first + len(leases)) * ct, len(tokens)) - skip_tokens)
+        if not pinned:
+            return LayerwiseLoad(0, [], lambda: None, 0.0)
+        loaded = max(0, min((first + len(pinned)) * ct, len(tokens)) - skip_tokens)
         self._stats.inc(LOADED_TOKENS, loaded)
         # Every load crosses the cpu tier (lower-tier chunks are promoted into a slot first).
-        self._stats.record_loaded(len(leases) * reg.tiers.payload_bytes, reg.tiers.cpu_name)
-        return LayerwiseLoad(loaded, handle, lambda: reg.tiers.end_load(leases),
+        self._stats.record_loaded(len(pinned) * reg.tiers.payload_bytes, reg.tiers.cpu_name)
+        return LayerwiseLoad(loaded, handles, lambda: reg.tiers.end_load(pinned),
                              self.config.timeouts.transfer_s)
 
     def load_async(self, token_ids: Any, block_ids: Sequence[int], *, skip_tokens: int = 0) -> EngineHandle:
@@ -432,12 +480,21 @@ class KVortexEngine:
 
 def _tokens(token_ids: Any) -> Any:
     """A 1-D integer numpy array from a list, tuple, range, numpy array or tensor, else KVortexError."""
+    import array
+
     import numpy as np
 
     if isinstance(token_ids, (str, bytes)):
         raise KVortexError(f"token_ids must be a 1-D sequence of ints, got {type(token_ids).__name__}")
     if hasattr(token_ids, "detach"):
         token_ids = token_ids.detach().cpu().numpy()
+    elif isinstance(token_ids, list) and token_ids and type(token_ids[0]) is int:
+        try:  # the common case (vLLM's lists of ints): the key's uint32 bytes at C speed
+            ids = array.array("I")
+            ids.fromlist(token_ids)
+            return np.frombuffer(ids, dtype=np.uint32)
+        except (TypeError, OverflowError):
+            pass  # a non-int or out-of-range element: np.asarray below reports it
     try:
         arr = np.asarray(token_ids)
     except (TypeError, ValueError) as exc:

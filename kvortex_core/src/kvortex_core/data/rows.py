@@ -37,36 +37,86 @@ class RowPlan:
     tokens_in_row: bool
     heads_in_row: bool
     rows_per_head: int = 1
+    #: The same rows in the widest element type that divides them (fewer, wider loads per row).
+    wide: torch.Tensor | None = None
+    #: Row numbers of block 0 in payload order, ``[L, K, 1, N', H', R']`` (built on first use).
+    _offsets: torch.Tensor | None = None
+
+    @property
+    def row_bytes(self) -> int:
+        return self.row_elems * self.alias.element_size()
+
+    @property
+    def wide_rows(self) -> torch.Tensor:
+        """``[rows, row_bytes / w]`` in the widest dtype ``w`` that divides rows and alignment."""
+        if self.wide is None:
+            self.wide = _widen(self.alias)
+        return self.wide
+
+    def block_offsets(self, block_size: int, kv_count: int, heads: int) -> torch.Tensor:
+        """Row numbers of block 0, every layer, in payload order (computed once, kept on device)."""
+        if self._offsets is None:
+            dev = self.base_rows.device
+
+            def ax(t: torch.Tensor, dim: int) -> torch.Tensor:
+                shape = [1] * 6
+                shape[dim] = -1
+                return t.view(shape)
+
+            rows = ax(self.base_rows, 0) + ax(torch.arange(kv_count, device=dev) * self.k_rows, 1)
+            n_tok = 1 if self.tokens_in_row else block_size
+            n_head = 1 if self.heads_in_row else heads
+            if n_tok > 1:
+                rows = rows + ax(torch.arange(n_tok, device=dev) * self.token_rows, 3)
+            if n_head > 1:
+                rows = rows + ax(torch.arange(n_head, device=dev) * self.head_rows, 4)
+            if self.rows_per_head > 1:  # rows split the head dimension: consecutive row numbers
+                rows = rows + ax(torch.arange(self.rows_per_head, device=dev), 5)
+            self._offsets = rows.contiguous()
+        return self._offsets
 
     def call_rows(self, block_ids: torch.Tensor, block_size: int, kv_count: int, heads: int) -> torch.Tensor:
-        """Row numbers of whole chunks in payload order: ``[C, L, K, n, N', H'(, D/row)]``.
+        """Row numbers of whole chunks in payload order: ``[C, L, K, n, N', H', R']``.
 
         ``block_ids`` is ``[C, n]`` (pad short chunks; their tail is sliced off per unit).
-        Computed once per call (a few kernels), so each unit costs only a slice.
+        One kernel per call: the per-block offsets are precomputed, so each unit costs a slice.
         """
-        dev = block_ids.device
-        # dims: C, L, K, n, N', H', R'
-        def ax(t: torch.Tensor, dim: int) -> torch.Tensor:
-            shape = [1] * 7
-            shape[dim] = -1
-            return t.view(shape)
-
-        rows = ax(self.base_rows, 1) + ax(torch.arange(kv_count, device=dev) * self.k_rows, 2)
-        rows = rows + block_ids.view(block_ids.shape[0], 1, 1, block_ids.shape[1], 1, 1, 1) * self.block_rows
-        n_tok = 1 if self.tokens_in_row else block_size
-        n_head = 1 if self.heads_in_row else heads
-        if n_tok > 1:
-            rows = rows + ax(torch.arange(n_tok, device=dev) * self.token_rows, 4)
-        if n_head > 1:
-            rows = rows + ax(torch.arange(n_head, device=dev) * self.head_rows, 5)
-        if self.rows_per_head > 1:  # rows split the head dimension: consecutive row numbers
-            rows = rows + ax(torch.arange(self.rows_per_head, device=dev), 6)
-        return rows  # int64: index_copy_ takes no int32 (8 bytes per row: 3% of 256-byte rows)
+        offsets = self.block_offsets(block_size, kv_count, heads)
+        c, n = block_ids.shape
+        first = block_ids.view(c, 1, 1, n, 1, 1, 1)
+        # int64: index_copy_ takes no int32 (8 bytes per row: 3% of 256-byte rows)
+        return torch.add(offsets.unsqueeze(0), first, alpha=self.block_rows)
 
     @staticmethod
     def unit_rows(rows: torch.Tensor, chunk: int, l0: int, l1: int, blocks: int, skip: int = 0) -> torch.Tensor:
         """Row numbers of layers ``[l0, l1)`` of one chunk (``blocks`` valid, ``skip`` skipped)."""
         return rows[chunk, l0:l1, :, skip:blocks].reshape(-1)
+
+
+#: Element types tried for the row copies, widest first (complex128: 16-byte loads and stores).
+_WIDE = (torch.complex128, torch.int64, torch.int32, torch.int16)
+
+
+def _widen(alias: torch.Tensor) -> torch.Tensor:
+    """``alias`` viewed with the widest element type dividing its rows and address.
+
+    index_select / index_copy_ cost per element: 256-byte rows of bf16 are 128 elements,
+    of complex128 16, so the same bytes move with 8x fewer index computations. Each type
+    is probed once on the device (a backend without complex index kernels falls back).
+    """
+    row_bytes = alias.shape[1] * alias.element_size()
+    for dtype in _WIDE:
+        size = torch.empty((), dtype=dtype).element_size()
+        if size <= alias.element_size() or row_bytes % size or alias.data_ptr() % size:
+            continue
+        try:
+            probe = torch.zeros((2, 2), dtype=dtype, device=alias.device)
+            index = torch.tensor([1, 0], device=alias.device)
+            probe.index_copy_(0, index, torch.index_select(probe, 0, index))
+        except (RuntimeError, NotImplementedError):
+            continue
+        return alias.view(torch.uint8).view(dtype)
+    return alias
 
 
 def _alias(ptr: int, nbytes: int, device: torch.device) -> torch.Tensor:

@@ -8,6 +8,8 @@ engine is written once against this small surface, so every path runs in CPU tes
 from __future__ import annotations
 
 import contextlib
+import queue
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -77,22 +79,81 @@ def event_done(event: Any) -> bool:
 
 
 def event_wait(event: Any, timeout: float | None, what: str) -> None:
-    """Block the host until ``event`` completes (poll when a timeout is given)."""
-    if event is None:
+    """Block the host until ``event`` completes, or raise TransferTimeoutError after ``timeout`` s.
+
+    The driver's own blocking wait (``synchronize``, GIL released) wakes within microseconds
+    of the copy's end; polling would add up to its sleep interval to every transfer. With a
+    timeout the driver wait runs on a waiter thread and the caller waits on it with that
+    timeout, so a stalled GPU raises here instead of hanging the caller.
+    """
+    if event is None or event.query():
         return
     if timeout is None:
         event.synchronize()
         return
+    if not _WAITER.wait(event, timeout):
+        raise TransferTimeoutError(
+            f"{what} did not finish within timeout={timeout}s; raise transfer timeouts "
+            "(timeouts.transfer_s) or check that the GPU is not stalled"
+        )
+
+
+class _EventWaiter:
+    """Daemon threads that block in ``event.synchronize()`` on behalf of callers with a timeout.
+
+    Daemons: a thread stuck on a hung device never blocks interpreter exit. Threads are
+    added on demand (one per concurrent waiter, up to ``max_threads``); beyond that the
+    caller polls, so waits never queue behind a stuck one.
+    """
+
+    def __init__(self, max_threads: int = 8) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Any, threading.Event, list[BaseException]]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._threads = 0
+        self._idle = 0
+        self._max = max_threads
+
+    def wait(self, event: Any, timeout: float) -> bool:
+        """True once ``event`` completed, False after ``timeout`` s; re-raises a device error."""
+        done, error = threading.Event(), []
+        with self._lock:
+            if self._idle == 0:
+                if self._threads >= self._max:
+                    return _poll(event, timeout)
+                self._threads += 1
+                threading.Thread(target=self._run, name="kvortex-event-wait", daemon=True).start()
+            else:
+                self._idle -= 1
+        self._jobs.put((event, done, error))
+        finished = done.wait(timeout)
+        if error:
+            raise error[0]
+        return finished
+
+    def _run(self) -> None:
+        while True:
+            event, done, error = self._jobs.get()
+            try:
+                event.synchronize()
+            except Exception as exc:  # noqa: BLE001 - handed to the waiting caller
+                error.append(exc)
+            done.set()
+            with self._lock:
+                self._idle += 1
+
+
+def _poll(event: Any, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
-    delay = 5e-5
+    delay = 2e-5
     while not event.query():
         if time.monotonic() >= deadline:
-            raise TransferTimeoutError(
-                f"{what} did not finish within timeout={timeout}s; raise transfer timeouts "
-                "(timeouts.transfer_s) or check that the GPU is not stalled"
-            )
+            return False
         time.sleep(delay)
-        delay = min(delay * 2, 1e-3)
+        delay = min(delay * 2, 2e-4)
+    return True
+
+
+_WAITER = _EventWaiter()
 
 
 def stream_wait_current(event: Any, device: torch.device) -> None:

@@ -167,8 +167,15 @@ class _Direction:
         # One enqueuer thread per direction: transfers of one direction keep their order.
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvortex-transfer")
 
-    def submit(self, handle: TransferHandle, work: Callable[[], None]) -> None:
-        """Run ``work`` (the enqueue) on the worker; the handle learns when it finished."""
+    def submit(self, handle: TransferHandle, work: Callable[[], None], inline: bool = False) -> None:
+        """Run ``work`` (the enqueue) on the worker; the handle learns when it finished.
+
+        ``inline``: enqueue on the caller's thread instead (a synchronous caller saves the
+        thread hand-off, ~0.2-0.4 ms, before the first copy starts); errors raise here.
+        """
+        if inline:
+            work()
+            return
         handle._enqueued = False
 
         def run() -> None:
@@ -214,6 +221,7 @@ class TransferEngine:
         # One layer of one full chunk must fit a staging half.
         half = max(int(staging_bytes) // 2, layout.layer_bytes(chunk_tokens))
         self.half_bytes = half
+        self._plans: dict[tuple[Any, ...], list[list[_Unit]]] = {}
         self._save = _Direction(self.device, num_streams, half)
         self._load = _Direction(self.device, num_streams, half)
 
@@ -224,9 +232,14 @@ class TransferEngine:
         """True when one kernel moves all layers of a unit (see :mod:`kvortex_core.data.rows`)."""
         return self._rows is not None
 
-    def save(self, block_ids_per_chunk: Sequence[Sequence[int]], dst: Sequence[torch.Tensor]) -> TransferHandle:
-        """Copy each chunk's blocks (all layers) into ``dst[i]`` (uint8 payload view of a pinned slot)."""
-        return self._save_layers(block_ids_per_chunk, dst, range(self.layout.num_layers), "save")
+    def save(self, block_ids_per_chunk: Sequence[Sequence[int]], dst: Sequence[torch.Tensor], *,
+             inline: bool = False) -> TransferHandle:
+        """Copy each chunk's blocks (all layers) into ``dst[i]`` (uint8 payload view of a pinned slot).
+
+        Returns at once: the copies are enqueued by the direction's worker thread, or, with
+        ``inline``, by the caller before this returns (the host never waits for the device).
+        """
+        return self._save_layers(block_ids_per_chunk, dst, range(self.layout.num_layers), "save", inline)
 
     def save_layer(
         self, layer: int, block_ids_per_chunk: Sequence[Sequence[int]], dst: Sequence[torch.Tensor]
@@ -243,12 +256,13 @@ class TransferEngine:
         *,
         layerwise: bool = False,
         skip_blocks: int = 0,
+        inline: bool = False,
     ) -> TransferHandle:
         """Copy each chunk payload ``src[i]`` into its blocks.
 
         ``skip_blocks``: the first blocks (counted over all chunks in order) are left
         untouched, for tokens the engine already holds. ``layerwise``: layer-major order
-        with one event per layer (``handle.wait_layer(i)``).
+        with one event per layer (``handle.wait_layer(i)``). ``inline``: as for :meth:`save`.
         """
         blocks = self._check(block_ids_per_chunk, src, "load")
         skips = _split_skip(blocks, skip_blocks)
@@ -259,7 +273,7 @@ class TransferEngine:
         if layerwise:  # driven by the reader's wait_layer calls, from its own thread
             job.advance(0)
         else:
-            self._load.submit(handle, lambda: job.advance(None))
+            self._load.submit(handle, lambda: job.advance(None), inline)
         return handle
 
     def close(self) -> None:
@@ -290,7 +304,19 @@ class TransferEngine:
         return blocks
 
     def _units(self, blocks: list[list[int]], layers: range, *, layer_major: bool) -> list[list[_Unit]]:
-        """Split the chunks into layer ranges and pack them into staging-sized batches."""
+        """Split the chunks into layer ranges and pack them into staging-sized batches.
+
+        Plans depend only on the chunks' lengths: cached, so a repeated shape plans for free.
+        """
+        key = (tuple(map(len, blocks)), layers.start, layers.stop, layer_major)
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) >= 256:
+                self._plans.clear()
+            plan = self._plans[key] = self._plan_units(blocks, layers, layer_major=layer_major)
+        return plan
+
+    def _plan_units(self, blocks: list[list[int]], layers: range, *, layer_major: bool) -> list[list[_Unit]]:
         templates: dict[tuple[int, bool], list[tuple[int, int, int, int]]] = {}
         order: list[_Unit] = []
         for c, ids in enumerate(blocks):
@@ -331,7 +357,7 @@ class TransferEngine:
             host = torch.tensor([b for ids in blocks for b in ids], dtype=torch.int64)
         with streams.on(streams.first):
             dev = host.pin_memory().to(self.device, non_blocking=True) if streams.cuda else host
-            if self._rows is not None:
+            if self._rows is not None:  # one kernel: precomputed offsets + block id * block stride
                 dev = self._rows.call_rows(dev, lay.block_size, lay.kv_count, lay.num_kv_heads)
         if streams.cuda and streams.second is not streams.first:
             # loads scatter with it on the second stream: keep the allocator off it until then
@@ -343,14 +369,14 @@ class TransferEngine:
     # ------------------------------------------------------------------ save
 
     def _save_layers(self, block_ids_per_chunk: Sequence[Sequence[int]], dst: Sequence[torch.Tensor],
-                     layers: range, what: str) -> TransferHandle:
+                     layers: range, what: str, inline: bool = False) -> TransferHandle:
         blocks = self._check(block_ids_per_chunk, dst, what)
         batches = self._units(blocks, layers, layer_major=False)
         d = self._save
         produced = d.streams.record_current()  # the caller's stream: the forward that wrote the KV
         handle = TransferHandle(self.device, what, chunk_events=[_UNSET] * len(blocks),
                                 keepalive=[list(dst)])
-        d.submit(handle, lambda: self._enqueue_save(d, batches, blocks, dst, produced, handle))
+        d.submit(handle, lambda: self._enqueue_save(d, batches, blocks, dst, produced, handle), inline)
         return handle
 
     def _enqueue_save(self, d: _Direction, batches: list[list[_Unit]], blocks: list[list[int]],
@@ -395,12 +421,22 @@ class TransferEngine:
         shape = (u.l1 - u.l0, lay.kv_count, u.blocks, lay.block_size, lay.num_kv_heads, lay.head_size)
         return stage[u.stage_offset:u.stage_offset + u.nbytes].view(lay.transfer_dtype).view(shape)
 
+    def _stage_rows(self, u: _Unit, stage: torch.Tensor, skip: int) -> torch.Tensor:
+        """The unit's staging bytes as wide rows ``[n, w]`` (a copy when ``skip`` cuts blocks out)."""
+        assert self._rows is not None
+        wide = self._rows.wide_rows
+        if not skip:
+            return stage[u.stage_offset:u.stage_offset + u.nbytes].view(wide.dtype).view(-1, wide.shape[1])
+        src = self._unit_view(u, stage)[:, :, skip:]
+        return src.reshape(-1, self._rows.row_elems).view(wide.dtype)
+
     def _gather(self, u: _Unit, idx: Any, stage: torch.Tensor) -> None:
-        out = self._unit_view(u, stage)
         if self._rows is not None:
             rows = self._rows.unit_rows(idx, u.chunk, u.l0, u.l1, u.blocks)
-            torch.index_select(self._rows.alias, 0, rows, out=out.view(-1, self._rows.row_elems))
+            wide = self._rows.wide_rows
+            torch.index_select(wide, 0, rows, out=self._stage_rows(u, stage, 0))
             return
+        out = self._unit_view(u, stage)
         for layer, o in zip(range(u.l0, u.l1), out.unbind(0), strict=True):
             torch.index_select(self._views_t[layer], 1, idx[u.chunk], out=o)
 
@@ -426,13 +462,13 @@ class TransferEngine:
     def _scatter(self, u: _Unit, idx: Any, stage: torch.Tensor, skip: int) -> None:
         if skip >= u.blocks:
             return
+        if self._rows is not None:
+            rows = self._rows.unit_rows(idx, u.chunk, u.l0, u.l1, u.blocks, skip)
+            self._rows.wide_rows.index_copy_(0, rows, self._stage_rows(u, stage, skip))
+            return
         src = self._unit_view(u, stage)
         if skip:
             src = src[:, :, skip:]
-        if self._rows is not None:
-            rows = self._rows.unit_rows(idx, u.chunk, u.l0, u.l1, u.blocks, skip)
-            self._rows.alias.index_copy_(0, rows, src.reshape(-1, self._rows.row_elems))
-            return
         ids = idx[u.chunk][skip:]
         for layer, s in zip(range(u.l0, u.l1), src.unbind(0), strict=True):
             self._views_t[layer].index_copy_(1, ids, s)

@@ -59,7 +59,11 @@ class SaveMixin(TierState):
         return leases
 
     def _payload_view(self, slot: int) -> torch.Tensor:
-        return self.pool.view(slot)[pl.HEADER_BYTES : pl.HEADER_BYTES + self.payload_bytes]
+        view = self._payload_views.get(slot)
+        if view is None:
+            view = self.pool.view(slot)[pl.HEADER_BYTES : pl.HEADER_BYTES + self.payload_bytes]
+            self._payload_views[slot] = view
+        return view
 
     def _allocate_slot(self) -> int | None:
         slot = self.pool.allocate()

@@ -32,3 +32,4 @@ class TierState:
     loop: LoopThread
     _lock: threading.RLock
     _closed: bool
+    _payload_views: dict[int, torch.Tensor]
