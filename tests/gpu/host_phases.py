@@ -41,8 +41,11 @@ def run(label, fn, raw_s, reps=7):
         fn()
         torch.cuda.synchronize()
         walls.append(time.perf_counter() - t0)
+        seen: dict[str, int] = {}
         for name, ts in MARKS:
-            phases.setdefault(name, []).append((ts - t0) * 1e6)
+            k = seen[name] = seen.get(name, 0) + 1
+            if k <= 2:  # a repeated phase: its first two occurrences
+                phases.setdefault(f"{name}{'' if k == 1 else '#2'}", []).append((ts - t0) * 1e6)
     wall = statistics.median(walls[1:])
     marks = " ".join(f"{k}{statistics.median(v[1:] or v):.0f}" for k, v in phases.items())
     print(f"{label:12s} wall {wall * 1e6:7.0f} raw {raw_s * 1e6:7.0f} ratio {raw_s / wall:.3f} | {marks}",
@@ -58,12 +61,13 @@ def main() -> None:
     nbytes = layout.chunk_bytes(tokens)
     raw = tp.raw_copy(nbytes, dev, 7)
     d2h, h2d = raw["d2h"].median_s, raw["h2d"].median_s
-    eng = make_engine(caches, layout, tokens, 64 << 20, None)
+    eng = make_engine(caches, layout, 8 * tokens, 64 << 20, None)  # room for every rep's save
     reg = eng._reg
     te = reg.transfer
     patch(transfer_mod, "event_wait", "ew")
-    for name in ("_check", "_units", "_index_tensors", "_enqueue_save"):
+    for name in ("_check", "_units", "_index_tensors", "_enqueue_save", "_gather", "_load_batch"):
         patch(te, name, name)
+    patch(te._rows, "call_rows", "rows")
     patch(reg.hasher, "keys", "hash")
     patch(reg.tiers, "begin_save", "bsave")
     patch(reg.tiers, "begin_load", "bload")

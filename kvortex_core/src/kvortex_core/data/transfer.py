@@ -285,22 +285,29 @@ class TransferEngine:
 
     def _check(self, block_ids_per_chunk: Sequence[Sequence[int]], bufs: Sequence[torch.Tensor],
                what: str) -> list[list[int]]:
-        blocks = [list(map(int, b)) for b in block_ids_per_chunk]
+        blocks = [b if type(b) is list else list(map(int, b)) for b in block_ids_per_chunk]
         if len(blocks) != len(bufs):
             raise LayoutError(f"{what}: {len(blocks)} chunks of block ids but {len(bufs)} buffers")
+        per_block = self.layout.chunk_bytes(self.layout.block_size)
         for i, (ids, buf) in enumerate(zip(blocks, bufs, strict=True)):
             if not 0 < len(ids) <= self.blocks_per_chunk:
                 raise LayoutError(
                     f"{what}: chunk {i} has {len(ids)} block ids; expected 1..{self.blocks_per_chunk} "
                     f"(chunk_tokens={self.chunk_tokens} / block_size={self.layout.block_size})"
                 )
-            self.layout.check_block_ids(ids, f"{what}: chunk {i} block ids")
-            need = self.layout.chunk_bytes(len(ids) * self.layout.block_size)
+            need = len(ids) * per_block
             if buf.dtype != torch.uint8 or buf.dim() != 1 or buf.numel() < need or not buf.is_contiguous():
                 raise LayoutError(
                     f"{what}: buffer {i} must be a contiguous 1-D uint8 tensor of at least {need} "
                     f"bytes, got {buf.dtype} shape {tuple(buf.shape)}"
                 )
+        flat = [b for ids in blocks for b in ids]
+        if not all(type(b) is int for b in flat):  # a float or numpy id in a list: convert, or fail here
+            blocks = [list(map(int, ids)) for ids in blocks]
+            flat = [b for ids in blocks for b in ids]
+        if flat and (min(flat) < 0 or max(flat) >= self.layout.num_blocks):
+            for i, ids in enumerate(blocks):  # name the chunk
+                self.layout.check_block_ids(ids, f"{what}: chunk {i} block ids")
         return blocks
 
     def _units(self, blocks: list[list[int]], layers: range, *, layer_major: bool) -> list[list[_Unit]]:
