@@ -9,9 +9,8 @@ from __future__ import annotations
 import statistics
 import time
 
-import torch
-
 import kvortex_core.data.transfer as transfer_mod
+import torch
 from kvortex_core.cli.bench import transfer_parts as tp
 from kvortex_core.cli.bench.transfer_engine import _sequence, make_engine
 from kvortex_core.data.layouts import detect_layout

@@ -98,7 +98,7 @@ class LayerwiseLoad:
                 self._release()
         return self.tokens
 
-    def __enter__(self) -> LayerwiseLoad:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -249,17 +249,17 @@ class KVortexEngine:
         Chunks already stored are skipped; so are chunks for which no cpu slot is free.
         When this returns the blocks may be overwritten: every byte has been copied out.
         """
-        from kvortex_core.control.keys import rank_keys
 
         reg = self._registered()
         tokens = _tokens(token_ids)
         blocks = _blocks(block_ids, len(tokens), reg.layout)
-        keys = rank_keys(reg.hasher.keys(tokens), self.rank)
+        chain = _KeyChain(reg.hasher, tokens, self.rank)
         started: list[tuple[Any, list[Any]]] = []
         saved = 0
         error: BaseException | None = None
         try:
-            for a, b in self._parts(len(keys), reg):
+            for a, b in self._parts(chain.n, reg):
+                keys = chain.upto(b)  # the rest is hashed while the head is on the wire
                 leases = reg.tiers.begin_save(keys[a:b], [keys[i - 1] if i else None for i in range(a, b)])
                 if not leases:
                     continue
@@ -372,7 +372,6 @@ class KVortexEngine:
     def _start_load(self, token_ids: Any, block_ids: Sequence[int], skip_tokens: int, *,
                     layerwise: bool) -> LayerwiseLoad:
         """Pin (or fetch) the stored prefix and enqueue its transfer into ``block_ids``."""
-        from kvortex_core.control.keys import rank_keys
 
         reg = self._registered()
         tokens = _tokens(token_ids)
@@ -380,16 +379,17 @@ class KVortexEngine:
         if skip_tokens < 0:
             raise KVortexError(f"skip_tokens={skip_tokens} must be >= 0")
         ct = self.config.chunk_tokens
-        keys = rank_keys(reg.hasher.keys(tokens), self.rank)
-        first = min(skip_tokens // ct, len(keys))
-        self._settle(keys[first:])
+        chain = _KeyChain(reg.hasher, tokens, self.rank)
+        first = min(skip_tokens // ct, chain.n)
         self._stats.inc(LOAD_CALLS)
-        parts = [(0, len(keys) - first)] if layerwise else self._parts(len(keys) - first, reg)
+        parts = [(0, chain.n - first)] if layerwise else self._parts(chain.n - first, reg)
         handles: list[Any] = []
         pinned: list[Any] = []
         try:
             for a, b in parts:
-                leases = reg.tiers.begin_load(keys[first + a:first + b], timeout=self.config.timeouts.backend_op_s)
+                keys = chain.upto(first + b)[first + a:]  # later parts hash while the head moves
+                self._settle(keys)
+                leases = reg.tiers.begin_load(keys, timeout=self.config.timeouts.backend_op_s)
                 if not leases:
                     break
                 pinned += leases
@@ -473,6 +473,29 @@ class KVortexEngine:
         if reg is None:
             raise KVortexError("no KV cache registered; call register_kv_caches(kv_caches) first")
         return reg
+
+
+class _KeyChain:
+    """The storage keys of a token sequence, hashed on demand up to a chunk (prefix-chained)."""
+
+    def __init__(self, hasher: ChunkHasher, tokens: Any, rank: int) -> None:
+        self.hasher, self.tokens, self.rank = hasher, tokens, rank
+        self.n = hasher.num_chunks(len(tokens))
+        self._logical: list[bytes] = []
+        self._keys: list[bytes] = []
+
+    def upto(self, end: int) -> list[bytes]:
+        """Keys of chunks ``[0, end)``."""
+        from kvortex_core.control.keys import rank_keys
+
+        have = len(self._logical)
+        if end > have:
+            ct = self.hasher.chunk_tokens
+            span = self.tokens if end >= self.n else self.tokens[: end * ct]
+            new = self.hasher.keys(span, prefix=self._logical[-1] if have else None, start_chunk=have)
+            self._logical += new
+            self._keys += rank_keys(new, self.rank)
+        return self._keys[:end]
 
 
 # ---------------------------------------------------------------------- input checks

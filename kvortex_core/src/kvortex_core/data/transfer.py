@@ -166,6 +166,36 @@ class _Direction:
         self.lock = threading.Lock()
         # One enqueuer thread per direction: transfers of one direction keep their order.
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvortex-transfer")
+        self._ids_host: torch.Tensor | None = None  # pinned, reused: no allocator call per transfer
+        self._ids_dev: torch.Tensor | None = None
+        self._ids_read: Any = None  # the last upload's copy event
+
+    def upload_ids(self, ids: list[list[int]]) -> torch.Tensor:
+        """``ids`` (``[C, n]`` block ids) as an int64 device tensor, through a reused pinned buffer.
+
+        Only the row kernel on ``streams.first`` reads the device copy, so the next upload (same
+        stream) cannot overwrite it early; the host buffer is rewritten only after its last copy
+        finished (long done by then: it is the first op of the previous transfer).
+        """
+        c, n = len(ids), len(ids[0])
+        if not self.streams.cuda:
+            return torch.tensor(ids, dtype=torch.int64)
+        size = c * n
+        if self._ids_host is None or self._ids_host.numel() < size:
+            grown = max(size, 2 * (self._ids_host.numel() if self._ids_host is not None else 2048))
+            self._ids_host = torch.empty(grown, dtype=torch.int64, pin_memory=True)
+            with self.streams.on(self.streams.first):  # its home stream is the one that reads it
+                self._ids_dev = torch.empty(grown, dtype=torch.int64, device=self.streams.device)
+        elif self._ids_read is not None:
+            self._ids_read.synchronize()
+        assert self._ids_dev is not None
+        host = self._ids_host[:size].view(c, n)
+        host.numpy()[:] = ids
+        dev = self._ids_dev[:size].view(c, n)
+        with self.streams.on(self.streams.first):
+            dev.copy_(host, non_blocking=True)
+        self._ids_read = self.streams.record(self.streams.first)
+        return dev
 
     def submit(self, handle: TransferHandle, work: Callable[[], None], inline: bool = False) -> None:
         """Run ``work`` (the enqueue) on the worker; the handle learns when it finished.
@@ -354,18 +384,19 @@ class TransferEngine:
         cap = max(1, min(self.layout.num_layers // 4, self.half_bytes // layer_bytes))
         return max(1, min(want, cap))
 
-    def _index_tensors(self, blocks: list[list[int]], streams: StreamSet) -> Any:
+    def _index_tensors(self, blocks: list[list[int]], d: _Direction) -> Any:
         """Device indices: row numbers ``[C, L, K, n, ...]`` with a row plan, else per-chunk block ids."""
         lay = self.layout
+        streams = d.streams
         if self._rows is not None:
             width = max(len(ids) for ids in blocks)
-            host = torch.tensor([ids + ids[:1] * (width - len(ids)) for ids in blocks], dtype=torch.int64)
+            ids = d.upload_ids([ids + ids[:1] * (width - len(ids)) for ids in blocks])
+            with streams.on(streams.first):  # one kernel: precomputed offsets + block id * block stride
+                dev = self._rows.call_rows(ids, lay.block_size, lay.kv_count, lay.num_kv_heads)
         else:
             host = torch.tensor([b for ids in blocks for b in ids], dtype=torch.int64)
-        with streams.on(streams.first):
-            dev = host.pin_memory().to(self.device, non_blocking=True) if streams.cuda else host
-            if self._rows is not None:  # one kernel: precomputed offsets + block id * block stride
-                dev = self._rows.call_rows(dev, lay.block_size, lay.kv_count, lay.num_kv_heads)
+            with streams.on(streams.first):
+                dev = host.pin_memory().to(self.device, non_blocking=True) if streams.cuda else host
         if streams.cuda and streams.second is not streams.first:
             # loads scatter with it on the second stream: keep the allocator off it until then
             dev.record_stream(streams.second)
@@ -394,13 +425,14 @@ class TransferEngine:
             for u in batch:
                 remaining[u.chunk] += 1
         with d.lock:
-            idx = self._index_tensors(blocks, s)
+            idx = self._index_tensors(blocks, d)
             handle.keepalive.append(idx)
             for batch in batches:
                 stage = self._next_stage(d, produced, s.first)
                 with s.on(s.first):
-                    for u in batch:
-                        self._gather(u, idx, stage)
+                    if not self._batch_rows_op(batch, idx, stage, None):
+                        for u in batch:
+                            self._gather(u, idx, stage)
                 gathered = s.record(s.first)
                 s.wait(s.second, gathered)
                 with s.on(s.second):
@@ -427,6 +459,31 @@ class TransferEngine:
         lay = self.layout
         shape = (u.l1 - u.l0, lay.kv_count, u.blocks, lay.block_size, lay.num_kv_heads, lay.head_size)
         return stage[u.stage_offset:u.stage_offset + u.nbytes].view(lay.transfer_dtype).view(shape)
+
+    def _batch_rows_op(self, batch: list[_Unit], idx: Any, stage: torch.Tensor, skips: list[int] | None) -> bool:
+        """Gather (``skips`` None) or scatter a whole batch with one kernel; False if it does not apply.
+
+        Applies when the batch is consecutive whole chunks sharing one layer range (a layer-wise
+        load's batch, or a save of chunks smaller than a staging half): their rows are then one
+        slice of the call's row table and their staging bytes one range, so one kernel replaces
+        one per chunk (host launch cost, not bandwidth, bounds many small units).
+        """
+        if self._rows is None or len(batch) < 2:
+            return False
+        first, width = batch[0], idx.shape[3]
+        for k, u in enumerate(batch):
+            if (u.chunk != first.chunk + k or u.l0 != first.l0 or u.l1 != first.l1 or u.blocks != width
+                    or (skips is not None and skips[u.chunk])):
+                return False
+        rows = idx[first.chunk:first.chunk + len(batch), first.l0:first.l1].reshape(-1)
+        last = batch[-1]
+        wide = self._rows.wide_rows
+        staged = stage[first.stage_offset:last.stage_offset + last.nbytes].view(wide.dtype).view(-1, wide.shape[1])
+        if skips is None:
+            torch.index_select(wide, 0, rows, out=staged)
+        else:
+            wide.index_copy_(0, rows, staged)
+        return True
 
     def _stage_rows(self, u: _Unit, stage: torch.Tensor, skip: int) -> torch.Tensor:
         """The unit's staging bytes as wide rows ``[n, w]`` (a copy when ``skip`` cuts blocks out)."""
@@ -461,8 +518,9 @@ class TransferEngine:
         arrived = s.record(s.first)
         s.wait(s.second, arrived)
         with s.on(s.second):
-            for u in batch:
-                self._scatter(u, idx, stage, skips[u.chunk])
+            if not self._batch_rows_op(batch, idx, stage, skips):
+                for u in batch:
+                    self._scatter(u, idx, stage, skips[u.chunk])
         d.free_events[d.turn] = s.record(s.second)
         return d.free_events[d.turn]
 
@@ -519,7 +577,7 @@ class _LoadJob:
                 batch = self.batches.popleft()
                 with self.d.lock:
                     if self.idx is None:  # computed on the direction's stream, once
-                        self.idx = self.te._index_tensors(self.blocks, self.d.streams)
+                        self.idx = self.te._index_tensors(self.blocks, self.d)
                         self.handle.keepalive.append(self.idx)
                     event = self.te._load_batch(self.d, batch, self.idx, self.skips, self.src, self.in_use)
                 for u in batch:
