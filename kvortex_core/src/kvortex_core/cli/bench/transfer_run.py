@@ -162,7 +162,9 @@ def _layerwise(shape: tp.Shape, caches: list[torch.Tensor], layout: Any, tokens:
     te, _, other, _, src = _te_pair(shape, caches, layout, tokens, staging)
     device = caches[0].device
     t_load = min(tp.timed(lambda: te.load(src, other, layerwise=True).wait(), device, reps))
-    n = 2048 if device.type == "cuda" else 64
+    # a few large matmuls per layer (a real layer is ~10-20 kernels, usually CUDA-graphed), not
+    # dozens of small ones whose launches alone would keep the host busier than the GPU
+    n = 4096 if device.type == "cuda" else 64
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
     # per-layer compute about as long as the per-layer transfer (matmuls timed in a batch of 50)
     per_mm = min(tp.timed(lambda: [a @ a for _ in range(50)], device, 3)) / 50
