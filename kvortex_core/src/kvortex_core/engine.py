@@ -535,12 +535,17 @@ def _blocks(block_ids: Sequence[int], n_tokens: int, layout: KVLayout) -> list[i
     """Block ids covering ``n_tokens`` tokens, each inside the registered cache."""
     import numpy as np
 
+    need = -(-n_tokens // layout.block_size)
+    if (isinstance(block_ids, list) and len(block_ids) >= need
+            and all(type(b) is int for b in block_ids[:need])):  # the common case, no numpy round trip
+        head = block_ids[:need]
+        if not head or (min(head) >= 0 and max(head) < layout.num_blocks):
+            return head
     if hasattr(block_ids, "detach"):
         block_ids = block_ids.detach().cpu().numpy()
     ids = np.asarray(block_ids)
     if ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu"):
         raise KVortexError(f"block_ids must be a 1-D sequence of ints, got shape {ids.shape} {ids.dtype}")
-    need = -(-n_tokens // layout.block_size)
     if len(ids) < need:
         raise KVortexError(
             f"{n_tokens} tokens need {need} blocks of {layout.block_size} tokens, got {len(ids)} "

@@ -173,6 +173,8 @@ class _Direction:
     def upload_ids(self, ids: list[list[int]]) -> torch.Tensor:
         """``ids`` (``[C, n]`` block ids) as an int64 device tensor, through a reused pinned buffer.
 
+        Call with ``streams.first`` current (the copy is enqueued on the current stream).
+
         Only the row kernel on ``streams.first`` reads the device copy, so the next upload (same
         stream) cannot overwrite it early; the host buffer is rewritten only after its last copy
         finished (long done by then: it is the first op of the previous transfer).
@@ -192,8 +194,7 @@ class _Direction:
         host = self._ids_host[:size].view(c, n)
         host.numpy()[:] = ids
         dev = self._ids_dev[:size].view(c, n)
-        with self.streams.on(self.streams.first):
-            dev.copy_(host, non_blocking=True)
+        dev.copy_(host, non_blocking=True)  # the caller made streams.first current
         self._ids_read = self.streams.record(self.streams.first)
         return dev
 
@@ -390,8 +391,8 @@ class TransferEngine:
         streams = d.streams
         if self._rows is not None:
             width = max(len(ids) for ids in blocks)
-            ids = d.upload_ids([ids + ids[:1] * (width - len(ids)) for ids in blocks])
             with streams.on(streams.first):  # one kernel: precomputed offsets + block id * block stride
+                ids = d.upload_ids([ids + ids[:1] * (width - len(ids)) for ids in blocks])
                 dev = self._rows.call_rows(ids, lay.block_size, lay.kv_count, lay.num_kv_heads)
         else:
             host = torch.tensor([b for ids in blocks for b in ids], dtype=torch.int64)
