@@ -52,38 +52,50 @@ def engine_case(engine: Any, shape: tp.Shape, tokens: int, layout: KVLayout, rep
     blocks = random.Random(tokens).sample(range(layout.num_blocks), tokens // shape.block)
     other = random.Random(tokens + 7).sample(range(layout.num_blocks), tokens // shape.block)
     seqs = [_sequence(tokens, tokens * 100 + i) for i in range(reps + 1)]
-    save_s, sealed_s, saved = [], [], []
+    nbytes = layout.chunk_bytes(tokens)
+    raw = tp.RawCopier(nbytes, device)
+    save_s, sealed_s, raw_d2h, saved = [], [], [], []
     for i, seq in enumerate(seqs):
+        if i % 2:  # a raw copy right before or after each save (alternating): same machine state
+            raw_t = tp.once(raw.d2h, device)
         tp.sync(device)
         t0 = time.perf_counter()
         saved.append(engine.save(seq, blocks))
         tp.sync(device)
         t1 = time.perf_counter()
         engine.contains(engine.keys(seq))  # waits for this save's background seals
+        t2 = time.perf_counter()
+        if not i % 2:
+            raw_t = tp.once(raw.d2h, device)
         if i:  # the first is a warm-up
             save_s.append(t1 - t0)
-            sealed_s.append(time.perf_counter() - t0)
+            sealed_s.append(t2 - t0)
+            raw_d2h.append(raw_t)
     loaded: list[int] = []
-    load_s = tp.timed(lambda: loaded.append(engine.load(seqs[-1], other)), device, reps)
-    nbytes = layout.chunk_bytes(tokens)
+    load_s, raw_h2d = tp.paired(lambda: loaded.append(engine.load(seqs[-1], other)), raw.h2d, device, reps)
     return {
         "save": Measurement("engine save", save_s, nbytes),
         "save_sealed": Measurement("engine save+seal", sealed_s, nbytes),
         "load": Measurement("engine load", load_s, nbytes),
-        "raw_pool": _raw_pool(engine, nbytes, device, reps),
+        "raw_save": Measurement("raw d2h (paired)", raw_d2h, nbytes),
+        "raw_load": Measurement("raw h2d (paired)", raw_h2d, nbytes),
+        "raw_pool": _raw_pool(engine, raw, device, reps),
         "diag": {"saved_tokens": saved, "loaded_tokens": loaded[-1:], "tokens": tokens},
     }
 
 
-def _raw_pool(engine: Any, nbytes: int, device: torch.device, reps: int) -> dict[str, Measurement]:
-    """Raw copies into the engine's own pinned pool (registered host memory), for comparison."""
+def _raw_pool(engine: Any, raw: tp.RawCopier, device: torch.device, reps: int) -> dict[str, Measurement]:
+    """Raw copies into the engine's own pinned pool (registered host memory), paired with the
+    raw copy into a plain pinned buffer: shows what the pool memory itself costs."""
+    nbytes = raw.nbytes
     base = engine._reg.tiers.pool.view(0)
     span = torch.empty(0, dtype=torch.uint8).set_(base.untyped_storage(), base.storage_offset(), (nbytes,))
-    gpu = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    return {
-        "d2h": Measurement("raw d2h pool", tp.timed(lambda: span.copy_(gpu, non_blocking=True), device, reps), nbytes),
-        "h2d": Measurement("raw h2d pool", tp.timed(lambda: gpu.copy_(span, non_blocking=True), device, reps), nbytes),
-    }
+    gpu = raw.gpu
+    d2h, raw_d2h = tp.paired(lambda: span.copy_(gpu, non_blocking=True), raw.d2h, device, reps)
+    h2d, raw_h2d = tp.paired(lambda: gpu.copy_(span, non_blocking=True), raw.h2d, device, reps)
+    return {"d2h": Measurement("raw d2h pool", d2h, nbytes), "h2d": Measurement("raw h2d pool", h2d, nbytes),
+            "raw_d2h": Measurement("raw d2h (paired)", raw_d2h, nbytes),
+            "raw_h2d": Measurement("raw h2d (paired)", raw_h2d, nbytes)}
 
 
 def engine_bidir(engine: Any, shape: tp.Shape, tokens: int, layout: KVLayout, reps: int) -> dict[str, Any]:
@@ -102,9 +114,9 @@ def engine_bidir(engine: Any, shape: tp.Shape, tokens: int, layout: KVLayout, re
         hl.wait()
 
     nbytes = layout.chunk_bytes(tokens)
-    ours = Measurement("engine both", tp.timed(both, device, reps), 2 * nbytes)
-    raw = tp.raw_copy(nbytes, device, reps)["bidir"]
-    return {"tokens": tokens, **tp.summary_row("engine both directions", ours, raw)}
+    ours_s, raw_s = tp.paired(both, tp.RawCopier(nbytes, device).both, device, reps)
+    return {"tokens": tokens, **tp.summary_row("engine both directions", Measurement("engine both", ours_s, 2 * nbytes),
+                                               Measurement("raw both (paired)", raw_s, 2 * nbytes))}
 
 
 def layout_device(engine: Any) -> str:

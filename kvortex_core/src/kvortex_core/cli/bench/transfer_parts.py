@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from kvortex_core.cli.bench.common import Measurement, ratio
+from kvortex_core.cli.bench.common import Measurement, ratio, ratio_spread
 
 __all__ = ["ratio"]
 from kvortex_core.data import kv_samples as ks
@@ -89,26 +89,75 @@ def random_chunks(num_blocks: int, tokens: int, block: int, chunk_tokens: int, s
     return [ids[i:i + per] for i in range(0, len(ids), per)]
 
 
+class RawCopier:
+    """The baseline: one contiguous ``copy_`` of ``nbytes`` between a device and a pinned buffer."""
+
+    def __init__(self, nbytes: int, device: torch.device) -> None:
+        self.nbytes, self.device = nbytes, device
+        self.gpu = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        self.host = pinned(nbytes, device)
+        self._gpu2: torch.Tensor | None = None
+        self._host2: torch.Tensor | None = None
+        self._streams: Any = None
+
+    def d2h(self) -> None:
+        self.host.copy_(self.gpu, non_blocking=True)
+
+    def h2d(self) -> None:
+        self.gpu.copy_(self.host, non_blocking=True)
+
+    def both(self) -> None:
+        """A copy each way at once, on two streams (CUDA only)."""
+        if self._streams is None:
+            self._gpu2 = torch.empty_like(self.gpu)
+            self._host2 = pinned(self.nbytes, self.device)
+            self._streams = (torch.cuda.Stream(self.device), torch.cuda.Stream(self.device))
+        s1, s2 = self._streams
+        with torch.cuda.stream(s1):
+            self.host.copy_(self.gpu, non_blocking=True)
+        with torch.cuda.stream(s2):
+            self._gpu2.copy_(self._host2, non_blocking=True)  # type: ignore[union-attr]
+
+
+def once(fn: Callable[[], Any], device: torch.device) -> float:
+    """Seconds of one run, the device drained before and after."""
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def paired(ours: Callable[[], Any], raw: Callable[[], Any], device: torch.device, reps: int,
+           warmup: int = 1) -> tuple[list[float], list[float]]:
+    """Seconds of ``ours`` and of ``raw`` per repetition, run back to back (order alternating).
+
+    Each pair sees the same state of the machine (other tenants on the PCIe switch, host
+    memory traffic), so the ratio of a pair is steadier than a ratio of separate medians.
+    """
+    for _ in range(warmup):
+        ours()
+        raw()
+    ours_s, raw_s = [], []
+    for i in range(reps):
+        if i % 2:
+            raw_s.append(once(raw, device))
+            ours_s.append(once(ours, device))
+        else:
+            ours_s.append(once(ours, device))
+            raw_s.append(once(raw, device))
+    return ours_s, raw_s
+
+
 def raw_copy(nbytes: int, device: torch.device, reps: int) -> dict[str, Measurement]:
-    """The baseline: one contiguous copy of ``nbytes`` each way, and both ways at once."""
-    gpu = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    host = pinned(nbytes, device)
-    gpu2 = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    host2 = pinned(nbytes, device)
+    """The baseline alone: one contiguous copy of ``nbytes`` each way, and both ways at once."""
+    raw = RawCopier(nbytes, device)
     out = {
-        "d2h": Measurement("raw d2h", timed(lambda: host.copy_(gpu, non_blocking=True), device, reps), nbytes),
-        "h2d": Measurement("raw h2d", timed(lambda: gpu.copy_(host, non_blocking=True), device, reps), nbytes),
+        "d2h": Measurement("raw d2h", timed(raw.d2h, device, reps), nbytes),
+        "h2d": Measurement("raw h2d", timed(raw.h2d, device, reps), nbytes),
     }
     if device.type == "cuda":
-        s1, s2 = torch.cuda.Stream(device), torch.cuda.Stream(device)
-
-        def both() -> None:
-            with torch.cuda.stream(s1):
-                host.copy_(gpu, non_blocking=True)
-            with torch.cuda.stream(s2):
-                gpu2.copy_(host2, non_blocking=True)
-
-        out["bidir"] = Measurement("raw both", timed(both, device, reps), 2 * nbytes)
+        out["bidir"] = Measurement("raw both", timed(raw.both, device, reps), 2 * nbytes)
     return out
 
 
@@ -129,10 +178,15 @@ def transfer_engine_case(shape: Shape, tokens: int, caches: list[torch.Tensor], 
     t1 = time.perf_counter()
     handle.wait()
     enqueue = {"save_enqueue_s": t1 - t0, "save_total_s": time.perf_counter() - t0}
+    raw = RawCopier(nbytes, device)
+    save_s, raw_d2h = paired(lambda: te.save(chunks, dst).wait(), raw.d2h, device, reps)
+    load_s, raw_h2d = paired(lambda: te.load(dst, load_ids).wait(), raw.h2d, device, reps)
     return {
         "diag": enqueue,  # type: ignore[dict-item]
-        "save": Measurement("te save", timed(lambda: te.save(chunks, dst).wait(), device, reps), nbytes),
-        "load": Measurement("te load", timed(lambda: te.load(dst, load_ids).wait(), device, reps), nbytes),
+        "save": Measurement("te save", save_s, nbytes),
+        "load": Measurement("te load", load_s, nbytes),
+        "raw_save": Measurement("raw d2h (paired)", raw_d2h, nbytes),
+        "raw_load": Measurement("raw h2d (paired)", raw_h2d, nbytes),
     }
 
 
@@ -218,10 +272,15 @@ def matmul_slowdown(device: torch.device, background: Callable[[], None], iters:
 
 
 def summary_row(label: str, ours: Measurement, raw: Measurement) -> dict[str, Any]:
-    return {
+    """GB/s medians and the ratio: the median of per-pair ratios when ``raw`` was paired with ``ours``."""
+    row = {
         "case": label,
         "bytes": ours.nbytes,
         "ours_gbps": ours.gbps()["median"],
         "raw_gbps": raw.gbps()["median"],
         "ratio": ratio(ours, raw),
     }
+    if "paired" in raw.name and len(raw.seconds) == len(ours.seconds):
+        spread_ = ratio_spread(ours.seconds, raw.seconds)  # raw time / our time, per pair
+        row.update(ratio=spread_["median"], ratio_min=spread_["min"], ratio_max=spread_["max"], paired=True)
+    return row

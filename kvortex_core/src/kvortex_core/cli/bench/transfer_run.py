@@ -92,13 +92,16 @@ def _engine(parts: set[str], caches: list[torch.Tensor], layout: Any, max_tokens
 
 
 def _rows(res: dict[str, Any], label: str, ours: dict[str, Any], raw: dict[str, Measurement]) -> None:
-    res["rows"].append(tp.summary_row(f"{label} save", ours["save"], raw["d2h"]))
+    """Ratios against the raw copies paired with ours (run back to back), else the size's raw."""
+    d2h, h2d = ours.get("raw_save", raw["d2h"]), ours.get("raw_load", raw["h2d"])
+    res["rows"].append(tp.summary_row(f"{label} save", ours["save"], d2h))
     if "save_sealed" in ours:
-        res["rows"].append(tp.summary_row(f"{label} save+seal", ours["save_sealed"], raw["d2h"]))
-    res["rows"].append(tp.summary_row(f"{label} load", ours["load"], raw["h2d"]))
+        res["rows"].append(tp.summary_row(f"{label} save+seal", ours["save_sealed"], d2h))
+    res["rows"].append(tp.summary_row(f"{label} load", ours["load"], h2d))
     if "raw_pool" in ours:  # the same raw copy, into the engine's registered pinned pool
-        res["rows"].append(tp.summary_row(f"{label} raw-into-pool d2h", ours["raw_pool"]["d2h"], raw["d2h"]))
-        res["rows"].append(tp.summary_row(f"{label} raw-into-pool h2d", ours["raw_pool"]["h2d"], raw["h2d"]))
+        pool = ours["raw_pool"]
+        res["rows"].append(tp.summary_row(f"{label} raw-into-pool d2h", pool["d2h"], pool["raw_d2h"]))
+        res["rows"].append(tp.summary_row(f"{label} raw-into-pool h2d", pool["h2d"], pool["raw_h2d"]))
 
 
 def _te_pair(shape: tp.Shape, caches: list[torch.Tensor], layout: Any, tokens: int, staging: int) -> Any:
@@ -125,9 +128,9 @@ def _bidir(shape: tp.Shape, caches: list[torch.Tensor], layout: Any, tokens: int
         hs.wait()
         hl.wait()
 
-    ours = Measurement("te both", tp.timed(both, device, reps), 2 * nbytes)
-    raw = tp.raw_copy(nbytes, device, reps)["bidir"]
-    return {"tokens": tokens, **tp.summary_row("both directions", ours, raw)}
+    ours_s, raw_s = tp.paired(both, tp.RawCopier(nbytes, device).both, device, reps)
+    return {"tokens": tokens, **tp.summary_row("both directions", Measurement("te both", ours_s, 2 * nbytes),
+                                               Measurement("raw both (paired)", raw_s, 2 * nbytes))}
 
 
 def _matmul(shape: tp.Shape, caches: list[torch.Tensor], layout: Any, tokens: int, staging: int) -> dict[str, Any]:
