@@ -39,7 +39,7 @@ class RowPlan:
     rows_per_head: int = 1
     #: The same rows in the widest element type that divides them (fewer, wider loads per row).
     wide: torch.Tensor | None = None
-    #: Row numbers of block 0 in payload order, ``[L, K, 1, N', H', R']`` (built on first use).
+    #: Row numbers of block 0 in payload order, ``[L*K, N'*H'*R']`` (built on first use).
     _offsets: torch.Tensor | None = None
 
     @property
@@ -72,24 +72,28 @@ class RowPlan:
                 rows = rows + ax(torch.arange(n_head, device=dev) * self.head_rows, 4)
             if self.rows_per_head > 1:  # rows split the head dimension: consecutive row numbers
                 rows = rows + ax(torch.arange(self.rows_per_head, device=dev), 5)
-            self._offsets = rows.contiguous()
+            self._offsets = rows.reshape(rows.shape[0] * rows.shape[1], -1).contiguous()  # [L*K, N'H'R']
         return self._offsets
 
     def call_rows(self, block_ids: torch.Tensor, block_size: int, kv_count: int, heads: int) -> torch.Tensor:
-        """Row numbers of whole chunks in payload order: ``[C, L, K, n, N', H', R']``.
+        """Row numbers of whole chunks in payload order: ``[C, L, K, n, N'*H'*R']``.
 
         ``block_ids`` is ``[C, n]`` (pad short chunks; their tail is sliced off per unit).
         One kernel per call: the per-block offsets are precomputed, so each unit costs a slice.
+        The add is 4-D (a 7-D broadcast cost ~100 us of host time to set up).
         """
         offsets = self.block_offsets(block_size, kv_count, heads)
         c, n = block_ids.shape
-        first = block_ids.view(c, 1, 1, n, 1, 1, 1)
+        lk, inner = offsets.shape
         # int64: index_copy_ takes no int32 (8 bytes per row: 3% of 256-byte rows)
-        return torch.add(offsets.unsqueeze(0), first, alpha=self.block_rows)
+        rows = torch.add(offsets.view(1, lk, 1, inner), block_ids.view(c, 1, n, 1), alpha=self.block_rows)
+        return rows.view(c, lk // kv_count, kv_count, n, inner)
 
     @staticmethod
     def unit_rows(rows: torch.Tensor, chunk: int, l0: int, l1: int, blocks: int, skip: int = 0) -> torch.Tensor:
         """Row numbers of layers ``[l0, l1)`` of one chunk (``blocks`` valid, ``skip`` skipped)."""
+        if l0 == 0 and l1 == rows.shape[1] and skip == 0 and blocks == rows.shape[3]:
+            return rows[chunk].view(-1)  # a whole chunk: one view op, not four
         return rows[chunk, l0:l1, :, skip:blocks].reshape(-1)
 
 
