@@ -40,11 +40,15 @@ def run(label, fn, raw_s, reps=7):
         fn()
         torch.cuda.synchronize()
         walls.append(time.perf_counter() - t0)
+        counts: dict[str, int] = {}
+        for name, _ in MARKS:
+            counts[name] = counts.get(name, 0) + 1
         seen: dict[str, int] = {}
         for name, ts in MARKS:
             k = seen[name] = seen.get(name, 0) + 1
-            if k <= 2:  # a repeated phase: its first two occurrences
-                phases.setdefault(f"{name}{'' if k == 1 else '#2'}", []).append((ts - t0) * 1e6)
+            if k <= 2 or k == counts[name]:  # a repeated phase: its first two and its last
+                tag = "" if k == 1 else ("#2" if k == 2 else "#last")
+                phases.setdefault(f"{name}{tag}", []).append((ts - t0) * 1e6)
     wall = statistics.median(walls[1:])
     marks = " ".join(f"{k}{statistics.median(v[1:] or v):.0f}" for k, v in phases.items())
     print(f"{label:12s} wall {wall * 1e6:7.0f} raw {raw_s * 1e6:7.0f} ratio {raw_s / wall:.3f} | {marks}",
@@ -70,6 +74,11 @@ def main() -> None:
     patch(reg.hasher, "keys", "hash")
     patch(reg.tiers, "begin_save", "bsave")
     patch(reg.tiers, "begin_load", "bload")
+    patch(eng, "_commit_as_ready", "commit")
+    import kvortex_core.engine as engine_mod
+
+    patch(engine_mod, "_tokens", "tokens")
+    patch(engine_mod, "_blocks", "blocks")
     chunks = tp.random_chunks(layout.num_blocks, tokens, 16, 256, 1)
     other = tp.random_chunks(layout.num_blocks, tokens, 16, 256, 2)
     slot = layout.chunk_bytes(256)
