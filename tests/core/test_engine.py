@@ -295,3 +295,31 @@ def test_head_then_rest_roundtrip_partial_prefix_and_skip() -> None:
         assert all(not layer[:, 64:66].any() for layer in caches)
         assert _same_blocks(caches, block, list(range(2, 24)), list(range(66, 88)))
         assert engine._reg.tiers.cpu_index.pinned_bytes == 0  # every load unpinned its slots
+
+
+@pytest.mark.usefixtures("_split")
+@pytest.mark.parametrize("where", ["token", "block"])
+def test_bad_input_after_the_head_still_raises_and_leaks_nothing(where: str) -> None:
+    """Parts are checked as they are reached: a bad value past the head raises all the same,
+    leaves no slot reserved or pinned, and whatever the head stored is correct."""
+    engine, caches, block = _engine()
+    with engine:
+        tokens: list[Any] = list(range(7000, 7000 + 5 * CHUNK))
+        blocks: list[Any] = list(range(20))
+        if where == "token":
+            tokens[4 * CHUNK + 3] = 2.5
+            match = "integers"
+        else:
+            blocks[17] = B + 3
+            match = f"block_ids\\[17\\] = {B + 3}"
+        with pytest.raises(KVortexError, match=match):
+            engine.save(tokens, blocks)
+        with pytest.raises(KVortexError, match=match):
+            engine.load(tokens, blocks)
+        stored = engine.lookup(list(range(7000, 7000 + 5 * CHUNK)))
+        assert stored % CHUNK == 0 and stored < 5 * CHUNK  # never the bad part
+        assert engine.stats()["pool"]["used_slots"] == stored // CHUNK
+        assert engine._reg.tiers.cpu_index.pinned_bytes == 0
+        dst = list(range(40, 40 + stored // N))
+        assert engine.load(list(range(7000, 7000 + 5 * CHUNK))[:stored], dst) == stored
+        assert _same_blocks(caches, block, list(range(stored // N)), dst)

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("kvortex_core.engine")
 
 #: A save or load first moves a head of about this many bytes, then prepares the rest (see _parts).
-_HEAD_BYTES = 96 * 1024**2
+_HEAD_BYTES = 160 * 1024**2
 
 #: Engine-level counters in ``stats()``.
 SAVED_TOKENS, LOADED_TOKENS, SAVE_CALLS, LOAD_CALLS = "engine_saved_tokens", "engine_loaded_tokens", \
@@ -242,21 +242,23 @@ class KVortexEngine:
         """
 
         reg = self._registered()
-        tokens = _tokens(token_ids)
-        blocks = _blocks(block_ids, len(tokens), reg.layout)
+        tokens = _Tokens(token_ids)
+        blocks = _Blocks(block_ids, tokens.n, reg.layout)
         chain = _KeyChain(reg.hasher, tokens, self.rank)
         started: list[tuple[Any, list[Any]]] = []
         saved = 0
         error: BaseException | None = None
         try:
             for a, b in self._parts(chain.n, reg):
-                keys = chain.upto(b)  # the rest is hashed while the head is on the wire
+                # the rest is converted, checked and hashed while the head is on the wire
+                keys = chain.upto(b)
+                blocks.check(self._end_block(b, tokens.n, reg))
                 leases = reg.tiers.begin_save(keys[a:b], [keys[i - 1] if i else None for i in range(a, b)])
                 if not leases:
                     continue
                 for lease in leases:
                     lease.index += a
-                per_chunk = [self._chunk_blocks(blocks, lease.index, len(tokens), reg) for lease in leases]
+                per_chunk = [self._chunk_blocks(blocks.ids, lease.index, tokens.n, reg) for lease in leases]
                 try:
                     # enqueued on this thread: no hand-off before the first copy (save_async runs
                     # this on an executor thread, so a save and a load still enqueue side by side)
@@ -266,6 +268,8 @@ class KVortexEngine:
                     raise
                 started.append((handle, leases))
                 saved += sum(len(ids) for ids in per_chunk) * reg.layout.block_size
+            chain.upto(chain.n)  # every token and block id is checked, stored chunks or not
+            blocks.check(blocks.need)
         except BaseException as exc:  # noqa: BLE001 - re-raised once enqueued parts are settled
             error = exc
         for handle, leases in started:  # parts already enqueued finish whatever happened later
@@ -277,9 +281,13 @@ class KVortexEngine:
         self._stats.inc(SAVE_CALLS)
         if error is not None:
             raise error
-        saved = min(saved, len(tokens))
+        saved = min(saved, tokens.n)
         self._stats.inc(SAVED_TOKENS, saved)
         return saved
+
+    def _end_block(self, end_chunk: int, n_tokens: int, reg: _Registered) -> int:
+        """One past the last block holding tokens of chunks ``[0, end_chunk)``."""
+        return -(-min(end_chunk * self.config.chunk_tokens, n_tokens) // reg.layout.block_size)
 
     def _parts(self, n_chunks: int, reg: _Registered) -> list[tuple[int, int]]:
         """Chunk ranges handled one after the other: a small head, then the rest.
@@ -344,8 +352,8 @@ class KVortexEngine:
         """Pin (or fetch) the stored prefix and enqueue its transfer into ``block_ids``."""
 
         reg = self._registered()
-        tokens = _tokens(token_ids)
-        blocks = _blocks(block_ids, len(tokens), reg.layout)
+        tokens = _Tokens(token_ids)
+        blocks = _Blocks(block_ids, tokens.n, reg.layout)
         if skip_tokens < 0:
             raise KVortexError(f"skip_tokens={skip_tokens} must be >= 0")
         ct = self.config.chunk_tokens
@@ -358,17 +366,20 @@ class KVortexEngine:
         try:
             for a, b in parts:
                 keys = chain.upto(first + b)[first + a:]  # later parts hash while the head moves
+                blocks.check(self._end_block(first + b, tokens.n, reg))
                 leases = reg.tiers.begin_load(keys, timeout=self.config.timeouts.backend_op_s)
                 if not leases:
                     break
                 pinned += leases
-                per_chunk = [self._chunk_blocks(blocks, first + a + lease.index, len(tokens), reg)
+                per_chunk = [self._chunk_blocks(blocks.ids, first + a + lease.index, tokens.n, reg)
                              for lease in leases]
                 skip_blocks = (skip_tokens - first * ct) // reg.layout.block_size if a == 0 else 0
                 handles.append(reg.transfer.load([lease.payload for lease in leases], per_chunk,
                                                  layerwise=layerwise, skip_blocks=skip_blocks, inline=True))
                 if len(leases) < b - a:  # the stored prefix ends inside this part
                     break
+            chain.upto(chain.n)  # bad input raises even past the stored prefix
+            blocks.check(blocks.need)
         except BaseException:
             try:  # enqueued copies read the slots: unpin only once they are done
                 for handle in handles:
@@ -378,7 +389,7 @@ class KVortexEngine:
             raise
         if not pinned:
             return LayerwiseLoad(0, [], lambda: None, 0.0)
-        loaded = max(0, min((first + len(pinned)) * ct, len(tokens)) - skip_tokens)
+        loaded = max(0, min((first + len(pinned)) * ct, tokens.n) - skip_tokens)
         self._stats.inc(LOADED_TOKENS, loaded)
         # Every load crosses the cpu tier (lower-tier chunks are promoted into a slot first).
         self._stats.record_loaded(len(pinned) * reg.tiers.payload_bytes, reg.tiers.cpu_name)
@@ -446,9 +457,9 @@ class KVortexEngine:
 class _KeyChain:
     """The storage keys of a token sequence, hashed on demand up to a chunk (prefix-chained)."""
 
-    def __init__(self, hasher: ChunkHasher, tokens: Any, rank: int) -> None:
+    def __init__(self, hasher: ChunkHasher, tokens: _Tokens, rank: int) -> None:
         self.hasher, self.tokens, self.rank = hasher, tokens, rank
-        self.n = hasher.num_chunks(len(tokens))
+        self.n = hasher.num_chunks(tokens.n)
         self._logical: list[bytes] = []
         self._keys: list[bytes] = []
 
@@ -459,14 +470,67 @@ class _KeyChain:
         have = len(self._logical)
         if end > have:
             ct = self.hasher.chunk_tokens
-            span = self.tokens if end >= self.n else self.tokens[: end * ct]
-            new = self.hasher.keys(span, prefix=self._logical[-1] if have else None, start_chunk=have)
+            span = self.tokens.span(have * ct, self.tokens.n if end >= self.n else end * ct)
+            new = self.hasher.keys(span, prefix=self._logical[-1] if have else None)
             self._logical += new
             self._keys += rank_keys(new, self.rank)
         return self._keys[:end]
 
 
 # ---------------------------------------------------------------------- input checks
+
+
+class _Tokens:
+    """Token ids: a list of ints is converted and checked span by span as parts need it (the
+    head's copies start before the rest is converted); other inputs are converted at once."""
+
+    def __init__(self, token_ids: Any) -> None:
+        if isinstance(token_ids, list) and token_ids and type(token_ids[0]) is int:
+            self._list: list[int] | None = token_ids
+            self._array: Any = None
+            self.n = len(token_ids)
+        else:
+            self._list, self._array = None, _tokens(token_ids)
+            self.n = len(self._array)
+
+    def span(self, lo: int, hi: int) -> Any:
+        """Tokens ``[lo, hi)`` as a 1-D integer array (KVortexError for a bad element there)."""
+        if self._list is None:
+            return self._array[lo:hi]
+        return _tokens(self._list[lo:hi])
+
+
+class _Blocks:
+    """Block ids, their count checked now and their values as parts need them."""
+
+    def __init__(self, block_ids: Any, n_tokens: int, layout: KVLayout) -> None:
+        self.need = -(-n_tokens // layout.block_size)
+        self._layout, self._n_tokens, self._raw = layout, n_tokens, block_ids
+        if isinstance(block_ids, list) and len(block_ids) >= self.need:
+            self.ids: list[int] = block_ids
+            self._ok = 0
+        else:  # arrays, tensors, short lists: converted (and any error raised) at once
+            self.ids = _blocks(block_ids, n_tokens, layout)
+            self._ok = self.need
+
+    def check(self, end: int) -> None:
+        """KVortexError unless ids ``[0, end)`` are ints inside the registered cache."""
+        if end <= self._ok:
+            return
+        import array
+
+        import numpy as np
+
+        try:
+            seg = array.array("q")
+            seg.fromlist(self.ids[self._ok:end])
+            values = np.frombuffer(seg, dtype=np.int64)
+            good = values.min() >= 0 and values.max() < self._layout.num_blocks
+        except (TypeError, OverflowError):
+            good = False
+        if not good:
+            _blocks(self._raw, self._n_tokens, self._layout)  # raises, naming the index and value
+        self._ok = end
 
 
 def _tokens(token_ids: Any) -> Any:
