@@ -18,6 +18,7 @@ Payload byte layout of one chunk of ``t`` tokens: ``[layers, kv, t, heads, head_
 
 from __future__ import annotations
 
+import array
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Any
 
+import numpy as np
 import torch
 
 from kvortex_core.data.layouts import KVLayout, layer_views
@@ -167,6 +169,7 @@ class _Direction:
         # One enqueuer thread per direction: transfers of one direction keep their order.
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvortex-transfer")
         self._ids_host: torch.Tensor | None = None  # pinned, reused: no allocator call per transfer
+        self._ids_np: Any = None  # its numpy view
         self._ids_dev: torch.Tensor | None = None
         self._ids_read: Any = None  # the last upload's copy event
 
@@ -186,17 +189,20 @@ class _Direction:
         if self._ids_host is None or self._ids_host.numel() < size:
             grown = max(size, 2 * (self._ids_host.numel() if self._ids_host is not None else 2048))
             self._ids_host = torch.empty(grown, dtype=torch.int64, pin_memory=True)
+            self._ids_np = self._ids_host.numpy()
             with self.streams.on(self.streams.first):  # its home stream is the one that reads it
                 self._ids_dev = torch.empty(grown, dtype=torch.int64, device=self.streams.device)
         elif self._ids_read is not None:
             self._ids_read.synchronize()
         assert self._ids_dev is not None
-        host = self._ids_host[:size].view(c, n)
-        host.numpy()[:] = ids
-        dev = self._ids_dev[:size].view(c, n)
-        dev.copy_(host, non_blocking=True)  # the caller made streams.first current
+        flat = array.array("q")
+        for row in ids:
+            flat.fromlist(row)
+        self._ids_np[:size] = np.frombuffer(flat, dtype=np.int64)
+        dev = self._ids_dev[:size]
+        dev.copy_(self._ids_host[:size], non_blocking=True)  # the caller made streams.first current
         self._ids_read = self.streams.record(self.streams.first)
-        return dev
+        return dev.view(c, n)
 
     def submit(self, handle: TransferHandle, work: Callable[[], None], inline: bool = False) -> None:
         """Run ``work`` (the enqueue) on the worker; the handle learns when it finished.
