@@ -263,10 +263,10 @@ def test_layerwise_load_per_layer_then_whole() -> None:
 
 @pytest.fixture
 def _split(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make every call of more than 2 chunks run as a 1-chunk head, then the rest."""
+    """Make every call of more than 2 chunks run as a 1-chunk part, then the rest."""
     import kvortex_core.engine as engine_mod
 
-    monkeypatch.setattr(engine_mod, "_HEAD_BYTES", 1)
+    monkeypatch.setattr(engine_mod, "_PART_BYTES", (1,))
 
 
 @pytest.mark.usefixtures("_split")
@@ -274,6 +274,7 @@ def test_head_then_rest_roundtrip_partial_prefix_and_skip() -> None:
     engine, caches, block = _engine()
     with engine:
         assert engine._parts(6, engine._reg) == [(0, 1), (1, 6)]
+        assert engine._parts(2, engine._reg) == [(0, 2)]
         tokens = list(range(3000, 3000 + 6 * CHUNK))
         # the first 3 chunks first: a later save of all 6 stores only the last 3
         assert engine.save(tokens[: 3 * CHUNK], list(range(12))) == 3 * CHUNK
@@ -323,3 +324,18 @@ def test_bad_input_after_the_head_still_raises_and_leaks_nothing(where: str) -> 
         dst = list(range(40, 40 + stored // N))
         assert engine.load(list(range(7000, 7000 + 5 * CHUNK))[:stored], dst) == stored
         assert _same_blocks(caches, block, list(range(stored // N)), dst)
+
+
+def test_parts_grow_then_take_the_rest(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three parts (1 chunk, 2 chunks, the rest) round-trip like one."""
+    import kvortex_core.engine as engine_mod
+
+    engine, caches, block = _engine()
+    monkeypatch.setattr(engine_mod, "_PART_BYTES", (1, engine._reg.layout.chunk_bytes(2 * CHUNK)))
+    with engine:
+        assert engine._parts(8, engine._reg) == [(0, 1), (1, 3), (3, 8)]
+        assert engine._parts(5, engine._reg) == [(0, 1), (1, 5)]
+        tokens = list(range(9000, 9000 + 8 * CHUNK))
+        assert engine.save(tokens, list(range(32))) == 8 * CHUNK
+        assert engine.load(tokens, list(range(40, 72))) == 8 * CHUNK
+        assert _same_blocks(caches, block, list(range(32)), list(range(40, 72)))

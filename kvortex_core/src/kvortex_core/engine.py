@@ -33,8 +33,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kvortex_core.engine")
 
-#: A save or load first moves a head of about this many bytes, then prepares the rest (see _parts).
-_HEAD_BYTES = 160 * 1024**2
+#: A save or load moves parts of about these many bytes first, each prepared while the one
+#: before is on the wire, then the rest (see _parts).
+_PART_BYTES = (32 * 1024**2, 128 * 1024**2)
 
 #: Engine-level counters in ``stats()``.
 SAVED_TOKENS, LOADED_TOKENS, SAVE_CALLS, LOAD_CALLS = "engine_saved_tokens", "engine_loaded_tokens", \
@@ -290,16 +291,23 @@ class KVortexEngine:
         return -(-min(end_chunk * self.config.chunk_tokens, n_tokens) // reg.layout.block_size)
 
     def _parts(self, n_chunks: int, reg: _Registered) -> list[tuple[int, int]]:
-        """Chunk ranges handled one after the other: a small head, then the rest.
+        """Chunk ranges handled one after the other: small parts first, then the rest.
 
-        The head's copies start after the host prepared only the head (keys, slots, indices
-        for a few chunks); the rest is prepared while the head is on the wire, so per-call host
-        work (~1 ms for 8K tokens) hides behind the copies instead of delaying the first one.
+        The first copy starts once the host prepared only the first part (keys, slots, indices
+        of ~32 MiB); each later part is prepared while the parts before it are on the wire,
+        so the per-call host work (~1.3 ms for 8K tokens on an H100 VM) hides behind the
+        copies instead of delaying the first one.
         """
-        head = max(1, -(-_HEAD_BYTES // reg.transfer.layout.chunk_bytes(self.config.chunk_tokens)))
-        if n_chunks <= 2 * head:
-            return [(0, n_chunks)]
-        return [(0, head), (head, n_chunks)]
+        chunk_bytes = reg.transfer.layout.chunk_bytes(self.config.chunk_tokens)
+        parts, start = [], 0
+        for nbytes in _PART_BYTES:
+            size = max(1, -(-nbytes // chunk_bytes))
+            if n_chunks - start <= 2 * size:
+                break
+            parts.append((start, start + size))
+            start += size
+        parts.append((start, n_chunks))
+        return parts
 
     def _commit_as_ready(self, reg: _Registered, handle: Any, leases: list[Any]) -> None:
         """Index each chunk as soon as its DMA landed, while later chunks are still on the wire.

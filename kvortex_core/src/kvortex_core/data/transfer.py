@@ -260,6 +260,7 @@ class TransferEngine:
         self.half_bytes = half
         self._plans: dict[tuple[Any, ...], list[list[_Unit]]] = {}
         self._wide_stages: dict[int, torch.Tensor] = {}
+        self._stage_views: dict[tuple[int, int, int], torch.Tensor] = {}
         self._save = _Direction(self.device, num_streams, half)
         self._load = _Direction(self.device, num_streams, half)
 
@@ -445,8 +446,7 @@ class TransferEngine:
                 s.wait(s.second, gathered)
                 with s.on(s.second):
                     for u in batch:
-                        dst[u.chunk][u.payload_offset:u.payload_offset + u.nbytes].copy_(
-                            stage[u.stage_offset:u.stage_offset + u.nbytes], non_blocking=True)
+                        _payload_range(dst[u.chunk], u).copy_(self._stage_bytes(stage, u), non_blocking=True)
                 d.free_events[d.turn] = s.record(s.second)
                 landed = [u.chunk for u in batch if _last(remaining, u.chunk)]
                 for c in landed:
@@ -494,6 +494,16 @@ class TransferEngine:
             wide.index_copy_(0, rows, staged)
         return True
 
+    def _stage_bytes(self, stage: torch.Tensor, u: _Unit) -> torch.Tensor:
+        """The unit's staging bytes (views cached: a slice costs ~5-20 us of host time)."""
+        key = (stage.data_ptr(), u.stage_offset, u.nbytes)
+        view = self._stage_views.get(key)
+        if view is None:
+            if len(self._stage_views) >= 4096:
+                self._stage_views.clear()
+            view = self._stage_views[key] = stage[u.stage_offset:u.stage_offset + u.nbytes]
+        return view
+
     def _wide_stage(self, stage: torch.Tensor) -> torch.Tensor:
         """A staging half as wide rows (cached: each view op costs ~5 us of host time)."""
         key = stage.data_ptr()
@@ -534,8 +544,7 @@ class TransferEngine:
         stage = self._next_stage(d, in_use, s.first)
         with s.on(s.first):
             for u in batch:
-                stage[u.stage_offset:u.stage_offset + u.nbytes].copy_(
-                    src[u.chunk][u.payload_offset:u.payload_offset + u.nbytes], non_blocking=True)
+                self._stage_bytes(stage, u).copy_(_payload_range(src[u.chunk], u), non_blocking=True)
         arrived = s.record(s.first)
         s.wait(s.second, arrived)
         with s.on(s.second):
@@ -610,6 +619,13 @@ class _LoadJob:
                 self.finished = True
                 self.handle.done_event = self.d.streams.record(self.d.streams.second)
                 self.handle.advance = None
+
+
+def _payload_range(buf: torch.Tensor, u: _Unit) -> torch.Tensor:
+    """The unit's bytes of a chunk buffer (the buffer itself when the unit is all of it)."""
+    if u.payload_offset == 0 and u.nbytes == buf.numel():
+        return buf
+    return buf[u.payload_offset:u.payload_offset + u.nbytes]
 
 
 def _last(remaining: list[int], chunk: int) -> bool:
