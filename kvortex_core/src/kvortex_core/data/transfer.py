@@ -436,8 +436,9 @@ class TransferEngine:
         with d.lock:
             idx = self._index_tensors(blocks, d)
             handle.keepalive.append(idx)
-            for batch in batches:
-                stage = self._next_stage(d, produced, s.first)
+            for k, batch in enumerate(batches):
+                # the caller's event orders the first batch; later ones follow it in stream order
+                stage = self._next_stage(d, produced if k == 0 else None, s.first)
                 with s.on(s.first):
                     if not self._batch_rows_op(batch, idx, stage, None):
                         for u in batch:
@@ -496,12 +497,15 @@ class TransferEngine:
 
     def _stage_bytes(self, stage: torch.Tensor, u: _Unit) -> torch.Tensor:
         """The unit's staging bytes (views cached: a slice costs ~5-20 us of host time)."""
-        key = (stage.data_ptr(), u.stage_offset, u.nbytes)
+        return self._cached_view((stage.data_ptr(), u.stage_offset, u.nbytes),
+                                 lambda: stage[u.stage_offset:u.stage_offset + u.nbytes])
+
+    def _cached_view(self, key: tuple[int, int, int], make: Callable[[], torch.Tensor]) -> torch.Tensor:
         view = self._stage_views.get(key)
         if view is None:
-            if len(self._stage_views) >= 4096:
+            if len(self._stage_views) >= 4096:  # many distinct unit shapes: start over
                 self._stage_views.clear()
-            view = self._stage_views[key] = stage[u.stage_offset:u.stage_offset + u.nbytes]
+            view = self._stage_views[key] = make()
         return view
 
     def _wide_stage(self, stage: torch.Tensor) -> torch.Tensor:
@@ -520,7 +524,9 @@ class TransferEngine:
         assert self._rows is not None
         if not skip:
             row_bytes = self._rows.row_bytes
-            return self._wide_stage(stage)[u.stage_offset // row_bytes:(u.stage_offset + u.nbytes) // row_bytes]
+            return self._cached_view(  # negative size: the wide-rows view of the same bytes
+                (stage.data_ptr(), u.stage_offset, -u.nbytes),
+                lambda: self._wide_stage(stage)[u.stage_offset // row_bytes:(u.stage_offset + u.nbytes) // row_bytes])
         wide = self._rows.wide_rows
         src = self._unit_view(u, stage)[:, :, skip:]
         return src.reshape(-1, self._rows.row_elems).view(wide.dtype)
@@ -610,6 +616,7 @@ class _LoadJob:
                         self.idx = self.te._index_tensors(self.blocks, self.d)
                         self.handle.keepalive.append(self.idx)
                     event = self.te._load_batch(self.d, batch, self.idx, self.skips, self.src, self.in_use)
+                    self.in_use = None  # later batches follow the first in stream order
                 for u in batch:
                     for lyr in range(u.l0, u.l1):
                         self.pending[lyr] -= 1
