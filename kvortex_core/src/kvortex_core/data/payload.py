@@ -32,6 +32,7 @@ any difference raises :class:`~kvortex_core.errors.PayloadError`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import struct
 from collections.abc import Sequence
@@ -57,6 +58,7 @@ _FIXED = struct.Struct("<8sHHBBBB16s16sQQQ8Q128s")
 _HEADER_SUM = struct.Struct("<Q")
 _SUM_OFFSET = _FIXED.size  # 264
 _USED = _SUM_OFFSET + _HEADER_SUM.size
+_PADDING = bytes(HEADER_BYTES - _USED)
 
 #: compress_value first tries this many bytes and gives up unless they shrink below _PROBE_GAIN
 _PROBE_BYTES = 256 * 1024
@@ -90,6 +92,7 @@ def checksum(data: Buffer) -> int:
     return xxhash.xxh3_64_intdigest(_bytes_view(data))
 
 
+@functools.lru_cache(maxsize=64)
 def namespace_hash(namespace: bytes) -> bytes:
     """16 bytes identifying a namespace inside a header (foreign files are refused)."""
     return hashlib.blake2b(namespace, digest_size=16).digest()
@@ -178,7 +181,7 @@ def _pack_header(
     )
     view[:_SUM_OFFSET] = fixed
     view[_SUM_OFFSET:_USED] = _HEADER_SUM.pack(xxhash.xxh3_64_intdigest(fixed))
-    view[_USED:HEADER_BYTES] = bytes(HEADER_BYTES - _USED)
+    view[_USED:HEADER_BYTES] = _PADDING
 
 
 def read_header(buf: Buffer) -> PayloadHeader:

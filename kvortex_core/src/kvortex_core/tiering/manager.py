@@ -97,6 +97,7 @@ class TierManager(SaveMixin, LoadMixin):
         self.payload_offset = pl.HEADER_BYTES
         self.payload_bytes = math.prod(self.payload_shape) * _itemsize(dtype)
         self._payload_views = {}  # slot -> its payload tensor view (slicing costs ~5 us a call)
+        self._header_views = {}  # slot -> its header bytes (memoryview)
         self.cpu_name = cpu_name
         ev = config.eviction
         self.cpu_index = ChunkIndex(

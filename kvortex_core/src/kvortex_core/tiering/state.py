@@ -33,3 +33,4 @@ class TierState:
     _lock: threading.RLock
     _closed: bool
     _payload_views: dict[int, torch.Tensor]
+    _header_views: dict[int, memoryview]
