@@ -46,6 +46,7 @@ class StreamSet:
                                 else self.first)
         else:
             self.first = self.second = None
+        self._handoff: Any = None
 
     @contextlib.contextmanager
     def on(self, stream: Any) -> Iterator[None]:
@@ -83,6 +84,19 @@ class StreamSet:
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(self.device))
         return event
+
+    def hand_over(self, src: Any, dst: Any) -> None:
+        """Order ``dst`` after the work enqueued so far on ``src`` (no host block).
+
+        One event per direction, re-recorded each time: a wait already enqueued keeps the
+        record it saw, so reuse is safe and saves creating an event per batch.
+        """
+        if src is None or src is dst:
+            return
+        if self._handoff is None:
+            self._handoff = torch.cuda.Event()
+        self._handoff.record(src)
+        dst.wait_event(self._handoff)
 
     @staticmethod
     def wait(stream: Any, event: Any) -> None:

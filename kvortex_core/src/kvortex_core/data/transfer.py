@@ -443,8 +443,7 @@ class TransferEngine:
                     if not self._batch_rows_op(batch, idx, stage, None):
                         for u in batch:
                             self._gather(u, idx, stage)
-                gathered = s.record(s.first)
-                s.wait(s.second, gathered)
+                s.hand_over(s.first, s.second)
                 with s.on(s.second):
                     for u in batch:
                         _payload_range(dst[u.chunk], u).copy_(self._stage_bytes(stage, u), non_blocking=True)
@@ -551,8 +550,7 @@ class TransferEngine:
         with s.on(s.first):
             for u in batch:
                 self._stage_bytes(stage, u).copy_(_payload_range(src[u.chunk], u), non_blocking=True)
-        arrived = s.record(s.first)
-        s.wait(s.second, arrived)
+        s.hand_over(s.first, s.second)
         with s.on(s.second):
             if not self._batch_rows_op(batch, idx, stage, skips):
                 for u in batch:
