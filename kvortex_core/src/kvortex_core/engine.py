@@ -37,6 +37,9 @@ log = logging.getLogger("kvortex_core.engine")
 #: before is on the wire, then the rest (see _parts).
 _PART_BYTES = (32 * 1024**2, 128 * 1024**2)
 
+#: A save indexes its chunks in groups of about this many bytes as they land (_commit_as_ready).
+_COMMIT_GROUP_BYTES = 64 * 1024**2
+
 #: Engine-level counters in ``stats()``.
 SAVED_TOKENS, LOADED_TOKENS, SAVE_CALLS, LOAD_CALLS = "engine_saved_tokens", "engine_loaded_tokens", \
     "engine_save_calls", "engine_load_calls"
@@ -310,7 +313,7 @@ class KVortexEngine:
         return parts
 
     def _commit_as_ready(self, reg: _Registered, handle: Any, leases: list[Any]) -> None:
-        """Index each chunk as soon as its DMA landed, while later chunks are still on the wire.
+        """Index the chunks as their DMAs land (~64 MiB at a time), while later ones are on the wire.
 
         On this thread: a commit is ~20 us of Python (no pass over the bytes, see
         ``TierManager.commit_save``), done while the next chunk's copy runs; committer threads
@@ -318,9 +321,13 @@ class KVortexEngine:
         returns every chunk is off the device and visible to lookups.
         """
         timeout = self.config.timeouts.transfer_s
-        for i, lease in enumerate(leases):
-            handle.wait_chunk(i, timeout)
-            reg.tiers.commit_save([lease])
+        # one wait per ~64 MiB of chunks: each wait is a thread hand-off that competes for the
+        # GIL with whatever the process enqueues meanwhile (a load on another thread, say)
+        group = max(1, _COMMIT_GROUP_BYTES // max(1, reg.tiers.payload_bytes))
+        for start in range(0, len(leases), group):
+            end = min(start + group, len(leases))
+            handle.wait_chunk(end - 1, timeout)
+            reg.tiers.commit_save(leases[start:end])
         handle.wait(timeout)
 
     def _chunk_blocks(self, blocks: list[int], chunk: int, n_tokens: int, reg: _Registered) -> list[int]:
