@@ -339,3 +339,20 @@ def test_parts_grow_then_take_the_rest(monkeypatch: pytest.MonkeyPatch) -> None:
         assert engine.save(tokens, list(range(32))) == 8 * CHUNK
         assert engine.load(tokens, list(range(40, 72))) == 8 * CHUNK
         assert _same_blocks(caches, block, list(range(32)), list(range(40, 72)))
+
+
+@pytest.mark.parametrize("group_chunks", [1, 2, 1000])
+def test_saves_index_every_chunk_whatever_the_commit_group(monkeypatch: pytest.MonkeyPatch,
+                                                           group_chunks: int) -> None:
+    """Chunks are waited for and indexed in groups; every group, the last one short, lands."""
+    import kvortex_core.engine as engine_mod
+
+    engine, caches, block = _engine()
+    monkeypatch.setattr(engine_mod, "_COMMIT_GROUP_BYTES", group_chunks * engine._reg.tiers.payload_bytes)
+    with engine:
+        tokens = list(range(11000, 11000 + 5 * CHUNK))
+        assert engine.save(tokens, list(range(20))) == 5 * CHUNK
+        assert engine.lookup(tokens) == 5 * CHUNK  # indexed before save returned
+        assert engine.stats()["pool"]["used_slots"] == 5
+        assert engine.load(tokens, list(range(40, 60))) == 5 * CHUNK
+        assert _same_blocks(caches, block, list(range(20)), list(range(40, 60)))
