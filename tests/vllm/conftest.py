@@ -29,3 +29,11 @@ def _one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _close_harnesses() -> Iterator[None]:
+    """Shut down the connectors every test built (their tier loops and pools), pass or fail."""
+    yield
+    if "vllm_harness" in sys.modules:
+        sys.modules["vllm_harness"].close_all()

@@ -341,6 +341,19 @@ def _preemption_arg(out: Any, meta: Any) -> Any:
     return meta if "kv_connector_metadata" in params else set(out.preempted_req_ids)
 
 
+#: Every harness built by the running test (closed by the autouse fixture in conftest.py).
+BUILT: list[Harness] = []
+
+
+def close_all() -> None:
+    """Shut down every harness built so far: scheduler side and each worker rank (idempotent)."""
+    while BUILT:
+        h = BUILT.pop()
+        h.connector.shutdown()
+        for w in h.workers:
+            w.connector.shutdown()
+
+
 def build(tmp: Path, extra: dict[str, Any] | None = None, *, tp: int = 1, num_blocks: int = 64,
           prefix_caching: bool = False, max_batched: int = 512, order: str = "LBNHC") -> Harness:
     """A scheduler with the connector (through kv_connector_module_path) and ``tp`` worker ranks."""
@@ -361,7 +374,9 @@ def build(tmp: Path, extra: dict[str, Any] | None = None, *, tp: int = 1, num_bl
         caches, write, read, kind = allocate_kv(kcc, heads, num_blocks, order)
         conn.register_kv_caches(caches)
         workers.append(Worker(conn, caches, write, read, heads, rank))
-    return Harness(scheduler, workers, vc, kind)
+    harness = Harness(scheduler, workers, vc, kind)
+    BUILT.append(harness)
+    return harness
 
 
 def _scheduler_kwargs(vc: VllmConfig, kcc: KVCacheConfig) -> dict[str, Any]:

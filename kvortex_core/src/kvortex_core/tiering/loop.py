@@ -38,6 +38,10 @@ class LoopThread:
 
     def __init__(self, name: str = "kvortex-tiering") -> None:
         self.loop = asyncio.new_event_loop()
+        # Long-lived tasks (work-queue workers) held here, not only by their owner: an owner
+        # dropped without close() must not leave pending tasks to the garbage collector, which
+        # would close their coroutines on another thread (asyncio is not thread-safe).
+        self._kept: set[asyncio.Task[Any]] = set()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
         self._thread.start()
@@ -52,6 +56,12 @@ class LoopThread:
     @property
     def running(self) -> bool:
         return self._thread.is_alive() and not self.loop.is_closed()
+
+    def keep(self, task: asyncio.Task[T]) -> asyncio.Task[T]:
+        """Hold ``task`` until it finishes (call on the loop thread); stop() cancels it."""
+        self._kept.add(task)
+        task.add_done_callback(self._kept.discard)
+        return task
 
     def in_loop(self) -> bool:
         return threading.current_thread() is self._thread
@@ -124,7 +134,7 @@ class WorkQueue:
         self._queue = asyncio.Queue()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._workers = [asyncio.create_task(self._work()) for _ in range(workers)]
+        self._workers = [self._loop.keep(asyncio.create_task(self._work())) for _ in range(workers)]
 
     @property
     def pending(self) -> int:
