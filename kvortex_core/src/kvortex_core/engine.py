@@ -8,7 +8,9 @@
 
 Every call is thread-safe. ``save_async`` / ``load_async`` return an :class:`EngineHandle`.
 A save never fails the caller for lack of room (chunks that find no slot are skipped and
-counted); bad input raises :class:`~kvortex_core.errors.KVortexError` before any byte moves.
+counted); bad input raises :class:`~kvortex_core.errors.KVortexError`, checked part by part
+(see ``_parts``): a bad value never moves a byte of its own part, and chunks stored before it
+are correct (a key depends only on its own prefix).
 """
 
 from __future__ import annotations
