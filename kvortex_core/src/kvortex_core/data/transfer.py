@@ -179,8 +179,10 @@ class _Direction:
         Call with ``streams.first`` current (the copy is enqueued on the current stream).
 
         Only the row kernel on ``streams.first`` reads the device copy, so the next upload (same
-        stream) cannot overwrite it early; the host buffer is rewritten only after its last copy
-        finished (long done by then: it is the first op of the previous transfer).
+        stream) cannot overwrite it early. The host buffer is rewritten only once its last copy
+        finished; if that copy still waits behind another transfer's DMAs on the stream, this
+        upload goes through a fresh pinned tensor instead of blocking the host (all uploads are
+        on one stream, so a later one done implies every earlier one done).
         """
         c, n = len(ids), len(ids[0])
         if not self.streams.cuda:
@@ -192,8 +194,13 @@ class _Direction:
             self._ids_np = self._ids_host.numpy()
             with self.streams.on(self.streams.first):  # its home stream is the one that reads it
                 self._ids_dev = torch.empty(grown, dtype=torch.int64, device=self.streams.device)
-        elif self._ids_read is not None:
-            self._ids_read.synchronize()
+        elif self._ids_read is not None and not self._ids_read.query():
+            host = torch.tensor(ids, dtype=torch.int64).view(-1).pin_memory()  # the allocator keeps
+            assert self._ids_dev is not None  # it alive until the copy ran
+            dev = self._ids_dev[:size]
+            dev.copy_(host, non_blocking=True)
+            self._ids_read = self.streams.record(self.streams.first)
+            return dev.view(c, n)
         assert self._ids_dev is not None
         flat = array.array("q")
         for row in ids:
