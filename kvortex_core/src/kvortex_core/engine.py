@@ -581,23 +581,14 @@ def _tokens(token_ids: Any) -> Any:
 
 
 def _blocks(block_ids: Sequence[int], n_tokens: int, layout: KVLayout) -> list[int]:
-    """Block ids covering ``n_tokens`` tokens, each inside the registered cache."""
-    import array
+    """Block ids covering ``n_tokens`` tokens, each inside the registered cache.
 
+    The full check with its error messages; :class:`_Blocks` checks lists of ints part by part
+    at C speed and calls this only to convert other inputs or to name a bad value.
+    """
     import numpy as np
 
     need = -(-n_tokens // layout.block_size)
-    if isinstance(block_ids, list) and len(block_ids) >= need:  # the common case, at C speed
-        head = block_ids[:need]
-        try:
-            checked = array.array("q")
-            checked.fromlist(head)  # ints only (a float raises here)
-        except (TypeError, OverflowError):
-            pass  # the numpy path below names the bad value
-        else:
-            ids = np.frombuffer(checked, dtype=np.int64)
-            if not head or (ids.min() >= 0 and ids.max() < layout.num_blocks):
-                return head
     if hasattr(block_ids, "detach"):
         block_ids = block_ids.detach().cpu().numpy()
     ids = np.asarray(block_ids)
