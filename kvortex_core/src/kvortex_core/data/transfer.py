@@ -188,26 +188,25 @@ class _Direction:
         if not self.streams.cuda:
             return torch.tensor(ids, dtype=torch.int64)
         size = c * n
+        busy = self._ids_read is not None and not self._ids_read.query()
         if self._ids_host is None or self._ids_host.numel() < size:
             grown = max(size, 2 * (self._ids_host.numel() if self._ids_host is not None else 2048))
             self._ids_host = torch.empty(grown, dtype=torch.int64, pin_memory=True)
             self._ids_np = self._ids_host.numpy()
             with self.streams.on(self.streams.first):  # its home stream is the one that reads it
                 self._ids_dev = torch.empty(grown, dtype=torch.int64, device=self.streams.device)
-        elif self._ids_read is not None and not self._ids_read.query():
-            host = torch.tensor(ids, dtype=torch.int64).view(-1).pin_memory()  # the allocator keeps
-            assert self._ids_dev is not None  # it alive until the copy ran
-            dev = self._ids_dev[:size]
-            dev.copy_(host, non_blocking=True)
-            self._ids_read = self.streams.record(self.streams.first)
-            return dev.view(c, n)
+            busy = False  # a new host buffer: nothing reads it yet
+        if busy:  # the pinned allocator keeps this one alive until its copy ran
+            host = torch.tensor(ids, dtype=torch.int64).view(-1).pin_memory()
+        else:
+            flat = array.array("q")
+            for row in ids:
+                flat.fromlist(row)
+            self._ids_np[:size] = np.frombuffer(flat, dtype=np.int64)
+            host = self._ids_host[:size]
         assert self._ids_dev is not None
-        flat = array.array("q")
-        for row in ids:
-            flat.fromlist(row)
-        self._ids_np[:size] = np.frombuffer(flat, dtype=np.int64)
         dev = self._ids_dev[:size]
-        dev.copy_(self._ids_host[:size], non_blocking=True)  # the caller made streams.first current
+        dev.copy_(host, non_blocking=True)  # the caller made streams.first current
         self._ids_read = self.streams.record(self.streams.first)
         return dev.view(c, n)
 
@@ -266,7 +265,6 @@ class TransferEngine:
         half = max(int(staging_bytes) // 2, layout.layer_bytes(chunk_tokens))
         self.half_bytes = half
         self._plans: dict[tuple[Any, ...], list[list[_Unit]]] = {}
-        self._wide_stages: dict[int, torch.Tensor] = {}
         self._stage_views: dict[tuple[int, int, int], torch.Tensor] = {}
         self._save = _Direction(self.device, num_streams, half)
         self._load = _Direction(self.device, num_streams, half)
@@ -507,6 +505,7 @@ class TransferEngine:
                                  lambda: stage[u.stage_offset:u.stage_offset + u.nbytes])
 
     def _cached_view(self, key: tuple[int, int, int], make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """Views of the staging halves by (address, offset, size); a unit of size 0 never exists."""
         view = self._stage_views.get(key)
         if view is None:
             if len(self._stage_views) >= 4096:  # many distinct unit shapes: start over
@@ -516,14 +515,11 @@ class TransferEngine:
 
     def _wide_stage(self, stage: torch.Tensor) -> torch.Tensor:
         """A staging half as wide rows (cached: each view op costs ~5 us of host time)."""
-        key = stage.data_ptr()
-        view = self._wide_stages.get(key)
-        if view is None:
-            assert self._rows is not None
-            wide = self._rows.wide_rows
-            usable = stage.numel() // self._rows.row_bytes * self._rows.row_bytes
-            view = self._wide_stages[key] = stage[:usable].view(wide.dtype).view(-1, wide.shape[1])
-        return view
+        assert self._rows is not None
+        wide, row_bytes = self._rows.wide_rows, self._rows.row_bytes
+        usable = stage.numel() // row_bytes * row_bytes
+        return self._cached_view((stage.data_ptr(), 0, 0),  # size 0: the whole half as rows
+                                 lambda: stage[:usable].view(wide.dtype).view(-1, wide.shape[1]))
 
     def _stage_rows(self, u: _Unit, stage: torch.Tensor, skip: int) -> torch.Tensor:
         """The unit's staging bytes as wide rows ``[n, w]`` (a copy when ``skip`` cuts blocks out)."""
