@@ -52,14 +52,7 @@ def timed(fn: Callable[[], Any], device: torch.device, reps: int, warmup: int = 
     """Seconds per run, the device drained before and after each run."""
     for _ in range(warmup):
         fn()
-    out = []
-    for _ in range(reps):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        out.append(time.perf_counter() - t0)
-    return out
+    return [once(fn, device) for _ in range(reps)]
 
 
 def pinned(nbytes: int, device: torch.device) -> torch.Tensor:
