@@ -85,9 +85,7 @@ def test_a_new_engine_finds_what_the_last_one_left_on_disk(tmp_path: Path) -> No
     first.add("A", a)
     first.run()
     drain(first)
-    first.connector.shutdown()
-    for w in first.workers:
-        w.connector.shutdown()
+    first.close()
     h = build(tmp_path, tiers(tmp_path))
     hist = run_async_load(h, "B", a[:70])
     assert hist[-1].computed_before["B"] == 2 * CHUNK

@@ -181,6 +181,12 @@ class Harness:
     def connector(self) -> KVortexConnector:
         return self.scheduler.connector  # type: ignore[return-value]
 
+    def close(self) -> None:
+        """Shut down the scheduler-side connector and every worker rank's (idempotent)."""
+        self.connector.shutdown()
+        for w in self.workers:
+            w.connector.shutdown()
+
     def add(self, req_id: str, prompt: list[int], max_tokens: int = 1) -> None:
         self.tokens[req_id] = list(prompt)
         self.scheduler.add_request(make_request(req_id, prompt, max_tokens))
@@ -348,10 +354,7 @@ BUILT: list[Harness] = []
 def close_all() -> None:
     """Shut down every harness built so far: scheduler side and each worker rank (idempotent)."""
     while BUILT:
-        h = BUILT.pop()
-        h.connector.shutdown()
-        for w in h.workers:
-            w.connector.shutdown()
+        BUILT.pop().close()
 
 
 def build(tmp: Path, extra: dict[str, Any] | None = None, *, tp: int = 1, num_blocks: int = 64,
