@@ -1,0 +1,124 @@
+"""Where a save and a load issued together lose time: per-direction DMA timelines.
+
+Run on the GPU box: . tests/gpu/device_env.sh && python3 tests/gpu/bidir_probe.py [mla|llama] [tokens]
+
+For KVortexEngine save_async + load_async of 8K tokens (the bench's ``bidir`` case), prints
+per rep the wall time against the raw bidirectional copy, then one profiled rep: per
+direction the delay from the call to its first DMA, DMA busy time, gaps between DMAs, and
+the end of its last DMA. Also times save alone and load alone (paired with raw copies).
+Not collected by pytest (no ``test_`` prefix).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+from kvortex_core.cli.bench import transfer_parts as tp
+from kvortex_core.cli.bench.transfer_engine import _sequence, make_engine
+from kvortex_core.data.layouts import detect_layout
+from torch.profiler import ProfilerActivity, profile
+
+
+def dma_summary(events: list[dict], kind: str, t0: float) -> str:
+    copies = sorted((e for e in events if e.get("cat") == "gpu_memcpy" and e.get("ph") == "X"
+                     and kind in e["name"] and e.get("args", {}).get("bytes", 0) >= 1 << 20),
+                    key=lambda e: e["ts"])
+    if not copies:
+        return f"{kind}: none"
+    busy = sum(e["dur"] for e in copies)
+    gaps = [b["ts"] - (a["ts"] + a["dur"]) for a, b in itertools.pairwise(copies)]
+    big_gaps = sorted((round(g) for g in gaps), reverse=True)[:5]
+    return (f"{kind}: n={len(copies)} first@{copies[0]['ts'] - t0:.0f}us busy={busy:.0f}us "
+            f"gaps={sum(g for g in gaps if g > 0):.0f}us top={big_gaps} "
+            f"end@{copies[-1]['ts'] + copies[-1]['dur'] - t0:.0f}us")
+
+
+def main() -> None:
+    which = sys.argv[1] if len(sys.argv) > 1 else "mla"
+    tokens = int(sys.argv[2]) if len(sys.argv) > 2 else 8192
+    shape = tp.DEEPSEEK_V3 if which == "mla" else tp.LLAMA_8B
+    dev = torch.device("cuda")
+    caches = tp.make_caches(shape, 4 * tokens // shape.block, dev, unified=which != "mla")
+    layout = detect_layout(caches)
+    nbytes = layout.chunk_bytes(tokens)
+    eng = make_engine(caches, layout, 2 * tokens, 64 << 20, None)
+    import random
+
+    blocks = random.Random(1).sample(range(layout.num_blocks), tokens // shape.block)
+    other = random.Random(2).sample(range(layout.num_blocks), tokens // shape.block)
+    stored = _sequence(tokens, 99)
+    eng.save(stored, blocks)
+    eng.load(stored, other)
+    raw = tp.RawCopier(nbytes, dev)
+    seq_n = [0]
+
+    def fresh() -> list[int]:
+        seq_n[0] += 1
+        return _sequence(tokens, 1000 + seq_n[0])
+
+    marks: dict[str, float] = {}
+
+    def save_thread(seq: list[int]) -> None:
+        marks["save>"] = time.perf_counter()
+        eng.save(seq, blocks)
+        marks["save<"] = time.perf_counter()
+
+    def load_thread() -> None:
+        marks["load>"] = time.perf_counter()
+        eng.load(stored, other)
+        marks["load<"] = time.perf_counter()
+
+    def both() -> None:
+        seq = fresh()
+        hs = eng._executor.submit(save_thread, seq)
+        hl = eng._executor.submit(load_thread)
+        hs.result()
+        hl.result()
+
+    for label, fn, base in (("save alone", lambda: eng.save(fresh(), blocks), raw.d2h),
+                            ("load alone", lambda: eng.load(stored, other), raw.h2d),
+                            ("both", both, raw.both)):
+        ours, ref = tp.paired(fn, base, dev, 9)
+        ratios = sorted(r / o for o, r in zip(ours, ref, strict=True))
+        print(f"{which} {tokens} {label:10s} ratio median {statistics.median(ratios):.3f} "
+              f"min {ratios[0]:.3f} max {ratios[-1]:.3f} ours {statistics.median(ours) * 1e3:.2f} ms "
+              f"raw {statistics.median(ref) * 1e3:.2f} ms", flush=True)
+        if label == "both":
+            t0 = min(marks["save>"], marks["load>"])
+            print("   host marks (us):", {k: round((v - t0) * 1e6) for k, v in marks.items()}, flush=True)
+
+    if os.environ.get("NOPROFILE"):
+        eng.close()
+        return
+    for _ in range(2):
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            start = time.perf_counter()
+            both()
+            torch.cuda.synchronize()
+        path = tempfile.mktemp(suffix=".json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+        os.unlink(path)
+        gpu = [e for e in events if e.get("ph") == "X" and e.get("cat") in ("gpu_memcpy", "kernel")]
+        t0 = min(e["ts"] for e in gpu)
+        print(f"profiled both: wall {(time.perf_counter() - start) * 1e3:.2f} ms "
+              f"(profiler on); first GPU op at t0", flush=True)
+        print("  ", dma_summary(events, "DtoH", t0), flush=True)
+        print("  ", dma_summary(events, "HtoD", t0), flush=True)
+        kernels = [e for e in events if e.get("cat") == "kernel" and e.get("ph") == "X"]
+        print(f"   kernels n={len(kernels)} total={sum(k['dur'] for k in kernels):.0f}us "
+              f"max={max((k['dur'] for k in kernels), default=0):.0f}us", flush=True)
+    eng.close()
+
+
+if __name__ == "__main__":
+    main()
