@@ -6,7 +6,10 @@ Prints, per case, the median over 7 calls of wall time, raw copy time and phase 
 
 from __future__ import annotations
 
+import gc
+import os
 import statistics
+import threading
 import time
 
 import kvortex_core.data.transfer as transfer_mod
@@ -56,6 +59,8 @@ def run(label, fn, raw_s, reps=7):
 
 
 def main() -> None:
+    if os.environ.get("GCOFF"):  # hypothesis check: collections inside a call
+        gc.disable()
     dev = torch.device("cuda")
     tokens = 8192
     shape = tp.LLAMA_8B
@@ -75,6 +80,8 @@ def main() -> None:
     patch(reg.tiers, "begin_save", "bsave")
     patch(reg.tiers, "begin_load", "bload")
     patch(eng, "_commit_as_ready", "commit")
+    patch(eng, "save", "SAVE")
+    patch(eng, "load", "LOAD")
     import kvortex_core.engine as engine_mod
 
     patch(engine_mod, "_tokens", "tokens")
@@ -91,6 +98,7 @@ def main() -> None:
     seqs = iter([_sequence(tokens, i) for i in range(20)])
     stored = _sequence(tokens, 999)
     eng.save(stored, blocks)
+    print("threads:", sorted(t.name for t in threading.enumerate()), flush=True)
     run("engine save", lambda: eng.save(next(seqs), blocks), d2h)
     run("engine load", lambda: eng.load(stored, oblocks), h2d)
     eng.close()

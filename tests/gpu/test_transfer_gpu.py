@@ -121,3 +121,29 @@ def test_loads_queued_behind_a_busy_stream_upload_ids_without_blocking() -> None
         src = [b for ids in chunks for b in ids]
         assert all(torch.equal(block(twin, layer, d), block(caches, layer, s))
                    for s, d in zip(src, dst, strict=True) for layer in range(L))
+
+
+def test_completed_handles_hand_their_events_back_and_reuse_is_byte_exact() -> None:
+    """Events of a finished transfer are re-recorded by later ones; the finished handle stays done
+    and every later transfer still moves the right bytes (a reused event never under-waits)."""
+    caches, _, block = ks.flash_attn(L, B, N, H, D, torch.bfloat16, seed=3, device="cuda")
+    te = TransferEngine(caches, detect_layout(caches), chunk_tokens=CHUNK, staging_bytes=100_000)
+    chunks = [[3, 50, 7, 9], [60, 1, 2, 33], [10, 11]]
+    bufs = _pinned(te.layout, len(chunks))
+    first = te.save(chunks, bufs)
+    first.wait()
+    used = {id(e) for e in te._save.streams._spare}
+    assert used, "a completed save gave no events back"
+    assert first.done() and first.done_event is None
+    for round_ in range(5):  # saves then loads into other blocks, reusing the same events
+        caches[0].mul_(1)  # compute-stream work the next save is ordered after
+        h = te.save(chunks, bufs)
+        assert {id(e) for e in h.other_events} & used or round_ > 0
+        h.wait()
+        new = [[20 + round_, 21, 22, 23], [24, 25, 26, 27], [28, 29]]
+        te.load(bufs, new).wait()
+        for ids, nids in zip(chunks, new, strict=True):
+            for o, n in zip(ids, nids, strict=True):
+                assert all(_same(block(caches, layer, n), block(caches, layer, o)) for layer in range(L))
+    assert first.done()
+    first.wait(timeout=1.0)  # a retired handle returns at once

@@ -37,7 +37,7 @@ log = logging.getLogger("kvortex_core.engine")
 
 #: A save or load moves parts of about these many bytes first, each prepared while the one
 #: before is on the wire, then the rest (see _parts).
-_PART_BYTES = (32 * 1024**2, 128 * 1024**2)
+_PART_BYTES = (64 * 1024**2, 256 * 1024**2)
 
 #: A save indexes its chunks in groups of about this many bytes as they land (_commit_as_ready).
 _COMMIT_GROUP_BYTES = 64 * 1024**2
@@ -268,7 +268,8 @@ class KVortexEngine:
                 try:
                     # enqueued on this thread: no hand-off before the first copy (save_async runs
                     # this on an executor thread, so a save and a load still enqueue side by side)
-                    handle = reg.transfer.save(per_chunk, [lease.payload for lease in leases], inline=True)
+                    handle = reg.transfer.save(per_chunk, [lease.payload for lease in leases], inline=True,
+                                               checked=True)
                 except BaseException:
                     reg.tiers.abort_save(leases)
                     raise
@@ -392,7 +393,8 @@ class KVortexEngine:
                              for lease in leases]
                 skip_blocks = (skip_tokens - first * ct) // reg.layout.block_size if a == 0 else 0
                 handles.append(reg.transfer.load([lease.payload for lease in leases], per_chunk,
-                                                 layerwise=layerwise, skip_blocks=skip_blocks, inline=True))
+                                                 layerwise=layerwise, skip_blocks=skip_blocks, inline=True,
+                                                 checked=True))
                 if len(leases) < b - a:  # the stored prefix ends inside this part
                     break
             chain.upto(chain.n)  # bad input raises even past the stored prefix

@@ -11,7 +11,8 @@ import contextlib
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -26,6 +27,9 @@ class TransferTimeoutError(KVortexError, TimeoutError):
 #: The primitives behind ``torch.cuda.stream()`` (absent on builds without CUDA).
 _GET_STREAM = getattr(torch._C, "_cuda_getCurrentStream", None)
 _SET_STREAM = getattr(torch._C, "_cuda_setStream", None)
+
+#: Spare events kept per stream set (more are dropped; a call uses one per staging batch).
+_MAX_SPARE_EVENTS = 512
 
 
 class StreamSet:
@@ -47,6 +51,7 @@ class StreamSet:
         else:
             self.first = self.second = None
         self._handoff: Any = None
+        self._spare: deque[Any] = deque()  # completed events, for reuse (thread-safe ends)
 
     @contextlib.contextmanager
     def on(self, stream: Any) -> Iterator[None]:
@@ -69,11 +74,16 @@ class StreamSet:
         finally:
             _SET_STREAM(*prev)
 
-    def record(self, stream: Any) -> Any:
-        """An event marking the work enqueued so far on ``stream`` (None on CPU)."""
+    def record(self, stream: Any, busy: Sequence[Any] = ()) -> Any:
+        """An event marking the work enqueued so far on ``stream`` (None on CPU).
+
+        A recycled event when one is spare (see :meth:`recycle`), never one of ``busy``
+        (events the caller may still wait on): creating and later destroying an event per
+        batch cost ~5-10 us of host time each, paid as a call returns.
+        """
         if stream is None:
             return None
-        event = torch.cuda.Event()
+        event = self._take(busy)
         event.record(stream)
         return event
 
@@ -81,9 +91,31 @@ class StreamSet:
         """An event on the caller's current stream: the work that produced or uses the KV."""
         if not self.cuda:
             return None
-        event = torch.cuda.Event()
+        event = self._take(())
         event.record(torch.cuda.current_stream(self.device))
         return event
+
+    def recycle(self, events: Iterable[Any]) -> None:
+        """Take back events whose records all completed and that nobody will wait on again.
+
+        Re-recording such an event is safe: every wait enqueued earlier kept the record it saw.
+        """
+        spare = self._spare
+        for event in events:
+            if event is not None and len(spare) < _MAX_SPARE_EVENTS:
+                spare.append(event)
+
+    def _take(self, busy: Sequence[Any]) -> Any:
+        spare = self._spare
+        for _ in range(min(len(spare), 4)):
+            try:
+                event = spare.popleft()
+            except IndexError:  # taken by another thread meanwhile
+                break
+            if all(event is not b for b in busy):
+                return event
+            spare.append(event)  # still waited on: later
+        return torch.cuda.Event()
 
     def hand_over(self, src: Any, dst: Any) -> None:
         """Order ``dst`` after the work enqueued so far on ``src`` (no host block).
