@@ -101,9 +101,8 @@ class StreamSet:
         Re-recording such an event is safe: every wait enqueued earlier kept the record it saw.
         """
         spare = self._spare
-        for event in events:
-            if event is not None and len(spare) < _MAX_SPARE_EVENTS:
-                spare.append(event)
+        if len(spare) < _MAX_SPARE_EVENTS:
+            spare.extend(e for e in events if e is not None)
 
     def _take(self, busy: Sequence[Any]) -> Any:
         spare = self._spare

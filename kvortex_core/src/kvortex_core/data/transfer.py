@@ -81,7 +81,7 @@ class TransferHandle:
     keepalive: list[Any] = field(default_factory=list)
     #: Enqueues the rest of a layer-wise load (``advance(layer)``: up to that layer; None: all).
     advance: Callable[[int | None], None] | None = None
-    #: Events recorded on the caller's stream (the transfer waited on them).
+    #: Every event this transfer recorded or waited on, each once (recycled when it completes).
     other_events: list[Any] = field(default_factory=list)
     #: The stream set that takes this handle's events back once it completed (None: dropped).
     home: StreamSet | None = None
@@ -91,22 +91,21 @@ class TransferHandle:
     _complete: bool = False
 
     def _retire(self) -> None:
-        """Completed: release the buffers, hand the events back for reuse, never query them again."""
+        """Completed: release the buffers, hand the events back for reuse, never query them again.
+
+        ``other_events`` holds every event the transfer recorded (chunk and layer events are
+        some of them) and the caller-stream events it waited on, each once.
+        """
         with self._cond:
             if self._complete:
                 return
             self._complete = True
-            events = [self.done_event, *self.chunk_events, *self.layer_events, *self.other_events]
+            events = self.other_events
+            events.append(self.done_event)
             self.done_event, self.chunk_events, self.layer_events, self.other_events = None, [], [], []
         self.keepalive.clear()
         if self.home is not None:
-            seen: set[int] = set()
-            unique = []
-            for e in events:
-                if e is not None and e is not _UNSET and id(e) not in seen:
-                    seen.add(id(e))
-                    unique.append(e)
-            self.home.recycle(unique)
+            self.home.recycle(events)
 
     def _flush(self) -> None:
         if self.advance is not None:
