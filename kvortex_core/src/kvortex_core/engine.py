@@ -327,10 +327,17 @@ class KVortexEngine:
         # one wait per ~64 MiB of chunks: each wait is a thread hand-off that competes for the
         # GIL with whatever the process enqueues meanwhile (a load on another thread, say)
         group = max(1, _COMMIT_GROUP_BYTES // max(1, reg.tiers.payload_bytes))
-        for start in range(0, len(leases), group):
-            end = min(start + group, len(leases))
+        # the last chunk is a group of its own: what is left to index once the last copy
+        # landed (the call's return waits for it) is one chunk, not a group
+        ends = [*range(group, len(leases) - 1, group), len(leases) - 1, len(leases)] if len(leases) > 1 \
+            else [len(leases)]
+        start = 0
+        for end in ends:
+            if end <= start:
+                continue
             handle.wait_chunk(end - 1, timeout)
             reg.tiers.commit_save(leases[start:end])
+            start = end
         handle.wait(timeout)
 
     def _chunk_blocks(self, blocks: list[int], chunk: int, n_tokens: int, reg: _Registered) -> list[int]:

@@ -92,7 +92,7 @@ class StreamSet:
         if not self.cuda:
             return None
         event = self._take(())
-        event.record(torch.cuda.current_stream(self.device))
+        event.record(current_stream(self.device))
         return event
 
     def recycle(self, events: Iterable[Any]) -> None:
@@ -221,4 +221,26 @@ _WAITER = _EventWaiter()
 def stream_wait_current(event: Any, device: torch.device) -> None:
     """Make the caller's current CUDA stream wait for ``event`` (no host block)."""
     if event is not None:
-        torch.cuda.current_stream(device).wait_event(event)
+        current_stream(device).wait_event(event)
+
+
+_KNOWN_STREAMS: dict[tuple[int, int, int], Any] = {}
+
+
+def current_stream(device: torch.device) -> Any:
+    """The caller's current CUDA stream on ``device``.
+
+    ``torch.cuda.current_stream()`` builds a new Stream object each call (~8 us, more on a
+    cold path: it runs once per transfer and per layer-wise wait); here the object of a
+    stream seen before is reused, keyed by torch's own (id, device, type) triple.
+    """
+    if _GET_STREAM is None or device.index is None:  # pragma: no cover - other torch builds
+        return torch.cuda.current_stream(device)
+    key = _GET_STREAM(device.index)
+    stream = _KNOWN_STREAMS.get(key)
+    if stream is None:
+        if len(_KNOWN_STREAMS) >= 256:  # an application that makes streams on the fly
+            _KNOWN_STREAMS.clear()
+        stream = _KNOWN_STREAMS[key] = torch.cuda.Stream(stream_id=key[0], device_index=key[1],
+                                                         device_type=key[2])
+    return stream

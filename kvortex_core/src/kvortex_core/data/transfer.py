@@ -198,6 +198,7 @@ class _Direction:
         self._ids_np: Any = None  # its numpy view
         self._ids_dev: torch.Tensor | None = None
         self._ids_read: Any = None  # the last upload's copy event
+        self._ids_views: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def upload_ids(self, ids: list[list[int]]) -> torch.Tensor:
         """``ids`` (``[C, n]`` block ids) as an int64 device tensor, through a reused pinned buffer.
@@ -221,7 +222,16 @@ class _Direction:
             self._ids_np = self._ids_host.numpy()
             with self.streams.on(self.streams.first):  # its home stream is the one that reads it
                 self._ids_dev = torch.empty(grown, dtype=torch.int64, device=self.streams.device)
+            self._ids_views.clear()
             busy = False  # a new host buffer: nothing reads it yet
+        views = self._ids_views.get((c, n))
+        if views is None:  # slices and views cost ~5 us each: one set per shape, kept
+            assert self._ids_dev is not None
+            if len(self._ids_views) >= 1024:
+                self._ids_views.clear()
+            views = self._ids_views[(c, n)] = (self._ids_host[:size], self._ids_dev[:size],
+                                               self._ids_dev[:size].view(c, n))
+        host, dev, shaped = views
         if busy:  # the pinned allocator keeps this one alive until its copy ran
             host = torch.tensor(ids, dtype=torch.int64).view(-1).pin_memory()
         else:
@@ -229,14 +239,11 @@ class _Direction:
             for row in ids:
                 flat.fromlist(row)
             self._ids_np[:size] = np.frombuffer(flat, dtype=np.int64)
-            host = self._ids_host[:size]
-        assert self._ids_dev is not None
-        dev = self._ids_dev[:size]
         dev.copy_(host, non_blocking=True)  # the caller made streams.first current
         if self._ids_read is None:
             self._ids_read = torch.cuda.Event()
         self._ids_read.record(self.streams.first)  # re-recorded: only the latest upload matters
-        return dev.view(c, n)
+        return shaped
 
     def submit(self, handle: TransferHandle, work: Callable[[], None], inline: bool = False) -> None:
         """Run ``work`` (the enqueue) on the worker; the handle learns when it finished.
@@ -412,6 +419,10 @@ class TransferEngine:
             order += [_Unit(c, a, b, len(ids), off, n) for a, b, off, n in spans]
         if layer_major:
             order.sort(key=lambda u: (u.l0, u.chunk))
+        elif len(order) > 1 and order[0].chunk == order[1].chunk:
+            # the small first unit is a batch of its own: its DMA is enqueued right after its
+            # gather, before the host enqueues the rest of the chunk's gather
+            return _pack(order[:1], self.half_bytes) + _pack(order[1:], self.half_bytes)
         return _pack(order, self.half_bytes)
 
     def _spans(self, n_blocks: int, layers: range, layer_major: bool, *, first_chunk: bool
