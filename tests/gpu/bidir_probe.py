@@ -48,7 +48,7 @@ def main() -> None:
     caches = tp.make_caches(shape, 4 * tokens // shape.block, dev, unified=which != "mla")
     layout = detect_layout(caches)
     nbytes = layout.chunk_bytes(tokens)
-    eng = make_engine(caches, layout, 12 * tokens, 64 << 20, None)
+    eng = make_engine(caches, layout, 12 * tokens, int(os.environ.get("STAGING", 64 << 20)), None)
     import random
 
     blocks = random.Random(1).sample(range(layout.num_blocks), tokens // shape.block)
