@@ -12,6 +12,7 @@ Not collected by pytest (no ``test_`` prefix).
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import statistics
@@ -29,6 +30,7 @@ from kvortex_core.data.layouts import detect_layout
 def measure(fn, reps: int) -> dict[str, float]:
     mark = torch.empty(1, device="cuda")
     rows: list[dict[str, float]] = []
+    gaps: list[list[tuple[int, int, int]]] = []
     for _ in range(reps):
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -51,6 +53,10 @@ def measure(fn, reps: int) -> dict[str, float]:
         first, last = dmas[0]["ts"], max(e["ts"] + e["dur"] for e in dmas)
         rows.append({"start": first - t0, "dma": last - first, "busy": sum(e["dur"] for e in dmas),
                      "tail": t1 - last, "total": t1 - t0, "n": len(dmas)})
+        gaps.append([(i + 1, round(b["ts"] - a["ts"] - a["dur"]), a["args"]["bytes"] >> 20)
+                     for i, (a, b) in enumerate(itertools.pairwise(dmas)) if b["ts"] - a["ts"] - a["dur"] > 20])
+    if gaps and os.environ.get("GAPS"):  # (index of the DMA after the gap, gap us, MiB before it)
+        print("   gaps > 20 us, 3 reps:", gaps[:3], flush=True)
     return {k: statistics.median(r[k] for r in rows) for k in rows[0]} if rows else {}
 
 

@@ -312,16 +312,18 @@ class TransferEngine:
         return self._rows is not None
 
     def save(self, block_ids_per_chunk: Sequence[Sequence[int]], dst: Sequence[torch.Tensor], *,
-             inline: bool = False, checked: bool = False) -> TransferHandle:
+             inline: bool = False, checked: bool = False, fill: bool = True) -> TransferHandle:
         """Copy each chunk's blocks (all layers) into ``dst[i]`` (uint8 payload view of a pinned slot).
 
         Returns at once: the copies are enqueued by the direction's worker thread, or, with
         ``inline``, by the caller before this returns (the host never waits for the device).
         ``checked``: the caller built the ids (lists of ints in range, at most a chunk each)
         and the buffers (pool payload views) itself; skips their per-chunk checks (~6 us a chunk).
+        ``fill``: start with a small unit (its DMA starts after a short gather); False when this
+        save follows another one just enqueued (the DMA engine is busy with that one anyway).
         """
         return self._save_layers(block_ids_per_chunk, dst, range(self.layout.num_layers), "save", inline,
-                                 checked)
+                                 checked, fill)
 
     def save_layer(
         self, layer: int, block_ids_per_chunk: Sequence[Sequence[int]], dst: Sequence[torch.Tensor]
@@ -350,7 +352,7 @@ class TransferEngine:
         blocks = self._check(block_ids_per_chunk, src, "load", checked)
         skips = _split_skip(blocks, skip_blocks)
         layers = range(self.layout.num_layers)
-        units = self._units(blocks, layers, layer_major=layerwise)
+        units = self._units(blocks, layers, layer_major=layerwise, fill=False)  # DMA first: no gather to wait on
         handle = TransferHandle(self.device, "load")
         job = _LoadJob(self, units, blocks, skips, src, handle, layerwise)
         if layerwise:  # driven by the reader's wait_layer calls, from its own thread
@@ -395,27 +397,29 @@ class TransferEngine:
                 self.layout.check_block_ids(ids, f"{what}: chunk {i} block ids")
         return blocks
 
-    def _units(self, blocks: list[list[int]], layers: range, *, layer_major: bool) -> list[list[_Unit]]:
+    def _units(self, blocks: list[list[int]], layers: range, *, layer_major: bool,
+               fill: bool) -> list[list[_Unit]]:
         """Split the chunks into layer ranges and pack them into staging-sized batches.
 
         Plans depend only on the chunks' lengths: cached, so a repeated shape plans for free.
         """
-        key = (tuple(map(len, blocks)), layers.start, layers.stop, layer_major)
+        key = (tuple(map(len, blocks)), layers.start, layers.stop, layer_major, fill)
         plan = self._plans.get(key)
         if plan is None:
             if len(self._plans) >= 256:
                 self._plans.clear()
-            plan = self._plans[key] = self._plan_units(blocks, layers, layer_major=layer_major)
+            plan = self._plans[key] = self._plan_units(blocks, layers, layer_major=layer_major, fill=fill)
         return plan
 
-    def _plan_units(self, blocks: list[list[int]], layers: range, *, layer_major: bool) -> list[list[_Unit]]:
+    def _plan_units(self, blocks: list[list[int]], layers: range, *, layer_major: bool,
+                    fill: bool) -> list[list[_Unit]]:
         templates: dict[tuple[int, bool], list[tuple[int, int, int, int]]] = {}
         order: list[_Unit] = []
         for c, ids in enumerate(blocks):
-            key = (len(ids), c == 0)
+            key = (len(ids), fill and c == 0)
             spans = templates.get(key)
             if spans is None:  # chunks of one size share their layer split
-                spans = templates[key] = self._spans(len(ids), layers, layer_major, first_chunk=c == 0)
+                spans = templates[key] = self._spans(len(ids), layers, layer_major, fill_first=key[1])
             order += [_Unit(c, a, b, len(ids), off, n) for a, b, off, n in spans]
         if layer_major:
             order.sort(key=lambda u: (u.l0, u.chunk))
@@ -425,13 +429,13 @@ class TransferEngine:
             return _pack(order[:1], self.half_bytes) + _pack(order[1:], self.half_bytes)
         return _pack(order, self.half_bytes)
 
-    def _spans(self, n_blocks: int, layers: range, layer_major: bool, *, first_chunk: bool
+    def _spans(self, n_blocks: int, layers: range, layer_major: bool, *, fill_first: bool
                ) -> list[tuple[int, int, int, int]]:
         """``(l0, l1, payload_offset, nbytes)`` of each unit of a chunk of ``n_blocks`` blocks."""
         lb = self.layout.layer_bytes(n_blocks * self.layout.block_size)
         step = self._layer_group(lb) if layer_major else max(1, self.half_bytes // lb)
-        # The first DMA waits for the first gather: keep that first unit small.
-        first = max(1, min(step, _FILL_BYTES // lb)) if first_chunk and not layer_major else step
+        # A save's first DMA waits for the first gather: keep that first unit small.
+        first = max(1, min(step, _FILL_BYTES // lb)) if fill_first and not layer_major else step
         cuts = sorted({min(x, layers.stop) for x in (layers.start, *range(layers.start + first,
                                                                           layers.stop, step), layers.stop)})
         return [(a, b, a * lb, (b - a) * lb) for a, b in pairwise(cuts)]
@@ -466,9 +470,11 @@ class TransferEngine:
     # ------------------------------------------------------------------ save
 
     def _save_layers(self, block_ids_per_chunk: Sequence[Sequence[int]], dst: Sequence[torch.Tensor],
-                     layers: range, what: str, inline: bool = False, checked: bool = False) -> TransferHandle:
+                     layers: range, what: str, inline: bool = False, checked: bool = False,
+                     fill: bool = True) -> TransferHandle:
         blocks = self._check(block_ids_per_chunk, dst, what, checked)
-        batches = self._units(blocks, layers, layer_major=False)
+        # a small first unit only when the DMA engine may be idle (not behind a part just enqueued)
+        batches = self._units(blocks, layers, layer_major=False, fill=fill)
         d = self._save
         produced = d.streams.record_current()  # the caller's stream: the forward that wrote the KV
         handle = TransferHandle(self.device, what, chunk_events=[_UNSET] * len(blocks),
