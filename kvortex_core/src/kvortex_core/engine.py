@@ -269,7 +269,7 @@ class KVortexEngine:
                     # enqueued on this thread: no hand-off before the first copy (save_async runs
                     # this on an executor thread, so a save and a load still enqueue side by side)
                     handle = reg.transfer.save(per_chunk, [lease.payload for lease in leases], inline=True,
-                                               checked=True, fill=not started)
+                                               checked=True)
                 except BaseException:
                     reg.tiers.abort_save(leases)
                     raise

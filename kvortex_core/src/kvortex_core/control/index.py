@@ -363,17 +363,22 @@ class ChunkIndex:
         return handle
 
     def _release(self, handle: PinHandle) -> None:
+        self.release_all((handle,))
+
+    def release_all(self, handles: Iterable[PinHandle]) -> None:
+        """Release many pin handles under one lock (a load unpins one handle per chunk)."""
         with self._lock:
-            if handle.released:
-                return
-            handle.released = True
-            self._handles.pop(id(handle), None)
-            for entry in handle.entries:
-                if entry.pins <= 0:  # cannot happen through handles; keep counts sane anyway
+            for handle in handles:
+                if handle.released:
                     continue
-                entry.pins -= 1
-                if entry.pins == 0 and self._entries.get(entry.key) is entry:
-                    self._pinned_bytes -= entry.size
+                handle.released = True
+                self._handles.pop(id(handle), None)
+                for entry in handle.entries:
+                    if entry.pins <= 0:  # cannot happen through handles; keep counts sane anyway
+                        continue
+                    entry.pins -= 1
+                    if entry.pins == 0 and self._entries.get(entry.key) is entry:
+                        self._pinned_bytes -= entry.size
 
     def open_pins(self) -> list[LeakedPin]:
         """Pins currently held (what :meth:`close` would report)."""

@@ -44,7 +44,7 @@ from kvortex_core.errors import LayoutError
 __all__ = ["TransferEngine", "TransferHandle", "TransferTimeoutError"]
 
 _LAYERWISE_UNIT_BYTES = 4 * 1024**2
-_FILL_BYTES = 2 * 1024**2
+_DRAIN_BYTES = 2 * 1024**2
 
 
 @dataclass(frozen=True)
@@ -312,18 +312,16 @@ class TransferEngine:
         return self._rows is not None
 
     def save(self, block_ids_per_chunk: Sequence[Sequence[int]], dst: Sequence[torch.Tensor], *,
-             inline: bool = False, checked: bool = False, fill: bool = True) -> TransferHandle:
+             inline: bool = False, checked: bool = False) -> TransferHandle:
         """Copy each chunk's blocks (all layers) into ``dst[i]`` (uint8 payload view of a pinned slot).
 
         Returns at once: the copies are enqueued by the direction's worker thread, or, with
         ``inline``, by the caller before this returns (the host never waits for the device).
         ``checked``: the caller built the ids (lists of ints in range, at most a chunk each)
         and the buffers (pool payload views) itself; skips their per-chunk checks (~6 us a chunk).
-        ``fill``: start with a small unit (its DMA starts after a short gather); False when this
-        save follows another one just enqueued (the DMA engine is busy with that one anyway).
         """
         return self._save_layers(block_ids_per_chunk, dst, range(self.layout.num_layers), "save", inline,
-                                 checked, fill)
+                                 checked)
 
     def save_layer(
         self, layer: int, block_ids_per_chunk: Sequence[Sequence[int]], dst: Sequence[torch.Tensor]
@@ -352,7 +350,7 @@ class TransferEngine:
         blocks = self._check(block_ids_per_chunk, src, "load", checked)
         skips = _split_skip(blocks, skip_blocks)
         layers = range(self.layout.num_layers)
-        units = self._units(blocks, layers, layer_major=layerwise, fill=False)  # DMA first: no gather to wait on
+        units = self._units(blocks, layers, layer_major=layerwise, drain=not layerwise)
         handle = TransferHandle(self.device, "load")
         job = _LoadJob(self, units, blocks, skips, src, handle, layerwise)
         if layerwise:  # driven by the reader's wait_layer calls, from its own thread
@@ -398,47 +396,53 @@ class TransferEngine:
         return blocks
 
     def _units(self, blocks: list[list[int]], layers: range, *, layer_major: bool,
-               fill: bool) -> list[list[_Unit]]:
+               drain: bool = False) -> list[list[_Unit]]:
         """Split the chunks into layer ranges and pack them into staging-sized batches.
 
         Plans depend only on the chunks' lengths: cached, so a repeated shape plans for free.
         """
-        key = (tuple(map(len, blocks)), layers.start, layers.stop, layer_major, fill)
+        key = (tuple(map(len, blocks)), layers.start, layers.stop, layer_major, drain)
         plan = self._plans.get(key)
         if plan is None:
             if len(self._plans) >= 256:
                 self._plans.clear()
-            plan = self._plans[key] = self._plan_units(blocks, layers, layer_major=layer_major, fill=fill)
+            plan = self._plans[key] = self._plan_units(blocks, layers, layer_major=layer_major, drain=drain)
         return plan
 
     def _plan_units(self, blocks: list[list[int]], layers: range, *, layer_major: bool,
-                    fill: bool) -> list[list[_Unit]]:
+                    drain: bool) -> list[list[_Unit]]:
         templates: dict[tuple[int, bool], list[tuple[int, int, int, int]]] = {}
         order: list[_Unit] = []
         for c, ids in enumerate(blocks):
-            key = (len(ids), fill and c == 0)
+            key = (len(ids), drain and c == len(blocks) - 1)
             spans = templates.get(key)
             if spans is None:  # chunks of one size share their layer split
-                spans = templates[key] = self._spans(len(ids), layers, layer_major, fill_first=key[1])
+                spans = templates[key] = self._spans(len(ids), layers, layer_major, drain_last=key[1])
             order += [_Unit(c, a, b, len(ids), off, n) for a, b, off, n in spans]
         if layer_major:
             order.sort(key=lambda u: (u.l0, u.chunk))
-        elif len(order) > 1 and order[0].chunk == order[1].chunk:
-            # the small first unit is a batch of its own: its DMA is enqueued right after its
-            # gather, before the host enqueues the rest of the chunk's gather
-            return _pack(order[:1], self.half_bytes) + _pack(order[1:], self.half_bytes)
+        elif drain and len(order) > 1 and order[-1].chunk == order[-2].chunk:
+            # a load's small last unit is a batch of its own: after the last DMA only its short
+            # scatter remains (the host enqueued everything long before, so this costs nothing)
+            return _pack(order[:-1], self.half_bytes) + _pack(order[-1:], self.half_bytes)
         return _pack(order, self.half_bytes)
 
-    def _spans(self, n_blocks: int, layers: range, layer_major: bool, *, fill_first: bool
+    def _spans(self, n_blocks: int, layers: range, layer_major: bool, *, drain_last: bool
                ) -> list[tuple[int, int, int, int]]:
-        """``(l0, l1, payload_offset, nbytes)`` of each unit of a chunk of ``n_blocks`` blocks."""
+        """``(l0, l1, payload_offset, nbytes)`` of each unit of a chunk of ``n_blocks`` blocks.
+
+        ``drain_last``: end with a unit of about 2 MiB (a load's last scatter follows its last
+        DMA). A save gets no small first unit: measured on H100/H200, the DMA engine then idles
+        ~100 us while the host enqueues the next batch, more than the gather it saves (~25 us).
+        """
         lb = self.layout.layer_bytes(n_blocks * self.layout.block_size)
         step = self._layer_group(lb) if layer_major else max(1, self.half_bytes // lb)
-        # A save's first DMA waits for the first gather: keep that first unit small.
-        first = max(1, min(step, _FILL_BYTES // lb)) if fill_first and not layer_major else step
-        cuts = sorted({min(x, layers.stop) for x in (layers.start, *range(layers.start + first,
-                                                                          layers.stop, step), layers.stop)})
-        return [(a, b, a * lb, (b - a) * lb) for a, b in pairwise(cuts)]
+        cuts = {min(x, layers.stop) for x in (layers.start, *range(layers.start + step, layers.stop, step),
+                                              layers.stop)}
+        tail = max(1, _DRAIN_BYTES // lb)
+        if drain_last and not layer_major and layers.stop - tail > layers.start:
+            cuts.add(layers.stop - tail)
+        return [(a, b, a * lb, (b - a) * lb) for a, b in pairwise(sorted(cuts))]
 
     def _layer_group(self, layer_bytes: int) -> int:
         """Layers per unit in layer-wise order: units of >= 4 MiB (launch cost is per unit),
@@ -470,11 +474,9 @@ class TransferEngine:
     # ------------------------------------------------------------------ save
 
     def _save_layers(self, block_ids_per_chunk: Sequence[Sequence[int]], dst: Sequence[torch.Tensor],
-                     layers: range, what: str, inline: bool = False, checked: bool = False,
-                     fill: bool = True) -> TransferHandle:
+                     layers: range, what: str, inline: bool = False, checked: bool = False) -> TransferHandle:
         blocks = self._check(block_ids_per_chunk, dst, what, checked)
-        # a small first unit only when the DMA engine may be idle (not behind a part just enqueued)
-        batches = self._units(blocks, layers, layer_major=False, fill=fill)
+        batches = self._units(blocks, layers, layer_major=False)
         d = self._save
         produced = d.streams.record_current()  # the caller's stream: the forward that wrote the KV
         handle = TransferHandle(self.device, what, chunk_events=[_UNSET] * len(blocks),

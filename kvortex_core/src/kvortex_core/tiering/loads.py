@@ -7,7 +7,7 @@ import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from kvortex_core.data import payload as pl
 from kvortex_core.errors import PayloadError
@@ -219,11 +219,15 @@ class LoadMixin(TierState):
         return LoadLease(key, i, slot, self._payload_view(slot), tier.name, pin)
 
     def end_load(self, leases: Sequence[LoadLease]) -> None:
-        """Unpin the slots of finished loads."""
+        """Unpin the slots of finished loads (one index lock per index, not one per chunk)."""
+        groups: dict[int, tuple[Any, list[Any]]] = {}
         for lease in leases:
-            if lease.pin is not None:
-                lease.pin.release()
+            pin = lease.pin
+            if pin is not None:
+                groups.setdefault(id(pin.index), (pin.index, []))[1].append(pin)
                 lease.pin = None
+        for index, pins in groups.values():
+            index.release_all(pins)
 
 
 @dataclass(eq=False)
