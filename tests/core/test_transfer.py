@@ -334,3 +334,24 @@ def test_event_wait_times_out_on_a_stalled_device_then_returns_once_done() -> No
     assert event.query()
     with pytest.raises(RuntimeError, match="illegal memory access"):
         event_wait(_StalledEvent(RuntimeError("CUDA error: an illegal memory access")), 5.0, "load")
+
+
+def test_a_handle_waits_its_last_batch_by_polling_and_still_times_out_on_a_stalled_device() -> None:
+    """wait() blocks on the next-to-last batch through the waiter, then polls the last one:
+    a stall in either raises TransferTimeoutError; once the device finishes it returns."""
+    from kvortex_core.data.streams import TransferTimeoutError, event_spin
+    from kvortex_core.data.transfer import TransferHandle
+
+    head, last = _StalledEvent(), _StalledEvent()
+    handle = TransferHandle(torch.device("cpu"), "load", done_event=last, other_events=[None, head, last])
+    with pytest.raises(TransferTimeoutError, match="load did not finish within timeout=0.05s"):
+        handle.wait(0.05)  # stalled in the head
+    head.finished.set()
+    with pytest.raises(TransferTimeoutError, match="load did not finish within timeout=0.05s"):
+        handle.wait(0.05)  # stalled in the last batch: the poll gives up too
+    assert not handle.done()
+    threading.Timer(0.05, last.finished.set).start()
+    handle.wait(5.0)
+    assert handle.done() and handle.done_event is None  # retired: events handed back
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        event_spin(_StalledEvent(RuntimeError("CUDA error: an illegal memory access")), 1.0, "save")

@@ -335,7 +335,10 @@ class KVortexEngine:
         for end in ends:
             if end <= start:
                 continue
-            handle.wait_chunk(end - 1, timeout)
+            if end == len(leases):
+                handle.wait(timeout)  # the last chunk: wakes on the last copy's end (see wait)
+            else:
+                handle.wait_chunk(end - 1, timeout)
             reg.tiers.commit_save(leases[start:end])
             start = end
         handle.wait(timeout)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import array
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +37,7 @@ from kvortex_core.data.streams import (
     StreamSet,
     TransferTimeoutError,
     event_done,
+    event_spin,
     event_wait,
     stream_wait_current,
 )
@@ -147,7 +149,16 @@ class TransferHandle:
             return
         self._flush()
         self._await_enqueue(timeout)
-        event_wait(self.done_event, timeout, self.what)
+        batches = self.other_events  # [caller's event, batch 1 .. batch n]
+        if timeout is not None and len(batches) >= 3 and self.done_event is not None:
+            # all but the last batch through the blocking waiter, then a short poll: the
+            # caller wakes within microseconds of the last copy's end
+            start = time.monotonic()
+            event_wait(batches[-2], timeout, self.what)
+            event_spin(self.done_event, max(0.0, timeout - (time.monotonic() - start)), self.what,
+                       total=timeout)
+        else:
+            event_wait(self.done_event, timeout, self.what)
         self._retire()
 
     def wait_chunk(self, chunk: int, timeout: float | None = None) -> None:
