@@ -355,3 +355,27 @@ def test_a_handle_waits_its_last_batch_by_polling_and_still_times_out_on_a_stall
     assert handle.done() and handle.done_event is None  # retired: events handed back
     with pytest.raises(RuntimeError, match="illegal memory access"):
         event_spin(_StalledEvent(RuntimeError("CUDA error: an illegal memory access")), 1.0, "save")
+
+
+def test_a_completed_transfer_frees_its_buffers_while_the_next_one_waits() -> None:
+    """wait() hands the finished transfer's buffers to its direction, which frees them while a
+    later transfer waits (off the return path); polled-only handles keep a bounded number."""
+    import weakref
+
+    caches, hints, _ = ks.all_layouts(L, B, N, H, D, torch.float16)["flash_attn_nhd"]
+    te = TransferEngine(caches, detect_layout(caches, hints), chunk_tokens=CHUNK)
+    dst = _buffers(te.layout, 2)
+    first = te.save([[5, 1, 19, 7], [0, 23, 2]], dst)
+    first.wait(timeout=5)
+    assert first.keepalive == []  # the handle itself keeps nothing alive
+    kept = weakref.ref(te._save.streams._deferred[-1][-1])  # the row-index tensor of that save
+    assert kept() is not None
+    te.save([[2, 3, 4, 6]], dst[:1]).wait(timeout=5)
+    assert kept() is None  # freed while the second save waited
+    for _ in range(50):  # handles only polled: at most a few transfers' buffers stay
+        h = te.save([[2, 3, 4, 6]], dst[:1])
+        while not h.done():
+            pass
+    assert len(te._save.streams._deferred) <= 8
+    te.close()
+    assert not te._save.streams._deferred

@@ -80,6 +80,10 @@ def main() -> None:
     patch(reg.tiers, "begin_save", "bsave")
     patch(reg.tiers, "begin_load", "bload")
     patch(eng, "_commit_as_ready", "commit")
+    patch(reg.tiers, "end_load", "unpin")
+    patch(transfer_mod.TransferHandle, "wait", "hw")
+    patch(transfer_mod.TransferHandle, "_retire", "retire")
+    patch(transfer_mod, "event_spin", "spin")
     patch(eng, "save", "SAVE")
     patch(eng, "load", "LOAD")
     import kvortex_core.engine as engine_mod

@@ -349,6 +349,20 @@ class ChunkIndex:
         with self._lock:
             return self._pin_locked(keys, op)
 
+    def pin_prefix(self, keys: Sequence[bytes], op: str) -> tuple[list[IndexEntry], PinHandle]:
+        """Pin the stored prefix of ``keys`` with one handle; its entries in order.
+
+        Recency and lookup statistics are not changed (a load pins what a lookup counted).
+        """
+        with self._lock:
+            entries = []
+            for k in keys:
+                entry = self._entries.get(k)
+                if entry is None:
+                    break
+                entries.append(entry)
+            return entries, self._pin_locked((e.key for e in entries), op)
+
     def _pin_locked(self, keys: Iterable[bytes], op: str) -> PinHandle:
         pinned = []
         for k in keys:

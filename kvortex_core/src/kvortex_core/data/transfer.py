@@ -105,9 +105,10 @@ class TransferHandle:
             events = self.other_events
             events.append(self.done_event)
             self.done_event, self.chunk_events, self.layer_events, self.other_events = None, [], [], []
-        self.keepalive.clear()
+            keep, self.keepalive = self.keepalive, []
         if self.home is not None:
             self.home.recycle(events)
+            self.home.defer(keep)  # freed while a later transfer waits (see StreamSet.defer)
 
     def _flush(self) -> None:
         if self.advance is not None:
@@ -149,6 +150,8 @@ class TransferHandle:
             return
         self._flush()
         self._await_enqueue(timeout)
+        if self.home is not None:
+            self.home.drop_deferred()  # earlier transfers' buffers, freed while this one runs
         batches = self.other_events  # [caller's event, batch 1 .. batch n]
         if timeout is not None and len(batches) >= 3 and self.done_event is not None:
             # all but the last batch through the blocking waiter, then a short poll: the
@@ -374,6 +377,7 @@ class TransferEngine:
         """Stop the enqueuer threads once queued transfers are enqueued (handles stay valid)."""
         for d in (self._save, self._load):
             d.worker.shutdown(wait=True)
+            d.streams.drop_deferred()
 
     # ------------------------------------------------------------------ planning
 
