@@ -177,6 +177,27 @@ def test_layout_and_cpu_round_trip(make: Any) -> None:
     assert header.key == _key(1) and header.shape == SHAPE and header.dtype == "bfloat16"
 
 
+def test_headers_written_before_the_payload_lands_and_a_shared_load_pin(make: Any) -> None:
+    """prepare_save writes headers while payloads are still being filled; commit publishes.
+    The cpu-hit leases of one begin_load share one pin: pinned until end_load, then evictable."""
+    mgr = make()
+    leases = mgr.begin_save([_key(i) for i in (5, 6)])
+    mgr.prepare_save(leases)  # before the payload bytes exist (a DMA in flight)
+    assert mgr.lookup([_key(5)]) == 0  # not published yet
+    for lease in leases:
+        lease.payload.copy_(_as_bytes(_chunk((5, 6)[lease.index])))
+    mgr.commit_save(leases)
+    for i in (5, 6):
+        header = pl.read_header(mgr.pool.view(mgr.cpu_index.get(_key(i)).location))
+        assert header.key == _key(i) and header.shape == SHAPE
+    got = mgr.begin_load([_key(5), _key(6), _key(7)])
+    assert [g.key for g in got] == [_key(5), _key(6)] and got[0].pin is got[1].pin
+    assert mgr.cpu_index.pinned_bytes == 2 * mgr.pool.slot_bytes
+    mgr.end_load(got)
+    assert mgr.cpu_index.pinned_bytes == 0 and all(g.pin is None for g in got)
+    assert _load(mgr, [5, 6]) == [(5, "cpu"), (6, "cpu")]
+
+
 def test_first_tier_must_be_cpu(tmp_path: Path) -> None:
     cfg = _config({"disk": {"type": "disk", "capacity": "1MiB", "path": str(tmp_path)}})
     with pytest.raises(ConfigError, match="must be 'cpu'"):

@@ -324,6 +324,7 @@ class KVortexEngine:
         returns every chunk is off the device and visible to lookups.
         """
         timeout = self.config.timeouts.transfer_s
+        reg.tiers.prepare_save(leases)  # headers while the payloads are on the wire
         # one wait per ~64 MiB of chunks: each wait is a thread hand-off that competes for the
         # GIL with whatever the process enqueues meanwhile (a load on another thread, say)
         group = max(1, _COMMIT_GROUP_BYTES // max(1, reg.tiers.payload_bytes))

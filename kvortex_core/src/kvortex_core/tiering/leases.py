@@ -24,6 +24,7 @@ class SaveLease:
     payload: torch.Tensor
     parent: bytes | None = None
     done: bool = field(default=False, repr=False)
+    header_written: bool = field(default=False, repr=False)
 
 
 @dataclass(eq=False)

@@ -82,6 +82,25 @@ class SaveMixin(TierState):
             slot = self.pool.allocate()
         return slot
 
+    def prepare_save(self, leases: Sequence[SaveLease]) -> None:
+        """Write the slots' headers now, while their payloads are still being copied.
+
+        The header area is apart from the payload and the slot is in no index yet, so this
+        is safe before the copy ends; ``commit_save`` then only publishes the chunks.
+        """
+        for lease in leases:
+            if not lease.done and not lease.header_written:
+                self._write_identity_header(lease)
+
+    def _write_identity_header(self, lease: SaveLease) -> None:
+        # Identity header only (checksum 0): a cpu slot is our own memory and is never
+        # verified. The checksum is computed when the chunk leaves for a lower tier
+        # (_sealed), so a save costs no host pass over its bytes unless it is written below.
+        pl.write_header(self._header_view(lease.slot), key=lease.key, namespace=self.namespace,
+                        shape=self.payload_shape, dtype=self.dtype,
+                        payload_len=self.payload_bytes, checksum=0)
+        lease.header_written = True
+
     def commit_save(self, leases: Sequence[SaveLease]) -> None:
         """Seal the filled slots into the cpu index and queue write-behind; never blocks."""
         for lease in leases:
@@ -95,13 +114,9 @@ class SaveMixin(TierState):
                     self._saving.discard(lease.key)
 
     def _commit_one(self, lease: SaveLease) -> None:
-        # Identity header only (checksum 0): a cpu slot is our own memory and is never
-        # verified. The checksum is computed when the chunk leaves for a lower tier
-        # (_sealed), so a save costs no host pass over its bytes unless it is written below.
         total = pl.HEADER_BYTES + self.payload_bytes
-        pl.write_header(self._header_view(lease.slot), key=lease.key, namespace=self.namespace,
-                        shape=self.payload_shape, dtype=self.dtype,
-                        payload_len=self.payload_bytes, checksum=0)
+        if not lease.header_written:
+            self._write_identity_header(lease)
         with self._lock:
             # A key promoted meanwhile keeps its slot: re-inserting would orphan that one.
             ok = (
