@@ -12,32 +12,28 @@ Not collected by pytest (no ``test_`` prefix).
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 
 import torch
+from cuda_trace import copies, cuda_events, kernels
 from kvortex_core.cli.bench import transfer_parts as tp
 from kvortex_core.cli.bench.transfer_engine import _sequence, make_engine
 from kvortex_core.data.layouts import detect_layout
-from torch.profiler import ProfilerActivity, profile
 
 
 def dma_summary(events: list[dict], kind: str, t0: float) -> str:
-    copies = sorted((e for e in events if e.get("cat") == "gpu_memcpy" and e.get("ph") == "X"
-                     and kind in e["name"] and e.get("args", {}).get("bytes", 0) >= 1 << 20),
-                    key=lambda e: e["ts"])
-    if not copies:
+    dmas = copies(events, kind=kind)
+    if not dmas:
         return f"{kind}: none"
-    busy = sum(e["dur"] for e in copies)
-    gaps = [b["ts"] - (a["ts"] + a["dur"]) for a, b in itertools.pairwise(copies)]
+    busy = sum(e["dur"] for e in dmas)
+    gaps = [b["ts"] - (a["ts"] + a["dur"]) for a, b in itertools.pairwise(dmas)]
     big_gaps = sorted((round(g) for g in gaps), reverse=True)[:5]
-    return (f"{kind}: n={len(copies)} first@{copies[0]['ts'] - t0:.0f}us busy={busy:.0f}us "
+    return (f"{kind}: n={len(dmas)} first@{dmas[0]['ts'] - t0:.0f}us busy={busy:.0f}us "
             f"gaps={sum(g for g in gaps if g > 0):.0f}us top={big_gaps} "
-            f"end@{copies[-1]['ts'] + copies[-1]['dur'] - t0:.0f}us")
+            f"end@{dmas[-1]['ts'] + dmas[-1]['dur'] - t0:.0f}us")
 
 
 def main() -> None:
@@ -48,7 +44,7 @@ def main() -> None:
     caches = tp.make_caches(shape, 4 * tokens // shape.block, dev, unified=which != "mla")
     layout = detect_layout(caches)
     nbytes = layout.chunk_bytes(tokens)
-    eng = make_engine(caches, layout, 12 * tokens, int(os.environ.get("STAGING", 64 << 20)), None)
+    eng = make_engine(caches, layout, 12 * tokens, int(os.environ.get("STAGING", str(64 << 20))), None)
     import random
 
     blocks = random.Random(1).sample(range(layout.num_blocks), tokens // shape.block)
@@ -98,25 +94,17 @@ def main() -> None:
         eng.close()
         return
     for _ in range(2):
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            start = time.perf_counter()
-            both()
-            torch.cuda.synchronize()
-        path = tempfile.mktemp(suffix=".json")
-        prof.export_chrome_trace(path)
-        with open(path) as f:
-            events = json.load(f)["traceEvents"]
-        os.unlink(path)
+        start = time.perf_counter()
+        events = cuda_events(both)
         gpu = [e for e in events if e.get("ph") == "X" and e.get("cat") in ("gpu_memcpy", "kernel")]
         t0 = min(e["ts"] for e in gpu)
         print(f"profiled both: wall {(time.perf_counter() - start) * 1e3:.2f} ms "
               f"(profiler on); first GPU op at t0", flush=True)
         print("  ", dma_summary(events, "DtoH", t0), flush=True)
         print("  ", dma_summary(events, "HtoD", t0), flush=True)
-        kernels = [e for e in events if e.get("cat") == "kernel" and e.get("ph") == "X"]
-        print(f"   kernels n={len(kernels)} total={sum(k['dur'] for k in kernels):.0f}us "
-              f"max={max((k['dur'] for k in kernels), default=0):.0f}us", flush=True)
+        ks = kernels(events)
+        print(f"   kernels n={len(ks)} total={sum(k['dur'] for k in ks):.0f}us "
+              f"max={max((k['dur'] for k in ks), default=0):.0f}us", flush=True)
     eng.close()
 
 

@@ -12,7 +12,6 @@ import threading
 import time
 
 import torch
-
 from kvortex_core.data.streams import StreamSet
 
 

@@ -6,23 +6,25 @@ For the transfer engine alone and for KVortexEngine (Llama-3.1-8B KV, unified LB
 prints per call: wall time, the raw copy time of the same bytes, the delay from the call to
 the first DMA, the DMA busy time, the gaps between DMAs, and the delay from the last DMA's
 end to the call's return. Host phases of the engine (hashing, slot reservation, enqueue)
-are annotated too. Not collected by pytest (no ``test_`` prefix).
+are annotated too, each by a marker kernel: those marks cost host time themselves, so the
+delays read high; ``timeline.py`` measures the same without them. Not collected by pytest
+(no ``test_`` prefix).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
-import tempfile
 import time
 
 import torch
+from cuda_trace import copies, cuda_events, kernels
 from kvortex_core.cli.bench import transfer_parts as tp
 from kvortex_core.cli.bench.transfer_engine import _sequence, make_engine
 from kvortex_core.data.layouts import detect_layout
 from kvortex_core.data.transfer import TransferEngine
-from torch.profiler import ProfilerActivity, profile
 
 CHUNK = 256
 
@@ -60,44 +62,38 @@ def timeline(fn, label: str, nbytes: int, raw_s: float) -> dict:
     mark("warm")
     torch.cuda.synchronize()
     _MARKS.clear()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+
+    def call() -> None:
         mark("CALL>")
         fn()
         mark("CALL<")
-        torch.cuda.synchronize()
-    path = tempfile.mktemp(suffix=".json")
-    prof.export_chrome_trace(path)
-    with open(path) as f:
-        events = json.load(f)["traceEvents"]
-    os.unlink(path)
-    marks = sorted((e for e in events if e.get("cat") == "kernel" and e.get("ph") == "X"
-                    and "fill" in e["name"].lower()), key=lambda e: e["ts"])
+
+    events = cuda_events(call)
+    marks = kernels(events, "fill")
     if len(marks) != len(_MARKS):
         print(f"warning: {len(marks)} marker kernels for {len(_MARKS)} marks", flush=True)
     at = {label: e["ts"] for label, e in zip(_MARKS, marks)}
     t0, t1 = at["CALL>"], at["CALL<"]
-    copies = sorted((e for e in events if e.get("cat") == "gpu_memcpy" and e.get("ph") == "X"),
-                    key=lambda e: e["ts"])
-    big = [e for e in copies if e.get("args", {}).get("bytes", 1 << 30) >= 1 << 20]
-    kernels = [e for e in events if e.get("cat") == "kernel" and e.get("ph") == "X"
-               and "fill" not in e["name"].lower()]
+    every_copy = copies(events, min_bytes=0)
+    big = copies(events)
+    work = [k for k in kernels(events) if "fill" not in k["name"].lower()]
     phases = " ".join(f"{label}{round(ts - t0)}" for label, ts in at.items() if not label.startswith("CALL"))
     out = {"case": label, "wall_us": round(t1 - t0), "raw_us": round(raw_s * 1e6)}
     if big:
         busy = sum(e["dur"] for e in big)
-        gaps = [b["ts"] - (a["ts"] + a["dur"]) for a, b in zip(big, big[1:])]
+        gaps = [b["ts"] - (a["ts"] + a["dur"]) for a, b in itertools.pairwise(big)]
         out.update(
             dmas=len(big), first_dma_at_us=round(big[0]["ts"] - t0),
             dma_busy_us=round(busy), dma_gbps=round(sum(e["args"].get("bytes", 0) for e in big) / busy / 1e3, 1),
             gaps_sum_us=round(sum(g for g in gaps if g > 0)), gaps_max_us=round(max(gaps, default=0)),
             after_last_dma_us=round(t1 - (big[-1]["ts"] + big[-1]["dur"])),
-            small_copies=len(copies) - len(big), kernels=len(kernels),
-            kernel_us=round(sum(k["dur"] for k in kernels)),
-            first_kernel_at_us=round(min((k["ts"] for k in kernels), default=t0) - t0),
+            small_copies=len(every_copy) - len(big), kernels=len(work),
+            kernel_us=round(sum(k["dur"] for k in work)),
+            first_kernel_at_us=round(min((k["ts"] for k in work), default=t0) - t0),
         )
     out["phases"] = phases
     if os.environ.get("DUMP"):
-        for e in sorted(kernels + copies, key=lambda e: e["ts"])[:12]:
+        for e in sorted(work + every_copy, key=lambda e: e["ts"])[:12]:
             print("   ", round(e["ts"] - t0), round(e["dur"]), e["name"][:60])
     return out
 
@@ -115,7 +111,7 @@ def main() -> None:
     d2h, h2d = raw["d2h"].median_s, raw["h2d"].median_s
     print(f"{torch.cuda.get_device_name()} tokens={tokens} bytes={nbytes} raw d2h {nbytes / d2h / 1e9:.1f} "
           f"GB/s h2d {nbytes / h2d / 1e9:.1f} GB/s", flush=True)
-    staging = int(os.environ.get("STAGING", 64 << 20))
+    staging = int(os.environ.get("STAGING", str(64 << 20)))
     te = TransferEngine(caches, layout, chunk_tokens=CHUNK, staging_bytes=staging)
     chunks = tp.random_chunks(layout.num_blocks, tokens, shape.block, CHUNK, 1)
     other = tp.random_chunks(layout.num_blocks, tokens, shape.block, CHUNK, 2)
@@ -152,9 +148,9 @@ def main() -> None:
     engine.save(seqs[0], blocks)
     engine.load(seqs[0], oblocks)
     for i in range(1, 3):
-        results.append(timeline(lambda: engine.save(seqs[i], blocks), "engine save", nbytes, d2h))
+        results.append(timeline(lambda i=i: engine.save(seqs[i], blocks), "engine save", nbytes, d2h))
         engine.contains(engine.keys(seqs[i]))
-        results.append(timeline(lambda: engine.load(seqs[i], oblocks), "engine load", nbytes, h2d))
+        results.append(timeline(lambda i=i: engine.load(seqs[i], oblocks), "engine load", nbytes, h2d))
     engine.close()
     for r in results:
         print(json.dumps(r), flush=True)

@@ -13,15 +13,12 @@ Not collected by pytest (no ``test_`` prefix).
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import statistics
 import sys
-import tempfile
 
 import torch
-from torch.profiler import ProfilerActivity, profile
-
+from cuda_trace import copies, cuda_events, kernels
 from kvortex_core.cli.bench import transfer_parts as tp
 from kvortex_core.cli.bench.transfer_engine import _sequence, make_engine
 from kvortex_core.data.layouts import detect_layout
@@ -32,21 +29,13 @@ def measure(fn, reps: int) -> dict[str, float]:
     rows: list[dict[str, float]] = []
     gaps: list[list[tuple[int, int, int]]] = []
     for _ in range(reps):
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        def call() -> None:
             mark.fill_(1.0)
             fn()
             mark.fill_(2.0)
-            torch.cuda.synchronize()
-        path = tempfile.mktemp(suffix=".json")
-        prof.export_chrome_trace(path)
-        with open(path) as f:
-            events = json.load(f)["traceEvents"]
-        os.unlink(path)
-        fills = sorted((e for e in events if e.get("cat") == "kernel" and e.get("ph") == "X"
-                        and "fill" in e["name"].lower()), key=lambda e: e["ts"])
-        dmas = sorted((e for e in events if e.get("cat") == "gpu_memcpy" and e.get("ph") == "X"
-                       and e.get("args", {}).get("bytes", 0) >= 1 << 20), key=lambda e: e["ts"])
+
+        events = cuda_events(call)
+        fills, dmas = kernels(events, "fill"), copies(events)
         if len(fills) < 2 or not dmas:
             continue
         t0, t1 = fills[0]["ts"], fills[-1]["ts"]
