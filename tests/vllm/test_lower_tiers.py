@@ -59,14 +59,21 @@ def run_async_load(h: Harness, req_id: str, tokens: list[int]) -> list[Any]:
     raise AssertionError(f"{req_id} was never scheduled")
 
 
-def test_chunk_evicted_from_cpu_is_loaded_back_from_disk(tmp_path: Path) -> None:
+def stored_below_only(tmp_path: Path, seed: int) -> tuple[Harness, Any, list[int]]:
+    """An engine with cpu + disk tiers, and an 80-token prompt that was saved, written to disk
+    and then evicted from the cpu tier: returns the harness, its scheduler side and the prompt."""
     h = build(tmp_path, tiers(tmp_path))
     side = h.connector.scheduler_side
-    a = prompt(1, 80)
+    a = prompt(seed, 80)
     h.add("A", a)
     h.run()
     drain(h)
     evict_from_cpu(h, side.geometry.num_slots)
+    return h, side, a
+
+
+def test_chunk_evicted_from_cpu_is_loaded_back_from_disk(tmp_path: Path) -> None:
+    h, side, a = stored_below_only(tmp_path, 1)
     assert not any(k in side.index for k in h.keys_of(a)), "A must be gone from the cpu tier"
     h.scrub()
     hist = run_async_load(h, "B", a[:70])
@@ -93,12 +100,7 @@ def test_a_new_engine_finds_what_the_last_one_left_on_disk(tmp_path: Path) -> No
 
 
 def test_lost_disk_file_is_a_failed_load_and_is_recomputed(tmp_path: Path) -> None:
-    h = build(tmp_path, tiers(tmp_path))
-    a = prompt(3, 80)
-    h.add("A", a)
-    h.run()
-    drain(h)
-    evict_from_cpu(h, h.connector.scheduler_side.geometry.num_slots)
+    h, _, a = stored_below_only(tmp_path, 3)
     key1 = h.keys_of(a)[1].hex()
     lost = [p for p in (tmp_path / "disk").rglob("*.kv") if p.name.startswith(key1)]
     assert lost, "chunk 1 was written behind to disk"
@@ -159,13 +161,7 @@ def test_shared_redis_tier_serves_another_engine(tmp_path: Path, redis_url: str)
 
 
 def test_chunks_being_fetched_are_nobodys_hit_and_outlive_an_abort(tmp_path: Path) -> None:
-    h = build(tmp_path, tiers(tmp_path))
-    side = h.connector.scheduler_side
-    a = prompt(5, 80)
-    h.add("A", a)
-    h.run()
-    drain(h)
-    evict_from_cpu(h, side.geometry.num_slots)
+    h, side, a = stored_below_only(tmp_path, 5)
     keys = h.keys_of(a)[:2]
 
     class Req:
