@@ -330,19 +330,13 @@ class KVortexEngine:
         group = max(1, _COMMIT_GROUP_BYTES // max(1, reg.tiers.payload_bytes))
         # the last chunk is a group of its own: what is left to index once the last copy
         # landed (the call's return waits for it) is one chunk, not a group
-        ends = [*range(group, len(leases) - 1, group), len(leases) - 1, len(leases)] if len(leases) > 1 \
-            else [len(leases)]
-        start = 0
-        for end in ends:
-            if end <= start:
-                continue
-            if end == len(leases):
-                handle.wait(timeout)  # the last chunk: wakes on the last copy's end (see wait)
-            else:
-                handle.wait_chunk(end - 1, timeout)
+        body = len(leases) - 1
+        for start in range(0, body, group):
+            end = min(start + group, body)
+            handle.wait_chunk(end - 1, timeout)
             reg.tiers.commit_save(leases[start:end])
-            start = end
-        handle.wait(timeout)
+        handle.wait(timeout)  # wakes on the last copy's end (see TransferHandle.wait)
+        reg.tiers.commit_save(leases[max(body, 0):])
 
     def _chunk_blocks(self, blocks: list[int], chunk: int, n_tokens: int, reg: _Registered) -> list[int]:
         ct, bs = self.config.chunk_tokens, reg.layout.block_size

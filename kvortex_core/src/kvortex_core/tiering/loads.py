@@ -7,7 +7,7 @@ import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from kvortex_core.data import payload as pl
 from kvortex_core.errors import PayloadError
@@ -195,12 +195,11 @@ class LoadMixin(TierState):
 
     def _cpu_lease(self, i: int, key: bytes) -> LoadLease | None:
         with self._lock:
-            pin = self.cpu_index.pin([key], "load")
-            entry = self.cpu_index.get(key)
-        if not len(pin) or entry is None:
+            entries, pin = self.cpu_index.pin_prefix([key], "load")
+        if not entries:
             pin.release()
             return None
-        slot = int(entry.location)
+        slot = int(entries[0].location)
         return LoadLease(key, i, slot, self._payload_view(slot), self.cpu_name, pin)
 
     def _promote_one(self, step: _Step) -> LoadLease | None:
@@ -221,18 +220,16 @@ class LoadMixin(TierState):
         return LoadLease(key, i, slot, self._payload_view(slot), tier.name, pin)
 
     def end_load(self, leases: Sequence[LoadLease]) -> None:
-        """Unpin the slots of finished loads (one index lock per index, not one per chunk).
+        """Unpin the slots of finished loads, under one index lock.
 
         The cpu-hit leases of one ``begin_load`` share a pin handle: end them together.
         """
-        groups: dict[int, tuple[Any, dict[int, Any]]] = {}
+        pins = []
         for lease in leases:
-            pin = lease.pin
-            if pin is not None:
-                groups.setdefault(id(pin.index), (pin.index, {}))[1][id(pin)] = pin
+            if lease.pin is not None:
+                pins.append(lease.pin)
                 lease.pin = None
-        for index, pins in groups.values():
-            index.release_all(pins.values())
+        self.cpu_index.release_all(pins)  # a shared handle is released once
 
 
 @dataclass(eq=False)
