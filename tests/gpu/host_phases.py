@@ -1,6 +1,6 @@
 """Host timestamps (us from the call's start) of each phase of one save/load, no profiler.
 
-Run on the GPU box: . tests/gpu/device_env.sh && python3 tests/gpu/host_phases.py
+Run on the GPU box: . tests/gpu/device_env.sh && python3 tests/gpu/host_phases.py [tokens] [llama|mla]
 Prints, per case, the median over 7 calls of wall time, raw copy time and phase marks.
 """
 
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import os
+import sys
 import statistics
 import threading
 import time
@@ -62,9 +63,10 @@ def main() -> None:
     if os.environ.get("GCOFF"):  # hypothesis check: collections inside a call
         gc.disable()
     dev = torch.device("cuda")
-    tokens = 8192
-    shape = tp.LLAMA_8B
-    caches = tp.make_caches(shape, 2 * tokens // 16, dev, unified=True)
+    tokens = int(sys.argv[1]) if len(sys.argv) > 1 else 8192
+    which = sys.argv[2] if len(sys.argv) > 2 else "llama"
+    shape = tp.DEEPSEEK_V3 if which == "mla" else tp.LLAMA_8B
+    caches = tp.make_caches(shape, 2 * tokens // shape.block, dev, unified=which != "mla")
     layout = detect_layout(caches)
     nbytes = layout.chunk_bytes(tokens)
     raw = tp.raw_copy(nbytes, dev, 7)
@@ -90,8 +92,8 @@ def main() -> None:
 
     patch(engine_mod, "_tokens", "tokens")
     patch(engine_mod, "_blocks", "blocks")
-    chunks = tp.random_chunks(layout.num_blocks, tokens, 16, 256, 1)
-    other = tp.random_chunks(layout.num_blocks, tokens, 16, 256, 2)
+    chunks = tp.random_chunks(layout.num_blocks, tokens, shape.block, 256, 1)
+    other = tp.random_chunks(layout.num_blocks, tokens, shape.block, 256, 2)
     slot = layout.chunk_bytes(256)
     dst = list(tp.pinned(slot * len(chunks), dev).split(slot))
     run("te save", lambda: te.save(chunks, dst).wait(), d2h)
