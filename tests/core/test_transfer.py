@@ -188,27 +188,81 @@ def test_bad_construction() -> None:
         te.load(_buffers(te.layout, 1), [[1]], skip_blocks=-1)
 
 
-@pytest.mark.parametrize("name", ["flash_attn_nhd", "flashinfer_hnd", "unified_BLNHC", "mla", "cross_layer"])
-def test_per_layer_fallback_path(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Layouts whose strides do not divide into rows use one kernel per layer: same bytes."""
-    import kvortex_core.data.transfer as transfer_mod
-
+@pytest.mark.parametrize("name", sorted(ks.all_layouts(L, B, N, H, D, torch.float16)))
+@pytest.mark.parametrize("gather", ["strided", "rows", "layers"])
+def test_every_gather_mode_moves_the_same_bytes(name: str, gather: str) -> None:
+    """Strided views, row tables and one kernel per layer: the same payload bytes, the same loads."""
     caches, hints, block = ks.all_layouts(L, B, N, H, D, torch.float16)[name]
     layout = detect_layout(caches, hints)
-    with_rows = TransferEngine(caches, layout, chunk_tokens=CHUNK, staging_bytes=700)
-    monkeypatch.setattr(transfer_mod, "build_row_plan", lambda views, keep: None)
-    fallback = TransferEngine(caches, layout, chunk_tokens=CHUNK, staging_bytes=700)
-    assert with_rows.row_gather and not fallback.row_gather
+    te = TransferEngine(caches, layout, chunk_tokens=CHUNK, staging_bytes=700, gather=gather)
+    assert te.gather_mode == gather
     chunks = [[4, 2, 9, 1], [7, 8]]
-    a, b = _buffers(layout, 2), _buffers(layout, 2)
-    with_rows.save(chunks, a).wait()
-    fallback.save(chunks, b).wait()
-    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    bufs = _buffers(layout, 2)
+    te.save(chunks, bufs).wait()
+    for buf, ids in zip(bufs, chunks, strict=True):
+        want = _reference_payload(caches, block, ids, layout).reshape(-1).view(torch.uint8)
+        assert torch.equal(buf[:want.numel()], want)
     target, _, tblock = _zeroed(name)
-    TransferEngine(target, detect_layout(target, hints), chunk_tokens=CHUNK).load(b, [[0, 1, 2, 3], [5, 6]],
-                                                                                   skip_blocks=1).wait()
+    te2 = TransferEngine(target, detect_layout(target, hints), chunk_tokens=CHUNK, gather=gather)
+    te2.load(bufs, [[0, 1, 2, 3], [5, 6]], skip_blocks=1).wait()
     for o, n in zip([2, 9, 1, 7, 8], [1, 2, 3, 5, 6], strict=True):
         assert all(torch.equal(tblock(target, layer, n), block(caches, layer, o)) for layer in range(L))
+    zero = torch.zeros_like(tblock(target, 0, 0))
+    assert all(torch.equal(tblock(target, layer, 0), zero) for layer in range(L))  # skipped: untouched
+
+
+def _spaced_layers(gaps: list[int]) -> list[torch.Tensor]:
+    """Per-layer ``[B, N, H, D]`` tensors carved from one buffer with ``gaps[i]`` spare elements
+    after layer i (so the layers are not evenly spaced)."""
+    size = 2 * B * N * H * D
+    flat = torch.randn(len(gaps) * size + sum(gaps), dtype=torch.float16)
+    out, at = [], 0
+    for gap in gaps:
+        out.append(flat[at:at + size].view(2, B, N, H, D))
+        at += size + gap
+    return out
+
+
+def test_strided_plan_splits_unevenly_spaced_layers_into_runs() -> None:
+    """Layers 0-2 and 3-5 evenly spaced, with an odd gap between: two strided views, units split there."""
+    from kvortex_core.data.rows import build_strided_plan
+
+    caches = _spaced_layers([0, 0, 40, 0, 0, 0])
+    layout = detect_layout(caches)
+    te = TransferEngine(caches, layout, chunk_tokens=CHUNK, staging_bytes=1 << 20, gather="strided")
+    assert te.gather_mode == "strided" and te._strided.starts == [0, 3]
+    assert all(u.l1 <= 3 or u.l0 >= 3 for batch in te._units([[1, 2, 3, 4]], range(6), layer_major=False)
+               for u in batch)
+    chunks = [[5, 3, 11, 0], [23, 7]]
+    bufs = _buffers(layout, 2)
+    te.save(chunks, bufs).wait()
+    for buf, ids in zip(bufs, chunks, strict=True):
+        want = torch.stack([torch.cat([caches[layer][:, b] for b in ids], dim=1) for layer in range(6)])
+        assert torch.equal(buf[:want.numel() * 2], want.reshape(-1).view(torch.uint8))
+    target = _spaced_layers([0, 8, 0, 0, 16, 0])
+    for t in target:
+        t.zero_()
+    back = TransferEngine(target, detect_layout(target), chunk_tokens=CHUNK, gather="strided")
+    assert back._strided.starts == [0, 2, 5]
+    back.load(bufs, [[1, 2, 3, 4], [9, 10]], layerwise=True).wait()
+    for o, n in zip([5, 3, 11, 0, 23, 7], [1, 2, 3, 4, 9, 10], strict=True):
+        assert all(torch.equal(target[layer][:, n], caches[layer][:, o]) for layer in range(6))
+    # every layer at its own distance: more runs than a strided plan takes
+    assert build_strided_plan(te.views, max_runs=8) is not None
+    scattered = _spaced_layers([8 * (i + 1) for i in range(20)])  # pairs: 10 runs
+    assert build_strided_plan(TransferEngine(scattered, detect_layout(scattered), chunk_tokens=CHUNK,
+                                             gather="rows").views, max_runs=8) is None
+    assert TransferEngine(scattered, detect_layout(scattered), chunk_tokens=CHUNK).gather_mode == "rows"
+
+
+def test_auto_gather_takes_the_row_plan_for_many_small_chunks_per_batch() -> None:
+    caches, _, _ = ks.flash_attn(L, B, N, H, D, torch.float16)
+    layout = detect_layout(caches)
+    small = TransferEngine(caches, layout, chunk_tokens=CHUNK, staging_bytes=64 * layout.chunk_bytes(CHUNK))
+    big = TransferEngine(caches, layout, chunk_tokens=CHUNK, staging_bytes=4 * layout.chunk_bytes(CHUNK))
+    assert (small.gather_mode, big.gather_mode) == ("rows", "strided")
+    with pytest.raises(LayoutError, match="gather='fast' is not one of auto, strided, rows, layers"):
+        TransferEngine(caches, layout, chunk_tokens=CHUNK, gather="fast")
 
 
 def test_row_plan_splits_heads_when_layers_are_misaligned() -> None:
@@ -217,7 +271,7 @@ def test_row_plan_splits_heads_when_layers_are_misaligned() -> None:
     flat = torch.randn(L2 * (B2 * N2 * D2 + 24))
     caches = [flat[i * (B2 * N2 * D2 + 24):][: B2 * N2 * D2].view(B2, N2, D2) for i in range(L2)]
     layout = detect_layout(caches)
-    te = TransferEngine(caches, layout, chunk_tokens=8, staging_bytes=500)
+    te = TransferEngine(caches, layout, chunk_tokens=8, staging_bytes=500, gather="rows")
     assert te.row_gather and te._rows.row_elems == 24 and te._rows.rows_per_head == 2
     bufs = [torch.zeros(layout.chunk_bytes(8), dtype=torch.uint8) for _ in range(2)]
     te.save([[5, 2], [7]], bufs).wait()
@@ -225,7 +279,7 @@ def test_row_plan_splits_heads_when_layers_are_misaligned() -> None:
     for layer in range(L2):
         assert torch.equal(payload[layer, 0, :, 0], torch.cat([caches[layer][5], caches[layer][2]]))
     target = [torch.zeros_like(c) for c in caches]
-    te2 = TransferEngine(target, detect_layout(target), chunk_tokens=8)
+    te2 = TransferEngine(target, detect_layout(target), chunk_tokens=8, gather="rows")
     te2.load(bufs, [[0, 1], [3]]).wait()
     assert all(torch.equal(target[layer][[0, 1, 3]], caches[layer][[5, 2, 7]]) for layer in range(L2))
 

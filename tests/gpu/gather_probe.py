@@ -14,7 +14,7 @@ import torch
 from kvortex_core.cli.bench import transfer_parts as tp
 from kvortex_core.cli.bench.transfer_engine import make_engine
 from kvortex_core.data.layouts import detect_layout
-from kvortex_core.data.rows import _alias
+from kvortex_core.data.rows import alias_bytes
 
 
 def strided_view(views: list[torch.Tensor]) -> torch.Tensor | None:
@@ -29,7 +29,7 @@ def strided_view(views: list[torch.Tensor]) -> torch.Tensor | None:
     last = views[-1]
     extent = sum((s - 1) * st for s, st in zip(last.shape, last.stride(), strict=True)) + 1
     end = last.data_ptr() + extent * es
-    alias = _alias(start, end - start, views[0].device)
+    alias = alias_bytes(start, end - start, views[0].device)
     w = 16
     if step % w or any(st * es % w for st in strides[:-1]) or views[0].shape[-1] * es % w:
         return None
@@ -92,7 +92,7 @@ def case(name, shape, unified, raw, dev) -> None:
     t_add = gpu_us(lambda: rp.call_rows(ids.view(1, -1), lay.block_size, lay.kv_count, lay.num_kv_heads))
     # load direction: scatter back through the view
     host_ids = torch.tensor(chunk).pin_memory()
-    uva = _alias(host_ids.data_ptr(), host_ids.numel() * 8, dev).view(torch.int64)
+    uva = alias_bytes(host_ids.data_ptr(), host_ids.numel() * 8, dev).view(torch.int64)
     torch.index_select(v, 2, uva, out=ob)
     torch.cuda.synchronize()
     print("  uva index equal:", torch.equal(out_a, out_b), flush=True)

@@ -6,7 +6,7 @@ import torch
 from kvortex_core.cli.bench import transfer_parts as tp
 from kvortex_core.cli.bench.transfer_engine import make_engine
 from kvortex_core.data.layouts import detect_layout
-from kvortex_core.data.rows import _alias
+from kvortex_core.data.rows import alias_bytes
 
 dev = torch.device("cuda")
 shape = tp.LLAMA_8B
@@ -18,7 +18,7 @@ rp, d, lay = te._rows, te._save, te.layout
 chunks = tp.random_chunks(layout.num_blocks, 8192, 16, 256, 1)[:2]
 c, n = len(chunks), len(chunks[0])
 host = torch.empty(4096, dtype=torch.int64, pin_memory=True)
-uva = _alias(host.data_ptr(), host.numel() * 8, dev).view(torch.int64)
+uva = alias_bytes(host.data_ptr(), host.numel() * 8, dev).view(torch.int64)
 offsets = rp.block_offsets(lay.block_size, lay.kv_count, lay.num_kv_heads)
 lk, inner = offsets.shape
 off4 = offsets.view(1, lk, 1, inner)

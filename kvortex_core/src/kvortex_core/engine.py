@@ -438,7 +438,7 @@ class KVortexEngine:
             out["layout"] = {"kind": reg.layout.kind, "stride_order": reg.layout.stride_order,
                              "num_layers": reg.layout.num_layers, "dtype": str(reg.layout.dtype),
                              "chunk_bytes": reg.layout.chunk_bytes(self.config.chunk_tokens),
-                             "row_gather": reg.transfer.row_gather}
+                             "row_gather": reg.transfer.row_gather, "gather": reg.transfer.gather_mode}
             out["pool"] = reg.tiers.pool.stats().to_dict()
         return out
 

@@ -1,8 +1,8 @@
 """The transfer engine: paged KV between device blocks and canonical chunk payloads.
 
 Save gathers the scattered blocks of a batch of chunks on the device into a staging
-buffer (one ``index_select`` over a row alias of all layers, see :mod:`.rows`; one per
-layer as a fallback), then moves the batch with one DMA per chunk range into the pinned
+buffer (one ``index_select`` of the block ids over a strided view of all layers, or over a
+row alias of all layers, see :mod:`.rows`; one per layer as a last resort), then moves the batch with one DMA per chunk range into the pinned
 slot; load is the reverse (one DMA in, one ``index_copy_`` out). Staging is double-buffered
 and bounded: while batch i is in flight over PCIe, batch i+1 is gathered into the
 other half. Everything runs on dedicated side streams, ordered after the caller's
@@ -31,8 +31,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from kvortex_core.data.ids import IdsArena
 from kvortex_core.data.layouts import KVLayout, layer_views
-from kvortex_core.data.rows import RowPlan, build_row_plan
+from kvortex_core.data.rows import RowPlan, StridedPlan, build_row_plan, build_strided_plan
 from kvortex_core.data.streams import (
     StreamSet,
     TransferTimeoutError,
@@ -47,6 +48,13 @@ __all__ = ["TransferEngine", "TransferHandle", "TransferTimeoutError"]
 
 _LAYERWISE_UNIT_BYTES = 4 * 1024**2
 _DRAIN_BYTES = 2 * 1024**2
+
+#: ``gather`` modes of :class:`TransferEngine`.
+GATHER_MODES = ("auto", "strided", "rows", "layers")
+
+#: "auto" takes the strided plan when a staging half holds at most this many chunks: it costs
+#: one kernel per chunk, the row plan one per batch (plus a row table per call).
+_STRIDED_MAX_CHUNKS_PER_BATCH = 8
 
 
 @dataclass(frozen=True)
@@ -87,6 +95,8 @@ class TransferHandle:
     other_events: list[Any] = field(default_factory=list)
     #: The stream set that takes this handle's events back once it completed (None: dropped).
     home: StreamSet | None = None
+    #: Called once the transfer completed (gives back what its kernels read, e.g. an ids region).
+    on_retire: list[Callable[[], None]] = field(default_factory=list)
     _cond: threading.Condition = field(default_factory=threading.Condition, repr=False)
     _enqueued: bool = True
     _error: BaseException | None = None
@@ -106,6 +116,9 @@ class TransferHandle:
             events.append(self.done_event)
             self.done_event, self.chunk_events, self.layer_events, self.other_events = None, [], [], []
             keep, self.keepalive = self.keepalive, []
+            release, self.on_retire = self.on_retire, []
+        for fn in release:
+            fn()
         if self.home is not None:
             self.home.recycle(events)
             self.home.defer(keep)  # freed while a later transfer waits (see StreamSet.defer)
@@ -213,6 +226,13 @@ class _Direction:
         self._ids_dev: torch.Tensor | None = None
         self._ids_read: Any = None  # the last upload's copy event
         self._ids_views: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._arena: IdsArena | None | bool = False  # False: not made yet; None: unavailable
+
+    def arena(self) -> IdsArena | None:
+        """Pinned ids read in place by the device (CUDA only; made on first use)."""
+        if self._arena is False:
+            self._arena = IdsArena.create(self.streams.device) if self.streams.cuda else None
+        return self._arena  # type: ignore[return-value]
 
     def upload_ids(self, ids: list[list[int]]) -> torch.Tensor:
         """``ids`` (``[C, n]`` block ids) as an int64 device tensor, through a reused pinned buffer.
@@ -293,6 +313,7 @@ class TransferEngine:
         staging_bytes: int = 32 * 1024**2,
         num_streams: int = 2,
         device: torch.device | str | None = None,
+        gather: str = "auto",
     ) -> None:
         if chunk_tokens <= 0 or chunk_tokens % layout.block_size:
             raise LayoutError(
@@ -306,15 +327,23 @@ class TransferEngine:
         self.device = torch.device(device) if device is not None else self.views[0].device
         if self.views[0].device != self.device:
             raise LayoutError(f"KV caches live on {self.views[0].device} but device={self.device} was given")
-        self._keep = kv_caches  # the row alias below does not own the memory
-        self._rows: RowPlan | None = build_row_plan(self.views, kv_caches)
-        # Fallback, one kernel per layer: [K, B, N, H, D] per layer, block ids index dim 1.
-        self._views_t = [v.transpose(0, 1) for v in self.views]
+        if gather not in GATHER_MODES:
+            raise LayoutError(f"gather={gather!r} is not one of {', '.join(GATHER_MODES)}")
         # One layer of one full chunk must fit a staging half.
         half = max(int(staging_bytes) // 2, layout.layer_bytes(chunk_tokens))
         self.half_bytes = half
+        self._keep = kv_caches  # the views and aliases below do not own the memory
+        strided = build_strided_plan(self.views) if gather in ("auto", "strided") else None
+        if (gather == "auto" and strided is not None
+                and layout.chunk_bytes(chunk_tokens) * _STRIDED_MAX_CHUNKS_PER_BATCH < half):
+            strided = None  # many small chunks per batch: the row plan's one kernel per batch wins
+        self._strided: StridedPlan | None = strided
+        self._rows: RowPlan | None = (build_row_plan(self.views, kv_caches)
+                                      if strided is None and gather != "layers" else None)
+        # Fallback, one kernel per layer: [K, B, N, H, D] per layer, block ids index dim 1.
+        self._views_t = [v.transpose(0, 1) for v in self.views]
         self._plans: dict[tuple[Any, ...], list[list[_Unit]]] = {}
-        self._stage_views: dict[tuple[int, int, int], torch.Tensor] = {}
+        self._stage_views: dict[tuple[int, ...], torch.Tensor] = {}
         self._save = _Direction(self.device, num_streams, half)
         self._load = _Direction(self.device, num_streams, half)
 
@@ -323,7 +352,12 @@ class TransferEngine:
     @property
     def row_gather(self) -> bool:
         """True when one kernel moves all layers of a unit (see :mod:`kvortex_core.data.rows`)."""
-        return self._rows is not None
+        return self._rows is not None or self._strided is not None
+
+    @property
+    def gather_mode(self) -> str:
+        """How blocks are gathered and scattered: "strided", "rows" or "layers" (see :mod:`.rows`)."""
+        return "strided" if self._strided is not None else "rows" if self._rows is not None else "layers"
 
     def save(self, block_ids_per_chunk: Sequence[Sequence[int]], dst: Sequence[torch.Tensor], *,
              inline: bool = False, checked: bool = False) -> TransferHandle:
@@ -457,6 +491,8 @@ class TransferEngine:
         tail = max(1, _DRAIN_BYTES // lb)
         if drain_last and not layer_major and layers.stop - tail > layers.start:
             cuts.add(layers.stop - tail)
+        if self._strided is not None:  # a unit's layers lie in one strided view
+            cuts.update(x for x in self._strided.starts if layers.start < x < layers.stop)
         return [(a, b, a * lb, (b - a) * lb) for a, b in pairwise(sorted(cuts))]
 
     def _layer_group(self, layer_bytes: int) -> int:
@@ -466,10 +502,25 @@ class TransferEngine:
         cap = max(1, min(self.layout.num_layers // 4, self.half_bytes // layer_bytes))
         return max(1, min(want, cap))
 
-    def _index_tensors(self, blocks: list[list[int]], d: _Direction) -> Any:
+    def _index_tensors(self, blocks: list[list[int]], d: _Direction, handle: TransferHandle) -> Any:
         """Device indices: row numbers ``[C, L, K, n, ...]`` with a row plan, else per-chunk block ids."""
         lay = self.layout
         streams = d.streams
+        if self._strided is not None:
+            width = max(len(ids) for ids in blocks)
+            padded = [ids + ids[:1] * (width - len(ids)) for ids in blocks]
+            arena = d.arena()
+            lent = arena.take(padded) if arena is not None else None
+            if lent is not None:  # read in place by the kernels; the region returns once they ran
+                region, rows = lent
+                handle.on_retire.append(lambda: arena.give(region))  # type: ignore[union-attr]
+                return rows
+            host = torch.tensor(padded, dtype=torch.int64)
+            with streams.on(streams.first):
+                dev = host.pin_memory().to(self.device, non_blocking=True) if streams.cuda else host
+            if streams.cuda and streams.second is not streams.first:
+                dev.record_stream(streams.second)
+            return list(dev.unbind(0))
         if self._rows is not None:
             width = max(len(ids) for ids in blocks)
             with streams.on(streams.first):  # one kernel: precomputed offsets + block id * block stride
@@ -507,7 +558,7 @@ class TransferEngine:
             for u in batch:
                 remaining[u.chunk] += 1
         with d.lock:
-            idx = self._index_tensors(blocks, d)
+            idx = self._index_tensors(blocks, d, handle)
             handle.keepalive.append(idx)
             for k, batch in enumerate(batches):
                 # the caller's event orders the first batch; later ones follow it in stream order
@@ -573,7 +624,7 @@ class TransferEngine:
         return self._cached_view((stage.data_ptr(), u.stage_offset, u.nbytes),
                                  lambda: stage[u.stage_offset:u.stage_offset + u.nbytes])
 
-    def _cached_view(self, key: tuple[int, int, int], make: Callable[[], torch.Tensor]) -> torch.Tensor:
+    def _cached_view(self, key: tuple[int, ...], make: Callable[[], torch.Tensor]) -> torch.Tensor:
         """Views of the staging halves by (address, offset, size); a unit of size 0 never exists."""
         view = self._stage_views.get(key)
         if view is None:
@@ -602,7 +653,25 @@ class TransferEngine:
         src = self._unit_view(u, stage)[:, :, skip:]
         return src.reshape(-1, self._rows.row_elems).view(wide.dtype)
 
+    def _strided_stage(self, u: _Unit, stage: torch.Tensor) -> torch.Tensor:
+        """The unit's staging bytes as ``[layers, K, blocks, N, H, D']`` in the strided plan's dtype."""
+        plan = self._strided
+        assert plan is not None
+        lay = self.layout
+
+        def make() -> torch.Tensor:
+            flat = stage[u.stage_offset:u.stage_offset + u.nbytes].view(plan.dtype)
+            return flat.view(u.l1 - u.l0, lay.kv_count, u.blocks, lay.block_size, lay.num_kv_heads, -1)
+
+        return self._cached_view((stage.data_ptr(), u.stage_offset, u.nbytes, u.blocks), make)
+
     def _gather(self, u: _Unit, idx: Any, stage: torch.Tensor) -> None:
+        if self._strided is not None:
+            ids = idx[u.chunk]
+            if u.blocks < ids.shape[0]:
+                ids = ids[:u.blocks]
+            torch.index_select(self._strided.view(u.l0, u.l1), 2, ids, out=self._strided_stage(u, stage))
+            return
         if self._rows is not None:
             rows = self._rows.unit_rows(idx, u.chunk, u.l0, u.l1, u.blocks)
             wide = self._rows.wide_rows
@@ -632,6 +701,13 @@ class TransferEngine:
 
     def _scatter(self, u: _Unit, idx: Any, stage: torch.Tensor, skip: int) -> None:
         if skip >= u.blocks:
+            return
+        if self._strided is not None:
+            ids = idx[u.chunk]
+            if skip or u.blocks < ids.shape[0]:
+                ids = ids[skip:u.blocks]
+            src = self._strided_stage(u, stage)
+            self._strided.view(u.l0, u.l1).index_copy_(2, ids, src[:, :, skip:] if skip else src)
             return
         if self._rows is not None:
             rows = self._rows.unit_rows(idx, u.chunk, u.l0, u.l1, u.blocks, skip)
@@ -685,7 +761,7 @@ class _LoadJob:
                 batch = self.batches.popleft()
                 with self.d.lock:
                     if self.idx is None:  # computed on the direction's stream, once
-                        self.idx = self.te._index_tensors(self.blocks, self.d)
+                        self.idx = self.te._index_tensors(self.blocks, self.d, self.handle)
                         self.handle.keepalive.append(self.idx)
                     event = self.te._load_batch(self.d, batch, self.idx, self.skips, self.src, self.in_use)
                     self.handle.other_events.append(event)
