@@ -77,7 +77,9 @@ def main() -> None:
     patch(transfer_mod, "event_wait", "ew")
     for name in ("_check", "_units", "_index_tensors", "_enqueue_save", "_gather", "_load_batch"):
         patch(te, name, name)
-    patch(te._rows, "call_rows", "rows")
+    if te._rows is not None:
+        patch(te._rows, "call_rows", "rows")
+    print("gather:", te.gather_mode, flush=True)
     patch(reg.hasher, "keys", "hash")
     patch(reg.tiers, "begin_save", "bsave")
     patch(reg.tiers, "begin_load", "bload")

@@ -102,12 +102,12 @@ def test_loads_queued_behind_a_busy_stream_upload_ids_without_blocking() -> None
     """A block-id upload still waiting on the direction's stream makes the next upload use a
     fresh pinned tensor (no host block); both loads land byte-exact, in order."""
     caches, _, block = ks.flash_attn(L, B, N, H, D, torch.bfloat16, seed=3, device="cuda")
-    te = TransferEngine(caches, detect_layout(caches), chunk_tokens=CHUNK, staging_bytes=100_000)
+    te = TransferEngine(caches, detect_layout(caches), chunk_tokens=CHUNK, staging_bytes=100_000, gather="rows")
     chunks = [[3, 50, 7, 9], [60, 1, 2, 33]]
     bufs = _pinned(te.layout, len(chunks))
     te.save(chunks, bufs).wait()
     twin, _, _ = ks.flash_attn(L, B, N, H, D, torch.bfloat16, seed=4, device="cuda")
-    te2 = TransferEngine(twin, detect_layout(twin), chunk_tokens=CHUNK, staging_bytes=100_000)
+    te2 = TransferEngine(twin, detect_layout(twin), chunk_tokens=CHUNK, staging_bytes=100_000, gather="rows")
     te2.load(bufs, [[0, 1, 2, 3], [4, 5, 6, 7]], inline=True).wait()  # buffers allocated
     first = te2._load.streams.first
     with torch.cuda.stream(first):
@@ -149,3 +149,53 @@ def test_completed_handles_hand_their_events_back_and_reuse_is_byte_exact() -> N
                 assert all(_same(block(caches, layer, n), block(caches, layer, o)) for layer in range(L))
     assert first.done()
     first.wait(timeout=1.0)  # a retired handle returns at once
+
+
+@pytest.mark.parametrize("name", sorted(ks.all_layouts(2, 4, 16, 1, 8, torch.bfloat16)))
+@pytest.mark.parametrize("gather", ["strided", "rows", "layers"])
+def test_every_gather_mode_on_cuda_matches_the_cpu_payload(name: str, gather: str) -> None:
+    caches, hints, block = ks.all_layouts(L, B, N, H, D, torch.bfloat16, seed=3, device="cuda")[name]
+    layout = detect_layout(caches, hints)
+    te = TransferEngine(caches, layout, chunk_tokens=CHUNK, staging_bytes=100_000, gather=gather)
+    assert te.gather_mode == gather
+    chunks = [[3, 50, 7, 9], [60, 1, 2, 33], [10, 11]]
+    bufs = _pinned(layout, len(chunks))
+    te.save(chunks, bufs).wait()
+    cpu_caches = ks.all_layouts(L, B, N, H, D, torch.bfloat16, seed=3, device="cpu")[name][0]
+    cpu_te = TransferEngine(cpu_caches, detect_layout(cpu_caches, hints), chunk_tokens=CHUNK, gather="layers")
+    cpu_bufs = [torch.zeros_like(b) for b in bufs]
+    cpu_te.save(chunks, cpu_bufs).wait()
+    assert all(torch.equal(a, b) for a, b in zip(bufs, cpu_bufs, strict=True))
+    twin, _, tblock = ks.all_layouts(L, B, N, H, D, torch.bfloat16, seed=4, device="cuda")[name]
+    te2 = TransferEngine(twin, detect_layout(twin, hints), chunk_tokens=CHUNK, staging_bytes=100_000,
+                         gather=gather)
+    te2.load(bufs, [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]], skip_blocks=2).wait()
+    for o, n in zip([7, 9, 60, 1, 2, 33, 10, 11], [2, 3, 4, 5, 6, 7, 8, 9], strict=True):
+        assert all(torch.equal(tblock(twin, layer, n), block(caches, layer, o)) for layer in range(L))
+
+
+def test_ids_read_in_place_return_their_region_and_overflow_to_uploads() -> None:
+    """More transfers in flight than the arena has regions: the rest upload their ids another way; every
+    region comes back once its transfer completed; all bytes exact."""
+    caches, _, block = ks.flash_attn(L, B, N, H, D, torch.bfloat16, seed=5, device="cuda")
+    layout = detect_layout(caches)
+    te = TransferEngine(caches, layout, chunk_tokens=CHUNK, staging_bytes=100_000, gather="strided")
+    arena = te._save.arena()
+    assert arena is not None
+    regions = len(arena._free)
+    x = torch.randn(4096, 4096, device="cuda")
+    for _ in range(10):  # keep the device busy so the saves below stay in flight
+        x = x @ x / 4096
+    jobs = []
+    for i in range(regions + 6):
+        chunks = [[(i + k) % B for k in range(4)], [(2 * i + 1) % B]]
+        bufs = _pinned(layout, 2)
+        jobs.append((te.save(chunks, bufs), chunks, bufs))
+    assert len(arena._free) == 0  # every region lent, the last six transfers uploaded
+    for handle, chunks, bufs in jobs:
+        handle.wait()
+        for ids, buf in zip(chunks, bufs, strict=True):
+            payload = buf.view(torch.bfloat16).view(layout.chunk_payload_shape(CHUNK))[:, :, : len(ids) * N]
+            want = torch.stack([torch.cat([block(caches, layer, b) for b in ids], dim=1) for layer in range(L)])
+            assert torch.equal(payload.cpu(), want.cpu())
+    assert len(arena._free) == regions

@@ -229,9 +229,9 @@ class _Direction:
         self._arena: IdsArena | None | bool = False  # False: not made yet; None: unavailable
 
     def arena(self) -> IdsArena | None:
-        """Pinned ids read in place by the device (CUDA only; made on first use)."""
+        """Per-transfer block-id regions (CUDA only; made on first use)."""
         if self._arena is False:
-            self._arena = IdsArena.create(self.streams.device) if self.streams.cuda else None
+            self._arena = IdsArena(self.streams.device) if self.streams.cuda else None
         return self._arena  # type: ignore[return-value]
 
     def upload_ids(self, ids: list[list[int]]) -> torch.Tensor:
@@ -510,11 +510,13 @@ class TransferEngine:
             width = max(len(ids) for ids in blocks)
             padded = [ids + ids[:1] * (width - len(ids)) for ids in blocks]
             arena = d.arena()
-            lent = arena.take(padded) if arena is not None else None
-            if lent is not None:  # read in place by the kernels; the region returns once they ran
-                region, rows = lent
-                handle.on_retire.append(lambda: arena.give(region))  # type: ignore[union-attr]
-                return rows
+            if arena is not None:
+                with streams.on(streams.first):
+                    lent = arena.take(padded)
+                if lent is not None:  # the region comes back once this transfer completed
+                    region, rows = lent
+                    handle.on_retire.append(lambda: arena.give(region))
+                    return rows
             host = torch.tensor(padded, dtype=torch.int64)
             with streams.on(streams.first):
                 dev = host.pin_memory().to(self.device, non_blocking=True) if streams.cuda else host
