@@ -68,7 +68,7 @@ def case(name, shape, unified, raw, dev) -> None:
     v = strided_view(te.views)
     print(name, "uniform:", v is not None, "row bytes", rp.row_bytes, flush=True)
     ptrs = [t.data_ptr() for t in te.views]
-    print("  layer steps (bytes):", sorted({b - a for a, b in zip(ptrs, ptrs[1:], strict=False)})[:8],
+    print("  layer steps (bytes):", sorted({b - a for a, b in itertools.pairwise(ptrs)})[:8],
           "runs:", 1 + sum(1 for i in range(2, len(ptrs)) if ptrs[i] - ptrs[i - 1] != ptrs[i - 1] - ptrs[i - 2]),
           flush=True)
     if v is None:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import gc
 import os
-import sys
 import statistics
+import sys
 import threading
 import time
 
