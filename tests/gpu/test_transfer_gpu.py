@@ -177,7 +177,7 @@ def test_every_gather_mode_on_cuda_matches_the_cpu_payload(name: str, gather: st
 def test_ids_read_in_place_return_their_region_and_overflow_to_uploads() -> None:
     """More transfers in flight than the arena has regions: the rest upload their ids another way; every
     region comes back once its transfer completed; all bytes exact."""
-    caches, _, block = ks.flash_attn(L, B, N, H, D, torch.bfloat16, seed=5, device="cuda")
+    caches, _, block = ks.cross_layer(L, B, N, H, D, torch.bfloat16, seed=5, device="cuda")
     layout = detect_layout(caches)
     te = TransferEngine(caches, layout, chunk_tokens=CHUNK, staging_bytes=100_000, gather="strided")
     arena = te._save.arena()
@@ -190,7 +190,7 @@ def test_ids_read_in_place_return_their_region_and_overflow_to_uploads() -> None
     for i in range(regions + 6):
         chunks = [[(i + k) % B for k in range(4)], [(2 * i + 1) % B]]
         bufs = _pinned(layout, 2)
-        jobs.append((te.save(chunks, bufs), chunks, bufs))
+        jobs.append((te.save(chunks, bufs, inline=True), chunks, bufs))
     assert len(arena._free) == 0  # every region lent, the last six transfers uploaded
     for handle, chunks, bufs in jobs:
         handle.wait()

@@ -334,12 +334,18 @@ class TransferEngine:
         self.half_bytes = half
         self._keep = kv_caches  # the views and aliases below do not own the memory
         strided = build_strided_plan(self.views) if gather in ("auto", "strided") else None
+        if gather == "strided" and strided is None:
+            raise LayoutError("gather='strided' needs layers of one shape and strides with a contiguous "
+                              "head dimension, at most 8 groups of evenly spaced layers; use gather='auto'")
         if (gather == "auto" and strided is not None
                 and layout.chunk_bytes(chunk_tokens) * _STRIDED_MAX_CHUNKS_PER_BATCH < half):
             strided = None  # many small chunks per batch: the row plan's one kernel per batch wins
         self._strided: StridedPlan | None = strided
         self._rows: RowPlan | None = (build_row_plan(self.views, kv_caches)
                                       if strided is None and gather != "layers" else None)
+        if gather == "rows" and self._rows is None:
+            raise LayoutError("gather='rows' needs layer strides and offsets that divide into rows of at "
+                              "least 16 bytes; use gather='auto'")
         # Fallback, one kernel per layer: [K, B, N, H, D] per layer, block ids index dim 1.
         self._views_t = [v.transpose(0, 1) for v in self.views]
         self._plans: dict[tuple[Any, ...], list[list[_Unit]]] = {}
