@@ -199,3 +199,21 @@ def test_ids_read_in_place_return_their_region_and_overflow_to_uploads() -> None
             want = torch.stack([torch.cat([block(caches, layer, b) for b in ids], dim=1) for layer in range(L)])
             assert torch.equal(payload.cpu(), want.cpu())
     assert len(arena._free) == regions
+    # loads: the ones past the arena scatter from their own copy of the uploaded ids
+    twin, _, tblock = ks.cross_layer(L, B, N, H, D, torch.bfloat16, seed=6, device="cuda")
+    te2 = TransferEngine(twin, detect_layout(twin), chunk_tokens=CHUNK, staging_bytes=100_000, gather="strided")
+    for _ in range(10):
+        x = x @ x / 4096
+    loads = []
+    for i, (_, chunks, bufs) in enumerate(jobs):
+        dst = [[(5 * i + k) % B for k in range(4)], [(5 * i + 4) % B]]
+        loads.append((te2.load(bufs, dst, inline=True), chunks, dst))
+        if i % 8 == 7:  # a few land in between (their regions come back), most stay in flight
+            loads[-1][0].wait()
+    for handle, _, _ in loads:
+        handle.wait()
+    handle, chunks, dst = loads[-1]  # later loads overwrite earlier destinations: check the last
+    for src_ids, dst_ids in zip(chunks, dst, strict=True):
+        for o, n in zip(src_ids, dst_ids, strict=True):
+            assert all(torch.equal(tblock(twin, layer, n), block(caches, layer, o)) for layer in range(L))
+    assert len(te2._load.arena()._free) == len(arena._free)

@@ -523,11 +523,12 @@ class TransferEngine:
                     region, rows = lent
                     handle.on_retire.append(lambda: arena.give(region))
                     return rows
-            host = torch.tensor(padded, dtype=torch.int64)
-            with streams.on(streams.first):
-                dev = host.pin_memory().to(self.device, non_blocking=True) if streams.cuda else host
-            if streams.cuda and streams.second is not streams.first:
-                dev.record_stream(streams.second)
+            with streams.on(streams.first):  # no region free (many transfers in flight)
+                dev = d.upload_ids(padded)
+                if d is self._load and streams.cuda and streams.second is not streams.first:
+                    # scattered on the second stream: the next upload must not overwrite it first
+                    dev = dev.clone()
+                    dev.record_stream(streams.second)
             return list(dev.unbind(0))
         if self._rows is not None:
             width = max(len(ids) for ids in blocks)
