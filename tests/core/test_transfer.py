@@ -255,12 +255,21 @@ def test_strided_plan_splits_unevenly_spaced_layers_into_runs() -> None:
     assert TransferEngine(scattered, detect_layout(scattered), chunk_tokens=CHUNK).gather_mode == "rows"
 
 
-def test_auto_gather_takes_the_row_plan_for_many_small_chunks_per_batch() -> None:
-    caches, _, _ = ks.flash_attn(L, B, N, H, D, torch.float16)
+def test_auto_gather_takes_the_strided_plan_only_where_it_was_measured_to_pay() -> None:
+    """One group of evenly spaced layers, tokens outside heads, few chunks per batch: strided;
+    several groups, an HND view, or many small chunks per batch: the row plan."""
+    caches, _, _ = ks.cross_layer(L, B, N, H, D, torch.float16)
     layout = detect_layout(caches)
-    small = TransferEngine(caches, layout, chunk_tokens=CHUNK, staging_bytes=64 * layout.chunk_bytes(CHUNK))
-    big = TransferEngine(caches, layout, chunk_tokens=CHUNK, staging_bytes=4 * layout.chunk_bytes(CHUNK))
-    assert (small.gather_mode, big.gather_mode) == ("rows", "strided")
+    chunk = layout.chunk_bytes(CHUNK)
+    assert TransferEngine(caches, layout, chunk_tokens=CHUNK, staging_bytes=4 * chunk).gather_mode == "strided"
+    assert TransferEngine(caches, layout, chunk_tokens=CHUNK, staging_bytes=64 * chunk).gather_mode == "rows"
+    uneven = _spaced_layers([0, 0, 40, 0, 0, 0])
+    assert TransferEngine(uneven, detect_layout(uneven), chunk_tokens=CHUNK,
+                          staging_bytes=4 * chunk).gather_mode == "rows"
+    flat = torch.randn(L, 2, B, H, N, D, dtype=torch.float16)  # one buffer, HND pages
+    hnd = [flat[i].transpose(2, 3) for i in range(L)]
+    assert TransferEngine(hnd, detect_layout(hnd), chunk_tokens=CHUNK, staging_bytes=4 * chunk).gather_mode == "rows"
+    assert TransferEngine(hnd, detect_layout(hnd), chunk_tokens=CHUNK, gather="strided").gather_mode == "strided"
     with pytest.raises(LayoutError, match="gather='fast' is not one of auto, strided, rows, layers"):
         TransferEngine(caches, layout, chunk_tokens=CHUNK, gather="fast")
 

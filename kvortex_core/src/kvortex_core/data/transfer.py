@@ -337,9 +337,8 @@ class TransferEngine:
         if gather == "strided" and strided is None:
             raise LayoutError("gather='strided' needs layers of one shape and strides with a contiguous "
                               "head dimension, at most 8 groups of evenly spaced layers; use gather='auto'")
-        if (gather == "auto" and strided is not None
-                and layout.chunk_bytes(chunk_tokens) * _STRIDED_MAX_CHUNKS_PER_BATCH < half):
-            strided = None  # many small chunks per batch: the row plan's one kernel per batch wins
+        if gather == "auto" and strided is not None and not _strided_pays(strided, layout, chunk_tokens, half):
+            strided = None
         self._strided: StridedPlan | None = strided
         self._rows: RowPlan | None = (build_row_plan(self.views, kv_caches)
                                       if strided is None and gather != "layers" else None)
@@ -784,6 +783,21 @@ class _LoadJob:
                 self.finished = True
                 self.handle.done_event = self.d.streams.record(self.d.streams.second, self.d.free_events)
                 self.handle.advance = None
+
+
+def _strided_pays(plan: StridedPlan, layout: KVLayout, chunk_tokens: int, half: int) -> bool:
+    """Whether "auto" takes the strided plan over the row plan (measured on an H100, see
+    docs/benchmarks/transfer.md): only for one group of evenly spaced layers (each further
+    group splits every chunk's copy in more, smaller units: MLA saves and loads of 32K tokens
+    fell from 0.95-0.96 to 0.90-0.92 of raw with 6 groups), with tokens outside heads in memory
+    (an HND view makes the kernel transpose: the vLLM worker's HND saves fell to 0.67), and
+    few chunks per staging half (one kernel per chunk against the row plan's one per batch).
+    """
+    if len(plan.runs) != 1 or layout.chunk_bytes(chunk_tokens) * _STRIDED_MAX_CHUNKS_PER_BATCH < half:
+        return False
+    view = plan.runs[0][2]  # [L, K, B, N, H, D']
+    n, h = view.shape[3], view.shape[4]
+    return n == 1 or h == 1 or view.stride(3) == h * view.stride(4)
 
 
 def _payload_range(buf: torch.Tensor, u: _Unit) -> torch.Tensor:
