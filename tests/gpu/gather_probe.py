@@ -1,7 +1,9 @@
-"""Scratch probe: gather one chunk through a strided view of all layers (block ids as the index,
-no row table) against the row-table gather; GPU time, host time cold, byte equality.
+"""One chunk gathered through a strided view of all layers (block ids as the index, no row
+table) against the row-table gather: byte equality, GPU time of each kernel (also with the ids
+read in place from pinned memory), host time on a cold path, and the layers' address steps.
 
-. tests/gpu/device_env.sh && python3 tests/gpu/gather_probe.py
+Run on the GPU box: . tests/gpu/device_env.sh && python3 tests/gpu/gather_probe.py
+Not collected by pytest (no ``test_`` prefix). Results: docs/benchmarks/transfer.md.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ completed: the host writes the ids, one ``copy_`` moves them, and nothing else i
 
 (Kernels could read the pinned region in place through unified addressing, with no copy at
 all; measured on an H100 that made every gather read its ids over PCIe, competing with the
-DMAs: saves and loads of 8K tokens lost 3-7 % against the row plan, so the copy stays.)
+DMAs: saves and loads of 8K tokens lost 2-7 % against the row plan, so the copy stays.)
 """
 
 from __future__ import annotations
