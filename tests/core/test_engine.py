@@ -128,6 +128,29 @@ def test_engine_with_other_layouts(name: str) -> None:
         assert _same_blocks(caches, block, [5, 9, 1, 3, 60, 61, 62, 70], list(range(80, 88)))
 
 
+@pytest.mark.parametrize("gather", ["auto", "strided", "rows", "layers"])
+def test_transfer_gather_setting_picks_the_plan(gather: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``transfer.gather`` (here from the environment) reaches the transfer engine; every plan
+    stores and loads the same bytes; a plan that does not fit fails registration by name."""
+    monkeypatch.setenv("KVORTEX_TRANSFER__GATHER", gather)
+    caches, _, block = ks.cross_layer(L, B, N, H, D, torch.bfloat16)
+    with KVortexEngine.create(_config()) as engine:
+        engine.register_kv_caches(caches)
+        want = {"auto": ("strided", "rows"), "strided": ("strided",), "rows": ("rows",), "layers": ("layers",)}
+        assert engine.stats()["layout"]["gather"] in want[gather]
+        tokens = list(range(2 * CHUNK))
+        assert engine.save(tokens, [5, 9, 1, 3, 60, 61, 62, 70]) == 2 * CHUNK
+        assert engine.load(tokens, list(range(80, 88))) == 2 * CHUNK
+        assert _same_blocks(caches, block, [5, 9, 1, 3, 60, 61, 62, 70], list(range(80, 88)))
+    if gather == "strided":  # 20 layers, each at its own distance: no strided view fits
+        size = 2 * B * N * H * D
+        flat = torch.zeros(20 * size + 8 * 210, dtype=torch.bfloat16)
+        starts = [i * size + 8 * i * (i + 1) // 2 for i in range(20)]
+        uneven = [flat[a:a + size].view(2, B, N, H, D) for a in starts]
+        with KVortexEngine.create(_config()) as engine, pytest.raises(LayoutError, match="gather='strided' needs"):
+            engine.register_kv_caches(uneven)
+
+
 def test_model_identity_separates_keys() -> None:
     caches, _, _ = ks.flash_attn(L, B, N, H, D, torch.bfloat16)
     tokens = list(range(CHUNK))

@@ -75,6 +75,9 @@ class TransferConfig(_Section):
         description="GPU staging buffer size (measured: 64MiB beats 32 and 128 on H100)",
     )
     layerwise: bool = Field(True, description="load layer by layer so compute overlaps the copy")
+    gather: Literal["auto", "strided", "rows", "layers"] = Field(
+        "auto", description="how blocks are gathered on the GPU: auto picks per layout (docs/engine.md)"
+    )
 
     @field_validator("staging_bytes")
     @classmethod
