@@ -180,7 +180,7 @@ def test_ids_read_in_place_return_their_region_and_overflow_to_uploads() -> None
     caches, _, block = ks.cross_layer(L, B, N, H, D, torch.bfloat16, seed=5, device="cuda")
     layout = detect_layout(caches)
     te = TransferEngine(caches, layout, chunk_tokens=CHUNK, staging_bytes=100_000, gather="strided")
-    arena = te._save.arena()
+    arena = te._save.arena
     assert arena is not None
     regions = len(arena._free)
     x = torch.randn(4096, 4096, device="cuda")
@@ -217,4 +217,4 @@ def test_ids_read_in_place_return_their_region_and_overflow_to_uploads() -> None
     for src_ids, dst_ids in zip(chunks, dst, strict=True):
         for o, n in zip(src_ids, dst_ids, strict=True):
             assert all(torch.equal(tblock(twin, layer, n), block(caches, layer, o)) for layer in range(L))
-    assert len(te2._load.arena()._free) == len(arena._free)
+    assert len(te2._load.arena._free) == len(arena._free)

@@ -18,7 +18,7 @@ Payload byte layout of one chunk of ``t`` tokens: ``[layers, kv, t, heads, head_
 
 from __future__ import annotations
 
-import array
+import functools
 import threading
 import time
 from collections import deque
@@ -28,10 +28,9 @@ from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Any
 
-import numpy as np
 import torch
 
-from kvortex_core.data.ids import IdsArena
+from kvortex_core.data.ids import IdsArena, flat_ids
 from kvortex_core.data.layouts import KVLayout, layer_views
 from kvortex_core.data.rows import RowPlan, StridedPlan, build_row_plan, build_strided_plan
 from kvortex_core.data.streams import (
@@ -226,13 +225,11 @@ class _Direction:
         self._ids_dev: torch.Tensor | None = None
         self._ids_read: Any = None  # the last upload's copy event
         self._ids_views: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        self._arena: IdsArena | None | bool = False  # False: not made yet; None: unavailable
 
+    @functools.cached_property
     def arena(self) -> IdsArena | None:
         """Per-transfer block-id regions (CUDA only; made on first use)."""
-        if self._arena is False:
-            self._arena = IdsArena(self.streams.device) if self.streams.cuda else None
-        return self._arena  # type: ignore[return-value]
+        return IdsArena(self.streams.device) if self.streams.cuda else None
 
     def upload_ids(self, ids: list[list[int]]) -> torch.Tensor:
         """``ids`` (``[C, n]`` block ids) as an int64 device tensor, through a reused pinned buffer.
@@ -269,10 +266,7 @@ class _Direction:
         if busy:  # the pinned allocator keeps this one alive until its copy ran
             host = torch.tensor(ids, dtype=torch.int64).view(-1).pin_memory()
         else:
-            flat = array.array("q")
-            for row in ids:
-                flat.fromlist(row)
-            self._ids_np[:size] = np.frombuffer(flat, dtype=np.int64)
+            self._ids_np[:size] = flat_ids(ids)
         dev.copy_(host, non_blocking=True)  # the caller made streams.first current
         if self._ids_read is None:
             self._ids_read = torch.cuda.Event()
@@ -511,24 +505,15 @@ class TransferEngine:
         """Device indices: row numbers ``[C, L, K, n, ...]`` with a row plan, else per-chunk block ids."""
         lay = self.layout
         streams = d.streams
-        if self._strided is not None:
+        if self._strided is not None and (arena := d.arena) is not None:
             width = max(len(ids) for ids in blocks)
-            padded = [ids + ids[:1] * (width - len(ids)) for ids in blocks]
-            arena = d.arena()
-            if arena is not None:
-                with streams.on(streams.first):
-                    lent = arena.take(padded)
-                if lent is not None:  # the region comes back once this transfer completed
-                    region, rows = lent
-                    handle.on_retire.append(lambda: arena.give(region))
-                    return rows
-            with streams.on(streams.first):  # no region free (many transfers in flight)
-                dev = d.upload_ids(padded)
-                if d is self._load and streams.cuda and streams.second is not streams.first:
-                    # scattered on the second stream: the next upload must not overwrite it first
-                    dev = dev.clone()
-                    dev.record_stream(streams.second)
-            return list(dev.unbind(0))
+            with streams.on(streams.first):
+                lent = arena.take([ids + ids[:1] * (width - len(ids)) for ids in blocks])
+            if lent is not None:  # the region comes back once this transfer completed
+                region, rows = lent
+                handle.on_retire.append(lambda: arena.give(region))
+                return rows
+            # no region free (many transfers in flight): block ids per chunk, as for "layers"
         if self._rows is not None:
             width = max(len(ids) for ids in blocks)
             with streams.on(streams.first):  # one kernel: precomputed offsets + block id * block stride
