@@ -21,7 +21,8 @@ cross-layer caches allocate them, or per-layer allocations that landed evenly sp
 its gather cost 70-130 us of host time cold against 16-33 us for the strided gather, and the
 strided kernel is faster on the GPU too: 33 us against 83 + 18 us for a Llama-8B chunk of the
 unified layout, ``tests/gpu/gather_probe.py``). Layers spaced unevenly split into a few such
-views (runs); past ``max_runs`` of them the row plan is used.
+views (runs), past ``max_runs`` of them there is no strided plan; the transfer engine's "auto"
+mode takes it only for a single run (see ``transfer._strided_pays``).
 """
 
 from __future__ import annotations
