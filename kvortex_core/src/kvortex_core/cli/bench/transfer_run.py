@@ -30,8 +30,10 @@ def run_all(device: torch.device, sizes: list[int], *, reps: int, mla_layers: in
     t0 = time.perf_counter()
     if "verify" in parts:
         res["verify"] = tp.verify_layouts(device)
-    for shape, unified in ((llama, True), (llama, False), (mla, False)):
-        _bandwidth(res, shape, device, sizes if shape is llama else [max(sizes)], reps, staging, parts, unified)
+    # MLA from 8K tokens up: in one buffer as vLLM 0.30+ allocates every layer, and per layer (older vLLM)
+    mla_sizes = [s for s in sizes if s >= 8192] or [max(sizes)]
+    for shape, unified in ((llama, True), (llama, False), (mla, True), (mla, False)):
+        _bandwidth(res, shape, device, sizes if shape is llama else mla_sizes, reps, staging, parts, unified)
     res["elapsed_s"] = time.perf_counter() - t0
     return res
 
