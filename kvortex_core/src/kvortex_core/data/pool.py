@@ -234,6 +234,10 @@ class PinnedPool:
         start = slot * self.slot_bytes
         return self._base[start : start + self.slot_bytes]
 
+    def slots_view(self) -> torch.Tensor:
+        """All slots as one ``[num_slots, slot_bytes]`` uint8 tensor (shares the pool memory)."""
+        return self._base.view(self.num_slots, self.slot_bytes)
+
     def buffer(self, slot: int) -> memoryview:
         """The slot as a writable memoryview (for file and socket I/O without a copy)."""
         return memoryview(self.view(slot).numpy()).cast("B")

@@ -59,18 +59,11 @@ class SaveMixin(TierState):
         return leases
 
     def _payload_view(self, slot: int) -> torch.Tensor:
-        view = self._payload_views.get(slot)
-        if view is None:
-            view = self.pool.view(slot)[pl.HEADER_BYTES : pl.HEADER_BYTES + self.payload_bytes]
-            self._payload_views[slot] = view
-        return view
+        return self._payload_views[slot]
 
     def _header_view(self, slot: int) -> memoryview:
-        """The slot's header bytes, writable (cached: a tensor slice per commit costs ~5 us)."""
-        view = self._header_views.get(slot)
-        if view is None:
-            view = self._header_views[slot] = self.pool.buffer(slot)[: pl.HEADER_BYTES]
-        return view
+        """The slot's header bytes, writable."""
+        return self._header_views[slot]
 
     def _allocate_slot(self) -> int | None:
         slot = self.pool.allocate()

@@ -32,5 +32,5 @@ class TierState:
     loop: LoopThread
     _lock: threading.RLock
     _closed: bool
-    _payload_views: dict[int, torch.Tensor]
-    _header_views: dict[int, memoryview]
+    _payload_views: list[torch.Tensor]  # by slot
+    _header_views: list[memoryview]  # by slot

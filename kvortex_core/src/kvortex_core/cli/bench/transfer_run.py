@@ -47,7 +47,10 @@ def _bandwidth(res: dict[str, Any], shape: tp.Shape, device: torch.device, sizes
     hints = {"kv_count": 1} if unified and shape.mla else None
     layout = detect_layout(caches, hints)
     label = f"{shape.name} {'unified-LBNHC' if unified else 'per-layer'}"
-    engine = _engine(parts, caches, layout, max_tokens, staging, hints)
+    extra_tokens = min(max_tokens, 8192 if device.type == "cuda" else max_tokens)
+    # room for the both-directions case too: a stored sequence and every rep's fresh one (when a
+    # save has to evict, it may take chunks of the sequence the concurrent load has not pinned yet)
+    engine = _engine(parts, caches, layout, max(max_tokens, (reps + 4) * extra_tokens // 2), staging, hints)
     try:
         for tokens in sizes:
             raw = tp.raw_copy(layout.chunk_bytes(tokens), device, reps)
@@ -63,7 +66,6 @@ def _bandwidth(res: dict[str, Any], shape: tp.Shape, device: torch.device, sizes
                 case["engine"] = eng
                 _rows(res, f"{label} {tokens} engine", eng, raw)
             res["cases"][f"{label}/{tokens}"] = case
-        extra_tokens = min(max_tokens, 8192 if device.type == "cuda" else max_tokens)
         if "bidir" in parts and device.type == "cuda":
             bidir = res.setdefault("bidir", {})
             bidir[f"{label} te"] = _bidir(shape, caches, layout, extra_tokens, staging, reps)
