@@ -10,6 +10,12 @@ completed: the host writes the ids, one ``copy_`` moves them, and nothing else i
 (Kernels could read the pinned region in place through unified addressing, with no copy at
 all; measured on an H100 that made every gather read its ids over PCIe, competing with the
 DMAs: saves and loads of 8K tokens lost 2-7 % against the row plan, so the copy stays.)
+
+The copy itself is a kernel (:func:`upload`), not a ``copy_``: a host-to-device ``copy_`` is
+a DMA, and a save's id upload then queued behind the host-to-device DMAs of a load running
+at the same time, on the copy engine they share. On an H100 a save's later parts started
+12 ms late that way, after the whole concurrent load (``tests/gpu/bidir_timeline.py``). The
+kernel reads the few KiB of ids over unified addressing once, with no copy engine involved.
 """
 
 from __future__ import annotations
@@ -20,6 +26,23 @@ from collections import deque
 
 import numpy as np
 import torch
+
+
+def upload(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst`` (device) = ``src`` (a device alias of pinned host memory, see :func:`host_alias`),
+    by a kernel on the current stream: it never waits behind DMAs queued on a copy engine."""
+    torch.add(src, 0, out=dst)
+
+
+def host_alias(pinned: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A device tensor over ``pinned`` (page-locked host memory) through unified addressing.
+
+    The caller keeps ``pinned`` alive. Kernels reading it read host memory over PCIe.
+    """
+    from kvortex_core.data.rows import alias_bytes
+
+    nbytes = pinned.numel() * pinned.element_size()
+    return alias_bytes(pinned.data_ptr(), nbytes, device).view(pinned.dtype).view(pinned.shape)
 
 
 def flat_ids(ids: list[list[int]]) -> np.ndarray:
@@ -43,6 +66,7 @@ class IdsArena:
         self.capacity = capacity
         self._host = torch.empty(regions * capacity, dtype=torch.int64, pin_memory=True)
         self._np = self._host.numpy()
+        self._uva = host_alias(self._host, device)  # the same memory, for the upload kernel
         self._dev = torch.empty(regions * capacity, dtype=torch.int64, device=device)
         self._free: deque[int] = deque(range(regions))
         self._views: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]] = {}
@@ -51,14 +75,14 @@ class IdsArena:
     def take(self, ids: list[list[int]]) -> tuple[int, list[torch.Tensor]] | None:
         """A region holding ``ids`` (``[C, n]``, rectangular) and its rows as device tensors, or None.
 
-        The copy is enqueued on the caller's current stream: kernels on that stream read the
-        rows in order; others must be ordered after it (or read them after a later event of it).
+        The upload kernel is enqueued on the caller's current stream: kernels on that stream read
+        the rows in order; others must be ordered after it (or read them after a later event of it).
         """
         c, n = len(ids), len(ids[0])
         if c * n > self.capacity:
             return None
         try:
-            region = self._free.popleft()
+            region = self._free.pop()  # the last one given back: its views and memory are warm
         except IndexError:
             return None
         base = region * self.capacity
@@ -70,9 +94,9 @@ class IdsArena:
                 if len(self._views) >= 1024:
                     self._views.clear()
                 dev = self._dev[base:base + c * n]
-                views = self._views[key] = (self._host[base:base + c * n], dev, list(dev.view(c, n).unbind(0)))
+                views = self._views[key] = (self._uva[base:base + c * n], dev, list(dev.view(c, n).unbind(0)))
         host, dev, rows = views
-        dev.copy_(host, non_blocking=True)
+        upload(dev, host)
         return region, rows
 
     def give(self, region: int) -> None:

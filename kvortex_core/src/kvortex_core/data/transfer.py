@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from kvortex_core.data.ids import IdsArena, flat_ids
+from kvortex_core.data.ids import IdsArena, flat_ids, host_alias, upload
 from kvortex_core.data.layouts import KVLayout, layer_views
 from kvortex_core.data.rows import RowPlan, StridedPlan, build_row_plan, build_strided_plan
 from kvortex_core.data.streams import (
@@ -222,6 +222,7 @@ class _Direction:
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvortex-transfer")
         self._ids_host: torch.Tensor | None = None  # pinned, reused: no allocator call per transfer
         self._ids_np: Any = None  # its numpy view
+        self._ids_uva: Any = None  # its device alias (unified addressing)
         self._ids_dev: torch.Tensor | None = None
         self._ids_read: Any = None  # the last upload's copy event
         self._ids_views: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
@@ -251,6 +252,7 @@ class _Direction:
             grown = max(size, 2 * (self._ids_host.numel() if self._ids_host is not None else 2048))
             self._ids_host = torch.empty(grown, dtype=torch.int64, pin_memory=True)
             self._ids_np = self._ids_host.numpy()
+            self._ids_uva = host_alias(self._ids_host, self.streams.device)  # for the upload kernel
             with self.streams.on(self.streams.first):  # its home stream is the one that reads it
                 self._ids_dev = torch.empty(grown, dtype=torch.int64, device=self.streams.device)
             self._ids_views.clear()
@@ -260,14 +262,14 @@ class _Direction:
             assert self._ids_dev is not None
             if len(self._ids_views) >= 1024:
                 self._ids_views.clear()
-            views = self._ids_views[(c, n)] = (self._ids_host[:size], self._ids_dev[:size],
+            views = self._ids_views[(c, n)] = (self._ids_uva[:size], self._ids_dev[:size],
                                                self._ids_dev[:size].view(c, n))
         host, dev, shaped = views
         if busy:  # the pinned allocator keeps this one alive until its copy ran
-            host = torch.tensor(ids, dtype=torch.int64).view(-1).pin_memory()
+            dev.copy_(torch.tensor(ids, dtype=torch.int64).view(-1).pin_memory(), non_blocking=True)
         else:
             self._ids_np[:size] = flat_ids(ids)
-        dev.copy_(host, non_blocking=True)  # the caller made streams.first current
+            upload(dev, host)  # a kernel, not a DMA (see ids.upload); streams.first is current
         if self._ids_read is None:
             self._ids_read = torch.cuda.Event()
         self._ids_read.record(self.streams.first)  # re-recorded: only the latest upload matters

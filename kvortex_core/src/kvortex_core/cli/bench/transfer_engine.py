@@ -55,6 +55,7 @@ def engine_case(engine: Any, shape: tp.Shape, tokens: int, layout: KVLayout, rep
     nbytes = layout.chunk_bytes(tokens)
     raw = tp.RawCopier(nbytes, device)
     save_s, sealed_s, raw_d2h, saved = [], [], [], []
+    tp.settle()
     for i, seq in enumerate(seqs):
         if i % 2:  # a raw copy right before or after each save (alternating): same machine state
             raw_t = tp.once(raw.d2h, device)

@@ -6,6 +6,7 @@ raw = one contiguous ``copy_`` between a device buffer and a pinned host buffer.
 
 from __future__ import annotations
 
+import gc
 import random
 import threading
 import time
@@ -50,9 +51,21 @@ def sync(device: torch.device) -> None:
 
 def timed(fn: Callable[[], Any], device: torch.device, reps: int, warmup: int = 1) -> list[float]:
     """Seconds per run, the device drained before and after each run."""
+    settle()
     for _ in range(warmup):
         fn()
     return [once(fn, device) for _ in range(reps)]
+
+
+def settle() -> None:
+    """Collect the garbage of earlier cases before a timed loop, outside the timing.
+
+    A collection in a torch process took 0.3-1.0 s on the H100 VMs (it also frees whatever
+    pinned buffers and closed engines the earlier cases left in reference cycles:
+    ``tests/gpu/gc_probe.py``); left to run inside a timed repetition it turned that pair's
+    ratio into 0.01-0.19. The collector stays on during the timing.
+    """
+    gc.collect()
 
 
 def pinned(nbytes: int, device: torch.device) -> torch.Tensor:
@@ -128,6 +141,7 @@ def paired(ours: Callable[[], Any], raw: Callable[[], Any], device: torch.device
     Each pair sees the same state of the machine (other tenants on the PCIe switch, host
     memory traffic), so the ratio of a pair is steadier than a ratio of separate medians.
     """
+    settle()
     for _ in range(warmup):
         ours()
         raw()
