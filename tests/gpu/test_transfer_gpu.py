@@ -218,3 +218,36 @@ def test_ids_read_in_place_return_their_region_and_overflow_to_uploads() -> None
         for o, n in zip(src_ids, dst_ids, strict=True):
             assert all(torch.equal(tblock(twin, layer, n), block(caches, layer, o)) for layer in range(L))
     assert len(te2._load.arena._free) == len(arena._free)
+
+
+@pytest.mark.parametrize("gather", ["strided", "rows"])
+def test_a_save_does_not_queue_behind_a_concurrent_loads_gated_copies(gather: str) -> None:
+    """A save finishes while a concurrent load's host-to-device copy still waits on an event (as a
+    load's DMAs wait for a staging half), byte-exact. (In the engine, saves beside loads started
+    late while ids went up by DMA; this isolated case did not reproduce that, see data/ids.py.)"""
+    caches, _, block = ks.cross_layer(L, B, N, H, D, torch.bfloat16, seed=7, device="cuda")
+    layout = detect_layout(caches)
+    te = TransferEngine(caches, layout, chunk_tokens=CHUNK, staging_bytes=100_000, gather=gather)
+    te.save([[0, 1]], _pinned(layout, 1)).wait()  # kernels loaded, buffers made
+    compute = torch.cuda.Stream()
+    with torch.cuda.stream(compute):  # ~100+ ms of work the load's copy waits for
+        x = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+        for _ in range(600):
+            x = x @ x / 64
+        gate = torch.cuda.Event()
+        gate.record()
+    host = torch.empty(1 << 20, dtype=torch.uint8).pin_memory()
+    dev = torch.empty(1 << 20, dtype=torch.uint8, device="cuda")
+    load_dma = te._load.streams.first  # where a concurrent load queues its host-to-device DMAs
+    with torch.cuda.stream(load_dma):
+        load_dma.wait_event(gate)
+        dev.copy_(host, non_blocking=True)
+        busy = torch.cuda.Event()
+        busy.record()
+    bufs = _pinned(layout, 1)
+    ids = [3, 50, 7, 9]
+    te.save([ids], bufs).wait(timeout=60)
+    assert not busy.query(), "the save waited for the load's gated host-to-device copy"
+    torch.cuda.synchronize()
+    want = torch.stack([torch.cat([block(caches, layer, b) for b in ids], dim=1) for layer in range(L)])
+    assert torch.equal(bufs[0].view(torch.bfloat16).view(want.shape).cpu(), want.cpu())

@@ -269,7 +269,7 @@ class _Direction:
             dev.copy_(torch.tensor(ids, dtype=torch.int64).view(-1).pin_memory(), non_blocking=True)
         else:
             self._ids_np[:size] = flat_ids(ids)
-            upload(dev, host)  # a kernel, not a DMA (see ids.upload); streams.first is current
+            upload(dev, host)  # a kernel, not a DMA (see kvortex_core.data.ids); streams.first is current
         if self._ids_read is None:
             self._ids_read = torch.cuda.Event()
         self._ids_read.record(self.streams.first)  # re-recorded: only the latest upload matters
