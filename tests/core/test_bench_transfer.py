@@ -1,0 +1,40 @@
+"""``kvortex bench transfer`` on CPU: every case runs (a smoke test of the code, not a measurement),
+and the engine cases refuse to report a ratio for bytes that did not move."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from kvortex_core.cli.app import app
+from kvortex_core.cli.bench import transfer_parts as tp
+from kvortex_core.cli.bench.transfer_engine import engine_case, make_engine
+from kvortex_core.data.layouts import detect_layout
+from typer.testing import CliRunner
+
+
+def test_bench_transfer_runs_every_layout_on_cpu(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["bench", "transfer", "--tokens", "256", "--reps", "1",
+                                      "--parts", "verify,te,engine", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "transfer.json").read_text())
+    assert all(data["verify"].values()) and len(data["verify"]) == 25
+    cases = {r["case"].rsplit(" 256 ", 1)[0] for r in data["rows"]}
+    # Llama and MLA, each in one buffer (vLLM 0.30+) and per layer
+    assert cases == {"llama-3.1-8b(cpu-scaled) unified-LBNHC", "llama-3.1-8b(cpu-scaled) per-layer",
+                     "mla(cpu-scaled) unified-LBNHC", "mla(cpu-scaled) per-layer"}
+    assert all(r["ratio"] > 0 for r in data["rows"])
+
+
+def test_engine_case_refuses_a_cpu_tier_too_small_to_hold_the_sequence() -> None:
+    shape = tp.Shape("tiny", 2, 2, 64, 16)
+    caches = tp.make_caches(shape, 512, torch.device("cpu"), unified=True)
+    layout = detect_layout(caches)
+    engine = make_engine(caches, layout, 256, 1 << 20, None)  # 10 slots: a 16-chunk save skips 6
+    try:
+        with pytest.raises(RuntimeError, match="cpu tier is too small"):
+            engine_case(engine, shape, 4096, layout, 1)
+    finally:
+        engine.close()
