@@ -1,15 +1,16 @@
-"""Block ids for the gather kernels: per-transfer regions, uploaded with one copy and no event.
+"""Block ids for the gather kernels: per-transfer regions, uploaded by one kernel and no event.
 
 A transfer's gather kernels need its block ids on the device. The general upload
 (``_Direction.upload_ids``) reuses one pinned buffer, so it records an event per call and
 checks it before the next; on a cold path that is ~90-150 us of host time before the first DMA
 (``tests/gpu/start_probe.py``, H100 VM). An :class:`IdsArena` instead lends each transfer a
 region of a pinned host buffer and of its device twin, taken back only once the transfer
-completed: the host writes the ids, one ``copy_`` moves them, and nothing else is tracked.
+completed: the host writes the ids, one upload moves them, and nothing else is tracked.
 
-(Kernels could read the pinned region in place through unified addressing, with no copy at
-all; measured on an H100 that made every gather read its ids over PCIe, competing with the
-DMAs: saves and loads of 8K tokens lost 2-7 % against the row plan, so the copy stays.)
+(The gather kernels could read the pinned region in place through unified addressing, with no
+device twin at all; measured on an H100 that made every gather read its ids over PCIe,
+competing with the DMAs: saves and loads of 8K tokens lost 2-7 % against the row plan, so the
+ids are uploaded once per transfer.)
 
 The copy itself is a kernel (:func:`upload`) reading the pinned ids over unified addressing,
 not a host-to-device ``copy_`` (a DMA). With the DMA, a save running beside a load through
@@ -40,7 +41,9 @@ def upload(dst: torch.Tensor, src: torch.Tensor) -> None:
 def host_alias(pinned: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A device tensor over ``pinned`` (page-locked host memory) through unified addressing.
 
-    The caller keeps ``pinned`` alive. Kernels reading it read host memory over PCIe.
+    The caller keeps ``pinned`` alive. Kernels reading it read host memory over PCIe. Relies on
+    the device address of pinned memory being its host address: true under unified addressing
+    (every 64-bit CUDA platform) for ``cudaHostAlloc`` memory, which ``pin_memory`` returns.
     """
     from kvortex_core.data.rows import alias_bytes
 
