@@ -43,7 +43,9 @@ def host_alias(pinned: torch.Tensor, device: torch.device) -> torch.Tensor:
 
     The caller keeps ``pinned`` alive. Kernels reading it read host memory over PCIe. Relies on
     the device address of pinned memory being its host address: true under unified addressing
-    (every 64-bit CUDA platform) for ``cudaHostAlloc`` memory, which ``pin_memory`` returns.
+    (every 64-bit CUDA platform) for ``cudaHostAlloc`` memory, what ``pin_memory`` returns by
+    default (with ``pinned_use_cuda_host_register`` it registers memory instead, which devices
+    that can use the host pointer for registered memory, as x86-64 GPUs do, also address so).
     """
     from kvortex_core.data.rows import alias_bytes
 
