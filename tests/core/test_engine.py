@@ -286,17 +286,17 @@ def test_layerwise_load_per_layer_then_whole() -> None:
 
 @pytest.fixture
 def _split(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make every call of more than 2 chunks run as a 1-chunk part, then the rest."""
+    """Make every call of more than 2 chunks run as a 1-chunk part, then parts of 2, 4... chunks."""
     import kvortex_core.engine as engine_mod
 
-    monkeypatch.setattr(engine_mod, "_PART_BYTES", (1,))
+    monkeypatch.setattr(engine_mod, "_FIRST_PART_BYTES", 1)
 
 
 @pytest.mark.usefixtures("_split")
 def test_head_then_rest_roundtrip_partial_prefix_and_skip() -> None:
     engine, caches, block = _engine()
     with engine:
-        assert engine._parts(6, engine._reg) == [(0, 1), (1, 6)]
+        assert engine._parts(6, engine._reg) == [(0, 1), (1, 3), (3, 6)]
         assert engine._parts(2, engine._reg) == [(0, 2)]
         tokens = list(range(3000, 3000 + 6 * CHUNK))
         # the first 3 chunks first: a later save of all 6 stores only the last 3
@@ -350,14 +350,18 @@ def test_bad_input_after_the_head_still_raises_and_leaks_nothing(where: str) -> 
 
 
 def test_parts_grow_then_take_the_rest(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Three parts (1 chunk, 2 chunks, the rest) round-trip like one."""
+    """Parts of 1 chunk, 2 chunks, then the rest round-trip like one; larger calls double on."""
     import kvortex_core.engine as engine_mod
 
     engine, caches, block = _engine()
-    monkeypatch.setattr(engine_mod, "_PART_BYTES", (1, engine._reg.layout.chunk_bytes(2 * CHUNK)))
+    monkeypatch.setattr(engine_mod, "_FIRST_PART_BYTES", 1)
     with engine:
         assert engine._parts(8, engine._reg) == [(0, 1), (1, 3), (3, 8)]
         assert engine._parts(5, engine._reg) == [(0, 1), (1, 5)]
+        assert engine._parts(32, engine._reg) == [(0, 1), (1, 3), (3, 7), (7, 15), (15, 32)]
+        monkeypatch.setattr(engine_mod, "_FIRST_PART_BYTES", engine._reg.layout.chunk_bytes(2 * CHUNK))
+        assert engine._parts(32, engine._reg) == [(0, 2), (2, 6), (6, 14), (14, 32)]
+        monkeypatch.setattr(engine_mod, "_FIRST_PART_BYTES", 1)
         tokens = list(range(9000, 9000 + 8 * CHUNK))
         assert engine.save(tokens, list(range(32))) == 8 * CHUNK
         assert engine.load(tokens, list(range(40, 72))) == 8 * CHUNK

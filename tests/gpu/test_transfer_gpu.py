@@ -99,8 +99,9 @@ def test_many_concurrent_handles_do_not_corrupt_staging() -> None:
 
 
 def test_loads_queued_behind_a_busy_stream_upload_ids_without_blocking() -> None:
-    """A block-id upload still waiting on the direction's stream makes the next upload use a
-    fresh pinned tensor (no host block); both loads land byte-exact, in order."""
+    """With every arena region lent, the row plan uploads its block ids through the direction's
+    reused buffer; an upload still waiting on the direction's kernel stream makes the next one use
+    a fresh pinned tensor (no host block); both loads land byte-exact, in order."""
     caches, _, block = ks.flash_attn(L, B, N, H, D, torch.bfloat16, seed=3, device="cuda")
     te = TransferEngine(caches, detect_layout(caches), chunk_tokens=CHUNK, staging_bytes=100_000, gather="rows")
     chunks = [[3, 50, 7, 9], [60, 1, 2, 33]]
@@ -109,14 +110,19 @@ def test_loads_queued_behind_a_busy_stream_upload_ids_without_blocking() -> None
     twin, _, _ = ks.flash_attn(L, B, N, H, D, torch.bfloat16, seed=4, device="cuda")
     te2 = TransferEngine(twin, detect_layout(twin), chunk_tokens=CHUNK, staging_bytes=100_000, gather="rows")
     te2.load(bufs, [[0, 1, 2, 3], [4, 5, 6, 7]], inline=True).wait()  # buffers allocated
-    first = te2._load.streams.first
-    with torch.cuda.stream(first):
+    arena = te2._load.arena
+    assert arena is not None
+    lent = [arena._free.pop() for _ in range(len(arena._free))]  # no region free: uploads take over
+    te2.load(bufs, [[0, 1, 2, 3], [4, 5, 6, 7]], inline=True).wait()
+    with torch.cuda.stream(te2._load.kernel_stream):
         torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time ahead of the next upload
     h1 = te2.load(bufs, [[10, 11, 12, 13], [14, 15, 16, 17]], inline=True)
     assert not te2._load._ids_read.query()  # its upload waits behind the sleep
     h2 = te2.load(bufs, [[20, 21, 22, 23], [24, 25, 26, 27]], inline=True)  # must not block
     h1.wait()
     h2.wait()
+    for region in lent:
+        arena.give(region)
     for dst in ([10, 11, 12, 13, 14, 15, 16, 17], [20, 21, 22, 23, 24, 25, 26, 27]):
         src = [b for ids in chunks for b in ids]
         assert all(torch.equal(block(twin, layer, d), block(caches, layer, s))

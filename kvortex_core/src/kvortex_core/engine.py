@@ -35,10 +35,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kvortex_core.engine")
 
-#: A save or load moves parts of about these many bytes first (at least a chunk each), each
-#: prepared while the one before is on the wire, then the rest (see _parts). A small first part
-#: is less host work before the first DMA (hashes, slots, indices of one chunk rather than two).
-_PART_BYTES = (24 * 1024**2, 96 * 1024**2, 384 * 1024**2)
+#: A save or load moves a first part of about this many bytes (at least a chunk), then parts of
+#: twice as many chunks as the one before, each prepared while the ones before are on the wire
+#: (see _parts). A small first part is less host work before the first DMA (hashes, slots,
+#: indices of one chunk rather than two).
+_FIRST_PART_BYTES = 24 * 1024**2
 
 #: A save indexes its chunks in groups of about this many bytes as they land (_commit_as_ready).
 _COMMIT_GROUP_BYTES = 64 * 1024**2
@@ -298,21 +299,25 @@ class KVortexEngine:
         return -(-min(end_chunk * self.config.chunk_tokens, n_tokens) // reg.layout.block_size)
 
     def _parts(self, n_chunks: int, reg: _Registered) -> list[tuple[int, int]]:
-        """Chunk ranges handled one after the other: small parts first, then the rest.
+        """Chunk ranges handled one after the other: a small first part, then twice as many
+        chunks each time, the last part taking the rest (at most twice its predecessor's size).
 
         The first copy starts once the host prepared only the first part (keys, slot, indices
-        of one chunk for Llama-8B, ~24 MiB); each later part is prepared while the parts before it are on the wire,
-        so the per-call host work (~1.3 ms for 8K tokens on an H100 VM) hides behind the
-        copies instead of delaying the first one.
+        of one chunk for Llama-8B, ~24 MiB); each later part is prepared while the parts before
+        it are on the wire, so the per-call host work (~1.3 ms for 8K tokens on an H100 VM)
+        hides behind the copies instead of delaying the first one. Growth by chunk count, not
+        bytes: the host work of a part is per chunk, so a part of small chunks (MLA: 17.6 MiB)
+        must not be 4x the chunks of the part whose copies hide it (measured on an H100, the
+        engine's MLA loads showed a 100-190 us DMA gap at the end of a first part of 2 chunks
+        followed by one of 6).
         """
         chunk_bytes = reg.transfer.layout.chunk_bytes(self.config.chunk_tokens)
+        size = max(1, -(-_FIRST_PART_BYTES // chunk_bytes))
         parts, start = [], 0
-        for nbytes in _PART_BYTES:
-            size = max(1, -(-nbytes // chunk_bytes))
-            if n_chunks - start <= 2 * size:
-                break
+        while n_chunks - start > 2 * size:
             parts.append((start, start + size))
             start += size
+            size *= 2
         parts.append((start, n_chunks))
         return parts
 
@@ -398,10 +403,12 @@ class KVortexEngine:
                 per_chunk = [self._chunk_blocks(blocks.ids, first + a + lease.index, tokens.n, reg)
                              for lease in leases]
                 skip_blocks = (skip_tokens - first * ct) // reg.layout.block_size if a == 0 else 0
+                # the stored prefix ends here, or inside this part: the last part of this load
+                last = b == parts[-1][1] or len(leases) < b - a
                 handles.append(reg.transfer.load([lease.payload for lease in leases], per_chunk,
                                                  layerwise=layerwise, skip_blocks=skip_blocks, inline=True,
-                                                 checked=True))
-                if len(leases) < b - a:  # the stored prefix ends inside this part
+                                                 checked=True, drain=last))
+                if last:
                     break
             chain.upto(chain.n)  # bad input raises even past the stored prefix
             blocks.check(blocks.need)

@@ -77,7 +77,8 @@ class IdsArena:
         self._uva = host_alias(self._host, device)  # the same memory, for the upload kernel
         self._dev = torch.empty(regions * capacity, dtype=torch.int64, device=device)
         self._free: deque[int] = deque(range(regions))
-        self._views: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]] = {}
+        self._views: dict[tuple[int, int, int],
+                          tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], torch.Tensor]] = {}
         self._lock = threading.Lock()  # guards clearing _views (the deque's ends are thread-safe)
 
     def take(self, ids: list[list[int]]) -> tuple[int, list[torch.Tensor]] | None:
@@ -86,6 +87,28 @@ class IdsArena:
         The upload kernel is enqueued on the caller's current stream: kernels on that stream read
         the rows in order; others must be ordered after it (or read them after a later event of it).
         """
+        lent = self._write(ids)
+        if lent is None:
+            return None
+        region, (host, dev, rows, _) = lent
+        upload(dev, host)
+        return region, rows
+
+    def take_in_place(self, ids: list[list[int]]) -> tuple[int, torch.Tensor] | None:
+        """A region holding ``ids`` and its device alias ``[C, n]`` (no upload), or None.
+
+        For a kernel that reads each id a few times, once per transfer (the row plan's row
+        table): it reads them over PCIe straight from the region, which saves the upload kernel.
+        The region stays the transfer's until :meth:`give`, so the host never rewrites it early.
+        """
+        lent = self._write(ids)
+        if lent is None:
+            return None
+        region, (_, _, _, shaped) = lent
+        return region, shaped
+
+    def _write(self, ids: list[list[int]]) -> tuple[int, tuple[torch.Tensor, torch.Tensor, list[torch.Tensor],
+                                                                   torch.Tensor]] | None:
         c, n = len(ids), len(ids[0])
         if c * n > self.capacity:
             return None
@@ -102,10 +125,9 @@ class IdsArena:
                 if len(self._views) >= 1024:
                     self._views.clear()
                 dev = self._dev[base:base + c * n]
-                views = self._views[key] = (self._uva[base:base + c * n], dev, list(dev.view(c, n).unbind(0)))
-        host, dev, rows = views
-        upload(dev, host)
-        return region, rows
+                host = self._uva[base:base + c * n]
+                views = self._views[key] = (host, dev, list(dev.view(c, n).unbind(0)), host.view(c, n))
+        return region, views
 
     def give(self, region: int) -> None:
         """Take ``region`` back: the transfer that held it has completed."""

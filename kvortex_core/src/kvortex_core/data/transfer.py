@@ -212,8 +212,11 @@ class TransferHandle:
 class _Direction:
     """One direction's streams and double-buffered staging (guarded by its own lock)."""
 
-    def __init__(self, device: torch.device, num_streams: int, half_bytes: int) -> None:
+    def __init__(self, device: torch.device, num_streams: int, half_bytes: int, *, kernels_second: bool) -> None:
         self.streams = StreamSet(device, num_streams)
+        #: The stream of this direction's kernels (gathers: first; scatters: second), where its
+        #: block ids and row tables are made too: never between two of its DMAs.
+        self.kernel_stream: Any = self.streams.second if kernels_second else self.streams.first
         self.stages = [torch.empty(half_bytes, dtype=torch.uint8, device=device) for _ in range(2)]
         self.free_events: list[Any] = [None, None]
         self.turn = 0
@@ -235,9 +238,9 @@ class _Direction:
     def upload_ids(self, ids: list[list[int]]) -> torch.Tensor:
         """``ids`` (``[C, n]`` block ids) as an int64 device tensor, through a reused pinned buffer.
 
-        Call with ``streams.first`` current (the copy is enqueued on the current stream).
+        Call with ``kernel_stream`` current (the copy is enqueued on the current stream).
 
-        Only the row kernel on ``streams.first`` reads the device copy, so the next upload (same
+        Only kernels on ``kernel_stream`` read the device copy, so the next upload (same
         stream) cannot overwrite it early. The host buffer is rewritten only once its last copy
         finished; if that copy still waits behind another transfer's DMAs on the stream, this
         upload goes through a fresh pinned tensor instead of blocking the host (all uploads are
@@ -253,7 +256,7 @@ class _Direction:
             self._ids_host = torch.empty(grown, dtype=torch.int64, pin_memory=True)
             self._ids_np = self._ids_host.numpy()
             self._ids_uva = host_alias(self._ids_host, self.streams.device)  # for the upload kernel
-            with self.streams.on(self.streams.first):  # its home stream is the one that reads it
+            with self.streams.on(self.kernel_stream):  # its home stream is the one that reads it
                 self._ids_dev = torch.empty(grown, dtype=torch.int64, device=self.streams.device)
             self._ids_views.clear()
             busy = False  # a new host buffer: nothing reads it yet
@@ -269,10 +272,10 @@ class _Direction:
             dev.copy_(torch.tensor(ids, dtype=torch.int64).view(-1).pin_memory(), non_blocking=True)
         else:
             self._ids_np[:size] = flat_ids(ids)
-            upload(dev, host)  # a kernel, not a DMA (see kvortex_core.data.ids); streams.first is current
+            upload(dev, host)  # a kernel, not a DMA (see kvortex_core.data.ids); kernel_stream is current
         if self._ids_read is None:
             self._ids_read = torch.cuda.Event()
-        self._ids_read.record(self.streams.first)  # re-recorded: only the latest upload matters
+        self._ids_read.record(self.kernel_stream)  # re-recorded: only the latest upload matters
         return shaped
 
     def submit(self, handle: TransferHandle, work: Callable[[], None], inline: bool = False) -> None:
@@ -345,8 +348,8 @@ class TransferEngine:
         self._views_t = [v.transpose(0, 1) for v in self.views]
         self._plans: dict[tuple[Any, ...], list[list[_Unit]]] = {}
         self._stage_views: dict[tuple[int, ...], torch.Tensor] = {}
-        self._save = _Direction(self.device, num_streams, half)
-        self._load = _Direction(self.device, num_streams, half)
+        self._save = _Direction(self.device, num_streams, half, kernels_second=False)
+        self._load = _Direction(self.device, num_streams, half, kernels_second=True)
 
     # ------------------------------------------------------------------ public API
 
@@ -389,17 +392,21 @@ class TransferEngine:
         skip_blocks: int = 0,
         inline: bool = False,
         checked: bool = False,
+        drain: bool = True,
     ) -> TransferHandle:
         """Copy each chunk payload ``src[i]`` into its blocks.
 
         ``skip_blocks``: the first blocks (counted over all chunks in order) are left
         untouched, for tokens the engine already holds. ``layerwise``: layer-major order
         with one event per layer (``handle.wait_layer(i)``). ``inline``, ``checked``: as for :meth:`save`.
+        ``drain``: end with a small unit, so little is left to scatter after the last DMA; pass
+        False when another load follows at once (a caller's next part): its first DMA would then
+        wait for the scatter of the batch before the small one.
         """
         blocks = self._check(block_ids_per_chunk, src, "load", checked)
         skips = _split_skip(blocks, skip_blocks)
         layers = range(self.layout.num_layers)
-        units = self._units(blocks, layers, layer_major=layerwise, drain=not layerwise)
+        units = self._units(blocks, layers, layer_major=layerwise, drain=drain and not layerwise)
         handle = TransferHandle(self.device, "load")
         job = _LoadJob(self, units, blocks, skips, src, handle, layerwise)
         if layerwise:  # driven by the reader's wait_layer calls, from its own thread
@@ -504,12 +511,16 @@ class TransferEngine:
         return max(1, min(want, cap))
 
     def _index_tensors(self, blocks: list[list[int]], d: _Direction, handle: TransferHandle) -> Any:
-        """Device indices: row numbers ``[C, L, K, n, ...]`` with a row plan, else per-chunk block ids."""
+        """Device indices: row numbers ``[C, L, K, n, ...]`` with a row plan, else per-chunk block ids.
+
+        Made on the direction's kernel stream, the only one that reads them: a load's DMAs in
+        (on the other stream) never queue behind them.
+        """
         lay = self.layout
         streams = d.streams
         if self._strided is not None and (arena := d.arena) is not None:
             width = max(len(ids) for ids in blocks)
-            with streams.on(streams.first):
+            with streams.on(d.kernel_stream):
                 lent = arena.take([ids + ids[:1] * (width - len(ids)) for ids in blocks])
             if lent is not None:  # the region comes back once this transfer completed
                 region, rows = lent
@@ -518,18 +529,19 @@ class TransferEngine:
             # no region free (many transfers in flight): block ids per chunk, as for "layers"
         if self._rows is not None:
             width = max(len(ids) for ids in blocks)
-            with streams.on(streams.first):  # one kernel: precomputed offsets + block id * block stride
-                ids = d.upload_ids([ids + ids[:1] * (width - len(ids)) for ids in blocks])
-                dev = self._rows.call_rows(ids, lay.block_size, lay.kv_count, lay.num_kv_heads)
-        else:
-            host = torch.tensor([b for ids in blocks for b in ids], dtype=torch.int64)
-            with streams.on(streams.first):
-                dev = host.pin_memory().to(self.device, non_blocking=True) if streams.cuda else host
-        if streams.cuda and streams.second is not streams.first:
-            # loads scatter with it on the second stream: keep the allocator off it until then
-            dev.record_stream(streams.second)
-        if self._rows is not None:
-            return dev
+            padded = [ids + ids[:1] * (width - len(ids)) for ids in blocks]
+            arena = d.arena
+            lent_in_place = arena.take_in_place(padded) if arena is not None else None
+            with streams.on(d.kernel_stream):  # one kernel: precomputed offsets + block id * block stride
+                if lent_in_place is not None:  # the row kernel reads the ids in place: no upload, no event
+                    region, ids = lent_in_place
+                    handle.on_retire.append(lambda: arena.give(region))  # type: ignore[union-attr]
+                else:
+                    ids = d.upload_ids(padded)
+                return self._rows.call_rows(ids, lay.block_size, lay.kv_count, lay.num_kv_heads)
+        host = torch.tensor([b for ids in blocks for b in ids], dtype=torch.int64)
+        with streams.on(d.kernel_stream):
+            dev = host.pin_memory().to(self.device, non_blocking=True) if streams.cuda else host
         return list(torch.split(dev, [len(ids) for ids in blocks]))
 
     # ------------------------------------------------------------------ save
@@ -678,15 +690,22 @@ class TransferEngine:
 
     # ------------------------------------------------------------------ load
 
-    def _load_batch(self, d: _Direction, batch: list[_Unit], idx: Any, skips: list[int],
+    def _load_batch(self, d: _Direction, batch: list[_Unit], job: _LoadJob, skips: list[int],
                     src: Sequence[torch.Tensor], in_use: Any) -> Any:
-        """DMA one batch into a staging half, scatter it into the blocks; returns its done event."""
+        """DMA one batch into a staging half, scatter it into the blocks; returns its done event.
+
+        The DMA needs no block ids and writes only staging: it is enqueued first, and the call's
+        indices (``job.indices()``, on the scatter stream) and the wait for the caller's use of
+        the blocks (``in_use``, before the scatter) come after it, off the path to the first copy.
+        """
         s = d.streams
-        stage = self._next_stage(d, in_use, s.first)
+        stage = self._next_stage(d, None, s.first)
         with s.on(s.first):
             for u in batch:
                 self._stage_bytes(stage, u).copy_(_payload_range(src[u.chunk], u), non_blocking=True)
+        idx = job.indices()
         s.hand_over(s.first, s.second)
+        s.wait(s.second, in_use)
         with s.on(s.second):
             if not self._batch_rows_op(batch, idx, stage, skips):
                 for u in batch:
@@ -748,6 +767,13 @@ class _LoadJob:
         if layerwise:
             handle.advance = self.advance
 
+    def indices(self) -> Any:
+        """The load's device indices, made once on the direction's kernel stream (under ``d.lock``)."""
+        if self.idx is None:
+            self.idx = self.te._index_tensors(self.blocks, self.d, self.handle)
+            self.handle.keepalive.append(self.idx)
+        return self.idx
+
     def advance(self, layer: int | None) -> None:
         """Enqueue batches until every unit of layers ``<= layer + lookahead`` is queued (None: all)."""
         with self.lock:
@@ -755,10 +781,7 @@ class _LoadJob:
             while self.batches and (limit is None or any(self.pending[: limit + 1])):
                 batch = self.batches.popleft()
                 with self.d.lock:
-                    if self.idx is None:  # computed on the direction's stream, once
-                        self.idx = self.te._index_tensors(self.blocks, self.d, self.handle)
-                        self.handle.keepalive.append(self.idx)
-                    event = self.te._load_batch(self.d, batch, self.idx, self.skips, self.src, self.in_use)
+                    event = self.te._load_batch(self.d, batch, self, self.skips, self.src, self.in_use)
                     self.handle.other_events.append(event)
                     self.in_use = None  # later batches follow the first in stream order
                 for u in batch:

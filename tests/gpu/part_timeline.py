@@ -1,0 +1,107 @@
+"""Host steps of each part of one KVortexEngine save or load, against the GPU start of each DMA.
+
+Run on the GPU box: . tests/gpu/device_env.sh && python3 tests/gpu/part_timeline.py [mla|llama] [tokens] [unified|per-layer]
+
+Per call: host time (us from the call) when each part's keys, slot reservation (begin_*) and
+transfer enqueue start and end, and per DMA its host enqueue time / GPU start time (a timing event
+on the copy stream, aligned by an event recorded at the call's start on the idle device). A DMA
+whose GPU start is within ~30 us of its enqueue found the copy engine idle, waiting for the host.
+Not collected by pytest.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import sys
+import time
+
+import kvortex_core.data.transfer as transfer_mod
+import torch
+from kvortex_core.cli.bench import transfer_parts as tp
+from kvortex_core.cli.bench.transfer_engine import _sequence, make_engine
+from kvortex_core.data.layouts import detect_layout
+
+MARKS: list[tuple[str, float, object]] = []
+
+
+def patch(obj, name, label):
+    fn = getattr(obj, name)
+
+    def wrapped(*a, **k):
+        MARKS.append((label + ">", time.perf_counter(), None))
+        try:
+            return fn(*a, **k)
+        finally:
+            MARKS.append((label + "<", time.perf_counter(), None))
+
+    setattr(obj, name, wrapped)
+
+
+def main() -> None:
+    which = sys.argv[1] if len(sys.argv) > 1 else "mla"
+    tokens = int(sys.argv[2]) if len(sys.argv) > 2 else 8192
+    unified = (sys.argv[3] if len(sys.argv) > 3 else "unified") == "unified"
+    shape = tp.DEEPSEEK_V3 if which == "mla" else tp.LLAMA_8B
+    dev = torch.device("cuda")
+    caches = tp.make_caches(shape, 4 * tokens // shape.block, dev, unified=unified)
+    hints = {"kv_count": 1} if shape.mla else None
+    layout = detect_layout(caches, hints)
+    eng = make_engine(caches, layout, 8 * tokens, 64 << 20, hints)
+    reg = eng._reg
+    print(f"{torch.cuda.get_device_name()} {which} {'unified' if unified else 'per-layer'} {tokens} tokens, "
+          f"gather {reg.transfer.gather_mode}, parts {eng._parts(tokens // 256, reg)}", flush=True)
+    blocks = random.Random(1).sample(range(layout.num_blocks), tokens // shape.block)
+    other = random.Random(2).sample(range(layout.num_blocks), tokens // shape.block)
+    stored = _sequence(tokens, 99)
+    eng.save(stored, blocks)
+    raw = tp.RawCopier(layout.chunk_bytes(tokens), dev)
+    seqs = iter([_sequence(tokens, 1000 + i) for i in range(64)])
+    real_range = transfer_mod._payload_range
+
+    def marked_range(buf, u):  # called right before each DMA, on the copy stream
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        MARKS.append(("dma", time.perf_counter(), ev))
+        return real_range(buf, u)
+
+    transfer_mod._payload_range = marked_range
+    for obj, name, label in ((reg.tiers, "begin_save", "slots"), (reg.tiers, "begin_load", "slots"),
+                             (reg.hasher, "keys", "hash"), (reg.transfer, "save", "te"),
+                             (reg.transfer, "load", "te"), (reg.tiers, "prepare_save", "prep"),
+                             (reg.tiers, "commit_save", "commit")):
+        patch(obj, name, label)
+
+    for what, call, rawfn in (("save", lambda: eng.save(next(seqs), blocks), raw.d2h),
+                              ("load", lambda: eng.load(stored, other), raw.h2d)):
+        ratios = []
+        for rep in range(8):
+            tp.sync(dev)
+            t = time.perf_counter()
+            rawfn()
+            tp.sync(dev)
+            r = time.perf_counter() - t
+            MARKS.clear()
+            start = torch.cuda.Event(enable_timing=True)
+            t0 = time.perf_counter()
+            start.record()
+            call()
+            torch.cuda.synchronize()
+            w = time.perf_counter() - t0
+            ratios.append(r / w)
+            if rep in (3, 6):
+                out = []
+                for lbl, ts, ev in MARKS:
+                    h = (ts - t0) * 1e6
+                    if ev is None:
+                        out.append(f"{lbl}{h:.0f}")
+                    else:
+                        g = start.elapsed_time(ev) * 1e3
+                        out.append(f"[dma {h:.0f}/{g:.0f}{'*' if g - h < 30 else ''}]")
+                print(f"  {what} rep {rep} ratio {r / w:.3f} wall {w * 1e6:.0f}: " + " ".join(out), flush=True)
+        print(f"{what}: median ratio {statistics.median(ratios):.3f} over {len(ratios)}", flush=True)
+    eng.close()
+
+
+if __name__ == "__main__":
+    main()
