@@ -257,3 +257,27 @@ def test_a_save_does_not_queue_behind_a_concurrent_loads_gated_copies(gather: st
     torch.cuda.synchronize()
     want = torch.stack([torch.cat([block(caches, layer, b) for b in ids], dim=1) for layer in range(L)])
     assert torch.equal(bufs[0].view(torch.bfloat16).view(want.shape).cpu(), want.cpu())
+
+
+@pytest.mark.parametrize("gather", ["rows", "strided", "layers"])
+def test_a_load_writes_blocks_only_after_the_callers_earlier_reads(gather: str) -> None:
+    """A load enqueues its DMA before its indices and its wait for the caller's stream; the
+    scatter still follows every read of the blocks the caller enqueued before the load, and
+    the block-id regions it borrowed come back once it completed."""
+    caches, _, block = ks.all_layouts(L, B, N, H, D, torch.bfloat16, seed=5, device="cuda")["flash_attn_nhd"]
+    te = TransferEngine(caches, detect_layout(caches), chunk_tokens=CHUNK, staging_bytes=100_000, gather=gather)
+    chunks = [[3, 50, 7, 9], [60, 1, 2, 33]]
+    bufs = _pinned(te.layout, len(chunks))
+    te.save(chunks, bufs).wait()
+    dst = [[10, 11, 12, 13], [14, 15, 16, 17]]
+    src, flat = [3, 50, 7, 9, 60, 1, 2, 33], list(range(10, 18))
+    before = [block(caches, layer, b).clone() for b in flat for layer in range(L)]
+    free = len(te._load.arena._free)
+    torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time on the caller's stream, then its reads
+    seen = [block(caches, layer, b).clone() for b in flat for layer in range(L)]
+    te.load(bufs, dst).wait()
+    torch.cuda.synchronize()
+    assert all(torch.equal(a, b) for a, b in zip(seen, before, strict=True))  # read before the load wrote
+    assert all(torch.equal(block(caches, layer, d), block(caches, layer, s))
+               for s, d in zip(src, flat, strict=True) for layer in range(L))
+    assert len(te._load.arena._free) == free
