@@ -690,14 +690,14 @@ class TransferEngine:
 
     # ------------------------------------------------------------------ load
 
-    def _load_batch(self, d: _Direction, batch: list[_Unit], job: _LoadJob, skips: list[int],
-                    src: Sequence[torch.Tensor], in_use: Any) -> Any:
+    def _load_batch(self, batch: list[_Unit], job: _LoadJob) -> Any:
         """DMA one batch into a staging half, scatter it into the blocks; returns its done event.
 
         The DMA needs no block ids and writes only staging: it is enqueued first, and the call's
         indices (``job.indices()``, on the scatter stream) and the wait for the caller's use of
-        the blocks (``in_use``, before the scatter) come after it, off the path to the first copy.
+        the blocks (``job.in_use``, before the scatter) come after it, off the path to the first copy.
         """
+        d, src, skips = job.d, job.src, job.skips
         s = d.streams
         stage = self._next_stage(d, None, s.first)
         with s.on(s.first):
@@ -705,7 +705,7 @@ class TransferEngine:
                 self._stage_bytes(stage, u).copy_(_payload_range(src[u.chunk], u), non_blocking=True)
         idx = job.indices()
         s.hand_over(s.first, s.second)
-        s.wait(s.second, in_use)
+        s.wait(s.second, job.in_use)
         with s.on(s.second):
             if not self._batch_rows_op(batch, idx, stage, skips):
                 for u in batch:
@@ -781,7 +781,7 @@ class _LoadJob:
             while self.batches and (limit is None or any(self.pending[: limit + 1])):
                 batch = self.batches.popleft()
                 with self.d.lock:
-                    event = self.te._load_batch(self.d, batch, self, self.skips, self.src, self.in_use)
+                    event = self.te._load_batch(batch, self)
                     self.handle.other_events.append(event)
                     self.in_use = None  # later batches follow the first in stream order
                 for u in batch:
