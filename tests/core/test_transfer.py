@@ -399,25 +399,42 @@ def test_event_wait_times_out_on_a_stalled_device_then_returns_once_done() -> No
         event_wait(_StalledEvent(RuntimeError("CUDA error: an illegal memory access")), 5.0, "load")
 
 
-def test_a_handle_waits_its_last_batch_by_polling_and_still_times_out_on_a_stalled_device() -> None:
-    """wait() blocks on the next-to-last batch through the waiter, then polls the last one:
-    a stall in either raises TransferTimeoutError; once the device finishes it returns."""
-    from kvortex_core.data.streams import TransferTimeoutError, event_spin
+def test_a_handle_waits_its_last_stretch_in_the_driver_after_a_timed_wait_for_the_rest() -> None:
+    """wait() blocks on the batches before the last stretch through the waiter, with the
+    timeout (a stall there raises TransferTimeoutError), then on the last stretch in the
+    driver (synchronize: no hand-off), which returns once the device finishes it and re-raises
+    a device error."""
+    from kvortex_core.data.streams import TransferTimeoutError
     from kvortex_core.data.transfer import TransferHandle
 
     head, last = _StalledEvent(), _StalledEvent()
     handle = TransferHandle(torch.device("cpu"), "load", done_event=last, other_events=[None, head, last])
     with pytest.raises(TransferTimeoutError, match="load did not finish within timeout=0.05s"):
-        handle.wait(0.05)  # stalled in the head
-    head.finished.set()
-    with pytest.raises(TransferTimeoutError, match="load did not finish within timeout=0.05s"):
-        handle.wait(0.05)  # stalled in the last batch: the poll gives up too
+        handle.wait(0.05)  # stalled before the last batch
     assert not handle.done()
-    threading.Timer(0.05, last.finished.set).start()
-    handle.wait(5.0)
-    assert handle.done() and handle.done_event is None  # retired: events handed back
+    head.finished.set()
+    threading.Timer(0.1, last.finished.set).start()
+    handle.wait(0.05)  # the last batch: the driver's wait, however long it takes
+    assert last.finished.is_set() and handle.done() and handle.done_event is None  # retired
+
+    # a load ending with a drain batch leaves its last two batches to the driver
+    head, big, drain = _StalledEvent(), _StalledEvent(), _StalledEvent()
+    handle = TransferHandle(torch.device("cpu"), "load", done_event=drain, other_events=[None, head, big, drain],
+                            tail_batches=2)
+    with pytest.raises(TransferTimeoutError):
+        handle.wait(0.05)
+    head.finished.set()
+    threading.Timer(0.05, big.finished.set).start()
+    threading.Timer(0.1, drain.finished.set).start()
+    handle.wait(0.05)
+    assert drain.finished.is_set() and handle.done()
+
+    failed = _StalledEvent(RuntimeError("CUDA error: an illegal memory access"))
+    handle = TransferHandle(torch.device("cpu"), "save", done_event=failed,
+                            other_events=[None, _StalledEvent(), failed])
+    handle.other_events[1].finished.set()
     with pytest.raises(RuntimeError, match="illegal memory access"):
-        event_spin(_StalledEvent(RuntimeError("CUDA error: an illegal memory access")), 1.0, "save")
+        handle.wait(1.0)
 
 
 def test_a_completed_transfer_frees_its_buffers_while_the_next_one_waits() -> None:

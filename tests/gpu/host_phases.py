@@ -87,7 +87,7 @@ def main() -> None:
     patch(reg.tiers, "end_load", "unpin")
     patch(transfer_mod.TransferHandle, "wait", "hw")
     patch(transfer_mod.TransferHandle, "_retire", "retire")
-    patch(transfer_mod, "event_spin", "spin")
+    patch(transfer_mod, "event_finish", "finish")
     patch(eng, "save", "SAVE")
     patch(eng, "load", "LOAD")
     import kvortex_core.engine as engine_mod

@@ -11,10 +11,12 @@ Not collected by pytest.
 
 from __future__ import annotations
 
+import os
 import random
 import statistics
 import sys
 import time
+from itertools import pairwise
 
 import kvortex_core.data.transfer as transfer_mod
 import torch
@@ -69,13 +71,16 @@ def main() -> None:
     for obj, name, label in ((reg.tiers, "begin_save", "slots"), (reg.tiers, "begin_load", "slots"),
                              (reg.hasher, "keys", "hash"), (reg.transfer, "save", "te"),
                              (reg.transfer, "load", "te"), (reg.tiers, "prepare_save", "prep"),
-                             (reg.tiers, "commit_save", "commit")):
+                             (reg.tiers, "commit_save", "commit"), (reg.tiers, "end_load", "unpin"),
+                             (transfer_mod.TransferHandle, "wait", "wait"), (transfer_mod, "event_finish", "finish"),
+                             (transfer_mod.TransferHandle, "_retire", "retire")):
         patch(obj, name, label)
 
     for what, call, rawfn in (("save", lambda: eng.save(next(seqs), blocks), raw.d2h),
                               ("load", lambda: eng.load(stored, other), raw.h2d)):
         ratios = []
-        for rep in range(8):
+        budget: list[tuple[float, ...]] = []
+        for rep in range(int(os.environ.get("REPS", "8"))):
             tp.sync(dev)
             t = time.perf_counter()
             rawfn()
@@ -86,9 +91,18 @@ def main() -> None:
             t0 = time.perf_counter()
             start.record()
             call()
+            MARKS.append(("ret", time.perf_counter(), None))
             torch.cuda.synchronize()
+            MARKS.append(("synced", time.perf_counter(), None))
             w = time.perf_counter() - t0
             ratios.append(r / w)
+            gpu = [start.elapsed_time(ev) * 1e3 for _, _, ev in MARKS if ev is not None]
+            if len(gpu) > 1:  # the copies of one call: start, DMA phase (one DMA added at the end), tail
+                gaps = [b - a for a, b in pairwise(gpu)]
+                step = min(gaps)
+                phase = gpu[-1] - gpu[0] + step
+                budget.append((r * 1e6, w * 1e6, gpu[0], phase, w * 1e6 - gpu[0] - phase,
+                               sum(g - step for g in gaps)))
             if rep in (3, 6):
                 out = []
                 for lbl, ts, ev in MARKS:
@@ -98,8 +112,16 @@ def main() -> None:
                     else:
                         g = start.elapsed_time(ev) * 1e3
                         out.append(f"[dma {h:.0f}/{g:.0f}{'*' if g - h < 30 else ''}]")
-                print(f"  {what} rep {rep} ratio {r / w:.3f} wall {w * 1e6:.0f}: " + " ".join(out), flush=True)
+                line = " ".join(out)
+                if os.environ.get("TAIL"):  # the end of the call only: from the last DMA on
+                    line = line[line.rfind("[dma"):]
+                print(f"  {what} rep {rep} ratio {r / w:.3f} wall {w * 1e6:.0f}: " + line, flush=True)
         print(f"{what}: median ratio {statistics.median(ratios):.3f} over {len(ratios)}", flush=True)
+        if budget:
+            cols = [statistics.median(c) for c in zip(*budget, strict=True)]
+            print(f"{what}: medians, us: raw {cols[0]:.0f}, call {cols[1]:.0f} = first DMA at {cols[2]:.0f} + "
+                  f"DMA phase {cols[3]:.0f} (of which above the shortest DMA interval: {cols[5]:.0f}) "
+                  f"+ tail {cols[4]:.0f}", flush=True)
     eng.close()
 
 

@@ -281,3 +281,40 @@ def test_a_load_writes_blocks_only_after_the_callers_earlier_reads(gather: str) 
     assert all(torch.equal(block(caches, layer, d), block(caches, layer, s))
                for s, d in zip(src, flat, strict=True) for layer in range(L))
     assert len(te._load.arena._free) == free
+
+
+@pytest.mark.parametrize("gather", ["strided", "rows", "layers"])
+def test_a_save_reads_the_blocks_after_the_callers_writes_with_the_copy_stream_idle_or_busy(
+        gather: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With its copy stream idle, a save gathers its first batch on that stream with the ids read
+    in place; behind another save's pending copies it gathers on the kernel stream. Either way
+    it reads the blocks only after the writes the caller enqueued before it, byte-exact."""
+    from kvortex_core.data import transfer as transfer_mod
+
+    caches, hints, _ = ks.all_layouts(L, B, N, H, D, torch.bfloat16, seed=3, device="cuda")["flash_attn_nhd"]
+    layout = detect_layout(caches, hints)
+    te = TransferEngine(caches, layout, chunk_tokens=CHUNK, staging_bytes=100_000, gather=gather)
+    te.save([[0, 1]], _pinned(layout, 1)).wait()  # kernels loaded; the copy stream is idle after this
+    idle: list[bool] = []
+    real = transfer_mod._Direction.idle
+    monkeypatch.setattr(transfer_mod._Direction, "idle", lambda d: idle.append(real(d)) or idle[-1])
+    torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time on the caller's stream, then its writes
+    for c in caches:
+        c[:, 5].fill_(3.0)
+    first_ids, first = [[5, 6, 7, 8], [20, 21]], _pinned(layout, 2)
+    h1 = te.save(first_ids, first, inline=True)
+    for c in caches:  # after the first save's enqueue: its copies still wait for the sleep
+        c[:, 9].fill_(4.0)
+    second_ids, second = [[9, 10, 11, 12], [30, 2]], _pinned(layout, 2)
+    h2 = te.save(second_ids, second, inline=True)
+    h1.wait()
+    h2.wait()
+    torch.cuda.synchronize()
+    assert idle == ([] if gather == "layers" else [True, False])  # "layers" lends no ids region
+    cpu = [c.cpu() for c in caches]
+    cpu_te = TransferEngine(cpu, detect_layout(cpu, hints), chunk_tokens=CHUNK)
+    for ids, bufs in ((first_ids, first), (second_ids, second)):
+        want = [torch.zeros_like(b) for b in bufs]
+        cpu_te.save(ids, want).wait()
+        assert all(torch.equal(a, b) for a, b in zip(bufs, want, strict=True))
+    assert bool((cpu[0][:, 5] == 3.0).all()) and bool((cpu[0][:, 9] == 4.0).all())

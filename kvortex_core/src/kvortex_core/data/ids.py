@@ -10,7 +10,9 @@ completed: the host writes the ids, one upload moves them, and nothing else is t
 (The gather kernels could read the pinned region in place through unified addressing, with no
 device twin at all; measured on an H100 that made every gather read its ids over PCIe,
 competing with the DMAs: saves and loads of 8K tokens lost 2-7 % against the row plan, so the
-ids are uploaded once per transfer.)
+ids are uploaded once per transfer. Two readers do read in place: the row plan's row kernel,
+which reads each id a few times per call, and the first gather of a save started with its copy
+stream idle, which runs before any DMA of the call: see ``TransferEngine._enqueue_save``.)
 
 The copy itself is a kernel (:func:`upload`) reading the pinned ids over unified addressing,
 not a host-to-device ``copy_`` (a DMA). With the DMA, a save running beside a load through
@@ -27,6 +29,7 @@ from __future__ import annotations
 import array
 import threading
 from collections import deque
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -61,6 +64,27 @@ def flat_ids(ids: list[list[int]]) -> np.ndarray:
     return np.frombuffer(flat, dtype=np.int64)
 
 
+class IdsRegion(NamedTuple):
+    """One transfer's block ids ``[C, n]`` in an :class:`IdsArena` region (views kept per shape)."""
+
+    index: int
+    #: Flat, a device alias of the pinned region: kernels reading it read host memory over PCIe.
+    host: torch.Tensor
+    #: Flat, the region's device twin (valid once :meth:`upload` ran on the reader's stream).
+    dev: torch.Tensor
+    #: Per chunk, ``[n]`` views of the twin.
+    rows: list[torch.Tensor]
+    #: ``[C, n]`` view of the pinned alias: for kernels that read the ids in place (no upload).
+    in_place: torch.Tensor
+    #: Per chunk, ``[n]`` views of the pinned alias.
+    in_place_rows: list[torch.Tensor]
+
+    def upload(self) -> None:
+        """Copy the ids into the twin by a kernel on the current stream: kernels on that stream
+        read ``rows`` in order; others must be ordered after it."""
+        upload(self.dev, self.host)
+
+
 class IdsArena:
     """``regions`` regions of ``capacity`` int64 ids each; a region is lent to one transfer at a time.
 
@@ -77,58 +101,33 @@ class IdsArena:
         self._uva = host_alias(self._host, device)  # the same memory, for the upload kernel
         self._dev = torch.empty(regions * capacity, dtype=torch.int64, device=device)
         self._free: deque[int] = deque(range(regions))
-        self._views: dict[tuple[int, int, int],
-                          tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], torch.Tensor]] = {}
+        self._views: dict[tuple[int, int, int], IdsRegion] = {}
         self._lock = threading.Lock()  # guards clearing _views (the deque's ends are thread-safe)
 
-    def take(self, ids: list[list[int]]) -> tuple[int, list[torch.Tensor]] | None:
-        """A region holding ``ids`` (``[C, n]``, rectangular) and its rows as device tensors, or None.
-
-        The upload kernel is enqueued on the caller's current stream: kernels on that stream read
-        the rows in order; others must be ordered after it (or read them after a later event of it).
-        """
-        lent = self._write(ids)
-        if lent is None:
-            return None
-        region, (host, dev, rows, _) = lent
-        upload(dev, host)
-        return region, rows
-
-    def take_in_place(self, ids: list[list[int]]) -> tuple[int, torch.Tensor] | None:
-        """A region holding ``ids`` and its device alias ``[C, n]`` (no upload), or None.
-
-        For a kernel that reads each id a few times, once per transfer (the row plan's row
-        table): it reads them over PCIe straight from the region, which saves the upload kernel.
-        The region stays the transfer's until :meth:`give`, so the host never rewrites it early.
-        """
-        lent = self._write(ids)
-        if lent is None:
-            return None
-        region, (_, _, _, shaped) = lent
-        return region, shaped
-
-    def _write(self, ids: list[list[int]]) -> tuple[int, tuple[torch.Tensor, torch.Tensor, list[torch.Tensor],
-                                                                   torch.Tensor]] | None:
+    def lend(self, ids: list[list[int]]) -> IdsRegion | None:
+        """A region holding ``ids`` (``[C, n]``, rectangular), or None when none is free or they
+        do not fit. Nothing is enqueued: kernels read it in place, or after ``upload()``."""
         c, n = len(ids), len(ids[0])
         if c * n > self.capacity:
             return None
         try:
-            region = self._free.pop()  # the last one given back: its views and memory are warm
+            index = self._free.pop()  # the last one given back: its views and memory are warm
         except IndexError:
             return None
-        base = region * self.capacity
+        base = index * self.capacity
         self._np[base:base + c * n] = flat_ids(ids)
-        key = (region, c, n)
-        views = self._views.get(key)
-        if views is None:  # view ops cost ~5-20 us each: one set per shape and region, kept
+        key = (index, c, n)
+        region = self._views.get(key)
+        if region is None:  # view ops cost ~5-20 us each: one set per shape and region, kept
             with self._lock:
                 if len(self._views) >= 1024:
                     self._views.clear()
                 dev = self._dev[base:base + c * n]
                 host = self._uva[base:base + c * n]
-                views = self._views[key] = (host, dev, list(dev.view(c, n).unbind(0)), host.view(c, n))
-        return region, views
+                region = self._views[key] = IdsRegion(index, host, dev, list(dev.view(c, n).unbind(0)),
+                                                      host.view(c, n), list(host.view(c, n).unbind(0)))
+        return region
 
-    def give(self, region: int) -> None:
+    def give(self, region: IdsRegion) -> None:
         """Take ``region`` back: the transfer that held it has completed."""
-        self._free.append(region)
+        self._free.append(region.index)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import threading
-import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -30,14 +29,14 @@ from typing import Any
 
 import torch
 
-from kvortex_core.data.ids import IdsArena, flat_ids, host_alias, upload
+from kvortex_core.data.ids import IdsArena, IdsRegion, flat_ids, host_alias, upload
 from kvortex_core.data.layouts import KVLayout, layer_views
 from kvortex_core.data.rows import RowPlan, StridedPlan, build_row_plan, build_strided_plan
 from kvortex_core.data.streams import (
     StreamSet,
     TransferTimeoutError,
     event_done,
-    event_spin,
+    event_finish,
     event_wait,
     stream_wait_current,
 )
@@ -94,6 +93,10 @@ class TransferHandle:
     other_events: list[Any] = field(default_factory=list)
     #: The stream set that takes this handle's events back once it completed (None: dropped).
     home: StreamSet | None = None
+    #: Trailing batches that ``wait`` leaves to the driver's wait (after the others completed):
+    #: at least ~0.3 ms of copies, so the waiter thread's wake-up hides behind them; 2 for a
+    #: load ending with a small drain batch.
+    tail_batches: int = 1
     #: Called once the transfer completed (gives back what its kernels read, e.g. an ids region).
     on_retire: list[Callable[[], None]] = field(default_factory=list)
     _cond: threading.Condition = field(default_factory=threading.Condition, repr=False)
@@ -165,13 +168,13 @@ class TransferHandle:
         if self.home is not None:
             self.home.drop_deferred()  # earlier transfers' buffers, freed while this one runs
         batches = self.other_events  # [caller's event, batch 1 .. batch n]
-        if timeout is not None and len(batches) >= 3 and self.done_event is not None:
-            # all but the last batch through the blocking waiter, then a short poll: the
-            # caller wakes within microseconds of the last copy's end
-            start = time.monotonic()
-            event_wait(batches[-2], timeout, self.what)
-            event_spin(self.done_event, max(0.0, timeout - (time.monotonic() - start)), self.what,
-                       total=timeout)
+        head = len(batches) - 1 - self.tail_batches
+        if head >= 1 and self.done_event is not None:
+            # the batches before the last stretch through the blocking waiter, with the timeout;
+            # then the driver's own wait for the rest (event_finish): the caller wakes within
+            # microseconds of the last copy's end, not a thread hand-off later
+            event_wait(batches[head], timeout, self.what)
+            event_finish(self.done_event)
         else:
             event_wait(self.done_event, timeout, self.what)
         self._retire()
@@ -229,6 +232,11 @@ class _Direction:
         self._ids_dev: torch.Tensor | None = None
         self._ids_read: Any = None  # the last upload's copy event
         self._ids_views: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def idle(self) -> bool:
+        """Nothing of this direction is queued on the device: its latest batch completed."""
+        latest = self.free_events[self.turn]
+        return latest is None or bool(latest.query())
 
     @functools.cached_property
     def arena(self) -> IdsArena | None:
@@ -408,6 +416,8 @@ class TransferEngine:
         layers = range(self.layout.num_layers)
         units = self._units(blocks, layers, layer_major=layerwise, drain=drain and not layerwise)
         handle = TransferHandle(self.device, "load")
+        if drain and not layerwise and len(units) > 1:
+            handle.tail_batches = 2  # the last batch is the small drain unit (_plan_units)
         job = _LoadJob(self, units, blocks, skips, src, handle, layerwise)
         if layerwise:  # driven by the reader's wait_layer calls, from its own thread
             job.advance(0)
@@ -510,38 +520,54 @@ class TransferEngine:
         cap = max(1, min(self.layout.num_layers // 4, self.half_bytes // layer_bytes))
         return max(1, min(want, cap))
 
-    def _index_tensors(self, blocks: list[list[int]], d: _Direction, handle: TransferHandle) -> Any:
-        """Device indices: row numbers ``[C, L, K, n, ...]`` with a row plan, else per-chunk block ids.
+    def _index_tensors(self, blocks: list[list[int]], d: _Direction, handle: TransferHandle,
+                       region: IdsRegion | None = None) -> Any:
+        """Device indices for every chunk, made on the direction's kernel stream, the only one
+        that reads them: a load's DMAs (on the other stream) never queue behind them.
 
-        Made on the direction's kernel stream, the only one that reads them: a load's DMAs in
-        (on the other stream) never queue behind them.
+        ``region``: the ids already lent (see :meth:`_lend_ids`); else lent here.
         """
+        if region is None:
+            region = self._lend_ids(blocks, d, handle)
+        with d.streams.on(d.kernel_stream):
+            return self._indices(blocks, region, d, len(blocks), in_place=False)
+
+    def _lend_ids(self, blocks: list[list[int]], d: _Direction, handle: TransferHandle) -> IdsRegion | None:
+        """The call's block ids (short chunks padded) in an arena region, given back once the
+        transfer completed; None on CPU, for the "layers" plan, or when no region is free."""
+        arena = d.arena
+        if arena is None or (self._strided is None and self._rows is None):
+            return None
+        width = max(len(ids) for ids in blocks)
+        region = arena.lend([ids + ids[:1] * (width - len(ids)) for ids in blocks])
+        if region is not None:
+            handle.on_retire.append(lambda: arena.give(region))
+        return region
+
+    def _indices(self, blocks: list[list[int]], region: IdsRegion | None, d: _Direction, chunks: int, *,
+                 in_place: bool) -> Any:
+        """Indices of chunks ``[0, chunks)``, enqueued on the current stream: row numbers
+        ``[C, L, K, n, ...]`` with a row plan, else per-chunk block ids.
+
+        ``in_place``: the strided gather reads its ids from the pinned region (no upload kernel);
+        only for a save's first batch, before any of its DMAs competes for PCIe. The row plan's
+        row kernel always reads them in place: it reads each id a few times, once per call.
+        """
+        if self._strided is not None and region is not None:
+            if in_place:
+                return region.in_place_rows
+            region.upload()
+            return region.rows
         lay = self.layout
-        streams = d.streams
-        if self._strided is not None and (arena := d.arena) is not None:
-            width = max(len(ids) for ids in blocks)
-            with streams.on(d.kernel_stream):
-                lent = arena.take([ids + ids[:1] * (width - len(ids)) for ids in blocks])
-            if lent is not None:  # the region comes back once this transfer completed
-                region, rows = lent
-                handle.on_retire.append(lambda: arena.give(region))
-                return rows
-            # no region free (many transfers in flight): block ids per chunk, as for "layers"
         if self._rows is not None:
-            width = max(len(ids) for ids in blocks)
-            padded = [ids + ids[:1] * (width - len(ids)) for ids in blocks]
-            arena = d.arena
-            lent_in_place = arena.take_in_place(padded) if arena is not None else None
-            with streams.on(d.kernel_stream):  # one kernel: precomputed offsets + block id * block stride
-                if lent_in_place is not None:  # the row kernel reads the ids in place: no upload, no event
-                    region, ids = lent_in_place
-                    handle.on_retire.append(lambda: arena.give(region))  # type: ignore[union-attr]
-                else:
-                    ids = d.upload_ids(padded)
-                return self._rows.call_rows(ids, lay.block_size, lay.kv_count, lay.num_kv_heads)
+            if region is not None:
+                ids = region.in_place if chunks == len(blocks) else region.in_place[:chunks]
+            else:
+                width = max(len(ids) for ids in blocks)
+                ids = d.upload_ids([ids + ids[:1] * (width - len(ids)) for ids in blocks])
+            return self._rows.call_rows(ids, lay.block_size, lay.kv_count, lay.num_kv_heads)
         host = torch.tensor([b for ids in blocks for b in ids], dtype=torch.int64)
-        with streams.on(d.kernel_stream):
-            dev = host.pin_memory().to(self.device, non_blocking=True) if streams.cuda else host
+        dev = host.pin_memory().to(self.device, non_blocking=True) if d.streams.cuda else host
         return list(torch.split(dev, [len(ids) for ids in blocks]))
 
     # ------------------------------------------------------------------ save
@@ -565,16 +591,31 @@ class TransferEngine:
             for u in batch:
                 remaining[u.chunk] += 1
         with d.lock:
-            idx = self._index_tensors(blocks, d, handle)
-            handle.keepalive.append(idx)
+            region = self._lend_ids(blocks, d, handle)
+            # With nothing queued on the DMA stream, the first batch is gathered there, reading
+            # its ids in place: no upload, no hand-over event, no stream switch before the first
+            # DMA (each a CUDA call of 20-100 us on a cold host path). Behind other DMAs its
+            # gather would wait for them all, so then it takes the kernel stream like the rest.
+            head = region is not None and d.idle()
+            idx = None
             for k, batch in enumerate(batches):
-                # the caller's event orders the first batch; later ones follow it in stream order
-                stage = self._next_stage(d, produced if k == 0 else None, s.first)
-                with s.on(s.first):
-                    if not self._batch_rows_op(batch, idx, stage, None):
-                        for u in batch:
-                            self._gather(u, idx, stage)
-                s.hand_over(s.first, s.second)
+                if head and k == 0:
+                    d.turn ^= 1  # the half's last reader is a DMA on this very stream: in order
+                    stage = d.stages[d.turn]
+                    with s.on(s.second):
+                        s.wait(s.second, produced)
+                        idx0 = self._indices(blocks, region, d, batch[-1].chunk + 1, in_place=True)
+                        handle.keepalive.append(idx0)
+                        self._gather_batch(batch, idx0, stage)
+                else:
+                    if idx is None:
+                        idx = self._index_tensors(blocks, d, handle, region)
+                        handle.keepalive.append(idx)
+                    # the caller's event orders the first batch here; later ones follow in stream order
+                    stage = self._next_stage(d, produced if k == int(head) else None, s.first)
+                    with s.on(s.first):
+                        self._gather_batch(batch, idx, stage)
+                    s.hand_over(s.first, s.second)
                 with s.on(s.second):
                     for u in batch:
                         _payload_range(dst[u.chunk], u).copy_(self._stage_bytes(stage, u), non_blocking=True)
@@ -586,6 +627,11 @@ class TransferEngine:
                 if landed:
                     handle._notify()
             handle.done_event = s.record(s.second, d.free_events)
+
+    def _gather_batch(self, batch: list[_Unit], idx: Any, stage: torch.Tensor) -> None:
+        if not self._batch_rows_op(batch, idx, stage, None):
+            for u in batch:
+                self._gather(u, idx, stage)
 
     def _next_stage(self, d: _Direction, after: Any, stream: Any) -> torch.Tensor:
         """The other staging half, once its previous copy finished (a GPU-side wait)."""

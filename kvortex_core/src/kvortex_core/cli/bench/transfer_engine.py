@@ -62,8 +62,8 @@ def engine_case(engine: Any, shape: tp.Shape, tokens: int, layout: KVLayout, rep
         tp.sync(device)
         t0 = time.perf_counter()
         saved.append(engine.save(seq, blocks))
+        t1 = time.perf_counter()  # save() returns once every copy completed (see tp.once)
         tp.sync(device)
-        t1 = time.perf_counter()
         engine.contains(engine.keys(seq))  # waits for this save's background seals
         t2 = time.perf_counter()
         if not i % 2:
@@ -73,7 +73,8 @@ def engine_case(engine: Any, shape: tp.Shape, tokens: int, layout: KVLayout, rep
             sealed_s.append(t2 - t0)
             raw_d2h.append(raw_t)
     loaded: list[int] = []
-    load_s, raw_h2d = tp.paired(lambda: loaded.append(engine.load(seqs[-1], other)), raw.h2d, device, reps)
+    load_s, raw_h2d = tp.paired(lambda: loaded.append(engine.load(seqs[-1], other)), raw.h2d, device, reps,
+                                complete=True)
     if any(n != tokens for n in saved + loaded):  # fewer bytes moved than the ratio assumes
         raise RuntimeError(f"engine saved {saved} and loaded {loaded} tokens, not {tokens} each; "
                            "the cpu tier is too small for this benchmark")
@@ -124,7 +125,7 @@ def engine_bidir(engine: Any, shape: tp.Shape, tokens: int, layout: KVLayout, re
         moved.append((hs.wait(), hl.wait()))
 
     nbytes = layout.chunk_bytes(tokens)
-    ours_s, raw_s = tp.paired(both, tp.RawCopier(nbytes, device).both, device, reps, warmup=3)
+    ours_s, raw_s = tp.paired(both, tp.RawCopier(nbytes, device).both, device, reps, warmup=3, complete=True)
     short = [m for m in moved if m != (tokens, tokens)]
     if short:  # a save skipped for want of slots, or an evicted sequence: the ratio would be a lie
         raise RuntimeError(f"engine both directions moved (saved, loaded) tokens {short}, not {tokens} each; "
