@@ -28,7 +28,9 @@ MARKS: list[tuple[str, float, object]] = []
 
 
 def patch(obj, name, label):
-    fn = getattr(obj, name)
+    fn = getattr(obj, name, None)
+    if fn is None:  # older code (A/B runs): nothing to mark
+        return
 
     def wrapped(*a, **k):
         MARKS.append((label + ">", time.perf_counter(), None))
@@ -72,7 +74,7 @@ def main() -> None:
                              (reg.hasher, "keys", "hash"), (reg.transfer, "save", "te"),
                              (reg.transfer, "load", "te"), (reg.tiers, "prepare_save", "prep"),
                              (reg.tiers, "commit_save", "commit"), (reg.tiers, "end_load", "unpin"),
-                             (transfer_mod.TransferHandle, "wait", "wait"), (transfer_mod, "event_finish", "finish"),
+                             (transfer_mod.TransferHandle, "wait", "wait"), (transfer_mod, "event_finish", "finish"), (transfer_mod, "event_spin", "spin"),
                              (transfer_mod.TransferHandle, "_retire", "retire")):
         patch(obj, name, label)
 
