@@ -122,6 +122,7 @@ class _Registered:
         self.tiers = tiers
         self.transfer = transfer
         self.shapes = shapes
+        self.parts: dict[int, list[tuple[int, int]]] = {}  # KVortexEngine._parts by chunk count
 
 
 class KVortexEngine:
@@ -311,6 +312,9 @@ class KVortexEngine:
         engine's MLA loads showed a 100-190 us DMA gap at the end of a first part of 2 chunks
         followed by one of 6).
         """
+        parts = reg.parts.get(n_chunks)
+        if parts is not None:
+            return parts
         chunk_bytes = reg.transfer.layout.chunk_bytes(self.config.chunk_tokens)
         size = max(1, -(-_FIRST_PART_BYTES // chunk_bytes))
         parts, start = [], 0
@@ -319,6 +323,8 @@ class KVortexEngine:
             start += size
             size *= 2
         parts.append((start, n_chunks))
+        if len(reg.parts) < 4096:
+            reg.parts[n_chunks] = parts
         return parts
 
     def _commit_as_ready(self, reg: _Registered, handle: Any, leases: list[Any]) -> None:
@@ -526,10 +532,21 @@ class _Tokens:
             self.n = len(self._array)
 
     def span(self, lo: int, hi: int) -> Any:
-        """Tokens ``[lo, hi)`` as a 1-D integer array (KVortexError for a bad element there)."""
+        """Tokens ``[lo, hi)`` as a 1-D integer array (KVortexError for a bad element there).
+
+        From a list: an ``array("I")``, whose ``fromlist`` range-checks each id at C speed; no
+        numpy call (each costs 10-30 us on the cold path before a call's first copy).
+        """
         if self._list is None:
             return self._array[lo:hi]
-        return _tokens(self._list[lo:hi])
+        import array
+
+        ids = array.array("I")
+        try:
+            ids.fromlist(self._list[lo:hi])
+        except (TypeError, OverflowError):
+            return _tokens(self._list[lo:hi])  # raises or converts, as for other inputs
+        return ids
 
 
 class _Blocks:
@@ -551,13 +568,10 @@ class _Blocks:
             return
         import array
 
-        import numpy as np
-
-        try:
+        try:  # no numpy: a part's few ids, and each numpy call costs 10-30 us on a cold path
             seg = array.array("q")
             seg.fromlist(self.ids[self._ok:end])
-            values = np.frombuffer(seg, dtype=np.int64)
-            good = values.min() >= 0 and values.max() < self._layout.num_blocks
+            good = not seg or (min(seg) >= 0 and max(seg) < self._layout.num_blocks)
         except (TypeError, OverflowError):
             good = False
         if not good:

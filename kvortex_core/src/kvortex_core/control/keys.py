@@ -85,7 +85,10 @@ class KeyNamespace:
 
 
 def tokens_to_bytes(token_ids: Any) -> bytes | memoryview:
-    """Token ids (list, tuple, numpy array, torch tensor) as little-endian uint32 bytes."""
+    """Token ids (list, tuple, numpy array, torch tensor, ``array("I")``) as little-endian uint32 bytes."""
+    if type(token_ids) is array.array and token_ids.typecode == "I" and token_ids.itemsize == 4 \
+            and sys.byteorder == "little":  # range-checked when it was filled; no numpy on this path
+        return memoryview(token_ids).cast("B")
     if isinstance(token_ids, (list, tuple, range)):
         return _sequence_bytes(token_ids)
     if hasattr(token_ids, "detach"):  # torch tensor: no torch import needed here

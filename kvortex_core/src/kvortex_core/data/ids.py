@@ -31,7 +31,6 @@ import threading
 from collections import deque
 from typing import NamedTuple
 
-import numpy as np
 import torch
 
 
@@ -56,12 +55,12 @@ def host_alias(pinned: torch.Tensor, device: torch.device) -> torch.Tensor:
     return alias_bytes(pinned.data_ptr(), nbytes, device).view(pinned.dtype).view(pinned.shape)
 
 
-def flat_ids(ids: list[list[int]]) -> np.ndarray:
-    """The rows of ``ids`` concatenated as one int64 array (at C speed: no per-id Python work)."""
+def flat_ids(ids: list[list[int]]) -> array.array[int]:
+    """The rows of ``ids`` concatenated as one ``array("q")`` (at C speed: no per-id Python work)."""
     flat = array.array("q")
     for row in ids:
         flat.fromlist(row)
-    return np.frombuffer(flat, dtype=np.int64)
+    return flat
 
 
 class IdsRegion(NamedTuple):
@@ -97,7 +96,7 @@ class IdsArena:
     def __init__(self, device: torch.device, regions: int = 64, capacity: int = 4096) -> None:
         self.capacity = capacity
         self._host = torch.empty(regions * capacity, dtype=torch.int64, pin_memory=True)
-        self._np = self._host.numpy()
+        self._ids = memoryview(self._host.numpy()).cast("B").cast("q")  # the pinned ids, writable
         self._uva = host_alias(self._host, device)  # the same memory, for the upload kernel
         self._dev = torch.empty(regions * capacity, dtype=torch.int64, device=device)
         self._free: deque[int] = deque(range(regions))
@@ -115,7 +114,7 @@ class IdsArena:
         except IndexError:
             return None
         base = index * self.capacity
-        self._np[base:base + c * n] = flat_ids(ids)
+        self._ids[base:base + c * n] = flat_ids(ids)  # a memoryview copy: no numpy call
         key = (index, c, n)
         region = self._views.get(key)
         if region is None:  # view ops cost ~5-20 us each: one set per shape and region, kept

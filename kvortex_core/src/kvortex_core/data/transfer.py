@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Any
 
+import numpy as np
 import torch
 
 from kvortex_core.data.ids import IdsArena, IdsRegion, flat_ids, host_alias, upload
@@ -279,7 +280,7 @@ class _Direction:
         if busy:  # the pinned allocator keeps this one alive until its copy ran
             dev.copy_(torch.tensor(ids, dtype=torch.int64).view(-1).pin_memory(), non_blocking=True)
         else:
-            self._ids_np[:size] = flat_ids(ids)
+            self._ids_np[:size] = np.frombuffer(flat_ids(ids), dtype=np.int64)
             upload(dev, host)  # a kernel, not a DMA (see kvortex_core.data.ids); kernel_stream is current
         if self._ids_read is None:
             self._ids_read = torch.cuda.Event()
