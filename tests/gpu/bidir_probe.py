@@ -17,11 +17,10 @@ import statistics
 import sys
 import time
 
-import torch
 from cuda_trace import copies, cuda_events, kernels
 from kvortex_core.cli.bench import transfer_parts as tp
-from kvortex_core.cli.bench.transfer_engine import _sequence, make_engine
-from kvortex_core.data.layouts import detect_layout
+from kvortex_core.cli.bench.transfer_engine import _sequence
+from probes import engine_probe, probe_args
 
 
 def dma_summary(events: list[dict], kind: str, t0: float) -> str:
@@ -37,23 +36,14 @@ def dma_summary(events: list[dict], kind: str, t0: float) -> str:
 
 
 def main() -> None:
-    which = sys.argv[1] if len(sys.argv) > 1 else "mla"
-    tokens = int(sys.argv[2]) if len(sys.argv) > 2 else 8192
-    shape = tp.DEEPSEEK_V3 if which == "mla" else tp.LLAMA_8B
-    dev = torch.device("cuda")
-    caches = tp.make_caches(shape, 4 * tokens // shape.block, dev, unified=which != "mla")
-    layout = detect_layout(caches)
-    nbytes = layout.chunk_bytes(tokens)
-    eng = make_engine(caches, layout, 12 * tokens, int(os.environ.get("STAGING", str(64 << 20))), None)
-    import random
-
-    blocks = random.Random(1).sample(range(layout.num_blocks), tokens // shape.block)
-    other = random.Random(2).sample(range(layout.num_blocks), tokens // shape.block)
+    which, tokens, _ = probe_args(sys.argv)
+    pr = engine_probe(which, tokens, which != "mla", capacity_tokens=12 * tokens,
+                      staging=int(os.environ.get("STAGING", str(64 << 20))))
+    eng, blocks, other, raw, dev = pr.engine, pr.blocks, pr.other, pr.raw, pr.device
     stored = _sequence(tokens, 99)
     eng.save(stored, blocks)
     eng.load(stored, other)
-    raw = tp.RawCopier(nbytes, dev)
-    fresh_seqs = iter([_sequence(tokens, 1000 + i) for i in range(64)])  # made outside the timed calls
+    fresh_seqs = pr.sequences()  # made outside the timed calls
 
     def fresh() -> list[int]:
         return next(fresh_seqs)

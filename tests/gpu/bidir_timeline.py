@@ -20,8 +20,8 @@ import time
 import kvortex_core.data.transfer as transfer_mod
 import torch
 from kvortex_core.cli.bench import transfer_parts as tp
-from kvortex_core.cli.bench.transfer_engine import _sequence, make_engine
-from kvortex_core.data.layouts import detect_layout
+from kvortex_core.cli.bench.transfer_engine import _sequence
+from probes import engine_probe, probe_args
 
 LOCAL = threading.local()
 MARKS: list[tuple[str, str, float, object]] = []  # (thread tag, label, host time, event or None)
@@ -47,25 +47,13 @@ def patch(obj, name, label):
 def main() -> None:
     if os.environ.get("SWITCH_INTERVAL"):  # the interpreter's GIL switch interval, in seconds
         sys.setswitchinterval(float(os.environ["SWITCH_INTERVAL"]))
-    which = sys.argv[1] if len(sys.argv) > 1 else "mla"
-    tokens = int(sys.argv[2]) if len(sys.argv) > 2 else 8192
-    shape = tp.DEEPSEEK_V3 if which == "mla" else tp.LLAMA_8B
-    dev = torch.device("cuda")
-    caches = tp.make_caches(shape, 4 * tokens // shape.block, dev, unified=True)
-    hints = {"kv_count": 1} if shape.mla else None
-    layout = detect_layout(caches, hints)
-    nbytes = layout.chunk_bytes(tokens)
-    eng = make_engine(caches, layout, 12 * tokens, 64 << 20, hints)
-    reg = eng._reg
-    import random
-
-    blocks = random.Random(1).sample(range(layout.num_blocks), tokens // shape.block)
-    other = random.Random(2).sample(range(layout.num_blocks), tokens // shape.block)
+    which, tokens, _ = probe_args(sys.argv)
+    pr = engine_probe(which, tokens, True, capacity_tokens=12 * tokens)
+    eng, reg, blocks, other, raw, dev = pr.engine, pr.engine._reg, pr.blocks, pr.other, pr.raw, pr.device
     stored = _sequence(tokens, 99)
     eng.save(stored, blocks)
     eng.load(stored, other)
-    raw = tp.RawCopier(nbytes, dev)
-    seqs = iter([_sequence(tokens, 1000 + i) for i in range(64)])
+    seqs = pr.sequences()
 
     real_range = transfer_mod._payload_range
 

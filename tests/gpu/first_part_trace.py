@@ -12,7 +12,6 @@ Not collected by pytest.
 from __future__ import annotations
 
 import collections
-import random
 import statistics
 import sys
 import time
@@ -20,8 +19,7 @@ import time
 import kvortex_core.data.transfer as transfer_mod
 import torch
 from kvortex_core.cli.bench import transfer_parts as tp
-from kvortex_core.cli.bench.transfer_engine import _sequence, make_engine
-from kvortex_core.data.layouts import detect_layout
+from probes import engine_probe
 
 EVENTS: list[tuple[str, str, float]] = []
 ACTIVE = [False]
@@ -42,16 +40,9 @@ def profiler(frame, event, arg):
 def main() -> None:
     which = sys.argv[1] if len(sys.argv) > 1 else "mla"
     unified = (sys.argv[2] if len(sys.argv) > 2 else "unified") == "unified"
-    tokens = 8192
-    shape = tp.DEEPSEEK_V3 if which == "mla" else tp.LLAMA_8B
-    dev = torch.device("cuda")
-    caches = tp.make_caches(shape, 4 * tokens // shape.block, dev, unified=unified)
-    hints = {"kv_count": 1} if shape.mla else None
-    layout = detect_layout(caches, hints)
-    eng = make_engine(caches, layout, 8 * tokens, 64 << 20, hints)
-    blocks = random.Random(1).sample(range(layout.num_blocks), tokens // shape.block)
-    raw = tp.RawCopier(layout.chunk_bytes(tokens), dev)
-    seqs = iter([_sequence(tokens, 1000 + i) for i in range(64)])
+    pr = engine_probe(which, 8192, unified)
+    eng, blocks, raw, dev = pr.engine, pr.blocks, pr.raw, pr.device
+    seqs = pr.sequences()
     real_range = transfer_mod._payload_range
     first_dma: list[float] = []
 

@@ -12,7 +12,6 @@ Not collected by pytest.
 from __future__ import annotations
 
 import os
-import random
 import statistics
 import sys
 import time
@@ -21,8 +20,8 @@ from itertools import pairwise
 import kvortex_core.data.transfer as transfer_mod
 import torch
 from kvortex_core.cli.bench import transfer_parts as tp
-from kvortex_core.cli.bench.transfer_engine import _sequence, make_engine
-from kvortex_core.data.layouts import detect_layout
+from kvortex_core.cli.bench.transfer_engine import _sequence
+from probes import engine_probe, probe_args
 
 MARKS: list[tuple[str, float, object]] = []
 
@@ -43,24 +42,12 @@ def patch(obj, name, label):
 
 
 def main() -> None:
-    which = sys.argv[1] if len(sys.argv) > 1 else "mla"
-    tokens = int(sys.argv[2]) if len(sys.argv) > 2 else 8192
-    unified = (sys.argv[3] if len(sys.argv) > 3 else "unified") == "unified"
-    shape = tp.DEEPSEEK_V3 if which == "mla" else tp.LLAMA_8B
-    dev = torch.device("cuda")
-    caches = tp.make_caches(shape, 4 * tokens // shape.block, dev, unified=unified)
-    hints = {"kv_count": 1} if shape.mla else None
-    layout = detect_layout(caches, hints)
-    eng = make_engine(caches, layout, 8 * tokens, 64 << 20, hints)
-    reg = eng._reg
-    print(f"{torch.cuda.get_device_name()} {which} {'unified' if unified else 'per-layer'} {tokens} tokens, "
-          f"gather {reg.transfer.gather_mode}, parts {eng._parts(tokens // 256, reg)}", flush=True)
-    blocks = random.Random(1).sample(range(layout.num_blocks), tokens // shape.block)
-    other = random.Random(2).sample(range(layout.num_blocks), tokens // shape.block)
-    stored = _sequence(tokens, 99)
+    pr = engine_probe(*probe_args(sys.argv))
+    eng, reg, blocks, other, raw, dev = pr.engine, pr.engine._reg, pr.blocks, pr.other, pr.raw, pr.device
+    print(pr.describe(), flush=True)
+    stored = _sequence(pr.tokens, 99)
     eng.save(stored, blocks)
-    raw = tp.RawCopier(layout.chunk_bytes(tokens), dev)
-    seqs = iter([_sequence(tokens, 1000 + i) for i in range(64)])
+    seqs = pr.sequences()
     real_range = transfer_mod._payload_range
 
     def marked_range(buf, u):  # called right before each DMA, on the copy stream

@@ -1,0 +1,65 @@
+"""The setup the engine probes in tests/gpu share: a Llama-8B or MLA cache, an engine over it,
+shuffled block ids, and the raw copier of the same bytes (as ``kvortex bench transfer``).
+
+Not collected by pytest (no ``test_`` prefix); the probes import it from their own folder.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from kvortex_core.cli.bench import transfer_parts as tp
+from kvortex_core.cli.bench.transfer_engine import _sequence, make_engine
+from kvortex_core.data.layouts import KVLayout, detect_layout
+
+
+@dataclass
+class EngineProbe:
+    which: str  # "mla" or "llama"
+    tokens: int
+    unified: bool  # one buffer for all layers (vLLM 0.30+), else a tensor per layer
+    shape: tp.Shape
+    device: torch.device
+    layout: KVLayout
+    engine: Any  # KVortexEngine
+    blocks: list[int]  # where the saved sequences sit (seed 1)
+    other: list[int]  # where loads go (seed 2)
+    raw: tp.RawCopier  # the raw copy of the same bytes
+
+    def sequences(self, count: int = 64, seed: int = 1000) -> Iterator[list[int]]:
+        """Fresh token sequences (each saves new chunks), made before any timed call."""
+        return iter([_sequence(self.tokens, seed + i) for i in range(count)])
+
+    def describe(self) -> str:
+        reg = self.engine._reg
+        return (f"{torch.cuda.get_device_name()} {self.which} {'unified' if self.unified else 'per-layer'} "
+                f"{self.tokens} tokens, gather {reg.transfer.gather_mode}, "
+                f"parts {self.engine._parts(self.tokens // 256, reg)}")
+
+
+def probe_args(argv: list[str], *, unified: bool = True) -> tuple[str, int, bool]:
+    """``[mla|llama] [tokens] [unified|per-layer]`` from the command line."""
+    which = argv[1] if len(argv) > 1 else "mla"
+    tokens = int(argv[2]) if len(argv) > 2 else 8192
+    if len(argv) > 3:
+        unified = argv[3] == "unified"
+    return which, tokens, unified
+
+
+def engine_probe(which: str = "mla", tokens: int = 8192, unified: bool = True, *,
+                 capacity_tokens: int | None = None, staging: int = 64 << 20) -> EngineProbe:
+    """A cache of 4x ``tokens`` and an engine with room for ``capacity_tokens`` (8x ``tokens``)."""
+    shape = tp.DEEPSEEK_V3 if which == "mla" else tp.LLAMA_8B
+    dev = torch.device("cuda")
+    caches = tp.make_caches(shape, 4 * tokens // shape.block, dev, unified=unified)
+    hints = {"kv_count": 1} if shape.mla else None
+    layout = detect_layout(caches, hints)
+    engine = make_engine(caches, layout, capacity_tokens or 8 * tokens, staging, hints)
+    blocks = random.Random(1).sample(range(layout.num_blocks), tokens // shape.block)
+    other = random.Random(2).sample(range(layout.num_blocks), tokens // shape.block)
+    return EngineProbe(which, tokens, unified, shape, dev, layout, engine, blocks, other,
+                       tp.RawCopier(layout.chunk_bytes(tokens), dev))
