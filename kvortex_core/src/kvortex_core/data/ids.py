@@ -87,8 +87,8 @@ class IdsRegion(NamedTuple):
 class IdsArena:
     """``regions`` regions of ``capacity`` int64 ids each; a region is lent to one transfer at a time.
 
-    ``take`` returns None when no region is free or the ids do not fit: the caller then
-    uploads them through a fresh pinned tensor (a transfer never waits for a region). 64
+    ``lend`` returns None when no region is free or the ids do not fit: the caller then
+    uploads them another way (a transfer never waits for a region). 64
     regions cover a layer-by-layer save of a 61-layer model in flight; 4096 ids are 64K
     tokens of 16-token blocks.
     """
@@ -97,7 +97,7 @@ class IdsArena:
         self.capacity = capacity
         self._host = torch.empty(regions * capacity, dtype=torch.int64, pin_memory=True)
         self._ids = memoryview(self._host.numpy()).cast("B").cast("q")  # the pinned ids, writable
-        self._uva = host_alias(self._host, device)  # the same memory, for the upload kernel
+        self._uva = host_alias(self._host, device)  # the same memory, for kernels (upload, in place)
         self._dev = torch.empty(regions * capacity, dtype=torch.int64, device=device)
         self._free: deque[int] = deque(range(regions))
         self._views: dict[tuple[int, int, int], IdsRegion] = {}

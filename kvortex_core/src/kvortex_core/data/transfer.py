@@ -161,7 +161,8 @@ class TransferHandle:
         return finished
 
     def wait(self, timeout: float | None = None) -> None:
-        """Block the host until the transfer completed; TransferTimeoutError after ``timeout`` s."""
+        """Block the host until the transfer completed; TransferTimeoutError after ``timeout`` s
+        (checked up to the last stretch, ``tail_batches`` batches awaited in the driver)."""
         if self._complete:
             return
         self._flush()
@@ -172,8 +173,8 @@ class TransferHandle:
         head = len(batches) - 1 - self.tail_batches
         if head >= 1 and self.done_event is not None:
             # the batches before the last stretch through the blocking waiter, with the timeout;
-            # then the driver's own wait for the rest (event_finish): the caller wakes within
-            # microseconds of the last copy's end, not a thread hand-off later
+            # then the driver's own wait for the rest (event_finish): no thread hand-off after
+            # the last copy's end (see event_finish for the measured wake-ups)
             event_wait(batches[head], timeout, self.what)
             event_finish(self.done_event)
         else:
