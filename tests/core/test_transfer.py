@@ -255,6 +255,66 @@ def test_strided_plan_splits_unevenly_spaced_layers_into_runs() -> None:
     assert TransferEngine(scattered, detect_layout(scattered), chunk_tokens=CHUNK).gather_mode == "rows"
 
 
+def _placed_layers(slots: list[int], shape: tuple[int, ...] = (2, B, N, H, D)) -> list[torch.Tensor]:
+    """Per-layer tensors of one buffer, layer i in slot ``slots[i]`` (falling slots: falling addresses,
+    as consecutive cudaMalloc calls place separate per-layer caches on an H100)."""
+    size = 1
+    for x in shape:
+        size *= x
+    flat = torch.randn((max(slots) + 1) * size, dtype=torch.float16)
+    return [flat[s * size:(s + 1) * size].view(shape) for s in slots]
+
+
+@pytest.mark.parametrize("slots", [[5, 4, 3, 2, 1, 0], [0, 1, 2, 9, 7, 5], [8, 6, 4, 0, 1, 2]],
+                         ids=["falling", "rising-then-falling", "falling-then-rising"])
+@pytest.mark.parametrize("layerwise", [False, True])
+def test_strided_plan_gathers_layers_at_falling_addresses_in_layer_order(slots: list[int], layerwise: bool) -> None:
+    """A run of layers each below the one before it is one strided view read backwards: the
+    payload still lists layer 0 first, and loads (with skipped blocks) write each layer's own blocks."""
+    caches = _placed_layers(slots)
+    layout = detect_layout(caches)
+    te = TransferEngine(caches, layout, chunk_tokens=CHUNK, staging_bytes=3 * layout.chunk_bytes(CHUNK) // 2,
+                        gather="strided")
+    assert [(r.first, r.end, r.reversed) for r in te._strided.runs] == (
+        [(0, 6, True)] if slots[0] == 5 else [(0, 3, False), (3, 6, True)] if slots[0] == 0
+        else [(0, 3, True), (3, 6, False)])
+    chunks = [[5, 3, 11, 0], [23, 7]]
+    bufs = _buffers(layout, 2)
+    te.save(chunks, bufs).wait()
+    for buf, ids in zip(bufs, chunks, strict=True):
+        want = torch.stack([torch.cat([caches[layer][:, b] for b in ids], dim=1) for layer in range(6)])
+        assert torch.equal(buf[:want.numel() * 2], want.reshape(-1).view(torch.uint8))
+    for target in (_placed_layers(slots), _placed_layers(list(range(6)))):  # same placement, one rising run
+        for t in target:
+            t.zero_()
+        back = TransferEngine(target, detect_layout(target), chunk_tokens=CHUNK, staging_bytes=1 << 12,
+                              gather="strided")
+        back.load(bufs, [[1, 2, 3, 4], [9, 10]], layerwise=layerwise, skip_blocks=1).wait()
+        for o, n in zip([3, 11, 0, 23, 7], [2, 3, 4, 9, 10], strict=True):
+            assert all(torch.equal(target[layer][:, n], caches[layer][:, o]) for layer in range(6))
+        untouched = [b for b in range(B) if b not in (2, 3, 4, 9, 10)]
+        assert all(int(torch.count_nonzero(target[layer][:, untouched])) == 0 for layer in range(6))
+
+
+def test_auto_gather_takes_one_falling_run_like_a_rising_one() -> None:
+    """Separate per-layer caches at falling addresses (one run read backwards) take the strided
+    plan under "auto", as one rising run does; an MLA-like ``[B, N, D]`` cache too."""
+    for shape in ((2, B, N, H, D), (B, N, 2 * D)):
+        caches = _placed_layers([5, 4, 3, 2, 1, 0], shape)
+        layout = detect_layout(caches)
+        te = TransferEngine(caches, layout, chunk_tokens=CHUNK, staging_bytes=4 * layout.chunk_bytes(CHUNK))
+        assert te.gather_mode == "strided", shape
+        bufs = _buffers(layout, 1)
+        te.save([[6, 2, 9, 1]], bufs).wait()
+        other = TransferEngine(caches[::-1], detect_layout(caches[::-1]), chunk_tokens=CHUNK, gather="rows")
+        rows_bufs = _buffers(layout, 1)
+        other.save([[6, 2, 9, 1]], rows_bufs).wait()  # the same blocks, layers in the other order
+        per_layer = layout.layer_bytes(CHUNK)
+        for layer in range(6):
+            mine = bufs[0][layer * per_layer:(layer + 1) * per_layer]
+            assert torch.equal(mine, rows_bufs[0][(5 - layer) * per_layer:(6 - layer) * per_layer])
+
+
 def test_auto_gather_takes_the_strided_plan_only_where_it_was_measured_to_pay() -> None:
     """One group of evenly spaced layers, tokens outside heads, few chunks per batch: strided;
     several groups, an HND view, or many small chunks per batch: the row plan."""

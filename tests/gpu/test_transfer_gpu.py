@@ -317,3 +317,40 @@ def test_a_save_reads_the_blocks_after_the_callers_writes_with_the_copy_stream_i
         cpu_te.save(ids, want).wait()
         assert all(torch.equal(a, b) for a, b in zip(bufs, want, strict=True))
     assert bool((cpu[0][:, 5] == 3.0).all()) and bool((cpu[0][:, 9] == 4.0).all())
+
+
+@pytest.mark.parametrize("mla", [False, True], ids=["llama-8b", "mla"])
+@pytest.mark.parametrize("gather", ["auto", "rows"])
+def test_separately_allocated_layers_past_4_gib_roundtrip_byte_exact(mla: bool, gather: str) -> None:
+    """Per-layer caches from separate allocations, as vLLM < 0.30 makes them (on the H100 VMs each
+    lands below the one before: one run read backwards, ``tests/gpu/runs_probe.py``), ~4.3 GiB in
+    all, so layer offsets pass 2^32 bytes. Save four chunks of random blocks, load them into other
+    blocks: every byte equals the reference gathered by plain indexing."""
+    layers, shape = (61, (1024, 64, 576)) if mla else (32, (2, 2048, 16, 8, 128))
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    caches = [torch.randn(shape, generator=gen, device="cuda", dtype=torch.bfloat16) for _ in range(layers)]
+    layout = detect_layout(caches)
+    chunk = 256
+    te = TransferEngine(caches, layout, chunk_tokens=chunk, staging_bytes=64 * 2**20, gather=gather)
+    if gather == "auto":
+        print("gather mode:", te.gather_mode, [(r.first, r.end, r.reversed) for r in te._strided.runs]
+              if te._strided is not None else None)
+    per = chunk // layout.block_size
+    perm = torch.randperm(layout.num_blocks, generator=torch.Generator().manual_seed(6)).tolist()
+    ids = [perm[i * per:(i + 1) * per] for i in range(4)]
+    bufs = [torch.zeros(layout.chunk_bytes(chunk), dtype=torch.uint8).pin_memory() for _ in ids]
+    te.save(ids, bufs).wait()
+    for buf, chunk_ids in zip(bufs, ids, strict=True):
+        index = torch.tensor(chunk_ids, device="cuda")
+        want = torch.stack([c[index] if mla else c[:, index] for c in caches])  # [L, (2,) n, N, ...]
+        assert torch.equal(buf.cuda(), want.reshape(-1).view(torch.uint8)), chunk_ids
+    other = [perm[-(i + 1) * per:len(perm) - i * per] for i in range(4)]
+    te.load(bufs, other, skip_blocks=1).wait()
+    torch.cuda.synchronize()
+    for src_ids, dst_ids in zip(ids, other, strict=True):
+        s, d = torch.tensor(src_ids, device="cuda"), torch.tensor(dst_ids, device="cuda")
+        if (src_ids, dst_ids) == (ids[0], other[0]):  # the first block was skipped: untouched
+            assert not torch.equal(caches[0][d[0]] if mla else caches[0][:, d[0]],
+                                   caches[0][s[0]] if mla else caches[0][:, s[0]])
+            s, d = s[1:], d[1:]
+        assert all(torch.equal(c[d] if mla else c[:, d], c[s] if mla else c[:, s]) for c in caches)

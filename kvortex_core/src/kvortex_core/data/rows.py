@@ -22,7 +22,10 @@ its gather cost 70-130 us of host time cold against 16-33 us for the strided gat
 strided kernel is faster on the GPU too: 33 us against 83 + 18 us for a Llama-8B chunk of the
 unified layout, ``tests/gpu/gather_probe.py``). Layers spaced unevenly split into a few such
 views (runs), past ``max_runs`` of them there is no strided plan; the transfer engine's "auto"
-mode takes it only for a single run (see ``transfer._strided_pays``).
+mode takes it only for a single run (see ``transfer._strided_pays``). Layers at falling addresses
+(separate ``cudaMalloc`` calls place each below the previous one) are a run too: its view starts
+at the last layer, and one advanced-indexing kernel over (layer, kv, block) still writes the
+payload in layer order.
 """
 
 from __future__ import annotations
@@ -225,45 +228,86 @@ def _span(views: list[torch.Tensor]) -> tuple[int, int]:
 
 
 @dataclass
+class _Run:
+    """Layers ``[first, end)`` at one constant address step, as one ``[end - first, K, B, N, H, D']``
+    view in address order. ``reversed``: each layer lies below the one before it (a negative
+    step; consecutive ``cudaMalloc`` calls hand out falling addresses on the H100 VMs, see
+    ``tests/gpu/runs_probe.py``), so the view's index 0 is layer ``end - 1``."""
+
+    first: int
+    end: int
+    view: torch.Tensor
+    reversed: bool = False
+    #: For a reversed run: view positions of layers ``first, first + 1, ...`` as ``[n, 1, 1]``,
+    #: and ``arange(K)`` as ``[1, K, 1]`` (device constants, the gather's index tensors).
+    layer_index: torch.Tensor | None = None
+    kv_index: torch.Tensor | None = None
+
+
+@dataclass
 class StridedPlan:
     """Every layer's ``[B, K, N, H, D]`` view as slices of a few ``[L', K, B, N, H, D']`` strided views.
 
-    ``runs``: ``(first layer, end layer, view)``, the view in ``dtype`` (the widest element
-    type dividing the rows, like :attr:`RowPlan.wide_rows`). A unit of layers ``[l0, l1)`` inside
-    one run gathers with ``index_select(view(l0, l1), 2, block_ids)``.
+    ``runs``: groups of evenly spaced layers, their views in ``dtype`` (the widest element type
+    dividing the rows, like :attr:`RowPlan.wide_rows`). A unit of layers ``[l0, l1)`` inside one
+    run gathers with ``index_select(view[l0:l1], 2, block_ids)``; in a reversed run (layers at
+    falling addresses: strides cannot be negative) with one advanced-indexing kernel over
+    (layer, kv, block), which writes the same canonical ``[l1 - l0, K, n, N, H, D']`` order.
     """
 
-    runs: list[tuple[int, int, torch.Tensor]]
+    runs: list[_Run]
     dtype: torch.dtype
-    _views: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    _units: dict[tuple[int, int], tuple[torch.Tensor, Any]] = field(default_factory=dict)
 
     @property
     def starts(self) -> list[int]:
         """First layer of each run (units never cross these)."""
-        return [a for a, _, _ in self.runs]
+        return [r.first for r in self.runs]
 
-    def view(self, l0: int, l1: int) -> torch.Tensor:
-        """Layers ``[l0, l1)`` (inside one run) as ``[l1 - l0, K, B, N, H, D']`` (cached)."""
-        view = self._views.get((l0, l1))
-        if view is None:
-            for a, b, whole in self.runs:
-                if a <= l0 < b:
-                    if l1 > b:
-                        raise ValueError(f"layers [{l0}, {l1}) cross the run boundary at layer {b}")
-                    view = whole if (l0, l1) == (a, b) else whole[l0 - a:l1 - a]
+    def unit(self, l0: int, l1: int) -> tuple[torch.Tensor, Any]:
+        """``(view, index)`` of layers ``[l0, l1)`` (inside one run), cached: ``index`` is None
+        for ``view`` = those layers as ``[l1 - l0, K, B, N, H, D']``, else ``(layer_index,
+        kv_index)`` into the whole reversed run's view."""
+        unit = self._units.get((l0, l1))
+        if unit is None:
+            for r in self.runs:
+                if r.first <= l0 < r.end:
+                    if l1 > r.end:
+                        raise ValueError(f"layers [{l0}, {l1}) cross the run boundary at layer {r.end}")
+                    if r.reversed:
+                        assert r.layer_index is not None
+                        unit = (r.view, (r.layer_index[l0 - r.first:l1 - r.first], r.kv_index))
+                    else:
+                        unit = (r.view if (l0, l1) == (r.first, r.end) else r.view[l0 - r.first:l1 - r.first], None)
                     break
             else:
                 raise ValueError(f"layer {l0} is in no run")
-            self._views[(l0, l1)] = view
-        return view
+            self._units[(l0, l1)] = unit
+        return unit
+
+    def gather(self, l0: int, l1: int, ids: torch.Tensor, out: torch.Tensor) -> None:
+        """``out[l, k, i] = layer (l0 + l), kv k, block ids[i]`` (``out``: ``[l1 - l0, K, n, N, H, D']``)."""
+        view, index = self.unit(l0, l1)
+        if index is None:
+            torch.index_select(view, 2, ids, out=out)
+        else:
+            torch.ops.aten.index.Tensor_out(view, [index[0], index[1], ids.view(1, 1, -1)], out=out)
+
+    def scatter(self, l0: int, l1: int, ids: torch.Tensor, src: torch.Tensor) -> None:
+        """The reverse of :meth:`gather`: ``src`` into blocks ``ids`` of layers ``[l0, l1)``."""
+        view, index = self.unit(l0, l1)
+        if index is None:
+            view.index_copy_(2, ids, src)
+        else:
+            view.index_put_((index[0], index[1], ids.view(1, 1, -1)), src)
 
 
 def build_strided_plan(views: list[torch.Tensor], max_runs: int = 8) -> StridedPlan | None:
     """A StridedPlan for per-layer ``[B, K, N, H, D]`` views, or None.
 
     Needs identical shapes and strides, a contiguous last dimension, and at most ``max_runs``
-    groups of evenly spaced layers. Like :func:`build_row_plan` the views own nothing: the
-    engine's tensors must outlive the plan.
+    groups of evenly spaced layers (rising or falling addresses). Like :func:`build_row_plan`
+    the views own nothing: the engine's tensors must outlive the plan.
     """
     first = views[0]
     strides = _strides(first)
@@ -278,29 +322,45 @@ def build_strided_plan(views: list[torch.Tensor], max_runs: int = 8) -> StridedP
     for dtype in (*_WIDE, first.dtype):
         w = torch.empty((), dtype=dtype).element_size()
         if (w < es or row_bytes % w or any(s * es % w for s in strides[:4]) or any(p % w for p in ptrs)
-                or any(step % w for _, _, step in runs) or not _index_ops_work(dtype, first.device)):
+                or any(step % w for _, _, step in runs) or not _index_ops_work(dtype, first.device)
+                or (any(step < 0 for _, _, step in runs) and not _advanced_index_works(dtype, first.device))):
             continue
-        return StridedPlan([(a, b, _run_view(views, a, b, step, dtype)) for a, b, step in runs], dtype)
+        return StridedPlan([_make_run(views, a, b, step, dtype) for a, b, step in runs], dtype)
     return None
 
 
 def _runs(ptrs: list[int]) -> list[tuple[int, int, int]]:
-    """``(first, end, step)`` of maximal groups of layers at a constant positive address step."""
+    """``(first, end, step)`` of maximal groups of layers at a constant nonzero address step
+    (negative: each layer below the one before it); a group of one layer has step 0."""
     runs, a = [], 0
     while a < len(ptrs):
         step = ptrs[a + 1] - ptrs[a] if a + 1 < len(ptrs) else 0
         b = a + 1
-        if step > 0:
+        if step:
             while b < len(ptrs) and ptrs[b] - ptrs[b - 1] == step:
                 b += 1
-        runs.append((a, b, max(step, 0) if b > a + 1 else 0))
+        runs.append((a, b, step if b > a + 1 else 0))
         a = b
     return runs
 
 
-def _run_view(views: list[torch.Tensor], a: int, b: int, step: int, dtype: torch.dtype) -> torch.Tensor:
-    """Layers ``[a, b)`` as one ``[b - a, K, B, N, H, D']`` view in ``dtype`` (``step`` bytes apart)."""
-    first, last = views[a], views[b - 1]
+def _make_run(views: list[torch.Tensor], a: int, b: int, step: int, dtype: torch.dtype) -> _Run:
+    if step >= 0:
+        return _Run(a, b, _run_view(views, a, b, step, dtype, low=a))
+    view = _run_view(views, a, b, -step, dtype, low=b - 1)  # index 0: layer b - 1
+    dev = view.device
+    # built once at registration, then synchronized: the transfers read them from other streams
+    layer_index = torch.arange(b - 1 - a, -1, -1, device=dev).view(-1, 1, 1)
+    kv_index = torch.arange(view.shape[1], device=dev).view(1, -1, 1)
+    if dev.type == "cuda":
+        torch.cuda.current_stream(dev).synchronize()
+    return _Run(a, b, view, True, layer_index, kv_index)
+
+
+def _run_view(views: list[torch.Tensor], a: int, b: int, step: int, dtype: torch.dtype, *, low: int) -> torch.Tensor:
+    """Layers ``[a, b)`` as one ``[b - a, K, B, N, H, D']`` view in ``dtype`` from the lowest
+    address, layer ``low`` (``step`` bytes apart, in address order)."""
+    first, last = views[low], views[a + b - 1 - low]
     es = first.element_size()
     w = torch.empty((), dtype=dtype).element_size()
     extent = sum((size - 1) * stride for size, stride in zip(last.shape, last.stride(), strict=True)) + 1
@@ -323,6 +383,24 @@ def _index_ops_work(dtype: torch.dtype, device: torch.device) -> bool:
             probe = torch.zeros((2, 2), dtype=dtype, device=device)
             index = torch.tensor([1, 0], device=device)
             probe.index_copy_(0, index, torch.index_select(probe, 0, index))
+            ok = True
+        except (RuntimeError, NotImplementedError):
+            ok = False
+        _INDEX_OPS[key] = ok
+    return ok
+
+
+def _advanced_index_works(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether ``index.Tensor_out`` and ``index_put_`` run for ``dtype`` on ``device`` (probed once)."""
+    key = (dtype, f"advanced {device}")
+    ok = _INDEX_OPS.get(key)
+    if ok is None:
+        try:
+            probe = torch.zeros((2, 2), dtype=dtype, device=device)
+            index = torch.tensor([1, 0], device=device)
+            out = torch.empty_like(probe)
+            torch.ops.aten.index.Tensor_out(probe, [index], out=out)
+            probe.index_put_((index,), out)
             ok = True
         except (RuntimeError, NotImplementedError):
             ok = False

@@ -725,7 +725,7 @@ class TransferEngine:
             ids = idx[u.chunk]
             if u.blocks < ids.shape[0]:
                 ids = ids[:u.blocks]
-            torch.index_select(self._strided.view(u.l0, u.l1), 2, ids, out=self._strided_stage(u, stage))
+            self._strided.gather(u.l0, u.l1, ids, self._strided_stage(u, stage))
             return
         if self._rows is not None:
             rows = self._rows.unit_rows(idx, u.chunk, u.l0, u.l1, u.blocks)
@@ -769,7 +769,7 @@ class TransferEngine:
             if skip or u.blocks < ids.shape[0]:
                 ids = ids[skip:u.blocks]
             src = self._strided_stage(u, stage)
-            self._strided.view(u.l0, u.l1).index_copy_(2, ids, src[:, :, skip:] if skip else src)
+            self._strided.scatter(u.l0, u.l1, ids, src[:, :, skip:] if skip else src)
             return
         if self._rows is not None:
             rows = self._rows.unit_rows(idx, u.chunk, u.l0, u.l1, u.blocks, skip)
@@ -853,7 +853,7 @@ def _strided_pays(plan: StridedPlan, layout: KVLayout, chunk_tokens: int, half: 
     """
     if len(plan.runs) != 1 or layout.chunk_bytes(chunk_tokens) * _STRIDED_MAX_CHUNKS_PER_BATCH < half:
         return False
-    view = plan.runs[0][2]  # [L, K, B, N, H, D']
+    view = plan.runs[0].view  # [L, K, B, N, H, D']
     n, h = view.shape[3], view.shape[4]
     return n == 1 or h == 1 or view.stride(3) == h * view.stride(4)
 
