@@ -22,9 +22,11 @@ def test_bench_transfer_runs_every_layout_on_cpu(tmp_path: Path) -> None:
     data = json.loads((tmp_path / "transfer.json").read_text())
     assert all(data["verify"].values()) and len(data["verify"]) == 25
     cases = {r["case"].rsplit(" 256 ", 1)[0] for r in data["rows"]}
-    # Llama and MLA, each in one buffer (vLLM 0.30+) and per layer
+    # Llama and MLA, each in one buffer (vLLM 0.30+) and per layer; MLA per layer also through the row plan
     assert cases == {"llama-3.1-8b(cpu-scaled) unified-LBNHC", "llama-3.1-8b(cpu-scaled) per-layer",
-                     "mla(cpu-scaled) unified-LBNHC", "mla(cpu-scaled) per-layer"}
+                     "mla(cpu-scaled) unified-LBNHC", "mla(cpu-scaled) per-layer", "mla(cpu-scaled) per-layer-rows"}
+    assert data["gather"]["mla(cpu-scaled) per-layer-rows"]["mode"] == "rows"
+    assert data["gather"]["llama-3.1-8b(cpu-scaled) unified-LBNHC"]["mode"] in ("strided", "rows")
     assert all(r["ratio"] > 0 for r in data["rows"])
 
 

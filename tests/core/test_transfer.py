@@ -334,14 +334,18 @@ def test_auto_gather_takes_the_strided_plan_only_where_it_was_measured_to_pay() 
         TransferEngine(caches, layout, chunk_tokens=CHUNK, gather="fast")
 
 
-def test_row_plan_splits_heads_when_layers_are_misaligned() -> None:
-    """Layers 24 elements apart (not a multiple of D=48): rows shrink to a divisor of D."""
+def test_row_plan_keeps_whole_pages_as_rows_when_layers_are_misaligned() -> None:
+    """Layers 24 elements apart (not a multiple of a page or of D=48): rows start every step that
+    divides the offsets, overlap, and each is still a whole page, so a chunk is one row per block
+    and layer; saved and loaded bytes are exact, and blocks not named stay untouched."""
     L2, B2, N2, D2 = 3, 8, 4, 48
     flat = torch.randn(L2 * (B2 * N2 * D2 + 24))
     caches = [flat[i * (B2 * N2 * D2 + 24):][: B2 * N2 * D2].view(B2, N2, D2) for i in range(L2)]
     layout = detect_layout(caches)
     te = TransferEngine(caches, layout, chunk_tokens=8, staging_bytes=500, gather="rows")
-    assert te.row_gather and te._rows.row_elems == 24 and te._rows.rows_per_head == 2
+    plan = te._rows
+    assert te.row_gather and plan.row_elems == N2 * D2 and plan.alias.stride(0) < plan.row_elems  # overlapping
+    assert plan.block_offsets(4, 1, 1).shape == (L2, 1)  # one row per (layer, block)
     bufs = [torch.zeros(layout.chunk_bytes(8), dtype=torch.uint8) for _ in range(2)]
     te.save([[5, 2], [7]], bufs).wait()
     payload = bufs[0].view(torch.float32).view(layout.chunk_payload_shape(8))
@@ -351,6 +355,7 @@ def test_row_plan_splits_heads_when_layers_are_misaligned() -> None:
     te2 = TransferEngine(target, detect_layout(target), chunk_tokens=8, gather="rows")
     te2.load(bufs, [[0, 1], [3]]).wait()
     assert all(torch.equal(target[layer][[0, 1, 3]], caches[layer][[5, 2, 7]]) for layer in range(L2))
+    assert all(int(torch.count_nonzero(target[layer][[2, 4, 5, 6, 7]])) == 0 for layer in range(L2))
 
 
 def test_layerwise_load_enqueues_ahead_of_the_reader() -> None:

@@ -9,9 +9,11 @@ unified layouts). A chunk's canonical payload is then a list of row numbers, and
 ``index_select`` (save) or ``index_copy_`` (load) moves any number of layers at once.
 
 The alias spans the gaps between separate per-layer allocations; only rows that belong to
-the registered tensors are ever addressed. When the strides or offsets do not divide into
-rows (an exotic layout), :func:`build_row_plan` returns None and the caller falls back to
-one kernel per layer.
+the registered tensors are ever addressed. A row starts at any multiple of a step that divides
+every layer offset and stride, so rows may overlap: an MLA block page (72 KiB) is one row even
+where separate allocations sit only 2 MiB aligned to each other (rows of 128 bytes before: a
+row table 576 times longer). When the head dimension is not contiguous (an exotic layout),
+:func:`build_row_plan` returns None and the caller falls back to one kernel per layer.
 
 When the layers sit at a uniform distance from each other (one buffer, as vLLM 0.30+ and
 cross-layer caches allocate them, or per-layer allocations that landed evenly spaced), a
@@ -31,6 +33,7 @@ payload in layer order.
 from __future__ import annotations
 
 import ctypes
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,7 +53,6 @@ class RowPlan:
     head_rows: int  # 0 when the head dimension is folded into the row
     tokens_in_row: bool
     heads_in_row: bool
-    rows_per_head: int = 1
     #: The same rows in the widest element type that divides them (fewer, wider loads per row).
     wide: torch.Tensor | None = None
     #: Row numbers of block 0 in payload order, ``[L*K, N'*H'*R']`` (built on first use).
@@ -84,8 +86,6 @@ class RowPlan:
                 rows = rows + ax(torch.arange(n_tok, device=dev) * self.token_rows, 3)
             if n_head > 1:
                 rows = rows + ax(torch.arange(n_head, device=dev) * self.head_rows, 4)
-            if self.rows_per_head > 1:  # rows split the head dimension: consecutive row numbers
-                rows = rows + ax(torch.arange(self.rows_per_head, device=dev), 5)
             self._offsets = rows.reshape(rows.shape[0] * rows.shape[1], -1).contiguous()  # [L*K, N'H'R']
         return self._offsets
 
@@ -125,7 +125,8 @@ def _widen(alias: torch.Tensor) -> torch.Tensor:
     row_bytes = alias.shape[1] * alias.element_size()
     for dtype in _WIDE:
         size = torch.empty((), dtype=dtype).element_size()
-        if size <= alias.element_size() or row_bytes % size or alias.data_ptr() % size:
+        if (size <= alias.element_size() or row_bytes % size or alias.data_ptr() % size
+                or alias.stride(0) * alias.element_size() % size):
             continue
         if _index_ops_work(dtype, alias.device):
             return alias.view(torch.uint8).view(dtype)
@@ -153,59 +154,56 @@ class _CudaSpan:
         }
 
 
-def _row_options(view: torch.Tensor) -> list[tuple[int, bool, bool]]:
-    """Canonical suffixes of ``[B, K, N, H, D]`` contiguous in memory, largest first.
-
-    Each option is ``(row_elems, tokens_in_row, heads_in_row)``: N*H*D, H*D, D, then the
-    divisors of D down to 16 bytes (separate allocations are only 512-byte aligned relative
-    to each other, e.g. MLA's 1152-byte head vectors need 128-byte rows).
-    """
+def _row_shape(view: torch.Tensor) -> tuple[int, bool, bool] | None:
+    """The longest canonical suffix of ``[B, K, N, H, D]`` contiguous in memory, as
+    ``(row_elems, tokens_in_row, heads_in_row)``: a page N*H*D, the heads of a token H*D, or one
+    head vector D; None when D itself is strided."""
     _, _, n, h, d = view.shape
     s = _strides(view)
     if s[4] not in (0, 1):
-        return []
-    options = []
+        return None
     if h == 1 or s[3] == d:
         if n == 1 or s[2] == h * d:
-            options.append((n * h * d, True, True))
-        options.append((h * d, False, True))
-    min_elems = max(1, 16 // view.element_size())
-    options += [(r, False, False) for r in range(d, min_elems - 1, -1) if d % r == 0]
-    return options
+            return n * h * d, True, True
+        return h * d, False, True
+    return d, False, False
 
 
 def build_row_plan(views: list[torch.Tensor], keep: Any) -> RowPlan | None:
     """A RowPlan for per-layer ``[B, K, N, H, D]`` views with identical strides, or None.
 
-    Tries the largest row first and falls back to smaller rows when layer offsets or strides
-    do not divide. ``keep`` (the engine's tensors) must outlive the plan: the alias owns nothing.
+    Rows are the longest runs contiguous in both layouts (they may overlap, see :func:`_plan`).
+    ``keep`` (the engine's tensors) must outlive the plan: the alias owns nothing.
     """
-    for option in _row_options(views[0]):
-        plan = _plan(views, *option)
-        if plan is not None:
-            return plan
-    return None
+    shape = _row_shape(views[0])
+    return None if shape is None else _plan(views, *shape)
 
 
 def _plan(views: list[torch.Tensor], row: int, tokens_in: bool, heads_in: bool) -> RowPlan | None:
+    """Rows of ``row`` elements starting every ``step`` bytes: the largest step dividing every
+    layer offset, every stride a row number is built from, and the row itself. Rows overlap when
+    the step is shorter than a row (separate allocations are only 2 MiB aligned to each other,
+    an MLA block page is 72 KiB): a page is still one row, so a chunk is a few hundred row numbers,
+    not one per 128 bytes. Only whole pages are ever addressed, so no two rows a transfer writes overlap."""
     first = views[0]
     es = first.element_size()
     start, end = _span(views)
     rel = [(v.data_ptr() - start) for v in views]
     strides = _strides(first)
     needed = [strides[1], strides[0]] + ([] if tokens_in else [strides[2]]) + ([] if heads_in else [strides[3]])
-    if any(r % (row * es) for r in rel) or any(x % row for x in needed):
+    step = math.gcd(row * es, *rel, *(x * es for x in needed))  # bytes; gcd(a, 0) = a
+    if step % es or end - start < row * es:
         return None
-    nbytes = (end - start) // (row * es) * (row * es)
-    alias = alias_bytes(start, nbytes, first.device).view(first.dtype).view(-1, row)
-    base = torch.tensor([r // (row * es) for r in rel], dtype=torch.int64, device=first.device)
+    nrows = (end - start - row * es) // step + 1
+    flat = alias_bytes(start, end - start, first.device).view(first.dtype)
+    alias = torch.as_strided(flat, (nrows, row), (step // es, 1))
+    base = torch.tensor([r // step for r in rel], dtype=torch.int64, device=first.device)
     return RowPlan(
         alias=alias, row_elems=row, base_rows=base,
-        k_rows=strides[1] // row, block_rows=strides[0] // row,
-        token_rows=0 if tokens_in else strides[2] // row,
-        head_rows=0 if heads_in else strides[3] // row,
+        k_rows=strides[1] * es // step, block_rows=strides[0] * es // step,
+        token_rows=0 if tokens_in else strides[2] * es // step,
+        head_rows=0 if heads_in else strides[3] * es // step,
         tokens_in_row=tokens_in, heads_in_row=heads_in,
-        rows_per_head=1 if heads_in else first.shape[4] // row,
     )
 
 

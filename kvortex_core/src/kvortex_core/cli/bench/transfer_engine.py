@@ -21,7 +21,7 @@ CHUNK_TOKENS = 256
 
 
 def make_engine(caches: list[torch.Tensor], layout: KVLayout, max_tokens: int, staging: int,
-                hints: dict[str, Any] | None) -> Any:
+                hints: dict[str, Any] | None, gather: str = "auto") -> Any:
     """An engine whose cpu tier holds two copies of the largest sequence (no eviction in a rep)."""
     from kvortex_core import KVortexConfig, KVortexEngine
 
@@ -30,7 +30,7 @@ def make_engine(caches: list[torch.Tensor], layout: KVLayout, max_tokens: int, s
     config = KVortexConfig(model_id="bench/model", chunk_tokens=CHUNK_TOKENS,
                            tiers={"cpu": {"type": "cpu", "capacity": capacity}},
                            eviction={"high_watermark": 1.0},
-                           transfer={"staging_bytes": staging})
+                           transfer={"staging_bytes": staging, "gather": gather})
     engine = KVortexEngine.create(config)
     engine.register_kv_caches(caches, hints)
     return engine

@@ -181,10 +181,12 @@ def raw_copy(nbytes: int, device: torch.device, reps: int) -> dict[str, Measurem
 
 
 def transfer_engine_case(shape: Shape, tokens: int, caches: list[torch.Tensor], layout: KVLayout,
-                         chunk_tokens: int, staging: int, streams: int, reps: int) -> dict[str, Measurement]:
+                         chunk_tokens: int, staging: int, streams: int, reps: int,
+                         gather: str = "auto") -> dict[str, Measurement]:
     """The TransferEngine alone: shuffled blocks <-> one pinned buffer per chunk."""
     device = caches[0].device
-    te = TransferEngine(caches, layout, chunk_tokens=chunk_tokens, staging_bytes=staging, num_streams=streams)
+    te = TransferEngine(caches, layout, chunk_tokens=chunk_tokens, staging_bytes=staging, num_streams=streams,
+                        gather=gather)
     chunks = random_chunks(layout.num_blocks, tokens, shape.block, chunk_tokens, tokens)
     nbytes = layout.chunk_bytes(tokens)
     slots = pinned(layout.chunk_bytes(chunk_tokens) * len(chunks), device)

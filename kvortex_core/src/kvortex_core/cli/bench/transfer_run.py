@@ -30,33 +30,50 @@ def run_all(device: torch.device, sizes: list[int], *, reps: int, mla_layers: in
     t0 = time.perf_counter()
     if "verify" in parts:
         res["verify"] = tp.verify_layouts(device)
-    # MLA from 8K tokens up: in one buffer as vLLM 0.30+ allocates every layer, and per layer (older vLLM)
+    # MLA from 8K tokens up: in one buffer as vLLM 0.30+ allocates every layer, and per layer (older
+    # vLLM); per layer also through the row plan, what "auto" falls back to for irregularly placed layers
     mla_sizes = [s for s in sizes if s >= 8192] or [max(sizes)]
-    for shape, unified in ((llama, True), (llama, False), (mla, True), (mla, False)):
-        _bandwidth(res, shape, device, sizes if shape is llama else mla_sizes, reps, staging, parts, unified)
+    for shape, unified, gather in ((llama, True, "auto"), (llama, False, "auto"), (mla, True, "auto"),
+                                   (mla, False, "auto"), (mla, False, "rows")):
+        _bandwidth(res, shape, device, sizes if shape is llama else mla_sizes, reps, staging, parts, unified,
+                   gather)
     res["elapsed_s"] = time.perf_counter() - t0
     return res
 
 
 def _bandwidth(res: dict[str, Any], shape: tp.Shape, device: torch.device, sizes: list[int], reps: int,
-               staging: int, parts: set[str], unified: bool) -> None:
-    """Save/load ratios at each size; extras (bidir, matmul, layer-wise) on the first layout only."""
+               staging: int, parts: set[str], unified: bool, gather: str = "auto") -> None:
+    """Save/load ratios at each size; extras (bidir, matmul, layer-wise) on the first layout only.
+
+    The caches come from fresh device allocations (the allocator's cache emptied first), as a
+    serving engine allocates them once at start: carved from the blocks an earlier case freed,
+    separate per-layer tensors would land at irregular addresses.
+    """
     max_tokens = max(sizes)
     num_blocks = 2 * max_tokens // shape.block
+    tp.settle()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     caches = tp.make_caches(shape, num_blocks, device, unified=unified)
     hints = {"kv_count": 1} if unified and shape.mla else None
     layout = detect_layout(caches, hints)
-    label = f"{shape.name} {'unified-LBNHC' if unified else 'per-layer'}"
+    label = f"{shape.name} {'unified-LBNHC' if unified else 'per-layer'}" + ("" if gather == "auto" else f"-{gather}")
+    plan = TransferEngine(caches, layout, chunk_tokens=CHUNK_TOKENS, staging_bytes=staging, gather=gather)
+    res.setdefault("gather", {})[label] = {"mode": plan.gather_mode, "runs": [
+        [r.first, r.end, r.reversed] for r in plan._strided.runs] if plan._strided is not None else None}
+    plan.close()
     extra_tokens = min(max_tokens, 8192 if device.type == "cuda" else max_tokens)
     # room for the both-directions case too: a stored sequence and every rep's fresh one (when a
     # save has to evict, it may take chunks of the sequence the concurrent load has not pinned yet)
-    engine = _engine(parts, caches, layout, max(max_tokens, (reps + 4) * extra_tokens // 2), staging, hints)
+    engine = _engine(parts, caches, layout, max(max_tokens, (reps + 4) * extra_tokens // 2), staging, hints,
+                     gather)
     try:
         for tokens in sizes:
             raw = tp.raw_copy(layout.chunk_bytes(tokens), device, reps)
             case: dict[str, Any] = {"raw": raw}
             if "te" in parts:
-                te = tp.transfer_engine_case(shape, tokens, caches, layout, CHUNK_TOKENS, staging, 2, reps)
+                te = tp.transfer_engine_case(shape, tokens, caches, layout, CHUNK_TOKENS, staging, 2, reps,
+                                             gather)
                 case["te"] = te
                 _rows(res, f"{label} {tokens} te", te, raw)
             if engine is not None:
@@ -68,12 +85,12 @@ def _bandwidth(res: dict[str, Any], shape: tp.Shape, device: torch.device, sizes
             res["cases"][f"{label}/{tokens}"] = case
         if "bidir" in parts and device.type == "cuda":
             bidir = res.setdefault("bidir", {})
-            bidir[f"{label} te"] = _bidir(shape, caches, layout, extra_tokens, staging, reps)
+            bidir[f"{label} te"] = _bidir(shape, caches, layout, extra_tokens, staging, reps, gather)
             if engine is not None:
                 from kvortex_core.cli.bench.transfer_engine import engine_bidir
 
                 bidir[f"{label} engine"] = engine_bidir(engine, shape, extra_tokens, layout, reps)
-        if shape.mla or not unified:
+        if shape.mla or not unified or gather != "auto":
             return
         if "sweep" in parts:
             res["sweep"] = _sweep(shape, caches, layout, extra_tokens, reps)
@@ -87,12 +104,12 @@ def _bandwidth(res: dict[str, Any], shape: tp.Shape, device: torch.device, sizes
 
 
 def _engine(parts: set[str], caches: list[torch.Tensor], layout: Any, max_tokens: int, staging: int,
-            hints: dict[str, Any] | None) -> Any:
+            hints: dict[str, Any] | None, gather: str) -> Any:
     if "engine" not in parts:
         return None
     from kvortex_core.cli.bench.transfer_engine import make_engine
 
-    return make_engine(caches, layout, max_tokens, staging, hints)
+    return make_engine(caches, layout, max_tokens, staging, hints, gather)
 
 
 def _rows(res: dict[str, Any], label: str, ours: dict[str, Any], raw: dict[str, Measurement]) -> None:
@@ -108,8 +125,9 @@ def _rows(res: dict[str, Any], label: str, ours: dict[str, Any], raw: dict[str, 
         res["rows"].append(tp.summary_row(f"{label} raw-into-pool h2d", pool["h2d"], pool["raw_h2d"]))
 
 
-def _te_pair(shape: tp.Shape, caches: list[torch.Tensor], layout: Any, tokens: int, staging: int) -> Any:
-    te = TransferEngine(caches, layout, chunk_tokens=CHUNK_TOKENS, staging_bytes=staging)
+def _te_pair(shape: tp.Shape, caches: list[torch.Tensor], layout: Any, tokens: int, staging: int,
+             gather: str = "auto") -> Any:
+    te = TransferEngine(caches, layout, chunk_tokens=CHUNK_TOKENS, staging_bytes=staging, gather=gather)
     chunks = tp.random_chunks(layout.num_blocks, tokens, shape.block, CHUNK_TOKENS, 11)
     other = tp.random_chunks(layout.num_blocks, tokens, shape.block, CHUNK_TOKENS, 12)
     slot = layout.chunk_bytes(CHUNK_TOKENS)
@@ -120,9 +138,9 @@ def _te_pair(shape: tp.Shape, caches: list[torch.Tensor], layout: Any, tokens: i
 
 
 def _bidir(shape: tp.Shape, caches: list[torch.Tensor], layout: Any, tokens: int, staging: int,
-           reps: int) -> dict[str, Any]:
+           reps: int, gather: str = "auto") -> dict[str, Any]:
     """Save one sequence while loading another, vs raw copies both ways at once."""
-    te, chunks, other, dst, src = _te_pair(shape, caches, layout, tokens, staging)
+    te, chunks, other, dst, src = _te_pair(shape, caches, layout, tokens, staging, gather)
     device = caches[0].device
     nbytes = layout.chunk_bytes(tokens)
 
