@@ -31,19 +31,22 @@ def run_all(device: torch.device, sizes: list[int], *, reps: int, mla_layers: in
     if "verify" in parts:
         res["verify"] = tp.verify_layouts(device)
     # MLA from 8K tokens up: in one buffer as vLLM 0.30+ allocates every layer, and per layer (older
-    # vLLM); per layer also through the row plan, what "auto" falls back to for irregularly placed layers
-    mla_sizes = [s for s in sizes if s >= 8192] or [max(sizes)]
-    for shape, unified, gather in ((llama, True, "auto"), (llama, False, "auto"), (mla, True, "auto"),
-                                   (mla, False, "auto"), (mla, False, "rows")):
-        _bandwidth(res, shape, device, sizes if shape is llama else mla_sizes, reps, staging, parts, unified,
-                   gather)
+    # vLLM). Where "auto" took a strided plan for separate per-layer tensors (they landed evenly
+    # spaced), the same layout again through the row plan, what it takes for irregularly placed
+    # layers (from 8K tokens up)
+    big = [s for s in sizes if s >= 8192] or [max(sizes)]
+    for shape, unified in ((llama, True), (llama, False), (mla, True), (mla, False)):
+        label = _bandwidth(res, shape, device, sizes if shape is llama else big, reps, staging, parts, unified)
+        if not unified and res["gather"][label]["mode"] != "rows":
+            _bandwidth(res, shape, device, big, reps, staging, parts, unified, "rows")
     res["elapsed_s"] = time.perf_counter() - t0
     return res
 
 
 def _bandwidth(res: dict[str, Any], shape: tp.Shape, device: torch.device, sizes: list[int], reps: int,
-               staging: int, parts: set[str], unified: bool, gather: str = "auto") -> None:
+               staging: int, parts: set[str], unified: bool, gather: str = "auto") -> str:
     """Save/load ratios at each size; extras (bidir, matmul, layer-wise) on the first layout only.
+    Returns the case label.
 
     The caches come from fresh device allocations (the allocator's cache emptied first), as a
     serving engine allocates them once at start: carved from the blocks an earlier case freed,
@@ -91,7 +94,7 @@ def _bandwidth(res: dict[str, Any], shape: tp.Shape, device: torch.device, sizes
 
                 bidir[f"{label} engine"] = engine_bidir(engine, shape, extra_tokens, layout, reps)
         if shape.mla or not unified or gather != "auto":
-            return
+            return label
         if "sweep" in parts:
             res["sweep"] = _sweep(shape, caches, layout, extra_tokens, reps)
         if "layerwise" in parts:
@@ -101,6 +104,7 @@ def _bandwidth(res: dict[str, Any], shape: tp.Shape, device: torch.device, sizes
     finally:
         if engine is not None:
             engine.close()
+    return label
 
 
 def _engine(parts: set[str], caches: list[torch.Tensor], layout: Any, max_tokens: int, staging: int,
