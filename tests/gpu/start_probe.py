@@ -41,7 +41,9 @@ def steps(te, chunks, dst):
                        other_events=[produced], home=s)
     marks.append(t())
     with s.on(s.first):
-        ids = d.upload_ids(chunks)
+        region = d.arena.lend(chunks)  # never given back: regions past the arena take over
+        region.upload()
+        ids = region.dev.view(len(chunks), -1)
         marks.append(t())
         rows = te._rows.call_rows(ids, lay.block_size, lay.kv_count, lay.num_kv_heads)
         marks.append(t())

@@ -98,34 +98,40 @@ def test_many_concurrent_handles_do_not_corrupt_staging() -> None:
         assert torch.equal(payload.cpu(), ref.cpu())
 
 
-def test_loads_queued_behind_a_busy_stream_upload_ids_without_blocking() -> None:
-    """With every arena region lent, the row plan uploads its block ids through the direction's
-    reused buffer; an upload still waiting on the direction's kernel stream makes the next one use
-    a fresh pinned tensor (no host block); both loads land byte-exact, in order."""
+@pytest.mark.parametrize("gather", ["strided", "rows"])
+def test_loads_past_the_arena_take_regions_of_their_own_without_blocking(gather: str) -> None:
+    """With every arena region lent and the kernel stream busy, loads lend regions past the arena
+    (their own pinned ids and device twin): the host does not block, both land byte-exact, and
+    each region is dropped once its load completed. Ids longer than a region go the same way."""
     caches, _, block = ks.flash_attn(L, B, N, H, D, torch.bfloat16, seed=3, device="cuda")
-    te = TransferEngine(caches, detect_layout(caches), chunk_tokens=CHUNK, staging_bytes=100_000, gather="rows")
+    te = TransferEngine(caches, detect_layout(caches), chunk_tokens=CHUNK, staging_bytes=100_000, gather=gather)
     chunks = [[3, 50, 7, 9], [60, 1, 2, 33]]
     bufs = _pinned(te.layout, len(chunks))
     te.save(chunks, bufs).wait()
     twin, _, _ = ks.flash_attn(L, B, N, H, D, torch.bfloat16, seed=4, device="cuda")
-    te2 = TransferEngine(twin, detect_layout(twin), chunk_tokens=CHUNK, staging_bytes=100_000, gather="rows")
+    te2 = TransferEngine(twin, detect_layout(twin), chunk_tokens=CHUNK, staging_bytes=100_000, gather=gather)
     te2.load(bufs, [[0, 1, 2, 3], [4, 5, 6, 7]], inline=True).wait()  # buffers allocated
     arena = te2._load.arena
     assert arena is not None
-    lent = [arena._free.pop() for _ in range(len(arena._free))]  # no region free: uploads take over
-    te2.load(bufs, [[0, 1, 2, 3], [4, 5, 6, 7]], inline=True).wait()
+    lent = [arena._free.pop() for _ in range(len(arena._free))]  # no region free
     with torch.cuda.stream(te2._load.kernel_stream):
-        torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time ahead of the next upload
+        torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time ahead of the loads' uploads and scatters
     h1 = te2.load(bufs, [[10, 11, 12, 13], [14, 15, 16, 17]], inline=True)
-    assert not te2._load._ids_read.query()  # its upload waits behind the sleep
     h2 = te2.load(bufs, [[20, 21, 22, 23], [24, 25, 26, 27]], inline=True)  # must not block
+    assert not h1.done() and len(arena._overflow) == 2
     h1.wait()
     h2.wait()
+    assert not arena._overflow and not arena._free  # dropped; the arena's own regions still lent
     arena._free.extend(lent)  # the regions taken above
     for dst in ([10, 11, 12, 13, 14, 15, 16, 17], [20, 21, 22, 23, 24, 25, 26, 27]):
         src = [b for ids in chunks for b in ids]
         assert all(torch.equal(block(twin, layer, d), block(caches, layer, s))
                    for s, d in zip(src, dst, strict=True) for layer in range(L))
+    arena.capacity = 4  # fewer ids than the next load's 8: a region past the arena too
+    te2.load(bufs, [[30, 31, 32, 33], [34, 35, 36, 37]], inline=True).wait()
+    assert not arena._overflow and len(arena._free) == len(lent)
+    assert all(torch.equal(block(twin, layer, d), block(caches, layer, s)) for layer in range(L)
+               for s, d in zip([b for ids in chunks for b in ids], range(30, 38), strict=True))
 
 
 def test_completed_handles_hand_their_events_back_and_reuse_is_byte_exact() -> None:
@@ -180,8 +186,8 @@ def test_every_gather_mode_on_cuda_matches_the_cpu_payload(name: str, gather: st
 
 
 def test_ids_read_in_place_return_their_region_and_overflow_to_uploads() -> None:
-    """More transfers in flight than the arena has regions: the rest upload their ids another way; every
-    region comes back once its transfer completed; all bytes exact."""
+    """More transfers in flight than the arena has regions: the rest lend regions past the arena; every
+    region comes back (or is dropped) once its transfer completed; all bytes exact."""
     caches, _, block = ks.cross_layer(L, B, N, H, D, torch.bfloat16, seed=5, device="cuda")
     layout = detect_layout(caches)
     te = TransferEngine(caches, layout, chunk_tokens=CHUNK, staging_bytes=100_000, gather="strided")
@@ -196,7 +202,7 @@ def test_ids_read_in_place_return_their_region_and_overflow_to_uploads() -> None
         chunks = [[(i + k) % B for k in range(4)], [(2 * i + 1) % B]]
         bufs = _pinned(layout, 2)
         jobs.append((te.save(chunks, bufs, inline=True), chunks, bufs))
-    assert len(arena._free) == 0  # every region lent, the last six transfers uploaded
+    assert len(arena._free) == 0 and len(arena._overflow) == 6  # every region lent, six past the arena
     for handle, chunks, bufs in jobs:
         handle.wait()
         for ids, buf in zip(chunks, bufs, strict=True):
@@ -204,8 +210,8 @@ def test_ids_read_in_place_return_their_region_and_overflow_to_uploads() -> None
             payload = buf.view(torch.bfloat16)[:n].view(layout.chunk_payload_shape(len(ids) * N))
             want = torch.stack([torch.cat([block(caches, layer, b) for b in ids], dim=1) for layer in range(L)])
             assert torch.equal(payload.cpu(), want.cpu())
-    assert len(arena._free) == regions
-    # loads: the ones past the arena scatter from their own copy of the uploaded ids
+    assert len(arena._free) == regions and not arena._overflow
+    # loads: the ones past the arena scatter from their own regions
     twin, _, tblock = ks.cross_layer(L, B, N, H, D, torch.bfloat16, seed=6, device="cuda")
     te2 = TransferEngine(twin, detect_layout(twin), chunk_tokens=CHUNK, staging_bytes=100_000, gather="strided")
     for _ in range(10):

@@ -1,11 +1,12 @@
 """Block ids for the gather kernels: per-transfer regions, uploaded by one kernel and no event.
 
-A transfer's gather kernels need its block ids on the device. The general upload
-(``_Direction.upload_ids``) reuses one pinned buffer, so it records an event per call and
-checks it before the next; on a cold path that is ~90-150 us of host time before the first DMA
-(``tests/gpu/start_probe.py``, H100 VM). An :class:`IdsArena` instead lends each transfer a
-region of a pinned host buffer and of its device twin, taken back only once the transfer
-completed: the host writes the ids, one upload moves them, and nothing else is tracked.
+A transfer's gather kernels need its block ids on the device. Reusing one pinned buffer would
+need an event per call, checked before the next (on a cold path ~90-150 us of host time before
+the first DMA, ``tests/gpu/start_probe.py``, H100 VM). An :class:`IdsArena` instead lends each
+transfer a region of a pinned host buffer and of its device twin, taken back only once the
+transfer completed: the host writes the ids, one upload moves them, and nothing else is
+tracked. Past the arena (every region lent, or more ids than a region holds) a transfer gets a
+region of its own from the pinned and device allocators, used the same way.
 
 (The gather kernels could read the pinned region in place through unified addressing, with no
 device twin at all; measured on an H100 that made every gather read its ids over PCIe,
@@ -27,6 +28,7 @@ delay a DMA upload in an isolated test. The kernel reads each id once (a few KiB
 from __future__ import annotations
 
 import array
+import itertools
 import threading
 from collections import deque
 from typing import NamedTuple
@@ -77,6 +79,8 @@ class IdsRegion(NamedTuple):
     in_place: torch.Tensor
     #: Per chunk, ``[n]`` views of the pinned alias.
     in_place_rows: list[torch.Tensor]
+    #: The pinned host tensor of a region past the arena (None for the arena's own regions).
+    owner: torch.Tensor | None = None
 
     def upload(self) -> None:
         """Copy the ids into the twin by a kernel on the current stream: kernels on that stream
@@ -87,32 +91,39 @@ class IdsRegion(NamedTuple):
 class IdsArena:
     """``regions`` regions of ``capacity`` int64 ids each; a region is lent to one transfer at a time.
 
-    ``lend`` returns None when no region is free or the ids do not fit: the caller then
-    uploads them another way (a transfer never waits for a region). 64
-    regions cover a layer-by-layer save of a 61-layer model in flight; 4096 ids are 64K
-    tokens of 16-token blocks.
+    ``lend`` never waits: when no region is free or the ids do not fit, it makes a region past
+    the arena (allocator memory, kept referenced here until given back, so a transfer whose
+    handle was dropped unwaited never frees memory a pending kernel still reads). 64 regions
+    cover a layer-by-layer save of a 61-layer model in flight; 4096 ids are 64K tokens of
+    16-token blocks.
     """
 
     def __init__(self, device: torch.device, regions: int = 64, capacity: int = 4096) -> None:
         self.capacity = capacity
+        self._device = device
         self._host = torch.empty(regions * capacity, dtype=torch.int64, pin_memory=True)
         self._ids = memoryview(self._host.numpy()).cast("B").cast("q")  # the pinned ids, writable
         self._uva = host_alias(self._host, device)  # the same memory, for kernels (upload, in place)
         self._dev = torch.empty(regions * capacity, dtype=torch.int64, device=device)
         self._free: deque[int] = deque(range(regions))
         self._views: dict[tuple[int, int, int], IdsRegion] = {}
-        self._lock = threading.Lock()  # guards clearing _views (the deque's ends are thread-safe)
+        #: Regions past the arena, by their (negative) index, until given back.
+        self._overflow: dict[int, IdsRegion] = {}
+        self._overflows = itertools.count(1)
+        self._lock = threading.Lock()  # guards _views and _overflow (the deque's ends are thread-safe)
 
-    def lend(self, ids: list[list[int]]) -> IdsRegion | None:
-        """A region holding ``ids`` (``[C, n]``, rectangular), or None when none is free or they
-        do not fit. Nothing is enqueued: kernels read it in place, or after ``upload()``."""
+    def lend(self, ids: list[list[int]]) -> IdsRegion:
+        """A region holding ``ids`` (``[C, n]``, rectangular). Nothing is enqueued: kernels read it
+        in place, or after ``upload()``."""
         c, n = len(ids), len(ids[0])
-        if c * n > self.capacity:
-            return None
-        try:
-            index = self._free.pop()  # the last one given back: its views and memory are warm
-        except IndexError:
-            return None
+        index = None
+        if c * n <= self.capacity:
+            try:
+                index = self._free.pop()  # the last one given back: its views and memory are warm
+            except IndexError:
+                pass
+        if index is None:
+            return self._lend_past(ids, c, n)
         base = index * self.capacity
         self._ids[base:base + c * n] = flat_ids(ids)  # a memoryview copy: no numpy call
         key = (index, c, n)
@@ -121,12 +132,29 @@ class IdsArena:
             with self._lock:
                 if len(self._views) >= 1024:
                     self._views.clear()
-                dev = self._dev[base:base + c * n]
-                host = self._uva[base:base + c * n]
-                region = self._views[key] = IdsRegion(index, host, dev, list(dev.view(c, n).unbind(0)),
-                                                      host.view(c, n), list(host.view(c, n).unbind(0)))
+                region = self._views[key] = _region(index, self._uva[base:base + c * n],
+                                                    self._dev[base:base + c * n], c, n)
+        return region
+
+    def _lend_past(self, ids: list[list[int]], c: int, n: int) -> IdsRegion:
+        host = torch.empty(c * n, dtype=torch.int64, pin_memory=True)
+        memoryview(host.numpy()).cast("B").cast("q")[:] = flat_ids(ids)
+        dev = torch.empty(c * n, dtype=torch.int64, device=self._device)
+        region = _region(-next(self._overflows), host_alias(host, self._device), dev, c, n, host)
+        with self._lock:
+            self._overflow[region.index] = region
         return region
 
     def give(self, region: IdsRegion) -> None:
         """Take ``region`` back: the transfer that held it has completed."""
-        self._free.append(region.index)
+        if region.index < 0:
+            with self._lock:
+                self._overflow.pop(region.index, None)
+        else:
+            self._free.append(region.index)
+
+
+def _region(index: int, host: torch.Tensor, dev: torch.Tensor, c: int, n: int,
+            owner: torch.Tensor | None = None) -> IdsRegion:
+    return IdsRegion(index, host, dev, list(dev.view(c, n).unbind(0)), host.view(c, n),
+                     list(host.view(c, n).unbind(0)), owner)

@@ -27,10 +27,9 @@ from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Any
 
-import numpy as np
 import torch
 
-from kvortex_core.data.ids import IdsArena, IdsRegion, flat_ids, host_alias, upload
+from kvortex_core.data.ids import IdsArena, IdsRegion
 from kvortex_core.data.layouts import KVLayout, layer_views
 from kvortex_core.data.rows import RowPlan, StridedPlan, build_row_plan, build_strided_plan
 from kvortex_core.data.streams import (
@@ -228,12 +227,6 @@ class _Direction:
         self.lock = threading.Lock()
         # One enqueuer thread per direction: transfers of one direction keep their order.
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvortex-transfer")
-        self._ids_host: torch.Tensor | None = None  # pinned, reused: no allocator call per transfer
-        self._ids_np: Any = None  # its numpy view
-        self._ids_uva: Any = None  # its device alias (unified addressing)
-        self._ids_dev: torch.Tensor | None = None
-        self._ids_read: Any = None  # the last upload's copy event
-        self._ids_views: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def idle(self) -> bool:
         """Nothing of this direction is queued on the device: its latest batch completed."""
@@ -244,49 +237,6 @@ class _Direction:
     def arena(self) -> IdsArena | None:
         """Per-transfer block-id regions (CUDA only; made on first use)."""
         return IdsArena(self.streams.device) if self.streams.cuda else None
-
-    def upload_ids(self, ids: list[list[int]]) -> torch.Tensor:
-        """``ids`` (``[C, n]`` block ids) as an int64 device tensor, through a reused pinned buffer.
-
-        Call with ``kernel_stream`` current (the copy is enqueued on the current stream).
-
-        Only kernels on ``kernel_stream`` read the device copy, so the next upload (same
-        stream) cannot overwrite it early. The host buffer is rewritten only once its last copy
-        finished; if that copy still waits behind another transfer's DMAs on the stream, this
-        upload goes through a fresh pinned tensor instead of blocking the host (all uploads are
-        on one stream, so a later one done implies every earlier one done).
-        """
-        c, n = len(ids), len(ids[0])
-        if not self.streams.cuda:
-            return torch.tensor(ids, dtype=torch.int64)
-        size = c * n
-        busy = self._ids_read is not None and not self._ids_read.query()
-        if self._ids_host is None or self._ids_host.numel() < size:
-            grown = max(size, 2 * (self._ids_host.numel() if self._ids_host is not None else 2048))
-            self._ids_host = torch.empty(grown, dtype=torch.int64, pin_memory=True)
-            self._ids_np = self._ids_host.numpy()
-            self._ids_uva = host_alias(self._ids_host, self.streams.device)  # for the upload kernel
-            with self.streams.on(self.kernel_stream):  # its home stream is the one that reads it
-                self._ids_dev = torch.empty(grown, dtype=torch.int64, device=self.streams.device)
-            self._ids_views.clear()
-            busy = False  # a new host buffer: nothing reads it yet
-        views = self._ids_views.get((c, n))
-        if views is None:  # slices and views cost ~5 us each: one set per shape, kept
-            assert self._ids_dev is not None
-            if len(self._ids_views) >= 1024:
-                self._ids_views.clear()
-            views = self._ids_views[(c, n)] = (self._ids_uva[:size], self._ids_dev[:size],
-                                               self._ids_dev[:size].view(c, n))
-        host, dev, shaped = views
-        if busy:  # the pinned allocator keeps this one alive until its copy ran
-            dev.copy_(torch.tensor(ids, dtype=torch.int64).view(-1).pin_memory(), non_blocking=True)
-        else:
-            self._ids_np[:size] = np.frombuffer(flat_ids(ids), dtype=np.int64)
-            upload(dev, host)  # a kernel, not a DMA (see kvortex_core.data.ids); kernel_stream is current
-        if self._ids_read is None:
-            self._ids_read = torch.cuda.Event()
-        self._ids_read.record(self.kernel_stream)  # re-recorded: only the latest upload matters
-        return shaped
 
     def submit(self, handle: TransferHandle, work: Callable[[], None], inline: bool = False) -> None:
         """Run ``work`` (the enqueue) on the worker; the handle learns when it finished.
@@ -536,14 +486,13 @@ class TransferEngine:
 
     def _lend_ids(self, blocks: list[list[int]], d: _Direction, handle: TransferHandle) -> IdsRegion | None:
         """The call's block ids (short chunks padded) in an arena region, given back once the
-        transfer completed; None on CPU, for the "layers" plan, or when no region is free."""
+        transfer completed; None on CPU and for the "layers" plan."""
         arena = d.arena
         if arena is None or (self._strided is None and self._rows is None):
             return None
         width = max(len(ids) for ids in blocks)
         region = arena.lend([ids + ids[:1] * (width - len(ids)) for ids in blocks])
-        if region is not None:
-            handle.on_retire.append(lambda: arena.give(region))
+        handle.on_retire.append(lambda: arena.give(region))
         return region
 
     def _indices(self, blocks: list[list[int]], region: IdsRegion | None, d: _Direction, chunks: int, *,
@@ -564,9 +513,9 @@ class TransferEngine:
         if self._rows is not None:
             if region is not None:
                 ids = region.in_place if chunks == len(blocks) else region.in_place[:chunks]
-            else:
+            else:  # on CPU
                 width = max(len(ids) for ids in blocks)
-                ids = d.upload_ids([ids + ids[:1] * (width - len(ids)) for ids in blocks])
+                ids = torch.tensor([ids + ids[:1] * (width - len(ids)) for ids in blocks], dtype=torch.int64)
             return self._rows.call_rows(ids, lay.block_size, lay.kv_count, lay.num_kv_heads)
         host = torch.tensor([b for ids in blocks for b in ids], dtype=torch.int64)
         dev = host.pin_memory().to(self.device, non_blocking=True) if d.streams.cuda else host
