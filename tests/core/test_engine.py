@@ -203,8 +203,12 @@ def test_tensor_and_numpy_inputs() -> None:
         (torch.zeros(2, CHUNK, dtype=torch.int64), [1], "1-D"),
         (torch.zeros(CHUNK), [1, 2, 3, 4], "integers"),
         ("hello", [1], "1-D sequence"),
-        ([1.5] * CHUNK, [1, 2, 3, 4], "integers"),
-        (list(range(CHUNK)), [1.0, 2.0, 3.0, 4.0], "block_ids must be"),
+        ([1.5] * CHUNK, [1, 2, 3, 4], "integers, got token_ids\\[0\\] = 1.5 \\(float\\)"),
+        ([1, 2, "x", *range(CHUNK - 3)], [1, 2, 3, 4], "token_ids\\[2\\] = 'x' \\(str\\)"),
+        (list(range(CHUNK)), [1.0, 2.0, 3.0, 4.0], "block_ids\\[0\\] = 1.0 \\(float\\)"),
+        (list(range(CHUNK)), [1, 2, "3", 4], "block_ids\\[2\\] = '3' \\(str\\); pass the request's block table"),
+        (list(range(CHUNK)), torch.tensor([1.0, 2.0, 3.0, 4.0]), "block_ids\\[0\\] = 1.0 \\(float\\)"),
+        (list(range(CHUNK)), [[1, 2], [3]], "block_ids must be a 1-D sequence of ints"),
     ],
 )
 def test_bad_input_raises_and_stores_nothing(tokens: Any, blocks: Any, match: str) -> None:

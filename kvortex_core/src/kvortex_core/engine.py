@@ -605,8 +605,19 @@ def _tokens(token_ids: Any) -> Any:
     if arr.size == 0:
         return arr.astype(np.int64)
     if arr.dtype.kind not in "iu":
-        raise KVortexError(f"token_ids must hold integers, got dtype {arr.dtype}; pass token ids")
+        raise KVortexError(f"token_ids must hold integers, got token_ids{_first_non_int(token_ids, arr)}; pass token ids")
     return arr
+
+
+def _first_non_int(given: Any, arr: Any) -> str:
+    """Names the first element of ``given`` (``arr`` = it as an array) that is not an int."""
+    import numbers
+
+    values = given if isinstance(given, (list, tuple)) else arr.tolist()
+    for i, v in enumerate(values):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            return f"[{i}] = {v!r} ({type(v).__name__})"
+    return f"dtype {arr.dtype}"
 
 
 def _blocks(block_ids: Sequence[int], n_tokens: int, layout: KVLayout) -> list[int]:
@@ -620,9 +631,15 @@ def _blocks(block_ids: Sequence[int], n_tokens: int, layout: KVLayout) -> list[i
     need = -(-n_tokens // layout.block_size)
     if hasattr(block_ids, "detach"):
         block_ids = block_ids.detach().cpu().numpy()
-    ids = np.asarray(block_ids)
-    if ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu"):
-        raise KVortexError(f"block_ids must be a 1-D sequence of ints, got shape {ids.shape} {ids.dtype}")
+    try:
+        ids = np.asarray(block_ids)
+    except (TypeError, ValueError) as exc:
+        raise KVortexError(f"block_ids must be a 1-D sequence of ints: {exc}") from None
+    if ids.ndim != 1:
+        raise KVortexError(f"block_ids must be a 1-D sequence of ints, got shape {ids.shape}")
+    if ids.size and ids.dtype.kind not in "iu":
+        raise KVortexError(f"block_ids must be ints, got block_ids{_first_non_int(block_ids, ids)}; "
+                           "pass the request's block table (integer block indices)")
     if len(ids) < need:
         raise KVortexError(
             f"{n_tokens} tokens need {need} blocks of {layout.block_size} tokens, got {len(ids)} "
