@@ -6,8 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-from kvortex_core.cli.app import app
 from typer.testing import CliRunner
+
+from kvortex_core.cli.app import app
 
 pytestmark = [pytest.mark.redis, pytest.mark.s3]
 pytest.importorskip("redis")

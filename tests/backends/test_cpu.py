@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+
 from kvortex_backends.cpu import CpuBackend
 from kvortex_core.errors import BackendFullError
 from kvortex_core.plugins.manager import PluginManager

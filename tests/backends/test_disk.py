@@ -13,13 +13,13 @@ import time
 from pathlib import Path
 
 import pytest
+
+from kvortex_backends import disk_io
 from kvortex_backends.disk import DiskBackend
 from kvortex_core.data import payload as pl
 from kvortex_core.errors import BackendError, PayloadError
 from kvortex_core.storage.protocol import BackendContext
 from kvortex_core.testing import BackendConformance
-
-from kvortex_backends import disk_io
 
 
 def _disk(path, capacity: int, **opts: object) -> DiskBackend:  # type: ignore[no-untyped-def]

@@ -8,6 +8,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from kvortex_core.data import payload as pl
 from kvortex_core.errors import PayloadError
 

@@ -7,6 +7,7 @@ import os
 from typing import Any
 
 import pytest
+
 from kvortex_backends.redis import RedisBackend, RedisOptions
 from kvortex_core.errors import BackendError, BackendFullError, BufferTooSmallError
 from kvortex_core.storage.protocol import BackendContext
@@ -223,9 +224,8 @@ def test_plugin_registers_redis() -> None:
 
 
 def test_tier_config_validates_redis_and_s3_options(monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    from kvortex_core.errors import ConfigError
-
     from kvortex_core import KVortexConfig
+    from kvortex_core.errors import ConfigError
 
     monkeypatch.setenv("KVORTEX_TIERS__SHARED__PASSWORD", "from-env")
     cfg = KVortexConfig(tiers={

@@ -6,6 +6,7 @@ import asyncio
 import os
 
 import pytest
+
 from kvortex_backends.redis import RedisBackend, RedisOptions
 from kvortex_core.errors import BackendError
 from kvortex_core.storage.protocol import BackendContext

@@ -7,6 +7,7 @@ import os
 from typing import Any
 
 import pytest
+
 from kvortex_backends.s3 import S3Backend, S3Options
 from kvortex_core.errors import BackendError, BufferTooSmallError
 from kvortex_core.storage.protocol import BackendContext

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 import torch
-from kvortex_core.data import kv_samples as ks
 
 from kvortex_core import KVortexConfig, KVortexEngine
+from kvortex_core.data import kv_samples as ks
 
 pytest.importorskip("redis")
 pytest.importorskip("boto3")

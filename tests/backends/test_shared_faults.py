@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 import pytest
+
 from kvortex_backends.redis import RedisBackend, RedisOptions
 from kvortex_backends.s3 import S3Backend, S3Options
 from kvortex_core.errors import BackendError

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 import typer
+from typer.testing import CliRunner
+
 from kvortex_core.cli.bench.common import (
     Measurement,
     Series,
@@ -21,7 +23,6 @@ from kvortex_core.cli.bench.common import (
     spread,
     write_results,
 )
-from typer.testing import CliRunner
 
 
 def test_spread_and_ratios() -> None:

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from typer.testing import CliRunner
+
 from kvortex_core.cli.app import app
 from kvortex_core.cli.bench import transfer_parts as tp
 from kvortex_core.cli.bench.transfer_engine import engine_case, make_engine
 from kvortex_core.data.layouts import detect_layout
-from typer.testing import CliRunner
 
 
 def test_bench_transfer_runs_every_layout_on_cpu(tmp_path: Path) -> None:

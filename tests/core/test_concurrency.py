@@ -10,6 +10,7 @@ import threading
 from typing import Any
 
 import pytest
+
 from kvortex_core.control.index import ChunkIndex, IndexEntry
 from kvortex_core.control.stats import Stats
 from kvortex_core.data.pool import PinnedPool

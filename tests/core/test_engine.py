@@ -9,9 +9,9 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from kvortex_core.data import kv_samples as ks
 
 from kvortex_core import KVortexConfig, KVortexEngine, KVortexError, LayoutError
+from kvortex_core.data import kv_samples as ks
 
 L, B, N, H, D = 2, 96, 16, 2, 8
 CHUNK = 64  # 4 blocks

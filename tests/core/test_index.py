@@ -16,6 +16,7 @@ from hypothesis.stateful import (
     precondition,
     rule,
 )
+
 from kvortex_core.control.index import ChunkIndex, IndexEntry, PinHandle
 from kvortex_core.control.stats import Stats
 from kvortex_core.errors import ConfigError

@@ -11,6 +11,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+
 from kvortex_core.control.keys import (
     ALGORITHMS,
     FORMAT_VERSION,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from kvortex_core.data import kv_samples as ks
 from kvortex_core.data.layouts import KVLayout, detect_layout, layer_views
 from kvortex_core.errors import LayoutError

@@ -10,11 +10,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
 from kvortex_core.config import KVortexConfig
 from kvortex_core.control.index import ChunkIndex
 from kvortex_core.control.stats import Stats
 from kvortex_core.metrics import MetricsExporter, start_metrics
-from prometheus_client.parser import text_string_to_metric_families
 
 
 def _scrape(url: str) -> dict[tuple[str, str], float]:

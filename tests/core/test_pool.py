@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from kvortex_core.control.stats import Stats
 from kvortex_core.data import numa
 from kvortex_core.data import pool as pool_mod

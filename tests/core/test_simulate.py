@@ -9,11 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import typer
+from typer.testing import CliRunner
+
 from kvortex_core.cli.bench.simulate import register
 from kvortex_core.sim import TraceError, chat_sessions, document_qa, load_jsonl, zipf_mix
 from kvortex_core.sim.simulator import ideal_hit_rate, prepare, simulate, sweep
 from kvortex_core.sim.trace import Request
-from typer.testing import CliRunner
 
 
 def _same(a: list[Request], b: list[Request]) -> bool:

@@ -6,9 +6,10 @@ import json
 import threading
 
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+
 from kvortex_core.control import stats as S
 from kvortex_core.control.stats import Stats
-from prometheus_client import CollectorRegistry, generate_latest
 
 
 def test_counters_by_tier_and_snapshot_is_a_copy() -> None:

@@ -6,11 +6,12 @@ from pathlib import Path
 
 import pytest
 import typer
+from typer.testing import CliRunner
+
 from kvortex_core.cli.stats_cmd import parse_metrics, register
 from kvortex_core.control.index import ChunkIndex
 from kvortex_core.control.stats import Stats
 from kvortex_core.metrics import MetricsExporter
-from typer.testing import CliRunner
 
 
 def _app() -> typer.Typer:
@@ -90,9 +91,9 @@ def test_no_url_and_no_port_names_the_fix(monkeypatch: pytest.MonkeyPatch) -> No
 def test_stats_of_a_real_engine_with_two_tiers(tmp_path: Path) -> None:
     """The engine's own Stats, served over HTTP, shown per tier after real saves and loads."""
     import torch
-    from kvortex_core.data import kv_samples as ks
 
     from kvortex_core import KVortexConfig, KVortexEngine
+    from kvortex_core.data import kv_samples as ks
 
     caches, hints, _ = ks.flash_attn(2, 64, 16, 2, 8, torch.bfloat16)
     config = KVortexConfig(

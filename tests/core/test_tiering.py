@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 import pytest
 import torch
+
 from kvortex_core.config import KVortexConfig
 from kvortex_core.control.stats import Stats
 from kvortex_core.data import payload as pl

@@ -10,6 +10,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from kvortex_core.data import kv_samples as ks
 from kvortex_core.data.layouts import detect_layout
 from kvortex_core.data.transfer import TransferEngine

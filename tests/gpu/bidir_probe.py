@@ -18,9 +18,10 @@ import sys
 import time
 
 from cuda_trace import copies, cuda_events, kernels
+from probes import engine_probe, probe_args
+
 from kvortex_core.cli.bench import transfer_parts as tp
 from kvortex_core.cli.bench.transfer_engine import _sequence
-from probes import engine_probe, probe_args
 
 
 def dma_summary(events: list[dict], kind: str, t0: float) -> str:

@@ -17,11 +17,12 @@ import sys
 import threading
 import time
 
-import kvortex_core.data.transfer as transfer_mod
 import torch
+from probes import engine_probe, probe_args
+
+import kvortex_core.data.transfer as transfer_mod
 from kvortex_core.cli.bench import transfer_parts as tp
 from kvortex_core.cli.bench.transfer_engine import _sequence
-from probes import engine_probe, probe_args
 
 LOCAL = threading.local()
 MARKS: list[tuple[str, str, float, object]] = []  # (thread tag, label, host time, event or None)

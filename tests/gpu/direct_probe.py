@@ -19,6 +19,7 @@ import time
 import torch
 import triton
 import triton.language as tl
+
 from kvortex_core.cli.bench import transfer_parts as tp
 from kvortex_core.cli.bench.transfer_engine import make_engine
 from kvortex_core.data.layouts import detect_layout

@@ -16,10 +16,11 @@ import statistics
 import sys
 import time
 
-import kvortex_core.data.transfer as transfer_mod
 import torch
-from kvortex_core.cli.bench import transfer_parts as tp
 from probes import engine_probe
+
+import kvortex_core.data.transfer as transfer_mod
+from kvortex_core.cli.bench import transfer_parts as tp
 
 EVENTS: list[tuple[str, str, float]] = []
 ACTIVE = [False]

@@ -13,8 +13,9 @@ import sys
 import threading
 import time
 
-import kvortex_core.data.transfer as transfer_mod
 import torch
+
+import kvortex_core.data.transfer as transfer_mod
 from kvortex_core.cli.bench import transfer_parts as tp
 from kvortex_core.cli.bench.transfer_engine import _sequence, make_engine
 from kvortex_core.data.layouts import detect_layout

@@ -12,6 +12,7 @@ import threading
 import time
 
 import torch
+
 from kvortex_core.data.streams import StreamSet
 
 

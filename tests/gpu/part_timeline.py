@@ -17,11 +17,12 @@ import sys
 import time
 from itertools import pairwise
 
-import kvortex_core.data.transfer as transfer_mod
 import torch
+from probes import engine_probe, probe_args
+
+import kvortex_core.data.transfer as transfer_mod
 from kvortex_core.cli.bench import transfer_parts as tp
 from kvortex_core.cli.bench.transfer_engine import _sequence
-from probes import engine_probe, probe_args
 
 MARKS: list[tuple[str, float, object]] = []
 

@@ -12,10 +12,11 @@ import os
 import statistics
 import sys
 
+from probes import engine_probe, probe_args
+
 import kvortex_core.engine as engine_mod
 from kvortex_core.cli.bench import transfer_parts as tp
 from kvortex_core.cli.bench.transfer_engine import _sequence
-from probes import engine_probe, probe_args
 
 
 def main() -> None:

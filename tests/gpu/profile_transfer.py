@@ -21,6 +21,7 @@ import time
 
 import torch
 from cuda_trace import copies, cuda_events, kernels
+
 from kvortex_core.cli.bench import transfer_parts as tp
 from kvortex_core.cli.bench.transfer_engine import _sequence, make_engine
 from kvortex_core.data.layouts import detect_layout

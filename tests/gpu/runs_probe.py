@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 
 import torch
+
 from kvortex_core.cli.bench import transfer_parts as tp
 from kvortex_core.data.layouts import detect_layout
 from kvortex_core.data.rows import _runs

@@ -15,6 +15,7 @@ import statistics
 import sys
 
 import torch
+
 from kvortex_core.cli.bench import transfer_parts as tp
 from kvortex_core.cli.bench.transfer_engine import make_engine
 from kvortex_core.data.layouts import detect_layout

@@ -20,6 +20,7 @@ import sys
 import time
 
 import torch
+
 from kvortex_core.cli.bench import transfer_parts as tp
 from kvortex_core.cli.bench.transfer_engine import make_engine
 from kvortex_core.data.layouts import detect_layout

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kvortex_core.data import kv_samples as ks
 
 from kvortex_core import KVortexConfig, KVortexEngine
+from kvortex_core.data import kv_samples as ks
 
 pytestmark = pytest.mark.gpu
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from kvortex_core.data import kv_samples as ks
 from kvortex_core.data.layouts import detect_layout
 from kvortex_core.data.transfer import TransferEngine

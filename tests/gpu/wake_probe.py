@@ -17,6 +17,7 @@ import threading
 import time
 
 import torch
+
 from kvortex_core.data.streams import event_wait
 
 _LIBC = ctypes.CDLL(None, use_errno=True)

@@ -25,12 +25,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from vllm_kv_alloc import cross_layer_v015, flash_attn_v015, unified_v033
+
 from kvortex_core.config import KVortexConfig
 from kvortex_core.control.keys import ChunkHasher, KeyNamespace
 from kvortex_vllm.compat import cross_layer_views
 from kvortex_vllm.metadata import LoadSpec, SaveSpec, StepPlan
 from kvortex_vllm.worker import WorkerSide
-from vllm_kv_alloc import cross_layer_v015, flash_attn_v015, unified_v033
 
 L, H, D, N, CHUNK = 32, 8, 128, 16, 256
 BPC = CHUNK // N

@@ -14,12 +14,13 @@ from typing import Any
 
 import pytest
 import torch
+from vllm_kv_alloc import Reader, Writer, cross_layer_v015, flash_attn_v015, token_kv, unified_v033
+
 from kvortex_core.config import KVortexConfig
 from kvortex_core.control.keys import ChunkHasher, KeyNamespace
 from kvortex_vllm.compat import cross_layer_views
 from kvortex_vllm.metadata import LoadSpec, SaveSpec, StepPlan, slot_geometry
 from kvortex_vllm.worker import WorkerSide
-from vllm_kv_alloc import Reader, Writer, cross_layer_v015, flash_attn_v015, token_kv, unified_v033
 
 L, H, D, N = 2, 2, 16, 16
 CHUNK = 32

@@ -23,7 +23,6 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from kvortex_vllm.connector import KVortexConnector
 from vllm.config import (
     CacheConfig,
     DeviceConfig,
@@ -41,6 +40,8 @@ from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
 from vllm.v1.request import Request
 from vllm.v1.structured_output import StructuredOutputManager
 from vllm_kv_alloc import Reader, Writer, flash_attn_v015, layer_names, token_kv
+
+from kvortex_vllm.connector import KVortexConnector
 
 L, H_TOTAL, D, BLOCK = 2, 2, 16, 16
 DTYPE = torch.float32

@@ -14,9 +14,10 @@ import asyncio
 from collections.abc import Sequence
 
 import numpy as np
+from pydantic import ByteSize, Field
+
 from kvortex_core.errors import BackendError, BackendFullError, BufferTooSmallError
 from kvortex_core.storage.protocol import BackendContext, BackendOptions, StorageBackend, Usage
-from pydantic import ByteSize, Field
 
 
 class CpuOptions(BackendOptions):

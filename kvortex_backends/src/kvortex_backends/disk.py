@@ -23,6 +23,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal, TypeVar
 
+from pydantic import Field
+
+from kvortex_backends import disk_io
 from kvortex_core.data import payload as pl
 from kvortex_core.errors import BackendError, BackendFullError, BufferTooSmallError, PayloadError
 from kvortex_core.storage.protocol import (
@@ -32,9 +35,6 @@ from kvortex_core.storage.protocol import (
     StorageBackend,
     Usage,
 )
-from pydantic import Field
-
-from kvortex_backends import disk_io
 
 log = logging.getLogger("kvortex_backends.disk")
 T = TypeVar("T")

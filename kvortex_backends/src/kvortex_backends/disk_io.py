@@ -16,6 +16,7 @@ import os
 import uuid
 
 import numpy as np
+
 from kvortex_core.errors import BufferTooSmallError
 
 ALIGN = 4096

@@ -19,6 +19,10 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from urllib.parse import urlsplit, urlunsplit
 
+from pydantic import ByteSize, Field, SecretStr, field_validator, model_validator
+
+from kvortex_backends._redis_batch import GetBatcher
+from kvortex_backends.ledger import WriteLedger
 from kvortex_core.errors import BackendError, BackendFullError, BufferTooSmallError
 from kvortex_core.storage.protocol import (
     BackendContext,
@@ -27,10 +31,6 @@ from kvortex_core.storage.protocol import (
     StorageBackend,
     Usage,
 )
-from pydantic import ByteSize, Field, SecretStr, field_validator, model_validator
-
-from kvortex_backends._redis_batch import GetBatcher
-from kvortex_backends.ledger import WriteLedger
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis

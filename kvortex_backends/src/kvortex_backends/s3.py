@@ -23,6 +23,10 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar, Literal, TypeVar
 
+from pydantic import ByteSize, Field, field_validator
+
+from kvortex_backends import _s3_io as s3io
+from kvortex_backends.ledger import WriteLedger
 from kvortex_core.errors import BackendError, BufferTooSmallError
 from kvortex_core.storage.protocol import (
     BackendContext,
@@ -31,10 +35,6 @@ from kvortex_core.storage.protocol import (
     StorageBackend,
     Usage,
 )
-from pydantic import ByteSize, Field, field_validator
-
-from kvortex_backends import _s3_io as s3io
-from kvortex_backends.ledger import WriteLedger
 
 T = TypeVar("T")
 MiB = 1024 * 1024

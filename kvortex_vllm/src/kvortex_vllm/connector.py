@@ -18,17 +18,17 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 import torch
-from kvortex_core.config import KVortexConfig
-from kvortex_core.control.keys import KeyNamespace
-from kvortex_core.control.stats import Stats
-from kvortex_core.logs import configure as configure_logging
-from kvortex_core.metrics import start_metrics
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
 )
 
+from kvortex_core.config import KVortexConfig
+from kvortex_core.control.keys import KeyNamespace
+from kvortex_core.control.stats import Stats
+from kvortex_core.logs import configure as configure_logging
+from kvortex_core.metrics import start_metrics
 from kvortex_vllm import compat
 from kvortex_vllm.lower import scheduler_tiers
 from kvortex_vllm.metadata import StepPlan, slot_geometry

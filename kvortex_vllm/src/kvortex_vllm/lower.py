@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+
 from kvortex_core.config import KVortexConfig
 from kvortex_core.control.keys import rank_keys
 from kvortex_core.control.stats import Stats

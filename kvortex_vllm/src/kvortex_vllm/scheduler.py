@@ -24,7 +24,6 @@ from kvortex_core.config import KVortexConfig
 from kvortex_core.control.index import ChunkIndex, IndexEntry, PinHandle
 from kvortex_core.control.keys import ChunkHasher, KeyNamespace, validate_chunk_tokens
 from kvortex_core.control.stats import Stats
-
 from kvortex_vllm import compat
 from kvortex_vllm.lower import SchedulerTiers
 from kvortex_vllm.metadata import LoadSpec, SaveSpec, SlotGeometry, StepPlan

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
 from kvortex_core.config import KVortexConfig
 from kvortex_core.control.keys import rank_keys
 from kvortex_core.control.stats import Stats
@@ -33,7 +34,6 @@ from kvortex_core.data.payload import HEADER_BYTES, check_identity, read_header,
 from kvortex_core.data.pool import PinnedPool
 from kvortex_core.data.transfer import TransferEngine, TransferHandle
 from kvortex_core.errors import KVortexError, LayoutError, PayloadError
-
 from kvortex_vllm.lower import WorkerTiers, has_lower_tiers, open_tiers
 from kvortex_vllm.metadata import (
     SLOT_ALIGNMENT,

@@ -251,7 +251,7 @@ def _report(result: DemoResult, shape: DemoShape, warmup: bool) -> None:
     table = Table(title=f"KVortex demo on {result.device} ({when})", title_justify="left")
     table.add_column("measure")
     table.add_column("value", justify="right")
-    gbps = lambda s: result.moved_bytes / s / 1e9 if s > 0 else 0.0  # noqa: E731
+    gbps = lambda s: result.moved_bytes / s / 1e9 if s > 0 else 0.0
     rows = [
         ("model shape", f"{shape.layers} layers x {shape.kv_heads} kv heads x {shape.head_size}"),
         ("prompts x tokens", f"{shape.prompts} x {shape.prompt_tokens}"),

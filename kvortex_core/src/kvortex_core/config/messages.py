@@ -20,7 +20,7 @@ _SIZE_FIELDS = ("capacity", "staging_bytes")
 
 #: Setting names whose values are never printed (backend credentials).
 SECRET_NAME = re.compile(
-    r"(^|_)(password|passwd|secret|token|credentials?|access_key|private_key)(_|$)", re.I
+    r"(^|_)(password|passwd|secret|token|credentials?|access_key|private_key)(_|$)", re.IGNORECASE
 )
 MASK = "********"
 

@@ -79,7 +79,7 @@ class StorageBackend(abc.ABC):
         self.capacity = int(capacity)
         self.context = context
 
-    async def open(self) -> None:  # noqa: B027 - optional hook
+    async def open(self) -> None:
         """Connect / create directories / rebuild state. Called once before any other call."""
 
     @abc.abstractmethod

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from kvortex_core import hookimpl
-
 from kvortex_example_backend.backend import ExampleBackend, ExampleRemoteBackend
 
 

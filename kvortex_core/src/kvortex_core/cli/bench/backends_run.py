@@ -164,8 +164,8 @@ def _keys(size: int, conc: int, tag: str) -> list[str]:
 async def _redis_points(url: str, sizes: list[int], concs: list[int], reps: int,
                         part_bytes: int | None, label: str) -> list[Point]:
     import redis.asyncio as aredis
-    from kvortex_backends.redis import RedisBackend, RedisOptions
 
+    from kvortex_backends.redis import RedisBackend, RedisOptions
     from kvortex_core.storage.protocol import BackendContext
 
     prefix = f"kvbench:{uuid.uuid4().hex[:8]}:"
@@ -244,7 +244,6 @@ def _raw_s3(endpoint: str, bucket: str, conc: int) -> tuple[Any, ThreadPoolExecu
 
 async def _s3_points(endpoint: str, sizes: list[int], concs: list[int], reps: int) -> list[Point]:
     from kvortex_backends.s3 import S3Backend, S3Options
-
     from kvortex_core.storage.protocol import BackendContext
 
     bucket = f"kvbench-{uuid.uuid4().hex[:12]}"

@@ -23,7 +23,6 @@ class DiskRig:
 
     def __enter__(self) -> Self:
         from kvortex_backends.disk import DiskBackend
-
         from kvortex_core.data import payload as pl
         from kvortex_core.data.pool import PinnedPool
         from kvortex_core.storage.protocol import BackendContext
