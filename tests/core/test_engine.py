@@ -209,6 +209,7 @@ def test_tensor_and_numpy_inputs() -> None:
         (list(range(CHUNK)), [1, 2, "3", 4], "block_ids\\[2\\] = '3' \\(str\\); pass the request's block table"),
         (list(range(CHUNK)), torch.tensor([1.0, 2.0, 3.0, 4.0]), "block_ids\\[0\\] = 1.0 \\(float\\)"),
         (list(range(CHUNK)), [[1, 2], [3]], "block_ids must be a 1-D sequence of ints"),
+        (list(range(CHUNK)), np.zeros((2, 2), dtype=np.int64), "block_ids must be 1-D, got shape \\(2, 2\\)"),
     ],
 )
 def test_bad_input_raises_and_stores_nothing(tokens: Any, blocks: Any, match: str) -> None:

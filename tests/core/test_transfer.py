@@ -212,6 +212,13 @@ def test_every_gather_mode_moves_the_same_bytes(name: str, gather: str) -> None:
     assert all(torch.equal(tblock(target, layer, 0), zero) for layer in range(L))  # skipped: untouched
 
 
+def _assert_saved(caches: list[torch.Tensor], chunks: list[list[int]], bufs: list[torch.Tensor]) -> None:
+    """Each buffer holds its chunk's blocks of every per-layer ``(2, B, N, H, D)`` cache, layer 0 first."""
+    for buf, ids in zip(bufs, chunks, strict=True):
+        want = torch.stack([torch.cat([c[:, b] for b in ids], dim=1) for c in caches])
+        assert torch.equal(buf[:want.numel() * 2], want.reshape(-1).view(torch.uint8))
+
+
 def _spaced_layers(gaps: list[int]) -> list[torch.Tensor]:
     """Per-layer ``[B, N, H, D]`` tensors carved from one buffer with ``gaps[i]`` spare elements
     after layer i (so the layers are not evenly spaced)."""
@@ -237,9 +244,7 @@ def test_strided_plan_splits_unevenly_spaced_layers_into_runs() -> None:
     chunks = [[5, 3, 11, 0], [23, 7]]
     bufs = _buffers(layout, 2)
     te.save(chunks, bufs).wait()
-    for buf, ids in zip(bufs, chunks, strict=True):
-        want = torch.stack([torch.cat([caches[layer][:, b] for b in ids], dim=1) for layer in range(6)])
-        assert torch.equal(buf[:want.numel() * 2], want.reshape(-1).view(torch.uint8))
+    _assert_saved(caches, chunks, bufs)
     target = _spaced_layers([0, 8, 0, 0, 16, 0])
     for t in target:
         t.zero_()
@@ -282,9 +287,7 @@ def test_strided_plan_gathers_layers_at_falling_addresses_in_layer_order(slots: 
     chunks = [[5, 3, 11, 0], [23, 7]]
     bufs = _buffers(layout, 2)
     te.save(chunks, bufs).wait()
-    for buf, ids in zip(bufs, chunks, strict=True):
-        want = torch.stack([torch.cat([caches[layer][:, b] for b in ids], dim=1) for layer in range(6)])
-        assert torch.equal(buf[:want.numel() * 2], want.reshape(-1).view(torch.uint8))
+    _assert_saved(caches, chunks, bufs)
     for target in (_placed_layers(slots), _placed_layers(list(range(6)))):  # same placement, one rising run
         for t in target:
             t.zero_()

@@ -596,28 +596,29 @@ def _tokens(token_ids: Any) -> Any:
             return np.frombuffer(ids, dtype=np.uint32)
         except (TypeError, OverflowError):
             pass  # a non-int or out-of-range element: np.asarray below reports it
-    try:
-        arr = np.asarray(token_ids)
-    except (TypeError, ValueError) as exc:
-        raise KVortexError(f"token_ids must be a 1-D sequence of ints: {exc}") from None
-    if arr.ndim != 1:
-        raise KVortexError(f"token_ids must be 1-D, got shape {arr.shape}; pass one request's tokens")
-    if arr.size == 0:
-        return arr.astype(np.int64)
-    if arr.dtype.kind not in "iu":
-        raise KVortexError(f"token_ids must hold integers, got token_ids{_first_non_int(token_ids, arr)}; pass token ids")
-    return arr
+    arr = _int_vector(token_ids, "token_ids", "pass one request's token ids")
+    return arr if arr.size else arr.astype(np.int64)
 
 
-def _first_non_int(given: Any, arr: Any) -> str:
-    """Names the first element of ``given`` (``arr`` = it as an array) that is not an int."""
+def _int_vector(values: Any, name: str, hint: str) -> Any:
+    """``values`` as a 1-D integer numpy array, else a KVortexError naming the first bad element."""
     import numbers
 
-    values = given if isinstance(given, (list, tuple)) else arr.tolist()
-    for i, v in enumerate(values):
-        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-            return f"[{i}] = {v!r} ({type(v).__name__})"
-    return f"dtype {arr.dtype}"
+    import numpy as np
+
+    try:
+        arr = np.asarray(values)
+    except (TypeError, ValueError) as exc:
+        raise KVortexError(f"{name} must be a 1-D sequence of ints: {exc}") from None
+    if arr.ndim != 1:
+        raise KVortexError(f"{name} must be 1-D, got shape {arr.shape}; {hint}")
+    if arr.size and arr.dtype.kind not in "iu":
+        given = values if isinstance(values, (list, tuple)) else arr.tolist()
+        bad = next(((i, v) for i, v in enumerate(given)
+                    if isinstance(v, bool) or not isinstance(v, numbers.Integral)), None)
+        what = f"{name}[{bad[0]}] = {bad[1]!r} ({type(bad[1]).__name__})" if bad else f"dtype {arr.dtype}"
+        raise KVortexError(f"{name} must hold integers, got {what}; {hint}")
+    return arr
 
 
 def _blocks(block_ids: Sequence[int], n_tokens: int, layout: KVLayout) -> list[int]:
@@ -631,15 +632,7 @@ def _blocks(block_ids: Sequence[int], n_tokens: int, layout: KVLayout) -> list[i
     need = -(-n_tokens // layout.block_size)
     if hasattr(block_ids, "detach"):
         block_ids = block_ids.detach().cpu().numpy()
-    try:
-        ids = np.asarray(block_ids)
-    except (TypeError, ValueError) as exc:
-        raise KVortexError(f"block_ids must be a 1-D sequence of ints: {exc}") from None
-    if ids.ndim != 1:
-        raise KVortexError(f"block_ids must be a 1-D sequence of ints, got shape {ids.shape}")
-    if ids.size and ids.dtype.kind not in "iu":
-        raise KVortexError(f"block_ids must be ints, got block_ids{_first_non_int(block_ids, ids)}; "
-                           "pass the request's block table (integer block indices)")
+    ids = _int_vector(block_ids, "block_ids", "pass the request's block table (integer block indices)")
     if len(ids) < need:
         raise KVortexError(
             f"{n_tokens} tokens need {need} blocks of {layout.block_size} tokens, got {len(ids)} "
