@@ -18,7 +18,7 @@ import threading
 import time
 
 import torch
-from probes import engine_probe, probe_args
+from probes import engine_probe, mark_dmas, probe_args
 
 import kvortex_core.data.transfer as transfer_mod
 from kvortex_core.cli.bench import transfer_parts as tp
@@ -56,15 +56,7 @@ def main() -> None:
     eng.load(stored, other)
     seqs = pr.sequences()
 
-    real_range = transfer_mod._payload_range
-
-    def marked_range(buf, u):  # called right before each DMA, on the copy stream
-        ev = torch.cuda.Event(enable_timing=True)
-        ev.record()
-        MARKS.append((tag(), "dma", time.perf_counter(), ev))
-        return real_range(buf, u)
-
-    transfer_mod._payload_range = marked_range
+    mark_dmas(lambda t, ev: MARKS.append((tag(), "dma", t, ev)))  # right before each DMA, on the copy stream
     for name, label in (("begin_save", "bsave"), ("begin_load", "bload"), ("commit_save", "commit"),
                         ("prepare_save", "prep")):
         patch(reg.tiers, name, label)

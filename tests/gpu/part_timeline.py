@@ -18,7 +18,7 @@ import time
 from itertools import pairwise
 
 import torch
-from probes import engine_probe, probe_args
+from probes import engine_probe, mark_dmas, probe_args
 
 import kvortex_core.data.transfer as transfer_mod
 from kvortex_core.cli.bench import transfer_parts as tp
@@ -49,15 +49,7 @@ def main() -> None:
     stored = _sequence(pr.tokens, 99)
     eng.save(stored, blocks)
     seqs = pr.sequences()
-    real_range = transfer_mod._payload_range
-
-    def marked_range(buf, u):  # called right before each DMA, on the copy stream
-        ev = torch.cuda.Event(enable_timing=True)
-        ev.record()
-        MARKS.append(("dma", time.perf_counter(), ev))
-        return real_range(buf, u)
-
-    transfer_mod._payload_range = marked_range
+    mark_dmas(lambda t, ev: MARKS.append(("dma", t, ev)))  # right before each DMA, on the copy stream
     for obj, name, label in ((reg.tiers, "begin_save", "slots"), (reg.tiers, "begin_load", "slots"),
                              (reg.hasher, "keys", "hash"), (reg.transfer, "save", "te"),
                              (reg.transfer, "load", "te"), (reg.tiers, "prepare_save", "prep"),

@@ -7,12 +7,14 @@ Not collected by pytest (no ``test_`` prefix); the probes import it from their o
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+import kvortex_core.data.transfer as transfer_mod
 from kvortex_core.cli.bench import transfer_parts as tp
 from kvortex_core.cli.bench.transfer_engine import _sequence, make_engine
 from kvortex_core.data.layouts import KVLayout, detect_layout
@@ -64,3 +66,17 @@ def engine_probe(which: str = "mla", tokens: int = 8192, unified: bool = True, *
     other = random.Random(2).sample(range(layout.num_blocks), tokens // shape.block)
     return EngineProbe(which, tokens, unified, shape, dev, layout, engine, blocks, other,
                        tp.RawCopier(layout.chunk_bytes(tokens), dev))
+
+
+def mark_dmas(record: Callable[[float, Any], None]) -> None:
+    """From now on, right before each DMA the transfer engine enqueues, a timing event is recorded
+    on the copy stream and ``record(host time, event)`` called (the engine's ``_payload_range`` wrapped)."""
+    real_range = transfer_mod._payload_range
+
+    def marked_range(buf: torch.Tensor, u: Any) -> torch.Tensor:
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        record(time.perf_counter(), ev)
+        return real_range(buf, u)
+
+    transfer_mod._payload_range = marked_range

@@ -2,10 +2,10 @@
 
 A transfer's gather kernels need its block ids on the device. Reusing one pinned buffer would
 need an event per call, checked before the next (on a cold path ~90-150 us of host time before
-the first DMA, ``tests/gpu/start_probe.py``, H100 VM). An :class:`IdsArena` instead lends each
-transfer a region of a pinned host buffer and of its device twin, taken back only once the
-transfer completed: the host writes the ids, one upload moves them, and nothing else is
-tracked. Past the arena (every region lent, or more ids than a region holds) a transfer gets a
+the first DMA, measured on an H100 VM by ``tests/gpu/start_probe.py``, since removed). An
+:class:`IdsArena` instead lends each transfer a region of a pinned host buffer and of its
+device twin, taken back only once the transfer completed: the host writes the ids, one upload
+moves them, and nothing else is tracked. Past the arena (every region lent, or more ids than a region holds) a transfer gets a
 region of its own from the pinned and device allocators, used the same way.
 
 (The gather kernels could read the pinned region in place through unified addressing, with no
