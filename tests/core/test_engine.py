@@ -206,6 +206,8 @@ def test_tensor_and_numpy_inputs() -> None:
         ([1.5] * CHUNK, [1, 2, 3, 4], "integers, got token_ids\\[0\\] = 1.5 \\(float\\)"),
         ([1, 2, "x", *range(CHUNK - 3)], [1, 2, 3, 4], "token_ids\\[2\\] = 'x' \\(str\\)"),
         (list(range(CHUNK)), [1.0, 2.0, 3.0, 4.0], "block_ids\\[0\\] = 1.0 \\(float\\)"),
+        (list(range(CHUNK)), [1, 2, True, 4], "block_ids\\[2\\] = True \\(bool\\)"),
+        (list(range(CHUNK)), (1, 2, 3, False), "block_ids\\[3\\] = False \\(bool\\)"),
         (list(range(CHUNK)), [1, 2, "3", 4], "block_ids\\[2\\] = '3' \\(str\\); pass the request's block table"),
         (list(range(CHUNK)), torch.tensor([1.0, 2.0, 3.0, 4.0]), "block_ids\\[0\\] = 1.0 \\(float\\)"),
         (list(range(CHUNK)), [[1, 2], [3]], "block_ids must be a 1-D sequence of ints"),

@@ -164,6 +164,9 @@ def test_staging_grows_to_hold_one_layer_of_a_chunk() -> None:
         ([[]], 1, None, "has 0 block ids"),
         ([[1, B]], 1, None, f"block id {B}"),
         ([[1, 2]], 1, 10, "at least"),
+        ([[1, True]], 1, None, "chunk 0 block ids must be integers, got True \\(bool\\)"),
+        ([[1, 2], [3, 4.0]], 2, None, "chunk 1 block ids must be integers, got 4.0 \\(float\\)"),
+        ([torch.tensor([1.0, 2.0])], 1, None, "got 1.0 \\(float\\)"),
     ],
 )
 def test_bad_requests_raise_before_touching_anything(chunks, nbuf, nbytes, match) -> None:

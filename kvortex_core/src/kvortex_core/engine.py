@@ -568,10 +568,11 @@ class _Blocks:
             return
         import array
 
+        part = self.ids[self._ok:end]
         try:  # no numpy: a part's few ids, and each numpy call costs 10-30 us on a cold path
             seg = array.array("q")
-            seg.fromlist(self.ids[self._ok:end])
-            good = not seg or (min(seg) >= 0 and max(seg) < self._layout.num_blocks)
+            seg.fromlist(part)  # takes bools too (True == 1): a block table never holds one
+            good = not seg or (min(seg) >= 0 and max(seg) < self._layout.num_blocks and bool not in set(map(type, part)))
         except (TypeError, OverflowError):
             good = False
         if not good:
@@ -612,8 +613,9 @@ def _int_vector(values: Any, name: str, hint: str) -> Any:
         raise KVortexError(f"{name} must be a 1-D sequence of ints: {exc}") from None
     if arr.ndim != 1:
         raise KVortexError(f"{name} must be 1-D, got shape {arr.shape}; {hint}")
-    if arr.size and arr.dtype.kind not in "iu":
-        given = values if isinstance(values, (list, tuple)) else arr.tolist()
+    given = values if isinstance(values, (list, tuple)) else None
+    if arr.size and (arr.dtype.kind not in "iu" or (given is not None and bool in set(map(type, given)))):
+        given = given if given is not None else arr.tolist()
         bad = next(((i, v) for i, v in enumerate(given)
                     if isinstance(v, bool) or not isinstance(v, numbers.Integral)), None)
         what = f"{name}[{bad[0]}] = {bad[1]!r} ({type(bad[1]).__name__})" if bad else f"dtype {arr.dtype}"

@@ -19,6 +19,7 @@ Payload byte layout of one chunk of ``t`` tokens: ``[layers, kv, t, heads, head_
 from __future__ import annotations
 
 import functools
+import operator
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -389,7 +390,7 @@ class TransferEngine:
                what: str, checked: bool = False) -> list[list[int]]:
         if checked:
             return block_ids_per_chunk  # type: ignore[return-value]  # lists of ints, per the caller
-        blocks = [b if type(b) is list else list(map(int, b)) for b in block_ids_per_chunk]
+        blocks = [b if type(b) is list else (b.tolist() if hasattr(b, "tolist") else list(b)) for b in block_ids_per_chunk]
         if len(blocks) != len(bufs):
             raise LayoutError(f"{what}: {len(blocks)} chunks of block ids but {len(bufs)} buffers")
         per_block = self.layout.chunk_bytes(self.layout.block_size)
@@ -406,8 +407,8 @@ class TransferEngine:
                     f"bytes, got {buf.dtype} shape {tuple(buf.shape)}"
                 )
         flat = [b for ids in blocks for b in ids]
-        if not all(type(b) is int for b in flat):  # a float or numpy id in a list: convert, or fail here
-            blocks = [list(map(int, ids)) for ids in blocks]
+        if not all(type(b) is int for b in flat):  # a numpy id in a list: convert, or fail here
+            blocks = [[_block_id(b, what, i) for b in ids] for i, ids in enumerate(blocks)]
             flat = [b for ids in blocks for b in ids]
         if flat and (min(flat) < 0 or max(flat) >= self.layout.num_blocks):
             for i, ids in enumerate(blocks):  # name the chunk
@@ -805,6 +806,17 @@ def _strided_pays(plan: StridedPlan, layout: KVLayout, chunk_tokens: int, half: 
     view = plan.runs[0].view  # [L, K, B, N, H, D']
     n, h = view.shape[3], view.shape[4]
     return n == 1 or h == 1 or view.stride(3) == h * view.stride(4)
+
+
+def _block_id(value: Any, what: str, chunk: int) -> int:
+    """An integer block id (numpy and tensor integers too); bools and floats are refused."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        return operator.index(value)
+    except TypeError:
+        raise LayoutError(f"{what}: chunk {chunk} block ids must be integers, got {value!r} "
+                          f"({type(value).__name__}); pass integer block indices") from None
 
 
 def _payload_range(buf: torch.Tensor, u: _Unit) -> torch.Tensor:
