@@ -6,6 +6,7 @@ Not collected by pytest (no ``test_`` prefix); the probes import it from their o
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -39,7 +40,8 @@ class EngineProbe:
 
     def describe(self) -> str:
         reg = self.engine._reg
-        return (f"{torch.cuda.get_device_name()} {self.which} {'unified' if self.unified else 'per-layer'} "
+        name = torch.cuda.get_device_name() if self.device.type == "cuda" else "cpu"
+        return (f"{name} {self.which} {'unified' if self.unified else 'per-layer'} "
                 f"{self.tokens} tokens, gather {reg.transfer.gather_mode}, "
                 f"parts {self.engine._parts(self.tokens // 256, reg)}")
 
@@ -57,7 +59,7 @@ def engine_probe(which: str = "mla", tokens: int = 8192, unified: bool = True, *
                  capacity_tokens: int | None = None, staging: int = 64 << 20) -> EngineProbe:
     """A cache of 4x ``tokens`` and an engine with room for ``capacity_tokens`` (8x ``tokens``)."""
     shape = tp.DEEPSEEK_V3 if which == "mla" else tp.LLAMA_8B
-    dev = torch.device("cuda")
+    dev = torch.device(os.environ.get("PROBE_DEVICE", "cuda"))  # "cpu": a smoke test of the probe itself
     caches = tp.make_caches(shape, 4 * tokens // shape.block, dev, unified=unified)
     hints = {"kv_count": 1} if shape.mla else None
     layout = detect_layout(caches, hints)
