@@ -74,6 +74,7 @@ def main() -> None:
             raise RuntimeError(f"moved {moved}, not {tokens} each")
 
     raw_both = pr.raw.both if pr.device.type == "cuda" else lambda: (pr.raw.d2h(), pr.raw.h2d())
+    raw_both()  # its streams are made on first use
     for name in variants:  # warm each path
         with variant(name):
             both()
