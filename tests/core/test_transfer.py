@@ -303,6 +303,39 @@ def test_strided_plan_gathers_layers_at_falling_addresses_in_layer_order(slots: 
         assert all(int(torch.count_nonzero(target[layer][:, untouched])) == 0 for layer in range(6))
 
 
+@pytest.mark.parametrize("layers", [(0, 6), (1, 4), (5, 6)])
+def test_falling_run_moves_the_same_bytes_through_a_tmp_buffer_as_by_advanced_indexing(layers) -> None:
+    """A falling run's two-kernel path (blocks in address order into ``tmp``, layers back) and its
+    one advanced-indexing kernel gather and scatter the same bytes, equal to plain indexing; a
+    transfer engine keeps a ``tmp`` of a staging half per direction only for such a run."""
+    l0, l1 = layers
+    caches = _placed_layers([5, 4, 3, 2, 1, 0])
+    te = TransferEngine(caches, detect_layout(caches), chunk_tokens=CHUNK, gather="strided")
+    plan = te._strided
+    assert plan.falling and te._save.tmp is not None and te._load.tmp is not None
+    assert te._save.tmp.numel() * te._save.tmp.element_size() <= te.half_bytes
+    ids = torch.tensor([6, 2, 9, 1, 0])
+    # canonical [layers, K, n, N, H, D'] in the plan's element type
+    expect = torch.stack([c[:, ids] for c in caches[l0:l1]]).contiguous().view(torch.uint8).view(plan.dtype)
+    expect = expect.view(l1 - l0, 2, len(ids), N, H, -1)
+    tmp = torch.empty(expect.numel() + 7, dtype=plan.dtype)
+    for scratch in (tmp, None):
+        out = torch.empty_like(expect)
+        plan.gather(l0, l1, ids, out, scratch)
+        assert torch.equal(out, expect)
+        target = _placed_layers([5, 4, 3, 2, 1, 0])
+        for t in target:
+            t.zero_()
+        other = TransferEngine(target, detect_layout(target), chunk_tokens=CHUNK, gather="strided")._strided
+        other.scatter(l0, l1, ids[1:], expect[:, :, 1:], scratch)  # the first block skipped (a strided source)
+        for layer in range(6):
+            written = target[layer][:, ids[1:]]
+            assert torch.equal(written, caches[layer][:, ids[1:]] if l0 <= layer < l1 else torch.zeros_like(written))
+            assert int(torch.count_nonzero(target[layer][:, [b for b in range(B) if b not in ids[1:].tolist()]])) == 0
+    rising = _placed_layers(list(range(6)))
+    assert TransferEngine(rising, detect_layout(rising), chunk_tokens=CHUNK)._save.tmp is None
+
+
 def test_auto_gather_takes_one_falling_run_like_a_rising_one() -> None:
     """Separate per-layer caches at falling addresses (one run read backwards) take the strided
     plan under "auto", as one rising run does; an MLA-like ``[B, N, D]`` cache too."""

@@ -228,6 +228,12 @@ class _Direction:
         self.lock = threading.Lock()
         # One enqueuer thread per direction: transfers of one direction keep their order.
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvortex-transfer")
+        #: A unit's worth of device memory for the strided plan's falling runs (see
+        #: ``StridedPlan.gather``), used only by this direction's kernels; None when not needed.
+        self.tmp: torch.Tensor | None = None
+        #: Marks the head batch's gather (on the DMA stream) for the next gather's stream, when
+        #: both use ``tmp`` (one event, re-recorded: a wait already enqueued keeps its record).
+        self.tmp_event: Any = None
 
     def idle(self) -> bool:
         """Nothing of this direction is queued on the device: its latest batch completed."""
@@ -311,6 +317,11 @@ class TransferEngine:
         self._stage_views: dict[tuple[int, ...], torch.Tensor] = {}
         self._save = _Direction(self.device, num_streams, half, kernels_second=False)
         self._load = _Direction(self.device, num_streams, half, kernels_second=True)
+        if strided is not None and strided.falling:
+            width = torch.empty((), dtype=strided.dtype).element_size()
+            for d in (self._save, self._load):
+                d.tmp = torch.empty(half // width, dtype=strided.dtype, device=self.device)
+                d.tmp_event = torch.cuda.Event() if d.streams.cuda else None
 
     # ------------------------------------------------------------------ public API
 
@@ -558,15 +569,19 @@ class TransferEngine:
                         s.wait(s.second, produced)
                         idx0 = self._indices(blocks, region, d, batch[-1].chunk + 1, in_place=True)
                         handle.keepalive.append(idx0)
-                        self._gather_batch(batch, idx0, stage)
+                        self._gather_batch(batch, idx0, stage, d.tmp)
+                        if d.tmp_event is not None:  # the next gather reuses tmp on the other stream
+                            d.tmp_event.record(s.second)
                 else:
                     if idx is None:
                         idx = self._index_tensors(blocks, d, handle, region)
                         handle.keepalive.append(idx)
                     # the caller's event orders the first batch here; later ones follow in stream order
                     stage = self._next_stage(d, produced if k == int(head) else None, s.first)
+                    if head and k == 1 and d.tmp_event is not None:
+                        s.wait(s.first, d.tmp_event)
                     with s.on(s.first):
-                        self._gather_batch(batch, idx, stage)
+                        self._gather_batch(batch, idx, stage, d.tmp)
                     s.hand_over(s.first, s.second)
                 with s.on(s.second):
                     for u in batch:
@@ -580,10 +595,10 @@ class TransferEngine:
                     handle._notify()
             handle.done_event = s.record(s.second, d.free_events)
 
-    def _gather_batch(self, batch: list[_Unit], idx: Any, stage: torch.Tensor) -> None:
+    def _gather_batch(self, batch: list[_Unit], idx: Any, stage: torch.Tensor, tmp: torch.Tensor | None) -> None:
         if not self._batch_rows_op(batch, idx, stage, None):
             for u in batch:
-                self._gather(u, idx, stage)
+                self._gather(u, idx, stage, tmp)
 
     def _next_stage(self, d: _Direction, after: Any, stream: Any) -> torch.Tensor:
         """The other staging half, once its previous copy finished (a GPU-side wait)."""
@@ -670,12 +685,12 @@ class TransferEngine:
 
         return self._cached_view((stage.data_ptr(), u.stage_offset, u.nbytes, u.blocks), make)
 
-    def _gather(self, u: _Unit, idx: Any, stage: torch.Tensor) -> None:
+    def _gather(self, u: _Unit, idx: Any, stage: torch.Tensor, tmp: torch.Tensor | None = None) -> None:
         if self._strided is not None:
             ids = idx[u.chunk]
             if u.blocks < ids.shape[0]:
                 ids = ids[:u.blocks]
-            self._strided.gather(u.l0, u.l1, ids, self._strided_stage(u, stage))
+            self._strided.gather(u.l0, u.l1, ids, self._strided_stage(u, stage), tmp)
             return
         if self._rows is not None:
             rows = self._rows.unit_rows(idx, u.chunk, u.l0, u.l1, u.blocks)
@@ -707,11 +722,11 @@ class TransferEngine:
         with s.on(s.second):
             if not self._batch_rows_op(batch, idx, stage, skips):
                 for u in batch:
-                    self._scatter(u, idx, stage, skips[u.chunk])
+                    self._scatter(u, idx, stage, skips[u.chunk], d.tmp)
         d.free_events[d.turn] = s.record(s.second, d.free_events)
         return d.free_events[d.turn]
 
-    def _scatter(self, u: _Unit, idx: Any, stage: torch.Tensor, skip: int) -> None:
+    def _scatter(self, u: _Unit, idx: Any, stage: torch.Tensor, skip: int, tmp: torch.Tensor | None = None) -> None:
         if skip >= u.blocks:
             return
         if self._strided is not None:
@@ -719,7 +734,7 @@ class TransferEngine:
             if skip or u.blocks < ids.shape[0]:
                 ids = ids[skip:u.blocks]
             src = self._strided_stage(u, stage)
-            self._strided.scatter(u.l0, u.l1, ids, src[:, :, skip:] if skip else src)
+            self._strided.scatter(u.l0, u.l1, ids, src[:, :, skip:] if skip else src, tmp)
             return
         if self._rows is not None:
             rows = self._rows.unit_rows(idx, u.chunk, u.l0, u.l1, u.blocks, skip)
