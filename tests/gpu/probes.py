@@ -1,6 +1,8 @@
 """The setup the engine probes in tests/gpu share: a Llama-8B or MLA cache, an engine over it,
 shuffled block ids, and the raw copier of the same bytes (as ``kvortex bench transfer``).
 
+``PLACE=rising|falling``: per-layer tensors carved from one buffer in layer order or reversed
+(one rising or one falling run of layers, whatever the allocator would do).
 Not collected by pytest (no ``test_`` prefix); the probes import it from their own folder.
 """
 
@@ -41,7 +43,7 @@ class EngineProbe:
     def describe(self) -> str:
         reg = self.engine._reg
         name = torch.cuda.get_device_name() if self.device.type == "cuda" else "cpu"
-        return (f"{name} {self.which} {'unified' if self.unified else 'per-layer'} "
+        return (f"{name} {self.which} {'unified' if self.unified else 'per-layer'} {os.environ.get('PLACE', '')} "
                 f"{self.tokens} tokens, gather {reg.transfer.gather_mode}, "
                 f"parts {self.engine._parts(self.tokens // 256, reg)}")
 
@@ -61,6 +63,10 @@ def engine_probe(which: str = "mla", tokens: int = 8192, unified: bool = True, *
     shape = tp.DEEPSEEK_V3 if which == "mla" else tp.LLAMA_8B
     dev = torch.device(os.environ.get("PROBE_DEVICE", "cuda"))  # "cpu": a smoke test of the probe itself
     caches = tp.make_caches(shape, 4 * tokens // shape.block, dev, unified=unified)
+    place = os.environ.get("PLACE")  # "rising" / "falling": per-layer tensors carved from one buffer
+    if place and not unified:
+        buf = torch.stack(caches)
+        caches = [buf[i] for i in (range(shape.layers) if place == "rising" else range(shape.layers - 1, -1, -1))]
     hints = {"kv_count": 1} if shape.mla else None
     layout = detect_layout(caches, hints)
     engine = make_engine(caches, layout, capacity_tokens or 8 * tokens, staging, hints)
