@@ -494,44 +494,42 @@ class TransferEngine:
         if region is None:
             region = self._lend_ids(blocks, d, handle)
         with d.streams.on(d.kernel_stream):
-            return self._indices(blocks, region, d, len(blocks), in_place=False)
+            return self._indices(blocks, region, len(blocks), in_place=False)
 
     def _lend_ids(self, blocks: list[list[int]], d: _Direction, handle: TransferHandle) -> IdsRegion | None:
         """The call's block ids (short chunks padded) in an arena region, given back once the
-        transfer completed; None on CPU and for the "layers" plan."""
+        transfer completed; None on CPU."""
         arena = d.arena
-        if arena is None or (self._strided is None and self._rows is None):
+        if arena is None:
             return None
         width = max(len(ids) for ids in blocks)
         region = arena.lend([ids + ids[:1] * (width - len(ids)) for ids in blocks])
         handle.on_retire.append(lambda: arena.give(region))
         return region
 
-    def _indices(self, blocks: list[list[int]], region: IdsRegion | None, d: _Direction, chunks: int, *,
+    def _indices(self, blocks: list[list[int]], region: IdsRegion | None, chunks: int, *,
                  in_place: bool) -> Any:
         """Indices of chunks ``[0, chunks)``, enqueued on the current stream: row numbers
-        ``[C, L, K, n, ...]`` with a row plan, else per-chunk block ids.
+        ``[C, L, K, n, ...]`` with a row plan, else per-chunk block ids (short chunks padded:
+        readers slice each to its unit's blocks).
 
         ``in_place``: the strided gather reads its ids from the pinned region (no upload kernel);
         only for a save's first batch, before any of its DMAs competes for PCIe. The row plan's
         row kernel always reads them in place: it reads each id a few times, once per call.
         """
-        if self._strided is not None and region is not None:
-            if in_place:
-                return region.in_place_rows
-            region.upload()
-            return region.rows
         lay = self.layout
+        if region is None:  # on CPU: the same padded [C, n] ids as an arena region holds
+            width = max(len(ids) for ids in blocks)
+            padded = torch.tensor([ids + ids[:1] * (width - len(ids)) for ids in blocks], dtype=torch.int64)
         if self._rows is not None:
-            if region is not None:
-                ids = region.in_place if chunks == len(blocks) else region.in_place[:chunks]
-            else:  # on CPU
-                width = max(len(ids) for ids in blocks)
-                ids = torch.tensor([ids + ids[:1] * (width - len(ids)) for ids in blocks], dtype=torch.int64)
+            ids = padded if region is None else region.in_place if chunks == len(blocks) else region.in_place[:chunks]
             return self._rows.call_rows(ids, lay.block_size, lay.kv_count, lay.num_kv_heads)
-        host = torch.tensor([b for ids in blocks for b in ids], dtype=torch.int64)
-        dev = host.pin_memory().to(self.device, non_blocking=True) if d.streams.cuda else host
-        return list(torch.split(dev, [len(ids) for ids in blocks]))
+        if region is None:
+            return list(padded.unbind(0))
+        if in_place:  # the strided and the per-layer plans: per-chunk block ids
+            return region.in_place_rows
+        region.upload()
+        return region.rows
 
     # ------------------------------------------------------------------ save
 
@@ -567,7 +565,7 @@ class TransferEngine:
                     stage = d.stages[d.turn]
                     with s.on(s.second):
                         s.wait(s.second, produced)
-                        idx0 = self._indices(blocks, region, d, batch[-1].chunk + 1, in_place=True)
+                        idx0 = self._indices(blocks, region, batch[-1].chunk + 1, in_place=True)
                         handle.keepalive.append(idx0)
                         self._gather_batch(batch, idx0, stage, d.tmp)
                         if d.tmp_event is not None:  # the next gather reuses tmp on the other stream
@@ -698,8 +696,9 @@ class TransferEngine:
             torch.index_select(wide, 0, rows, out=self._stage_rows(u, stage, 0))
             return
         out = self._unit_view(u, stage)
+        ids = idx[u.chunk][:u.blocks]
         for layer, o in zip(range(u.l0, u.l1), out.unbind(0), strict=True):
-            torch.index_select(self._views_t[layer], 1, idx[u.chunk], out=o)
+            torch.index_select(self._views_t[layer], 1, ids, out=o)
 
     # ------------------------------------------------------------------ load
 
@@ -743,7 +742,7 @@ class TransferEngine:
         src = self._unit_view(u, stage)
         if skip:
             src = src[:, :, skip:]
-        ids = idx[u.chunk][skip:]
+        ids = idx[u.chunk][skip:u.blocks]
         for layer, s in zip(range(u.l0, u.l1), src.unbind(0), strict=True):
             self._views_t[layer].index_copy_(1, ids, s)
 

@@ -61,15 +61,18 @@ def _bandwidth(res: dict[str, Any], shape: tp.Shape, device: torch.device, sizes
     hints = {"kv_count": 1} if unified and shape.mla else None
     layout = detect_layout(caches, hints)
     label = f"{shape.name} {'unified-LBNHC' if unified else 'per-layer'}" + ("" if gather == "auto" else f"-{gather}")
-    plan = TransferEngine(caches, layout, chunk_tokens=CHUNK_TOKENS, staging_bytes=staging, gather=gather)
-    res.setdefault("gather", {})[label] = {"mode": plan.gather_mode, "runs": [
-        [r.first, r.end, r.reversed] for r in plan._strided.runs] if plan._strided is not None else None}
-    plan.close()
     extra_tokens = min(max_tokens, 8192 if device.type == "cuda" else max_tokens)
     # room for the both-directions case too: a stored sequence and every rep's fresh one (when a
     # save has to evict, it may take chunks of the sequence the concurrent load has not pinned yet)
     engine = _engine(parts, caches, layout, max(max_tokens, (reps + 4) * extra_tokens // 2), staging, hints,
                      gather)
+    # the plan this layout gets: the engine's own, else (no engine part) one built only to look
+    plan = engine._reg.transfer if engine is not None else TransferEngine(
+        caches, layout, chunk_tokens=CHUNK_TOKENS, staging_bytes=staging, gather=gather)
+    res.setdefault("gather", {})[label] = {"mode": plan.gather_mode, "runs": [
+        [r.first, r.end, r.reversed] for r in plan._strided.runs] if plan._strided is not None else None}
+    if engine is None:
+        plan.close()
     try:
         for tokens in sizes:
             raw = tp.raw_copy(layout.chunk_bytes(tokens), device, reps)
