@@ -303,56 +303,35 @@ def test_strided_plan_gathers_layers_at_falling_addresses_in_layer_order(slots: 
         assert all(int(torch.count_nonzero(target[layer][:, untouched])) == 0 for layer in range(6))
 
 
-@pytest.mark.parametrize("layers", [(0, 6), (1, 4), (5, 6)])
-def test_falling_run_moves_the_same_bytes_through_a_tmp_buffer_as_by_advanced_indexing(layers) -> None:
-    """A falling run's two-kernel path (blocks in address order into ``tmp``, layers back) and its
-    one advanced-indexing kernel gather and scatter the same bytes, equal to plain indexing; a
-    transfer engine keeps a ``tmp`` of a staging half per direction only for such a run."""
-    l0, l1 = layers
-    caches = _placed_layers([5, 4, 3, 2, 1, 0])
-    te = TransferEngine(caches, detect_layout(caches), chunk_tokens=CHUNK, gather="strided")
-    plan = te._strided
-    assert plan.falling and te._save.tmp is not None and te._load.tmp is not None
-    assert te._save.tmp.numel() * te._save.tmp.element_size() <= te.half_bytes
-    ids = torch.tensor([6, 2, 9, 1, 0])
-    # canonical [layers, K, n, N, H, D'] in the plan's element type
-    expect = torch.stack([c[:, ids] for c in caches[l0:l1]]).contiguous().view(torch.uint8).view(plan.dtype)
-    expect = expect.view(l1 - l0, 2, len(ids), N, H, -1)
-    tmp = torch.empty(expect.numel() + 7, dtype=plan.dtype)
-    for scratch in (tmp, None):
-        out = torch.empty_like(expect)
-        plan.gather(l0, l1, ids, out, scratch)
-        assert torch.equal(out, expect)
-        target = _placed_layers([5, 4, 3, 2, 1, 0])
-        for t in target:
-            t.zero_()
-        other = TransferEngine(target, detect_layout(target), chunk_tokens=CHUNK, gather="strided")._strided
-        other.scatter(l0, l1, ids[1:], expect[:, :, 1:], scratch)  # the first block skipped (a strided source)
-        for layer in range(6):
-            written = target[layer][:, ids[1:]]
-            assert torch.equal(written, caches[layer][:, ids[1:]] if l0 <= layer < l1 else torch.zeros_like(written))
-            assert int(torch.count_nonzero(target[layer][:, [b for b in range(B) if b not in ids[1:].tolist()]])) == 0
-    rising = _placed_layers(list(range(6)))
-    assert TransferEngine(rising, detect_layout(rising), chunk_tokens=CHUNK)._save.tmp is None
-
-
-def test_auto_gather_takes_one_falling_run_like_a_rising_one() -> None:
-    """Separate per-layer caches at falling addresses (one run read backwards) take the strided
-    plan under "auto", as one rising run does; an MLA-like ``[B, N, D]`` cache too."""
+def test_auto_gather_takes_the_row_plan_for_layers_at_falling_addresses() -> None:
+    """Separate per-layer caches at falling addresses (one strided run read backwards) take the
+    row plan under "auto" (measured level or better on an H100); the same tensors in layer order
+    (one rising run) take the strided plan, as does "strided" forced on the falling run, and all
+    three write the same payload; an MLA-like ``[B, N, D]`` cache too."""
     for shape in ((2, B, N, H, D), (B, N, 2 * D)):
         caches = _placed_layers([5, 4, 3, 2, 1, 0], shape)
         layout = detect_layout(caches)
-        te = TransferEngine(caches, layout, chunk_tokens=CHUNK, staging_bytes=4 * layout.chunk_bytes(CHUNK))
-        assert te.gather_mode == "strided", shape
-        bufs = _buffers(layout, 1)
-        te.save([[6, 2, 9, 1]], bufs).wait()
-        other = TransferEngine(caches[::-1], detect_layout(caches[::-1]), chunk_tokens=CHUNK, gather="rows")
-        rows_bufs = _buffers(layout, 1)
-        other.save([[6, 2, 9, 1]], rows_bufs).wait()  # the same blocks, layers in the other order
-        per_layer = layout.layer_bytes(CHUNK)
-        for layer in range(6):
-            mine = bufs[0][layer * per_layer:(layer + 1) * per_layer]
-            assert torch.equal(mine, rows_bufs[0][(5 - layer) * per_layer:(6 - layer) * per_layer])
+        staging = 4 * layout.chunk_bytes(CHUNK)
+        te = TransferEngine(caches, layout, chunk_tokens=CHUNK, staging_bytes=staging)
+        assert te.gather_mode == "rows", shape
+        forced = TransferEngine(caches, layout, chunk_tokens=CHUNK, staging_bytes=staging, gather="strided")
+        assert forced.gather_mode == "strided" and forced._strided.runs[0].reversed
+        rising = _placed_layers(list(range(6)), shape)
+        for a, b in zip(rising, caches, strict=True):
+            a.copy_(b)
+        up = TransferEngine(rising, detect_layout(rising), chunk_tokens=CHUNK, staging_bytes=staging)
+        assert up.gather_mode == "strided" and not up._strided.runs[0].reversed
+        payloads = []
+        for engine in (te, forced, up):
+            bufs = _buffers(layout, 1)
+            engine.save([[6, 2, 9, 1]], bufs).wait()
+            payloads.append(bufs[0])
+        if len(shape) == 5:
+            _assert_saved(caches, [[6, 2, 9, 1]], [payloads[0]])
+        else:  # MLA: [layers, 1, blocks, N, D]
+            want = torch.stack([torch.cat([c[b] for b in (6, 2, 9, 1)]) for c in caches])
+            assert torch.equal(payloads[0][:want.numel() * 2], want.reshape(-1).view(torch.uint8))
+        assert torch.equal(payloads[0], payloads[1]) and torch.equal(payloads[0], payloads[2])
 
 
 def test_auto_gather_takes_the_strided_plan_only_where_it_was_measured_to_pay() -> None:

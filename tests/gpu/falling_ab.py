@@ -1,13 +1,13 @@
 """Layers at falling addresses: the strided plan's falling run against the row plan, same memory.
 
 Run on the GPU box: . tests/gpu/device_env.sh && python3 tests/gpu/falling_ab.py [mla|llama] [tokens]
-(``ROUNDS=8``: repetitions of each case; ``CASES=rising,falling,falling-rows,falling-adv``.)
+(``ROUNDS=8``: repetitions of each case; ``CASES=rising,falling,falling-strided,falling-rows``.)
 
 Per-layer tensors carved from one buffer, in layer order (``rising``: one rising run, what one
 buffer gives) or reversed (``falling``: one falling run, what consecutive ``cudaMalloc`` calls
 give on the H100 VMs, see runs_probe.py), so the placement does not depend on the allocator.
-Each case is an engine over those tensors (``-rows``: gather="rows"; ``-adv``: a falling run
-gathered by one advanced-indexing kernel, as before the tmp buffer); saves of fresh sequences
+Each case is an engine over those tensors (gather "auto"; ``-strided``: gather="strided",
+``-rows``: gather="rows"); saves of fresh sequences
 and loads of a stored one, each paired with the raw copy of the same bytes, the cases taking
 turns. Not collected by pytest.
 """
@@ -30,7 +30,7 @@ def main() -> None:
     which = sys.argv[1] if len(sys.argv) > 1 else "mla"
     tokens = int(sys.argv[2]) if len(sys.argv) > 2 else 8192
     rounds = int(os.environ.get("ROUNDS", "8"))
-    names = os.environ.get("CASES", "rising,falling,falling-rows,falling-adv").split(",")
+    names = os.environ.get("CASES", "rising,falling,falling-strided").split(",")
     dev = torch.device(os.environ.get("PROBE_DEVICE", "cuda"))
     shape = tp.DEEPSEEK_V3 if which == "mla" else tp.LLAMA_8B
     nb = 2 * tokens // shape.block
@@ -43,11 +43,9 @@ def main() -> None:
         order = range(shape.layers) if name.startswith("rising") else range(shape.layers - 1, -1, -1)
         caches = [buf[i] for i in order]
         layout = detect_layout(caches, hints)
-        eng = make_engine(caches, layout, 4 * tokens, 64 << 20, hints, "rows" if name.endswith("-rows") else "auto")
+        gather = name.split("-")[1] if "-" in name else "auto"
+        eng = make_engine(caches, layout, 4 * tokens, 64 << 20, hints, gather)
         te = eng._reg.transfer
-        if name.endswith("-adv"):  # a falling run's gather by one advanced-indexing kernel, no tmp buffer
-            for d in (te._save, te._load):
-                d.tmp = d.tmp_event = None
         runs = [(r.first, r.end, r.reversed) for r in te._strided.runs] if te._strided is not None else None
         print(f"{name}: gather {te.gather_mode}, runs {runs}", flush=True)
         cases[name] = eng

@@ -6,7 +6,7 @@ Run on the GPU box: . tests/gpu/device_env.sh && python3 tests/gpu/gather_kernel
 Per-layer tensors carved from one buffer in layer order (one rising run) or reversed (one
 falling run, as consecutive ``cudaMalloc`` calls place them). For one 256-token chunk of
 shuffled blocks: the strided plan (rising: ``index_select``; falling: ``index.Tensor_out`` /
-``index_put_``, or ``str-tmp``: two ``index_select`` through a tmp buffer), the row plan (row table kernel + ``index_select`` / ``index_copy_``), each
+``index_put_``), the row plan (row table kernel + ``index_select`` / ``index_copy_``), each
 checked byte-equal to plain indexing; GPU time per call (CUDA events over 50 calls) and host
 time per call, hot (back to back) and cold (after a device sync and a 1 GiB copy). Not collected by pytest.
 """
@@ -80,10 +80,6 @@ def main() -> None:
                               dtype=sp.dtype, device=dev).view(*expect.shape[:-1], -1)
             plans["strided"] = (lambda o=out: sp.gather(0, shape.layers, ids, o),
                                 lambda o=out: sp.scatter(0, shape.layers, ids, o), out)
-            if sp.falling:  # two index_select kernels through a tmp buffer, as the transfer engine does
-                tmp = torch.empty_like(out).view(-1)
-                plans["str-tmp"] = (lambda o=out, t=tmp: sp.gather(0, shape.layers, ids, o, t),
-                                    lambda o=out, t=tmp: sp.scatter(0, shape.layers, ids, o, t), out)
         if rp is not None:
             wide = rp.wide_rows
             rout = torch.empty(expect.numel() * 2 // wide.element_size(), dtype=wide.dtype,

@@ -361,3 +361,35 @@ def test_separately_allocated_layers_past_4_gib_roundtrip_byte_exact(mla: bool, 
                                    caches[0][s[0]] if mla else caches[0][:, s[0]])
             s, d = s[1:], d[1:]
         assert all(torch.equal(c[d] if mla else c[:, d], c[s] if mla else c[:, s]) for c in caches)
+
+
+@pytest.mark.parametrize("mla", [False, True], ids=["llama-like", "mla-like"])
+@pytest.mark.parametrize("gather", ["auto", "strided", "rows"])
+def test_layers_at_falling_addresses_roundtrip_byte_exact_by_every_plan(mla: bool, gather: str) -> None:
+    """Per-layer tensors each below the one before (carved from one buffer in reverse, so the run
+    does not depend on the allocator): "auto" takes the row plan, "strided" one falling run read
+    backwards; saves equal plain indexing and loads (first block skipped) write only their blocks."""
+    shape = (B, N, 2 * D) if mla else (2, B, N, H, D)
+    buf = torch.randn((L, *shape), device="cuda", dtype=torch.bfloat16)
+    caches = [buf[i] for i in range(L - 1, -1, -1)]
+    layout = detect_layout(caches)
+    te = TransferEngine(caches, layout, chunk_tokens=CHUNK, staging_bytes=100_000, gather=gather)
+    assert te.gather_mode == ("rows" if gather == "auto" else gather)
+    per = CHUNK // layout.block_size
+    ids = [[13, 2, 40, 7][:per], [33, 5, 60, 21][:per]]
+    bufs = _pinned(layout, 2)
+    te.save(ids, bufs).wait()
+    for b, chunk_ids in zip(bufs, ids, strict=True):
+        index = torch.tensor(chunk_ids, device="cuda")
+        want = torch.stack([c[index] if mla else c[:, index] for c in caches])
+        assert torch.equal(b.cuda(), want.reshape(-1).view(torch.uint8))
+    before = buf.clone()
+    other = [[50, 51, 52, 53][:per], [54, 55, 56, 57][:per]]
+    te.load(bufs, other, skip_blocks=1).wait()
+    torch.cuda.synchronize()
+    src, dst = [b for c in ids for b in c][1:], [b for c in other for b in c][1:]
+    for c, old in zip(caches, [before[i] for i in range(L - 1, -1, -1)], strict=True):
+        s, d = torch.tensor(src, device="cuda"), torch.tensor(dst, device="cuda")
+        assert torch.equal(c[d] if mla else c[:, d], old[s] if mla else old[:, s])
+        rest = [b for b in range(B) if b not in dst]
+        assert torch.equal(c[rest] if mla else c[:, rest], old[rest] if mla else old[:, rest])

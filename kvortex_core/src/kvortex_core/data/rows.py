@@ -256,18 +256,11 @@ class StridedPlan:
     runs: list[_Run]
     dtype: torch.dtype
     _units: dict[tuple[int, int], tuple[torch.Tensor, Any]] = field(default_factory=dict)
-    _flipped: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     @property
     def starts(self) -> list[int]:
         """First layer of each run (units never cross these)."""
         return [r.first for r in self.runs]
-
-    @property
-    def falling(self) -> bool:
-        """Some run lies at falling addresses: :meth:`gather` and :meth:`scatter` then take a
-        ``tmp`` buffer (a unit's size) to move its layers in two cheap kernels."""
-        return any(r.reversed for r in self.runs)
 
     def unit(self, l0: int, l1: int) -> tuple[torch.Tensor, Any]:
         """``(view, index)`` of layers ``[l0, l1)`` (inside one run), cached: ``index`` is None
@@ -290,48 +283,19 @@ class StridedPlan:
             self._units[(l0, l1)] = unit
         return unit
 
-    def flipped(self, l0: int, l1: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(view, order)`` of layers ``[l0, l1)`` inside a falling run, cached: ``view`` is
-        ``[l1 - l0, K, B, N, H, D']`` in address order (index 0: layer ``l1 - 1``), ``order``
-        the device vector ``[l1 - l0 - 1, ..., 0]`` that puts it back in layer order."""
-        unit = self._flipped.get((l0, l1))
-        if unit is None:
-            run = next(r for r in self.runs if r.first <= l0 < r.end)
-            assert run.reversed and l1 <= run.end and run.layer_index is not None
-            order = run.layer_index.view(-1)  # [run length - 1, ..., 0]
-            unit = self._flipped[(l0, l1)] = (run.view[run.end - l1:run.end - l0], order[order.numel() - (l1 - l0):])
-        return unit
-
-    def gather(self, l0: int, l1: int, ids: torch.Tensor, out: torch.Tensor, tmp: torch.Tensor | None = None) -> None:
-        """``out[l, k, i] = layer (l0 + l), kv k, block ids[i]`` (``out``: ``[l1 - l0, K, n, N, H, D']``).
-
-        In a falling run with ``tmp`` (a flat buffer of ``dtype``, at least ``out``'s size): one
-        ``index_select`` of the blocks in address order into ``tmp``, one of the layers back into
-        ``out``. Without ``tmp``: one advanced-indexing kernel, whose host cost is ~4x an
-        ``index_select``'s (41 against 9.5 us hot, 128 against 32 us cold for an MLA chunk on an H100,
-        ``tests/gpu/gather_kernels.py``), and the save's first batch waits for it.
-        """
+    def gather(self, l0: int, l1: int, ids: torch.Tensor, out: torch.Tensor) -> None:
+        """``out[l, k, i] = layer (l0 + l), kv k, block ids[i]`` (``out``: ``[l1 - l0, K, n, N, H, D']``)."""
         view, index = self.unit(l0, l1)
         if index is None:
             torch.index_select(view, 2, ids, out=out)
-        elif tmp is not None:
-            flipped, order = self.flipped(l0, l1)
-            staged = tmp[:out.numel()].view(out.shape)
-            torch.index_select(flipped, 2, ids, out=staged)
-            torch.index_select(staged, 0, order, out=out)
         else:
             torch.ops.aten.index.Tensor_out(view, [index[0], index[1], ids.view(1, 1, -1)], out=out)
 
-    def scatter(self, l0: int, l1: int, ids: torch.Tensor, src: torch.Tensor, tmp: torch.Tensor | None = None) -> None:
+    def scatter(self, l0: int, l1: int, ids: torch.Tensor, src: torch.Tensor) -> None:
         """The reverse of :meth:`gather`: ``src`` into blocks ``ids`` of layers ``[l0, l1)``."""
         view, index = self.unit(l0, l1)
         if index is None:
             view.index_copy_(2, ids, src)
-        elif tmp is not None:
-            flipped, order = self.flipped(l0, l1)
-            staged = tmp[:src.numel()].view(src.shape)
-            torch.index_select(src, 0, order, out=staged)
-            flipped.index_copy_(2, ids, staged)
         else:
             view.index_put_((index[0], index[1], ids.view(1, 1, -1)), src)
 

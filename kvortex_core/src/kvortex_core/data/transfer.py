@@ -228,12 +228,6 @@ class _Direction:
         self.lock = threading.Lock()
         # One enqueuer thread per direction: transfers of one direction keep their order.
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvortex-transfer")
-        #: A unit's worth of device memory for the strided plan's falling runs (see
-        #: ``StridedPlan.gather``), used only by this direction's kernels; None when not needed.
-        self.tmp: torch.Tensor | None = None
-        #: Marks the head batch's gather (on the DMA stream) for the next gather's stream, when
-        #: both use ``tmp`` (one event, re-recorded: a wait already enqueued keeps its record).
-        self.tmp_event: Any = None
 
     def idle(self) -> bool:
         """Nothing of this direction is queued on the device: its latest batch completed."""
@@ -303,11 +297,12 @@ class TransferEngine:
         if gather == "strided" and strided is None:
             raise LayoutError("gather='strided' needs layers of one shape and strides with a contiguous "
                               "head dimension, at most 8 groups of evenly spaced layers; use gather='auto'")
-        if gather == "auto" and strided is not None and not _strided_pays(strided, layout, chunk_tokens, half):
+        rows = build_row_plan(self.views, kv_caches) if gather in ("auto", "rows") else None
+        if gather == "auto" and strided is not None and rows is not None \
+                and not _strided_pays(strided, layout, chunk_tokens, half):
             strided = None
         self._strided: StridedPlan | None = strided
-        self._rows: RowPlan | None = (build_row_plan(self.views, kv_caches)
-                                      if strided is None and gather != "layers" else None)
+        self._rows: RowPlan | None = rows if strided is None else None
         if gather == "rows" and self._rows is None:
             raise LayoutError("gather='rows' needs layer strides and offsets that divide into rows of at "
                               "least 16 bytes; use gather='auto'")
@@ -317,11 +312,6 @@ class TransferEngine:
         self._stage_views: dict[tuple[int, ...], torch.Tensor] = {}
         self._save = _Direction(self.device, num_streams, half, kernels_second=False)
         self._load = _Direction(self.device, num_streams, half, kernels_second=True)
-        if strided is not None and strided.falling:
-            width = torch.empty((), dtype=strided.dtype).element_size()
-            for d in (self._save, self._load):
-                d.tmp = torch.empty(half // width, dtype=strided.dtype, device=self.device)
-                d.tmp_event = torch.cuda.Event() if d.streams.cuda else None
 
     # ------------------------------------------------------------------ public API
 
@@ -567,19 +557,15 @@ class TransferEngine:
                         s.wait(s.second, produced)
                         idx0 = self._indices(blocks, region, batch[-1].chunk + 1, in_place=True)
                         handle.keepalive.append(idx0)
-                        self._gather_batch(batch, idx0, stage, d.tmp)
-                        if d.tmp_event is not None:  # the next gather reuses tmp on the other stream
-                            d.tmp_event.record(s.second)
+                        self._gather_batch(batch, idx0, stage)
                 else:
                     if idx is None:
                         idx = self._index_tensors(blocks, d, handle, region)
                         handle.keepalive.append(idx)
                     # the caller's event orders the first batch here; later ones follow in stream order
                     stage = self._next_stage(d, produced if k == int(head) else None, s.first)
-                    if head and k == 1 and d.tmp_event is not None:
-                        s.wait(s.first, d.tmp_event)
                     with s.on(s.first):
-                        self._gather_batch(batch, idx, stage, d.tmp)
+                        self._gather_batch(batch, idx, stage)
                     s.hand_over(s.first, s.second)
                 with s.on(s.second):
                     for u in batch:
@@ -593,10 +579,10 @@ class TransferEngine:
                     handle._notify()
             handle.done_event = s.record(s.second, d.free_events)
 
-    def _gather_batch(self, batch: list[_Unit], idx: Any, stage: torch.Tensor, tmp: torch.Tensor | None) -> None:
+    def _gather_batch(self, batch: list[_Unit], idx: Any, stage: torch.Tensor) -> None:
         if not self._batch_rows_op(batch, idx, stage, None):
             for u in batch:
-                self._gather(u, idx, stage, tmp)
+                self._gather(u, idx, stage)
 
     def _next_stage(self, d: _Direction, after: Any, stream: Any) -> torch.Tensor:
         """The other staging half, once its previous copy finished (a GPU-side wait)."""
@@ -683,12 +669,12 @@ class TransferEngine:
 
         return self._cached_view((stage.data_ptr(), u.stage_offset, u.nbytes, u.blocks), make)
 
-    def _gather(self, u: _Unit, idx: Any, stage: torch.Tensor, tmp: torch.Tensor | None = None) -> None:
+    def _gather(self, u: _Unit, idx: Any, stage: torch.Tensor) -> None:
         if self._strided is not None:
             ids = idx[u.chunk]
             if u.blocks < ids.shape[0]:
                 ids = ids[:u.blocks]
-            self._strided.gather(u.l0, u.l1, ids, self._strided_stage(u, stage), tmp)
+            self._strided.gather(u.l0, u.l1, ids, self._strided_stage(u, stage))
             return
         if self._rows is not None:
             rows = self._rows.unit_rows(idx, u.chunk, u.l0, u.l1, u.blocks)
@@ -721,11 +707,11 @@ class TransferEngine:
         with s.on(s.second):
             if not self._batch_rows_op(batch, idx, stage, skips):
                 for u in batch:
-                    self._scatter(u, idx, stage, skips[u.chunk], d.tmp)
+                    self._scatter(u, idx, stage, skips[u.chunk])
         d.free_events[d.turn] = s.record(s.second, d.free_events)
         return d.free_events[d.turn]
 
-    def _scatter(self, u: _Unit, idx: Any, stage: torch.Tensor, skip: int, tmp: torch.Tensor | None = None) -> None:
+    def _scatter(self, u: _Unit, idx: Any, stage: torch.Tensor, skip: int) -> None:
         if skip >= u.blocks:
             return
         if self._strided is not None:
@@ -733,7 +719,7 @@ class TransferEngine:
             if skip or u.blocks < ids.shape[0]:
                 ids = ids[skip:u.blocks]
             src = self._strided_stage(u, stage)
-            self._strided.scatter(u.l0, u.l1, ids, src[:, :, skip:] if skip else src, tmp)
+            self._strided.scatter(u.l0, u.l1, ids, src[:, :, skip:] if skip else src)
             return
         if self._rows is not None:
             rows = self._rows.unit_rows(idx, u.chunk, u.l0, u.l1, u.blocks, skip)
@@ -814,8 +800,13 @@ def _strided_pays(plan: StridedPlan, layout: KVLayout, chunk_tokens: int, half: 
     fell from 0.95-0.96 to 0.90-0.92 of raw with 6 groups), with tokens outside heads in memory
     (an HND view makes the kernel transpose: the vLLM worker's HND saves fell to 0.67), and
     few chunks per staging half (one kernel per chunk against the row plan's one per batch).
+    Not for layers at falling addresses either (separate ``cudaMalloc`` calls, vLLM < 0.30): the
+    same memory through the row plan measured level or better: engine saves / loads of 8K tokens,
+    two VMs, 0.934-0.941 / 0.956-0.962 against 0.926-0.930 / 0.945-0.962 (MLA) and 0.962-0.969 /
+    0.973-0.979 against 0.965-0.968 / 0.973-0.981 (Llama-8B), ``tests/gpu/falling_ab.py``.
     """
-    if len(plan.runs) != 1 or layout.chunk_bytes(chunk_tokens) * _STRIDED_MAX_CHUNKS_PER_BATCH < half:
+    if (len(plan.runs) != 1 or plan.runs[0].reversed
+            or layout.chunk_bytes(chunk_tokens) * _STRIDED_MAX_CHUNKS_PER_BATCH < half):
         return False
     view = plan.runs[0].view  # [L, K, B, N, H, D']
     n, h = view.shape[3], view.shape[4]
