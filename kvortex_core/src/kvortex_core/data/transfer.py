@@ -800,10 +800,11 @@ def _strided_pays(plan: StridedPlan, layout: KVLayout, chunk_tokens: int, half: 
     fell from 0.95-0.96 to 0.90-0.92 of raw with 6 groups), with tokens outside heads in memory
     (an HND view makes the kernel transpose: the vLLM worker's HND saves fell to 0.67), and
     few chunks per staging half (one kernel per chunk against the row plan's one per batch).
-    Not for layers at falling addresses either (separate ``cudaMalloc`` calls, vLLM < 0.30): the
-    same memory through the row plan measured level or better: engine saves / loads of 8K tokens,
-    two VMs, 0.934-0.941 / 0.956-0.962 against 0.926-0.930 / 0.945-0.962 (MLA) and 0.962-0.969 /
-    0.973-0.979 against 0.965-0.968 / 0.973-0.981 (Llama-8B), ``tests/gpu/falling_ab.py``.
+    Not for layers at falling addresses either (separate ``cudaMalloc`` calls, vLLM < 0.30): on
+    the same memory the row plan measured level with the falling run (engine saves / loads of 8K
+    MLA tokens on three VMs, rows against strided: 0.934 / 0.956 and 0.926 / 0.945, 0.941 / 0.962
+    and 0.930 / 0.962, 0.931 / 0.953 and 0.939 / 0.964; ``tests/gpu/falling_ab.py``), so every
+    irregular placement of per-layer tensors gets one plan, whatever runs the allocator made.
     """
     if (len(plan.runs) != 1 or plan.runs[0].reversed
             or layout.chunk_bytes(chunk_tokens) * _STRIDED_MAX_CHUNKS_PER_BATCH < half):
