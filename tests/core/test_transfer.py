@@ -305,9 +305,10 @@ def test_strided_plan_gathers_layers_at_falling_addresses_in_layer_order(slots: 
 
 def test_auto_gather_takes_the_row_plan_for_layers_at_falling_addresses() -> None:
     """Separate per-layer caches at falling addresses (one strided run read backwards) take the
-    row plan under "auto" (measured level with the falling run on an H100: one plan for every irregular placement); the same tensors in layer order
-    (one rising run) take the strided plan, as does "strided" forced on the falling run, and all
-    three write the same payload; an MLA-like ``[B, N, D]`` cache too."""
+    row plan under "auto" (level with the falling run on an H100: one plan for every irregular
+    placement); the same tensors in layer order (one rising run) take the strided plan, as does
+    "strided" forced on the falling run, and all three write the same payload; an MLA-like
+    ``[B, N, D]`` cache too."""
     for shape in ((2, B, N, H, D), (B, N, 2 * D)):
         caches = _placed_layers([5, 4, 3, 2, 1, 0], shape)
         layout = detect_layout(caches)
