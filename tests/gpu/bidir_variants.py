@@ -12,9 +12,7 @@ turns, so each sees the same state of the VM. Variants:
   threads (``inline=False``);
 * ``one``: as ``workers``, with one enqueuer thread for both directions;
 * ``si200``: as shipped, with the interpreter's GIL switch interval at 200 us (default 5 ms);
-* ``commit1``: as shipped, a save's chunks indexed once at its end (no waits per 64 MiB);
-* ``yield``: a save enqueuing beside a load waits while the load enqueues (``_SAVES_YIELD_TO_LOADS``);
-* ``noyield``: the same switched off.
+* ``commit1``: as shipped, a save's chunks indexed once at its end (no waits per 64 MiB).
 
 Not collected by pytest.
 """
@@ -29,7 +27,6 @@ from collections.abc import Iterator
 
 from probes import engine_probe, probe_args
 
-import kvortex_core.data.transfer as transfer_mod
 import kvortex_core.engine as engine_mod
 from kvortex_core.cli.bench import transfer_parts as tp
 from kvortex_core.cli.bench.transfer_engine import _sequence
@@ -58,9 +55,6 @@ def main() -> None:
         interval = sys.getswitchinterval()
         if name == "si200":
             sys.setswitchinterval(0.0002)
-        yields = transfer_mod._SAVES_YIELD_TO_LOADS
-        if name in ("yield", "noyield"):
-            transfer_mod._SAVES_YIELD_TO_LOADS = name == "yield"
         group = engine_mod._COMMIT_GROUP_BYTES
         if name == "commit1":
             engine_mod._COMMIT_GROUP_BYTES = 1 << 50
@@ -71,7 +65,6 @@ def main() -> None:
             te._load.worker = load_worker
             sys.setswitchinterval(interval)
             engine_mod._COMMIT_GROUP_BYTES = group
-            transfer_mod._SAVES_YIELD_TO_LOADS = yields
 
     def both() -> None:
         hs = eng.save_async(next(seqs), pr.blocks)

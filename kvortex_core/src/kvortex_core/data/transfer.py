@@ -51,11 +51,6 @@ _DRAIN_BYTES = 2 * 1024**2
 #: ``gather`` modes of :class:`TransferEngine`.
 GATHER_MODES = ("auto", "strided", "rows", "layers")
 
-#: While a load enqueues its copies, a save enqueuing on another thread waits before its next
-#: batch (up to _YIELD_S), so the load gets the GIL without a convoy (see _LoadJob.advance).
-_SAVES_YIELD_TO_LOADS = False
-_YIELD_S = 0.002
-
 #: "auto" takes the strided plan when a staging half holds at most this many chunks: it costs
 #: one kernel per chunk, the row plan one per batch (plus a row table per call).
 _STRIDED_MAX_CHUNKS_PER_BATCH = 8
@@ -317,8 +312,6 @@ class TransferEngine:
         self._stage_views: dict[tuple[int, ...], torch.Tensor] = {}
         self._save = _Direction(self.device, num_streams, half, kernels_second=False)
         self._load = _Direction(self.device, num_streams, half, kernels_second=True)
-        self._loads_enqueuing = 0  # loads inside _LoadJob.advance (guarded by _gate)
-        self._gate = threading.Condition()
 
     # ------------------------------------------------------------------ public API
 
@@ -557,8 +550,6 @@ class TransferEngine:
             head = region is not None and d.idle()
             idx = None
             for k, batch in enumerate(batches):
-                if k and self._loads_enqueuing:
-                    self._yield_to_loads()
                 if head and k == 0:
                     d.turn ^= 1  # the half's last reader is a DMA on this very stream: in order
                     stage = d.stages[d.turn]
@@ -587,12 +578,6 @@ class TransferEngine:
                 if landed:
                     handle._notify()
             handle.done_event = s.record(s.second, d.free_events)
-
-    def _yield_to_loads(self) -> None:
-        """Wait (GIL released) until no load is enqueuing, at most ``_YIELD_S`` s: this save's
-        copies already queued keep its copy engine busy meanwhile."""
-        with self._gate:
-            self._gate.wait_for(lambda: not self._loads_enqueuing, _YIELD_S)
 
     def _gather_batch(self, batch: list[_Unit], idx: Any, stage: torch.Tensor) -> None:
         if not self._batch_rows_op(batch, idx, stage, None):
@@ -789,31 +774,19 @@ class _LoadJob:
 
     def advance(self, layer: int | None) -> None:
         """Enqueue batches until every unit of layers ``<= layer + lookahead`` is queued (None: all)."""
-        te = self.te
         with self.lock:
             limit = None if layer is None else min(layer + self.lookahead, len(self.pending) - 1)
-            gated = _SAVES_YIELD_TO_LOADS and bool(self.batches)
-            if gated:
-                with te._gate:
-                    te._loads_enqueuing += 1
-            try:
-                while self.batches and (limit is None or any(self.pending[: limit + 1])):
-                    batch = self.batches.popleft()
-                    with self.d.lock:
-                        event = te._load_batch(batch, self)
-                        self.handle.other_events.append(event)
-                        self.in_use = None  # later batches follow the first in stream order
-                    for u in batch:
-                        for lyr in range(u.l0, u.l1):
-                            self.pending[lyr] -= 1
-                            if self.layerwise and self.pending[lyr] == 0:
-                                self.handle.layer_events[lyr] = event
-            finally:
-                if gated:
-                    with te._gate:
-                        te._loads_enqueuing -= 1
-                        if not te._loads_enqueuing:
-                            te._gate.notify_all()
+            while self.batches and (limit is None or any(self.pending[: limit + 1])):
+                batch = self.batches.popleft()
+                with self.d.lock:
+                    event = self.te._load_batch(batch, self)
+                    self.handle.other_events.append(event)
+                    self.in_use = None  # later batches follow the first in stream order
+                for u in batch:
+                    for lyr in range(u.l0, u.l1):
+                        self.pending[lyr] -= 1
+                        if self.layerwise and self.pending[lyr] == 0:
+                            self.handle.layer_events[lyr] = event
             if not self.batches and not self.finished:
                 self.finished = True
                 self.handle.done_event = self.d.streams.record(self.d.streams.second, self.d.free_events)
