@@ -20,26 +20,11 @@ import sys
 import time
 
 import torch
+from probes import gpu_us
 
 from kvortex_core.cli.bench import transfer_parts as tp
 from kvortex_core.data.layouts import detect_layout, layer_views
 from kvortex_core.data.rows import build_row_plan, build_strided_plan
-
-
-def gpu_us(fn, reps: int = 50) -> float:
-    if not torch.cuda.is_available():  # a smoke test on CPU: wall time
-        t = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        return (time.perf_counter() - t) * 1e6 / reps
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    fn()
-    a.record()
-    for _ in range(reps):
-        fn()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) * 1000 / reps
 
 
 def host_us(fn, raw: tp.RawCopier, cold: bool) -> float:

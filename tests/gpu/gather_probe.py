@@ -13,6 +13,7 @@ import statistics
 import time
 
 import torch
+from probes import gpu_us
 
 from kvortex_core.cli.bench import transfer_parts as tp
 from kvortex_core.cli.bench.transfer_engine import make_engine
@@ -41,17 +42,6 @@ def strided_view(views: list[torch.Tensor]) -> torch.Tensor | None:
     sb, sk, sn, sh, _ = (st * es // w for st in strides)
     return torch.as_strided(wide, (len(views), k, b, n, h, d * es // w), (step // w, sk, sb, sn, sh, 1),
                             (ptrs[0] - start) // w)
-
-
-def gpu_us(fn, reps=20):
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    fn()
-    a.record()
-    for _ in range(reps):
-        fn()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) * 1000 / reps
 
 
 def main() -> None:

@@ -88,3 +88,21 @@ def mark_dmas(record: Callable[[float, Any], None]) -> None:
         return real_range(buf, u)
 
     transfer_mod._payload_range = marked_range
+
+
+def gpu_us(fn: Callable[[], Any], reps: int = 50) -> float:
+    """Microseconds per call of ``fn`` on the device (CUDA events around ``reps`` calls after one
+    warm-up; wall time on CPU, for a smoke test)."""
+    if not torch.cuda.is_available():
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return (time.perf_counter() - t) * 1e6 / reps
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    fn()
+    a.record()
+    for _ in range(reps):
+        fn()
+    b.record()
+    torch.cuda.synchronize()
+    return a.elapsed_time(b) * 1000 / reps
