@@ -78,25 +78,25 @@ def case(name: str, layers: int, kv: int, page: int, block_tokens: int, tokens: 
     stream = torch.cuda.current_stream().cuda_stream
     s0, d0, b0 = src.data_ptr(), dst.data_ptr(), back.data_ptr()
 
-    def save() -> None:
+    def copies(kind: int) -> None:
+        """Every block's pages, all layers as the rows of one 2-D copy: the cache at ``s0`` into the
+        payloads (D2H), or the payloads into the other cache at ``b0`` (H2D)."""
         for c in range(chunks):
             base = d0 + c * chunk_bytes
             for i in range(n):
                 blk = ids[c * n + i]
                 for k in range(kv):
-                    err = F(base + (k * n + i) * page, kv * n * page, s0 + k * kv_step + blk * page, layer_step,
-                            page, layers, D2H, stream)
+                    host, dev = base + (k * n + i) * page, (s0 if kind == D2H else b0) + k * kv_step + blk * page
+                    dst_ptr, dpitch, src_ptr, spitch = ((host, kv * n * page, dev, layer_step) if kind == D2H
+                                                        else (dev, layer_step, host, kv * n * page))
+                    err = F(dst_ptr, dpitch, src_ptr, spitch, page, layers, kind, stream)
                     assert err == 0, err
 
+    def save() -> None:
+        copies(D2H)
+
     def load() -> None:
-        for c in range(chunks):
-            base = d0 + c * chunk_bytes
-            for i in range(n):
-                blk = ids[c * n + i]
-                for k in range(kv):
-                    err = F(b0 + k * kv_step + blk * page, layer_step, base + (k * n + i) * page, kv * n * page,
-                            page, layers, H2D, stream)
-                    assert err == 0, err
+        copies(H2D)
 
     save()
     load()
