@@ -553,12 +553,11 @@ class TransferEngine:
                 if head and k == 0:
                     d.turn ^= 1  # the half's last reader is a DMA on this very stream: in order
                     stage = d.stages[d.turn]
-                    with s.on(s.second):  # one stream switch for the gather and its copies
+                    with s.on(s.second):
                         s.wait(s.second, produced)
                         idx0 = self._indices(blocks, region, batch[-1].chunk + 1, in_place=True)
                         handle.keepalive.append(idx0)
                         self._gather_batch(batch, idx0, stage)
-                        self._copy_out(batch, dst, stage)
                 else:
                     if idx is None:
                         idx = self._index_tensors(blocks, d, handle, region)
@@ -568,8 +567,9 @@ class TransferEngine:
                     with s.on(s.first):
                         self._gather_batch(batch, idx, stage)
                     s.hand_over(s.first, s.second)
-                    with s.on(s.second):
-                        self._copy_out(batch, dst, stage)
+                with s.on(s.second):
+                    for u in batch:
+                        _payload_range(dst[u.chunk], u).copy_(self._stage_bytes(stage, u), non_blocking=True)
                 d.free_events[d.turn] = s.record(s.second, d.free_events)
                 handle.other_events.append(d.free_events[d.turn])
                 landed = [u.chunk for u in batch if _last(remaining, u.chunk)]
@@ -578,11 +578,6 @@ class TransferEngine:
                 if landed:
                     handle._notify()
             handle.done_event = s.record(s.second, d.free_events)
-
-    def _copy_out(self, batch: list[_Unit], dst: Sequence[torch.Tensor], stage: torch.Tensor) -> None:
-        """The batch's DMAs, staging half to pinned slots, on the current stream."""
-        for u in batch:
-            _payload_range(dst[u.chunk], u).copy_(self._stage_bytes(stage, u), non_blocking=True)
 
     def _gather_batch(self, batch: list[_Unit], idx: Any, stage: torch.Tensor) -> None:
         if not self._batch_rows_op(batch, idx, stage, None):
