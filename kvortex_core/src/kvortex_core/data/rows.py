@@ -27,7 +27,8 @@ views (runs), past ``max_runs`` of them there is no strided plan; the transfer e
 mode takes it only for a single run (see ``transfer._strided_pays``). Layers at falling addresses
 (separate ``cudaMalloc`` calls place each below the previous one) are a run too: its view starts
 at the last layer, and one advanced-indexing kernel over (layer, kv, block) still writes the
-payload in layer order.
+payload in layer order ("auto" gives such caches the row plan instead: measured level, and one
+plan for every irregular placement).
 """
 
 from __future__ import annotations
