@@ -54,7 +54,7 @@ def main() -> None:
                              (reg.hasher, "keys", "hash"), (reg.transfer, "save", "te"),
                              (reg.transfer, "load", "te"), (reg.tiers, "prepare_save", "prep"),
                              (reg.tiers, "commit_save", "commit"), (reg.tiers, "end_load", "unpin"),
-                             (transfer_mod.TransferHandle, "wait", "wait"), (transfer_mod, "event_finish", "finish"), (transfer_mod, "event_spin", "spin"),
+                             (transfer_mod.TransferHandle, "wait", "wait"), (transfer_mod, "event_finish", "finish"),
                              (transfer_mod.TransferHandle, "_retire", "retire")):
         patch(obj, name, label)
 
