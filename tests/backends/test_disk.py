@@ -17,7 +17,8 @@ import pytest
 from kvortex_backends import disk_io
 from kvortex_backends.disk import DiskBackend
 from kvortex_core.data import payload as pl
-from kvortex_core.errors import BackendError, PayloadError
+from kvortex_core.config import KVortexConfig
+from kvortex_core.errors import BackendError, ConfigError, PayloadError
 from kvortex_core.storage.protocol import BackendContext
 from kvortex_core.testing import BackendConformance
 
@@ -347,6 +348,69 @@ def test_vanished_directory_is_unhealthy_and_never_recreated(tmp_path: Path) -> 
         await b.close()
 
     _run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("options", "needle"),
+    [
+        ({"compression": "zstd", "compression_level": 99}, "-7 (fastest) to 22"),
+        ({"compression": "zstd", "compression_level": -8}, "-7 (fastest) to 22"),
+        ({"compression": "lz4", "compression_level": 3}, "applies to zstd only"),
+        ({"compression_level": 3}, "applies to zstd only"),
+        ({"path": ""}, "path '' is empty"),
+        ({"path": "  "}, "is empty"),
+    ],
+)
+def test_bad_options_fail_at_config_load_naming_the_value(tmp_path: Path, options: dict, needle: str) -> None:
+    """Refused when the config loads, not by the first write (zstd's own error there put the
+    tier out of service with nothing written)."""
+    tier = {"type": "disk", "capacity": "1MiB", "path": str(tmp_path), **options}
+    with pytest.raises(ConfigError) as err:
+        KVortexConfig.load(tiers={"cpu": {"type": "cpu", "capacity": "1MiB"}, "d": tier})
+    assert needle in str(err.value) and "tiers.d" in str(err.value)
+
+
+@pytest.mark.parametrize("level", [-7, 1, 22])
+def test_every_accepted_zstd_level_writes_and_reads_back(tmp_path: Path, level: int) -> None:
+    key = b"\x05" * 32
+    buf = bytearray(pl.HEADER_BYTES + MiB)
+    buf[pl.HEADER_BYTES:] = bytes(range(256)) * (MiB // 256)  # compresses at every level
+    pl.seal(buf, key=key, namespace=NS, shape=(MiB,), dtype="uint8", payload_len=MiB)
+    _run(_put_all(tmp_path, {key.hex(): bytes(buf)}, compression="zstd", compression_level=level))
+    (f,) = _files(tmp_path)
+    assert f.stat().st_size < len(buf) // 2
+
+    async def read() -> None:
+        b = await _opened(_ns_disk(tmp_path, compression="zstd"))
+        out = bytearray(len(buf))
+        assert await b.get(key.hex(), memoryview(out)) == len(buf) and out == buf
+        await b.close()
+
+    _run(read())
+
+
+def test_corrupt_compressed_file_reads_back_as_stored_for_the_reader_to_reject(tmp_path: Path) -> None:
+    """``get`` never raises for a compressed file that does not expand (a tier error would put
+    the whole tier out of service): it returns the stored bytes, which fail verification."""
+    key = b"\x06" * 32
+    buf = bytearray(pl.HEADER_BYTES + MiB)
+    pl.seal(buf, key=key, namespace=NS, shape=(MiB,), dtype="uint8", payload_len=MiB)
+    _run(_put_all(tmp_path, {key.hex(): bytes(buf)}, compression="zstd"))
+    (f,) = _files(tmp_path)
+    data = bytearray(f.read_bytes())
+    data[-2] ^= 0x20
+    f.write_bytes(data)
+
+    async def read() -> None:
+        b = await _opened(_ns_disk(tmp_path, compression="zstd"))
+        out = bytearray(len(buf))
+        n = await b.get(key.hex(), memoryview(out))
+        assert n == len(data) and out[:n] == data, "the stored bytes, untouched"
+        with pytest.raises(PayloadError, match="checksum"):
+            pl.decompress_value(bytes(out[:n]), bytearray(len(buf)))
+        await b.close()
+
+    _run(read())
 
 
 def test_bad_keys_refused(tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ from kvortex_core.testing.memory import MemoryBackend
 from kvortex_core.tiering import manager as tm
 from kvortex_core.tiering.breaker import CircuitBreaker
 from kvortex_core.tiering.manager import TierManager
+from kvortex_core.tiering.tiers import ERRORS as TIER_ERRORS
 
 pytestmark = pytest.mark.filterwarnings("ignore:CUDA is not available:RuntimeWarning")
 
@@ -299,6 +300,67 @@ def test_bad_disk_payload_is_miss_deleted_and_counted(make: Any, damage: str) ->
     assert again.lookup([_key(1)]) == 0
     if damage == "bitflip":  # truncated / foreign files are already refused by the scan
         assert _counter(again, tm.CHECKSUM_FAILURES, "disk") == 1
+
+
+def _save_compressible(mgr: TierManager, ids: Sequence[int]) -> None:
+    """Chunks whose bytes zstd shrinks (random ones are stored uncompressed)."""
+    leases = mgr.begin_save([_key(i) for i in ids])
+    for lease in leases:
+        lease.payload.copy_(_as_bytes(torch.full(SHAPE, float(ids[lease.index]), dtype=DTYPE)))
+    mgr.commit_save(leases)
+
+
+def test_corrupt_compressed_disk_value_is_a_bad_payload_not_a_tier_failure(make: Any) -> None:
+    """A flipped byte in a zstd file: that chunk is a miss, deleted and counted; the tier stays
+    in service for the others (it used to count as a tier error and open the breaker)."""
+    cb = {"circuit_breaker": {"failure_threshold": 1, "reset_after_s": 600}}
+    mgr = make(disk={"write_through": True, "compression": "zstd"}, **cb)
+    _save_compressible(mgr, range(3))
+    assert mgr.drain(30)
+    mgr.close()
+    path = _disk_file(mgr, 1)
+    data = bytearray(path.read_bytes())
+    assert len(data) < pl.HEADER_BYTES + PAYLOAD, "stored compressed"
+    data[-3] ^= 0x40
+    path.write_bytes(data)
+    again = make(disk={"compression": "zstd"}, **cb)
+    for _ in range(3):  # again and again: still one bad payload, never a tier failure
+        leases = again.begin_load([_key(1)])
+        assert leases == []
+        again.end_load(leases)
+    assert not path.exists(), "the bad file is deleted"
+    assert _counter(again, tm.CHECKSUM_FAILURES, "disk") == 1
+    assert _counter(again, TIER_ERRORS, "disk") == 0
+    assert again.tier_states() == {"disk": "closed"}
+    for i in (0, 2):  # the tier still serves the good chunks, byte for byte
+        leases = again.begin_load([_key(i)])
+        try:
+            assert [lease.tier for lease in leases] == ["disk"]
+            want = _as_bytes(torch.full(SHAPE, float(i), dtype=DTYPE))
+            assert torch.equal(leases[0].payload, want)
+        finally:
+            again.end_load(leases)
+
+
+def test_value_longer_than_a_slot_is_rejected_and_deleted(make: Any) -> None:
+    """A stored value longer than header + payload can hold no chunk of this key: it is a bad
+    payload (counted, deleted, its key forgotten), not a miss that stays for ever."""
+    tiers = {
+        "cpu": {"type": "cpu", "capacity": 4 * SLOT},
+        "mem": {"type": "sharedmem", "capacity": 64 * SLOT, "write_through": True},
+    }
+    SharedMemory.store.clear()
+    mgr = make(tiers)
+    _save(mgr, [0, 1])
+    assert mgr.drain(30)
+    mgr.close()
+    SharedMemory.store[_key(1).hex()] += b"x" * (SLOT + 100)
+    again = make(tiers)
+    assert again.lookup([_key(0), _key(1)]) == 2  # the index still lists it
+    assert _load(again, [0, 1]) == [(0, "mem")]
+    assert _key(1).hex() not in SharedMemory.store, "deleted from the tier"
+    assert _counter(again, tm.CHECKSUM_FAILURES, "mem") == 1
+    assert again.lookup([_key(0), _key(1)]) == 1
 
 
 # -- failure isolation -----------------------------------------------------------------------

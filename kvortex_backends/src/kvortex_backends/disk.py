@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal, TypeVar
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 
 from kvortex_backends import disk_io
 from kvortex_core.data import payload as pl
@@ -41,6 +41,9 @@ T = TypeVar("T")
 _KEY_RE = re.compile(r"^[0-9a-f]{1,128}$")
 #: Largest value read on the event loop when fully in the page cache (see ``_read_inline``).
 INLINE_READ_MAX = 4 * 1024 * 1024
+#: zstd levels accepted for ``compression_level`` (negative: faster; zstd itself goes lower,
+#: to -131072, where it hardly compresses: not worth a disk write).
+ZSTD_MIN_LEVEL, ZSTD_MAX_LEVEL = -7, 22
 
 
 class DiskOptions(BackendOptions):
@@ -55,8 +58,36 @@ class DiskOptions(BackendOptions):
         "docs/backends.md); write: O_DIRECT writes only; on: O_DIRECT reads and writes; off: never",
     )
     compression: pl.Compression = Field("none", description="none, lz4 or zstd (lossless)")
-    compression_level: int | None = Field(None, description="zstd level (default 1)")
+    compression_level: int | None = Field(
+        None, description="zstd level, -7 (fastest) to 22 (smallest); default 1; zstd only"
+    )
     io_threads: int = Field(4, ge=1, le=64, description="threads doing blocking file I/O")
+
+    @field_validator("path", mode="before")
+    @classmethod
+    def _path_named(cls, value: object) -> object:
+        if isinstance(value, str) and not value.strip():  # Path("") is the working directory
+            raise ValueError(
+                f"path {value!r} is empty; give the cache directory, e.g. path: /var/cache/kvortex"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _level_fits(self) -> DiskOptions:
+        level = self.compression_level
+        if level is None:
+            return self
+        if self.compression != "zstd":
+            raise ValueError(
+                f"compression_level={level} applies to zstd only (compression is "
+                f"{self.compression!r}); set compression: zstd or drop compression_level"
+            )
+        if not ZSTD_MIN_LEVEL <= level <= ZSTD_MAX_LEVEL:
+            raise ValueError(
+                f"compression_level={level} is outside zstd's range; use {ZSTD_MIN_LEVEL} "
+                f"(fastest) to {ZSTD_MAX_LEVEL} (smallest), 1-3 for KV caches"
+            )
+        return self
 
 
 class DiskBackend(StorageBackend):
@@ -242,7 +273,12 @@ class DiskBackend(StorageBackend):
 
     @staticmethod
     def _expand(view: memoryview, n: int) -> int:
-        """The file holds a compressed payload: expand it in place (through one temp copy)."""
+        """The file holds a compressed payload: expand it in place (through one temp copy).
+
+        A value that does not expand (corrupt bytes, checksum mismatch) is returned as stored:
+        the reader's verification rejects it as a bad payload (counted, deleted), while an
+        error here would count as a failure of the whole tier and open its breaker.
+        """
         try:
             raw = pl.raw_length(view[:n])
         except PayloadError:
@@ -251,7 +287,10 @@ class DiskBackend(StorageBackend):
             raise BufferTooSmallError(
                 f"compressed disk value expands to {raw} bytes, buffer {len(view)}"
             )
-        return pl.decompress_value(bytes(view[:n]), view)
+        try:
+            return pl.decompress_value(bytes(view[:n]), view)
+        except PayloadError:
+            return n  # untouched: decompress_value checks before it writes into view
 
     async def contains(self, keys: Sequence[str]) -> list[bool]:
         return [k in self._index for k in keys]

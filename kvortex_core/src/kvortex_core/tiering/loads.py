@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from kvortex_core.data import payload as pl
-from kvortex_core.errors import PayloadError
+from kvortex_core.errors import BufferTooSmallError, PayloadError
 from kvortex_core.logs import Throttle, event
 from kvortex_core.tiering.counters import BYTES_READ, CHECKSUM_FAILURES, LOAD_MISSES, PROMOTIONS
 from kvortex_core.tiering.leases import LoadLease
@@ -109,6 +109,10 @@ class LoadMixin(TierState):
             if isinstance(exc.__cause__, TimeoutError):
                 self._quarantine(slot)  # an I/O thread may still be writing into it
                 return GONE
+            if isinstance(exc.__cause__, BufferTooSmallError):
+                # Longer than any value of this key could be (a slot holds header + payload,
+                # and the key fixes the payload's shape): bad bytes, not a passing fault.
+                await self._reject(tier, key, PayloadError(f"stored value too long: {exc.__cause__}"))
             return MISS
         if n is None:
             tier.index.remove([key])
