@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from kvortex_core.cli.stats_cmd import parse_metrics, register
 from kvortex_core.control.index import ChunkIndex
 from kvortex_core.control.stats import Stats
+from kvortex_core.data import payload as pl
 from kvortex_core.metrics import MetricsExporter
 
 
@@ -119,7 +120,9 @@ def test_stats_of_a_real_engine_with_two_tiers(tmp_path: Path) -> None:
         assert engine.lookup(tokens + list(range(1000, 1064))) == 256
         live = parse_metrics(fetch_text(exp.url))
         cpu = live.tiers["cpu"]
-        assert cpu.bytes_saved > 0 and cpu.used_bytes == cpu.bytes_saved  # 4 chunks, one save
+        # 4 chunks, one save: KV bytes both ways (the slots also hold a header each)
+        assert cpu.bytes_saved == cpu.bytes_loaded == engine.layout.chunk_bytes(256)
+        assert cpu.used_bytes == cpu.bytes_saved + 4 * pl.HEADER_BYTES
         assert cpu.capacity_bytes > 0 and live.tiers["disk"].capacity_bytes == 8 << 20
         assert live.hit_tokens == 256 and live.lookup_tokens == 320
         out = _run("--url", exp.url, "--once")

@@ -123,7 +123,7 @@ class SaveMixin(TierState):
             self.pool.free(lease.slot)
             self.stats.inc(SAVE_SKIPPED, 1, self.cpu_name)
             return
-        self.stats.record_saved(total, self.cpu_name)
+        self.stats.record_saved(self.payload_bytes, self.cpu_name)  # KV bytes, as loads count
         for tier in self.tiers:
             if tier.write_through:
                 self._write_behind(tier, lease.key, lease.slot, total)
