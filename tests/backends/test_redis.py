@@ -205,6 +205,9 @@ def test_options_reject_bad_values() -> None:
         RedisOptions(cluster=[])
     with pytest.raises(ValueError):
         RedisOptions(ttl=0)
+    for part in (0, -1, 512):  # 0 used to be accepted
+        with pytest.raises(ValueError, match="part_bytes"):
+            RedisOptions(part_bytes=part)
     assert RedisOptions(part_bytes="4MiB").part_bytes == 4 * MiB
 
 

@@ -129,6 +129,13 @@ def test_options_validate() -> None:
     with pytest.raises(ValueError):
         S3Options(bucket="bkt", endpoint="http://x")  # typo: unknown option
     assert S3Options(bucket="bkt", multipart_threshold="128MiB").multipart_threshold == 128 * MiB
+    for bucket in ("Bad_Bucket", "-kv", "kv-", "a..b", "kv/x"):  # refused by S3 itself later
+        with pytest.raises(ValueError, match="not a valid S3 bucket name"):
+            S3Options(bucket=bucket)
+    for prefix in ("../../", "kv/../x/", "./kv/"):
+        with pytest.raises(ValueError, match="'..' segment"):
+            S3Options(bucket="bkt", prefix=prefix)
+    assert S3Options(bucket="kv.cache-01", prefix="team/a/").prefix == "team/a/"
 
 
 def test_plugin_registers_s3() -> None:

@@ -127,7 +127,7 @@ class DiskBackend(StorageBackend):
         try:
             await self._run(self._prepare_root)
         except OSError as exc:
-            raise BackendError(self._explain("cannot create", exc)) from exc
+            raise BackendError(self._explain("creating the cache directory", exc)) from exc
         entries = await self._run(self._scan_files)
         self._index = dict(entries)
         self._used = sum(self._index.values())
@@ -164,7 +164,7 @@ class DiskBackend(StorageBackend):
             errno.EDQUOT: "the disk quota is exceeded",
             errno.EACCES: "permission denied",
             errno.EPERM: "permission denied",
-            errno.ENOENT: "the directory vanished",
+            errno.ENOENT: "no such directory (it vanished, or was never created)",
             errno.EROFS: "read-only filesystem",
         }
         reason = cause.get(exc.errno or 0, exc.strerror or str(exc))

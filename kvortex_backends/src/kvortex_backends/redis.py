@@ -81,7 +81,8 @@ class RedisOptions(BackendOptions):
         True, description="gets issued in the same event-loop turn share one pipeline"
     )
     part_bytes: ByteSize | None = Field(
-        None, description="write payloads larger than this as SET+APPEND parts in one MULTI"
+        None, ge=1024,
+        description="write payloads larger than this as SET+APPEND parts in one MULTI (>= 1KiB)",
     )
 
     @model_validator(mode="before")

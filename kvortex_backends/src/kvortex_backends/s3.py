@@ -16,6 +16,8 @@ docs/shared-tiers.md for the trade-offs. ``capacity`` is this instance's budget,
 
 from __future__ import annotations
 
+import re
+
 import asyncio
 import contextlib
 import time
@@ -38,6 +40,7 @@ from kvortex_core.storage.protocol import (
 
 T = TypeVar("T")
 MiB = 1024 * 1024
+_BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
 
 class S3Options(BackendOptions):
@@ -60,11 +63,24 @@ class S3Options(BackendOptions):
     list_cache_ttl: float = Field(2.0, ge=0, description="seconds a prefix listing answers contains")
     list_max_objects: int = Field(100_000, ge=1, description="above this, contains uses HEADs")
 
+    @field_validator("bucket")
+    @classmethod
+    def _bucket_name(cls, v: str) -> str:
+        # S3's naming rules: an endpoint would refuse anything else at the first request
+        if not _BUCKET_RE.fullmatch(v) or ".." in v:
+            raise ValueError(
+                f"bucket {v!r} is not a valid S3 bucket name: use 3-63 lowercase letters, digits, "
+                "'-' and '.', starting and ending with a letter or digit (e.g. 'kv-cache')"
+            )
+        return v
+
     @field_validator("prefix")
     @classmethod
     def _prefix_shape(cls, v: str) -> str:
         if v.startswith("/"):
             raise ValueError(f"prefix {v!r} must not start with '/'; write e.g. 'kvortex/'")
+        if any(part in (".", "..") for part in v.split("/")):
+            raise ValueError(f"prefix {v!r} holds a '.' or '..' segment; write e.g. 'kvortex/'")
         return v
 
 
