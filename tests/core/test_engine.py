@@ -99,6 +99,27 @@ def test_partial_chunks_when_configured() -> None:
         assert _same_blocks(caches, block, [0, 1, 2, 3, 4, 5], [30, 31, 32, 33, 34, 35])
 
 
+def test_partial_chunk_never_loads_into_an_engine_of_another_block_size(tmp_path: Any) -> None:
+    """Engines of one model with 16- and 64-token blocks share a disk tier: the whole chunk
+    loads across, the partial one (laid out over whole blocks: 32 rows vs 64) is a miss."""
+    tiers = {"cpu": {"type": "cpu", "capacity": "1MiB"},
+             "disk": {"type": "disk", "capacity": "8MiB", "path": str(tmp_path), "write_through": True}}
+    tokens = list(range(3, 3 + CHUNK + 20))
+    src, _, sblock = ks.flash_attn(L, B, N, H, D, torch.bfloat16, seed=3)
+    with KVortexEngine.create(_config(tiers=tiers, store_partial_chunks=True)) as a:
+        a.register_kv_caches(src)
+        assert a.save(tokens, list(range(6))) == CHUNK + 20
+    dst, _, _ = ks.flash_attn(L, 8, CHUNK, H, D, torch.bfloat16, seed=4)  # one block per chunk
+    before = dst[0][:, 5].clone()
+    with KVortexEngine.create(_config(tiers=tiers, store_partial_chunks=True)) as b:
+        b.register_kv_caches(dst)
+        assert b.lookup(tokens) == CHUNK
+        assert b.load(tokens, [4, 5]) == CHUNK
+    for layer in range(L):  # the whole chunk: src blocks 0-3 are dst block 4's tokens
+        assert torch.equal(dst[layer][:, 4], torch.cat([src[layer][:, i] for i in range(4)], 1))
+    assert torch.equal(dst[0][:, 5], before), "the partial chunk's block is untouched"
+
+
 def test_cross_layout_load_between_engines_sharing_a_tier(tmp_path: Any) -> None:
     """Save from FlashAttention NHD, load into vLLM 0.30+ unified BLNHC through a shared disk tier."""
     tiers = {"cpu": {"type": "cpu", "capacity": "1MiB"},

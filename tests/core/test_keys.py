@@ -116,6 +116,18 @@ def test_partial_chunk() -> None:
     assert plain.keys(toks[:31]) == [] and plain.num_chunks(0) == 0
 
 
+def test_partial_chunk_key_names_its_padded_block_rows() -> None:
+    """A partial chunk's payload covers whole blocks: 20 tokens are 32 rows with 16-token
+    blocks, 64 with 64-token blocks. Different row counts must never share a key."""
+    toks = tokens(84)
+    by_bs = {bs: ChunkHasher(NS, 64, store_partial=True, block_size=bs).keys(toks) for bs in (1, 8, 16, 32, 64)}
+    assert len({k[0] for k in by_bs.values()}) == 1, "whole chunks do not depend on the block size"
+    assert by_bs[16][1] == by_bs[32][1], "20 tokens pad to 32 rows with both"
+    assert len({by_bs[bs][1] for bs in (1, 8, 16, 64)}) == 4  # 20, 24, 32, 64 rows
+    with pytest.raises(ConfigError, match="block_size=0"):
+        ChunkHasher(NS, 64, block_size=0)
+
+
 def test_resume_chain() -> None:
     h = ChunkHasher(NS, 16)
     toks = tokens(16 * 10)

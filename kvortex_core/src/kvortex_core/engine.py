@@ -196,7 +196,8 @@ class KVortexEngine:
         validate_chunk_tokens(cfg.chunk_tokens, layout.block_size)
         ns = KeyNamespace(model_id=cfg.model_id, revision=cfg.model_revision, tp_size=self.world_size,
                           salt=cfg.salt, **layout.namespace_fields())
-        hasher = ChunkHasher(ns, cfg.chunk_tokens, cfg.hash_algorithm, cfg.store_partial_chunks)
+        hasher = ChunkHasher(ns, cfg.chunk_tokens, cfg.hash_algorithm, cfg.store_partial_chunks,
+                             block_size=layout.block_size)
         transfer = self._transfer(kv_caches, layout)
         tiers = TierManager.create(cfg, self.plugins, namespace=ns.digest(),
                                    payload_shape=layout.chunk_payload_shape(cfg.chunk_tokens),

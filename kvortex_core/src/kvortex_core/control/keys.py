@@ -133,6 +133,10 @@ def _ndarray_bytes(arr: Any) -> bytes | memoryview:
     return memoryview(np.ascontiguousarray(arr, dtype="<u4")).cast("B")
 
 
+#: Ends the hashed bytes of a partial chunk, before its padded token count.
+_PARTIAL_TAG = b"\0kvortex-partial\0"
+
+
 class ChunkHasher:
     """Cuts token ids into chunks and returns one prefix-chained key per chunk."""
 
@@ -142,14 +146,20 @@ class ChunkHasher:
         chunk_tokens: int,
         algorithm: str = "sha256",
         store_partial: bool = False,
+        block_size: int = 1,
     ) -> None:
         if chunk_tokens <= 0:
             raise ConfigError(f"chunk_tokens={chunk_tokens} must be a positive integer such as 256")
+        if block_size <= 0:
+            raise ConfigError(f"block_size={block_size} must be a positive integer such as 16")
         self._digest = digest_function(algorithm)
         ns = namespace.digest() if isinstance(namespace, KeyNamespace) else bytes(namespace)
         self.algorithm = algorithm
         self.chunk_tokens = chunk_tokens
         self.store_partial = store_partial
+        #: The engine's block size: a partial chunk's payload holds whole blocks
+        #: (``ceil(tokens / block_size) * block_size`` token rows), so its key names that count.
+        self.block_size = block_size
         self.seed = self._digest(b"kvortex-seed\0" + algorithm.encode() + b"\0" + ns)
 
     def num_chunks(self, n_tokens: int) -> int:
@@ -163,6 +173,10 @@ class ChunkHasher:
 
         ``prefix``/``start_chunk`` resume a chain: pass the key of chunk ``start_chunk - 1`` and
         only chunks from ``start_chunk`` on are hashed (for a request that grew).
+
+        A partial chunk's payload is laid out over its whole blocks, so its key also names their
+        token count: engines whose block sizes pad it differently never share it (one with
+        16-token blocks stores 20 tokens as 32 rows per layer, one with 64-token blocks as 64).
         """
         data = tokens_to_bytes(token_ids)
         step = self.chunk_tokens * 4
@@ -170,7 +184,11 @@ class ChunkHasher:
         digest, prev = self._digest, self.seed if prefix is None else prefix
         out: list[bytes] = []
         for i in range(start_chunk, n):
-            prev = digest(prev + data[i * step : (i + 1) * step])
+            part = data[i * step : (i + 1) * step]
+            if len(part) < step:  # the trailing partial chunk
+                rows = -(-(len(part) // 4) // self.block_size) * self.block_size
+                part = bytes(part) + _PARTIAL_TAG + rows.to_bytes(4, "little")
+            prev = digest(prev + part)
             out.append(prev)
         return out
 
