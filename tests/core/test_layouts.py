@@ -104,11 +104,45 @@ def test_dims_hint_for_custom_cross_layer_order() -> None:
         ([torch.zeros(2, B, N, H, D)], {"kind": "paged"}, "unknown"),
         ([torch.zeros(2, B, N, H, D)], {"dims": "KBNHQ"}, "does not describe"),
         ([torch.zeros(B, L, N, D)], {"dims": "BLND"}, "cannot have a layers dimension"),
+        ([torch.zeros(2, B, N, 0, D)], None, "dimension of size 0"),
+        ([torch.zeros(2, B, N, H, 0)], None, "dimension of size 0"),
+        ([torch.zeros(2, B, N, H, D, device="meta")], None, "device meta"),
+        ([torch.zeros(2, 1, N, H, D).expand(2, B, N, H, D)], None, "stride 0"),
+        ([torch.zeros(B, H, N, 2 * D + 1)], None, "is odd.*head_size_v"),
+        ([torch.zeros(2, B, N, H, D)], {"block_size": "sixteen"}, "block_size='sixteen' must be a positive"),
+        ([torch.zeros(2, B, N, H, D)], {"head_size": True}, "must be a positive integer"),
+        ([torch.zeros(2, B, N, H, D)], ["kind"], "hints must be a dict"),
+        ([torch.zeros(2, B, N, H, D)], {"layer_names": ["a"]}, "unknown layout hints"),
+        ([torch.zeros(3, B, N, H, D)], None, "neither FlashAttention.*nor FlashInfer"),
+        ([torch.zeros(1, B, N, H, D)], None, "neither FlashAttention.*nor FlashInfer"),
     ],
 )
 def test_bad_layouts_raise_clear_errors(caches: object, hints: dict | None, match: str) -> None:
     with pytest.raises(LayoutError, match=match):
         detect_layout(caches, hints)
+
+
+def test_one_tensor_registered_for_two_layers_is_refused() -> None:
+    t = torch.zeros(2, B, N, H, D)
+    with pytest.raises(LayoutError, match="layers 0 and 2 are the same memory"):
+        detect_layout([t, torch.zeros(2, B, N, H, D), t])
+
+
+def test_unified_odd_width_with_the_value_width_hint_is_accepted() -> None:
+    layout = detect_layout([torch.zeros(B, H, N, 2 * D + 1)], {"head_size_v": D})
+    assert (layout.kv_count, layout.head_size, layout.head_size_v) == (1, 2 * D + 1, D)
+
+
+def test_a_dict_of_layers_is_taken_in_layer_order_whatever_its_insertion_order() -> None:
+    """Names sorted as strings put layers.10 before layers.2: the numbers decide the order."""
+    names = [f"model.layers.{i}.self_attn.attn" for i in range(12)]
+    tensors = {name: torch.full((2, B, N, H, D), float(i)) for i, name in enumerate(names)}
+    for order in (sorted(names), names[::-1], names):
+        caches = {name: tensors[name] for name in order}
+        views = layer_views(caches, detect_layout(caches))
+        assert [int(v[0, 0, 0, 0, 0]) for v in views] == list(range(12))
+    odd = {"k": tensors[names[1]], "q": tensors[names[0]]}  # no numbers: the dict's own order
+    assert [int(v[0, 0, 0, 0, 0]) for v in layer_views(odd, detect_layout(odd))] == [1, 0]
 
 
 def test_inconsistent_strides_rejected() -> None:

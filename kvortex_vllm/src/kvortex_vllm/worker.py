@@ -29,7 +29,7 @@ import torch
 from kvortex_core.config import KVortexConfig
 from kvortex_core.control.keys import rank_keys
 from kvortex_core.control.stats import Stats
-from kvortex_core.data.layouts import KVLayout, detect_layout
+from kvortex_core.data.layouts import KVLayout, detect_layout, ordered_layers
 from kvortex_core.data.payload import HEADER_BYTES, check_identity, read_header, write_header
 from kvortex_core.data.pool import PinnedPool
 from kvortex_core.data.transfer import TransferEngine, TransferHandle
@@ -109,8 +109,9 @@ class WorkerSide:
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor] | Any, hints: dict[str, Any] | None = None) -> KVLayout:
         """Detect the layout, allocate this rank's pool and build the transfer engine."""
         if isinstance(kv_caches, dict):
-            self.layer_index = {name: i for i, name in enumerate(kv_caches)}
-            caches: Any = list(kv_caches.values())
+            ordered = ordered_layers(kv_caches)  # layer order, as KVortexEngine takes a dict
+            self.layer_index = {name: i for i, (name, _) in enumerate(ordered)}
+            caches: Any = [t for _, t in ordered]
         else:
             caches = kv_caches
         layout = detect_layout(caches, hints)

@@ -31,6 +31,8 @@ an unusual tensor), ``kv_count`` (1 for MLA under ``unified``), ``head_size_v``,
 
 from __future__ import annotations
 
+import numbers
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -54,7 +56,10 @@ KIND_DIMS: dict[str, str] = {
     "cross_layer_mla": "BLND",
 }
 _HINT_KEYS = frozenset({"kind", "dims", "kv_count", "head_size_v", "block_size", "num_kv_heads",
-                        "head_size", "layer_names"})
+                        "head_size"})
+_DIGITS = re.compile(r"\d+")
+#: Hints whose value is an integer.
+_INT_HINTS = ("kv_count", "head_size_v", "block_size", "num_kv_heads", "head_size")
 
 
 @dataclass(frozen=True)
@@ -152,7 +157,7 @@ def _as_tensor_list(kv_caches: Any) -> tuple[list[torch.Tensor], bool]:
     if isinstance(kv_caches, torch.Tensor):
         return [kv_caches], True
     if isinstance(kv_caches, Mapping):
-        tensors = list(kv_caches.values())
+        tensors = [t for _, t in ordered_layers(kv_caches)]
     elif isinstance(kv_caches, Sequence) and not isinstance(kv_caches, (str, bytes)):
         tensors = list(kv_caches)
     else:
@@ -168,8 +173,48 @@ def _as_tensor_list(kv_caches: Any) -> tuple[list[torch.Tensor], bool]:
     return tensors, False
 
 
+def ordered_layers(kv_caches: Mapping[Any, Any]) -> list[tuple[Any, Any]]:
+    """A name->tensor dict's layers in layer order: by the numbers in their names.
+
+    vLLM names layers ``model.layers.<i>.self_attn.attn`` and builds its dict in that order;
+    a dict built otherwise (sorted as strings: ``layers.10`` before ``layers.2``) must still
+    map the same tensor to the same layer, or a load writes one layer's KV into another's.
+    When some name holds no number, the dict's own order is kept.
+    """
+    items = list(kv_caches.items())
+    numbers = [tuple(int(x) for x in _DIGITS.findall(str(name))) for name, _ in items]
+    if not all(numbers):
+        return items
+    order = sorted(range(len(items)), key=lambda i: numbers[i])  # stable: equal numbers keep order
+    return [items[i] for i in order]
+
+
 def _check_consistent(tensors: list[torch.Tensor]) -> None:
     first = tensors[0]
+    if first.device.type not in ("cpu", "cuda"):
+        raise LayoutError(
+            f"KV tensors on device {first.device} cannot be transferred; register the engine's "
+            "CUDA (or CPU) KV cache tensors"
+        )
+    if any(n == 0 for n in first.shape):
+        raise LayoutError(
+            f"KV tensor shape {tuple(first.shape)} has a dimension of size 0; register the "
+            "allocated KV cache (every dimension at least 1)"
+        )
+    if any(st == 0 and n > 1 for st, n in zip(first.stride(), first.shape, strict=True)):
+        raise LayoutError(
+            f"KV tensor of shape {tuple(first.shape)} has stride 0 in some dimension "
+            f"(strides {first.stride()}: an expanded view, whose blocks share memory); "
+            "register the engine's real KV cache tensors"
+        )
+    seen: dict[int, int] = {}
+    for i, t in enumerate(tensors):
+        j = seen.setdefault(t.data_ptr(), i)
+        if j != i and t.shape == tensors[j].shape and t.stride() == tensors[j].stride():
+            raise LayoutError(
+                f"layers {j} and {i} are the same memory (one tensor registered twice); pass each "
+                "layer's own KV tensor"
+            )
     for i, t in enumerate(tensors[1:], start=1):
         if t.shape != first.shape or t.dtype != first.dtype or t.device != first.device:
             raise LayoutError(
@@ -215,6 +260,12 @@ def _guess_dims(shape: tuple[int, ...], single: bool, hints: Mapping[str, Any]) 
             return "flash_attn", KIND_DIMS["flash_attn"]
         if shape[1] == 2 and shape[0] != 2:
             return "flashinfer", KIND_DIMS["flashinfer"]
+        if 2 not in shape[:2]:
+            raise LayoutError(
+                f"per-layer KV shape {shape} has no key/value dimension of size 2 first or second: "
+                "it is neither FlashAttention (2, blocks, block_size, heads, head) nor FlashInfer "
+                "(blocks, 2, block_size, heads, head); pass hints={'dims': ...} naming each dimension"
+            )
         raise LayoutError(
             f"per-layer KV shape {shape} is ambiguous between FlashAttention (2, blocks, ...) and "
             "FlashInfer (blocks, 2, ...); pass hints={'kind': 'flash_attn'} or {'kind': 'flashinfer'}"
@@ -251,10 +302,7 @@ def _physical_order(t: torch.Tensor, dims: str) -> str:
 
 def detect_layout(kv_caches: Any, hints: Mapping[str, Any] | None = None) -> KVLayout:
     """Describe ``kv_caches`` (list / name->tensor dict / one cross-layer tensor) as a KVLayout."""
-    hints = dict(hints or {})
-    unknown = set(hints) - _HINT_KEYS
-    if unknown:
-        raise LayoutError(f"unknown layout hints {sorted(unknown)}; known hints: {sorted(_HINT_KEYS)}")
+    hints = _check_hints(hints)
     tensors, single = _as_tensor_list(kv_caches)
     _check_consistent(tensors)
     shape = tuple(tensors[0].shape)
@@ -286,6 +334,28 @@ def detect_layout(kv_caches: Any, hints: Mapping[str, Any] | None = None) -> KVL
     return layout
 
 
+def _check_hints(hints: Any) -> dict[str, Any]:
+    """``hints`` as a dict, every key known and every size a positive integer."""
+    if hints is None:
+        return {}
+    if not isinstance(hints, Mapping):
+        raise LayoutError(
+            f"hints must be a dict such as {{'kind': 'flash_attn'}}, got {type(hints).__name__} {hints!r}"
+        )
+    out = dict(hints)
+    unknown = set(out) - _HINT_KEYS
+    if unknown:
+        raise LayoutError(f"unknown layout hints {sorted(unknown)}; known hints: {sorted(_HINT_KEYS)}")
+    for name in _INT_HINTS:
+        if name not in out:
+            continue
+        value = out[name]
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise LayoutError(f"hint {name}={value!r} must be a positive integer (e.g. {name}=16)")
+        out[name] = int(value)
+    return out
+
+
 def _split_heads(size: dict[str, int], hints: Mapping[str, Any], shape: tuple[int, ...]) -> tuple[int, int, int | None]:
     """(kv_count, head_size, head_size_v) from the K/D/C dimensions and hints."""
     if "C" not in size:
@@ -297,6 +367,12 @@ def _split_heads(size: dict[str, int], hints: Mapping[str, Any], shape: tuple[in
     kv_count = int(hints.get("kv_count", 2))
     if kv_count == 1:
         return 1, c, None
+    if c % 2 and "head_size_v" not in hints:
+        raise LayoutError(
+            f"the last dimension {c} of shape {shape} (key and value concatenated) is odd: it "
+            "cannot hold two halves of one width. Pass hints={'head_size_v': <value width>} for "
+            "keys and values of different widths, or hints={'kv_count': 1} for MLA"
+        )
     hv = int(hints.get("head_size_v", c // 2))
     hk = c - hv
     if kv_count != 2 or hv <= 0 or hk <= 0:
