@@ -16,8 +16,8 @@ import pytest
 
 from kvortex_backends import disk_io
 from kvortex_backends.disk import DiskBackend
-from kvortex_core.data import payload as pl
 from kvortex_core.config import KVortexConfig
+from kvortex_core.data import payload as pl
 from kvortex_core.errors import BackendError, ConfigError, PayloadError
 from kvortex_core.storage.protocol import BackendContext
 from kvortex_core.testing import BackendConformance

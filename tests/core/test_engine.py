@@ -4,6 +4,7 @@ cross-layout loads, async handles, bad input, close."""
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -105,7 +106,7 @@ def test_partial_chunk_never_loads_into_an_engine_of_another_block_size(tmp_path
     tiers = {"cpu": {"type": "cpu", "capacity": "1MiB"},
              "disk": {"type": "disk", "capacity": "8MiB", "path": str(tmp_path), "write_through": True}}
     tokens = list(range(3, 3 + CHUNK + 20))
-    src, _, sblock = ks.flash_attn(L, B, N, H, D, torch.bfloat16, seed=3)
+    src, _, _ = ks.flash_attn(L, B, N, H, D, torch.bfloat16, seed=3)
     with KVortexEngine.create(_config(tiers=tiers, store_partial_chunks=True)) as a:
         a.register_kv_caches(src)
         assert a.save(tokens, list(range(6))) == CHUNK + 20
@@ -413,3 +414,115 @@ def test_saves_index_every_chunk_whatever_the_commit_group(monkeypatch: pytest.M
         assert engine.stats()["pool"]["used_slots"] == 5
         assert engine.load(tokens, list(range(40, 60))) == 5 * CHUNK
         assert _same_blocks(caches, block, list(range(20)), list(range(40, 60)))
+
+
+@pytest.mark.usefixtures("_split")
+@pytest.mark.parametrize("op", ["save", "load"])
+def test_a_bad_token_in_a_later_part_is_named_by_its_index_in_the_call(op: str) -> None:
+    engine, _, _ = _engine()
+    with engine:
+        tokens: list[Any] = list(range(6 * CHUNK))
+        engine.save(tokens[:CHUNK], list(range(4)))
+        bad = 4 * CHUNK + 5  # in the third part (chunks 3-5)
+        tokens[bad] = 2.5
+        with pytest.raises(KVortexError, match=rf"token_ids\[{bad}\] = 2.5 \(float\)"):
+            getattr(engine, op)(tokens, list(range(24)))
+        tokens[bad] = -3
+        with pytest.raises(KVortexError, match=rf"token_ids\[{bad}\] = -3 is not a token id"):
+            getattr(engine, op)(tokens, list(range(24)))
+        # a save keeps the chunks before the bad part (their keys depend only on their prefix)
+        stored = 3 if op == "save" else 1
+        assert engine.stats()["gauges"]["pool_used_slots"]["cpu"] == stored  # nothing reserved
+        assert engine.lookup(tokens[:bad]) == stored * CHUNK
+
+
+def test_save_counts_a_new_partial_chunk_by_its_tokens() -> None:
+    engine, _, _ = _engine(store_partial_chunks=True)
+    with engine:
+        base = list(range(CHUNK))
+        assert engine.save(base, list(range(4))) == CHUNK
+        assert engine.save(base + list(range(500, 520)), list(range(6))) == 20  # not 2 blocks (32)
+        assert engine.stats()["counters"]["engine_saved_tokens"][""] == CHUNK + 20
+
+
+@pytest.mark.parametrize("skip", [True, 16.0, None, "16", -1])
+def test_skip_tokens_must_be_a_non_negative_integer(skip: Any) -> None:
+    engine, caches, _ = _engine()
+    with engine:
+        tokens = list(range(2 * CHUNK))
+        engine.save(tokens, list(range(8)))
+        before = [c.clone() for c in caches]
+        with pytest.raises(KVortexError, match=rf"skip_tokens={skip!r} must be an integer >= 0"):
+            engine.load(tokens, list(range(40, 48)), skip_tokens=skip)
+        with pytest.raises(KVortexError, match="skip_tokens"):
+            engine.load_async(tokens, list(range(40, 48)), skip_tokens=skip)
+        assert all(torch.equal(a, b) for a, b in zip(before, caches, strict=True))
+
+
+def test_skip_tokens_from_numpy_or_a_tensor_counts_as_a_plain_int() -> None:
+    engine, _, _ = _engine()
+    with engine:
+        tokens = list(range(2 * CHUNK))
+        engine.save(tokens, list(range(8)))
+        for skip in (np.int64(N), torch.tensor(N)):
+            got = engine.load(tokens, list(range(40, 48)), skip_tokens=skip)
+            assert type(got) is int and got == 2 * CHUNK - N
+
+
+@pytest.mark.parametrize("as_array", [False, True])
+def test_load_refuses_a_block_id_given_twice_and_writes_nothing(as_array: bool) -> None:
+    engine, caches, _ = _engine()
+    with engine:
+        tokens = list(range(2 * CHUNK))
+        engine.save(tokens, list(range(8)))
+        dst = [40, 41, 42, 43, 44, 45, 46, 41]
+        before = [c.clone() for c in caches]
+        with pytest.raises(KVortexError, match=r"block_ids\[1\] and block_ids\[7\] are both block 41"):
+            engine.load(tokens, np.array(dst) if as_array else dst)
+        assert all(torch.equal(a, b) for a, b in zip(before, caches, strict=True))
+        assert engine._reg.tiers.cpu_index.open_pins() == []
+        assert engine.save(tokens + [1] * CHUNK, list(range(8)) + [3, 3, 3, 3]) == CHUNK  # reads may repeat
+
+
+def test_contains_refuses_what_is_not_a_sequence_of_keys() -> None:
+    engine, _, _ = _engine()
+    with engine:
+        keys = engine.keys(list(range(2 * CHUNK)))
+        engine.save(list(range(2 * CHUNK)), list(range(8)))
+        assert engine.contains(keys) == 0b11
+        with pytest.raises(KVortexError, match="got one bytes; pass \\[key\\]"):
+            engine.contains(keys[0])
+        with pytest.raises(KVortexError, match=r"keys\[1\] = 'abc' is a str"):
+            engine.contains([keys[0], "abc"])
+
+
+def test_a_save_that_skips_chunks_another_thread_is_saving_returns_once_they_are_indexed() -> None:
+    engine, _, _ = _engine()
+    with engine:
+        tiers = engine._reg.tiers
+        tokens, go = list(range(2 * CHUNK)), threading.Event()
+        commit = tiers.commit_save
+
+        def slow_commit(leases: Any) -> None:  # thread A's copies "take long"
+            go.wait(10)
+            commit(leases)
+
+        tiers.commit_save = slow_commit
+        a = threading.Thread(target=engine.save, args=(tokens, list(range(8))))
+        a.start()
+        while not tiers._saving:  # A reserved its chunks
+            time.sleep(0.001)
+        seen: list[int] = []
+
+        def save_b() -> None:
+            seen.append(engine.save(tokens, list(range(8, 16))))
+            seen.append(engine.lookup(tokens))
+
+        b = threading.Thread(target=save_b)
+        b.start()
+        time.sleep(0.2)
+        assert b.is_alive() and not seen, "B waits for A's chunks instead of returning at once"
+        go.set()
+        a.join(10)
+        b.join(10)
+        assert seen == [0, 2 * CHUNK], "B stored nothing itself, yet every chunk is visible when it returns"

@@ -16,12 +16,14 @@ are correct (a key depends only on its own prefix).
 from __future__ import annotations
 
 import logging
+import operator
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Self
 
 from kvortex_core.config import KVortexConfig
+from kvortex_core.control.keys import MAX_TOKEN_ID as _MAX_TOKEN
 from kvortex_core.errors import KVortexError, LayoutError
 
 if TYPE_CHECKING:
@@ -238,7 +240,18 @@ class KVortexEngine:
 
     def contains(self, keys: Sequence[bytes]) -> int:
         """Bitmask over ``keys`` (as returned by :meth:`keys`): bit i set when keys[i] is stored."""
+        if isinstance(keys, (bytes, bytearray, memoryview, str)):
+            raise KVortexError(
+                f"contains takes a sequence of keys, got one {type(keys).__name__}; pass [key] "
+                "(keys as returned by engine.keys(token_ids))"
+            )
         keys = list(keys)
+        for i, key in enumerate(keys):
+            if not isinstance(key, bytes):
+                raise KVortexError(
+                    f"keys[{i}] = {key!r} is a {type(key).__name__}, not a key; pass the bytes "
+                    "returned by engine.keys(token_ids)"
+                )
         reg = self._registered()
         return reg.tiers.contains(keys)
 
@@ -278,7 +291,8 @@ class KVortexEngine:
                     reg.tiers.abort_save(leases)
                     raise
                 started.append((handle, leases))
-                saved += sum(len(ids) for ids in per_chunk) * reg.layout.block_size
+                ct = self.config.chunk_tokens
+                saved += sum(min((lease.index + 1) * ct, tokens.n) - lease.index * ct for lease in leases)
             chain.upto(chain.n)  # every token and block id is checked, stored chunks or not
             blocks.check(blocks.need)
         except BaseException as exc:  # noqa: BLE001 - re-raised once enqueued parts are settled
@@ -292,7 +306,8 @@ class KVortexEngine:
         self._stats.inc(SAVE_CALLS)
         if error is not None:
             raise error
-        saved = min(saved, tokens.n)
+        # chunks skipped because another thread is saving them: visible when this returns too
+        reg.tiers.wait_saving(chain.upto(chain.n), self.config.timeouts.transfer_s)
         self._stats.inc(SAVED_TOKENS, saved)
         return saved
 
@@ -388,10 +403,9 @@ class KVortexEngine:
         """Pin (or fetch) the stored prefix and enqueue its transfer into ``block_ids``."""
 
         reg = self._registered()
+        skip_tokens = _skip(skip_tokens)
         tokens = _Tokens(token_ids)
-        blocks = _Blocks(block_ids, tokens.n, reg.layout)
-        if skip_tokens < 0:
-            raise KVortexError(f"skip_tokens={skip_tokens} must be >= 0")
+        blocks = _Blocks(block_ids, tokens.n, reg.layout, unique=True)
         ct = self.config.chunk_tokens
         chain = _KeyChain(reg.hasher, tokens, self.rank)
         first = min(skip_tokens // ct, chain.n)
@@ -439,6 +453,7 @@ class KVortexEngine:
         """Non-blocking :meth:`load`; read the blocks only after ``wait()`` returned."""
         tokens = _tokens(token_ids)
         blocks = block_ids.tolist() if hasattr(block_ids, "tolist") else list(block_ids)
+        skip_tokens = _skip(skip_tokens)
         self._check_open()
         return EngineHandle(self._executor.submit(self.load, tokens, blocks, skip_tokens=skip_tokens),
                             "load_async")
@@ -546,22 +561,25 @@ class _Tokens:
         try:
             ids.fromlist(self._list[lo:hi])
         except (TypeError, OverflowError):
-            return _tokens(self._list[lo:hi])  # raises or converts, as for other inputs
+            return _tokens(self._list[lo:hi], offset=lo)  # raises or converts, as for other inputs
         return ids
 
 
 class _Blocks:
     """Block ids, their count checked now and their values as parts need them."""
 
-    def __init__(self, block_ids: Any, n_tokens: int, layout: KVLayout) -> None:
+    def __init__(self, block_ids: Any, n_tokens: int, layout: KVLayout, *, unique: bool = False) -> None:
         self.need = -(-n_tokens // layout.block_size)
         self._layout, self._n_tokens, self._raw = layout, n_tokens, block_ids
+        #: A load writes every block: the same id twice would keep only one of two chunks' KV.
+        self._seen: set[int] | None = set() if unique else None
         if isinstance(block_ids, list) and len(block_ids) >= self.need:
             self.ids: list[int] = block_ids
             self._ok = 0
         else:  # arrays, tensors, short lists: converted (and any error raised) at once
             self.ids = _blocks(block_ids, n_tokens, layout)
-            self._ok = self.need
+            self._ok = 0
+            self.check(self.need)
 
     def check(self, end: int) -> None:
         """KVortexError unless ids ``[0, end)`` are ints inside the registered cache."""
@@ -578,10 +596,42 @@ class _Blocks:
             good = False
         if not good:
             _blocks(self._raw, self._n_tokens, self._layout)  # raises, naming the index and value
+        if self._seen is not None:
+            self._seen.update(part)
+            if len(self._seen) != end:
+                _duplicate(self.ids[:end])
         self._ok = end
 
 
-def _tokens(token_ids: Any) -> Any:
+def _duplicate(ids: Sequence[int]) -> None:
+    """Raise naming the first block id that ``ids`` holds twice."""
+    first: dict[int, int] = {}
+    for i, b in enumerate(ids):
+        j = first.setdefault(b, i)
+        if j != i:
+            raise KVortexError(
+                f"block_ids[{j}] and block_ids[{i}] are both block {b}: a load writes each block "
+                "once; pass the request's block table (distinct block ids)"
+            )
+
+
+def _skip(skip_tokens: Any) -> int:
+    """``skip_tokens`` as an int >= 0, else a KVortexError naming it."""
+    if not isinstance(skip_tokens, bool):
+        try:
+            value = operator.index(skip_tokens)
+        except TypeError:
+            pass
+        else:
+            if value >= 0:
+                return value
+    raise KVortexError(
+        f"skip_tokens={skip_tokens!r} must be an integer >= 0 (the leading tokens already in the "
+        "blocks, e.g. vLLM's num_computed_tokens)"
+    )
+
+
+def _tokens(token_ids: Any, offset: int = 0) -> Any:
     """A 1-D integer numpy array from a list, tuple, range, numpy array or tensor, else KVortexError."""
     import array
 
@@ -598,11 +648,19 @@ def _tokens(token_ids: Any) -> Any:
             return np.frombuffer(ids, dtype=np.uint32)
         except (TypeError, OverflowError):
             pass  # a non-int or out-of-range element: np.asarray below reports it
-    arr = _int_vector(token_ids, "token_ids", "pass one request's token ids")
+    arr = _int_vector(token_ids, "token_ids", "pass one request's token ids", offset)
+    if arr.size and arr.dtype != np.uint32:
+        bad = np.flatnonzero((arr < 0) | (arr > _MAX_TOKEN))
+        if bad.size:
+            i = int(bad[0])
+            raise KVortexError(
+                f"token_ids[{offset + i}] = {int(arr[i])} is not a token id in [0, {_MAX_TOKEN}]; "
+                "pass one request's token ids"
+            )
     return arr if arr.size else arr.astype(np.int64)
 
 
-def _int_vector(values: Any, name: str, hint: str) -> Any:
+def _int_vector(values: Any, name: str, hint: str, offset: int = 0) -> Any:
     """``values`` as a 1-D integer numpy array, else a KVortexError naming the first bad element."""
     import numbers
 
@@ -619,7 +677,8 @@ def _int_vector(values: Any, name: str, hint: str) -> Any:
         given = given if given is not None else arr.tolist()
         bad = next(((i, v) for i, v in enumerate(given)
                     if isinstance(v, bool) or not isinstance(v, numbers.Integral)), None)
-        what = f"{name}[{bad[0]}] = {bad[1]!r} ({type(bad[1]).__name__})" if bad else f"dtype {arr.dtype}"
+        what = (f"{name}[{offset + bad[0]}] = {bad[1]!r} ({type(bad[1]).__name__})" if bad
+                else f"dtype {arr.dtype}")
         raise KVortexError(f"{name} must hold integers, got {what}; {hint}")
     return arr
 

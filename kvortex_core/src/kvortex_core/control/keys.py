@@ -31,7 +31,8 @@ FORMAT_VERSION = 1
 #: Supported hash algorithms (the config field ``hash_algorithm`` accepts exactly these).
 ALGORITHMS = ("sha256", "blake3", "xxh3_128")
 
-_MAX_TOKEN = 0xFFFFFFFF
+#: Token ids are stored as uint32 in the hashed bytes.
+MAX_TOKEN_ID = _MAX_TOKEN = 0xFFFFFFFF
 _Digest = Callable[[bytes], bytes]
 
 

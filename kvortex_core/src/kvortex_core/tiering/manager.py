@@ -116,6 +116,9 @@ class TierManager(SaveMixin, LoadMixin):
         self.loop = LoopThread()
         self._lock = threading.RLock()
         self._saving: set[bytes] = set()
+        #: Notified when keys leave ``_saving`` while someone waits (see ``wait_saving``).
+        self._saved = threading.Condition(self._lock)
+        self._saving_waiters = 0
         self._demoting = 0
         self._demoting_lock = threading.Lock()
         self._checksum_log = Throttle(10.0)

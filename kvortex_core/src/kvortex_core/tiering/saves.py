@@ -29,6 +29,8 @@ class SaveMixin(TierState):
     """begin/commit/abort_save, write-behind to lower tiers, demotion on eviction."""
 
     _saving: set[bytes]
+    _saved: threading.Condition
+    _saving_waiters: int
     _demoting: int  # cpu slots held by demotions in flight
     _demoting_lock: threading.Lock
 
@@ -103,8 +105,7 @@ class SaveMixin(TierState):
             try:
                 self._commit_one(lease)
             finally:
-                with self._lock:
-                    self._saving.discard(lease.key)
+                self._done_saving(lease.key)
 
     def _commit_one(self, lease: SaveLease) -> None:
         total = pl.HEADER_BYTES + self.payload_bytes
@@ -182,8 +183,28 @@ class SaveMixin(TierState):
                 continue
             lease.done = True
             self.pool.free(lease.slot)
-            with self._lock:
-                self._saving.discard(lease.key)
+            self._done_saving(lease.key)
+
+    def _done_saving(self, key: bytes) -> None:
+        with self._lock:
+            self._saving.discard(key)
+            if self._saving_waiters:
+                self._saved.notify_all()
+
+    def wait_saving(self, keys: Sequence[bytes], timeout: float) -> bool:
+        """Wait until no save in progress (another caller's) holds any of ``keys``.
+
+        A save skips chunks another thread is saving; it waits here so that when it returns,
+        every chunk of its prompt is indexed (or that other save failed). False on timeout.
+        """
+        with self._lock:
+            if not self._saving or self._saving.isdisjoint(keys):
+                return True
+            self._saving_waiters += 1
+            try:
+                return self._saved.wait_for(lambda: self._saving.isdisjoint(keys), timeout)
+            finally:
+                self._saving_waiters -= 1
 
     # -- eviction and demotion -------------------------------------------------------------
     def _on_cpu_evict(self, victims: list[IndexEntry]) -> None:
