@@ -526,3 +526,35 @@ def test_a_save_that_skips_chunks_another_thread_is_saving_returns_once_they_are
         a.join(10)
         b.join(10)
         assert seen == [0, 2 * CHUNK], "B stored nothing itself, yet every chunk is visible when it returns"
+
+
+def test_wait_layer_refuses_a_layer_outside_the_registered_ones() -> None:
+    engine, caches, block = _engine()
+    with engine:
+        tokens = list(range(CHUNK))
+        engine.save(tokens, list(range(4)))
+        with engine.load_layerwise(tokens, list(range(40, 44))) as pending:
+            for layer in (-1, L, L + 5, True, 0.0):
+                with pytest.raises(KVortexError, match=rf"layer must be an int in \[0, {L}\)"):
+                    pending.wait_layer(layer)  # type: ignore[arg-type]
+            for layer in range(L):
+                pending.wait_layer(layer)
+        assert _same_blocks(caches, block, list(range(4)), list(range(40, 44)))
+
+
+@pytest.mark.parametrize(
+    ("blocks", "match"),
+    [
+        (None, "1-D sequence of ints .* got NoneType"),
+        ("abcd", "got str"),
+        ({0: 1}, "got dict"),
+        ((i for i in range(4)), "got generator"),
+        ([0, 1, 2**70, 3], r"block_ids\[2\] = 1180591620717411303424 is out of range"),
+    ],
+)
+def test_block_ids_that_are_no_sequence_of_ints_are_named(blocks: Any, match: str) -> None:
+    engine, _, _ = _engine()
+    with engine:
+        with pytest.raises(KVortexError, match=match):
+            engine.save(list(range(CHUNK)), blocks)
+        assert engine.lookup(list(range(CHUNK))) == 0

@@ -82,14 +82,20 @@ class LayerwiseLoad:
     the object as a context manager) once the forward pass is done.
     """
 
-    def __init__(self, tokens: int, handles: list[Any], release: Any, timeout: float) -> None:
+    def __init__(self, tokens: int, handles: list[Any], release: Any, timeout: float, num_layers: int) -> None:
         self.tokens = tokens
+        self.num_layers = num_layers
         self._handles = handles  # one per pipelined part (one for a layer-wise load)
         self._release = release
         self._timeout = timeout
         self._finished = not handles
 
     def wait_layer(self, layer: int) -> None:
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.num_layers:
+            raise KVortexError(
+                f"wait_layer({layer!r}): layer must be an int in [0, {self.num_layers}) (the "
+                "registered layers, in forward order)"
+            )
         for handle in self._handles:
             handle.wait_layer(layer)
 
@@ -441,13 +447,13 @@ class KVortexEngine:
                 reg.tiers.end_load(pinned)
             raise
         if not pinned:
-            return LayerwiseLoad(0, [], lambda: None, 0.0)
+            return LayerwiseLoad(0, [], lambda: None, 0.0, reg.layout.num_layers)
         loaded = max(0, min((first + len(pinned)) * ct, tokens.n) - skip_tokens)
         self._stats.inc(LOADED_TOKENS, loaded)
         # Every load crosses the cpu tier (lower-tier chunks are promoted into a slot first).
         self._stats.record_loaded(len(pinned) * reg.tiers.payload_bytes, reg.tiers.cpu_name)
         return LayerwiseLoad(loaded, handles, lambda: reg.tiers.end_load(pinned),
-                             self.config.timeouts.transfer_s)
+                             self.config.timeouts.transfer_s, reg.layout.num_layers)
 
     def load_async(self, token_ids: Any, block_ids: Sequence[int], *, skip_tokens: int = 0) -> EngineHandle:
         """Non-blocking :meth:`load`; read the blocks only after ``wait()`` returned."""
@@ -666,12 +672,22 @@ def _int_vector(values: Any, name: str, hint: str, offset: int = 0) -> Any:
 
     import numpy as np
 
+    if values is None or isinstance(values, (str, bytes, dict)) or not hasattr(values, "__len__"):
+        raise KVortexError(
+            f"{name} must be a 1-D sequence of ints (list, tuple, numpy array or tensor), got "
+            f"{type(values).__name__}; {hint}"
+        )
     try:
         arr = np.asarray(values)
     except (TypeError, ValueError) as exc:
         raise KVortexError(f"{name} must be a 1-D sequence of ints: {exc}") from None
     if arr.ndim != 1:
         raise KVortexError(f"{name} must be 1-D, got shape {arr.shape}; {hint}")
+    if arr.dtype == object and values is not None:  # ints beyond 64 bits, or mixed objects
+        big = next(((i, v) for i, v in enumerate(arr.tolist())
+                    if isinstance(v, int) and not isinstance(v, bool) and not -2**63 <= v < 2**64), None)
+        if big is not None:
+            raise KVortexError(f"{name}[{offset + big[0]}] = {big[1]} is out of range; {hint}")
     given = values if isinstance(values, (list, tuple)) else None
     if arr.size and (arr.dtype.kind not in "iu" or (given is not None and bool in set(map(type, given)))):
         given = given if given is not None else arr.tolist()
