@@ -558,3 +558,9 @@ def test_block_ids_that_are_no_sequence_of_ints_are_named(blocks: Any, match: st
         with pytest.raises(KVortexError, match=match):
             engine.save(list(range(CHUNK)), blocks)
         assert engine.lookup(list(range(CHUNK))) == 0
+
+
+def test_registering_another_layout_names_what_changed() -> None:
+    engine, _, _ = _engine()
+    with engine, pytest.raises(LayoutError, match=rf"another layout \(num_blocks {B} -> {B + 1}\)"):
+        engine.register_kv_caches([torch.zeros(2, B + 1, N, H, D, dtype=torch.bfloat16) for _ in range(L)])

@@ -159,3 +159,11 @@ def test_check_block_ids() -> None:
         layout.check_block_ids([1, B])
     with pytest.raises(LayoutError, match="block id -1"):
         layout.check_block_ids([-1])
+
+
+def test_a_kind_hint_that_contradicts_the_dims_hint_is_refused() -> None:
+    caches = [torch.zeros(2, B, N, H, D)]
+    with pytest.raises(LayoutError, match="kind='mla' does not match dims='KBNHD'"):
+        detect_layout(caches, {"dims": "KBNHD", "kind": "mla"})
+    assert detect_layout(caches, {"dims": "KBNHD", "kind": "flash_attn"}).kind == "flash_attn"
+    assert detect_layout(caches, {"dims": "KBNHD"}).kind == "custom"

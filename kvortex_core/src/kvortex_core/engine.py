@@ -15,6 +15,7 @@ are correct (a key depends only on its own prefix).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import operator
 import threading
@@ -184,9 +185,11 @@ class KVortexEngine:
             self._check_open()
             if self._reg is not None:
                 if self._reg.layout != layout:
+                    was, now = dataclasses.asdict(self._reg.layout), dataclasses.asdict(layout)
+                    diff = ", ".join(f"{k} {was[k]!s} -> {now[k]!s}" for k in was if was[k] != now[k])
                     raise LayoutError(
-                        f"register_kv_caches was already called with layout {self._reg.layout}; "
-                        f"got {layout}. Close this engine and create a new one for another model"
+                        f"register_kv_caches was already called with another layout ({diff}); "
+                        "close this engine and create a new one for another model or cache layout"
                     )
                 old = self._reg.transfer
                 self._reg.transfer = self._transfer(kv_caches, layout)

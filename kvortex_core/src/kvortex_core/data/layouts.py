@@ -238,7 +238,13 @@ def _guess_dims(shape: tuple[int, ...], single: bool, hints: Mapping[str, Any]) 
     """(kind, dims) from hints or the tensor rank; ambiguous shapes ask for a hint."""
     if "dims" in hints:
         dims = str(hints["dims"]).upper()
-        return str(hints.get("kind", "custom")), dims
+        kind = str(hints.get("kind", "custom"))
+        if kind != "custom" and (kind not in KIND_DIMS or set(KIND_DIMS[kind]) != set(dims)):
+            raise LayoutError(
+                f"hint kind={kind!r} does not match dims={dims!r} (a {kind} layout has dims "
+                f"{KIND_DIMS.get(kind, '?')!r}, in any order); drop the kind hint or fix it"
+            )
+        return kind, dims
     if "kind" in hints:
         kind = str(hints["kind"])
         if kind not in KIND_DIMS:
