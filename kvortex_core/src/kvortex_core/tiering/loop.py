@@ -12,6 +12,7 @@ import atexit
 import concurrent.futures
 import logging
 import threading
+import time
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
@@ -91,9 +92,10 @@ class LoopThread:
             self.loop.call_soon_threadsafe(fn, *args)
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Cancel what is left, stop the loop and join the thread."""
+        """Cancel what is left, stop the loop and join the thread (within ``timeout`` in all)."""
         if self.loop.is_closed():
             return
+        deadline = time.monotonic() + timeout
 
         async def _cancel_all() -> None:
             tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
@@ -106,7 +108,7 @@ class LoopThread:
         except (TimeoutError, KVortexError):
             log.warning("tiering loop: tasks still running at stop")
         self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(timeout)
+        self._thread.join(max(deadline - time.monotonic(), 0.05))
         if not self._thread.is_alive():
             self.loop.close()
             _live.discard(self)

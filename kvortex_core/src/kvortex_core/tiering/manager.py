@@ -20,6 +20,7 @@ import asyncio
 import logging
 import math
 import threading
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -358,10 +359,18 @@ class TierManager(SaveMixin, LoadMixin):
         return True
 
     def close(self) -> None:
-        """Drain write-behind (bounded by ``timeouts.close_s``), close backends, free the pool."""
+        """Drain write-behind (bounded by ``timeouts.close_s``), close backends, free the pool.
+
+        Closing the backends and stopping the loop share one more ``close_s``: a backend that
+        hangs (or blocks the loop) costs that once, not once per tier and again at the stop.
+        """
         if self._closed:
             return
         drained = self.drain()
+        deadline = time.monotonic() + self.config.timeouts.close_s
+
+        def left() -> float:
+            return max(deadline - time.monotonic(), 0.05)
         self._closed = True
         if not drained:
             event(
@@ -372,13 +381,13 @@ class TierManager(SaveMixin, LoadMixin):
             )
         for tier in self.tiers:
             try:
-                self.loop.run(tier.backend.close(), self.config.timeouts.close_s)
+                self.loop.run(tier.backend.close(), left())
             except Exception as exc:  # noqa: BLE001 - closing must finish
                 event(log, logging.WARNING, "tier_close_failed", tier=tier.name, error=str(exc))
             tier.index.close()
             self.stats.unregister_gauge(TIER_IN_SERVICE, tier.name)
             self.stats.unregister_gauge(BREAKER_STATE, tier.name)
-        self.loop.stop(self.config.timeouts.close_s)
+        self.loop.stop(left())
         # Backends are closed and the loop is stopped: no late read can land in these now.
         self.pool.free_many(self._quarantined)
         self._quarantined.clear()
