@@ -18,7 +18,7 @@ GOOD = """
 chunk_tokens: 128
 tiers:
   hot:
-    type: memory
+    type: cpu
     capacity: 1GiB
 """
 BAD = GOOD.replace("chunk_tokens: 128", "chunk_tokenz: 128")
@@ -108,7 +108,7 @@ def test_config_validate_good_file(runner: CliRunner, tmp_path: Path) -> None:
     result = runner.invoke(app, ["config", "validate", str(yaml_file(tmp_path, GOOD))])
     assert result.exit_code == 0, result.stderr
     assert "valid" in result.stdout
-    assert "chunk_tokens=128" in result.stdout and "hot (memory, 1 GiB)" in result.stdout
+    assert "chunk_tokens=128" in result.stdout and "hot (cpu, 1 GiB)" in result.stdout
 
 
 def test_config_validate_bad_file(runner: CliRunner, tmp_path: Path) -> None:

@@ -34,7 +34,7 @@ BASE = """
 chunk_tokens: 128
 tiers:
   hot:
-    type: memory
+    type: cpu
     capacity: 1GiB
 eviction:
   policy: lru
@@ -68,14 +68,14 @@ def test_defaults() -> None:
     ],
 )
 def test_capacity_accepts_human_units(text: str, expected: int) -> None:
-    config = KVortexConfig(tiers={"hot": {"type": "memory", "capacity": text}})
+    config = KVortexConfig(tiers={"hot": {"type": "cpu", "capacity": text}})
     assert config.tiers["hot"].capacity == expected
 
 
 def test_tier_order_is_kept_and_options_are_split() -> None:
     config = KVortexConfig(
         tiers={
-            "hot": {"type": "memory", "capacity": "1GiB"},
+            "hot": {"type": "cpu", "capacity": "1GiB"},
             "warm": {"type": "disk", "capacity": "10GiB", "path": "/tmp/kv", "fsync": False},
         }
     )
@@ -111,14 +111,14 @@ def test_env_overrides_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     config = KVortexConfig.load(write_yaml(tmp_path, BASE))
     assert config.chunk_tokens == 512
     assert config.tiers["hot"].capacity == 2 * GiB
-    assert config.tiers["hot"].type == "memory"  # nested env merges into the YAML tier
+    assert config.tiers["hot"].type == "cpu"  # nested env merges into the YAML tier
     assert config.eviction.policy == "s3fifo"
 
 
 def test_env_alone_overrides_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KVORTEX_CHUNK_TOKENS", "512")
     monkeypatch.setenv("KVORTEX_EVICTION__HIGH_WATERMARK", "0.9")
-    monkeypatch.setenv("KVORTEX_TIERS", '{"hot": {"type": "memory", "capacity": "3GiB"}}')
+    monkeypatch.setenv("KVORTEX_TIERS", '{"hot": {"type": "cpu", "capacity": "3GiB"}}')
     config = KVortexConfig()
     assert config.chunk_tokens == 512
     assert config.eviction.high_watermark == 0.9
@@ -148,7 +148,7 @@ def test_arguments_override_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     )
     assert config.chunk_tokens == 1024
     assert config.tiers["hot"].capacity == 4 * GiB
-    assert config.tiers["hot"].type == "memory"  # from YAML, under both
+    assert config.tiers["hot"].type == "cpu"  # from YAML, under both
     assert config.eviction.policy == "prefix-lru"
     assert config.eviction.high_watermark == 0.9  # env still applies where arguments are silent
 
@@ -238,7 +238,7 @@ def test_negative_size_from_argument(tmp_path: Path) -> None:
 
 
 def test_unknown_backend_type(tmp_path: Path) -> None:
-    message = load_error(tmp_path, BASE.replace("type: memory", "type: memroy"))
+    message = load_error(tmp_path, BASE.replace("type: cpu", "type: memroy"))
     assert "tiers.hot.type = 'memroy'" in message
     assert "unknown backend type 'memroy'" in message
     assert "memory" in message.split("registered backends:")[1]  # what would be valid
@@ -258,9 +258,9 @@ class NeedsSdkPlugin:
 
 def test_missing_optional_dependency_gives_install_line(tmp_path: Path) -> None:
     ok = KVortexConfig.load(write_yaml(tmp_path, BASE), plugins=[NeedsSdkPlugin()])
-    assert ok.tiers["hot"].type == "memory"  # registered but unused: no error
+    assert ok.tiers["hot"].type == "cpu"  # registered but unused: no error
     message = load_error(
-        tmp_path, BASE.replace("type: memory", "type: needs-sdk"), plugins=[NeedsSdkPlugin()]
+        tmp_path, BASE.replace("type: cpu", "type: needs-sdk"), plugins=[NeedsSdkPlugin()]
     )
     assert "tiers.hot.type = 'needs-sdk'" in message
     assert "kvortex_no_such_sdk_module" in message
@@ -315,7 +315,7 @@ class CustomPlugin:
 
 
 def test_load_checks_types_against_given_plugins() -> None:
-    tiers = {"t": {"type": "custom", "capacity": "1MiB"}}
+    tiers = {"cpu": {"type": "cpu", "capacity": "1MiB"}, "t": {"type": "custom", "capacity": "1MiB"}}
     with pytest.raises(ConfigError, match="unknown backend type 'custom'"):
         KVortexConfig(tiers=tiers)
     config = KVortexConfig.load(plugins=[CustomPlugin()], tiers=tiers)
@@ -336,7 +336,7 @@ def test_provenance_names_every_source(tmp_path: Path, monkeypatch: pytest.Monke
     assert rows["tiers.hot.capacity"] == (2 * GiB, Source("env", "KVORTEX_TIERS__HOT__CAPACITY"))
     assert rows["eviction.policy"] == ("s3fifo", Source("env", "KVORTEX_EVICTION__POLICY"))
     assert rows["chunk_tokens"] == (128, Source("yaml", str(path)))
-    assert rows["tiers.hot.type"] == ("memory", Source("yaml", str(path)))
+    assert rows["tiers.hot.type"] == ("cpu", Source("yaml", str(path)))
     assert rows["eviction.high_watermark"] == (0.8, Source("default"))
     assert rows["tiers.hot.write_through"] == (False, Source("default"))
     assert str(rows["tiers.hot.capacity"][1]) == "env KVORTEX_TIERS__HOT__CAPACITY"
@@ -345,7 +345,9 @@ def test_provenance_names_every_source(tmp_path: Path, monkeypatch: pytest.Monke
 
 def test_provenance_of_json_env_and_backend_options(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(
-        "KVORTEX_TIERS", '{"cold": {"type": "disk", "capacity": "1GiB", "path": "/tmp/k"}}'
+        "KVORTEX_TIERS",
+        '{"cpu": {"type": "cpu", "capacity": "1GiB"}, '
+        '"cold": {"type": "disk", "capacity": "1GiB", "path": "/tmp/k"}}',
     )
     rows = provenance(KVortexConfig())
     assert rows["tiers.cold.path"] == ("/tmp/k", Source("env", "KVORTEX_TIERS"))

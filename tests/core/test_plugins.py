@@ -192,7 +192,8 @@ def test_core_and_registration_need_no_optional_dependency() -> None:
         from kvortex_core.plugins import PluginManager
         backends = PluginManager().backends()
         assert {"memory", "cpu", "disk"} <= set(backends), backends
-        KVortexConfig(tiers={"m": {"type": "memory", "capacity": "1MiB"}})
+        KVortexConfig(tiers={"cpu": {"type": "cpu", "capacity": "1MiB"},
+                             "m": {"type": "memory", "capacity": "1MiB"}})
         print("ok")
     """)
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("KVORTEX_")}

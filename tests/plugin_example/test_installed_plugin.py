@@ -98,13 +98,21 @@ def test_disabling_autoload_hides_it(
     assert explicit["example"].distribution is None  # registered in code, not by a package
 
 
+#: The first tier must be a cpu tier; the plugin's tiers go below it.
+CPU = {"cpu": {"type": "cpu", "capacity": "1MiB"}}
+
+
 def test_config_validates_its_options(site_dir: Path, clean_env: None) -> None:
-    config = KVortexConfig(tiers={"t": {"type": "example", "capacity": "1MiB", "key_prefix": "a/"}})
+    config = KVortexConfig(
+        tiers={**CPU, "t": {"type": "example", "capacity": "1MiB", "key_prefix": "a/"}}
+    )
     options = backend_options(config, "t", PluginManager())
     assert type(options).__name__ == "ExampleOptions"
     assert options.key_prefix == "a/"  # type: ignore[attr-defined]
     with pytest.raises(ConfigError) as err:
-        KVortexConfig(tiers={"t": {"type": "example", "capacity": "1MiB", "key_prefx": "a/"}})
+        KVortexConfig(
+            tiers={**CPU, "t": {"type": "example", "capacity": "1MiB", "key_prefx": "a/"}}
+        )
     message = str(err.value)
     assert "tiers.t.key_prefx = 'a/'" in message
     assert "did you mean 'key_prefix'" in message
@@ -114,10 +122,10 @@ def test_config_validates_its_options(site_dir: Path, clean_env: None) -> None:
 
 def test_missing_dependency_fails_only_when_configured(site_dir: Path, clean_env: None) -> None:
     KVortexConfig(
-        tiers={"t": {"type": "example", "capacity": "1MiB"}}
+        tiers={**CPU, "t": {"type": "example", "capacity": "1MiB"}}
     )  # registered, not used: fine
     with pytest.raises(ConfigError) as err:
-        KVortexConfig(tiers={"far": {"type": "example-remote", "capacity": "1MiB"}})
+        KVortexConfig(tiers={**CPU, "far": {"type": "example-remote", "capacity": "1MiB"}})
     message = str(err.value)
     assert "kvortex_example_missing_sdk" in message
     assert 'pip install "kvortex-example-backend[remote]"' in message

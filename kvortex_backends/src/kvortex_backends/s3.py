@@ -16,10 +16,9 @@ docs/shared-tiers.md for the trade-offs. ``capacity`` is this instance's budget,
 
 from __future__ import annotations
 
-import re
-
 import asyncio
 import contextlib
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor

@@ -14,7 +14,7 @@ from pydantic import ByteSize
 from rich.table import Table
 
 from kvortex_core.cli.output import console, exits_on_error, human_bytes, parse_assignments
-from kvortex_core.config.messages import MASK, SECRET_NAME
+from kvortex_core.config.messages import masked
 
 app = typer.Typer(
     help="Show where each setting comes from, or check a YAML file.", no_args_is_help=True
@@ -31,9 +31,8 @@ SetOption = Annotated[
 
 
 def _masked(path: str, value: Any) -> Any:
-    """Credentials (redis password, S3 secret, ...) are never printed."""
-    leaf = path.rsplit(".", 1)[-1]
-    return MASK if value not in (None, "") and SECRET_NAME.search(leaf) else value
+    """Credentials (redis password, S3 secret, a URL's password) are never printed."""
+    return masked(path.rsplit(".", 1)[-1], value)
 
 
 def _shown(value: Any) -> str:

@@ -9,6 +9,7 @@ raw ``copy_`` of the same bytes on the same device, measured in the same run.
 
 from __future__ import annotations
 
+import re
 import time
 import warnings
 from collections.abc import Callable
@@ -73,14 +74,45 @@ class DemoResult:
 
 
 def pick_device(requested: str) -> str:
-    """``auto`` -> ``cuda`` when a GPU is present, else ``cpu``."""
+    """``auto`` -> ``cuda`` when a GPU is present, else ``cpu``; ``cpu``, ``cuda``, ``cuda:N``.
+
+    Anything else is a usage error (exit status 2), checked before torch sees it.
+    """
     import torch
 
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested.startswith("cuda") and not torch.cuda.is_available():
+    if requested == "cpu":
+        return requested
+    cuda = re.fullmatch(r"cuda(?::(\d+))?", requested)
+    if cuda is None:
+        raise typer.BadParameter(
+            f"--device {requested}: not a device the demo runs on; use auto, cpu, cuda or cuda:N"
+        )
+    if not torch.cuda.is_available():
         raise typer.BadParameter(f"--device {requested}: no CUDA device here; use cpu or auto")
+    count = torch.cuda.device_count()
+    if cuda[1] is not None and int(cuda[1]) >= count:
+        raise typer.BadParameter(
+            f"--device {requested}: this machine has {count} CUDA device(s), "
+            f"cuda:0 to cuda:{count - 1}"
+        )
     return requested
+
+
+def check_tokens(config: KVortexConfig, shape: DemoShape) -> None:
+    """Fewer tokens than one chunk store nothing: say so up front (exit status 2)."""
+    if shape.prompt_tokens >= config.chunk_tokens or config.store_partial_chunks:
+        return
+    from kvortex_core.config.provenance import provenance
+
+    source = provenance(config)["chunk_tokens"][1]
+    raise fail(
+        f"--tokens {shape.prompt_tokens} is fewer than one chunk (chunk_tokens = "
+        f"{config.chunk_tokens}, from {source}): nothing would be stored, so nothing could be "
+        f"loaded; use --tokens >= {config.chunk_tokens}, or a smaller chunk_tokens (YAML "
+        "'chunk_tokens', env KVORTEX_CHUNK_TOKENS)"
+    )
 
 
 def demo_config(config_file: Path | None, shape: DemoShape, itemsize: int) -> KVortexConfig:
@@ -262,12 +294,18 @@ def _report(result: DemoResult, shape: DemoShape, warmup: bool) -> None:
         ("load bandwidth", f"{gbps(result.load_s):.2f} GB/s"),
         ("raw copy_ bandwidth (same bytes)", f"{gbps(result.raw_copy_s):.2f} GB/s"),
         ("load / raw ratio", f"{result.raw_copy_s / result.load_s:.2f}" if result.load_s else "-"),
-        ("loaded bytes equal saved bytes", "[green]yes[/green]" if result.ok else "[red]NO[/red]"),
+        ("loaded bytes equal saved bytes", _equal_cell(result)),
     ]
     rows[3:3] = _stats_rows(result.stats)
     for name, value in rows:
         table.add_row(name, value)
     console.print(table)
+
+
+def _equal_cell(result: DemoResult) -> str:
+    if result.mismatches:
+        return "[red]NO[/red]"
+    return "[green]yes[/green]" if result.loaded_tokens else "[red]- (nothing loaded)[/red]"
 
 
 def _stats_rows(stats: Any) -> list[tuple[str, str]]:
@@ -321,6 +359,7 @@ def demo(
     shape = DemoShape(layers, kv_heads, head_size, block_size, prompts, tokens)
     chosen = pick_device(device)
     config = demo_config(config_file, shape, 4 if dtype == "float32" else 2)
+    check_tokens(config, shape)
     console.print(
         f"KVortex demo: device [bold]{chosen}[/bold], tiers "
         + ", ".join(
@@ -332,9 +371,12 @@ def demo(
         warnings.filterwarnings("ignore", message="CUDA is not available")
         result = run_demo(config, shape, chosen, dtype, progress, warmup)
     _report(result, shape, warmup)
+    if result.mismatches:
+        raise fail("demo FAILED: loaded KV differs from the saved KV", EXIT_FAILED)
     if not result.ok:
         raise fail(
-            "demo FAILED: loaded KV differs from the saved KV (or nothing was loaded)", EXIT_FAILED
+            "demo FAILED: nothing was loaded back (no whole chunk of any prompt was found)",
+            EXIT_FAILED,
         )
 
 

@@ -4,12 +4,14 @@ Reads ``--url`` (else ``http://metrics.host:metrics.port/metrics`` from the conf
 parses the text exposition format with prometheus_client's parser and shows the hit rate and,
 per tier, usage against capacity, bytes saved and loaded (with rates between refreshes),
 evictions, errors and the circuit breaker's state. ``--once`` prints one table and exits.
+Pinned-pool allocation failures are pool pressure, not errors: they are counted apart.
 """
 
 from __future__ import annotations
 
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from typing import Annotated, Any
@@ -20,6 +22,23 @@ PREFIX = "kvortex_"
 #: ``breaker_state`` gauge values, as the tiering records them.
 BREAKER_STATES = {0: "closed", 1: "open", 2: "half-open"}
 _ERROR_WORDS = ("error", "failure", "timeout")
+#: Counted apart from errors: the pinned pool was full for a moment (pressure, not a fault).
+_PRESSURE = "alloc_failures"
+#: Table columns: header (two short lines at most, so an 80-column terminal shows them whole).
+_COLUMNS = (
+    "tier",
+    "used",
+    "capacity",
+    "use %",
+    "chunks",
+    "saved",
+    "loaded",
+    "save\nMB/s",
+    "load\nMB/s",
+    "evicted",
+    "errors",
+    "breaker",
+)
 _SUMMED = {
     "bytes_saved": "bytes_saved",
     "tier_bytes_written": "bytes_saved",
@@ -39,6 +58,7 @@ class TierView:
     bytes_loaded: float = 0.0
     evictions: float = 0.0
     errors: float = 0.0
+    alloc_failures: float = 0.0
     hit_chunks: float = 0.0
     breaker: str = "-"
 
@@ -52,17 +72,23 @@ class MetricsView:
     lookup_tokens: float = 0.0
     hit_tokens: float = 0.0
     errors: float = 0.0
+    alloc_failures: float = 0.0
     tiers: dict[str, TierView] = field(default_factory=dict)
+    families: int = 0  # kvortex_* metric families seen
 
 
 def parse_metrics(text: str) -> MetricsView:
-    """Reduce a Prometheus text scrape to a :class:`MetricsView` (unknown names are ignored)."""
+    """Reduce a Prometheus text scrape to a :class:`MetricsView` (unknown names are ignored).
+
+    Raises ValueError when ``text`` is not in the Prometheus text format.
+    """
     from prometheus_client.parser import text_string_to_metric_families
 
     view = MetricsView()
     for family in text_string_to_metric_families(text):
         if not family.name.startswith(PREFIX):
             continue
+        view.families += 1
         name = family.name[len(PREFIX) :]
         for sample in family.samples:
             if family.type == "counter" and not sample.name.endswith("_total"):
@@ -78,6 +104,11 @@ def _apply(view: MetricsView, name: str, tier: str, value: float) -> None:
         "lookup_tokens": "lookup_tokens",
         "hit_tokens": "hit_tokens",
     }
+    if name == _PRESSURE:
+        view.alloc_failures += value
+        if tier:
+            view.tiers.setdefault(tier, TierView()).alloc_failures += value
+        return
     if not tier:
         if name in engine_wide:
             setattr(view, engine_wide[name], value)
@@ -96,61 +127,121 @@ def _apply(view: MetricsView, name: str, tier: str, value: float) -> None:
         view.errors += value
 
 
+def check_url(url: str) -> str:
+    """``url`` when it is an http(s) URL with a host, else a usage error (exit status 2)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise typer.BadParameter(
+            f"{url!r} is not an http:// or https:// URL with a host; use e.g. "
+            "http://127.0.0.1:9400/metrics",
+            param_hint="--url",
+        )
+    return url
+
+
 def fetch(url: str, timeout: float = 5.0) -> str:
     """GET ``url``; a clear :class:`KVortexError` when nothing answers there."""
     from kvortex_core.errors import KVortexError
 
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:
-            return resp.read().decode()
-    except (urllib.error.URLError, OSError) as exc:
+            return resp.read().decode("utf-8", errors="replace")
+    except (urllib.error.URLError, OSError, ValueError) as exc:
         raise KVortexError(
             f"cannot read metrics from {url}: {exc}; is KVortex running with metrics enabled "
             "(KVORTEX_METRICS__ENABLED=true, KVORTEX_METRICS__PORT)? pass --url to point elsewhere"
         ) from None
 
 
-def render(view: MetricsView, previous: MetricsView | None = None, elapsed_s: float = 0.0) -> Any:
-    """The rich table of one scrape; with ``previous``, load/save rates in MB/s."""
-    from rich.table import Table
+def scrape(url: str) -> MetricsView:
+    """Fetch and parse ``url``; a :class:`KVortexError` when it is not a KVortex metrics page."""
+    from kvortex_core.errors import KVortexError
 
+    text = fetch(url)
+    try:
+        view = parse_metrics(text)
+    except ValueError as exc:
+        raise KVortexError(
+            f"{url} answered, but not in the Prometheus text format ({exc}); point --url at "
+            "the metrics endpoint, e.g. http://HOST:PORT/metrics"
+        ) from None
+    if view.families == 0:
+        raise KVortexError(
+            f"{url} answered, but with no kvortex_* metrics; point --url at the metrics "
+            "endpoint of a KVortex instance (KVORTEX_METRICS__ENABLED=true) or of vLLM"
+        )
+    return view
+
+
+def render(view: MetricsView, previous: MetricsView | None = None, elapsed_s: float = 0.0) -> Any:
+    """The rich view of one scrape; with ``previous``, load/save rates in MB/s.
+
+    One table when the terminal is wide enough, else two narrower ones (tiers and traffic),
+    so that no header is cut to "sa…" on an 80-column terminal.
+    """
     title = (
         f"KVortex  hit rate {view.hit_rate:.1%}  lookups {view.lookups:,.0f}  "
         f"hit tokens {view.hit_tokens:,.0f}/{view.lookup_tokens:,.0f}  errors {view.errors:,.0f}"
     )
-    table = Table(title=title)
-    for col in (
-        "tier",
-        "used",
-        "capacity",
-        "usage",
-        "chunks",
-        "saved",
-        "loaded",
-        "save MB/s",
-        "load MB/s",
-        "evictions",
-        "errors",
-        "breaker",
-    ):
-        table.add_column(col, justify="left" if col in ("tier", "breaker") else "right")
+    if view.alloc_failures:
+        title += f"  pinned-pool alloc failures {view.alloc_failures:,.0f} (pressure)"
+    cells: dict[str, dict[str, str]] = {}
     for name, t in view.tiers.items():
         before = previous.tiers.get(name) if previous else None
-        table.add_row(
-            name,
-            _bytes(t.used_bytes),
-            _bytes(t.capacity_bytes),
-            f"{t.used_bytes / t.capacity_bytes:.1%}" if t.capacity_bytes else "-",
-            f"{t.entries:,.0f}",
-            _bytes(t.bytes_saved),
-            _bytes(t.bytes_loaded),
-            _rate(t.bytes_saved, before.bytes_saved if before else None, elapsed_s),
-            _rate(t.bytes_loaded, before.bytes_loaded if before else None, elapsed_s),
-            f"{t.evictions:,.0f}",
-            f"{t.errors:,.0f}",
-            t.breaker,
-        )
-    return table
+        cells[name] = {
+            "tier": name,
+            "used": _bytes(t.used_bytes),
+            "capacity": _bytes(t.capacity_bytes),
+            "use %": f"{t.used_bytes / t.capacity_bytes:.1%}" if t.capacity_bytes else "-",
+            "chunks": f"{t.entries:,.0f}",
+            "saved": _bytes(t.bytes_saved),
+            "loaded": _bytes(t.bytes_loaded),
+            "save\nMB/s": _rate(t.bytes_saved, before.bytes_saved if before else None, elapsed_s),
+            "load\nMB/s": _rate(t.bytes_loaded, before.bytes_loaded if before else None, elapsed_s),
+            "evicted": f"{t.evictions:,.0f}",
+            "errors": f"{t.errors:,.0f}",
+            "breaker": t.breaker,
+        }
+    return _StatsView(title, cells)
+
+
+#: The two narrower tables used when the full one does not fit the terminal.
+_NARROW = (
+    ("tier", "used", "capacity", "use %", "evicted", "errors", "breaker"),
+    ("tier", "chunks", "saved", "loaded", "save\nMB/s", "load\nMB/s"),
+)
+
+
+@dataclass
+class _StatsView:
+    """Picks the layout from the width rich offers when it is printed."""
+
+    title: str
+    cells: dict[str, dict[str, str]]
+
+    def table(self, columns: tuple[str, ...], title: str | None) -> Any:
+        from rich.table import Table
+
+        table = Table(title=title, padding=(0, 1))
+        for col in columns:
+            table.add_column(
+                col,
+                justify="left" if col in ("tier", "breaker") else "right",
+                min_width=max(len(word) for word in col.split()),
+                overflow="fold",
+            )
+        for row in self.cells.values():
+            table.add_row(*(row[col] for col in columns))
+        return table
+
+    def __rich_console__(self, console: Any, options: Any) -> Any:
+        wide = self.table(_COLUMNS, self.title)
+        natural = console.measure(wide, options=options.update_width(10_000)).maximum
+        if natural <= options.max_width:
+            yield wide
+            return
+        yield self.table(_NARROW[0], self.title)
+        yield self.table(_NARROW[1], None)
 
 
 def _bytes(n: float) -> str:
@@ -194,17 +285,17 @@ def stats_cmd(
 
     from kvortex_core.errors import KVortexError
 
-    url = url or default_url()
+    url = check_url(url) if url else default_url()
     console = Console()
     try:
-        view, t_prev = parse_metrics(fetch(url)), time.monotonic()
+        view, t_prev = scrape(url), time.monotonic()
         if once:
             console.print(render(view))
             return
         with Live(render(view), console=console, refresh_per_second=4) as live:
             while True:
                 time.sleep(interval)
-                new, now = parse_metrics(fetch(url)), time.monotonic()
+                new, now = scrape(url), time.monotonic()
                 live.update(render(new, view, now - t_prev))
                 view, t_prev = new, now
     except KVortexError as exc:

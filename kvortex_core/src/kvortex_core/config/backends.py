@@ -8,7 +8,13 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from kvortex_core.config.messages import HEADLINE, did_you_mean, shown_value, where
+from kvortex_core.config.messages import (
+    HEADLINE,
+    did_you_mean,
+    redact_urls,
+    shown_value,
+    where,
+)
 from kvortex_core.errors import ConfigError, PluginError
 
 if TYPE_CHECKING:
@@ -18,6 +24,25 @@ if TYPE_CHECKING:
 
 #: Keys every tier accepts besides its backend's options (see ``TierConfig``).
 _COMMON_KEYS = ("type", "capacity", "write_through")
+#: The type the first tier must have: saves land there, in pinned host memory (TierManager).
+FIRST_TIER_TYPE = "cpu"
+
+
+def first_tier_problem(tiers: Mapping[str, TierConfig], config_file: Path | None) -> str | None:
+    """The message entry when the first (hottest) tier is not a cpu tier, else None."""
+    if not tiers:
+        return None
+    name, tc = next(iter(tiers.items()))
+    if tc.type == FIRST_TIER_TYPE:
+        return None
+    loc = ("tiers", name, "type")
+    return (
+        f"  tiers.{name}.type = {tc.type!r}: the first tier must have type "
+        f"{FIRST_TIER_TYPE!r} (pinned host memory, where every save lands)\n"
+        f"    set it through {where(loc, config_file)}\n"
+        f"    fix: put a cpu tier first, e.g. tiers: {{cpu: {{type: cpu, capacity: 8GiB}}, "
+        f"{name}: ...}}"
+    )
 
 
 def validate_tier_options(
@@ -31,7 +56,8 @@ def validate_tier_options(
     from kvortex_core.plugins.manager import PluginManager
 
     manager = manager or PluginManager()
-    problems: list[str] = []
+    first = first_tier_problem(tiers, config_file)
+    problems: list[str] = [first] if first else []
     for tier, tc in tiers.items():
         loc = ("tiers", tier, "type")
         try:
@@ -45,7 +71,8 @@ def validate_tier_options(
             continue
         problems.extend(_option_problems(tier, tc.type, tc.options, info.cls.Options, config_file))
     if problems:
-        raise ConfigError(HEADLINE + "\n" + "\n".join(problems))
+        # Backends' own messages may quote a URL they were given: never its password.
+        raise ConfigError(redact_urls(HEADLINE + "\n" + "\n".join(problems)))
 
 
 def _option_problems(

@@ -23,6 +23,32 @@ SECRET_NAME = re.compile(
     r"(^|_)(password|passwd|secret|token|credentials?|access_key|private_key)(_|$)", re.IGNORECASE
 )
 MASK = "********"
+#: ``scheme://user:password@`` in any text: the password part is masked wherever shown.
+URL_USERINFO = re.compile(
+    r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s'\"]*):(?P<pw>[^@/\s'\"]+)@"
+)
+
+
+def redact_urls(text: str) -> str:
+    """``redis://user:hunter2@h:6379`` -> ``redis://user:********@h:6379``, anywhere in ``text``."""
+    return URL_USERINFO.sub(lambda m: f"{m['head']}:{MASK}@", text)
+
+
+def masked(name: str, value: Any) -> Any:
+    """``value`` as it may be shown: credentials by ``name`` masked, URL passwords redacted.
+
+    Recurses into mappings (their keys are names too) and lists; a model is left to its own
+    ``repr`` (a tier named ``secret`` is not a credential); other values are unchanged.
+    """
+    if isinstance(value, Mapping):
+        return {k: masked(str(k), v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(masked(name, v) for v in value)
+    if isinstance(value, BaseModel):
+        return value
+    if value not in (None, "") and name and SECRET_NAME.search(name):
+        return MASK
+    return redact_urls(value) if isinstance(value, str) else value
 
 
 def shown_value(loc: tuple[Any, ...], value: Any, candidates: list[str] | None = None) -> str:
@@ -34,7 +60,7 @@ def shown_value(loc: tuple[Any, ...], value: Any, candidates: list[str] | None =
     names = [name, closest(name, candidates)] if candidates else [name]
     if value not in (None, "") and any(n and SECRET_NAME.search(n) for n in names):
         return repr(MASK)
-    return repr(value)
+    return redact_urls(repr(masked("", value)))
 
 
 def yaml_path(loc: tuple[Any, ...]) -> str:
@@ -141,4 +167,5 @@ def format_validation_error(
         hint = _hint(err)
         if hint and hint not in msg:
             lines.append(f"    fix: {hint}")
-    return "\n".join(lines)
+    # A backend's own message may quote a URL it was given: no password leaves this function.
+    return redact_urls("\n".join(lines))

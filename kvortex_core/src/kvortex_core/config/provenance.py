@@ -2,11 +2,15 @@
 
 Provenance is computed separately from loading: each source is read again on its own and
 flattened to dotted paths, then every leaf of the effective configuration is attributed to the
-highest-priority source that sets it (the same order the loader merges them in).
+highest-priority source that sets it (the same order the loader merges them in). A variable
+holding a whole section as JSON (``KVORTEX_TIERS='{...}'``) is credited with the leaves its
+JSON sets, not with everything under the section; ``tiers.X.options.K`` counts as
+``tiers.X.K``, as the loader merges it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -45,15 +49,43 @@ def flatten(data: Mapping[str, Any], prefix: Path_ = ()) -> dict[Path_, Any]:
     return out
 
 
+def flat_options_path(path: Path_) -> Path_:
+    """``tiers.disk.options.path`` -> ``tiers.disk.path`` (the loader flattens ``options:``)."""
+    if len(path) >= 4 and path[0] == "tiers" and path[2] == "options":
+        return (*path[:2], *path[3:])
+    return path
+
+
 def env_paths(environ: Mapping[str, str] | None = None) -> dict[Path_, str]:
-    """Each ``KVORTEX_*`` configuration variable as its lowercase path -> variable name."""
+    """The lowercase path each ``KVORTEX_*`` configuration variable sets -> variable name.
+
+    A JSON object in a section variable sets the leaves it names; where two variables set the
+    same path, the more nested one wins (as when the environment is loaded).
+    """
+    from kvortex_core.config.sources import section_fields
+
     environ = os.environ if environ is None else environ
-    out: dict[Path_, str] = {}
+    sections = section_fields(KVortexConfig)
+    found: list[tuple[Path_, str]] = []
     for name in environ:
         upper = name.upper()
         if upper.startswith(ENV_PREFIX) and upper not in RESERVED_ENV:
-            out[tuple(upper[len(ENV_PREFIX) :].lower().split("__"))] = name
+            found.append((tuple(upper[len(ENV_PREFIX) :].lower().split("__")), name))
+    out: dict[Path_, str] = {}
+    for path, name in sorted(found, key=lambda item: len(item[0])):
+        value = _json_object(environ[name]) if path[0] in sections else None
+        paths = [(*path, *sub) for sub in flatten(value)] if value else [path]
+        for p in paths:
+            out[flat_options_path(tuple(part.lower() for part in p))] = name
     return out
+
+
+def _json_object(raw: str) -> dict[str, Any] | None:
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 @dataclass(frozen=True)
@@ -74,9 +106,9 @@ class SourceMaps:
 
         yaml_data = read_yaml(config_file) if config_file is not None else {}
         return cls(
-            arguments=frozenset(flatten(dict(overrides or {}))),
+            arguments=frozenset(map(flat_options_path, flatten(dict(overrides or {})))),
             env=env_paths(),
-            yaml=frozenset(flatten(yaml_data)),
+            yaml=frozenset(map(flat_options_path, flatten(yaml_data))),
             config_file=config_file,
         )
 

@@ -9,7 +9,9 @@ boundary (see :mod:`kvortex_core.config.messages`).
 from __future__ import annotations
 
 import contextvars
+import math
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -22,8 +24,14 @@ from pydantic import (
     PrivateAttr,
     ValidationError,
     field_validator,
+    model_validator,
 )
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 from kvortex_core.errors import ConfigError
 
@@ -46,12 +54,54 @@ _plugins: contextvars.ContextVar[PluginManager | None] = contextvars.ContextVar(
     "kvortex_config_plugins", default=None
 )
 
+# The tier names each settings source lists, highest priority first, recorded while one
+# instance loads: merging the sources alone would order tiers by the lowest source naming them.
+_tier_orders: contextvars.ContextVar[list[list[str]] | None] = contextvars.ContextVar(
+    "kvortex_tier_orders", default=None
+)
+
 HashAlgorithm = Literal["sha256", "blake3", "xxh3_128"]
 EvictionPolicy = Literal["lru", "prefix-lru", "s3fifo"]
 
 
+#: A number without a unit (``"4096"``, ``"1e9"``): a byte count.
+_UNITLESS = re.compile(r"[+-]?(\d[\d_]*(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
+
+
+def check_size(value: Any, example: str = "8GiB") -> Any:
+    """Before ``ByteSize``: a number without a unit is a whole byte count, never a bool.
+
+    ``ByteSize`` alone reads ``True`` as 1 byte and truncates ``"1.5"`` to 1 byte (while it
+    rejects ``1.5``); here both spellings of a number behave the same, and a fractional byte
+    count or a negative size is an error that says so.
+    """
+    if isinstance(value, bool):
+        # ValueError, not TypeError: pydantic turns only ValueError into a validation error.
+        raise ValueError(f"{value} is not a size; use a size such as {example!r}")  # noqa: TRY004
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("-"):
+            raise ValueError(f"a size cannot be negative; use a positive size such as {example!r}")
+        if not _UNITLESS.fullmatch(text):
+            return value  # has a unit: ByteSize parses it
+        value = float(text) if any(c in text for c in ".eE") else int(text)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"a size must be finite; use a size such as {example!r}")
+        if not value.is_integer():
+            raise ValueError(
+                f"a number without a unit is a byte count, and {value:g} is not a whole number "
+                f"of bytes; add a unit, e.g. '{value:g}GiB' or '{value:g}MiB'"
+            )
+        value = int(value)
+    if isinstance(value, int) and value < 0:
+        raise ValueError(f"a size cannot be negative; use a positive size such as {example!r}")
+    return value
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: a timeout or ratio of inf/nan is a typo, never a setting.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class EvictionConfig(_Section):
@@ -78,6 +128,11 @@ class TransferConfig(_Section):
     gather: Literal["auto", "strided", "rows", "layers"] = Field(
         "auto", description="how blocks are gathered on the GPU: auto picks per layout (docs/engine.md)"
     )
+
+    @field_validator("staging_bytes", mode="before")
+    @classmethod
+    def _size(cls, v: Any) -> Any:
+        return check_size(v, "64MiB")
 
     @field_validator("staging_bytes")
     @classmethod
@@ -128,6 +183,28 @@ class TierConfig(BaseModel):
         False, description="write every save here too, not only on demotion"
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_options(cls, data: Any) -> Any:
+        # Settings sources are flattened one by one before they merge (so precedence works
+        # whatever the spelling); this covers a TierConfig built directly.
+        from kvortex_core.config.sources import options_conflicts, without_options
+
+        if isinstance(data, dict) and isinstance(data.get("options"), dict):
+            clash = options_conflicts(data)
+            if clash:
+                raise ValueError(
+                    f"{clash[0]!r} is given twice, as {clash[0]!r} and as 'options.{clash[0]}'; "
+                    "give it once"
+                )
+            return without_options(data)
+        return data
+
+    @field_validator("capacity", mode="before")
+    @classmethod
+    def _capacity_size(cls, v: Any) -> Any:
+        return check_size(v)
+
     @field_validator("capacity")
     @classmethod
     def _capacity_positive(cls, v: ByteSize) -> ByteSize:
@@ -135,14 +212,16 @@ class TierConfig(BaseModel):
             raise ValueError("capacity must be a positive size such as '8GiB' or '512MiB'")
         return v
 
+    def __repr_args__(self) -> Any:
+        from kvortex_core.config.messages import masked
+
+        for name, value in super().__repr_args__():
+            yield name, masked(name or "", value)
+
     @property
     def options(self) -> dict[str, Any]:
         """The backend-specific options (everything but the common keys)."""
-        extra = dict(self.model_extra or {})
-        nested = extra.pop("options", None)
-        if isinstance(nested, dict):
-            extra = {**nested, **extra}
-        return extra
+        return dict(self.model_extra or {})
 
 
 def _default_tiers() -> dict[str, TierConfig]:
@@ -187,14 +266,29 @@ class KVortexConfig(BaseSettings):
 
     def __init__(self, **values: Any) -> None:
         source_file = config_file_path()
+        orders_token = _tier_orders.set([])
         try:
             super().__init__(**values)
         except ValidationError as exc:
             from kvortex_core.config.messages import format_validation_error
 
             raise ConfigError(format_validation_error(exc, source_file, values)) from None
+        except SettingsError as exc:  # StrictEnvCheck catches the usual cases first
+            raise ConfigError(
+                f"{exc}: check the KVORTEX_* environment variables; a whole section is a JSON "
+                "object, e.g. KVORTEX_TIERS='{\"cpu\": {\"type\": \"cpu\", \"capacity\": "
+                "\"8GiB\"}}', one value is KVORTEX_SECTION__KEY=value"
+            ) from None
+        finally:
+            _tier_orders.reset(orders_token)
         self._source_file = source_file
         self._arguments = values
+
+    def __repr_args__(self) -> Any:
+        from kvortex_core.config.messages import masked
+
+        for name, value in super().__repr_args__():
+            yield name, masked(name or "", value)
 
     @property
     def source_file(self) -> Path | None:
@@ -213,6 +307,8 @@ class KVortexConfig(BaseSettings):
         # leaves out of a tier named like a default one come from that default.
         if not isinstance(v, dict):
             return v
+        _check_tier_names(v)
+        v = {name: v[name] for name in tier_order(_tier_orders.get() or [], list(v))}
         defaults = {name: tc.model_dump() for name, tc in _default_tiers().items()}
         return {
             name: {**defaults[name], **entry}
@@ -244,12 +340,12 @@ class KVortexConfig(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        from kvortex_core.config.sources import StrictEnvCheck, YamlFileSource
+        from kvortex_core.config.sources import FlatTierOptions, StrictEnvCheck, YamlFileSource
 
         return (
-            init_settings,
+            FlatTierOptions(init_settings, "argument"),
             StrictEnvCheck(settings_cls),
-            env_settings,
+            FlatTierOptions(env_settings, "env"),
             YamlFileSource(settings_cls),
         )
 
@@ -282,12 +378,59 @@ class KVortexConfig(BaseSettings):
         return list(self.tiers)
 
 
+_KIND = {int: "a number, not", float: "a number, not", bool: "a boolean (YAML yes/no), not"}
+
+
+def note_tier_order(data: Any) -> None:
+    """Record the tier names one source lists (sources call this in priority order)."""
+    orders = _tier_orders.get()
+    if orders is not None and isinstance(data, dict) and isinstance(data.get("tiers"), dict):
+        orders.append([name for name in data["tiers"] if isinstance(name, str)])
+
+
+def tier_order(orders: list[list[str]], names: list[str]) -> list[str]:
+    """The order of the merged ``names``: that of the source listing the most tiers.
+
+    The source that lists the whole tier stack decides the order (on a tie, the higher
+    priority one), whatever other sources merely adjust one tier's key
+    (``KVORTEX_TIERS__DISK__PATH``); tiers it does not list follow, highest source first.
+    """
+    out: list[str] = []
+    for order in sorted(orders, key=len, reverse=True) + [names]:  # stable: ties keep priority
+        out.extend(n for n in order if n in names and n not in out)
+    return out
+
+
+def _check_tier_names(tiers: dict[Any, Any]) -> None:
+    """A tier name is a string: YAML reads ``1:`` as a number and ``yes:`` as a bool."""
+    from kvortex_core.config.messages import HEADLINE, where
+
+    bad = [name for name in tiers if not isinstance(name, str)]
+    if bad:
+        raise ConfigError(
+            HEADLINE
+            + "\n"
+            + "\n".join(
+                f"  tiers.{name}: the tier name {name!r} is {_KIND.get(type(name), 'not')} a "
+                f"string\n    set it through {where(('tiers', str(name)), config_file_path())}\n"
+                f"    fix: quote it in YAML ('{name}': {{type: ..., capacity: ...}}) or use a "
+                "word such as disk"
+                for name in bad
+            )
+        )
+
+
 def _as_manager(plugins: PluginManager | Iterable[object] | None) -> PluginManager | None:
     from kvortex_core.plugins.manager import PluginManager
 
     if plugins is None or isinstance(plugins, PluginManager):
         return plugins
     return PluginManager(plugins)
+
+
+def config_file_from_env() -> bool:
+    """Whether the YAML file in effect was named by ``KVORTEX_CONFIG_FILE`` (not by ``load``)."""
+    return _config_file.get() is None and bool(os.environ.get(CONFIG_FILE_ENV))
 
 
 def config_file_path() -> Path | None:

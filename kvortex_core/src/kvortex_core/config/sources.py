@@ -1,7 +1,10 @@
-"""Settings sources: the YAML file and a strict check of ``KVORTEX_*`` environment names."""
+"""Settings sources: the YAML file, a strict check of ``KVORTEX_*`` variables, and the
+flattening of each tier's ``options:`` mapping (per source, before the sources merge).
+"""
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -11,16 +14,27 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
 from kvortex_core.errors import ConfigError
 
+#: Keys of a tier itself: never backend options, so never under ``options:``.
+TIER_KEYS = ("type", "capacity", "write_through")
 
-def read_yaml(path: os.PathLike[str] | str) -> dict[str, Any]:
-    """Parse a KVortex YAML file into a mapping, or raise a ConfigError naming the problem."""
+
+def read_yaml(path: os.PathLike[str] | str, *, from_env: bool = False) -> dict[str, Any]:
+    """Parse a KVortex YAML file into a mapping, or raise a ConfigError naming the problem.
+
+    ``from_env``: the path came from ``KVORTEX_CONFIG_FILE`` (the fix then names it).
+    """
     from kvortex_core.config.settings import CONFIG_FILE_ENV
 
     try:
         text = open(path, encoding="utf-8").read()  # noqa: SIM115 - tiny file, read once
     except FileNotFoundError:
+        fix = f"fix the path or unset {CONFIG_FILE_ENV}" if from_env else "fix the path"
+        named = f" (named by {CONFIG_FILE_ENV})" if from_env else ""
+        raise ConfigError(f"config file {str(path)!r}{named} does not exist; {fix}") from None
+    except UnicodeDecodeError as exc:
         raise ConfigError(
-            f"config file {str(path)!r} does not exist; fix the path or unset {CONFIG_FILE_ENV}"
+            f"config file {str(path)!r} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} "
+            f"at offset {exc.start}); save it as UTF-8"
         ) from None
     except OSError as exc:
         raise ConfigError(f"config file {str(path)!r} cannot be read: {exc.strerror}") from None
@@ -38,6 +52,62 @@ def read_yaml(path: os.PathLike[str] | str) -> dict[str, Any]:
     return data
 
 
+def options_conflicts(tier: dict[str, Any]) -> list[str]:
+    """Keys a tier gives both directly and under ``options:``."""
+    nested = tier.get("options")
+    return [k for k in nested if k in tier] if isinstance(nested, dict) else []
+
+
+def without_options(tier: dict[str, Any]) -> dict[str, Any]:
+    """``{path: a, options: {fsync: b}}`` -> ``{path: a, fsync: b}`` (no conflicts assumed)."""
+    flat = {k: v for k, v in tier.items() if k != "options"}
+    return {**flat, **tier["options"]}
+
+
+def flat_tier_options(data: dict[str, Any], origin: str) -> dict[str, Any]:
+    """One source's values with each tier's ``options:`` spelt as flat keys.
+
+    Done per source, before the sources merge, so that a higher source overrides a lower one
+    whichever spelling each uses. A key given both ways within ``origin`` (one source) is an
+    error naming both spellings; so is a tier key (``capacity``) under ``options:``.
+    """
+    from kvortex_core.config.messages import HEADLINE, env_name, shown_value, where
+    from kvortex_core.config.settings import config_file_path, note_tier_order
+
+    note_tier_order(data)
+    tiers = data.get("tiers")
+    if not isinstance(tiers, dict):
+        return data
+    problems: list[str] = []
+    out: dict[Any, Any] = {}
+    for name, tier in tiers.items():
+        if not (isinstance(tier, dict) and isinstance(tier.get("options"), dict)):
+            out[name] = tier
+            continue
+        for key in options_conflicts(tier):
+            flat, nested = ("tiers", name, key), ("tiers", name, "options", key)
+            problems.append(
+                f"  tiers.{name}.{key} = {shown_value(flat, tier[key])} and "
+                f"tiers.{name}.options.{key} = {shown_value(flat, tier['options'][key])} "
+                f"(both from {origin}): the same option is given twice\n"
+                f"    set it through {where(flat, config_file_path())}\n"
+                f"    fix: give it once: drop 'tiers.{name}.options.{key}' "
+                f"({env_name(nested)}) or 'tiers.{name}.{key}' ({env_name(flat)})"
+            )
+        for key in (k for k in tier["options"] if k in TIER_KEYS):
+            loc = ("tiers", name, key)
+            problems.append(
+                f"  tiers.{name}.options.{key} (from {origin}): {key!r} is a key of the tier, "
+                "not a backend option\n"
+                f"    set it through {where(loc, config_file_path())}\n"
+                f"    fix: move it out of 'options:' to 'tiers.{name}.{key}'"
+            )
+        out[name] = without_options(tier)
+    if problems:
+        raise ConfigError(HEADLINE + "\n" + "\n".join(problems))
+    return {**data, "tiers": out}
+
+
 class YamlFileSource(PydanticBaseSettingsSource):
     """Values from the YAML file named by ``load(config_file=...)`` or ``KVORTEX_CONFIG_FILE``."""
 
@@ -45,10 +115,36 @@ class YamlFileSource(PydanticBaseSettingsSource):
         raise NotImplementedError  # __call__ returns the whole mapping at once
 
     def __call__(self) -> dict[str, Any]:
-        from kvortex_core.config.settings import config_file_path
+        from kvortex_core.config.settings import config_file_from_env, config_file_path
 
         path = config_file_path()
-        return read_yaml(path) if path is not None else {}
+        if path is None:
+            return {}
+        return flat_tier_options(read_yaml(path, from_env=config_file_from_env()), f"YAML {path}")
+
+
+class FlatTierOptions(PydanticBaseSettingsSource):
+    """Another source (keyword arguments, environment) with tier options spelt flat."""
+
+    def __init__(self, inner: PydanticBaseSettingsSource, origin: str) -> None:
+        super().__init__(inner.settings_cls)
+        self.inner = inner
+        self.origin = origin
+        self.__name__ = type(inner).__name__  # pydantic-settings keys its per-source data by it
+
+    def _set_current_state(self, state: dict[str, Any]) -> None:
+        super()._set_current_state(state)
+        self.inner._set_current_state(state)
+
+    def _set_settings_sources_data(self, states: dict[str, dict[str, Any]]) -> None:
+        super()._set_settings_sources_data(states)
+        self.inner._set_settings_sources_data(states)
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        raise NotImplementedError
+
+    def __call__(self) -> dict[str, Any]:
+        return flat_tier_options(self.inner(), self.origin)
 
 
 class StrictEnvCheck(PydanticBaseSettingsSource):
@@ -65,14 +161,60 @@ class StrictEnvCheck(PydanticBaseSettingsSource):
             upper = name.upper()
             if not upper.startswith(ENV_PREFIX) or upper in RESERVED_ENV:
                 continue
-            head = upper[len(ENV_PREFIX) :].split("__", 1)[0].lower()
+            head, _, rest = upper[len(ENV_PREFIX) :].lower().partition("__")
             if head not in fields:
                 valid = ", ".join(f"{ENV_PREFIX}{f.upper()}" for f in sorted(fields))
                 raise ConfigError(
                     f"environment variable {name} names no KVortex setting ({head!r} is unknown); "
                     f"valid names: {valid}, plus {', '.join(sorted(RESERVED_ENV))}"
                 )
+            if not rest and head in section_fields(self.settings_cls):
+                _check_json_section(name, head, os.environ[name], self.settings_cls)
         return {}
+
+
+def section_fields(settings_cls: type[BaseSettings]) -> set[str]:
+    """Top-level fields an env variable sets as a whole JSON object (tiers, eviction, ...)."""
+    from pydantic import BaseModel
+
+    out = set()
+    for name, field in settings_cls.model_fields.items():
+        ann = field.annotation
+        if getattr(ann, "__origin__", None) is dict or (
+            isinstance(ann, type) and issubclass(ann, BaseModel)
+        ):
+            out.add(name)
+    return out
+
+
+def _check_json_section(name: str, field: str, raw: str, settings_cls: type[BaseSettings]) -> None:
+    """``KVORTEX_TIERS='not json'``: a ConfigError naming the variable and the two fixes."""
+    from pydantic import BaseModel
+
+    from kvortex_core.config.messages import redact_urls
+
+    try:
+        value = json.loads(raw)
+    except ValueError as exc:
+        problem = f"is not valid JSON ({exc})"
+    else:
+        if isinstance(value, dict):
+            return
+        problem = f"is JSON {type(value).__name__}, not an object"
+    ann = settings_cls.model_fields[field].annotation
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        key = next(iter(ann.model_fields))
+        example = json.dumps({key: ann.model_fields[key].default})
+        one = f"{name}__{key.upper()}=..."
+    else:
+        example = '{"cpu": {"type": "cpu", "capacity": "8GiB"}}'
+        one = f"{name}__CPU__CAPACITY=8GiB"
+    shown = redact_urls(raw if len(raw) <= 60 else raw[:57] + "...")
+    raise ConfigError(
+        f"environment variable {name}={shown!r} {problem}; it sets the whole '{field}' "
+        f"section, so it must be a JSON object, e.g. {name}='{example}'; or set one value "
+        f"at a time, e.g. {one}"
+    )
 
 
 def env_values(settings_cls: type[BaseSettings]) -> dict[str, Any]:

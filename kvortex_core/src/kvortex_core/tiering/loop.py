@@ -53,6 +53,14 @@ class LoopThread:
         asyncio.set_event_loop(self.loop)
         self.loop.call_soon(self._ready.set)
         self.loop.run_forever()
+        # Stopped. Tasks that a timed-out stop() could not cancel (a backend blocked the loop
+        # past its deadline) end here, on their own thread, instead of being destroyed pending.
+        pending = [t for t in asyncio.all_tasks(self.loop) if not t.done()]
+        for task in pending:
+            task.cancel()
+        if pending:
+            self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        self.loop.close()
 
     @property
     def running(self) -> bool:
