@@ -199,6 +199,10 @@ def test_acl_auth_and_url_password_is_moved_out(make_redis, key_prefix) -> None:
 def test_options_reject_bad_values() -> None:
     with pytest.raises(ValueError, match="redis://"):
         RedisOptions(url="http://127.0.0.1:6379")
+    with pytest.raises(ValueError) as err:  # the whole URL is named, its password masked
+        RedisOptions(url="http://u:hunter6@h:1/0")
+    msg = err.value.errors()[0]["msg"]  # what the config error quotes (it masks its input too)
+    assert "url 'http://u:********@h:1/0' must start with redis://" in msg and "hunter6" not in msg
     with pytest.raises(ValueError):
         RedisOptions(urls="redis://x")  # typo: unknown option
     with pytest.raises(ValueError):

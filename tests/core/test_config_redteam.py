@@ -177,6 +177,15 @@ def test_first_tier_not_cpu_is_rejected_at_load(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "must have type 'cpu'" in result.stderr
 
 
+def test_a_second_cpu_tier_is_rejected_at_load(tmp_path: Path) -> None:
+    path = write(tmp_path, "tiers:\n  cpu: {type: cpu, capacity: 1MiB}\n  more: {type: cpu, capacity: 1MiB}\n")
+    with pytest.raises(ConfigError) as err:
+        KVortexConfig.load(path)
+    message = str(err.value)
+    assert "tiers.more.type = 'cpu': only the first tier ('cpu') may be a cpu tier" in message
+    assert "KVORTEX_TIERS__MORE__TYPE" in message and "raise tiers.cpu.capacity" in message
+
+
 def test_cpu_tier_first_then_others_is_valid() -> None:
     config = KVortexConfig(
         tiers={

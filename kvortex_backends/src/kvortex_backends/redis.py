@@ -43,7 +43,10 @@ def _split_credentials(url: str) -> tuple[str, str | None, str | None]:
     """``url`` without its password, plus the username and password it carried."""
     parts = urlsplit(url)
     if parts.scheme not in _SCHEMES:
-        raise ValueError(f"url {url.split('@')[-1]!r} must start with redis:// or rediss:// (TLS)")
+        shown = url if parts.password is None else url.replace(f":{parts.password}@", ":********@", 1)
+        raise ValueError(
+            f"url {shown!r} must start with redis:// or rediss:// (TLS), e.g. redis://host:6379/0"
+        )
     if parts.password is None:
         return url, parts.username, None
     host = parts.hostname or ""

@@ -34,7 +34,17 @@ def first_tier_problem(tiers: Mapping[str, TierConfig], config_file: Path | None
         return None
     name, tc = next(iter(tiers.items()))
     if tc.type == FIRST_TIER_TYPE:
-        return None
+        again = [n for n, t in list(tiers.items())[1:] if t.type == FIRST_TIER_TYPE]
+        if not again:
+            return None
+        loc = ("tiers", again[0], "type")
+        return (
+            f"  tiers.{again[0]}.type = {FIRST_TIER_TYPE!r}: only the first tier ({name!r}) may be a "
+            f"cpu tier (the pinned pool every save and load goes through)\n"
+            f"    set it through {where(loc, config_file)}\n"
+            f"    fix: raise tiers.{name}.capacity instead, or give {again[0]!r} another type "
+            "(disk, redis, s3)"
+        )
     loc = ("tiers", name, "type")
     return (
         f"  tiers.{name}.type = {tc.type!r}: the first tier must have type "
