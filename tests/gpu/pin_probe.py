@@ -24,20 +24,10 @@ import sys
 from pathlib import Path
 
 import torch
+from dma_size_probe import timed  # same CUDA-event timing of back-to-back copies
 
 MIB = 1 << 20
 PIECE = 17_989_632  # one MLA chunk payload: 256 tokens x 61 layers x 576 x bf16
-
-
-def timed(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for dst, src in pairs:
-        dst.copy_(src, non_blocking=True)
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / 1e3
 
 
 def anon_hugepages_kib() -> int:
