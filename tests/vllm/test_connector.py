@@ -281,6 +281,27 @@ def test_metrics_show_hits_saves_and_loads(tmp_path: Path) -> None:
         conn.shutdown()
 
 
+def test_a_request_asked_about_again_counts_as_one_lookup(tmp_path: Path) -> None:
+    """vLLM asks get_num_new_matched_tokens again each step a request waits for blocks."""
+    h = build(tmp_path)
+    a = prompt(51, 80)
+    save_a(h, a)
+    side = h.connector.scheduler_side
+    before = h.connector.stats.snapshot()
+
+    class Waiting:
+        request_id = "waiting"
+        prompt_token_ids = a[:70]
+
+    for _ in range(5):
+        assert side.get_num_new_matched_tokens(Waiting, 0) == (2 * CHUNK, False)
+    after = h.connector.stats.snapshot()
+    assert after.counter("lookups") - before.counter("lookups") == 1
+    assert after.counter("hit_tokens") - before.counter("hit_tokens") == 2 * CHUNK
+    side._forget("waiting")
+    h.close()
+
+
 def test_vllm_015_cross_layer_registration(tmp_path: Path) -> None:
     """0.15-era vLLM hands one cross-layer tensor to register_cross_layers_kv_cache."""
     from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1

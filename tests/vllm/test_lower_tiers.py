@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import socket
 import subprocess
@@ -113,6 +114,104 @@ def test_lost_disk_file_is_a_failed_load_and_is_recomputed(tmp_path: Path) -> No
     assert "B" in h.finished
     assert set(range(CHUNK, 2 * CHUNK)) <= set(h.computed_positions["B"])
     assert_kv(h, "B", a, 2 * CHUNK)
+
+
+@pytest.mark.parametrize("delay_s", [0.0, 0.05])
+def test_corrupt_fetch_is_reported_and_never_loaded_later(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, delay_s: float
+) -> None:
+    """A chunk read back from disk fails its checksum. Its slot must never serve a later load,
+    and the failure must reach the scheduler even when the slow read ends many steps after
+    the plan (the block -> chunk map used to last 2 steps, and the bad bytes stayed in the
+    slot behind a header naming the chunk, so the next request loaded them)."""
+    from kvortex_vllm import lower
+
+    fetch = lower.WorkerTiers._fetch
+
+    async def slow(self: Any, key: bytes, slot: int) -> bool:  # a slow tier: ends steps later
+        await asyncio.sleep(delay_s)
+        return await fetch(self, key, slot)
+
+    monkeypatch.setattr(lower.WorkerTiers, "_fetch", slow)
+    h = build(tmp_path, tiers(tmp_path, cpu="128KiB"))
+    side = h.connector.scheduler_side
+    a = prompt(3, 80)
+    h.add("A", a)
+    h.run()
+    drain(h)
+    evict_from_cpu(h, side.geometry.num_slots)
+    key1 = h.keys_of(a)[1]
+    files = [p for p in (tmp_path / "disk").rglob("*.kv") if p.name.startswith(key1.hex())]
+    assert files, "chunk 1 was written behind to disk"
+    for p in files:  # the payload only: the header still names the chunk
+        data = bytearray(p.read_bytes())
+        data[-100] ^= 0xFF
+        p.write_bytes(bytes(data))
+    h.scrub()
+    hist = run_async_load(h, "B", a[:70])
+    assert any(s.invalid_blocks for s in hist), "the corrupt chunk's blocks are reported"
+    h.run()
+    assert "B" in h.finished
+    assert_kv(h, "B", a, 2 * CHUNK)  # recomputed, then saved again
+    h.scrub()
+    h.add("C", a[:75])
+    step = h.step()
+    assert step.computed_before.get("C", 0) == 2 * CHUNK
+    assert_kv(h, "C", a, 2 * CHUNK)  # what C got is B's recomputed chunk, not the corrupt bytes
+    h.close()
+
+
+def test_one_step_never_plans_two_saves_into_one_slot(tmp_path: Path) -> None:
+    """A cpu tier of two slots and three one-chunk requests in one step: a claim must not evict
+    a chunk claimed earlier in the same plan (its slot then held two saves, and the requests
+    whose save was overwritten never finished sending: their blocks leaked)."""
+    h = build(tmp_path, {"tiers": {"cpu": {"type": "cpu", "capacity": 2 * 20480}},
+                         "eviction": {"policy": "lru"}})
+    side = h.connector.scheduler_side
+    assert side.geometry.num_slots == 2
+    plans: list[list[int]] = []
+    build_plan = side.build_plan
+
+    def recording(out: Any) -> Any:
+        plan = build_plan(out)
+        plans.append([spec.slot for spec in plan.saves])
+        return plan
+
+    side.build_plan = recording  # type: ignore[method-assign]
+    free = h.free_blocks()
+    for name, seed in (("A", 1), ("B", 2), ("C", 3)):
+        h.add(name, prompt(seed, 40))
+    h.run(30)
+    assert sorted(h.finished) == ["A", "B", "C"]
+    assert any(plans), "the step saved something"
+    assert all(len(slots) == len(set(slots)) for slots in plans), plans
+    assert h.free_blocks() == free, "every request's blocks came back"
+    assert not h.workers[0].connector.worker_side._req_saves, "no save left pending on the worker"
+    h.close()
+
+
+def test_with_every_lower_tier_down_evicted_chunks_are_no_hit(tmp_path: Path) -> None:
+    """A disk tier that cannot start (its path is under a file): chunks evicted from the cpu
+    tier were never written, so a lookup must not promise them (each would be an async load
+    bound to fail, then a recompute)."""
+    (tmp_path / "file").write_text("not a directory")
+    h = build(tmp_path, {"tiers": {"cpu": {"type": "cpu", "capacity": "64KiB"},
+                                   "disk": {"type": "disk", "capacity": "16MiB",
+                                            "path": str(tmp_path / "file" / "kv"), "fsync": False}}})
+    side = h.connector.scheduler_side
+    a = prompt(3, 80)
+    h.add("A", a)
+    h.run()
+    for i in range(side.geometry.num_slots):
+        h.add(f"filler{i}", prompt(500 + i, 2 * CHUNK + 1))
+        h.run()
+    assert side.stored_prefix(h.keys_of(a)[:2])[0] == 0, "nothing of A is in the cpu tier or below"
+    h.scrub()
+    h.add("B", a[:70])
+    h.run()
+    assert not any(s.finished_recving or s.invalid_blocks for s in h.history), "no async load planned"
+    assert_kv(h, "B", a, 2 * CHUNK)
+    h.close()
 
 
 # ---------------------------------------------------------------------------------- redis

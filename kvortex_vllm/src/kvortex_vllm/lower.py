@@ -109,8 +109,16 @@ class WorkerTiers:
         return list(await asyncio.gather(*(self._fetch(k, s) for k, s in items)))
 
     async def _fetch(self, key: bytes, slot: int) -> bool:
-        mgr = self.mgr
         out = self.pool.buffer(slot)
+        if await self._fetch_into(key, out):
+            return True
+        # Whatever a failed read left there (a header that names this key over bad bytes) must
+        # never pass a later load's identity check: zero the magic, as a slot being rewritten.
+        out[:8] = bytes(8)
+        return False
+
+    async def _fetch_into(self, key: bytes, out: memoryview) -> bool:
+        mgr = self.mgr
         for tier in mgr.tiers:
             if not tier.available:
                 continue
@@ -158,7 +166,10 @@ class SchedulerTiers:
         mask = (1 << len(keys)) - 1
         for rank in range(self.tp_size):
             mask &= self.mgr.contains(rank_keys(keys, rank))
-        return [k in self.written or bool(mask >> i & 1) for i, k in enumerate(keys)]
+        # Our own queued writes count only while some lower tier is in service: with every
+        # one down they never land, and each claimed hit would be an async load bound to fail.
+        written = self.written if any(t.available for t in self.mgr.tiers) else {}
+        return [k in written or bool(mask >> i & 1) for i, k in enumerate(keys)]
 
     def unknown(self, key: bytes) -> bool:
         """True while some shared tier has no fresh answer about ``key`` on every rank."""

@@ -50,6 +50,8 @@ class _Request:
     has_saves: bool = False
     #: When get_num_new_matched_tokens first answered "ask again" (a shared tier was asked).
     deferred_at: float | None = None
+    #: Its lookup is in the metrics (once per request, however often vLLM asks).
+    counted: bool = False
 
 
 @dataclass
@@ -95,6 +97,8 @@ class SchedulerSide:
         self._async_reqs: set[str] = set()  # async loads planned since the last plan
         # block id -> (req, key, step): maps failed-load reports back to chunks for a few steps.
         self._recent_loads: dict[int, tuple[str, bytes, int]] = {}
+        #: Chunks claimed for saving by the plan being built (released once it is built).
+        self._plan_pins: list[PinHandle] = []
         self._step = 0
 
     # ------------------------------------------------------------------ lookups
@@ -143,7 +147,9 @@ class SchedulerSide:
         # Asynchronous only when a chunk we would load (not one vLLM already holds) is below.
         is_async = bool(new) and not all(in_cpu[num_computed_tokens // self.chunk_tokens : hit])
         st.matched = (num_computed_tokens, hit_tokens, is_async) if new else None
-        self.stats.record_lookup(len(st.prompt), max(hit_tokens, num_computed_tokens))
+        if not st.counted:  # vLLM asks again while a request waits for blocks: count it once
+            st.counted = True
+            self.stats.record_lookup(len(st.prompt), max(hit_tokens, num_computed_tokens))
         return new, is_async
 
     def _should_ask_again(self, st: _Request, key: bytes) -> bool:
@@ -160,6 +166,7 @@ class SchedulerSide:
         st = self._state(request)
         st.block_ids = list(block_ids)
         if num_external_tokens <= 0 or st.matched is None:
+            st.matched = None  # vLLM took none of the hit: nothing of it may linger
             return
         start = st.matched[0]
         end = start + num_external_tokens
@@ -174,12 +181,11 @@ class SchedulerSide:
             i = st.keys.index(k)
             if self._claim_slot(k, st.keys[i - 1] if i else None) is None:
                 break
+            # pinned at once: the next claim must not evict it and hand its slot out again
+            pins.append(self.index.pin([k], f"fetch {st.req_id}"))
             fetch.add(k)
+            self._fetching[k] = st.req_id
         is_async = st.matched[2]
-        if fetch:
-            pins.append(self.index.pin(list(fetch), f"fetch {st.req_id}"))
-            for k in fetch:
-                self._fetching[k] = st.req_id
         if is_async:  # vLLM waits for this request's finished_recving: pins live until then
             self._async_pins[st.req_id] = pins
             self._async_reqs.add(st.req_id)
@@ -203,7 +209,9 @@ class SchedulerSide:
         """Turn this step's scheduler output into the workers' plan (and advance one step)."""
         self._step += 1
         self._release_pins(self._step)
-        self._recent_loads = {b: v for b, v in self._recent_loads.items() if v[2] + _PIN_STEPS >= self._step}
+        # kept while an async load is in flight: its failures are reported when it ends
+        self._recent_loads = {b: v for b, v in self._recent_loads.items()
+                              if v[2] + _PIN_STEPS >= self._step or v[0] in self._async_pins}
         preempted = frozenset(getattr(out, "preempted_req_ids", None) or ())
         for req_id in preempted:
             self._forget(req_id)
@@ -217,16 +225,21 @@ class SchedulerSide:
                 for b in spec.block_ids[spec.skip_blocks:]:
                     self._recent_loads[b] = (st.req_id, spec.key, self._step)
             st.pending_loads = []
-        for req_id, new_blocks, replace, computed in compat.scheduled_requests(out):
-            st = self._requests.get(req_id)
-            if st is None:
-                continue
-            if replace:
-                st.block_ids = list(new_blocks)
-            else:
-                st.block_ids.extend(new_blocks)
-            done = computed + out.num_scheduled_tokens.get(req_id, 0)
-            plan.saves.extend(self._plan_saves(st, done))
+        try:
+            for req_id, new_blocks, replace, computed in compat.scheduled_requests(out):
+                st = self._requests.get(req_id)
+                if st is None:
+                    continue
+                if replace:
+                    st.block_ids = list(new_blocks)
+                else:
+                    st.block_ids.extend(new_blocks)
+                done = computed + out.num_scheduled_tokens.get(req_id, 0)
+                plan.saves.extend(self._plan_saves(st, done))
+        finally:
+            for pin in self._plan_pins:
+                pin.release()
+            self._plan_pins.clear()
         return plan
 
     def _plan_saves(self, st: _Request, computed: int) -> list[SaveSpec]:
@@ -246,6 +259,9 @@ class SchedulerSide:
                 slot = self._claim_slot(key, st.keys[i - 1] if i else None)
                 if slot is None:
                     break  # everything is pinned: skip saving now, the chunk is just not cached
+                # Pinned while this plan is built: a later claim of the same plan must not evict
+                # it and hand its slot to a second save (one slot, two payloads in one step).
+                self._plan_pins.append(self.index.pin([key], f"save {st.req_id}"))
                 saves.append(SaveSpec(st.req_id, slot, key, tuple(blocks)))
                 st.has_saves = True
                 if self.tiers is not None:

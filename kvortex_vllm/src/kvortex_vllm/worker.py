@@ -212,6 +212,9 @@ class WorkerSide:
         except Exception:
             log.exception("rank %d: lower-tier fetch failed", self.rank)
             ok = []
+            for s in job.specs:  # partly written slots: no later load may trust them
+                if s.fetch and 0 <= s.slot < self._geo().num_slots:
+                    self._invalidate(s.slot)
         fetched, n, slots = iter(ok), 0, self._geo().num_slots
         for s in job.specs:  # fetch results are in spec order, for the specs with a slot
             if s.fetch and not (0 <= s.slot < slots and next(fetched, False)):
