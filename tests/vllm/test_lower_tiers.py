@@ -214,6 +214,28 @@ def test_with_every_lower_tier_down_evicted_chunks_are_no_hit(tmp_path: Path) ->
     h.close()
 
 
+def test_an_async_hit_never_needs_more_slots_than_can_be_freed(tmp_path: Path) -> None:
+    """Six chunks on disk (left by an engine with a larger cpu tier), a cpu tier of three
+    slots: the hit is cut to what fits, so no chunk is planned into a slot that cannot exist
+    (it used to get slot -1 and fail, every time)."""
+    a = prompt(8, 6 * CHUNK + 1)
+    first = build(tmp_path, tiers(tmp_path, cpu="1MiB"))  # same model: same keys, same disk
+    first.add("A", a)
+    first.run()
+    drain(first)
+    first.close()
+    h = build(tmp_path, tiers(tmp_path))
+    slots = h.connector.scheduler_side.geometry.num_slots
+    assert slots < 6
+    hist = run_async_load(h, "B", a)
+    h.run()
+    assert not any(s.invalid_blocks for s in hist + h.history), "no load was planned to fail"
+    loaded = next(s.computed_before["B"] for s in h.history if "B" in s.scheduled)
+    assert 0 < loaded <= slots * CHUNK
+    assert_kv(h, "B", a, 6 * CHUNK)
+    h.close()
+
+
 # ---------------------------------------------------------------------------------- redis
 
 

@@ -142,6 +142,7 @@ class SchedulerSide:
             if self._should_ask_again(st, st.keys[hit]):
                 return None, False
             hit, in_cpu = self.stored_prefix(st.keys[:usable])  # an answer that just arrived counts
+        hit = self._fetchable(hit, in_cpu, num_computed_tokens // self.chunk_tokens)
         hit_tokens = hit * self.chunk_tokens
         new = max(hit_tokens - num_computed_tokens, 0)
         # Asynchronous only when a chunk we would load (not one vLLM already holds) is below.
@@ -151,6 +152,20 @@ class SchedulerSide:
             st.counted = True
             self.stats.record_lookup(len(st.prompt), max(hit_tokens, num_computed_tokens))
         return new, is_async
+
+    def _fetchable(self, hit: int, in_cpu: list[bool], first: int) -> int:
+        """``hit`` cut where the chunks to read from below would need more cpu slots than could
+        be freed now (the rest would be planned only to fail: a recompute either way)."""
+        if all(in_cpu[first:hit]):
+            return hit
+        slot = self.geometry.slot_bytes
+        room = (self.index.capacity - self.index.pinned_bytes) // slot - sum(in_cpu[first:hit])
+        for i in range(first, hit):
+            if not in_cpu[i]:
+                room -= 1
+                if room < 0:
+                    return i
+        return hit
 
     def _should_ask_again(self, st: _Request, key: bytes) -> bool:
         """A shared tier's answer for ``key`` is on its way (the lookup above asked): wait a step."""
