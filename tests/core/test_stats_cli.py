@@ -77,7 +77,8 @@ def test_parse_reduces_families_per_tier() -> None:
 def test_unreachable_url_is_a_clear_error() -> None:
     result = CliRunner().invoke(_app(), ["stats", "--url", "http://127.0.0.1:1/metrics", "--once"])
     assert result.exit_code == 1
-    assert "cannot read metrics from http://127.0.0.1:1/metrics" in result.output
+    assert "cannot read metrics from http://127.0.0.1:1/metrics" in result.stderr
+    assert result.stdout == "", "errors go to stderr"
 
 
 def test_no_url_and_no_port_names_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -18,11 +18,21 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 import torch
-from vllm.distributed.kv_transfer.kv_connector.v1.base import (
-    KVConnectorBase_V1,
-    KVConnectorMetadata,
-    KVConnectorRole,
-)
+
+try:
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+        KVConnectorBase_V1,
+        KVConnectorMetadata,
+        KVConnectorRole,
+    )
+except ModuleNotFoundError as exc:  # pragma: no cover - exercised without vLLM installed
+    if exc.name is None or not exc.name.startswith("vllm"):
+        raise
+    raise ModuleNotFoundError(
+        "kvortex_vllm.connector needs vLLM 0.15-0.33 (its KV connector API): "
+        "pip install 'kvortex-vllm[vllm]' (or install your vLLM build first)",
+        name=exc.name,
+    ) from exc
 
 from kvortex_core.config import KVortexConfig
 from kvortex_core.control.keys import KeyNamespace

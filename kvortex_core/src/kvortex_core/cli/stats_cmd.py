@@ -283,6 +283,7 @@ def stats_cmd(
     from rich.console import Console
     from rich.live import Live
 
+    from kvortex_core.cli.output import fail
     from kvortex_core.errors import KVortexError
 
     url = check_url(url) if url else default_url()
@@ -299,8 +300,7 @@ def stats_cmd(
                 live.update(render(new, view, now - t_prev))
                 view, t_prev = new, now
     except KVortexError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from None
+        raise fail(f"error: {exc}", 1) from None
     except KeyboardInterrupt:
         return
 
