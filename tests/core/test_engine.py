@@ -564,3 +564,22 @@ def test_registering_another_layout_names_what_changed() -> None:
     engine, _, _ = _engine()
     with engine, pytest.raises(LayoutError, match=rf"another layout \(num_blocks {B} -> {B + 1}\)"):
         engine.register_kv_caches([torch.zeros(2, B + 1, N, H, D, dtype=torch.bfloat16) for _ in range(L)])
+
+
+@pytest.mark.parametrize("op", ["save_async", "load_async"])
+def test_an_async_call_racing_close_raises_kvortex_error(op: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """close() may shut the executor down between the call's open check and its submit: the
+    caller still gets KVortexError, not the executor's RuntimeError."""
+    engine, _, _ = _engine()
+    engine.close()
+    real, calls = KVortexEngine._check_open, []
+
+    def open_at_first(self: KVortexEngine) -> None:  # the check ran just before close()
+        calls.append(1)
+        if len(calls) > 1:
+            real(self)
+
+    monkeypatch.setattr(KVortexEngine, "_check_open", open_at_first)
+    with pytest.raises(KVortexError, match="closed"):
+        getattr(engine, op)(list(range(CHUNK)), list(range(4)))
+    assert len(calls) == 2

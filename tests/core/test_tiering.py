@@ -74,6 +74,16 @@ class SharedMemory(MemoryBackend):
         pass
 
 
+class SlowPut(MemoryBackend):
+    """A tier whose writes take a while to land (a remote store under load)."""
+
+    shared = False
+
+    async def put(self, key: str, data: Any) -> None:
+        await asyncio.sleep(0.3)
+        await super().put(key, data)
+
+
 class _TestPlugin:
     from kvortex_core.plugins.marker import hookimpl
 
@@ -82,6 +92,7 @@ class _TestPlugin:
     def kvortex_register_backends(register) -> None:  # type: ignore[no-untyped-def]
         register("flaky", FlakyBackend)
         register("sharedmem", SharedMemory)
+        register("slowput", SlowPut)
 
 
 def _config(tiers: dict[str, dict[str, Any]], **kw: Any) -> KVortexConfig:
@@ -426,6 +437,29 @@ def test_close_with_a_backend_blocking_the_loop_takes_about_two_close_s(make: An
     finally:
         FlakyBackend.broken = ""
     assert took < 2 * 0.4 + 0.5, f"close took {took:.2f}s"
+
+
+def test_a_read_racing_a_put_in_flight_keeps_the_entry_no_orphan(make: Any) -> None:
+    """A load that reads a chunk whose write is still in flight finds nothing (a miss), but the
+    entry must stay: the write lands, and a dropped entry left bytes in the store that no index
+    counted (on a disk tier they filled it until every write failed with 'full')."""
+    tiers = {
+        "cpu": {"type": "cpu", "capacity": 4 * SLOT},
+        "slow": {"type": "slowput", "capacity": 64 * SLOT},
+    }
+    mgr = make(tiers, timeouts={"backend_op_s": 5})
+    assert _save(mgr, [0]) == [0] and _save(mgr, [1]) == [1]  # two roots: chunk 0 is least recent
+    mgr.cpu_index.evict(SLOT)  # chunk 0 (least recent) leaves: demoted, landing 0.3 s later
+    assert mgr.cpu_index.lookup([_key(0)]) == 0
+    time.sleep(0.1)  # the demotion's put has started (indexed below, not in the store yet)
+    assert _key(0) in mgr.tiers[0].index
+    leases = mgr.begin_load([_key(0)])  # reads "slow" before the write landed: a miss
+    assert leases == []
+    assert mgr.drain(10)
+    assert mgr.lookup([_key(0)]) == 1, "the entry stayed: the value landed under it"
+    assert _load(mgr, [0]) == [(0, "slow")]  # and it serves the right bytes
+    backend = mgr.tiers[0].backend
+    assert sorted(backend._data) == sorted(k.hex() for k in mgr.tiers[0].index.keys())  # noqa: SIM118 - a ChunkIndex
 
 
 def test_hanging_tier_times_out_and_load_still_answers(make: Any) -> None:

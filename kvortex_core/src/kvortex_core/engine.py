@@ -386,7 +386,7 @@ class KVortexEngine:
         tokens = _tokens(token_ids)
         blocks = block_ids.tolist() if hasattr(block_ids, "tolist") else list(block_ids)
         self._check_open()
-        return EngineHandle(self._executor.submit(self.save, tokens, blocks), "save_async")
+        return EngineHandle(self._submit(self.save, tokens, blocks), "save_async")
 
     # ------------------------------------------------------------------ load
 
@@ -464,7 +464,7 @@ class KVortexEngine:
         blocks = block_ids.tolist() if hasattr(block_ids, "tolist") else list(block_ids)
         skip_tokens = _skip(skip_tokens)
         self._check_open()
-        return EngineHandle(self._executor.submit(self.load, tokens, blocks, skip_tokens=skip_tokens),
+        return EngineHandle(self._submit(self.load, tokens, blocks, skip_tokens=skip_tokens),
                             "load_async")
 
     # ------------------------------------------------------------------ state
@@ -508,6 +508,14 @@ class KVortexEngine:
     def _check_open(self) -> None:
         if self._closed:
             raise KVortexError("this KVortexEngine is closed; create a new one")
+
+    def _submit(self, fn: Any, *args: Any, **kwargs: Any) -> Future[int]:
+        """Run ``fn`` on the executor; a KVortexError when close() shut it down meanwhile."""
+        try:
+            return self._executor.submit(fn, *args, **kwargs)
+        except RuntimeError:  # close() ran between the caller's check and this submit
+            self._check_open()
+            raise
 
     def _registered(self) -> _Registered:
         self._check_open()

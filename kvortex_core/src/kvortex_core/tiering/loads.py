@@ -115,9 +115,10 @@ class LoadMixin(TierState):
                 await self._reject(tier, key, PayloadError(f"stored value too long: {exc.__cause__}"))
             return MISS
         if n is None:
-            tier.index.remove([key])
-            if tier.remote is not None:
-                tier.remote.forget([key])
+            if key not in tier.putting:  # a put in flight lands soon: its entry must stay
+                tier.index.remove([key])
+                if tier.remote is not None:
+                    tier.remote.forget([key])
             self.stats.inc(LOAD_MISSES, 1, tier.name)
             return MISS
         try:

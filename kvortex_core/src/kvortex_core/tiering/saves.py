@@ -168,10 +168,21 @@ class SaveMixin(TierState):
         if not tier.index.insert(key, len(value)):
             return False
         await self._process_doomed(tier)
+        tier.putting.add(key)
         try:
             await tier.call("put", tier.backend.put(key.hex(), value))
         except TierUnavailable:
             tier.index.remove([key])
+            return False
+        finally:
+            tier.putting.discard(key)
+        if key not in tier.index:
+            # Evicted or rejected while the put was in flight (its delete may have run before
+            # the value landed): delete it again, or the store holds bytes no index counts.
+            try:
+                await tier.call("delete", tier.backend.delete([key.hex()]))
+            except TierUnavailable:
+                pass  # a later scan or the store's own expiry reclaims it
             return False
         self.stats.inc(BYTES_WRITTEN, len(value), tier.name)
         return True

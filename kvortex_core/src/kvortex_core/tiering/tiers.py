@@ -50,6 +50,8 @@ class LowerTier:
     shared: bool = False
     remote: RemoteCache | None = None
     doomed: list[IndexEntry] = field(default_factory=list)
+    #: Keys indexed here whose put has not landed yet (a read of one finds nothing, for now).
+    putting: set[bytes] = field(default_factory=set)
     open_timeout_s: float = 60.0
     opened: bool = False
 
