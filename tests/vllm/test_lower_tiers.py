@@ -60,10 +60,10 @@ def run_async_load(h: Harness, req_id: str, tokens: list[int]) -> list[Any]:
     raise AssertionError(f"{req_id} was never scheduled")
 
 
-def stored_below_only(tmp_path: Path, seed: int) -> tuple[Harness, Any, list[int]]:
+def stored_below_only(tmp_path: Path, seed: int, cpu: str = "64KiB") -> tuple[Harness, Any, list[int]]:
     """An engine with cpu + disk tiers, and an 80-token prompt that was saved, written to disk
     and then evicted from the cpu tier: returns the harness, its scheduler side and the prompt."""
-    h = build(tmp_path, tiers(tmp_path))
+    h = build(tmp_path, tiers(tmp_path, cpu=cpu))
     side = h.connector.scheduler_side
     a = prompt(seed, 80)
     h.add("A", a)
@@ -133,13 +133,7 @@ def test_corrupt_fetch_is_reported_and_never_loaded_later(
         return await fetch(self, key, slot)
 
     monkeypatch.setattr(lower.WorkerTiers, "_fetch", slow)
-    h = build(tmp_path, tiers(tmp_path, cpu="128KiB"))
-    side = h.connector.scheduler_side
-    a = prompt(3, 80)
-    h.add("A", a)
-    h.run()
-    drain(h)
-    evict_from_cpu(h, side.geometry.num_slots)
+    h, _, a = stored_below_only(tmp_path, 3, cpu="128KiB")
     key1 = h.keys_of(a)[1]
     files = [p for p in (tmp_path / "disk").rglob("*.kv") if p.name.startswith(key1.hex())]
     assert files, "chunk 1 was written behind to disk"
