@@ -120,3 +120,46 @@ def test_ttft_tiny_runs_and_verifies_on_cpu(tmp_path: Path) -> None:
         over
     )
     assert (tmp_path / "ttft_speedup.png").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["core", "--tokens", "abc"], "size 'abc' is not a number"),
+        (["core", "--entries", "0"], "'0' must be >= 1"),
+        (["disk", "--sizes", "x"], "'x' is not a number"),
+        (["disk", "--sizes", "0"], "'0' must be >= 0.001"),
+        (["disk", "--concurrency", "0"], "'0' must be >= 1"),
+        (["backends", "--concurrency", "0"], "'0' must be >= 1"),
+        (["backends", "--targets", "foo"], "'foo' given; choose from redis,s3,disk"),
+        (["simulate", "--fractions", "2"], "'2' must be between 0.0001 and 1"),
+        (["simulate", "--block-tokens", "0"], "--block-tokens"),
+        (["transfer", "--staging", "xx"], "'xx' is not a size"),
+        (["transfer", "--parts", "nope"], "'nope' given; choose from"),
+        (["transfer", "--device", "tpu"], "'tpu' is not cuda, cpu or auto"),
+        (["ttft", "--tiers", "foo"], "'foo' given; choose from cpu,disk"),
+    ],
+)
+def test_bench_bad_arguments_are_usage_errors(tmp_path: Path, args: list[str], message: str) -> None:
+    """Exit 2 with the option named on stderr (docs/cli.md), never a traceback and never a run
+    that measures nothing (a ZeroDivisionError, or exit 0 with an empty table, before)."""
+    from kvortex_core.cli.app import app
+
+    result = CliRunner().invoke(app, ["bench", *args, "--out", str(tmp_path)], env={"COLUMNS": "200"})
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.stderr.split()), result.stderr
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert not any(tmp_path.iterdir()), "nothing was run"
+
+
+def test_bench_transfer_on_cuda_without_a_gpu_says_so(tmp_path: Path) -> None:
+    import torch
+
+    from kvortex_core.cli.app import app
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    result = CliRunner().invoke(app, ["bench", "transfer", "--device", "cuda", "--out", str(tmp_path)],
+                                env={"COLUMNS": "200"})
+    assert result.exit_code == 2
+    assert "no CUDA device here" in " ".join(result.stderr.split())

@@ -23,6 +23,8 @@ from kvortex_core.cli.bench.common import (
     Series,
     SizesOption,
     markdown_table,
+    parse_choices,
+    parse_numbers,
     parse_sizes,
     plot_lines,
     print_table,
@@ -55,8 +57,8 @@ def backends_cmd(
 ) -> None:
     """Measure put/get GB/s of the shared tiers against raw redis-py / boto3 on the same server."""
     size_list = parse_sizes(sizes)
-    concs = [int(c) for c in concurrency.split(",") if c.strip()]
-    wanted = {t.strip() for t in targets.split(",") if t.strip()}
+    concs = parse_numbers(concurrency, "--concurrency")
+    wanted = set(parse_choices(targets, "--targets", ("redis", "s3", "disk")))
     parts = parse_sizes(part_bytes)[0] if part_bytes.strip() not in ("", "0") else None
     t0 = time.perf_counter()
     points: list[Point] = []

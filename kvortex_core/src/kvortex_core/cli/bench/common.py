@@ -106,6 +106,39 @@ def parse_sizes(text: str) -> list[int]:
     return out
 
 
+def parse_numbers(text: str, option: str, *, lo: float = 1, hi: float | None = None,
+                  integer: bool = True) -> list[Any]:
+    """``"1,4,16"`` -> ``[1, 4, 16]``; a usage error (exit 2) naming ``option`` for anything else."""
+    out: list[Any] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        try:
+            value = int(part) if integer else float(part)
+        except ValueError:
+            kind = "an integer" if integer else "a number"
+            raise typer.BadParameter(f"{part!r} is not {kind}", param_hint=option) from None
+        if value < lo or (hi is not None and value > hi):
+            bound = f"between {lo:g} and {hi:g}" if hi is not None else f">= {lo:g}"
+            raise typer.BadParameter(f"{part!r} must be {bound}", param_hint=option)
+        out.append(value)
+    if not out:
+        raise typer.BadParameter("give at least one value", param_hint=option)
+    return out
+
+
+def parse_choices(text: str, option: str, allowed: Sequence[str]) -> list[str]:
+    """``"a,b"`` -> ``["a", "b"]``, each one of ``allowed``; a usage error (exit 2) otherwise."""
+    out = [p.strip() for p in text.split(",") if p.strip()]
+    bad = [p for p in out if p not in allowed]
+    if bad or not out:
+        raise typer.BadParameter(
+            f"{', '.join(map(repr, bad)) or 'nothing'} given; choose from {','.join(allowed)}",
+            param_hint=option,
+        )
+    return out
+
+
 def hardware() -> dict[str, Any]:
     """Name the hardware the numbers came from."""
     info: dict[str, Any] = {

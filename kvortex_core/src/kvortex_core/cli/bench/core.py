@@ -36,10 +36,10 @@ def core(
                                            "pin_memory=True for the pool (1 and 3 GiB)")] = True,
 ) -> None:
     """Measure hashing, lookup, insert/evict and pool costs vs raw Python baselines."""
-    from kvortex_core.cli.bench.common import hardware, write_results
+    from kvortex_core.cli.bench.common import hardware, parse_numbers, parse_sizes, write_results
 
-    sizes = [int(t) for t in tokens.split(",") if t.strip()]
-    counts = [int(n) for n in entries.split(",") if n.strip()]
+    sizes = parse_sizes(tokens)
+    counts = parse_numbers(entries, "--entries")
     rows = [*bench_hashing(sizes, chunk_tokens, reps), *bench_lookup(counts, reps),
             *bench_insert(counts, max(3, reps // 10)), *bench_pool(reps)]
     payload: dict[str, Any] = {"rows": rows, "chunk_tokens": chunk_tokens}

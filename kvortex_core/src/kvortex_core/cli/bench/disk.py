@@ -26,6 +26,7 @@ from kvortex_core.cli.bench.common import (
     QuietOption,
     RepsOption,
     markdown_table,
+    parse_numbers,
     print_table,
     spread,
     write_results,
@@ -56,10 +57,10 @@ def disk_cmd(
 ) -> None:
     """Disk tier put/get throughput vs raw write+fsync+rename / read of the same bytes."""
     result = bench_disk(
-        [float(s) for s in sizes.split(",") if s.strip()],
+        parse_numbers(sizes, "--sizes", lo=0.001, integer=False),  # MiB
         reps,
         out,
-        concurrency=[int(c) for c in concurrency.split(",") if c.strip()],
+        concurrency=parse_numbers(concurrency, "--concurrency"),
         path=path,
         quiet=quiet,
     )

@@ -21,6 +21,7 @@ from kvortex_core.cli.bench.common import (
     RepsOption,
     Series,
     markdown_table,
+    parse_numbers,
     plot_lines,
     print_table,
     progress,
@@ -49,7 +50,7 @@ def simulate_cmd(
         typer.Option(help="JSONL trace (token ids or hash_ids) instead of synthetic workloads"),
     ] = None,
     block_tokens: Annotated[
-        int, typer.Option(help="tokens per hash id in a block-hash trace")
+        int, typer.Option(min=1, help="tokens per hash id in a block-hash trace")
     ] = 512,
     policies: Annotated[str, typer.Option(help="eviction policies to compare")] = DEFAULT_POLICIES,
     fractions: Annotated[
@@ -68,7 +69,7 @@ def simulate_cmd(
 ) -> None:
     """Replay chat, document-QA and Zipf workloads through every eviction policy."""
     pols = [p.strip() for p in policies.split(",") if p.strip()]
-    fracs = sorted(float(f) for f in fractions.split(","))
+    fracs = sorted(parse_numbers(fractions, "--fractions", lo=0.0001, hi=1.0, integer=False))
     lower = [("disk", disk_factor)] if disk_factor > 0 else []
     sources = _sources(workloads, trace, block_tokens, reps, seed)
     t0 = time.perf_counter()

@@ -30,16 +30,26 @@ def transfer(
     import torch
     from pydantic import ByteSize, TypeAdapter
 
-    from kvortex_core.cli.bench.common import write_results
+    from kvortex_core.cli.bench.common import parse_choices, parse_numbers, write_results
     from kvortex_core.cli.bench.transfer_run import run_all
 
+    if device not in ("auto", "cpu", "cuda"):
+        raise typer.BadParameter(f"{device!r} is not cuda, cpu or auto", param_hint="--device")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise typer.BadParameter("no CUDA device here (this torch sees none); use --device cpu or auto",
+                                 param_hint="--device")
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
-    sizes = [int(t) for t in tokens.split(",") if t.strip()]
-    staging_bytes = int(TypeAdapter(ByteSize).validate_python(staging))
+    sizes = parse_numbers(tokens, "--tokens")
+    try:
+        staging_bytes = int(TypeAdapter(ByteSize).validate_python(staging))
+    except ValueError:
+        raise typer.BadParameter(f"{staging!r} is not a size; use e.g. 64MiB", param_hint="--staging") from None
+    if staging_bytes <= 0:
+        raise typer.BadParameter(f"{staging!r} must be positive, e.g. 64MiB", param_hint="--staging")
+    chosen = parse_choices(parts, "--parts", ("verify", "te", "engine", "bidir", "matmul", "layerwise", "sweep"))
     results: dict[str, Any] = run_all(
-        dev, sizes, reps=reps, mla_layers=mla_layers, staging=staging_bytes,
-        parts={p.strip() for p in parts.split(",")})
+        dev, sizes, reps=reps, mla_layers=mla_layers, staging=staging_bytes, parts=set(chosen))
     path = write_results(out, "transfer", results)
     _print_table(results)
     typer.echo(f"results: {path}")

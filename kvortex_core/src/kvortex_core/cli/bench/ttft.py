@@ -22,6 +22,7 @@ from kvortex_core.cli.bench.common import (
     OutOption,
     RepsOption,
     Series,
+    parse_choices,
     parse_sizes,
     plot_lines,
     print_table,
@@ -31,6 +32,8 @@ from kvortex_core.cli.bench.common import (
 )
 
 DEFAULT_TOKENS = "1K,2K,4K,8K,16K,32K"
+#: Tiers the TTFT benchmark can load from.
+TTFT_TIERS = ("cpu", "disk")
 
 
 def register(app: typer.Typer) -> None:
@@ -43,7 +46,7 @@ def ttft_cmd(
     reps: RepsOption = 3,
     tokens: Annotated[str, typer.Option(help="prompt lengths")] = DEFAULT_TOKENS,
     layers: Annotated[int, typer.Option(min=1, help="decoder layers (Llama-3.1-8B has 32)")] = 32,
-    tiers: Annotated[str, typer.Option(help="tiers to load from: cpu,disk")] = "cpu,disk",
+    tiers: Annotated[str, typer.Option(help="tiers to load from: cpu,disk")] = ",".join(TTFT_TIERS),
     overhead_tokens: Annotated[
         str, typer.Option(help="lengths for the miss-overhead test")
     ] = "1K,8K,32K",
@@ -66,6 +69,7 @@ def ttft_cmd(
 
     from kvortex_core.cli.bench import ttft_harness as h
 
+    wanted = set(parse_choices(tiers, "--tiers", TTFT_TIERS))  # before anything is allocated
     device = torch.device("cuda" if torch.cuda.is_available() and not tiny else "cpu")
     shape = h.TINY if tiny else dataclasses.replace(h.LLAMA_8B, layers=layers)
     lengths = sorted(parse_sizes(tokens))
@@ -77,7 +81,6 @@ def ttft_cmd(
         "lengths": {},
         "overhead": {},
     }
-    wanted = {t.strip() for t in tiers.split(",")}
     try:
         for n in lengths:
             typer.echo(f"[ttft] {n} tokens", err=True)
