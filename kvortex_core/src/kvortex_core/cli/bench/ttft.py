@@ -71,6 +71,9 @@ def ttft_cmd(
 
     wanted = set(parse_choices(tiers, "--tiers", TTFT_TIERS))  # before anything is allocated
     device = torch.device("cuda" if torch.cuda.is_available() and not tiny else "cpu")
+    if device.type == "cpu" and not tiny:
+        typer.echo("[ttft] no CUDA device: the full model shape runs on the CPU, which takes minutes "
+                   "and says nothing about GPU TTFT; --tiny checks the harness in seconds", err=True)
     shape = h.TINY if tiny else dataclasses.replace(h.LLAMA_8B, layers=layers)
     lengths = sorted(parse_sizes(tokens))
     run = TTFTRun(shape, device, chunk_tokens, reps, max(lengths + parse_sizes(overhead_tokens)))
