@@ -453,6 +453,9 @@ def test_a_read_racing_a_put_in_flight_keeps_the_entry_no_orphan(make: Any) -> N
     assert mgr.cpu_index.lookup([_key(0)]) == 0
     time.sleep(0.1)  # the demotion's put has started (indexed below, not in the store yet)
     assert _key(0) in mgr.tiers[0].index
+    # read it as a reader that does not hold the chunk in memory (another engine sharing the
+    # tier would): not from its slot (see test_a_chunk_being_demoted_is_found_and_loaded...)
+    mgr._demoting_keys.clear()
     leases = mgr.begin_load([_key(0)])  # reads "slow" before the write landed: a miss
     assert leases == []
     assert mgr.drain(10)
@@ -460,6 +463,40 @@ def test_a_read_racing_a_put_in_flight_keeps_the_entry_no_orphan(make: Any) -> N
     assert _load(mgr, [0]) == [(0, "slow")]  # and it serves the right bytes
     backend = mgr.tiers[0].backend
     assert sorted(backend._data) == sorted(k.hex() for k in mgr.tiers[0].index.keys())  # noqa: SIM118 - a ChunkIndex
+
+
+def _slow_below(make: Any) -> TierManager:
+    tiers = {
+        "cpu": {"type": "cpu", "capacity": 4 * SLOT},
+        "slow": {"type": "slowput", "capacity": 64 * SLOT},
+    }
+    mgr = make(tiers, timeouts={"backend_op_s": 5})
+    assert _save(mgr, [0]) == [0] and _save(mgr, [1]) == [1]
+    mgr.cpu_index.evict(SLOT)  # chunk 0 leaves the cpu index; its write below takes 0.3 s
+    assert mgr.cpu_index.lookup([_key(0)]) == 0
+    return mgr
+
+
+def test_a_chunk_being_demoted_is_found_and_loaded_from_its_slot(make: Any) -> None:
+    """Between its eviction and the end of its write below, a chunk was in no index: a lookup
+    missed it. It is still in its slot: lookups count it, a load takes it back."""
+    mgr = _slow_below(make)
+    assert mgr.lookup([_key(0), _key(1)]) == 2
+    assert _load(mgr, [0, 1]) == [(0, "cpu"), (1, "cpu")]  # byte-checked by _load
+    assert mgr.drain(10)
+    assert _key(0) in mgr.cpu_index and _key(0) in mgr.tiers[0].index  # back in cpu, and below
+    assert mgr.pool.used_slots == len(mgr.cpu_index), "the slot changed owner, not leaked or freed"
+
+
+def test_a_rescued_chunk_evicted_again_before_its_write_ends_frees_its_slot_once(make: Any) -> None:
+    mgr = _slow_below(make)
+    assert _load(mgr, [0]) == [(0, "cpu")]
+    mgr.cpu_index.evict(2 * SLOT)  # both leave again while chunk 0's first write still runs
+    assert mgr.drain(10)
+    assert len(mgr.cpu_index) == 0
+    assert mgr.pool.used_slots == 0, "every slot back exactly once"
+    assert mgr.lookup([_key(0), _key(1)]) == 2  # both below now
+    assert _load(mgr, [0, 1]) == [(0, "slow"), (1, "slow")]
 
 
 def test_hanging_tier_times_out_and_load_still_answers(make: Any) -> None:

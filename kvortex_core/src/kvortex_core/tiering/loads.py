@@ -32,15 +32,19 @@ class LoadMixin(TierState):
 
     _checksum_log: Throttle
     _quarantined: set[int]  # slots a timed-out read may still write; only the loop touches it
+    _demoting_keys: dict[bytes, int]
 
     if TYPE_CHECKING:  # provided by TierManager / the other mixin
 
         def _allocate_slot(self) -> int | None: ...
         def _payload_view(self, slot: int) -> torch.Tensor: ...
+        def rescue(self, keys: Sequence[bytes]) -> None: ...
 
     def begin_load(self, keys: Sequence[bytes], timeout: float | None = None) -> list[LoadLease]:
         """Leases for the longest prefix of ``keys`` deliverable now (pinned cpu slots)."""
         keys = list(keys)
+        if self._demoting_keys:
+            self.rescue(keys)
         # the cpu-resident head needs no I/O: pinned at once, its leases share one pin handle
         # (end_load of them all releases it once; one handle per chunk cost ~3 us each to release)
         with self._lock:

@@ -122,6 +122,10 @@ class TierManager(SaveMixin, LoadMixin):
         self._saving_waiters = 0
         self._demoting = 0
         self._demoting_lock = threading.Lock()
+        #: cpu chunks being demoted: key -> the slot still holding them (see SaveMixin.rescue).
+        self._demoting_keys: dict[bytes, int] = {}
+        #: Slots of demoting chunks taken back into the cpu index: their demotion must not free them.
+        self._rescued: set[int] = set()
         self._checksum_log = Throttle(10.0)
         self._quarantined: set[int] = set()
         self._closed = False
@@ -266,6 +270,9 @@ class TierManager(SaveMixin, LoadMixin):
         """Bitmask over all tiers: bit i set when keys[i] is stored somewhere reachable now."""
         keys = list(keys)
         mask = self.cpu_index.contains(keys)
+        if self._demoting_keys:  # on their way down, still in memory: loadable (see rescue)
+            demoting = self._demoting_keys
+            mask |= sum(1 << i for i, k in enumerate(keys) if k in demoting)
         for tier in self.tiers:
             if not tier.available:
                 continue

@@ -33,6 +33,8 @@ class SaveMixin(TierState):
     _saving_waiters: int
     _demoting: int  # cpu slots held by demotions in flight
     _demoting_lock: threading.Lock
+    _demoting_keys: dict[bytes, int]
+    _rescued: set[int]
 
     if TYPE_CHECKING:  # provided by TierManager / the other mixin
 
@@ -222,21 +224,52 @@ class SaveMixin(TierState):
         """cpu chunks leaving: free their slots, demoting first those not stored below."""
         for entry in victims:
             slot = int(entry.location)
+            with self._demoting_lock:
+                if slot in self._rescued:  # its first demotion still runs: that one frees the slot
+                    self._rescued.discard(slot)
+                    continue
             target = None if self._stored_below(entry.key) else self._demotion_target(0)
             if target is None or self._closed:
                 self.pool.free(slot)
                 continue
             with self._demoting_lock:
                 self._demoting += 1
+                self._demoting_keys[entry.key] = slot
             if not target.queue.offer(self._demote_slot_job(target, entry.key, slot)):
-                self._demoted(slot)
+                self._demoted(slot, entry.key)
                 self.stats.inc(DEMOTIONS_SKIPPED, 1, target.name)
 
-    def _demoted(self, slot: int) -> None:
-        """A demotion is over (written or not): its slot goes back to the pool."""
-        self.pool.free(slot)
+    def _demoted(self, slot: int, key: bytes) -> None:
+        """A demotion is over (written or not): its slot goes back to the pool, unless a load
+        took the chunk back into the cpu index meanwhile (:meth:`rescue`)."""
         with self._demoting_lock:
             self._demoting -= 1
+            if self._demoting_keys.get(key) == slot:
+                del self._demoting_keys[key]
+            rescued = slot in self._rescued
+            self._rescued.discard(slot)
+        if not rescued:
+            self.pool.free(slot)
+
+    def rescue(self, keys: Sequence[bytes]) -> None:
+        """Take chunks being demoted back into the cpu index (their slot still holds them).
+
+        Between its eviction and the end of its write below, a chunk is in no index; a lookup
+        counts it (``contains``) and a load takes it back here instead of missing it.
+        """
+        for i, key in enumerate(keys):
+            with self._demoting_lock:
+                slot = self._demoting_keys.pop(key, None)
+                if slot is None:
+                    continue
+                self._rescued.add(slot)
+            with self._lock:
+                ok = key not in self.cpu_index and self.cpu_index.insert(
+                    key, self.pool.slot_bytes, location=slot, parent=keys[i - 1] if i else None
+                )
+            if not ok:
+                with self._demoting_lock:
+                    self._rescued.discard(slot)  # the demotion frees it, as before
 
     def _demotion_target(self, start: int) -> LowerTier | None:
         return next((t for t in self.tiers[start:] if t.available), None)
@@ -247,7 +280,7 @@ class SaveMixin(TierState):
                 if await self._put(tier, key, await self._sealed(key, slot)):
                     self.stats.inc(DEMOTIONS, 1, tier.name)
             finally:
-                self._demoted(slot)
+                self._demoted(slot, key)
 
         return job
 
