@@ -255,12 +255,12 @@ class KVortexEngine:
                 "(keys as returned by engine.keys(token_ids))"
             )
         keys = list(keys)
-        for i, key in enumerate(keys):
-            if not isinstance(key, bytes):
-                raise KVortexError(
-                    f"keys[{i}] = {key!r} is a {type(key).__name__}, not a key; pass the bytes "
-                    "returned by engine.keys(token_ids)"
-                )
+        if keys and set(map(type, keys)) != {bytes}:  # one C-speed pass; the loop only to name it
+            i, key = next((i, k) for i, k in enumerate(keys) if type(k) is not bytes)
+            raise KVortexError(
+                f"keys[{i}] = {key!r} is a {type(key).__name__}, not a key; pass the bytes "
+                "returned by engine.keys(token_ids)"
+            )
         reg = self._registered()
         return reg.tiers.contains(keys)
 
@@ -667,13 +667,13 @@ def _tokens(token_ids: Any, offset: int = 0) -> Any:
             pass  # a non-int or out-of-range element: np.asarray below reports it
     arr = _int_vector(token_ids, "token_ids", "pass one request's token ids", offset)
     if arr.size and arr.dtype != np.uint32:
-        bad = np.flatnonzero((arr < 0) | (arr > _MAX_TOKEN))
-        if bad.size:
-            i = int(bad[0])
+        if int(arr.min()) < 0 or int(arr.max()) > _MAX_TOKEN:
+            i = int(np.flatnonzero((arr < 0) | (arr > _MAX_TOKEN))[0])
             raise KVortexError(
                 f"token_ids[{offset + i}] = {int(arr[i])} is not a token id in [0, {_MAX_TOKEN}]; "
                 "pass one request's token ids"
             )
+        arr = arr.astype(np.uint32)  # the keys' byte form: hashing then checks and converts nothing
     return arr if arr.size else arr.astype(np.int64)
 
 
