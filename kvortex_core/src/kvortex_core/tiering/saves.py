@@ -269,7 +269,10 @@ class SaveMixin(TierState):
                 )
             if not ok:
                 with self._demoting_lock:
-                    self._rescued.discard(slot)  # the demotion frees it, as before
+                    running = slot in self._rescued
+                    self._rescued.discard(slot)
+                if not running:  # the demotion ended meanwhile and left the slot to us
+                    self.pool.free(slot)
 
     def _demotion_target(self, start: int) -> LowerTier | None:
         return next((t for t in self.tiers[start:] if t.available), None)
