@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from kvortex_core.data.cudadrv import driver
 from kvortex_core.errors import KVortexError
 
 
@@ -41,7 +42,7 @@ class StreamSet:
     With ``num_streams == 1`` both names are the same stream (no overlap inside a direction).
     """
 
-    def __init__(self, device: torch.device, num_streams: int) -> None:
+    def __init__(self, device: torch.device, num_streams: int, *, driver_calls: bool = True) -> None:
         self.device = device
         self.cuda = device.type == "cuda"
         if self.cuda:
@@ -54,6 +55,8 @@ class StreamSet:
         else:
             self.first = self.second = None
         self._handoff: Any = None
+        #: Event records, stream waits and DMAs without letting the GIL go (see data/cudadrv.py).
+        self.drv = driver() if self.cuda and driver_calls else None
         self._spare: deque[Any] = deque()  # completed events, for reuse (thread-safe ends)
         self._deferred: deque[Any] = deque()  # buffers of completed transfers, freed later
 
@@ -88,7 +91,8 @@ class StreamSet:
         if stream is None:
             return None
         event = self._take(busy)
-        event.record(stream)
+        if self.drv is None or not self.drv.record(event, stream):
+            event.record(stream)
         return event
 
     def record_current(self) -> Any:
@@ -96,7 +100,9 @@ class StreamSet:
         if not self.cuda:
             return None
         event = self._take(())
-        event.record(current_stream(self.device))
+        stream = current_stream(self.device)
+        if self.drv is None or not self.drv.record(event, stream):
+            event.record(stream)
         return event
 
     def recycle(self, events: Iterable[Any]) -> None:
@@ -154,14 +160,24 @@ class StreamSet:
             return
         if self._handoff is None:
             self._handoff = torch.cuda.Event()
-        self._handoff.record(src)
-        dst.wait_event(self._handoff)
+        drv = self.drv
+        if drv is None or not drv.record(self._handoff, src):
+            self._handoff.record(src)
+        if drv is None or not drv.wait(dst, self._handoff):
+            dst.wait_event(self._handoff)
 
-    @staticmethod
-    def wait(stream: Any, event: Any) -> None:
+    def wait(self, stream: Any, event: Any) -> None:
         """Order ``stream`` after ``event`` without blocking the host."""
-        if stream is not None and event is not None:
+        if stream is not None and event is not None and (self.drv is None or not self.drv.wait(stream, event)):
             stream.wait_event(event)
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, stream: Any) -> None:
+        """``dst.copy_(src)`` enqueued on ``stream`` (a DMA between device and pinned host memory;
+        inline on CPU)."""
+        if self.drv is not None and self.drv.copy(dst, src, stream):
+            return
+        with self.on(stream):
+            dst.copy_(src, non_blocking=True)
 
 
 def event_done(event: Any) -> bool:
