@@ -544,15 +544,3 @@ def test_a_completed_transfer_frees_its_buffers_while_the_next_one_waits() -> No
     assert len(te._save.streams._deferred) <= 8
     te.close()
     assert not te._save.streams._deferred
-
-
-def test_driver_calls_are_off_without_cuda_and_set_by_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
-    """transfer.driver_calls (default on) reaches the engine's streams; on CPU there is no driver."""
-    from kvortex_core import KVortexConfig
-
-    caches, _, _ = ks.flash_attn(L, B, N, H, D, torch.float16)
-    te = TransferEngine(caches, detect_layout(caches), chunk_tokens=CHUNK, driver_calls=True)
-    assert te._save.streams.drv is None and te._load.streams.drv is None
-    assert KVortexConfig().transfer.driver_calls is True
-    monkeypatch.setenv("KVORTEX_TRANSFER__DRIVER_CALLS", "false")
-    assert KVortexConfig().transfer.driver_calls is False

@@ -13,7 +13,6 @@ import time
 
 import torch
 
-from kvortex_core.data.cudadrv import driver
 from kvortex_core.data.streams import StreamSet
 
 
@@ -69,12 +68,6 @@ def main() -> None:
          lambda: torch.add(offsets.view(1, 64, 1, 1024), ids.view(32, 1, 16, 1), alpha=7))
     t = torch.empty(1 << 20, device=dev)
     cost("record_stream(second)", lambda: t.record_stream(s.second))
-    drv = driver()
-    if drv is not None:  # the same calls straight to libcuda, keeping the GIL (data/cudadrv.py)
-        cost("driver: event record", lambda: drv.record(ev, s.first))
-        cost("driver: stream wait", lambda: drv.wait(s.second, ev))
-        cost("driver: D2H 1 MiB into pinned", lambda: drv.copy(pinned, dev_small, s.second))
-        cost("driver: H2D 32 KiB from pinned", lambda: drv.copy(ids_dev, ids_host, s.first))
     cost("torch.empty 4 MiB (cached)", lambda: torch.empty(1 << 20, device=dev))
 
     # thread hand-off: how long from set() on one thread to the waiter running again

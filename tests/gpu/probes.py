@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 
+import kvortex_core.data.transfer as transfer_mod
 from kvortex_core.cli.bench import transfer_parts as tp
 from kvortex_core.cli.bench.transfer_engine import _sequence, make_engine
 from kvortex_core.data.layouts import KVLayout, detect_layout
-from kvortex_core.data.streams import StreamSet
 
 
 @dataclass
@@ -78,16 +78,16 @@ def engine_probe(which: str = "mla", tokens: int = 8192, unified: bool = True, *
 
 def mark_dmas(record: Callable[[float, Any], None]) -> None:
     """From now on, right before each DMA the transfer engine enqueues, a timing event is recorded
-    on the copy stream and ``record(host time, event)`` called (``StreamSet.copy`` wrapped)."""
-    real_copy = StreamSet.copy
+    on the copy stream and ``record(host time, event)`` called (the engine's ``_payload_range`` wrapped)."""
+    real_range = transfer_mod._payload_range
 
-    def marked_copy(self: StreamSet, dst: torch.Tensor, src: torch.Tensor, stream: Any) -> None:
+    def marked_range(buf: torch.Tensor, u: Any) -> torch.Tensor:
         ev = torch.cuda.Event(enable_timing=True)
-        ev.record(stream)
+        ev.record()
         record(time.perf_counter(), ev)
-        real_copy(self, dst, src, stream)
+        return real_range(buf, u)
 
-    StreamSet.copy = marked_copy  # type: ignore[method-assign]
+    transfer_mod._payload_range = marked_range
 
 
 def gpu_us(fn: Callable[[], Any], reps: int = 50) -> float:

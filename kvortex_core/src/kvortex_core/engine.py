@@ -221,8 +221,7 @@ class KVortexEngine:
 
         t = self.config.transfer
         return TransferEngine(kv_caches, layout, chunk_tokens=self.config.chunk_tokens,
-                              staging_bytes=int(t.staging_bytes), num_streams=t.num_streams, gather=t.gather,
-                              driver_calls=t.driver_calls)
+                              staging_bytes=int(t.staging_bytes), num_streams=t.num_streams, gather=t.gather)
 
     @property
     def layout(self) -> KVLayout | None:

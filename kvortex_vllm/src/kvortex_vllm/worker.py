@@ -128,7 +128,7 @@ class WorkerSide:
                                device=device.index if device.type == "cuda" else None)
         tc = self.config.transfer
         self.engine = TransferEngine(caches, layout, chunk_tokens=chunk, staging_bytes=int(tc.staging_bytes),
-                                     num_streams=tc.num_streams, gather=tc.gather, driver_calls=tc.driver_calls)
+                                     num_streams=tc.num_streams, gather=tc.gather)
         self.layout, self.geometry = layout, geo
         self._host_kv = device.type != "cuda"
         if has_lower_tiers(self.config):

@@ -128,10 +128,6 @@ class TransferConfig(_Section):
     gather: Literal["auto", "strided", "rows", "layers"] = Field(
         "auto", description="how blocks are gathered on the GPU: auto picks per layout (docs/engine.md)"
     )
-    driver_calls: bool = Field(
-        True, description="enqueue event records, stream waits and DMAs through libcuda, keeping the GIL "
-                          "(false: through torch; see docs/engine.md)"
-    )
 
     @field_validator("staging_bytes", mode="before")
     @classmethod

@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 
-from kvortex_core.data.cudadrv import driver
 from kvortex_core.errors import KVortexError
 
 
@@ -42,7 +41,7 @@ class StreamSet:
     With ``num_streams == 1`` both names are the same stream (no overlap inside a direction).
     """
 
-    def __init__(self, device: torch.device, num_streams: int, *, driver_calls: bool = True) -> None:
+    def __init__(self, device: torch.device, num_streams: int) -> None:
         self.device = device
         self.cuda = device.type == "cuda"
         if self.cuda:
@@ -55,8 +54,6 @@ class StreamSet:
         else:
             self.first = self.second = None
         self._handoff: Any = None
-        #: Event records, stream waits and DMAs without letting the GIL go (see data/cudadrv.py).
-        self.drv = driver() if self.cuda and driver_calls else None
         self._spare: deque[Any] = deque()  # completed events, for reuse (thread-safe ends)
         self._deferred: deque[Any] = deque()  # buffers of completed transfers, freed later
 
@@ -91,8 +88,7 @@ class StreamSet:
         if stream is None:
             return None
         event = self._take(busy)
-        if self.drv is None or not self.drv.record(event, stream):
-            event.record(stream)
+        event.record(stream)
         return event
 
     def record_current(self) -> Any:
@@ -100,9 +96,7 @@ class StreamSet:
         if not self.cuda:
             return None
         event = self._take(())
-        stream = current_stream(self.device)
-        if self.drv is None or not self.drv.record(event, stream):
-            event.record(stream)
+        event.record(current_stream(self.device))
         return event
 
     def recycle(self, events: Iterable[Any]) -> None:
@@ -160,24 +154,14 @@ class StreamSet:
             return
         if self._handoff is None:
             self._handoff = torch.cuda.Event()
-        drv = self.drv
-        if drv is None or not drv.record(self._handoff, src):
-            self._handoff.record(src)
-        if drv is None or not drv.wait(dst, self._handoff):
-            dst.wait_event(self._handoff)
+        self._handoff.record(src)
+        dst.wait_event(self._handoff)
 
-    def wait(self, stream: Any, event: Any) -> None:
+    @staticmethod
+    def wait(stream: Any, event: Any) -> None:
         """Order ``stream`` after ``event`` without blocking the host."""
-        if stream is not None and event is not None and (self.drv is None or not self.drv.wait(stream, event)):
+        if stream is not None and event is not None:
             stream.wait_event(event)
-
-    def copy(self, dst: torch.Tensor, src: torch.Tensor, stream: Any) -> None:
-        """``dst.copy_(src)`` enqueued on ``stream`` (a DMA between device and pinned host memory;
-        inline on CPU)."""
-        if self.drv is not None and self.drv.copy(dst, src, stream):
-            return
-        with self.on(stream):
-            dst.copy_(src, non_blocking=True)
 
 
 def event_done(event: Any) -> bool:

@@ -217,9 +217,8 @@ class TransferHandle:
 class _Direction:
     """One direction's streams and double-buffered staging (guarded by its own lock)."""
 
-    def __init__(self, device: torch.device, num_streams: int, half_bytes: int, *, kernels_second: bool,
-                 driver_calls: bool = True) -> None:
-        self.streams = StreamSet(device, num_streams, driver_calls=driver_calls)
+    def __init__(self, device: torch.device, num_streams: int, half_bytes: int, *, kernels_second: bool) -> None:
+        self.streams = StreamSet(device, num_streams)
         #: The stream of this direction's kernels (gathers: first; scatters: second), where its
         #: block ids and row tables are made too: never between two of its DMAs.
         self.kernel_stream: Any = self.streams.second if kernels_second else self.streams.first
@@ -275,7 +274,6 @@ class TransferEngine:
         num_streams: int = 2,
         device: torch.device | str | None = None,
         gather: str = "auto",
-        driver_calls: bool = True,
     ) -> None:
         if chunk_tokens <= 0 or chunk_tokens % layout.block_size:
             raise LayoutError(
@@ -312,8 +310,8 @@ class TransferEngine:
         self._views_t = [v.transpose(0, 1) for v in self.views]
         self._plans: dict[tuple[Any, ...], list[list[_Unit]]] = {}
         self._stage_views: dict[tuple[int, ...], torch.Tensor] = {}
-        self._save = _Direction(self.device, num_streams, half, kernels_second=False, driver_calls=driver_calls)
-        self._load = _Direction(self.device, num_streams, half, kernels_second=True, driver_calls=driver_calls)
+        self._save = _Direction(self.device, num_streams, half, kernels_second=False)
+        self._load = _Direction(self.device, num_streams, half, kernels_second=True)
 
     # ------------------------------------------------------------------ public API
 
@@ -569,8 +567,9 @@ class TransferEngine:
                     with s.on(s.first):
                         self._gather_batch(batch, idx, stage)
                     s.hand_over(s.first, s.second)
-                for u in batch:
-                    s.copy(_payload_range(dst[u.chunk], u), self._stage_bytes(stage, u), s.second)
+                with s.on(s.second):
+                    for u in batch:
+                        _payload_range(dst[u.chunk], u).copy_(self._stage_bytes(stage, u), non_blocking=True)
                 d.free_events[d.turn] = s.record(s.second, d.free_events)
                 handle.other_events.append(d.free_events[d.turn])
                 landed = [u.chunk for u in batch if _last(remaining, u.chunk)]
@@ -699,8 +698,9 @@ class TransferEngine:
         d, src, skips = job.d, job.src, job.skips
         s = d.streams
         stage = self._next_stage(d, None, s.first)
-        for u in batch:
-            s.copy(self._stage_bytes(stage, u), _payload_range(src[u.chunk], u), s.first)
+        with s.on(s.first):
+            for u in batch:
+                self._stage_bytes(stage, u).copy_(_payload_range(src[u.chunk], u), non_blocking=True)
         idx = job.indices()
         s.hand_over(s.first, s.second)
         s.wait(s.second, job.in_use)

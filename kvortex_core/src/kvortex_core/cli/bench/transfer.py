@@ -25,8 +25,6 @@ def transfer(
     parts: Annotated[str, typer.Option(help="comma list: verify,te,engine,bidir,matmul,layerwise,sweep")] =
         "verify,te,engine,bidir,matmul,layerwise,sweep",
     device: Annotated[str, typer.Option(help="cuda, cpu or auto")] = "auto",
-    driver_calls: Annotated[bool, typer.Option(help="stream calls through libcuda, keeping the GIL "
-                                                    "(transfer.driver_calls); off: through torch")] = True,
 ) -> None:
     """Measure save/load GB/s through the transfer engine and KVortexEngine vs raw pinned copies."""
     import torch
@@ -34,7 +32,6 @@ def transfer(
 
     from kvortex_core.cli.bench.common import parse_choices, parse_numbers, write_results
     from kvortex_core.cli.bench.transfer_run import run_all
-    from kvortex_core.data import cudadrv
 
     if device not in ("auto", "cpu", "cuda"):
         raise typer.BadParameter(f"{device!r} is not cuda, cpu or auto", param_hint="--device")
@@ -51,7 +48,6 @@ def transfer(
     if staging_bytes <= 0:
         raise typer.BadParameter(f"{staging!r} must be positive, e.g. 64MiB", param_hint="--staging")
     chosen = parse_choices(parts, "--parts", ("verify", "te", "engine", "bidir", "matmul", "layerwise", "sweep"))
-    cudadrv.set_enabled(driver_calls)
     results: dict[str, Any] = run_all(
         dev, sizes, reps=reps, mla_layers=mla_layers, staging=staging_bytes, parts=set(chosen))
     path = write_results(out, "transfer", results)

@@ -9,7 +9,6 @@ import torch
 
 from kvortex_core.cli.bench import transfer_parts as tp
 from kvortex_core.cli.bench.common import Measurement
-from kvortex_core.data import cudadrv
 from kvortex_core.data.layouts import detect_layout
 from kvortex_core.data.transfer import TransferEngine
 
@@ -26,7 +25,7 @@ def run_all(device: torch.device, sizes: list[int], *, reps: int, mla_layers: in
     res: dict[str, Any] = {
         "device_name": torch.cuda.get_device_name(device) if not cpu else "cpu",
         "sizes": sizes, "reps": reps, "staging_bytes": staging, "chunk_tokens": CHUNK_TOKENS,
-        "rows": [], "cases": {}, "driver_calls": cudadrv.driver() is not None,
+        "rows": [], "cases": {},
     }
     t0 = time.perf_counter()
     if "verify" in parts:
