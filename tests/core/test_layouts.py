@@ -167,3 +167,42 @@ def test_a_kind_hint_that_contradicts_the_dims_hint_is_refused() -> None:
         detect_layout(caches, {"dims": "KBNHD", "kind": "mla"})
     assert detect_layout(caches, {"dims": "KBNHD", "kind": "flash_attn"}).kind == "flash_attn"
     assert detect_layout(caches, {"dims": "KBNHD"}).kind == "custom"
+
+
+@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2], ids=str)
+@pytest.mark.parametrize("name", ["flash_attn_nhd", "unified_LBNHC", "mla"])
+def test_fp8_kept_in_uint8_tensors_with_a_dtype_hint_is_the_same_cache(name: str, fp8: torch.dtype) -> None:
+    """vLLM allocates ``--kv-cache-dtype fp8`` caches as uint8 tensors. With ``{"dtype": ...}``
+    they are that fp8 cache: same layout, namespace and payload bytes as fp8 tensors, so the two
+    share stored chunks; without it they are opaque bytes of their own namespace."""
+    from kvortex_core.data.transfer import TransferEngine
+
+    caches, hints, _ = ks.all_layouts(L, B, N, H, D, fp8, seed=4)[name]
+    as_bytes = [t.view(torch.uint8) for t in caches] if isinstance(caches, list) else caches.view(torch.uint8)
+    real = detect_layout(caches, hints)
+    hinted = detect_layout(as_bytes, {**(hints or {}), "dtype": str(fp8).removeprefix("torch.")})
+    plain = detect_layout(as_bytes, hints)
+    assert hinted == real and hinted.dtype == fp8
+    assert plain.dtype == torch.uint8 and plain.namespace_fields() != real.namespace_fields()
+    ids = [[1, 7, 3, 9]]
+    out = [[torch.zeros(real.chunk_bytes(4 * N), dtype=torch.uint8)] for _ in range(3)]
+    for cache, layout, buf in zip((caches, as_bytes, as_bytes), (real, hinted, plain), out, strict=True):
+        TransferEngine(cache, layout, chunk_tokens=4 * N).save(ids, buf).wait()
+    assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][0], out[2][0])
+
+
+def test_int8_caches_and_the_dtype_hint_checks() -> None:
+    caches, _, block = ks.flash_attn(L, B, N, H, D, torch.float16)
+    i8 = [t.view(torch.int8) for t in caches]  # twice as many one-byte elements per head
+    layout = detect_layout(i8)
+    assert layout.dtype == torch.int8 and layout.head_size == 2 * D and layout.transfer_dtype == torch.uint8
+    assert torch.equal(layer_views(i8, layout)[1][2], block(caches, 1, 2).contiguous().view(torch.uint8))
+    assert detect_layout(i8, {"dtype": torch.float8_e5m2}).dtype == torch.float8_e5m2
+    assert detect_layout(caches, {"dtype": "float16"}).dtype == torch.float16  # the tensors' own: fine
+    for hints, match in (({"dtype": "bfloat16"}, "does not fit KV tensors of dtype int8"),
+                         ({"dtype": "fp9"}, "not a supported KV dtype"),
+                         ({"dtype": torch.int32}, "not a supported KV dtype")):
+        with pytest.raises(LayoutError, match=match):
+            detect_layout(i8, hints)
+    with pytest.raises(LayoutError, match="does not fit KV tensors of dtype float16"):
+        detect_layout(caches, {"dtype": "float8_e4m3fn"})

@@ -330,3 +330,44 @@ def test_vllm_015_cross_layer_registration(tmp_path: Path) -> None:
     h.add("B", a[:70])
     assert h.step().loads == 2
     assert_kv(h, "B", a, 2 * CHUNK)
+
+
+@pytest.mark.parametrize("cache_dtype", ["fp8", "fp8_e5m2"])
+def test_fp8_kv_cache_allocated_as_bytes_saves_and_loads_byte_exact(tmp_path: Path, cache_dtype: str) -> None:
+    """``--kv-cache-dtype fp8`` makes vLLM allocate uint8 KV tensors (its kernels view them as
+    fp8): the connector registers them, keys them as fp8 of the right kind, and a later request
+    loads the saved fp8 bytes exactly."""
+    h = build(tmp_path, cache_dtype=cache_dtype)
+    w = h.workers[0]
+    assert all(t.dtype == torch.uint8 for t in w.caches.values())
+    want = torch.float8_e5m2 if cache_dtype == "fp8_e5m2" else torch.float8_e4m3fn
+    assert w.connector.worker_side.layout.dtype == want
+    a = prompt(21, 80)
+    save_a(h, a)
+    b = a[:70] + prompt(22, 14)
+    h.add("B", b)
+    step = h.step()
+    assert step.loads == 2 and step.computed_before["B"] == 2 * CHUNK
+    assert_kv(h, "B", b, 2 * CHUNK)
+
+
+def test_fp8_kinds_and_the_model_dtype_never_share_keys(tmp_path: Path) -> None:
+    """The same prompt under e4m3, e5m2 and the model's own dtype: three key spaces (the bytes
+    mean different numbers), so one can never load another's KV."""
+    keys = {}
+    for cache_dtype in ("auto", "fp8", "fp8_e5m2"):
+        h = build(tmp_path / cache_dtype, cache_dtype=cache_dtype)
+        keys[cache_dtype] = h.keys_of(prompt(5, 64))[0]
+    assert len(set(keys.values())) == 3
+
+
+@pytest.mark.parametrize("cache_dtype", ["fp8_ds_mla", "int8_per_token_head"])
+def test_kv_cache_dtypes_that_pack_scales_are_a_clear_error(tmp_path: Path, cache_dtype: str) -> None:
+    from vllm.utils.torch_utils import STR_DTYPE_TO_TORCH_DTYPE
+
+    from kvortex_core.errors import ConfigError
+
+    if cache_dtype not in STR_DTYPE_TO_TORCH_DTYPE:
+        pytest.skip(f"this vLLM has no --kv-cache-dtype {cache_dtype}")
+    with pytest.raises(ConfigError, match=f"kv-cache-dtype '{cache_dtype}' is not supported by KVortex"):
+        build(tmp_path, cache_dtype=cache_dtype)

@@ -62,11 +62,11 @@ def write_model_dir(path: Path) -> Path:
 
 
 def make_vllm_config(model_dir: Path, extra: dict[str, Any], *, tp: int = 1, prefix_caching: bool = False,
-                     max_batched: int = 512) -> VllmConfig:
+                     max_batched: int = 512, cache_dtype: str = "auto") -> VllmConfig:
     model = ModelConfig(model=str(model_dir), skip_tokenizer_init=True, dtype="float32", max_model_len=2048)
     sched = SchedulerConfig(max_num_batched_tokens=max_batched, max_num_seqs=8, max_model_len=2048,
                             is_encoder_decoder=False, enable_chunked_prefill=True)
-    cache = CacheConfig(block_size=BLOCK, enable_prefix_caching=prefix_caching)
+    cache = CacheConfig(block_size=BLOCK, enable_prefix_caching=prefix_caching, cache_dtype=cache_dtype)
     ktc = KVTransferConfig(kv_connector="KVortexConnector", kv_connector_module_path="kvortex_vllm.connector",
                            kv_role="kv_both", kv_connector_extra_config=extra)
     ktc.kv_load_failure_policy = "recompute"  # 0.33 defaults to "fail"; a cache miss must recompute
@@ -75,9 +75,9 @@ def make_vllm_config(model_dir: Path, extra: dict[str, Any], *, tp: int = 1, pre
                       parallel_config=ParallelConfig(tensor_parallel_size=tp))
 
 
-def make_kv_cache_config(num_blocks: int, heads_per_rank: int) -> KVCacheConfig:
+def make_kv_cache_config(num_blocks: int, heads_per_rank: int, dtype: torch.dtype = DTYPE) -> KVCacheConfig:
     names = layer_names(L)
-    spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=heads_per_rank, head_size=D, dtype=DTYPE)
+    spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=heads_per_rank, head_size=D, dtype=dtype)
     page = spec.page_size_bytes
     try:  # vLLM 0.30+: one backing allocation, layers at a stride
         from vllm.v1.kv_cache_interface import KVCacheTensor
@@ -95,7 +95,7 @@ def make_kv_cache_config(num_blocks: int, heads_per_rank: int) -> KVCacheConfig:
 
 
 def allocate_kv(kv_cache_config: KVCacheConfig, heads: int, num_blocks: int,
-                order: str = "LBNHC") -> tuple[dict[str, torch.Tensor], Writer, Reader, str]:
+                order: str = "LBNHC", dtype: torch.dtype = DTYPE) -> tuple[dict[str, torch.Tensor], Writer, Reader, str]:
     """KV tensors the way this vLLM version allocates them (its own allocator where it has one).
 
     ``order``: the vLLM 0.30+ physical layout (LBNHC is what the engine core resolves for
@@ -112,7 +112,7 @@ def allocate_kv(kv_cache_config: KVCacheConfig, heads: int, num_blocks: int,
         return caches, write, read, f"vllm allocate_kv_cache ({layout.name})"
     except (ImportError, AttributeError):
         pass
-    caches, write, read = flash_attn_v015(L, num_blocks, BLOCK, heads, D, DTYPE)
+    caches, write, read = flash_attn_v015(L, num_blocks, BLOCK, heads, D, dtype)
     from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend
 
     shape = tuple(FlashAttentionBackend.get_kv_cache_shape(num_blocks, BLOCK, heads, D))
@@ -169,6 +169,10 @@ class Harness:
     workers: list[Worker]
     vllm_config: VllmConfig
     alloc_kind: str
+    #: The KV tensors' dtype; uint8 holds fp8 values as vLLM allocates ``--kv-cache-dtype fp8``.
+    kv_dtype: torch.dtype = DTYPE
+    #: What uint8 caches hold (the fake model writes this type's bytes).
+    fp8: torch.dtype = torch.float8_e4m3fn
     tokens: dict[str, list[int]] = field(default_factory=dict)
     blocks: dict[str, list[int]] = field(default_factory=dict)
     history: list[StepLog] = field(default_factory=list)
@@ -298,7 +302,11 @@ class Harness:
 
     def expected_kv(self, token: int, pos: int, layer: int, w: Worker) -> tuple[torch.Tensor, torch.Tensor]:
         """The fake model's KV for one token, this rank's head shard."""
-        k, v = token_kv(token, pos, layer, H_TOTAL, D, DTYPE)
+        k, v = token_kv(token, pos, layer, H_TOTAL, D, torch.float32)
+        if self.kv_dtype == torch.uint8:
+            k, v = k.to(self.fp8).view(torch.uint8), v.to(self.fp8).view(torch.uint8)
+        else:
+            k, v = k.to(self.kv_dtype), v.to(self.kv_dtype)
         lo = w.rank * w.heads
         return k[lo:lo + w.heads], v[lo:lo + w.heads]
 
@@ -308,7 +316,7 @@ class Harness:
         """Fill every KV block with garbage, as if other requests had reused all blocks."""
         for w in self.workers:
             for t in w.caches.values():
-                t.fill_(-12345.0)
+                t.fill_(0xA5 if t.element_size() == 1 else -12345.0)
 
     def slot_of(self, key: bytes) -> int:
         entry = self.connector.scheduler_side.index.get(key)
@@ -359,13 +367,18 @@ def close_all() -> None:
 
 
 def build(tmp: Path, extra: dict[str, Any] | None = None, *, tp: int = 1, num_blocks: int = 64,
-          prefix_caching: bool = False, max_batched: int = 512, order: str = "LBNHC") -> Harness:
-    """A scheduler with the connector (through kv_connector_module_path) and ``tp`` worker ranks."""
+          prefix_caching: bool = False, max_batched: int = 512, order: str = "LBNHC",
+          cache_dtype: str = "auto") -> Harness:
+    """A scheduler with the connector (through kv_connector_module_path) and ``tp`` worker ranks.
+
+    ``cache_dtype``: vLLM's ``--kv-cache-dtype``; ``fp8``/``fp8_e4m3``/``fp8_e5m2`` caches are
+    uint8 tensors, as vLLM allocates them (``STR_DTYPE_TO_TORCH_DTYPE``)."""
     extra = {"chunk_tokens": 32, "tiers": {"cpu": {"type": "cpu", "capacity": "1MiB"}}, **(extra or {})}
     vc = make_vllm_config(write_model_dir(tmp / "model"), extra, tp=tp, prefix_caching=prefix_caching,
-                          max_batched=max_batched)
+                          max_batched=max_batched, cache_dtype=cache_dtype)
     heads = H_TOTAL // tp
-    kcc = make_kv_cache_config(num_blocks, heads)
+    kv_dtype = torch.uint8 if cache_dtype.startswith("fp8") else DTYPE
+    kcc = make_kv_cache_config(num_blocks, heads, kv_dtype)
     vc.cache_config.num_gpu_blocks = num_blocks
     scheduler = Scheduler(**_scheduler_kwargs(vc, kcc))
     assert isinstance(scheduler.connector, KVortexConnector), type(scheduler.connector)
@@ -375,10 +388,11 @@ def build(tmp: Path, extra: dict[str, Any] | None = None, *, tp: int = 1, num_bl
         wc = copy.deepcopy(vc)
         wc.parallel_config.rank = rank
         conn = KVortexConnector(wc, KVConnectorRole.WORKER, kcc)
-        caches, write, read, kind = allocate_kv(kcc, heads, num_blocks, order)
+        caches, write, read, kind = allocate_kv(kcc, heads, num_blocks, order, kv_dtype)
         conn.register_kv_caches(caches)
         workers.append(Worker(conn, caches, write, read, heads, rank))
-    harness = Harness(scheduler, workers, vc, kind)
+    fp8 = torch.float8_e5m2 if cache_dtype == "fp8_e5m2" else torch.float8_e4m3fn
+    harness = Harness(scheduler, workers, vc, kind, kv_dtype, fp8)
     BUILT.append(harness)
     return harness
 

@@ -142,10 +142,53 @@ def model_shape(vllm_config: Any) -> ModelShape:
     )
 
 
+#: vLLM's ``--kv-cache-dtype`` values KVortex stores, and the element type each means (None:
+#: the platform's fp8). vLLM allocates the fp8 ones as uint8 tensors and int8 as int8; the
+#: workers' layouts name the element type through the ``dtype`` hint (see ``layout_hints``).
+_CACHE_DTYPES: dict[str, str | None] = {
+    "fp8": None, "fp8_e4m3": None, "fp8_e5m2": "float8_e5m2", "fp8_inc": "float8_e4m3fn", "int8": "int8",
+    "bfloat16": "bfloat16", "float16": "float16", "half": "float16", "float32": "float32", "float": "float32",
+}
+
+
 def _cache_dtype(name: str, model_dtype: Any) -> Any:
+    """The element type of ``--kv-cache-dtype name``; a clear error for the quantized formats
+    that pack scales or sub-byte values into the cache (their bytes per token differ from the
+    model's head size, which the scheduler's slot sizes are computed from)."""
     import torch
 
-    table = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2,
-             "bfloat16": torch.bfloat16, "float16": torch.float16, "half": torch.float16,
-             "float32": torch.float32}
-    return table.get(name, model_dtype)
+    if name not in _CACHE_DTYPES:
+        from kvortex_core.errors import ConfigError
+
+        raise ConfigError(
+            f"--kv-cache-dtype {name!r} is not supported by KVortex; use one of auto, "
+            f"{', '.join(_CACHE_DTYPES)} (formats that pack scales or sub-byte values into the cache "
+            "are not stored yet)"
+        )
+    target = _CACHE_DTYPES[name]
+    if target is None:
+        return _platform_fp8()
+    return getattr(torch, target)
+
+
+def _platform_fp8() -> Any:
+    """vLLM's fp8 type on this platform (e4m3fn on CUDA, e4m3fnuz on some ROCm GPUs)."""
+    import torch
+
+    try:
+        from vllm.platforms import current_platform
+
+        return current_platform.fp8_dtype()
+    except Exception:  # noqa: BLE001 - no vLLM platform here (tests, CPU): the CUDA default
+        return torch.float8_e4m3fn
+
+
+def layout_hints(shape: ModelShape) -> dict[str, Any] | None:
+    """Hints for the workers' ``detect_layout``: MLA under vLLM 0.30+ is one latent vector per
+    token (``[B, 1, N, C]``), and the element type of caches vLLM allocates as bytes (fp8, int8)."""
+    hints: dict[str, Any] = {}
+    if shape.kv_count == 1:
+        hints["kv_count"] = 1
+    if shape.element_size == 1:
+        hints["dtype"] = shape.dtype
+    return hints or None

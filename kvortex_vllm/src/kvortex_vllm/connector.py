@@ -126,8 +126,7 @@ class KVortexConnector(KVConnectorBase_V1):
         else:
             self._worker = WorkerSide(self.kv_config, namespace.digest(), tp_rank=_tp_rank(vllm_config),
                                       tp_size=shape.tp_size, stats=self.stats)
-            # MLA stores one latent vector per token: vLLM 0.30+ views it as [B, 1, N, C].
-            self._layout_hints = {"kv_count": 1} if shape.kv_count == 1 else None
+            self._layout_hints = compat.layout_hints(shape)
         # vLLM serves prometheus_client's global registry on its own /metrics.
         self._metrics = start_metrics(self.stats, self.kv_config, expose_global=True)
 

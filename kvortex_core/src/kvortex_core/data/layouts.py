@@ -42,9 +42,13 @@ import torch
 from kvortex_core.errors import LayoutError
 
 _FP8_NAMES = ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+#: One-byte storage types an engine may allocate quantized KV in: vLLM's ``--kv-cache-dtype
+#: fp8`` caches are uint8 tensors (its kernels view them as fp8), its ``int8`` caches int8. The
+#: ``dtype`` hint names what such bytes hold, for the key namespace and the payload header.
+STORAGE_DTYPES: tuple[torch.dtype, ...] = (torch.uint8, torch.int8)
 SUPPORTED_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16) + tuple(
     getattr(torch, n) for n in _FP8_NAMES if hasattr(torch, n)
-)
+) + STORAGE_DTYPES
 
 #: Default ``dims`` per kind.
 KIND_DIMS: dict[str, str] = {
@@ -56,7 +60,7 @@ KIND_DIMS: dict[str, str] = {
     "cross_layer_mla": "BLND",
 }
 _HINT_KEYS = frozenset({"kind", "dims", "kv_count", "head_size_v", "block_size", "num_kv_heads",
-                        "head_size"})
+                        "head_size", "dtype"})
 _DIGITS = re.compile(r"\d+")
 #: Hints whose value is an integer.
 _INT_HINTS = ("kv_count", "head_size_v", "block_size", "num_kv_heads", "head_size")
@@ -89,8 +93,9 @@ class KVLayout:
 
     @property
     def transfer_dtype(self) -> torch.dtype:
-        """The dtype bytes are moved as: fp8 moves as uint8 (same bytes, every op supports it)."""
-        return torch.uint8 if self.is_fp8 else self.dtype
+        """The dtype bytes are moved as: one-byte types (fp8, int8) move as uint8 (same bytes,
+        every op supports it)."""
+        return torch.uint8 if self.element_size == 1 else self.dtype
 
     @property
     def is_mla(self) -> bool:
@@ -330,7 +335,7 @@ def detect_layout(kv_caches: Any, hints: Mapping[str, Any] | None = None) -> KVL
         num_kv_heads=size.get("H", 1),
         head_size=head_size,
         head_size_v=head_size_v,
-        dtype=tensors[0].dtype,
+        dtype=_element_dtype(tensors[0].dtype, hints),
         kv_count=kv_count,
         dims=dims,
         stride_order=_physical_order(tensors[0], dims),
@@ -360,6 +365,27 @@ def _check_hints(hints: Any) -> dict[str, Any]:
             raise LayoutError(f"hint {name}={value!r} must be a positive integer (e.g. {name}=16)")
         out[name] = int(value)
     return out
+
+
+def _element_dtype(storage: torch.dtype, hints: Mapping[str, Any]) -> torch.dtype:
+    """What the KV elements are: the tensors' dtype, or the ``dtype`` hint for one-byte storage."""
+    if "dtype" not in hints:
+        return storage
+    value = hints["dtype"]
+    name = str(value).removeprefix("torch.")
+    dtype = getattr(torch, name, None) if isinstance(value, (str, torch.dtype)) else None
+    supported = [str(d).removeprefix("torch.") for d in SUPPORTED_DTYPES]
+    if not isinstance(dtype, torch.dtype) or dtype not in SUPPORTED_DTYPES:
+        raise LayoutError(f"hint dtype={value!r} is not a supported KV dtype; expected one of {supported}")
+    if dtype == storage:
+        return dtype
+    if storage not in STORAGE_DTYPES or dtype.itemsize != storage.itemsize:
+        raise LayoutError(
+            f"hint dtype={name!r} does not fit KV tensors of dtype {str(storage).removeprefix('torch.')}: "
+            "the hint names what one-byte storage (uint8 or int8 tensors, as vLLM allocates fp8 and "
+            "int8 caches) holds, e.g. {'dtype': 'float8_e4m3fn'}; drop it for other tensors"
+        )
+    return dtype
 
 
 def _split_heads(size: dict[str, int], hints: Mapping[str, Any], shape: tuple[int, ...]) -> tuple[int, int, int | None]:
@@ -407,7 +433,7 @@ def _check_hinted_sizes(layout: KVLayout, hints: Mapping[str, Any]) -> None:
 
 def _logical_view(t: torch.Tensor, dims: str, layout: KVLayout) -> torch.Tensor:
     """View ``t`` as ``[(L,) B, K, N, H, D]`` in the transfer dtype, sharing storage."""
-    t = t.view(layout.transfer_dtype) if layout.is_fp8 else t
+    t = t.view(layout.transfer_dtype) if t.dtype != layout.transfer_dtype else t
     if "C" in dims:
         return _split_c_view(t, dims, layout)
     for letter in "KH":
