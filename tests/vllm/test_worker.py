@@ -62,18 +62,23 @@ def namespace(dtype: torch.dtype) -> KeyNamespace:
 class Rank:
     """One worker rank with its KV tensors and a tiny fake model that writes known KV."""
 
-    def __init__(self, kind: str, device: str, dtype: torch.dtype = torch.bfloat16, **cfg: Any) -> None:
+    def __init__(self, kind: str, device: str, dtype: torch.dtype = torch.bfloat16,
+                 hints: dict[str, Any] | None = None, **cfg: Any) -> None:
         self.caches, self.write, self.read = ALLOCS[kind](dtype, device)
         self.dtype, self.device = dtype, device
-        self.ns = namespace(dtype)
+        self.ns = namespace(getattr(torch, hints["dtype"]) if hints and "dtype" in hints else dtype)
         self.worker = WorkerSide(config(**cfg), self.ns.digest())
-        self.worker.register_kv_caches(self.caches)
+        self.worker.register_kv_caches(self.caches, hints)
         self.step = 0
 
     def compute(self, tokens: list[int], blocks: list[int]) -> None:
         for pos, tok in enumerate(tokens):
             for layer in range(L):
-                k, v = token_kv(tok, pos, layer, H, D, self.dtype, self.device)
+                if self.dtype == torch.uint8:  # fp8 values in byte tensors, as vLLM keeps --kv-cache-dtype fp8
+                    k, v = (x.to(torch.float8_e4m3fn).view(torch.uint8)
+                            for x in token_kv(tok, pos, layer, H, D, torch.float32, self.device))
+                else:
+                    k, v = token_kv(tok, pos, layer, H, D, self.dtype, self.device)
                 self.write(layer, blocks[pos // N], pos % N, k, v)
 
     def kv(self, n: int, blocks: list[int]) -> torch.Tensor:
@@ -131,11 +136,8 @@ def make(ranks: list[Rank], kind: str, device: str, **cfg: Any) -> Rank:
     return ranks[-1]
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("kind", list(ALLOCS))
-@pytest.mark.parametrize("layerwise", [True, False])
-def test_save_then_load_is_byte_exact(ranks: list[Rank], kind: str, device: str, layerwise: bool) -> None:
-    r = make(ranks, kind, device, transfer={"layerwise": layerwise})
+def _roundtrip(r: Rank) -> None:
+    """Save three chunks of known KV, zero the cache, load them into other blocks: same bytes."""
     tokens = list(range(100, 100 + 3 * CHUNK))
     keys = ChunkHasher(r.ns, CHUNK).keys(tokens)
     a_blocks = list(range(1, 1 + 3 * BPC))
@@ -153,6 +155,22 @@ def test_save_then_load_is_byte_exact(ranks: list[Rank], kind: str, device: str,
     got = r.kv(3 * CHUNK, b_blocks)
     assert got.cpu().view(torch.uint8).numpy().tobytes() == want.cpu().view(torch.uint8).numpy().tobytes()
     assert r.worker.counters.saved_chunks == 3 and r.worker.counters.loaded_chunks == 3
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", list(ALLOCS))
+@pytest.mark.parametrize("layerwise", [True, False])
+def test_save_then_load_is_byte_exact(ranks: list[Rank], kind: str, device: str, layerwise: bool) -> None:
+    _roundtrip(make(ranks, kind, device, transfer={"layerwise": layerwise}))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["v015_flash_attn_nhd", "v015_cross_layer_hnd", "v033_unified_LBNHC"])
+def test_fp8_values_in_byte_tensors_save_and_load_byte_exact(ranks: list[Rank], kind: str, device: str) -> None:
+    """``--kv-cache-dtype fp8``: vLLM hands uint8 tensors, the connector hints their fp8 kind."""
+    r = make(ranks, kind, device, dtype=torch.uint8, hints={"dtype": "float8_e4m3fn"})
+    assert r.worker.layout is not None and r.worker.layout.dtype == torch.float8_e4m3fn
+    _roundtrip(r)
 
 
 @pytest.mark.parametrize("device", DEVICES)
