@@ -371,3 +371,23 @@ def test_kv_cache_dtypes_that_pack_scales_are_a_clear_error(tmp_path: Path, cach
         pytest.skip(f"this vLLM has no --kv-cache-dtype {cache_dtype}")
     with pytest.raises(ConfigError, match=f"kv-cache-dtype '{cache_dtype}' is not supported by KVortex"):
         build(tmp_path, cache_dtype=cache_dtype)
+
+
+def test_a_hybrid_kv_cache_with_several_groups_is_refused_at_start(tmp_path: Path) -> None:
+    """Forced-on hybrid KV cache manager: each group of layers has its own block table, which one
+    set of block ids would mix up; both roles stop at start with what to do."""
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+    from vllm_harness import DTYPE, H_TOTAL, D, make_vllm_config, write_model_dir
+
+    from kvortex_core.errors import ConfigError
+    from kvortex_vllm.connector import KVortexConnector
+
+    vc = make_vllm_config(write_model_dir(tmp_path / "model"), {"chunk_tokens": CHUNK})
+    spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=H_TOTAL, head_size=D, dtype=DTYPE)
+    kcc = KVCacheConfig(num_blocks=64, kv_cache_tensors=[], kv_cache_groups=[
+        KVCacheGroupSpec(["model.layers.0.self_attn.attn"], spec),
+        KVCacheGroupSpec(["model.layers.1.self_attn.attn"], spec)])
+    for role in (KVConnectorRole.SCHEDULER, KVConnectorRole.WORKER):
+        with pytest.raises(ConfigError, match="2 KV cache groups.*--disable-hybrid-kv-cache-manager"):
+            KVortexConnector(vc, role, kcc)

@@ -71,6 +71,23 @@ def load_config(vllm_config: VllmConfig) -> KVortexConfig:
     return KVortexConfig(**extra)
 
 
+def _check_one_group(kv_cache_config: KVCacheConfig | None) -> None:
+    """One group of attention layers, one block table: KVortex moves every layer's KV with the
+    block ids of group 0. vLLM turns its hybrid KV cache manager off for connectors without
+    ``SupportsHMA`` (this one) unless the user forces it on; with several groups (sliding-window
+    and full attention, or Mamba layers, each with its own blocks) the other groups' layers would
+    be saved from and loaded into the wrong blocks, so start-up stops instead."""
+    groups = getattr(kv_cache_config, "kv_cache_groups", None) or ()
+    if len(groups) > 1:
+        from kvortex_core.errors import ConfigError
+
+        raise ConfigError(
+            f"this model has {len(groups)} KV cache groups (hybrid attention: each group of layers "
+            "has its own block table), and KVortex stores one group; start vLLM without "
+            "--enable-hybrid-kv-cache-manager (or with --disable-hybrid-kv-cache-manager)"
+        )
+
+
 def build_namespace(config: KVortexConfig, shape: compat.ModelShape) -> KeyNamespace:
     """The key namespace: model, dtype, canonical layout, shape and TP size (rank-independent)."""
     return KeyNamespace(
@@ -102,6 +119,7 @@ class KVortexConnector(KVConnectorBase_V1):
         self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig | None = None,
     ) -> None:
         super().__init__(vllm_config, role, kv_cache_config)
+        _check_one_group(kv_cache_config)
         self.kv_config = load_config(vllm_config)
         configure_logging(self.kv_config.log_level)
         shape = compat.model_shape(vllm_config)
