@@ -391,3 +391,18 @@ def test_a_hybrid_kv_cache_with_several_groups_is_refused_at_start(tmp_path: Pat
     for role in (KVConnectorRole.SCHEDULER, KVConnectorRole.WORKER):
         with pytest.raises(ConfigError, match="2 KV cache groups.*--disable-hybrid-kv-cache-manager"):
             KVortexConnector(vc, role, kcc)
+
+
+def test_pipeline_parallelism_is_refused_at_start(tmp_path: Path) -> None:
+    """Two pipeline stages of one TP rank would store different layers under the same keys."""
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+    from vllm_harness import H_TOTAL, make_kv_cache_config, make_vllm_config, write_model_dir
+
+    from kvortex_core.errors import ConfigError
+    from kvortex_vllm.connector import KVortexConnector
+
+    vc = make_vllm_config(write_model_dir(tmp_path / "model"), {"chunk_tokens": CHUNK})
+    vc.parallel_config.pipeline_parallel_size = 2
+    for role in (KVConnectorRole.SCHEDULER, KVConnectorRole.WORKER):
+        with pytest.raises(ConfigError, match="pipeline_parallel_size=2 is not supported"):
+            KVortexConnector(vc, role, make_kv_cache_config(64, H_TOTAL))

@@ -88,6 +88,22 @@ def _check_one_group(kv_cache_config: KVCacheConfig | None) -> None:
         )
 
 
+def _check_no_pipeline_stages(vllm_config: VllmConfig) -> None:
+    """Keys name a tensor-parallel rank's share of every layer; a pipeline stage holds only some
+    layers, and stage 0 and stage 1 of one TP rank would write different layers' KV under the
+    same keys of a shared lower tier (a later load would bring back the other stage's layers,
+    checksums intact). Until stages are keyed apart, start-up stops."""
+    pp = int(getattr(vllm_config.parallel_config, "pipeline_parallel_size", 1) or 1)
+    if pp > 1:
+        from kvortex_core.errors import ConfigError
+
+        raise ConfigError(
+            f"pipeline_parallel_size={pp} is not supported by KVortex yet (it keys each "
+            "tensor-parallel rank's KV of all layers, not a pipeline stage's); serve with "
+            "pipeline_parallel_size=1 (tensor parallelism is supported)"
+        )
+
+
 def build_namespace(config: KVortexConfig, shape: compat.ModelShape) -> KeyNamespace:
     """The key namespace: model, dtype, canonical layout, shape and TP size (rank-independent)."""
     return KeyNamespace(
@@ -120,6 +136,7 @@ class KVortexConnector(KVConnectorBase_V1):
     ) -> None:
         super().__init__(vllm_config, role, kv_cache_config)
         _check_one_group(kv_cache_config)
+        _check_no_pipeline_stages(vllm_config)
         self.kv_config = load_config(vllm_config)
         configure_logging(self.kv_config.log_level)
         shape = compat.model_shape(vllm_config)
