@@ -406,3 +406,59 @@ def test_pipeline_parallelism_is_refused_at_start(tmp_path: Path) -> None:
     for role in (KVConnectorRole.SCHEDULER, KVConnectorRole.WORKER):
         with pytest.raises(ConfigError, match="pipeline_parallel_size=2 is not supported"):
             KVortexConnector(vc, role, make_kv_cache_config(64, H_TOTAL))
+
+
+def test_layers_reusing_another_layers_kv_are_stored_once(tmp_path: Path) -> None:
+    """Models with cross-layer KV sharing (Gemma 3n): vLLM's KV config lists only the layers that
+    own a cache, and hands the connector the owner's tensor under the sharing layer's name too.
+    The connector stores it once, and a wait for the sharing layer waits for its owner."""
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+    from vllm_harness import (
+        H_TOTAL,
+        allocate_kv,
+        make_kv_cache_config,
+        make_vllm_config,
+        write_model_dir,
+    )
+    from vllm_kv_alloc import layer_names
+
+    vc = make_vllm_config(write_model_dir(tmp_path / "model"), {"chunk_tokens": CHUNK})
+    kcc = make_kv_cache_config(64, H_TOTAL, layers=1)
+    from kvortex_vllm.connector import KVortexConnector
+
+    conn = KVortexConnector(vc, KVConnectorRole.WORKER, kcc)
+    caches, _, _, _ = allocate_kv(kcc, H_TOTAL, 64)
+    first, second = layer_names(2)
+    assert list(caches) == [first]
+    caches[second] = caches[first]  # as vLLM's initialize_kv_cache_tensors aliases a sharing layer
+    conn.register_kv_caches(caches)
+    ws = conn.worker_side
+    assert ws.layout is not None and ws.layout.num_layers == 1
+    assert ws.layer_index == {first: 0, second: 0}
+    conn.shutdown()
+
+
+def test_caches_that_disagree_with_the_model_config_stop_start_up(tmp_path: Path) -> None:
+    """A registered cache whose chunks differ from what the scheduler sizes slots and keys by
+    (here: a layer missing) is a clear error at registration, not a refused plan every step."""
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+    from vllm_harness import (
+        H_TOTAL,
+        allocate_kv,
+        make_kv_cache_config,
+        make_vllm_config,
+        write_model_dir,
+    )
+
+    from kvortex_core.errors import LayoutError
+    from kvortex_vllm.connector import KVortexConnector
+
+    vc = make_vllm_config(write_model_dir(tmp_path / "model"), {"chunk_tokens": CHUNK})
+    kcc = make_kv_cache_config(64, H_TOTAL)
+    conn = KVortexConnector(vc, KVConnectorRole.WORKER, kcc)
+    caches, _, _, _ = allocate_kv(kcc, H_TOTAL, 64)
+    one = dict(list(caches.items())[:1])
+    with pytest.raises(LayoutError, match=r"hold chunks of \(1, 2, 32, 2, 16\).*model config says \(2, 2, 32, 2, 16\)"):
+        conn.register_kv_caches(one)
+    assert conn.worker_side.pool is None  # refused before the pinned pool was allocated
+    conn.shutdown()

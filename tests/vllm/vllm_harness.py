@@ -75,8 +75,12 @@ def make_vllm_config(model_dir: Path, extra: dict[str, Any], *, tp: int = 1, pre
                       parallel_config=ParallelConfig(tensor_parallel_size=tp))
 
 
-def make_kv_cache_config(num_blocks: int, heads_per_rank: int, dtype: torch.dtype = DTYPE) -> KVCacheConfig:
-    names = layer_names(L)
+def make_kv_cache_config(num_blocks: int, heads_per_rank: int, dtype: torch.dtype = DTYPE,
+                         layers: int = L) -> KVCacheConfig:
+    """``layers``: how many of the model's layers own a KV cache (the rest reuse one, as with
+    ``kv_sharing_target_layer_name``: vLLM leaves them out of the config)."""
+    names = layer_names(layers)
+    L = layers
     spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=heads_per_rank, head_size=D, dtype=dtype)
     page = spec.page_size_bytes
     try:  # vLLM 0.30+: one backing allocation, layers at a stride

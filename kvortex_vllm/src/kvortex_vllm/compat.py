@@ -116,8 +116,13 @@ class ModelShape:
         return f"LKTHD-kv{self.kv_count}"
 
 
-def model_shape(vllm_config: Any) -> ModelShape:
-    """Read the model shape from a ``VllmConfig`` (works on 0.15 and 0.33)."""
+def model_shape(vllm_config: Any, kv_cache_config: Any = None) -> ModelShape:
+    """Read the model shape from a ``VllmConfig`` (works on 0.15 and 0.33).
+
+    The layers counted are those with a KV cache of their own: the layer names of the KV cache
+    group when ``kv_cache_config`` has one (a layer that reuses another's KV, as Gemma 3n's do,
+    is not in it, and its alias tensor is stored once by the workers), else the model's layers.
+    """
     import torch
 
     mc = vllm_config.model_config
@@ -132,7 +137,7 @@ def model_shape(vllm_config: Any) -> ModelShape:
         model_id=str(mc.model),
         revision=str(getattr(mc, "revision", None) or ""),
         dtype=str(dtype).removeprefix("torch."),
-        num_layers=mc.get_num_layers(pc),
+        num_layers=_kv_layers(kv_cache_config) or mc.get_num_layers(pc),
         num_kv_heads=1 if use_mla else mc.get_num_kv_heads(pc),
         head_size=mc.get_head_size(),
         kv_count=1 if use_mla else 2,
@@ -140,6 +145,14 @@ def model_shape(vllm_config: Any) -> ModelShape:
         tp_size=pc.tensor_parallel_size,
         block_size=cc.block_size,
     )
+
+
+def _kv_layers(kv_cache_config: Any) -> int:
+    """Layers of the one KV cache group, 0 when unknown (no config, or not one group)."""
+    groups = getattr(kv_cache_config, "kv_cache_groups", None) or ()
+    if len(groups) != 1:
+        return 0
+    return len(getattr(groups[0], "layer_names", None) or ())
 
 
 #: vLLM's ``--kv-cache-dtype`` values KVortex stores, and the element type each means (None:

@@ -139,7 +139,8 @@ class KVortexConnector(KVConnectorBase_V1):
         _check_no_pipeline_stages(vllm_config)
         self.kv_config = load_config(vllm_config)
         configure_logging(self.kv_config.log_level)
-        shape = compat.model_shape(vllm_config)
+        shape = compat.model_shape(vllm_config, kv_cache_config)
+        self._shape = shape
         namespace = build_namespace(self.kv_config, shape)
         self._scheduler: SchedulerSide | None = None
         self._worker: WorkerSide | None = None
@@ -196,7 +197,7 @@ class KVortexConnector(KVConnectorBase_V1):
     # ------------------------------------------------------------------ worker side
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        self.worker_side.register_kv_caches(kv_caches, self._layout_hints)
+        self.worker_side.register_kv_caches(kv_caches, self._layout_hints, self._check_layout)
 
     def register_cross_layers_kv_cache(self, kv_cache: torch.Tensor, attn_backend: Any = None) -> None:
         """vLLM 0.15-era hook: one tensor for all layers, physically permuted by the backend."""
@@ -210,7 +211,23 @@ class KVortexConnector(KVConnectorBase_V1):
         names = [n for t in getattr(kcc, "kv_cache_tensors", None) or () for n in getattr(t, "shared_by", ())[:1]]
         if len(names) != len(views):
             names = [f"layer.{i}" for i in range(len(views))]
-        self.worker_side.register_kv_caches(dict(zip(names, views, strict=True)), self._layout_hints)
+        self.worker_side.register_kv_caches(dict(zip(names, views, strict=True)), self._layout_hints,
+                                            self._check_layout)
+
+    def _check_layout(self, layout: Any) -> None:
+        """The registered tensors must hold what the scheduler sizes slots and keys by: else every
+        step's plan would be refused (or worse), so start-up stops here, before the pool is made."""
+        from kvortex_core.errors import LayoutError
+
+        chunk = self.kv_config.chunk_tokens
+        got = (tuple(layout.chunk_payload_shape(chunk)), str(layout.dtype).removeprefix("torch."))
+        want = (tuple(self._shape.payload_shape(chunk)), self._shape.dtype)
+        if got != want:
+            raise LayoutError(
+                f"the KV caches vLLM registered hold chunks of {got[0]} {got[1]} (layers, kv, tokens, "
+                f"heads, head size) but the model config says {want[0]} {want[1]}; KVortex cannot store "
+                "this model's KV cache (please report the model and vLLM version)"
+            )
 
     def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
         super().bind_connector_metadata(connector_metadata)

@@ -21,6 +21,7 @@ import concurrent.futures
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,15 +107,31 @@ class WorkerSide:
 
     # ------------------------------------------------------------------ setup
 
-    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor] | Any, hints: dict[str, Any] | None = None) -> KVLayout:
-        """Detect the layout, allocate this rank's pool and build the transfer engine."""
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor] | Any, hints: dict[str, Any] | None = None,
+                           check: Callable[[KVLayout], None] | None = None) -> KVLayout:
+        """Detect the layout, allocate this rank's pool and build the transfer engine.
+
+        ``check``: called with the detected layout before anything is allocated (raises to refuse it).
+        """
         if isinstance(kv_caches, dict):
             ordered = ordered_layers(kv_caches)  # layer order, as KVortexEngine takes a dict
-            self.layer_index = {name: i for i, (name, _) in enumerate(ordered)}
-            caches: Any = [t for _, t in ordered]
+            caches: Any = []
+            self.layer_index = {}
+            owner: dict[tuple[Any, ...], int] = {}
+            for name, t in ordered:
+                # vLLM hands layers that reuse another layer's KV (kv_sharing_target_layer_name,
+                # e.g. Gemma 3n) as the target's own tensor under their name: stored once, and
+                # their load waits are the target's
+                ident = (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device)
+                if ident not in owner:
+                    owner[ident] = len(caches)
+                    caches.append(t)
+                self.layer_index[name] = owner[ident]
         else:
             caches = kv_caches
         layout = detect_layout(caches, hints)
+        if check is not None:
+            check(layout)
         chunk = self.config.chunk_tokens
         if chunk % layout.block_size:
             raise LayoutError(
