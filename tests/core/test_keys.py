@@ -186,3 +186,28 @@ def test_keys_identical_across_processes() -> None:
                               text=True, check=True, timeout=120)
         outs.append(done.stdout)
     assert outs[0] == outs[1] == outs[2] and outs[0].count("\n") == 3
+
+
+def test_request_seed_and_chunk_extras_follow_the_documented_derivation() -> None:
+    """A request seed (LoRA, cache salt) changes every key; a chunk's extra bytes (multimodal
+    content) change that chunk's key and, through the chain, every later one; recomputed with
+    hashlib from the documented bytes."""
+    toks = tokens(3 * 256, seed=9)
+    h = ChunkHasher(NS, 256)
+    plain = h.keys(toks)
+    seed = hashlib.sha256(b"kvortex-seed\0sha256\0" + NS.digest()).digest()
+    req_seed = hashlib.sha256(seed + b"\0kvortex-request\0" + b"lora:x").digest()
+    assert h.request_seed(b"lora:x") == req_seed
+    expected, prev = [], req_seed
+    for i in range(3):
+        chunk = np.asarray(toks[i * 256:(i + 1) * 256], dtype="<u4").tobytes()
+        if i == 1:
+            chunk += b"\0kvortex-extra\0" + b"img-7"
+        prev = hashlib.sha256(prev + chunk).digest()
+        expected.append(prev)
+    got = h.keys(toks, prefix=req_seed, extras={1: b"img-7"})
+    assert got == expected
+    only_extra = h.keys(toks, extras={1: b"img-7"})
+    assert only_extra[0] == plain[0] and only_extra[1] != plain[1] and only_extra[2] != plain[2]
+    assert h.keys(toks, extras={1: b"img-8"})[1:] != only_extra[1:]
+    assert all(a != b for a, b in zip(h.keys(toks, prefix=h.request_seed(b"lora:y")), got, strict=True))

@@ -462,3 +462,56 @@ def test_caches_that_disagree_with_the_model_config_stop_start_up(tmp_path: Path
         conn.register_kv_caches(one)
     assert conn.worker_side.pool is None  # refused before the pinned pool was allocated
     conn.shutdown()
+
+
+def test_a_cache_salt_keeps_requests_of_other_salts_from_loading(tmp_path: Path) -> None:
+    """vLLM's per-request ``cache_salt`` isolates prefix caches between tenants: a request of one
+    salt never loads chunks another salt saved; the same salt does, byte-exact."""
+    h = build(tmp_path)
+    a = prompt(31, 80)
+    h.add("A", a, cache_salt="tenant-1")
+    h.run()
+    h.scrub()
+    h.add("B", a[:70], cache_salt="tenant-2")
+    assert h.step().loads == 0
+    h.add("C", a[:70])  # no salt: another key space too
+    assert h.step().loads == 0
+    h.add("D", a[:70], cache_salt="tenant-1")
+    step = h.step()
+    assert step.loads == 2 and step.computed_before["D"] == 2 * CHUNK
+    assert_kv(h, "D", a[:70], 2 * CHUNK)
+
+
+def test_lora_adapters_and_multimodal_items_get_keys_of_their_own(tmp_path: Path) -> None:
+    """The KV of a prompt depends on the LoRA adapter (name and weights path) and on the content
+    behind multimodal placeholder tokens (the same token ids for any image): keys differ exactly
+    where the KV does, on vLLM's own request objects."""
+    from vllm.lora.request import LoRARequest
+    from vllm.multimodal.inputs import MultiModalFeatureSpec, PlaceholderRange
+    from vllm_harness import make_request
+
+    h = build(tmp_path)
+    side = h.connector.scheduler_side
+    toks = prompt(41, 4 * CHUNK)
+
+    def keys(req_id: str, **extra: object) -> list[bytes]:
+        return side._keys(make_request(req_id, toks, **extra), toks)
+
+    def image(ident: str, offset: int, length: int = 20) -> list[MultiModalFeatureSpec]:
+        return [MultiModalFeatureSpec(data=None, modality="image", identifier=ident,
+                                      mm_position=PlaceholderRange(offset=offset, length=length))]
+
+    plain = keys("p")
+    assert plain == side.hasher.keys(toks)  # nothing extra: the plain chain
+    lora_a = keys("a", lora_request=LoRARequest("sql", 1, "/adapters/sql"))
+    assert lora_a == keys("a2", lora_request=LoRARequest("sql", 7, "/adapters/sql"))  # the id is a server's
+    assert len({lora_a[0], plain[0], keys("b", lora_request=LoRARequest("sql", 1, "/adapters/sql-v2"))[0],
+                keys("c", lora_request=LoRARequest("chat", 1, "/adapters/sql"))[0]}) == 4
+    img1 = keys("i1", mm_features=image("img-1", CHUNK + 5))
+    img2 = keys("i2", mm_features=image("img-2", CHUNK + 5))
+    moved = keys("i3", mm_features=image("img-1", CHUNK + 6))
+    assert img1[0] == img2[0] == plain[0]  # before the image: the same KV, the same key
+    assert len({img1[1], img2[1], moved[1], plain[1]}) == 4  # the image's chunk, and every later one
+    assert img1[3] != img2[3] and img1[3] != plain[3]
+    spanning = keys("i4", mm_features=image("img-1", CHUNK - 4, 10))  # placeholders over two chunks
+    assert spanning[0] != plain[0] and spanning[1] != plain[1]

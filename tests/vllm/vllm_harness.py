@@ -133,9 +133,10 @@ def _block_hasher() -> Any:
     return get_request_block_hasher(BLOCK, sha256)
 
 
-def make_request(req_id: str, prompt: list[int], max_tokens: int = 1) -> Request:
+def make_request(req_id: str, prompt: list[int], max_tokens: int = 1, **extra: Any) -> Request:
+    """A vLLM request; ``extra``: more of ``Request``'s arguments (``cache_salt``, ``lora_request``...)."""
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
-    kwargs: dict[str, Any] = {"block_hasher": _block_hasher()}
+    kwargs: dict[str, Any] = {"block_hasher": _block_hasher(), **extra}
     if "eos_token_id" in inspect.signature(Request).parameters:
         kwargs["eos_token_id"] = EOS
     return Request(req_id, prompt, params, None, **kwargs)
@@ -196,9 +197,9 @@ class Harness:
         for w in self.workers:
             w.connector.shutdown()
 
-    def add(self, req_id: str, prompt: list[int], max_tokens: int = 1) -> None:
+    def add(self, req_id: str, prompt: list[int], max_tokens: int = 1, **extra: Any) -> None:
         self.tokens[req_id] = list(prompt)
-        self.scheduler.add_request(make_request(req_id, prompt, max_tokens))
+        self.scheduler.add_request(make_request(req_id, prompt, max_tokens, **extra))
 
     def abort(self, req_id: str) -> None:
         from vllm.v1.request import RequestStatus

@@ -22,6 +22,48 @@ def prompt_token_ids(request: Any) -> list[int]:
     return list(ids) if ids is not None else []
 
 
+def key_extras(request: Any, chunk_tokens: int) -> tuple[bytes, dict[int, bytes]] | None:
+    """What decides a request's KV besides its token ids, for its chunk keys.
+
+    Returns ``(request bytes, {chunk index: bytes})``: the LoRA adapter (name and path: a name
+    re-pointed at other weights is another adapter) and the per-request ``cache_salt`` change
+    every chunk; a multimodal item (image, audio...) changes the chunks its placeholder tokens
+    overlap (the same placeholder ids stand for any image), and the chain carries it to every
+    later chunk. None when the request cannot be keyed safely (an item without a content hash).
+    Reads ``mm_features`` (vLLM 0.2x+) or the older ``mm_hashes`` / ``mm_positions``.
+    """
+    parts: list[bytes] = []
+    lora = getattr(request, "lora_request", None)
+    if lora is not None:
+        parts.append(_field(b"lora", getattr(lora, "lora_name", ""), getattr(lora, "lora_path", "")))
+    salt = getattr(request, "cache_salt", None)
+    if salt:
+        parts.append(_field(b"salt", salt))
+    features = getattr(request, "mm_features", None)
+    if features:
+        items = [(f.identifier, f.mm_position) for f in features]
+    else:
+        items = list(zip(getattr(request, "mm_hashes", None) or (), getattr(request, "mm_positions", None) or (),
+                         strict=False))
+    per_chunk: dict[int, bytes] = {}
+    for ident, pos in items:
+        if not ident:
+            return None
+        offset, length = int(pos.offset), int(pos.length)
+        for c in range(offset // chunk_tokens, (offset + max(length, 1) - 1) // chunk_tokens + 1):
+            per_chunk[c] = per_chunk.get(c, b"") + _field(b"mm", ident, offset - c * chunk_tokens, length)
+    return b"".join(parts), per_chunk
+
+
+def _field(tag: bytes, *values: Any) -> bytes:
+    """``tag`` and each value, length-prefixed: no two different lists encode alike."""
+    out = [tag]
+    for v in values:
+        b = str(v).encode("utf-8", "surrogatepass")
+        out.append(len(b).to_bytes(4, "little") + b)
+    return len(out).to_bytes(2, "little") + b"".join(out)
+
+
 def first_group(block_ids: Any) -> list[int]:
     """Block ids of KV cache group 0 from a tuple-of-lists (or None)."""
     if not block_ids:

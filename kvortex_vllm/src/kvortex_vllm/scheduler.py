@@ -108,9 +108,19 @@ class SchedulerSide:
         st = self._requests.get(req_id)
         if st is None:
             prompt = list(compat.prompt_token_ids(request))
-            st = _Request(req_id, prompt, self.hasher.keys(prompt))
+            st = _Request(req_id, prompt, self._keys(request, prompt))
             self._requests[req_id] = st
         return st
+
+    def _keys(self, request: Any, prompt: list[int]) -> list[bytes]:
+        """The request's chunk keys: its tokens, and its LoRA adapter, cache salt and multimodal
+        items (``compat.key_extras``); no keys (no hits, no saves) when it cannot be keyed safely."""
+        extras = compat.key_extras(request, self.chunk_tokens)
+        if extras is None:
+            return []
+        whole, per_chunk = extras
+        prefix = self.hasher.request_seed(whole) if whole else None
+        return self.hasher.keys(prompt, prefix=prefix, extras=per_chunk or None)
 
     def stored_prefix(self, keys: Sequence[bytes]) -> tuple[int, list[bool]]:
         """Leading chunks loadable now, and per key whether it is in the cpu tier.
@@ -136,7 +146,7 @@ class SchedulerSide:
         """
         st = self._state(request)
         # vLLM must compute at least one prompt token to sample from: cap below the last one.
-        usable = max(len(st.prompt) - 1, 0) // self.chunk_tokens
+        usable = min(max(len(st.prompt) - 1, 0) // self.chunk_tokens, len(st.keys))
         hit, in_cpu = self.stored_prefix(st.keys[:usable])
         if hit < usable and self.tiers is not None:
             if self._should_ask_again(st, st.keys[hit]):
@@ -259,7 +269,7 @@ class SchedulerSide:
 
     def _plan_saves(self, st: _Request, computed: int) -> list[SaveSpec]:
         """Save every prompt chunk that is fully computed after this step and not yet stored."""
-        full = min(computed, len(st.prompt)) // self.chunk_tokens
+        full = min(min(computed, len(st.prompt)) // self.chunk_tokens, len(st.keys))
         bpc = self.blocks_per_chunk
         saves: list[SaveSpec] = []
         while st.saved_upto < full:

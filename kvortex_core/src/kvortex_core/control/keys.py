@@ -16,7 +16,7 @@ import array
 import hashlib
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -136,6 +136,8 @@ def _ndarray_bytes(arr: Any) -> bytes | memoryview:
 
 #: Ends the hashed bytes of a partial chunk, before its padded token count.
 _PARTIAL_TAG = b"\0kvortex-partial\0"
+#: Precedes a chunk's extra bytes (see ``ChunkHasher.keys``).
+_EXTRA_TAG = b"\0kvortex-extra\0"
 
 
 class ChunkHasher:
@@ -168,12 +170,22 @@ class ChunkHasher:
         whole, rest = divmod(max(n_tokens, 0), self.chunk_tokens)
         return whole + (1 if rest and self.store_partial else 0)
 
+    def request_seed(self, extra: bytes) -> bytes:
+        """The chain seed of a request whose KV depends on more than its tokens and the namespace
+        (a LoRA adapter, a per-request cache salt): pass it as ``keys(..., prefix=...)``. Every
+        key of such a request differs from the plain request's and from another ``extra``'s."""
+        return self._digest(self.seed + b"\0kvortex-request\0" + extra)
+
     def keys(self, token_ids: Any, *, prefix: bytes | None = None,
-             start_chunk: int = 0) -> list[bytes]:
+             start_chunk: int = 0, extras: Mapping[int, bytes] | None = None) -> list[bytes]:
         """One key per whole chunk (plus the trailing partial one when ``store_partial``).
 
         ``prefix``/``start_chunk`` resume a chain: pass the key of chunk ``start_chunk - 1`` and
         only chunks from ``start_chunk`` on are hashed (for a request that grew).
+
+        ``extras``: chunk index -> bytes that also decide that chunk's KV beyond its token ids
+        (the content behind multimodal placeholder tokens); hashed into that chunk's key, and so,
+        through the chain, into every later one.
 
         A partial chunk's payload is laid out over its whole blocks, so its key also names their
         token count: engines whose block sizes pad it differently never share it (one with
@@ -189,6 +201,8 @@ class ChunkHasher:
             if len(part) < step:  # the trailing partial chunk
                 rows = -(-(len(part) // 4) // self.block_size) * self.block_size
                 part = bytes(part) + _PARTIAL_TAG + rows.to_bytes(4, "little")
+            if extras and i in extras:
+                part = bytes(part) + _EXTRA_TAG + extras[i]
             prev = digest(prev + part)
             out.append(prev)
         return out
