@@ -211,3 +211,10 @@ def test_request_seed_and_chunk_extras_follow_the_documented_derivation() -> Non
     assert only_extra[0] == plain[0] and only_extra[1] != plain[1] and only_extra[2] != plain[2]
     assert h.keys(toks, extras={1: b"img-8"})[1:] != only_extra[1:]
     assert all(a != b for a, b in zip(h.keys(toks, prefix=h.request_seed(b"lora:y")), got, strict=True))
+
+
+def test_a_namespace_variant_changes_the_digest_and_an_empty_one_is_not_encoded() -> None:
+    assert b"variant" not in NS.canonical()
+    with_variant = replace(NS, variant='{"weights":"float16"}')
+    assert b'"variant":' in with_variant.canonical() and with_variant.digest() != NS.digest()
+    assert replace(NS, variant="").digest() == NS.digest()

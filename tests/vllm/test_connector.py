@@ -515,3 +515,26 @@ def test_lora_adapters_and_multimodal_items_get_keys_of_their_own(tmp_path: Path
     assert img1[3] != img2[3] and img1[3] != plain[3]
     spanning = keys("i4", mm_features=image("img-1", CHUNK - 4, 10))  # placeholders over two chunks
     assert spanning[0] != plain[0] and spanning[1] != plain[1]
+
+
+def test_servers_whose_weights_or_rope_differ_never_share_keys(tmp_path: Path) -> None:
+    """Same model files and tokens, other numerics: fp16 instead of fp32 weights, another RoPE
+    theta. Their KV differs, so a shared lower tier must never hand one the other's chunks."""
+    from vllm.config import ModelConfig
+    from vllm_harness import write_model_dir
+
+    from kvortex_core.config import KVortexConfig
+    from kvortex_vllm import compat
+    from kvortex_vllm.connector import build_namespace
+
+    model = str(write_model_dir(tmp_path / "model"))
+
+    def digest(**kw: object) -> bytes:
+        mc = ModelConfig(model=model, skip_tokenizer_init=True, max_model_len=2048, **kw)
+        return build_namespace(KVortexConfig(), compat.ModelShape(
+            model_id=model, revision="", dtype="float32", num_layers=2, num_kv_heads=2, head_size=16,
+            kv_count=2, element_size=4, tp_size=1, block_size=16, variant=compat.numerics(mc))).digest()
+
+    base = digest(dtype="float32")
+    assert base == digest(dtype="float32")  # deterministic
+    assert len({base, digest(dtype="float16"), digest(dtype="float32", hf_overrides={"rope_theta": 50000.0})}) == 3

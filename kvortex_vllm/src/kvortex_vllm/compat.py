@@ -136,6 +136,8 @@ class ModelShape:
     element_size: int
     tp_size: int
     block_size: int
+    #: The model settings besides its identity that change the KV numbers (see ``numerics``).
+    variant: str = ""
 
     @property
     def torch_dtype(self) -> Any:
@@ -186,7 +188,28 @@ def model_shape(vllm_config: Any, kv_cache_config: Any = None) -> ModelShape:
         element_size=torch.empty((), dtype=dtype).element_size(),
         tp_size=pc.tensor_parallel_size,
         block_size=cc.block_size,
+        variant=numerics(mc),
     )
+
+
+def numerics(model_config: Any) -> str:
+    """The settings that change the KV a model computes for the same tokens, besides its name,
+    revision and KV dtype: the weights' dtype and quantization, the RoPE parameters, and
+    ``hf_overrides``. Two servers of one model that differ in any of them (bf16 and fp8-quantized
+    weights, another RoPE scaling) must not load each other's KV from a shared tier; as JSON."""
+    import json
+
+    hf = getattr(model_config, "hf_config", None)
+    overrides = getattr(model_config, "hf_overrides", None)
+    fields = {
+        "weights": str(getattr(model_config, "dtype", "")).removeprefix("torch."),
+        "quantization": getattr(model_config, "quantization", None) or "",
+        "rope_theta": getattr(hf, "rope_theta", None),
+        "rope_scaling": getattr(hf, "rope_scaling", None),
+        "rope_parameters": getattr(hf, "rope_parameters", None),
+        "hf_overrides": "callable" if callable(overrides) else overrides or None,
+    }
+    return json.dumps(fields, sort_keys=True, default=str, separators=(",", ":"))
 
 
 def _kv_layers(kv_cache_config: Any) -> int:

@@ -105,7 +105,8 @@ def _check_no_pipeline_stages(vllm_config: VllmConfig) -> None:
 
 
 def build_namespace(config: KVortexConfig, shape: compat.ModelShape) -> KeyNamespace:
-    """The key namespace: model, dtype, canonical layout, shape and TP size (rank-independent)."""
+    """The key namespace: model, dtype, canonical layout, shape, TP size and the settings that
+    change the KV numbers (``compat.numerics``); rank-independent."""
     return KeyNamespace(
         model_id=config.model_id or shape.model_id,
         revision=config.model_revision or shape.revision,
@@ -116,6 +117,7 @@ def build_namespace(config: KVortexConfig, shape: compat.ModelShape) -> KeyNames
         head_size=shape.head_size,
         tp_size=shape.tp_size,
         salt=config.salt,
+        variant=shape.variant,
     )
 
 

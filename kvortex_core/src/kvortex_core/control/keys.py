@@ -75,10 +75,17 @@ class KeyNamespace:
     tp_size: int = 1
     salt: str = ""
     format_version: int = FORMAT_VERSION
+    #: What else makes the KV numbers differ for the same model, layout and tokens: the weights'
+    #: dtype and quantization, RoPE settings (the vLLM connector fills it). Left out of the
+    #: encoding when empty, so namespaces without it keep their digests.
+    variant: str = ""
 
     def canonical(self) -> bytes:
         """A canonical byte encoding: sorted-key JSON, independent of Python's hash seed."""
-        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":")).encode()
+        fields = asdict(self)
+        if not fields["variant"]:
+            del fields["variant"]
+        return json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
 
     def digest(self) -> bytes:
         """sha256 of :meth:`canonical` (32 bytes)."""
