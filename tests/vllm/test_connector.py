@@ -393,8 +393,11 @@ def test_a_hybrid_kv_cache_with_several_groups_is_refused_at_start(tmp_path: Pat
             KVortexConnector(vc, role, kcc)
 
 
-def test_pipeline_parallelism_is_refused_at_start(tmp_path: Path) -> None:
-    """Two pipeline stages of one TP rank would store different layers under the same keys."""
+@pytest.mark.parametrize("setting", ["pipeline_parallel_size", "decode_context_parallel_size",
+                                     "prefill_context_parallel_size"])
+def test_pipeline_and_context_parallelism_are_refused_at_start(tmp_path: Path, setting: str) -> None:
+    """Two pipeline stages of one TP rank would store different layers under the same keys;
+    context parallelism puts a block's tokens on several ranks."""
     from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
     from vllm_harness import H_TOTAL, make_kv_cache_config, make_vllm_config, write_model_dir
 
@@ -402,9 +405,11 @@ def test_pipeline_parallelism_is_refused_at_start(tmp_path: Path) -> None:
     from kvortex_vllm.connector import KVortexConnector
 
     vc = make_vllm_config(write_model_dir(tmp_path / "model"), {"chunk_tokens": CHUNK})
-    vc.parallel_config.pipeline_parallel_size = 2
+    if not hasattr(vc.parallel_config, setting):
+        pytest.skip(f"this vLLM has no {setting}")
+    setattr(vc.parallel_config, setting, 2)
     for role in (KVConnectorRole.SCHEDULER, KVConnectorRole.WORKER):
-        with pytest.raises(ConfigError, match="pipeline_parallel_size=2 is not supported"):
+        with pytest.raises(ConfigError, match=f"{setting}=2 is not supported"):
             KVortexConnector(vc, role, make_kv_cache_config(64, H_TOTAL))
 
 

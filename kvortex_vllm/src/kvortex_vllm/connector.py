@@ -88,20 +88,28 @@ def _check_one_group(kv_cache_config: KVCacheConfig | None) -> None:
         )
 
 
-def _check_no_pipeline_stages(vllm_config: VllmConfig) -> None:
-    """Keys name a tensor-parallel rank's share of every layer; a pipeline stage holds only some
-    layers, and stage 0 and stage 1 of one TP rank would write different layers' KV under the
-    same keys of a shared lower tier (a later load would bring back the other stage's layers,
-    checksums intact). Until stages are keyed apart, start-up stops."""
-    pp = int(getattr(vllm_config.parallel_config, "pipeline_parallel_size", 1) or 1)
-    if pp > 1:
-        from kvortex_core.errors import ConfigError
+def _check_parallelism(vllm_config: VllmConfig) -> None:
+    """Keys name a tensor-parallel rank's share (its heads) of every layer and every token.
 
-        raise ConfigError(
-            f"pipeline_parallel_size={pp} is not supported by KVortex yet (it keys each "
-            "tensor-parallel rank's KV of all layers, not a pipeline stage's); serve with "
-            "pipeline_parallel_size=1 (tensor parallelism is supported)"
-        )
+    A pipeline stage holds only some layers: stage 0 and stage 1 of one TP rank would write
+    different layers' KV under the same keys of a shared lower tier (a later load would bring
+    back the other stage's layers, checksums intact). Context parallelism (decode or prefill)
+    spreads a block's tokens over ranks, which the chunk -> blocks mapping does not model.
+    Until they are supported, start-up stops with the setting to change.
+    """
+    pc = vllm_config.parallel_config
+    for name, what in (("pipeline_parallel_size", "a pipeline stage holds only some layers"),
+                       ("decode_context_parallel_size", "ranks hold different tokens of each block"),
+                       ("prefill_context_parallel_size", "ranks hold different tokens of each block")):
+        size = int(getattr(pc, name, 1) or 1)
+        if size > 1:
+            from kvortex_core.errors import ConfigError
+
+            raise ConfigError(
+                f"{name}={size} is not supported by KVortex yet ({what}, and its keys name a "
+                f"tensor-parallel rank's KV of all layers and tokens); serve with {name}=1 "
+                "(tensor and data parallelism are supported)"
+            )
 
 
 def build_namespace(config: KVortexConfig, shape: compat.ModelShape) -> KeyNamespace:
@@ -138,7 +146,7 @@ class KVortexConnector(KVConnectorBase_V1):
     ) -> None:
         super().__init__(vllm_config, role, kv_cache_config)
         _check_one_group(kv_cache_config)
-        _check_no_pipeline_stages(vllm_config)
+        _check_parallelism(vllm_config)
         self.kv_config = load_config(vllm_config)
         configure_logging(self.kv_config.log_level)
         shape = compat.model_shape(vllm_config, kv_cache_config)
