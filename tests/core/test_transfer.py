@@ -544,3 +544,50 @@ def test_a_completed_transfer_frees_its_buffers_while_the_next_one_waits() -> No
     assert len(te._save.streams._deferred) <= 8
     te.close()
     assert not te._save.streams._deferred
+
+
+def test_a_load_enqueues_each_dma_before_the_scatter_of_the_batch_before_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The copy engine gets batch k+1's DMA before the host enqueues batch k's scatter (one more
+    batch of slack when the loading thread is held up); every ``_PIPELINE_BATCHES`` batches the
+    direction's lock is let go with nothing left pending. Byte-exact either way."""
+    import kvortex_core.data.transfer as transfer_mod
+
+    caches, _, _ = ks.flash_attn(L, B, N, H, D, torch.float16, seed=3)
+    te = TransferEngine(caches, detect_layout(caches), chunk_tokens=CHUNK)
+    chunks = [[4 * c, 4 * c + 1, 4 * c + 2, 4 * c + 3] for c in range(6)]
+    bufs = _buffers(te.layout, len(chunks))
+    te.save(chunks, bufs).wait()
+    target = [torch.zeros_like(c) for c in caches]
+    one_layer = te.layout.layer_bytes(CHUNK)
+    te2 = TransferEngine(target, detect_layout(target), chunk_tokens=CHUNK, staging_bytes=2 * one_layer)
+    order: list[str] = []
+    real_dma, real_scatter = te2._load_dma, te2._load_scatter
+    lock = te2._load.lock
+
+    def dma(batch, job):
+        assert lock.locked()
+        order.append(f"D{len([o for o in order if o[0] == 'D'])}")
+        return real_dma(batch, job)
+
+    def scatter(pending, job):
+        assert lock.locked()
+        order.append(f"S{len([o for o in order if o[0] == 'S'])}")
+        return real_scatter(pending, job)
+
+    monkeypatch.setattr(te2, "_load_dma", dma)
+    monkeypatch.setattr(te2, "_load_scatter", scatter)
+    monkeypatch.setattr(transfer_mod, "_PIPELINE_BATCHES", 4)
+    te2.load(bufs, chunks, drain=False).wait()
+    n = len(chunks) * L  # one layer of one chunk per batch
+    assert len(order) == 2 * n
+    want: list[str] = []
+    for start in range(0, n, 4):  # groups of 4 under one hold of the lock
+        end = min(start + 4, n)
+        want += [f"D{start}"]
+        for k in range(start + 1, end):
+            want += [f"D{k}", f"S{k - 1}"]
+        want += [f"S{end - 1}"]
+    assert order == want
+    for layer in range(L):
+        for c, ids in enumerate(chunks):
+            assert torch.equal(target[layer][:, ids], caches[layer][:, ids]), (layer, c)
