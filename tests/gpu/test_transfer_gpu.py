@@ -5,8 +5,6 @@ Skipped cleanly without a CUDA device (marker ``gpu``, see tests/conftest.py).
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
 
@@ -395,44 +393,3 @@ def test_layers_at_falling_addresses_roundtrip_byte_exact_by_every_plan(mla: boo
         assert torch.equal(c[d] if mla else c[:, d], old[s] if mla else old[:, s])
         rest = [b for b in range(B) if b not in dst]
         assert torch.equal(c[rest] if mla else c[:, rest], old[rest] if mla else old[:, rest])
-
-
-def test_concurrent_whole_and_layerwise_loads_never_reuse_a_staging_half_early() -> None:
-    """Loads enqueue each batch's DMA before the previous batch's scatter and let the direction's
-    lock go every few batches: threads loading at once (whole and layer-wise, many small batches
-    through one small staging buffer) must each land exactly their own bytes."""
-    src, _, _ = ks.flash_attn(L, B, N, H, D, torch.bfloat16, seed=11, device="cuda")
-    te = TransferEngine(src, detect_layout(src), chunk_tokens=CHUNK, staging_bytes=100_000)
-    groups = [[[b + 4 * c, b + 4 * c + 1, b + 4 * c + 2, b + 4 * c + 3] for c in range(4)] for b in (0, 16, 32, 48)]
-    bufs = [_pinned(te.layout, 4) for _ in groups]
-    for ids, buf in zip(groups, bufs, strict=True):
-        te.save(ids, buf).wait(timeout=30)
-    for _ in range(3):
-        dst = [torch.zeros_like(t) for t in src]
-        te2 = TransferEngine(dst, detect_layout(dst), chunk_tokens=CHUNK, staging_bytes=100_000)
-        errors: list[BaseException] = []
-
-        def worker(i: int, te2=te2, errors=errors) -> None:
-            try:
-                for _ in range(3):
-                    if i % 2:
-                        h = te2.load(bufs[i], groups[i], layerwise=True)
-                        for layer in range(L):
-                            h.wait_layer(layer)
-                        h.wait(timeout=30)
-                    else:
-                        te2.load(bufs[i], groups[i]).wait(timeout=30)
-            except BaseException as exc:  # noqa: BLE001 - reported below
-                errors.append(exc)
-
-        threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(groups))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        torch.cuda.synchronize()
-        assert not errors
-        for layer in range(L):
-            assert torch.equal(dst[layer], src[layer])
-        te2.close()
-    te.close()

@@ -47,8 +47,6 @@ __all__ = ["TransferEngine", "TransferHandle", "TransferTimeoutError"]
 
 _LAYERWISE_UNIT_BYTES = 4 * 1024**2
 _DRAIN_BYTES = 2 * 1024**2
-#: A whole load holds its direction's lock for at most this many batches at a time (see _LoadJob.advance).
-_PIPELINE_BATCHES = 8
 
 #: ``gather`` modes of :class:`TransferEngine`.
 GATHER_MODES = ("auto", "strided", "rows", "layers")
@@ -226,9 +224,6 @@ class _Direction:
         self.kernel_stream: Any = self.streams.second if kernels_second else self.streams.first
         self.stages = [torch.empty(half_bytes, dtype=torch.uint8, device=device) for _ in range(2)]
         self.free_events: list[Any] = [None, None]
-        #: A load's "DMA into this half landed" events, one per half, re-recorded (see _load_dma).
-        self.landed: list[Any] = ([torch.cuda.Event(), torch.cuda.Event()] if self.streams.cuda
-                                  else [None, None])
         self.turn = 0
         self.lock = threading.Lock()
         # One enqueuer thread per direction: transfers of one direction keep their order.
@@ -693,47 +688,28 @@ class TransferEngine:
 
     # ------------------------------------------------------------------ load
 
-    def _load_dma(self, batch: list[_Unit], job: _LoadJob) -> _Landed:
-        """Enqueue one batch's DMA into the next staging half (under ``d.lock``).
+    def _load_batch(self, batch: list[_Unit], job: _LoadJob) -> Any:
+        """DMA one batch into a staging half, scatter it into the blocks; returns its done event.
 
-        The DMA needs no block ids and writes only staging, so it goes first; the batch's
-        scatter (:meth:`_load_scatter`) is enqueued after the *next* batch's DMA, which then
-        waits on the device, not on this thread, when the host is slow (a load starved for the
-        GIL by a save on another thread): the copy engine has one more batch queued.
+        The DMA needs no block ids and writes only staging: it is enqueued first, and the call's
+        indices (``job.indices()``, on the scatter stream) and the wait for the caller's use of
+        the blocks (``job.in_use``, before the scatter) come after it, off the path to the first copy.
         """
-        d, src = job.d, job.src
+        d, src, skips = job.d, job.src, job.skips
         s = d.streams
         stage = self._next_stage(d, None, s.first)
         with s.on(s.first):
             for u in batch:
                 self._stage_bytes(stage, u).copy_(_payload_range(src[u.chunk], u), non_blocking=True)
-        if s.first is not None and s.first is not s.second:
-            # one event per half, re-recorded: the scatter's wait on it is enqueued before the
-            # next DMA into this half can be (that DMA waits for the scatter's free event)
-            landed = d.landed[d.turn]
-            landed.record(s.first)
-        else:
-            landed = None
-        return _Landed(batch, stage, d.turn, landed)
-
-    def _load_scatter(self, pending: _Landed, job: _LoadJob) -> Any:
-        """Scatter a batch whose DMA was enqueued (:meth:`_load_dma`); returns its done event.
-
-        The call's indices (``job.indices()``, on the scatter stream) and the wait for the
-        caller's use of the blocks (``job.in_use``) come before the first scatter, after the first DMAs.
-        """
-        d, skips = job.d, job.skips
-        s = d.streams
-        batch, stage = pending.batch, pending.stage
         idx = job.indices()
-        s.wait(s.second, pending.landed)
+        s.hand_over(s.first, s.second)
         s.wait(s.second, job.in_use)
         with s.on(s.second):
             if not self._batch_rows_op(batch, idx, stage, skips):
                 for u in batch:
                     self._scatter(u, idx, stage, skips[u.chunk])
-        d.free_events[pending.turn] = s.record(s.second, d.free_events)
-        return d.free_events[pending.turn]
+        d.free_events[d.turn] = s.record(s.second, d.free_events)
+        return d.free_events[d.turn]
 
     def _scatter(self, u: _Unit, idx: Any, stage: torch.Tensor, skip: int) -> None:
         if skip >= u.blocks:
@@ -774,8 +750,7 @@ class _LoadJob:
         self.te, self.d, self.skips, self.src, self.handle = te, te._load, skips, src, handle
         self.batches = deque(batches)
         num_layers = te.layout.num_layers
-        self.pending = _units_per_layer(batches, num_layers)  # units not scattered yet
-        self.queued = list(self.pending)  # units whose DMA is not enqueued yet
+        self.pending = _units_per_layer(batches, num_layers)
         self.layerwise = layerwise
         self.lookahead = (batches[0][0].l1 - batches[0][0].l0) if batches else 1
         self.lock = threading.Lock()
@@ -798,61 +773,24 @@ class _LoadJob:
         return self.idx
 
     def advance(self, layer: int | None) -> None:
-        """Enqueue batches until every unit of layers ``<= layer + lookahead`` is queued (None: all).
-
-        Each batch's scatter is enqueued after the next batch's DMA (see ``_load_dma``), so
-        ``d.lock`` is held from a DMA to its scatter: another load's batch in between would
-        take the staging half before the scatter read it. The lock is let go every
-        ``_PIPELINE_BATCHES`` batches (the last scatter enqueued first), so a layer-wise reader
-        waits at most that many batches' enqueue for a concurrent whole load.
-        """
+        """Enqueue batches until every unit of layers ``<= layer + lookahead`` is queued (None: all)."""
         with self.lock:
-            limit = None if layer is None else min(layer + self.lookahead, len(self.queued) - 1)
-
-            def wanted() -> bool:
-                return bool(self.batches) and (limit is None or any(self.queued[: limit + 1]))
-
-            while wanted():
+            limit = None if layer is None else min(layer + self.lookahead, len(self.pending) - 1)
+            while self.batches and (limit is None or any(self.pending[: limit + 1])):
+                batch = self.batches.popleft()
                 with self.d.lock:
-                    pending: _Landed | None = None
-                    for _ in range(_PIPELINE_BATCHES):
-                        if not wanted():
-                            break
-                        batch = self.batches.popleft()
-                        landed = self.te._load_dma(batch, self)
-                        for u in batch:
-                            for lyr in range(u.l0, u.l1):
-                                self.queued[lyr] -= 1
-                        if pending is not None:
-                            self._scattered(pending)
-                        pending = landed
-                    if pending is not None:
-                        self._scattered(pending)
+                    event = self.te._load_batch(batch, self)
+                    self.handle.other_events.append(event)
+                    self.in_use = None  # later batches follow the first in stream order
+                for u in batch:
+                    for lyr in range(u.l0, u.l1):
+                        self.pending[lyr] -= 1
+                        if self.layerwise and self.pending[lyr] == 0:
+                            self.handle.layer_events[lyr] = event
             if not self.batches and not self.finished:
                 self.finished = True
                 self.handle.done_event = self.d.streams.record(self.d.streams.second, self.d.free_events)
                 self.handle.advance = None
-
-    def _scattered(self, pending: _Landed) -> None:
-        """Enqueue ``pending``'s scatter and mark the layers it completes (under ``d.lock``)."""
-        event = self.te._load_scatter(pending, self)
-        self.handle.other_events.append(event)
-        self.in_use = None  # later batches follow the first in stream order
-        for u in pending.batch:
-            for lyr in range(u.l0, u.l1):
-                self.pending[lyr] -= 1
-                if self.layerwise and self.pending[lyr] == 0:
-                    self.handle.layer_events[lyr] = event
-
-
-@dataclass
-class _Landed:
-    """A load batch whose DMA is enqueued and whose scatter is not yet."""
-
-    batch: list[_Unit]
-    stage: torch.Tensor
-    turn: int  # its staging half
-    landed: Any  # event after its DMA on the DMA stream (None: the scatter follows in stream order)
 
 
 def _strided_pays(plan: StridedPlan, layout: KVLayout, chunk_tokens: int, half: int) -> bool:
