@@ -554,3 +554,105 @@ def test_servers_whose_weights_or_rope_differ_never_share_keys(tmp_path: Path) -
     base = digest(dtype="float32")
     assert base == digest(dtype="float32")  # deterministic
     assert len({base, digest(dtype="float16"), digest(dtype="float32", hf_overrides={"rope_theta": 50000.0})}) == 3
+
+
+def test_a_cache_reset_forgets_every_stored_chunk(tmp_path: Path) -> None:
+    """vLLM resets the connector's cache after a weight update (pause with clear_cache, sleep,
+    reset_prefix_cache with the connector): nothing stored before may be loaded again, requests
+    known before neither load nor save, and later requests cache as usual, byte-exact."""
+    h = build(tmp_path, max_batched=48)
+    a = prompt(51, 80)
+    save_a(h, a)
+    h.add("W", prompt(52, 80))
+    first = h.step()  # W is mid-prefill across the reset: its first chunk holds the old weights' KV
+    assert first.scheduled["W"] == 48 and first.saves == 1
+    # what a weight update does while requests run: preempt them (they recompute) and reset
+    assert h.scheduler.reset_prefix_cache(reset_running_requests=True, reset_connector=True) is True
+    assert len(h.connector.scheduler_side.index) <= 1  # W's chunk may still be pinned by its save
+    h.run()
+    assert "W" in h.finished
+    assert sum(s.saves for s in h.history) == 2 + 1  # A's two chunks, W's first; none of W after the reset
+    h.add("B", a[:70] + prompt(53, 14))
+    step = h.step()
+    assert step.loads == 0 and step.computed_before["B"] == 0
+    h.run()
+    h.scrub()
+    h.add("C", a[:70] + prompt(54, 14))  # B saved the prefix again, after the reset
+    step = h.step()
+    assert step.loads == 2 and step.computed_before["C"] == 2 * CHUNK
+    assert_kv(h, "C", a[:70], 2 * CHUNK)
+
+
+def test_requests_with_prompt_embeddings_are_never_keyed(tmp_path: Path) -> None:
+    """Positions fed from prompt embeddings carry one placeholder token id whatever the vectors
+    (mixed prompts): such a request neither loads nor saves."""
+    from vllm_harness import make_request
+
+    h = build(tmp_path)
+    import inspect
+
+    from vllm.v1.request import Request
+
+    params = inspect.signature(Request).parameters  # mixed prompts: vLLM 0.30+
+    placeholder = 900
+    ids = [11, 12, 13, 14] + [placeholder] * 60 + [20] * 16
+    mask = [t != placeholder for t in ids]
+    side = h.connector.scheduler_side
+    for req_id in ("A", "B"):
+        extra = {"prompt_is_token_ids": mask} if "prompt_is_token_ids" in params else {}
+        req = make_request(req_id, ids, 1, prompt_embeds=torch.randn(len(ids), 64), **extra)
+        assert side._keys(req, ids) == []
+        h.tokens[req_id] = ids
+        h.scheduler.add_request(req)
+        h.run()
+    assert sum(s.saves + s.loads for s in h.history) == 0
+    assert len(side.index) == 0
+
+
+def test_pooling_models_that_need_every_prompt_token_get_no_hits(tmp_path: Path) -> None:
+    """A causal embedding model with MEAN pooling needs every prompt token's hidden state (vLLM
+    gives it no prefix caching): a loaded prefix would fail its pooler, so nothing is keyed."""
+    from vllm.config import ModelConfig, PoolerConfig
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+    from vllm_harness import (
+        H_TOTAL,
+        make_kv_cache_config,
+        make_request,
+        make_vllm_config,
+        write_model_dir,
+    )
+
+    from kvortex_vllm.connector import KVortexConnector
+
+    model = write_model_dir(tmp_path / "model")
+    vc = make_vllm_config(model, {"chunk_tokens": CHUNK})
+    try:
+        vc.model_config = ModelConfig(model=str(model), skip_tokenizer_init=True, dtype="float32",
+                                      max_model_len=2048, runner="pooling",
+                                      pooler_config=PoolerConfig(seq_pooling_type="MEAN"))
+    except TypeError:
+        pytest.skip("this vLLM's ModelConfig takes no runner/pooler_config like this")
+    assert vc.model_config.is_prefix_caching_supported is False
+    conn = KVortexConnector(vc, KVConnectorRole.SCHEDULER, make_kv_cache_config(64, H_TOTAL))
+    toks = prompt(61, 80)
+    assert conn.scheduler_side._keys(make_request("A", toks), toks) == []
+    conn.shutdown()
+
+
+def test_a_sliding_window_cache_is_refused_at_start(tmp_path: Path) -> None:
+    """vLLM frees blocks that leave the window while a save may still read them (and gives a hit
+    past the window the shared null block): windowed KV caches stop start-up with advice."""
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+    from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheGroupSpec, SlidingWindowSpec
+    from vllm_harness import DTYPE, H_TOTAL, D, make_vllm_config, write_model_dir
+    from vllm_kv_alloc import layer_names
+
+    from kvortex_core.errors import ConfigError
+    from kvortex_vllm.connector import KVortexConnector
+
+    vc = make_vllm_config(write_model_dir(tmp_path / "model"), {"chunk_tokens": CHUNK})
+    spec = SlidingWindowSpec(block_size=BLOCK, num_kv_heads=H_TOTAL, head_size=D, dtype=DTYPE, sliding_window=32)
+    kcc = KVCacheConfig(num_blocks=64, kv_cache_tensors=[], kv_cache_groups=[KVCacheGroupSpec(layer_names(2), spec)])
+    for role in (KVConnectorRole.SCHEDULER, KVConnectorRole.WORKER):
+        with pytest.raises(ConfigError, match="SlidingWindowSpec.*--disable-sliding-window"):
+            KVortexConnector(vc, role, kcc)

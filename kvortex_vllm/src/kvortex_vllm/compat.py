@@ -29,9 +29,12 @@ def key_extras(request: Any, chunk_tokens: int) -> tuple[bytes, dict[int, bytes]
     re-pointed at other weights is another adapter) and the per-request ``cache_salt`` change
     every chunk; a multimodal item (image, audio...) changes the chunks its placeholder tokens
     overlap (the same placeholder ids stand for any image), and the chain carries it to every
-    later chunk. None when the request cannot be keyed safely (an item without a content hash).
+    later chunk. None when the request cannot be keyed safely: prompt embeddings (their
+    positions carry placeholder token ids whatever the vectors), an item without a content hash.
     Reads ``mm_features`` (vLLM 0.2x+) or the older ``mm_hashes`` / ``mm_positions``.
     """
+    if getattr(request, "prompt_embeds", None) is not None:
+        return None  # embeddings behind placeholder token ids (mixed prompts): keyed by nothing safe
     parts: list[bytes] = []
     lora = getattr(request, "lora_request", None)
     if lora is not None:

@@ -71,21 +71,40 @@ def load_config(vllm_config: VllmConfig) -> KVortexConfig:
     return KVortexConfig(**extra)
 
 
+#: KV cache specs whose blocks hold every token of the prompt for the request's life (full
+#: attention, MLA, attention sinks). vLLM frees the blocks of sliding-window and chunked-local
+#: layers as the window moves, without telling the connector: a save may still be reading a
+#: block the next forward writes, and a hit past the window is allocated as the shared null block.
+_FULL_SPECS = frozenset({"FullAttentionSpec", "MLAAttentionSpec", "SinkFullAttentionSpec"})
+
+
 def _check_one_group(kv_cache_config: KVCacheConfig | None) -> None:
-    """One group of attention layers, one block table: KVortex moves every layer's KV with the
-    block ids of group 0. vLLM turns its hybrid KV cache manager off for connectors without
+    """One group of full-attention layers, one block table: KVortex moves every layer's KV with
+    the block ids of group 0. vLLM turns its hybrid KV cache manager off for connectors without
     ``SupportsHMA`` (this one) unless the user forces it on; with several groups (sliding-window
     and full attention, or Mamba layers, each with its own blocks) the other groups' layers would
-    be saved from and loaded into the wrong blocks, so start-up stops instead."""
+    be saved from and loaded into the wrong blocks, so start-up stops instead. So does a group of
+    windowed layers (a model whose every layer is sliding-window, Mistral-7B-v0.1 say)."""
     groups = getattr(kv_cache_config, "kv_cache_groups", None) or ()
-    if len(groups) > 1:
-        from kvortex_core.errors import ConfigError
+    from kvortex_core.errors import ConfigError
 
+    if len(groups) > 1:
         raise ConfigError(
             f"this model has {len(groups)} KV cache groups (hybrid attention: each group of layers "
             "has its own block table), and KVortex stores one group; start vLLM without "
             "--enable-hybrid-kv-cache-manager (or with --disable-hybrid-kv-cache-manager)"
         )
+    for group in groups:
+        spec = getattr(group, "kv_cache_spec", None)
+        specs = list(getattr(spec, "kv_cache_specs", {}).values()) or [spec]  # UniformTypeKVCacheSpecs
+        kinds = {type(x).__name__ for x in specs if x is not None}
+        if kinds - _FULL_SPECS:
+            raise ConfigError(
+                f"this model's KV cache is {', '.join(sorted(kinds - _FULL_SPECS))}: vLLM frees blocks "
+                "that leave the attention window while KVortex may still copy them, so KVortex "
+                "stores only full-attention caches; serve with --disable-sliding-window (vLLM then "
+                "keeps every token's KV) or without the KVortex connector"
+            )
 
 
 def _check_parallelism(vllm_config: VllmConfig) -> None:
@@ -110,6 +129,23 @@ def _check_parallelism(vllm_config: VllmConfig) -> None:
                 f"tensor-parallel rank's KV of all layers and tokens); serve with {name}=1 "
                 "(tensor and data parallelism are supported)"
             )
+
+
+def _prefix_reuse_possible(vllm_config: VllmConfig) -> bool:
+    """False for pooling models whose prefill vLLM must run whole (bidirectional attention, or
+    MEAN/CLS/STEP pooling over every prompt token: vLLM gives them no prefix caching); a loaded
+    prefix would skip tokens their pooler needs, which fails the request."""
+    mc = vllm_config.model_config
+    if getattr(mc, "pooler_config", None) is None:
+        return True
+    try:
+        supported = bool(mc.is_prefix_caching_supported)
+    except AttributeError:  # older vLLM: trust its cache config instead
+        supported = bool(getattr(vllm_config.cache_config, "enable_prefix_caching", False))
+    if not supported:
+        log.warning("KVortex: this pooling model needs every prompt token computed (vLLM gives it no "
+                    "prefix caching); the connector stores and loads nothing")
+    return supported
 
 
 def build_namespace(config: KVortexConfig, shape: compat.ModelShape) -> KeyNamespace:
@@ -161,8 +197,9 @@ class KVortexConnector(KVConnectorBase_V1):
             geometry = slot_geometry(self.kv_config, shape.chunk_bytes(chunk), shape.tp_size)
             tiers = scheduler_tiers(self.kv_config, namespace.digest(), shape.payload_shape(chunk),
                                     shape.torch_dtype, geometry.slot_bytes, shape.tp_size)
+            active = _prefix_reuse_possible(vllm_config)
             self._scheduler = SchedulerSide(self.kv_config, namespace, geometry, shape.block_size,
-                                            stats=self.stats, tiers=tiers)
+                                            stats=self.stats, tiers=tiers, active=active)
             log.info("KVortex scheduler: %d-token chunks, %d slots of %d bytes per rank",
                      self.kv_config.chunk_tokens, geometry.num_slots, geometry.slot_bytes)
             if getattr(self._kv_transfer_config, "kv_load_failure_policy", "recompute") == "fail":
@@ -175,6 +212,14 @@ class KVortexConnector(KVConnectorBase_V1):
             self._layout_hints = compat.layout_hints(shape)
         # vLLM serves prometheus_client's global registry on its own /metrics.
         self._metrics = start_metrics(self.stats, self.kv_config, expose_global=True)
+
+    def reset_cache(self) -> bool:
+        """vLLM's connector cache reset (after a weight update, sleep, ``reset_prefix_cache``):
+        the scheduler drops its cpu chunks and keys later requests apart from everything stored
+        (``SchedulerSide.reset``); workers hold no index."""
+        if self._scheduler is not None:
+            return self._scheduler.reset()
+        return True
 
     # ------------------------------------------------------------------ properties
 

@@ -15,6 +15,7 @@ step; a request with saves keeps its blocks until the workers report the saves d
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -52,6 +53,8 @@ class _Request:
     deferred_at: float | None = None
     #: Its lookup is in the metrics (once per request, however often vLLM asks).
     counted: bool = False
+    #: Known before a cache reset: it neither loads nor saves any more (see ``SchedulerSide.reset``).
+    stale: bool = False
 
 
 @dataclass
@@ -71,7 +74,11 @@ class SchedulerSide:
         block_size: int,
         stats: Stats | None = None,
         tiers: SchedulerTiers | None = None,
+        *,
+        active: bool = True,
     ) -> None:
+        """``active`` False: no request is keyed (no hits, no saves), for models whose prefill
+        vLLM itself never skips (pooling models it gives no prefix caching)."""
         validate_chunk_tokens(config.chunk_tokens, block_size)
         self.config = config
         self.geometry = geometry
@@ -100,6 +107,9 @@ class SchedulerSide:
         #: Chunks claimed for saving by the plan being built (released once it is built).
         self._plan_pins: list[PinHandle] = []
         self._step = 0
+        self._active = active
+        #: Folded into every request's keys after a cache reset (random: see ``reset``).
+        self._epoch = b""
 
     # ------------------------------------------------------------------ lookups
 
@@ -115,12 +125,41 @@ class SchedulerSide:
     def _keys(self, request: Any, prompt: list[int]) -> list[bytes]:
         """The request's chunk keys: its tokens, and its LoRA adapter, cache salt and multimodal
         items (``compat.key_extras``); no keys (no hits, no saves) when it cannot be keyed safely."""
-        extras = compat.key_extras(request, self.chunk_tokens)
+        extras = compat.key_extras(request, self.chunk_tokens) if self._active else None
         if extras is None:
             return []
         whole, per_chunk = extras
+        if self._epoch:
+            whole = b"epoch\0" + self._epoch + whole
         prefix = self.hasher.request_seed(whole) if whole else None
         return self.hasher.keys(prompt, prefix=prefix, extras=per_chunk or None)
+
+    def reset(self) -> bool:
+        """vLLM's connector cache reset (weights updated in place, sleep, ``reset_prefix_cache``
+        with the connector): from now on no chunk stored before is found again.
+
+        Lower tiers cannot be emptied from here (they may be shared), so later requests are keyed
+        apart instead: a random epoch joins every key, and a chunk stored before matches none. The
+        cpu tier's unpinned chunks are dropped and their slots freed (pinned ones, in flight,
+        stay until evicted; nothing can reach them). Requests already known neither load nor
+        save any more: their KV may be the old weights'. A restart starts from no epoch: the
+        weights are then the model files' again, whose chunks stay valid.
+        """
+        self._epoch = os.urandom(16)
+        for st in self._requests.values():
+            st.stale = True
+            st.matched = None
+        idle = []
+        stored = self.index.keys()  # a list (ChunkIndex is no dict)
+        for key in stored:
+            entry = self.index.get(key)
+            if entry is not None and not entry.pins:
+                idle.append(key)
+        for entry in self.index.remove(idle):
+            if entry.location is not None:
+                self._free_slots.append(entry.location)
+        log.info("connector cache reset: %d cpu chunks dropped, later requests keyed apart", len(idle))
+        return True
 
     def stored_prefix(self, keys: Sequence[bytes]) -> tuple[int, list[bool]]:
         """Leading chunks loadable now, and per key whether it is in the cpu tier.
@@ -146,7 +185,7 @@ class SchedulerSide:
         """
         st = self._state(request)
         # vLLM must compute at least one prompt token to sample from: cap below the last one.
-        usable = min(max(len(st.prompt) - 1, 0) // self.chunk_tokens, len(st.keys))
+        usable = 0 if st.stale else min(max(len(st.prompt) - 1, 0) // self.chunk_tokens, len(st.keys))
         hit, in_cpu = self.stored_prefix(st.keys[:usable])
         if hit < usable and self.tiers is not None:
             if self._should_ask_again(st, st.keys[hit]):
@@ -269,7 +308,7 @@ class SchedulerSide:
 
     def _plan_saves(self, st: _Request, computed: int) -> list[SaveSpec]:
         """Save every prompt chunk that is fully computed after this step and not yet stored."""
-        full = min(min(computed, len(st.prompt)) // self.chunk_tokens, len(st.keys))
+        full = 0 if st.stale else min(min(computed, len(st.prompt)) // self.chunk_tokens, len(st.keys))
         bpc = self.blocks_per_chunk
         saves: list[SaveSpec] = []
         while st.saved_upto < full:
