@@ -439,8 +439,9 @@ def test_lora_adapters_and_multimodal_items_get_keys_of_their_own(tmp_path: Path
 
 def test_a_cache_reset_forgets_every_stored_chunk(tmp_path: Path) -> None:
     """vLLM resets the connector's cache after a weight update (pause with clear_cache, sleep,
-    reset_prefix_cache with the connector): nothing stored before may be loaded again, requests
-    known before neither load nor save, and later requests cache as usual, byte-exact."""
+    reset_prefix_cache with the connector): nothing stored before may be loaded again. A request
+    preempted by the reset starts over (new weights: it loads nothing old, and saves again);
+    later requests cache as usual, byte-exact."""
     h = build(tmp_path, max_batched=48)
     a = prompt(51, 80)
     save_a(h, a)
@@ -450,9 +451,11 @@ def test_a_cache_reset_forgets_every_stored_chunk(tmp_path: Path) -> None:
     # what a weight update does while requests run: preempt them (they recompute) and reset
     assert h.scheduler.reset_prefix_cache(reset_running_requests=True, reset_connector=True) is True
     assert len(h.connector.scheduler_side.index) <= 1  # W's chunk may still be pinned by its save
+    resumed = h.step()
+    assert resumed.loads == 0 and resumed.computed_before["W"] == 0  # not its own old chunk
     h.run()
     assert "W" in h.finished
-    assert sum(s.saves for s in h.history) == 2 + 1  # A's two chunks, W's first; none of W after the reset
+    assert sum(s.saves for s in h.history) == 2 + 1 + 2  # A's two chunks, W's first, W's two again
     h.add("B", a[:70] + prompt(53, 14))
     step = h.step()
     assert step.loads == 0 and step.computed_before["B"] == 0
@@ -488,3 +491,22 @@ def test_requests_with_prompt_embeddings_are_never_keyed(tmp_path: Path) -> None
         h.run()
     assert sum(s.saves + s.loads for s in h.history) == 0
     assert len(side.index) == 0
+
+
+def test_a_request_preempted_and_resumed_in_one_step_loads_its_chunks(tmp_path: Path) -> None:
+    """``reset_prefix_cache(reset_running_requests=True)`` preempts running requests outside
+    schedule(), and the next step both resumes them and reports them preempted: the resumed
+    request's planned loads must ship (not be dropped with its old state), byte-exact."""
+    h = build(tmp_path, max_batched=80)
+    w = prompt(71, 120)
+    h.add("W", w, max_tokens=4)
+    h.step()
+    h.step()  # three chunks of W saved by now
+    assert h.scheduler.reset_prefix_cache(reset_running_requests=True) is True
+    h.scrub()  # W's blocks were freed: only a load brings its KV back
+    step = h.step()
+    assert step.loads == 3 and step.computed_before["W"] == 3 * CHUNK
+    assert_kv(h, "W", w, 3 * CHUNK)
+    h.run()
+    assert "W" in h.finished
+    assert not h.connector.scheduler_side.index.open_pins()

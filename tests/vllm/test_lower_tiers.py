@@ -309,3 +309,36 @@ def test_async_only_when_a_chunk_to_load_is_below(tmp_path: Path) -> None:
 
     assert side.get_num_new_matched_tokens(Req, 0) == (2 * CHUNK, True), "chunk 0 must be read from disk"
     assert side.get_num_new_matched_tokens(Req, CHUNK) == (CHUNK, False), "vLLM holds chunk 0 itself"
+
+
+def test_a_cache_reset_while_a_lower_tier_load_is_in_flight_reports_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A load from disk already under way still lands the old KV: the connector's reset says it
+    failed (as vLLM's own does while requests hold blocks); once the load ended, a retry works
+    and nothing stored before is loaded again."""
+    from kvortex_vllm import lower
+
+    fetch = lower.WorkerTiers._fetch
+
+    async def slow(self: Any, key: bytes, slot: int) -> bool:  # the reset lands while it runs
+        await asyncio.sleep(0.3)
+        return await fetch(self, key, slot)
+
+    monkeypatch.setattr(lower.WorkerTiers, "_fetch", slow)
+    h, side, a = stored_below_only(tmp_path, 5)
+    h.scrub()
+    h.add("B", a[:70])
+    h.step()
+    assert side._async_pins, "B waits for its chunks from disk"
+    assert h.connector.reset_cache() is False
+    h.run()  # B's load ends (it brings the old KV: the reset said it failed), B completes
+    assert "B" in h.finished
+    assert not side._async_pins
+    assert h.connector.reset_cache() is True
+    h.scrub()
+    h.add("C", a[:70])
+    step = h.step()
+    assert step.loads == 0 and step.computed_before.get("C", 0) == 0
+    h.run()
+    assert not side.index.open_pins()

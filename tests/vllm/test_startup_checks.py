@@ -147,3 +147,17 @@ def test_servers_whose_weights_or_rope_differ_never_share_keys(tmp_path: Path) -
     base = digest(dtype="float32")
     assert base == digest(dtype="float32")  # deterministic
     assert len({base, digest(dtype="float16"), digest(dtype="float32", hf_overrides={"rope_theta": 50000.0})}) == 3
+
+
+def test_fp8_with_scales_each_process_computes_is_refused(tmp_path: Path) -> None:
+    """``calculate_kv_scales`` (vLLM 0.15-era): each process derives its own k/v scales, so the
+    same stored fp8 bytes would be read back as other numbers after a restart or elsewhere."""
+    import torch
+
+    vc = vllm_config(tmp_path)
+    vc.cache_config.cache_dtype = "fp8"
+    try:
+        vc.cache_config.calculate_kv_scales = True
+    except (AttributeError, TypeError, ValueError):
+        pytest.skip("this vLLM has no calculate_kv_scales")
+    refused_by_both_roles(vc, make_kv_cache_config(64, H_TOTAL, torch.uint8), "calculate_kv_scales=True")

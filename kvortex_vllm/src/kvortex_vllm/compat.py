@@ -197,19 +197,20 @@ def model_shape(vllm_config: Any, kv_cache_config: Any = None) -> ModelShape:
 
 def numerics(model_config: Any) -> str:
     """The settings that change the KV a model computes for the same tokens, besides its name,
-    revision and KV dtype: the weights' dtype and quantization, the RoPE parameters, and
-    ``hf_overrides``. Two servers of one model that differ in any of them (bf16 and fp8-quantized
-    weights, another RoPE scaling) must not load each other's KV from a shared tier; as JSON."""
+    revision and KV dtype: the weights' dtype and quantization, and ``hf_overrides`` (where a
+    server changes RoPE scaling or theta). Two servers of one model that differ in any of them
+    (bf16 and fp8-quantized weights, another RoPE scaling) must not load each other's KV from a
+    shared tier; as JSON. Only values vLLM resolves before building the model: some models
+    rewrite their ``hf_config`` while being built, in the worker processes only, and the
+    scheduler and the workers must agree on the namespace (the files' own settings are the
+    model id and revision's).
+    """
     import json
 
-    hf = getattr(model_config, "hf_config", None)
     overrides = getattr(model_config, "hf_overrides", None)
     fields = {
         "weights": str(getattr(model_config, "dtype", "")).removeprefix("torch."),
         "quantization": getattr(model_config, "quantization", None) or "",
-        "rope_theta": getattr(hf, "rope_theta", None),
-        "rope_scaling": getattr(hf, "rope_scaling", None),
-        "rope_parameters": getattr(hf, "rope_parameters", None),
         "hf_overrides": "callable" if callable(overrides) else overrides or None,
     }
     return json.dumps(fields, sort_keys=True, default=str, separators=(",", ":"))

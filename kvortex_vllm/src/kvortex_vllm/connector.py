@@ -107,6 +107,21 @@ def _check_one_group(kv_cache_config: KVCacheConfig | None) -> None:
             )
 
 
+def _check_fixed_kv_scales(vllm_config: VllmConfig, shape: compat.ModelShape) -> None:
+    """An fp8 (or int8) KV cache is bytes scaled by ``k_scale``/``v_scale``. From a checkpoint
+    they are the model's; with ``calculate_kv_scales`` (vLLM 0.15-era) each process computes its
+    own from its first batch, so the same stored bytes mean other numbers in another process
+    (after a restart, or on another server sharing a tier): start-up stops instead."""
+    if shape.element_size == 1 and getattr(vllm_config.cache_config, "calculate_kv_scales", False):
+        from kvortex_core.errors import ConfigError
+
+        raise ConfigError(
+            "calculate_kv_scales=True with a one-byte KV cache: every vLLM process computes its own "
+            "k/v scales, so stored fp8 bytes would be read back with other scales; serve with the "
+            "checkpoint's scales (calculate_kv_scales=False) or with --kv-cache-dtype auto"
+        )
+
+
 def _check_parallelism(vllm_config: VllmConfig) -> None:
     """Keys name a tensor-parallel rank's share (its heads) of every layer and every token.
 
@@ -186,6 +201,7 @@ class KVortexConnector(KVConnectorBase_V1):
         self.kv_config = load_config(vllm_config)
         configure_logging(self.kv_config.log_level)
         shape = compat.model_shape(vllm_config, kv_cache_config)
+        _check_fixed_kv_scales(vllm_config, shape)
         self._shape = shape
         namespace = build_namespace(self.kv_config, shape)
         self._scheduler: SchedulerSide | None = None

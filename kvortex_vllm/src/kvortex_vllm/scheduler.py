@@ -55,6 +55,10 @@ class _Request:
     counted: bool = False
     #: Known before a cache reset: it neither loads nor saves any more (see ``SchedulerSide.reset``).
     stale: bool = False
+    #: vLLM's preemption count of the request when this state was made.
+    preemptions: int = 0
+    #: The step whose plan first carries this state (see ``build_plan``'s preempted ids).
+    born: int = 0
 
 
 @dataclass
@@ -116,9 +120,16 @@ class SchedulerSide:
     def _state(self, request: Any) -> _Request:
         req_id = request.request_id
         st = self._requests.get(req_id)
+        preemptions = int(getattr(request, "num_preemptions", 0) or 0)
+        if st is not None and st.preemptions != preemptions:
+            # preempted since (its blocks are gone) and resumed before build_plan saw the
+            # preemption: vLLM does that in one step when something outside schedule() preempted
+            # it (reset_prefix_cache with reset_running_requests). Start over, as for a new request.
+            st = None
         if st is None:
             prompt = list(compat.prompt_token_ids(request))
-            st = _Request(req_id, prompt, self._keys(request, prompt))
+            st = _Request(req_id, prompt, self._keys(request, prompt), preemptions=preemptions,
+                          born=self._step + 1)
             self._requests[req_id] = st
         return st
 
@@ -144,6 +155,9 @@ class SchedulerSide:
         stay until evicted; nothing can reach them). Requests already known neither load nor
         save any more: their KV may be the old weights'. A restart starts from no epoch: the
         weights are then the model files' again, whose chunks stay valid.
+
+        Returns False while asynchronous loads from a lower tier are in flight (they still land
+        the old KV); everything above is done anyway, so a retry after they finish succeeds.
         """
         self._epoch = os.urandom(16)
         for st in self._requests.values():
@@ -159,6 +173,14 @@ class SchedulerSide:
             if entry.location is not None:
                 self._free_slots.append(entry.location)
         log.info("connector cache reset: %d cpu chunks dropped, later requests keyed apart", len(idle))
+        if self._async_pins:
+            # a lower-tier load already under way still lands its (old) KV in its request's
+            # blocks: the reset did not fully happen, as vLLM's own prefix-cache reset fails
+            # while requests hold blocks; the caller retries once those loads are done
+            log.warning("connector cache reset with %d asynchronous loads in flight: reported as "
+                        "failed (their KV is the old one); reset again once they finish",
+                        len(self._async_pins))
+            return False
         return True
 
     def stored_prefix(self, keys: Sequence[bytes]) -> tuple[int, list[bool]]:
@@ -278,6 +300,9 @@ class SchedulerSide:
                               if v[2] + _PIN_STEPS >= self._step or v[0] in self._async_pins}
         preempted = frozenset(getattr(out, "preempted_req_ids", None) or ())
         for req_id in preempted:
+            st = self._requests.get(req_id)
+            if st is not None and st.born == self._step:
+                continue  # preempted and resumed before this plan: this state is the resumed one's
             self._forget(req_id)
         plan = StepPlan(self._step, self.geometry.num_slots, preempted=preempted,
                         await_saves=frozenset(self._await_saves), async_loads=frozenset(self._async_reqs))
