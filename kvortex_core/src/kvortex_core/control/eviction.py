@@ -172,28 +172,33 @@ class S3FIFOPolicy:
         while len(self._ghost) > max(len(self._main), 1):
             self._ghost.popitem(last=False)
 
-    def _evict_small(self) -> IndexEntry | None:
-        """Tail of small: reused -> promoted to main; pinned -> back to the head; else evicted."""
+    def _evict_small(self) -> IndexEntry | bool:
+        """Tail of small: reused -> promoted to main (True); pinned -> back to the head (False);
+        else evicted (the entry)."""
         key, entry = self._small.popitem(last=False)
         self._small_bytes -= entry.size
         if entry.pins:
             self._small[key] = entry
             self._small_bytes += entry.size
-            return None
+            return False
         if entry.freq > 0:
             entry.freq = 0
             self._main[key] = entry
-            return None
+            return True
         self._remember(key)
         return entry
 
-    def _evict_main(self) -> IndexEntry | None:
-        """Tail of main: reused or pinned -> re-inserted (freq - 1); else evicted."""
+    def _evict_main(self) -> IndexEntry | bool:
+        """Tail of main: reused -> re-inserted with freq - 1 (True); pinned -> re-inserted (False);
+        else evicted (the entry)."""
         key, entry = self._main.popitem(last=False)
-        if entry.pins or entry.freq > 0:
-            entry.freq = max(entry.freq - 1, 0)
+        if entry.pins:
             self._main[key] = entry
-            return None
+            return False
+        if entry.freq > 0:
+            entry.freq -= 1
+            self._main[key] = entry
+            return True
         return entry
 
     def select(self, need: int) -> list[IndexEntry]:
@@ -201,13 +206,26 @@ class S3FIFOPolicy:
         # Each entry is revisited at most MAX_FREQ + 2 times before it is evicted or found
         # pinned, so this bound only trips when everything left is pinned.
         budget = (self.MAX_FREQ + 2) * (len(self._small) + len(self._main)) + 1
+        # Pinned entries met in a row per queue: a queue whose every entry is pinned (a load
+        # holding all the newest chunks, say) must not stop eviction from the other one.
+        pinned_run = {"small": 0, "main": 0}
         while freed < need and (self._small or self._main) and budget > 0:
             budget -= 1
-            use_small = self._small and (self._small_bytes >= self._small_target or not self._main)
-            victim = self._evict_small() if use_small else self._evict_main()
-            if victim is not None:
-                victims.append(victim)
-                freed += victim.size
+            small_full = pinned_run["small"] >= len(self._small)
+            main_full = pinned_run["main"] >= len(self._main)
+            if small_full and main_full:
+                break  # everything left is pinned
+            use_small = bool(self._small) and not small_full and (
+                self._small_bytes >= self._small_target or not self._main or main_full)
+            queue = "small" if use_small else "main"
+            result = self._evict_small() if use_small else self._evict_main()
+            if result is False:
+                pinned_run[queue] += 1
+                continue
+            pinned_run = {"small": 0, "main": 0}
+            if result is not True:
+                victims.append(result)
+                freed += result.size
         return victims
 
 
