@@ -72,10 +72,12 @@ def load_config(vllm_config: VllmConfig) -> KVortexConfig:
 
 
 #: KV cache specs whose blocks hold every token of the prompt for the request's life (full
-#: attention, MLA, attention sinks). vLLM frees the blocks of sliding-window and chunked-local
-#: layers as the window moves, without telling the connector: a save may still be reading a
-#: block the next forward writes, and a hit past the window is allocated as the shared null block.
-_FULL_SPECS = frozenset({"FullAttentionSpec", "MLAAttentionSpec", "SinkFullAttentionSpec"})
+#: attention, MLA, attention sinks; R-SWA keeps every prompt block and drops only generated
+#: tokens', which KVortex never stores). vLLM frees the blocks of sliding-window and
+#: chunked-local layers as the window moves, without telling the connector: a save may still be
+#: reading a block the next forward writes, and a hit past the window is allocated as the
+#: shared null block.
+_FULL_SPECS = frozenset({"FullAttentionSpec", "MLAAttentionSpec", "SinkFullAttentionSpec", "RSWASpec"})
 
 
 def _check_one_group(kv_cache_config: KVCacheConfig | None) -> None:
