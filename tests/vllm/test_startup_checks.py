@@ -161,3 +161,16 @@ def test_fp8_with_scales_each_process_computes_is_refused(tmp_path: Path) -> Non
     except (AttributeError, TypeError, ValueError):
         pytest.skip("this vLLM has no calculate_kv_scales")
     refused_by_both_roles(vc, make_kv_cache_config(64, H_TOTAL, torch.uint8), "calculate_kv_scales=True")
+
+
+def test_an_rswa_cache_is_accepted(tmp_path: Path) -> None:
+    """R-SWA keeps every prompt block (only generated tokens' blocks are dropped), and KVortex
+    stores prompt chunks only: accepted, unlike plain sliding windows."""
+    try:
+        from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheGroupSpec, RSWASpec
+    except ImportError:
+        pytest.skip("this vLLM has no R-SWA")
+    spec = RSWASpec(block_size=BLOCK, num_kv_heads=H_TOTAL, head_size=D, dtype=DTYPE, rswa_window=32)
+    kcc = KVCacheConfig(num_blocks=64, kv_cache_tensors=[], kv_cache_groups=[KVCacheGroupSpec(layer_names(2), spec)])
+    for role in ROLES:
+        KVortexConnector(vllm_config(tmp_path), role, kcc).shutdown()
