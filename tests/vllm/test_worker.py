@@ -225,6 +225,6 @@ def test_geometry_matches_between_scheduler_and_worker(ranks: list[Rank]) -> Non
 
 def test_importing_kvortex_never_imports_vllm() -> None:
     code = ("import sys, kvortex_core, kvortex_vllm, kvortex_vllm.worker, kvortex_vllm.scheduler, "
-            "kvortex_vllm.metadata, kvortex_vllm.compat; "
+            "kvortex_vllm.metadata, kvortex_vllm.compat, kvortex_vllm.startup; "
             "assert 'vllm' not in sys.modules, 'vllm was imported'")
     subprocess.run([sys.executable, "-c", code], check=True)

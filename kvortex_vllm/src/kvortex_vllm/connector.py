@@ -39,7 +39,7 @@ from kvortex_core.control.keys import KeyNamespace
 from kvortex_core.control.stats import Stats
 from kvortex_core.logs import configure as configure_logging
 from kvortex_core.metrics import start_metrics
-from kvortex_vllm import compat
+from kvortex_vllm import compat, startup
 from kvortex_vllm.lower import scheduler_tiers
 from kvortex_vllm.metadata import StepPlan, slot_geometry
 from kvortex_vllm.scheduler import SchedulerSide
@@ -69,100 +69,6 @@ def load_config(vllm_config: VllmConfig) -> KVortexConfig:
     ktc = vllm_config.kv_transfer_config
     extra = dict(getattr(ktc, "kv_connector_extra_config", None) or {})
     return KVortexConfig(**extra)
-
-
-#: KV cache specs whose blocks hold every token of the prompt for the request's life (full
-#: attention, MLA, attention sinks; R-SWA keeps every prompt block and drops only generated
-#: tokens', which KVortex never stores). vLLM frees the blocks of sliding-window and
-#: chunked-local layers as the window moves, without telling the connector: a save may still be
-#: reading a block the next forward writes, and a hit past the window is allocated as the
-#: shared null block.
-_FULL_SPECS = frozenset({"FullAttentionSpec", "MLAAttentionSpec", "SinkFullAttentionSpec", "RSWASpec"})
-
-
-def _check_one_group(kv_cache_config: KVCacheConfig | None) -> None:
-    """One group of full-attention layers, one block table: KVortex moves every layer's KV with
-    the block ids of group 0. vLLM turns its hybrid KV cache manager off for connectors without
-    ``SupportsHMA`` (this one) unless the user forces it on; with several groups (sliding-window
-    and full attention, or Mamba layers, each with its own blocks) the other groups' layers would
-    be saved from and loaded into the wrong blocks, so start-up stops instead. So does a group of
-    windowed layers (a model whose every layer is sliding-window, Mistral-7B-v0.1 say)."""
-    groups = getattr(kv_cache_config, "kv_cache_groups", None) or ()
-    from kvortex_core.errors import ConfigError
-
-    if len(groups) > 1:
-        raise ConfigError(
-            f"this model has {len(groups)} KV cache groups (hybrid attention: each group of layers "
-            "has its own block table), and KVortex stores one group; start vLLM without "
-            "--enable-hybrid-kv-cache-manager (or with --disable-hybrid-kv-cache-manager)"
-        )
-    for group in groups:
-        spec = getattr(group, "kv_cache_spec", None)
-        specs = list(getattr(spec, "kv_cache_specs", {}).values()) or [spec]  # UniformTypeKVCacheSpecs
-        kinds = {type(x).__name__ for x in specs if x is not None}
-        if kinds - _FULL_SPECS:
-            raise ConfigError(
-                f"this model's KV cache is {', '.join(sorted(kinds - _FULL_SPECS))}: vLLM frees blocks "
-                "that leave the attention window while KVortex may still copy them, so KVortex "
-                "stores only full-attention caches; serve with --disable-sliding-window (vLLM then "
-                "keeps every token's KV) or without the KVortex connector"
-            )
-
-
-def _check_fixed_kv_scales(vllm_config: VllmConfig, shape: compat.ModelShape) -> None:
-    """An fp8 (or int8) KV cache is bytes scaled by ``k_scale``/``v_scale``. From a checkpoint
-    they are the model's; with ``calculate_kv_scales`` (vLLM 0.15-era) each process computes its
-    own from its first batch, so the same stored bytes mean other numbers in another process
-    (after a restart, or on another server sharing a tier): start-up stops instead."""
-    if shape.element_size == 1 and getattr(vllm_config.cache_config, "calculate_kv_scales", False):
-        from kvortex_core.errors import ConfigError
-
-        raise ConfigError(
-            "calculate_kv_scales=True with a one-byte KV cache: every vLLM process computes its own "
-            "k/v scales, so stored fp8 bytes would be read back with other scales; serve with the "
-            "checkpoint's scales (calculate_kv_scales=False) or with --kv-cache-dtype auto"
-        )
-
-
-def _check_parallelism(vllm_config: VllmConfig) -> None:
-    """Keys name a tensor-parallel rank's share (its heads) of every layer and every token.
-
-    A pipeline stage holds only some layers: stage 0 and stage 1 of one TP rank would write
-    different layers' KV under the same keys of a shared lower tier (a later load would bring
-    back the other stage's layers, checksums intact). Context parallelism (decode or prefill)
-    spreads a block's tokens over ranks, which the chunk -> blocks mapping does not model.
-    Until they are supported, start-up stops with the setting to change.
-    """
-    pc = vllm_config.parallel_config
-    for name, what in (("pipeline_parallel_size", "a pipeline stage holds only some layers"),
-                       ("decode_context_parallel_size", "ranks hold different tokens of each block"),
-                       ("prefill_context_parallel_size", "ranks hold different tokens of each block")):
-        size = int(getattr(pc, name, 1) or 1)
-        if size > 1:
-            from kvortex_core.errors import ConfigError
-
-            raise ConfigError(
-                f"{name}={size} is not supported by KVortex yet ({what}, and its keys name a "
-                f"tensor-parallel rank's KV of all layers and tokens); serve with {name}=1 "
-                "(tensor and data parallelism are supported)"
-            )
-
-
-def _prefix_reuse_possible(vllm_config: VllmConfig) -> bool:
-    """False for pooling models whose prefill vLLM must run whole (bidirectional attention, or
-    MEAN/CLS/STEP pooling over every prompt token: vLLM gives them no prefix caching); a loaded
-    prefix would skip tokens their pooler needs, which fails the request."""
-    mc = vllm_config.model_config
-    if getattr(mc, "pooler_config", None) is None:
-        return True
-    try:
-        supported = bool(mc.is_prefix_caching_supported)
-    except AttributeError:  # older vLLM: trust its cache config instead
-        supported = bool(getattr(vllm_config.cache_config, "enable_prefix_caching", False))
-    if not supported:
-        log.warning("KVortex: this pooling model needs every prompt token computed (vLLM gives it no "
-                    "prefix caching); the connector stores and loads nothing")
-    return supported
 
 
 def build_namespace(config: KVortexConfig, shape: compat.ModelShape) -> KeyNamespace:
@@ -198,12 +104,10 @@ class KVortexConnector(KVConnectorBase_V1):
         self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig | None = None,
     ) -> None:
         super().__init__(vllm_config, role, kv_cache_config)
-        _check_one_group(kv_cache_config)
-        _check_parallelism(vllm_config)
         self.kv_config = load_config(vllm_config)
         configure_logging(self.kv_config.log_level)
         shape = compat.model_shape(vllm_config, kv_cache_config)
-        _check_fixed_kv_scales(vllm_config, shape)
+        startup.check_config(vllm_config, kv_cache_config, shape)
         self._shape = shape
         namespace = build_namespace(self.kv_config, shape)
         self._scheduler: SchedulerSide | None = None
@@ -215,7 +119,7 @@ class KVortexConnector(KVConnectorBase_V1):
             geometry = slot_geometry(self.kv_config, shape.chunk_bytes(chunk), shape.tp_size)
             tiers = scheduler_tiers(self.kv_config, namespace.digest(), shape.payload_shape(chunk),
                                     shape.torch_dtype, geometry.slot_bytes, shape.tp_size)
-            active = _prefix_reuse_possible(vllm_config)
+            active = startup.prefix_reuse_possible(vllm_config)
             self._scheduler = SchedulerSide(self.kv_config, namespace, geometry, shape.block_size,
                                             stats=self.stats, tiers=tiers, active=active)
             log.info("KVortex scheduler: %d-token chunks, %d slots of %d bytes per rank",
@@ -288,19 +192,7 @@ class KVortexConnector(KVConnectorBase_V1):
                                             self._check_layout)
 
     def _check_layout(self, layout: Any) -> None:
-        """The registered tensors must hold what the scheduler sizes slots and keys by: else every
-        step's plan would be refused (or worse), so start-up stops here, before the pool is made."""
-        from kvortex_core.errors import LayoutError
-
-        chunk = self.kv_config.chunk_tokens
-        got = (tuple(layout.chunk_payload_shape(chunk)), str(layout.dtype).removeprefix("torch."))
-        want = (tuple(self._shape.payload_shape(chunk)), self._shape.dtype)
-        if got != want:
-            raise LayoutError(
-                f"the KV caches vLLM registered hold chunks of {got[0]} {got[1]} (layers, kv, tokens, "
-                f"heads, head size) but the model config says {want[0]} {want[1]}; KVortex cannot store "
-                "this model's KV cache (please report the model and vLLM version)"
-            )
+        startup.check_layout(layout, self._shape, self.kv_config.chunk_tokens)
 
     def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
         super().bind_connector_metadata(connector_metadata)
