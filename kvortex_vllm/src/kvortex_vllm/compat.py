@@ -1,4 +1,5 @@
-"""The few places where vLLM versions differ, read through duck typing (no vLLM import here).
+"""The few places where vLLM versions differ, read through duck typing (no vLLM import at
+module level; ``_platform_fp8`` asks vLLM's platform lazily, inside the vLLM process).
 
 Supported: vLLM 0.15.x through 0.33.x. Differences handled:
 - ``KVConnectorBase_V1.__init__``: ``kv_cache_config`` is optional in 0.15, required later.

@@ -5,8 +5,10 @@ blocks, other numbers) or in which a load would fail the request: start-up stops
 :class:`~kvortex_core.errors.ConfigError` naming the setting to change, instead of serving
 wrong answers later. ``check_config`` runs in both roles from the constructor,
 ``check_layout`` on the workers when vLLM registers its KV caches (before the pinned pool is
-made), ``prefix_reuse_possible`` decides whether the scheduler keys requests at all. vLLM
-objects are read by duck typing (no vLLM import here); docs/vllm.md lists the cases.
+made), ``prefix_reuse_possible`` decides whether the scheduler keys requests at all. One
+refusal lives where its value is read: an unsupported ``--kv-cache-dtype`` (packed scales,
+sub-byte formats) raises from ``compat.model_shape``, which maps the name to an element type.
+vLLM objects are read by duck typing (no vLLM import here); docs/vllm.md lists the cases.
 """
 
 from __future__ import annotations
