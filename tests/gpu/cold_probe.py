@@ -24,7 +24,6 @@ import threading
 import time
 from pathlib import Path
 
-import torch
 from probes import engine_probe, probe_args
 
 import kvortex_core.data.transfer as transfer_mod
@@ -88,7 +87,7 @@ def main() -> None:
     eng.save(next(seqs), blocks)
     res: dict[str, list[tuple[float, float, float]]] = {"bench": [], "spin": [], "hot": []}
     for _ in range(rounds):
-        for cond in res:
+        for cond, runs in res.items():
             tp.sync(dev)
             r = 0.0
             if cond != "hot":
@@ -104,14 +103,14 @@ def main() -> None:
             t0 = time.perf_counter()
             eng.save(next(seqs), blocks)
             t1 = time.perf_counter()
-            res[cond].append(((first[0] - t0) * 1e6, (t1 - t0) * 1e6, r * 1e6))
+            runs.append(((first[0] - t0) * 1e6, (t1 - t0) * 1e6, r * 1e6))
             if cond == "hot":  # a second call at once: the code is warm
                 tp.sync(dev)
                 first.clear()
                 t0 = time.perf_counter()
                 eng.save(next(seqs), blocks)
                 t1 = time.perf_counter()
-                res[cond][-1] = ((first[0] - t0) * 1e6, (t1 - t0) * 1e6, 0.0)
+                runs[-1] = ((first[0] - t0) * 1e6, (t1 - t0) * 1e6, 0.0)
     raws = [r for v in res.values() for _, _, r in v if r]
     for cond, v in res.items():
         f = statistics.median(x[0] for x in v)

@@ -82,7 +82,7 @@ def main() -> None:
     eng.save(next(seqs), blocks)
     out: dict[str, list[tuple[float, list[tuple[str, float, float]]]]] = {"bench": [], "hot": []}
     for _ in range(rounds):
-        for cond in out:
+        for cond, runs in out.items():
             tp.sync(dev)
             if cond == "bench":
                 raw.d2h()
@@ -94,7 +94,7 @@ def main() -> None:
             eng.save(next(seqs), blocks)
             ON[0] = False
             steps = [(n, (a - t0) * 1e6, (b - a) * 1e6) for n, a, b in MARKS if a < first[0]]
-            out[cond].append(((first[0] - t0) * 1e6, steps))
+            runs.append(((first[0] - t0) * 1e6, steps))
     for cond, runs in out.items():
         print(f"{cond}: first DMA enqueued {statistics.median(r[0] for r in runs):.0f} us after the call")
         by: dict[tuple[int, str], list[tuple[float, float]]] = collections.defaultdict(list)
