@@ -503,9 +503,9 @@ def test_a_save_that_skips_chunks_another_thread_is_saving_returns_once_they_are
         tokens, go = list(range(2 * CHUNK)), threading.Event()
         commit = tiers.commit_save
 
-        def slow_commit(leases: Any) -> None:  # thread A's copies "take long"
+        def slow_commit(leases: Any, *rest: Any) -> None:  # thread A's copies "take long"
             go.wait(10)
-            commit(leases)
+            commit(leases, *rest)
 
         tiers.commit_save = slow_commit
         a = threading.Thread(target=engine.save, args=(tokens, list(range(8))))
@@ -572,14 +572,96 @@ def test_an_async_call_racing_close_raises_kvortex_error(op: str, monkeypatch: p
     caller still gets KVortexError, not the executor's RuntimeError."""
     engine, _, _ = _engine()
     engine.close()
-    real, calls = KVortexEngine._check_open, []
+    real, calls = KVortexEngine._check_accepting, []
 
     def open_at_first(self: KVortexEngine) -> None:  # the check ran just before close()
         calls.append(1)
         if len(calls) > 1:
             real(self)
 
-    monkeypatch.setattr(KVortexEngine, "_check_open", open_at_first)
+    monkeypatch.setattr(KVortexEngine, "_check_accepting", open_at_first)
     with pytest.raises(KVortexError, match="closed"):
         getattr(engine, op)(list(range(CHUNK)), list(range(4)))
     assert len(calls) == 2
+
+
+def test_close_lets_accepted_async_saves_finish(tmp_path: Any) -> None:
+    """close() (leaving the with-block) runs every save_async it accepted; later calls are refused."""
+    tiers = {"cpu": {"type": "cpu", "capacity": "8MiB"},
+             "disk": {"type": "disk", "capacity": "64MiB", "path": str(tmp_path), "write_through": True}}
+    caches, hints, _ = ks.flash_attn(L, B, N, H, D, torch.bfloat16)
+    prompts = [[p * 1000 + i for i in range(2 * CHUNK)] for p in range(12)]
+    with KVortexEngine.create(_config(tiers=tiers)) as engine:
+        engine.register_kv_caches(caches, hints)
+        handles = [engine.save_async(t, list(range(p * 8, p * 8 + 8))) for p, t in enumerate(prompts)]
+    assert [h.wait(30) for h in handles] == [2 * CHUNK] * len(prompts)
+    with pytest.raises(KVortexError, match="closed"):
+        engine.save_async(prompts[0], list(range(8)))
+    with pytest.raises(KVortexError, match="closed"):
+        engine.load(prompts[0], list(range(8)))
+    with KVortexEngine.create(_config(tiers=tiers)) as again:  # every accepted save reached the disk tier
+        again.register_kv_caches(caches, hints)
+        assert [again.lookup(t) for t in prompts] == [2 * CHUNK] * len(prompts)
+
+
+@pytest.mark.parametrize("policy", ["lru", "s3fifo", "prefix-lru"])
+def test_a_save_larger_than_the_tier_keeps_its_head(policy: str) -> None:
+    """A prompt of more chunks than the cpu tier keeps: its first chunks stay, its tail is
+    dropped, and save() counts only what was indexed (it used to evict its own head under lru)."""
+    caches, hints, block = ks.flash_attn(1, 80, N, 1, 16, torch.float16)
+    payload = 2 * CHUNK * 16 * 2
+    slots = 10
+    config = _config(eviction={"policy": policy},
+                     tiers={"cpu": {"type": "cpu", "capacity": slots * (payload + 4096)}})
+    with KVortexEngine.create(config) as engine:
+        engine.register_kv_caches(caches, hints)
+        n = 17
+        tokens = list(range(n * CHUNK))
+        saved = engine.save(tokens, list(range(n * CHUNK // N)))
+        assert 0 < saved < n * CHUNK
+        assert engine.lookup(tokens) == saved  # what it stored is a loadable prefix
+        mask = engine.contains(engine.keys(tokens))
+        assert mask == (1 << (saved // CHUNK)) - 1  # the head, nothing after a hole
+        dst = list(range(40, 40 + saved // N))
+        assert engine.load(tokens[:saved], dst) == saved
+        assert all(torch.equal(block(caches, 0, 40 + i), block(caches, 0, i)) for i in range(saved // N))
+        assert engine.stats()["counters"]["save_skipped_pool_full"]  # the dropped tail is counted
+
+
+def test_repeated_block_ids_given_as_tensor_elements_are_refused() -> None:
+    """``list(block_table_row)`` holds 0-d tensors: a repeated id there must be caught like an int."""
+    engine, caches, _ = _engine()
+    with engine:
+        tokens = list(range(2 * CHUNK))
+        engine.save(tokens, list(range(8)))
+        before = caches[0].clone()
+        with pytest.raises(KVortexError, match=r"block_ids\[0\] and block_ids\[4\] are both block 20"):
+            engine.load(tokens, list(torch.tensor([20, 21, 22, 23, 20, 24, 25, 26])))
+        assert torch.equal(caches[0], before)
+        assert engine.load(tokens, list(torch.arange(40, 48))) == 2 * CHUNK  # distinct tensor ids: fine
+
+
+@pytest.mark.parametrize(("rank", "world_size", "match"), [
+    (3, 2, r"rank=3 must be in \[0, world_size=2\)"), ("0", 1, "rank='0' must be an int"),
+    (1.0, 2, "rank=1.0 must be an int"), (0, 0, "world_size=0 must be >= 1"), (-1, 2, "rank=-1"),
+    (True, 2, "rank=True must be an int"),
+])
+def test_rank_and_world_size_are_checked(rank: Any, world_size: Any, match: str) -> None:
+    with pytest.raises(KVortexError, match=match):
+        KVortexEngine.create(_config(), rank=rank, world_size=world_size)
+
+
+@pytest.mark.parametrize("bad", [None, 3, "0123"])
+def test_async_calls_and_contains_refuse_non_sequences(bad: Any) -> None:
+    engine, _, _ = _engine()
+    with engine:
+        tokens = list(range(CHUNK))
+        with pytest.raises(KVortexError, match="block_ids"):
+            engine.save_async(tokens, bad)
+        with pytest.raises(KVortexError, match="block_ids"):
+            engine.load_async(tokens, bad)
+        if bad is not None and not isinstance(bad, str):
+            with pytest.raises(KVortexError, match="contains takes a sequence of keys"):
+                engine.contains(bad)
+        with pytest.raises(KVortexError, match="contains takes a sequence of keys"):
+            engine.contains(None)

@@ -141,6 +141,7 @@ class KVortexEngine:
                  world_size: int = 1) -> None:
         from kvortex_core.control.stats import Stats
 
+        _check_rank(rank, world_size)
         self.config = config
         self.plugins = plugins
         self.rank = rank
@@ -149,6 +150,7 @@ class KVortexEngine:
         self._lock = threading.RLock()
         self._reg: _Registered | None = None
         self._closed = False
+        self._closing = False  # close() started: no new calls, accepted async calls finish
         self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kvortex-engine")
         from kvortex_core.metrics import start_metrics
 
@@ -254,6 +256,11 @@ class KVortexEngine:
                 f"contains takes a sequence of keys, got one {type(keys).__name__}; pass [key] "
                 "(keys as returned by engine.keys(token_ids))"
             )
+        if keys is None or not hasattr(keys, "__iter__"):
+            raise KVortexError(
+                f"contains takes a sequence of keys, got {type(keys).__name__}; pass the list "
+                "returned by engine.keys(token_ids)"
+            )
         keys = list(keys)
         if keys and set(map(type, keys)) != {bytes}:  # one C-speed pass; the loop only to name it
             i, key = next((i, k) for i, k in enumerate(keys) if type(k) is not bytes)
@@ -272,21 +279,31 @@ class KVortexEngine:
         Chunks already stored are skipped; so are chunks for which no cpu slot is free.
         When this returns the blocks may be overwritten: every byte has been copied out.
         """
+        self._check_accepting()
+        return self._save(token_ids, block_ids)
 
+    def _save(self, token_ids: Any, block_ids: Sequence[int]) -> int:
+        """:meth:`save` once accepted (``save_async`` runs this: close() lets it finish)."""
         reg = self._registered()
         tokens = _Tokens(token_ids)
         blocks = _Blocks(block_ids, tokens.n, reg.layout)
         chain = _KeyChain(reg.hasher, tokens, self.rank)
         started: list[tuple[Any, list[Any]]] = []
-        saved = 0
         error: BaseException | None = None
+        full_at: list[int] = []
+        # A save that may fill the cpu tier holds its chunks as they are indexed, so that room for
+        # its tail is never made by evicting its head (the tail is unreachable without it)
+        hold = reg.tiers.hold_for_save(chain.n)
         try:
             for a, b in self._parts(chain.n, reg):
                 # the rest is converted, checked and hashed while the head is on the wire
                 keys = chain.upto(b)
                 blocks.check(self._end_block(b, tokens.n, reg))
-                leases = reg.tiers.begin_save(keys[a:b], [keys[i - 1] if i else None for i in range(a, b)])
+                leases = reg.tiers.begin_save(keys[a:b], [keys[i - 1] if i else None for i in range(a, b)],
+                                              full_at=full_at)
                 if not leases:
+                    if full_at:
+                        break
                     continue
                 for lease in leases:
                     lease.index += a
@@ -300,23 +317,30 @@ class KVortexEngine:
                     reg.tiers.abort_save(leases)
                     raise
                 started.append((handle, leases))
-                ct = self.config.chunk_tokens
-                saved += sum(min((lease.index + 1) * ct, tokens.n) - lease.index * ct for lease in leases)
+                if full_at:  # the cpu tier is full: chunks after this one would be unreachable
+                    break
             chain.upto(chain.n)  # every token and block id is checked, stored chunks or not
             blocks.check(blocks.need)
         except BaseException as exc:  # noqa: BLE001 - re-raised once enqueued parts are settled
             error = exc
-        for handle, leases in started:  # parts already enqueued finish whatever happened later
-            try:
-                self._commit_as_ready(reg, handle, leases)
-            except BaseException as exc:  # noqa: BLE001 - re-raised below
-                reg.tiers.abort_save(leases)
-                error = error or exc
+        try:
+            for handle, leases in started:  # parts already enqueued finish whatever happened later
+                try:
+                    self._commit_as_ready(reg, handle, leases, hold)
+                except BaseException as exc:  # noqa: BLE001 - re-raised below
+                    reg.tiers.abort_save(leases)
+                    error = error or exc
+        finally:
+            if hold is not None:
+                hold.release()
         self._stats.inc(SAVE_CALLS)
         if error is not None:
             raise error
         # chunks skipped because another thread is saving them: visible when this returns too
         reg.tiers.wait_saving(chain.upto(chain.n), self.config.timeouts.transfer_s)
+        ct = self.config.chunk_tokens
+        saved = sum(min((lease.index + 1) * ct, tokens.n) - lease.index * ct
+                    for _, leases in started for lease in leases if lease.stored)
         self._stats.inc(SAVED_TOKENS, saved)
         return saved
 
@@ -352,7 +376,7 @@ class KVortexEngine:
             reg.parts[n_chunks] = parts
         return parts
 
-    def _commit_as_ready(self, reg: _Registered, handle: Any, leases: list[Any]) -> None:
+    def _commit_as_ready(self, reg: _Registered, handle: Any, leases: list[Any], hold: Any = None) -> None:
         """Index the chunks as their DMAs land (~64 MiB at a time), while later ones are on the wire.
 
         On this thread: a commit is ~20 us of Python (no pass over the bytes, see
@@ -371,9 +395,9 @@ class KVortexEngine:
         for start in range(0, body, group):
             end = min(start + group, body)
             handle.wait_chunk(end - 1, timeout)
-            reg.tiers.commit_save(leases[start:end])
+            reg.tiers.commit_save(leases[start:end], hold)
         handle.wait(timeout)  # wakes on the last copy's end (see TransferHandle.wait)
-        reg.tiers.commit_save(leases[max(body, 0):])
+        reg.tiers.commit_save(leases[max(body, 0):], hold)
 
     def _chunk_blocks(self, blocks: list[int], chunk: int, n_tokens: int, reg: _Registered) -> list[int]:
         ct, bs = self.config.chunk_tokens, reg.layout.block_size
@@ -384,9 +408,9 @@ class KVortexEngine:
     def save_async(self, token_ids: Any, block_ids: Sequence[int]) -> EngineHandle:
         """Non-blocking :meth:`save`; the blocks must stay untouched until ``wait()`` returns."""
         tokens = _tokens(token_ids)
-        blocks = block_ids.tolist() if hasattr(block_ids, "tolist") else list(block_ids)
-        self._check_open()
-        return EngineHandle(self._submit(self.save, tokens, blocks), "save_async")
+        blocks = _block_list(block_ids)
+        self._check_accepting()
+        return EngineHandle(self._submit(self._save, tokens, blocks), "save_async")
 
     # ------------------------------------------------------------------ load
 
@@ -397,14 +421,19 @@ class KVortexEngine:
         (rounded down to a block boundary: a partly held block is rewritten with equal bytes).
         Returns the number of tokens written after ``skip_tokens`` (0 on a miss).
         """
-        pending = self._start_load(token_ids, block_ids, skip_tokens, layerwise=False)
-        return pending.wait()
+        self._check_accepting()
+        return self._load(token_ids, block_ids, skip_tokens=skip_tokens)
+
+    def _load(self, token_ids: Any, block_ids: Sequence[int], *, skip_tokens: int = 0) -> int:
+        """:meth:`load` once accepted (``load_async`` runs this: close() lets it finish)."""
+        return self._start_load(token_ids, block_ids, skip_tokens, layerwise=False).wait()
 
     def load_layerwise(self, token_ids: Any, block_ids: Sequence[int], *, skip_tokens: int = 0) -> LayerwiseLoad:
         """Start loading the stored prefix for all layers; await each with ``wait_layer(i)``.
 
         ``.tokens`` says at once how many tokens (after ``skip_tokens``) will be written.
         """
+        self._check_accepting()
         return self._start_load(token_ids, block_ids, skip_tokens, layerwise=True)
 
     def _start_load(self, token_ids: Any, block_ids: Sequence[int], skip_tokens: int, *,
@@ -461,10 +490,10 @@ class KVortexEngine:
     def load_async(self, token_ids: Any, block_ids: Sequence[int], *, skip_tokens: int = 0) -> EngineHandle:
         """Non-blocking :meth:`load`; read the blocks only after ``wait()`` returned."""
         tokens = _tokens(token_ids)
-        blocks = block_ids.tolist() if hasattr(block_ids, "tolist") else list(block_ids)
+        blocks = _block_list(block_ids)
         skip_tokens = _skip(skip_tokens)
-        self._check_open()
-        return EngineHandle(self._submit(self.load, tokens, blocks, skip_tokens=skip_tokens),
+        self._check_accepting()
+        return EngineHandle(self._submit(self._load, tokens, blocks, skip_tokens=skip_tokens),
                             "load_async")
 
     # ------------------------------------------------------------------ state
@@ -489,10 +518,14 @@ class KVortexEngine:
     def close(self) -> None:
         """Finish pending async calls, drain write-behind, free the pinned pool. Idempotent."""
         with self._lock:
-            if self._closed:
+            if self._closed or self._closing:
                 return
-            self._closed = True
+            # new calls are refused from here on; async calls already accepted still run
+            # (they check _closed, set only once the executor has finished them)
+            self._closing = True
         self._executor.shutdown(wait=True)
+        with self._lock:
+            self._closed = True
         if self._reg is not None:
             self._reg.transfer.close()
             self._reg.tiers.close()
@@ -509,12 +542,17 @@ class KVortexEngine:
         if self._closed:
             raise KVortexError("this KVortexEngine is closed; create a new one")
 
+    def _check_accepting(self) -> None:
+        """New calls are refused once close() started (accepted async calls still finish)."""
+        if self._closing or self._closed:
+            raise KVortexError("this KVortexEngine is closed; create a new one")
+
     def _submit(self, fn: Any, *args: Any, **kwargs: Any) -> Future[int]:
         """Run ``fn`` on the executor; a KVortexError when close() shut it down meanwhile."""
         try:
             return self._executor.submit(fn, *args, **kwargs)
         except RuntimeError:  # close() ran between the caller's check and this submit
-            self._check_open()
+            self._check_accepting()
             raise
 
     def _registered(self) -> _Registered:
@@ -607,12 +645,16 @@ class _Blocks:
         part = self.ids[self._ok:end]
         try:  # no numpy: a part's few ids, and each numpy call costs 10-30 us on a cold path
             seg = array.array("q")
-            seg.fromlist(part)  # takes bools too (True == 1): a block table never holds one
-            good = not seg or (min(seg) >= 0 and max(seg) < self._layout.num_blocks and bool not in set(map(type, part)))
+            seg.fromlist(part)  # takes bools and 0-d tensors too (anything with __index__)
+            good = not seg or (min(seg) >= 0 and max(seg) < self._layout.num_blocks
+                               and set(map(type, part)) == {int})
         except (TypeError, OverflowError):
             good = False
         if not good:
-            _blocks(self._raw, self._n_tokens, self._layout)  # raises, naming the index and value
+            # raises, naming the index and value; or converts what array() does not take (numpy
+            # or tensor scalars in a list), so the repeat check below compares ints
+            self.ids = _blocks(self._raw, self._n_tokens, self._layout)
+            part = self.ids[self._ok:end]
         if self._seen is not None:
             self._seen.update(part)
             if len(self._seen) != end:
@@ -710,6 +752,15 @@ def _int_vector(values: Any, name: str, hint: str, offset: int = 0) -> Any:
     return arr
 
 
+def _block_list(block_ids: Any) -> list[Any]:
+    """A copy of the caller's block ids for an async call (checked when the call runs)."""
+    if isinstance(block_ids, list):
+        return list(block_ids)
+    if hasattr(block_ids, "tolist") and not isinstance(block_ids, (str, bytes)):
+        return block_ids.tolist()  # type: ignore[no-any-return]
+    return _int_vector(block_ids, "block_ids", "pass the request's block table (integer block indices)").tolist()
+
+
 def _blocks(block_ids: Sequence[int], n_tokens: int, layout: KVLayout) -> list[int]:
     """Block ids covering ``n_tokens`` tokens, each inside the registered cache.
 
@@ -736,6 +787,18 @@ def _blocks(block_ids: Sequence[int], n_tokens: int, layout: KVLayout) -> list[i
             "registered KV cache"
         )
     return ids.tolist()
+
+
+def _check_rank(rank: Any, world_size: Any) -> None:
+    """KVortexError unless ``world_size >= 1`` and ``0 <= rank < world_size`` are ints."""
+    for name, value in (("world_size", world_size), ("rank", rank)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise KVortexError(f"{name}={value!r} must be an int (the tensor-parallel {name} of this process)")
+    if world_size < 1:
+        raise KVortexError(f"world_size={world_size} must be >= 1 (the tensor-parallel size; 1 on one GPU)")
+    if not 0 <= rank < world_size:
+        raise KVortexError(f"rank={rank} must be in [0, world_size={world_size}); pass this process's "
+                           "tensor-parallel rank")
 
 
 def _cuda_index(kv_caches: Any) -> int | None:

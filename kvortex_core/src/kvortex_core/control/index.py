@@ -212,18 +212,28 @@ class ChunkIndex:
 
     # -- mutation -------------------------------------------------------------------------
     def insert(self, key: bytes, size: int, *, location: Any = None,
-               parent: bytes | None = None) -> bool:
+               parent: bytes | None = None, hold: PinHandle | None = None) -> bool:
         """Account ``size`` bytes for ``key``; False when there is no room (all pinned).
 
         Crossing the high watermark first evicts down to ``high_watermark - evict_ratio`` of
         the capacity; the new entry is never its own victim. Re-inserting a stored key with the
         same size updates its location (when given) and recency; with another size it replaces
         the entry (releasing the old location is the caller's business: it is not evicted).
+
+        ``hold``: a handle from :meth:`pin` that also pins the new entry, atomically with the
+        insert (a long save holds its chunks so that making room for its tail never evicts its
+        head: the tail would be unreachable without it).
         """
         if size < 0:
             raise ConfigError(f"index {self.name!r}: size={size} of a chunk must be >= 0")
         with self._lock:
             ok, victims = self._insert_locked(key, size, location, parent)
+            if ok and hold is not None and not hold.released:
+                entry = self._entries[key]
+                if entry.pins == 0:
+                    self._pinned_bytes += entry.size
+                entry.pins += 1
+                hold.entries.append(entry)
         self._after_evict(victims)
         if self.stats is not None:
             self.stats.inc(INSERTS if ok else INSERT_REJECTS, 1, self.name)

@@ -25,6 +25,8 @@ class SaveLease:
     parent: bytes | None = None
     done: bool = field(default=False, repr=False)
     header_written: bool = field(default=False, repr=False)
+    #: Set by ``commit_save``: the chunk is in the cpu index (False: no room, or stored meanwhile).
+    stored: bool = field(default=False, repr=False)
 
 
 @dataclass(eq=False)

@@ -22,7 +22,7 @@ from kvortex_core.tiering.tiers import LowerTier, TierUnavailable
 if TYPE_CHECKING:
     import torch
 
-    from kvortex_core.control.index import IndexEntry
+    from kvortex_core.control.index import IndexEntry, PinHandle
 
 
 class SaveMixin(TierState):
@@ -43,9 +43,15 @@ class SaveMixin(TierState):
         def _stored_below(self, key: bytes) -> bool: ...
 
     def begin_save(
-        self, keys: Sequence[bytes], parents: Sequence[bytes | None] | None = None
+        self, keys: Sequence[bytes], parents: Sequence[bytes | None] | None = None,
+        *, full_at: list[int] | None = None,
     ) -> list[SaveLease]:
-        """Reserve a slot for each chunk not stored anywhere (pool full: skipped and counted)."""
+        """Reserve a slot for each chunk of a prefix not stored anywhere.
+
+        Chunks stored already, or being saved by another caller, are skipped. When no slot is
+        left the reservation stops there (chunks after a missing one could never be loaded),
+        the rest is counted as skipped, and ``full_at`` (if given) gets the index of that chunk.
+        """
         keys = list(keys)
         stored = self.contains(keys)
         leases: list[SaveLease] = []
@@ -55,12 +61,22 @@ class SaveMixin(TierState):
                     continue
                 slot = self._allocate_slot()
                 if slot is None:
-                    self.stats.inc(SAVE_SKIPPED, 1, self.cpu_name)
-                    continue
+                    self.stats.inc(SAVE_SKIPPED, len(keys) - i, self.cpu_name)
+                    if full_at is not None:
+                        full_at.append(i)
+                    break
                 self._saving.add(key)
                 parent = parents[i] if parents is not None else (keys[i - 1] if i else None)
                 leases.append(SaveLease(key, i, slot, self._payload_view(slot), parent))
         return leases
+
+    def hold_for_save(self, n_chunks: int) -> PinHandle | None:
+        """A pin handle for ``commit_save(..., hold=)`` when indexing ``n_chunks`` more chunks may
+        cross the cpu tier's high watermark (eviction then starts); None when they fit below it."""
+        index = self.cpu_index
+        if index.used + n_chunks * self.pool.slot_bytes <= index.high_watermark * index.capacity:
+            return None
+        return index.pin((), "save")
 
     def _payload_view(self, slot: int) -> torch.Tensor:
         return self._payload_views[slot]
@@ -98,18 +114,23 @@ class SaveMixin(TierState):
                         payload_len=self.payload_bytes, checksum=0)
         lease.header_written = True
 
-    def commit_save(self, leases: Sequence[SaveLease]) -> None:
-        """Seal the filled slots into the cpu index and queue write-behind; never blocks."""
+    def commit_save(self, leases: Sequence[SaveLease], hold: PinHandle | None = None) -> None:
+        """Seal the filled slots into the cpu index and queue write-behind; never blocks.
+
+        ``hold``: a pin handle of the cpu index (``cpu_index.pin((), op)``) that pins each chunk
+        as it is indexed, until the caller releases it: a save larger than what the tier keeps
+        then drops its tail (no room) instead of evicting its own head to index the tail.
+        """
         for lease in leases:
             if lease.done:
                 continue
             lease.done = True
             try:
-                self._commit_one(lease)
+                self._commit_one(lease, hold)
             finally:
                 self._done_saving(lease.key)
 
-    def _commit_one(self, lease: SaveLease) -> None:
+    def _commit_one(self, lease: SaveLease, hold: PinHandle | None = None) -> None:
         total = pl.HEADER_BYTES + self.payload_bytes
         if not lease.header_written:
             self._write_identity_header(lease)
@@ -119,13 +140,14 @@ class SaveMixin(TierState):
                 not self._closed
                 and lease.key not in self.cpu_index
                 and self.cpu_index.insert(
-                    lease.key, self.pool.slot_bytes, location=lease.slot, parent=lease.parent
+                    lease.key, self.pool.slot_bytes, location=lease.slot, parent=lease.parent, hold=hold
                 )
             )
         if not ok:
             self.pool.free(lease.slot)
             self.stats.inc(SAVE_SKIPPED, 1, self.cpu_name)
             return
+        lease.stored = True
         self.stats.record_saved(self.payload_bytes, self.cpu_name)  # KV bytes, as loads count
         for tier in self.tiers:
             if tier.write_through:
