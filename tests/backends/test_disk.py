@@ -470,3 +470,56 @@ def test_concurrent_writers_of_one_key_never_mix(tmp_path: Path) -> None:
 
     _run(scenario())
     assert [p.name for p in _files(tmp_path)] == [f"{key}.kv"]
+
+
+def test_a_fifo_in_place_of_a_cache_file_never_blocks_a_read(tmp_path: Path) -> None:
+    """Something that is no regular file where a value was (a FIFO here: its plain open() blocks
+    until a writer comes) is an error for that key, at once, on the loop and on the I/O threads;
+    other values still read."""
+    root = tmp_path / "cache"
+
+    async def scenario() -> None:
+        b = await _opened(_ns_disk(root))
+        (k1, v1), (k2, v2) = _value(1), _value(2)
+        await b.put(k1, v1)
+        await b.put(k2, v2)
+        path = b._path(k1)
+        os.unlink(path)
+        os.mkfifo(path)
+        out = memoryview(bytearray(len(v1)))
+        for inline in (True, False):  # the page-cache read on the loop, then the thread read
+            b._inline_ok = inline
+            with pytest.raises(BackendError, match="not a regular file"):
+                await asyncio.wait_for(b.get(k1, out), 5)
+        assert await asyncio.wait_for(b.get(k2, out), 5) == len(v2)
+        assert bytes(out[: len(v2)]) == v2
+        await b.close()
+
+    _run(scenario())
+
+
+def test_a_slow_read_on_the_loop_turns_loop_reads_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """RWF_NOWAIT covers the data, not the open: a filesystem whose opens are slow (a network
+    mount) makes the tier read on its I/O threads from then on. Fault injected: a slow open."""
+    if not disk_io.HAS_NOWAIT:
+        pytest.skip("no RWF_NOWAIT on this kernel/Python: reads never run on the loop")
+    root = tmp_path / "cache"
+    real = disk_io.read_cached
+
+    def slow_read_cached(path: str, out: memoryview) -> int | None:
+        time.sleep(0.02)  # the injected fault: an open that blocks the loop
+        return real(path, out)
+
+    async def scenario() -> None:
+        b = await _opened(_ns_disk(root))
+        k, v = _value(3)
+        await b.put(k, v)
+        out = memoryview(bytearray(len(v)))
+        monkeypatch.setattr(disk_io, "read_cached", slow_read_cached)
+        assert b._inline_ok
+        assert await b.get(k, out) == len(v)  # still served, then loop reads are off
+        assert not b._inline_ok
+        assert bytes(out[: len(v)]) == v
+        await b.close()
+
+    _run(scenario())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -84,6 +85,29 @@ class SlowPut(MemoryBackend):
         await super().put(key, data)
 
 
+class LateReader(MemoryBackend):
+    """A tier whose reads run on a thread that may outlive the read's timeout (a hung disk):
+    while ``hold`` is set the thread waits, then writes its bytes into the caller's buffer."""
+
+    shared = False
+    hold = threading.Event()
+    reads_done = 0
+
+    async def get(self, key: str, out: memoryview) -> int | None:
+        value = self._data.get(key)
+        if value is None:
+            return None
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, self._late_read, value, out)
+
+    @classmethod
+    def _late_read(cls, value: bytes, out: memoryview) -> int:
+        cls.hold.wait(30)
+        out[: len(value)] = b"\xab" * len(value)  # a late write: garbage if the slot was reused
+        cls.reads_done += 1
+        return len(value)
+
+
 class _TestPlugin:
     from kvortex_core.plugins.marker import hookimpl
 
@@ -93,6 +117,7 @@ class _TestPlugin:
         register("flaky", FlakyBackend)
         register("sharedmem", SharedMemory)
         register("slowput", SlowPut)
+        register("late", LateReader)
 
 
 def _config(tiers: dict[str, dict[str, Any]], **kw: Any) -> KVortexConfig:
@@ -817,3 +842,30 @@ def test_remote_cache_freshness() -> None:
     assert cache.mask([b"a", b"b"]) == (0b01, [])
     time.sleep(0.06)
     assert not cache.fresh(b"a") and cache.mask([b"a"]) == (0b1, [b"a"])  # stale: refresh
+
+
+def test_a_timed_out_read_keeps_its_slot_until_its_thread_ended(make: Any) -> None:
+    """A read that timed out may still write into its cpu slot from an I/O thread: the slot is
+    held until that read really ended (it was freed after close_s before, whatever the thread
+    was doing, and a late write could then land in another chunk's slot)."""
+    LateReader.hold.clear()
+    LateReader.reads_done = 0
+    tiers = {"cpu": {"type": "cpu", "capacity": 4 * SLOT},
+             "late": {"type": "late", "capacity": 64 * SLOT, "write_through": True}}
+    mgr = make(tiers, timeouts={"backend_op_s": 0.2, "close_s": 0.1})
+    _save(mgr, [0])
+    assert mgr.drain(10)
+    mgr.cpu_index.evict(mgr.cpu_index.used)  # only the late tier holds chunk 0 now
+    assert mgr.pool.free_slots == 4
+    assert mgr.begin_load([_key(0)], timeout=5) == []  # timed out: a miss
+    time.sleep(0.5)  # past close_s: the old timer would have freed the slot
+    assert mgr.pool.free_slots == 3  # still held: the read's thread has not ended
+    ids = [1, 2, 3]
+    assert _save(mgr, ids) == ids  # every other slot serves, right bytes
+    LateReader.hold.set()  # the late read lands, in its own slot
+    deadline = time.monotonic() + 10
+    while mgr.pool.free_slots != 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert LateReader.reads_done == 1
+    assert mgr.pool.free_slots == 1  # given back once the read ended
+    assert [i for i, _ in _load(mgr, ids)] == ids  # _load checks the bytes of each chunk

@@ -18,6 +18,7 @@ import errno
 import logging
 import os
 import re
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -41,6 +42,8 @@ T = TypeVar("T")
 _KEY_RE = re.compile(r"^[0-9a-f]{1,128}$")
 #: Largest value read on the event loop when fully in the page cache (see ``_read_inline``).
 INLINE_READ_MAX = 4 * 1024 * 1024
+#: A read on the event loop slower than this turns them off for the tier (see ``_read_inline``).
+INLINE_OPEN_LIMIT_S = 0.005
 #: zstd levels accepted for ``compression_level`` (negative: faster; zstd itself goes lower,
 #: to -131072, where it hardly compresses: not worth a disk write).
 ZSTD_MIN_LEVEL, ZSTD_MAX_LEVEL = -7, 22
@@ -254,13 +257,23 @@ class DiskBackend(StorageBackend):
         """
         if not self._inline_ok or size > INLINE_READ_MAX or self._read_direct:
             return None
+        start = time.perf_counter()
         try:
             n = disk_io.read_cached(path, view)
         except OSError as exc:
-            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL) or isinstance(exc, disk_io.NotRegularFileError):
                 raise
             self._inline_ok = False  # this filesystem cannot do RWF_NOWAIT
             return None
+        finally:
+            # RWF_NOWAIT covers the data, not the open: a filesystem whose opens block (a network
+            # mount, a stalled device) would stall every tier on the loop. Past the limit, every
+            # later read goes through the I/O threads.
+            took = time.perf_counter() - start
+            if took > INLINE_OPEN_LIMIT_S and self._inline_ok:
+                self._inline_ok = False
+                log.warning("disk tier %s: a read on the event loop took %.1f ms; reads go through "
+                            "the I/O threads from now on", self.root, took * 1e3)
         return None if n is None else self._finish_read(view, n)
 
     def _read(self, path: str, view: memoryview) -> int:

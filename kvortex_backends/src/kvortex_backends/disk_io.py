@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import uuid
 
 import numpy as np
@@ -119,14 +120,31 @@ def _read_all(fd: int, view: memoryview, offset: int) -> int:
     return total
 
 
+class NotRegularFileError(OSError):
+    """A cache path holds something other than a regular file (a FIFO, a device, a directory)."""
+
+
+def _open_regular(path: str) -> tuple[int, int]:
+    """``(fd, size)`` of the regular file at ``path``; O_NONBLOCK, so that something else put
+    there (a FIFO, a device) never blocks the opener, and is refused as not a cache file."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegularFileError(errno.EINVAL, f"{path} is not a regular file (not a KVortex cache file)")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st.st_size
+
+
 def read_into(path: str, out: memoryview, *, direct: bool) -> int:
     """Read the whole file straight into ``out``; returns its length.
 
     Raises FileNotFoundError when absent and BufferTooSmallError when ``out`` is too short.
     """
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    fd, size = _open_regular(path)
     try:
-        size = os.fstat(fd).st_size
         if size > len(out):
             raise BufferTooSmallError(
                 f"disk value {os.path.basename(path)} is {size} bytes, the buffer only {len(out)}"
@@ -148,9 +166,8 @@ def read_cached(path: str, out: memoryview) -> int | None:
     event loop: a warm read then costs no thread hand-off. Raises FileNotFoundError,
     BufferTooSmallError, or OSError(EOPNOTSUPP) where the filesystem lacks RWF_NOWAIT.
     """
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    fd, size = _open_regular(path)
     try:
-        size = os.fstat(fd).st_size
         if size > len(out):
             raise BufferTooSmallError(
                 f"disk value {os.path.basename(path)} is {size} bytes, the buffer only {len(out)}"

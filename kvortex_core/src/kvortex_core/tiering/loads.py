@@ -108,10 +108,11 @@ class LoadMixin(TierState):
         """Read one chunk from a lower tier into ``slot`` and verify it: OK, MISS or GONE."""
         out = self.pool.buffer(slot)
         try:
-            n = await tier.call("get", tier.backend.get(key.hex(), out))
+            n = await tier.call("get", tier.backend.get(key.hex(), out),
+                                on_late=lambda: self._release_quarantined(slot))
         except TierUnavailable as exc:
             if isinstance(exc.__cause__, TimeoutError):
-                self._quarantine(slot)  # an I/O thread may still be writing into it
+                self._quarantined.add(slot)  # the read may still write into it: freed once it ended
                 return GONE
             if isinstance(exc.__cause__, BufferTooSmallError):
                 # Longer than any value of this key could be (a slot holds header + payload,
@@ -133,14 +134,8 @@ class LoadMixin(TierState):
         self.stats.inc(BYTES_READ, n, tier.name)
         return OK
 
-    def _quarantine(self, slot: int) -> None:
-        """Hold a slot back for ``timeouts.close_s``: a timed-out read may still land in it."""
-        self._quarantined.add(slot)
-        asyncio.get_running_loop().call_later(
-            self.config.timeouts.close_s, self._release_quarantined, slot
-        )
-
     def _release_quarantined(self, slot: int) -> None:
+        """A timed-out read into ``slot`` has ended (``LowerTier.call``'s ``on_late``): free it."""
         if slot in self._quarantined:  # close() may have freed it already
             self._quarantined.discard(slot)
             self.pool.free(slot)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -65,24 +65,36 @@ class LowerTier:
                 continue  # not one of our keys
         self.opened = True
 
-    async def call(self, op: str, awaitable: Awaitable[T], timeout: float | None = None) -> T:
+    async def call(self, op: str, awaitable: Awaitable[T], timeout: float | None = None, *,
+                   on_late: Callable[[], None] | None = None) -> T:
         """Run one backend call under the breaker and a timeout; TierUnavailable on failure.
 
         A tier that could not open at start is opened by its first allowed call (the probe).
+        ``on_late``: on a timeout the call is not cancelled but left to finish, and ``on_late``
+        runs once it did (a read into a buffer: a backend's I/O thread cannot be stopped, so the
+        buffer may be reused only after that).
         """
         if not self.breaker.allow():
             _close(awaitable)
             self.stats.inc(SKIPPED_OPEN, 1, self.name)
             raise TierUnavailable(f"tier {self.name} is out of service")
+        task: asyncio.Future[T] | None = None
         try:
             if not self.opened:
                 await asyncio.wait_for(self.open(), self.open_timeout_s)
-            result = await asyncio.wait_for(awaitable, timeout or self.op_timeout_s)
+            if on_late is None:
+                result = await asyncio.wait_for(awaitable, timeout or self.op_timeout_s)
+            else:
+                task = asyncio.ensure_future(awaitable)
+                result = await asyncio.wait_for(asyncio.shield(task), timeout or self.op_timeout_s)
         except (BackendFullError, BufferTooSmallError) as exc:
             self.breaker.success()  # the tier answered; this value just does not fit
             raise TierUnavailable(str(exc)) from exc
         except TimeoutError as exc:
-            _close(awaitable)
+            if task is not None and on_late is not None:
+                task.add_done_callback(lambda t: _settled(t, on_late))
+            else:
+                _close(awaitable)
             self._failed(op, f"{op} timed out", TIMEOUTS)
             raise TierUnavailable(f"tier {self.name}: {op} timed out") from exc
         except Exception as exc:
@@ -100,6 +112,13 @@ class LowerTier:
     @property
     def available(self) -> bool:
         return self.breaker.available
+
+
+def _settled(task: asyncio.Future[Any], then: Callable[[], None]) -> None:
+    """A late call finished: retrieve its outcome (no "never retrieved" warning), run ``then``."""
+    if not task.cancelled():
+        task.exception()
+    then()
 
 
 def _close(awaitable: Awaitable[Any]) -> None:
