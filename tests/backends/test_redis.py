@@ -245,3 +245,40 @@ def test_tier_config_validates_redis_and_s3_options(monkeypatch) -> None:  # typ
         KVortexConfig(tiers={"cpu": {"type": "cpu", "capacity": "1GiB"},
                              "shared": {"type": "redis", "capacity": "8GiB", "urll": "redis://x"}})
     assert "urll" in str(err.value) and "key_prefix" in str(err.value)  # lists the valid options
+
+
+def _engine_over(url: str, **redis_opts: Any) -> Any:
+    import torch
+
+    from kvortex_core import KVortexConfig, KVortexEngine
+
+    config = KVortexConfig(model_id="m", chunk_tokens=32, tiers={
+        "cpu": {"type": "cpu", "capacity": "16MiB"},
+        "r": {"type": "redis", "capacity": "64MiB", "url": url, "write_through": True, **redis_opts}})
+    engine = KVortexEngine.create(config)
+    engine.register_kv_caches([torch.randn(2, 64, 16, 2, 64).half() for _ in range(4)])
+    return engine
+
+
+def test_writes_a_full_server_refuses_are_counted(make_redis, key_prefix) -> None:
+    """Redis with maxmemory and noeviction refuses writes: the tier answered (no breaker
+    failure), but each refused value is counted (it was counted nowhere before)."""
+    server = make_redis("--maxmemory", "2mb", "--maxmemory-policy", "noeviction")
+    engine = _engine_over(server.url, key_prefix=key_prefix)
+    with engine:
+        for p in range(6):
+            engine.save([p * 1000 + i for i in range(128)], list(range(8)))
+        assert engine._reg.tiers.drain(10)
+        counters = engine.stats()["counters"]
+    stored = len(redis.Redis(port=server.port).keys(f"{key_prefix}*"))
+    refused = counters.get("tier_writes_refused", {}).get("r", 0)
+    assert refused > 0
+    assert stored + refused == 24  # every write-through chunk: stored or counted
+    assert not counters.get("tier_errors")
+
+
+def test_a_tier_that_cannot_open_counts_an_error(make_redis, key_prefix) -> None:
+    """A wrong password: the tier starts out of service and `kvortex stats` shows an error."""
+    server = make_redis("--requirepass", "s3cret")
+    with _engine_over(server.url, key_prefix=key_prefix, password="wrong") as engine:
+        assert engine.stats()["counters"]["tier_errors"] == {"r": 1}

@@ -495,3 +495,24 @@ def test_stats_headers_are_whole_at_80_columns() -> None:
     assert "MB/s" in text and "half-open" in text
     assert max(len(line) for line in text.splitlines()) <= 80
     assert "alloc failures 2 (pressure)" in " ".join(text.split())
+
+
+def test_a_typo_of_a_plain_setting_shows_its_value_a_misspelt_credential_stays_masked(tmp_path: Path) -> None:
+    """``chunk_token`` (for chunk_tokens) holds "token" but is no credential: its value is shown;
+    ``pasword`` (for password) is masked. Both are named unknown keys."""
+    path = tmp_path / "kvortex.yaml"
+    path.write_text("chunk_token: 512\n")
+    with pytest.raises(ConfigError, match=r"chunk_token = 512 .*unknown key"):
+        KVortexConfig.load(config_file=path)
+    with pytest.raises(ConfigError) as err:
+        KVortexConfig(tiers={"cpu": {"type": "cpu"}, "r": {"type": "redis", "url": "redis://h:1",
+                                                         "pasword": "hunter2"}})
+    assert "hunter2" not in str(err.value)
+
+
+@pytest.mark.parametrize(("field", "value"), [("chunk_tokens", True), ("chunk_tokens", False)])
+def test_a_bool_where_a_number_belongs_is_refused(field: str, value: bool) -> None:
+    with pytest.raises(ConfigError, match=rf"{field} = {value}.*boolean, not a number"):
+        KVortexConfig(**{field: value})
+    with pytest.raises(ConfigError, match="boolean, not a number"):
+        KVortexConfig(eviction={"high_watermark": True})

@@ -665,3 +665,13 @@ def test_async_calls_and_contains_refuse_non_sequences(bad: Any) -> None:
                 engine.contains(bad)
         with pytest.raises(KVortexError, match="contains takes a sequence of keys"):
             engine.contains(None)
+
+
+def test_a_chunk_larger_than_the_cpu_tier_names_chunk_tokens() -> None:
+    """chunk_tokens=10**9 (a typo): a ConfigError naming it at registration, not torch's
+    allocator error from sizing the staging buffers for such a chunk."""
+    from kvortex_core.errors import ConfigError
+
+    with KVortexEngine.create(_config(chunk_tokens=10**9)) as engine, \
+            pytest.raises(ConfigError, match="lower chunk_tokens"):
+        engine.register_kv_caches(*ks.flash_attn(L, B, N, H, D, torch.bfloat16)[:2])

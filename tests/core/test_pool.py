@@ -186,3 +186,27 @@ def test_pinned_pool_on_gpu(method: str) -> None:
     assert torch.equal(pool.view(slot).cuda(), src)
     pool.free(slot)
     assert pool.close() == []
+
+
+@pytest.mark.parametrize("times", [3, 1 << 20, 1 << 40])
+def test_a_capacity_beyond_the_machines_memory_is_a_config_error(times: int) -> None:
+    """A typo such as 64TiB for 64GiB: a ConfigError naming the setting, before any allocation
+    (a free list of 10^9 slots, then the OOM killer, before)."""
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    with pytest.raises(ConfigError, match=r"tiers\.cpu\.capacity: .* more than this machine's"):
+        PinnedPool(1 << 20, ram * times, pin=False)
+
+
+def test_a_failed_host_allocation_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The allocator refusing (overcommit limits, cgroup memory) names the setting to lower.
+    Fault injected: torch.empty raising as it does when the host is out of memory."""
+    real = torch.empty
+
+    def refuse(*a: object, **k: object) -> torch.Tensor:
+        if a and isinstance(a[0], int) and a[0] >= 64 << 20:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate")
+        return real(*a, **k)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(torch, "empty", refuse)
+    with pytest.raises(ConfigError, match=r"tiers\.cpu\.capacity: could not allocate \d+ bytes"):
+        PinnedPool(1 << 20, 64 << 20, pin=False)

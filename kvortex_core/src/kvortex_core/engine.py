@@ -211,11 +211,17 @@ class KVortexEngine:
                           salt=cfg.salt, **layout.namespace_fields())
         hasher = ChunkHasher(ns, cfg.chunk_tokens, cfg.hash_algorithm, cfg.store_partial_chunks,
                              block_size=layout.block_size)
-        transfer = self._transfer(kv_caches, layout)
+        # the tiers first: the pool names chunk_tokens when one chunk cannot fit the cpu tier,
+        # before the transfer engine sizes its staging for such a chunk on the device
         tiers = TierManager.create(cfg, self.plugins, namespace=ns.digest(),
                                    payload_shape=layout.chunk_payload_shape(cfg.chunk_tokens),
                                    dtype=layout.dtype, stats=self._stats, rank=self.rank,
                                    world_size=self.world_size, device=_cuda_index(kv_caches))
+        try:
+            transfer = self._transfer(kv_caches, layout)
+        except BaseException:
+            tiers.close()
+            raise
         return _Registered(layout, hasher, tiers, transfer, shapes)
 
     def _transfer(self, kv_caches: Any, layout: KVLayout) -> TransferEngine:

@@ -54,10 +54,12 @@ def masked(name: str, value: Any) -> Any:
 def shown_value(loc: tuple[Any, ...], value: Any, candidates: list[str] | None = None) -> str:
     """``repr(value)`` for messages, masked when the setting looks like a credential.
 
-    With ``candidates`` (the valid names), a misspelt credential (``pasword``) is masked too.
+    With ``candidates`` (the valid names), a misspelt name is judged by the setting it is
+    closest to: ``pasword`` is masked, ``chunk_token`` (for ``chunk_tokens``) is shown.
     """
     name = str(loc[-1]) if loc else ""
-    names = [name, closest(name, candidates)] if candidates else [name]
+    near = closest(name, candidates) if candidates else None
+    names = [near] if near else [name]
     if value not in (None, "") and any(n and SECRET_NAME.search(n) for n in names):
         return repr(MASK)
     return redact_urls(repr(masked("", value)))
@@ -156,7 +158,10 @@ def format_validation_error(
             lines.append(str(ctx_error).removeprefix(HEADLINE + "\n"))
             continue
         loc = tuple(err["loc"])
-        shown = "(missing)" if err["type"] == "missing" else shown_value(loc, err.get("input"))
+        # an unknown key is judged by the setting it is closest to (a misspelt credential stays
+        # masked, a typo of chunk_tokens is shown)
+        valid = valid_keys(loc) if err["type"] == "extra_forbidden" else None
+        shown = "(missing)" if err["type"] == "missing" else shown_value(loc, err.get("input"), valid)
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"

@@ -23,6 +23,7 @@ from pydantic import (
     Field,
     PrivateAttr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -99,9 +100,26 @@ def check_size(value: Any, example: str = "8GiB") -> Any:
     return value
 
 
+_NUMBERS = (int, float, int | None, float | None)
+
+
+def _no_bool(model: type[BaseModel], value: Any, info: ValidationInfo) -> Any:
+    """A bool where a number belongs is a mistake (``chunk_tokens: true``); pydantic's lax mode
+    would read it as 1."""
+    field = model.model_fields.get(info.field_name or "")
+    if isinstance(value, bool) and field is not None and field.annotation in _NUMBERS:
+        raise ValueError(f"{value!r} is a boolean, not a number; give a number")
+    return value
+
+
 class _Section(BaseModel):
     # allow_inf_nan=False: a timeout or ratio of inf/nan is a typo, never a setting.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _numbers_are_not_bools(cls, value: Any, info: ValidationInfo) -> Any:
+        return _no_bool(cls, value, info)
 
 
 class EvictionConfig(_Section):
@@ -238,6 +256,11 @@ class KVortexConfig(BaseSettings):
         case_sensitive=False,
         validate_default=True,
     )
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _numbers_are_not_bools(cls, value: Any, info: ValidationInfo) -> Any:
+        return _no_bool(cls, value, info)
 
     chunk_tokens: int = Field(256, gt=0, description="tokens per stored chunk")
     hash_algorithm: HashAlgorithm = Field("sha256", description="chunk key hash")

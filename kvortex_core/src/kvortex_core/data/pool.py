@@ -15,6 +15,7 @@ the GPU's NUMA node first). Without CUDA the pool is pageable and says so once.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import warnings
 import weakref
@@ -73,6 +74,14 @@ class PoolStats:
         return {**asdict(self), "free_slots": self.free_slots}
 
 
+def _physical_memory() -> int:
+    """Bytes of memory of this machine (0 where the OS does not say)."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, OSError, ValueError):
+        return 0
+
+
 def _round_up(n: int, alignment: int) -> int:
     return -(-n // alignment) * alignment
 
@@ -103,6 +112,13 @@ class PinnedPool:
                 f"pool capacity {capacity_bytes} bytes cannot hold one slot of {self.slot_bytes} "
                 f"bytes; raise the cpu tier capacity or lower chunk_tokens"
             )
+        ram = _physical_memory()
+        if ram and self.num_slots * self.slot_bytes > ram:
+            raise ConfigError(
+                f"tiers.{name}.capacity: this process's share is {capacity_bytes} bytes, more than this "
+                f"machine's {ram} bytes of memory; lower tiers.{name}.capacity (host memory per node, "
+                "divided among ranks_per_node)"
+            )
         self.alignment = alignment
         self.name = name
         self._stats = stats
@@ -125,12 +141,19 @@ class PinnedPool:
         import torch
 
         total = self.num_slots * self.slot_bytes
-        if self.pinned and method == "host_alloc":
-            # cudaHostAlloc memory is page-aligned: no slack, or a 2^k pool would pin 2^(k+1)
-            buf = torch.empty(total if self.alignment <= 4096 else total + self.alignment,
-                              dtype=torch.uint8, pin_memory=True)
-        else:
-            buf = torch.empty(total + self.alignment, dtype=torch.uint8)
+        try:
+            if self.pinned and method == "host_alloc":
+                # cudaHostAlloc memory is page-aligned: no slack, or a 2^k pool would pin 2^(k+1)
+                buf = torch.empty(total if self.alignment <= 4096 else total + self.alignment,
+                                  dtype=torch.uint8, pin_memory=True)
+            else:
+                buf = torch.empty(total + self.alignment, dtype=torch.uint8)
+        except (RuntimeError, MemoryError) as exc:
+            raise ConfigError(
+                f"tiers.{self.name}.capacity: could not allocate {total} bytes of host memory for the "
+                f"{self.name} tier ({exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else 'out of memory'}); "
+                f"lower tiers.{self.name}.capacity"
+            ) from None
         offset = (-buf.data_ptr()) % self.alignment
         base = buf[offset : offset + total]
         if self.pinned and method == "register":

@@ -14,6 +14,9 @@ BREAKER_TRANSITIONS = "breaker_transitions"
 LOAD_MISSES = "load_misses"
 TIER_ERRORS = "tier_errors"
 TIER_TIMEOUTS = "tier_timeouts"
+#: Writes the store refused for want of room (a full Redis with ``noeviction``): the tier
+#: answered, so no breaker failure, but the value was not stored.
+TIER_WRITES_REFUSED = "tier_writes_refused"
 TIER_CALLS_SKIPPED = "tier_calls_skipped"
 TIER_IN_SERVICE = "tier_in_service"  # a gauge: 1 = breaker closed
 BREAKER_STATE = "breaker_state"  # a gauge: 0 closed, 1 open, 2 half-open

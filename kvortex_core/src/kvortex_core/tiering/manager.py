@@ -259,6 +259,7 @@ class TierManager(SaveMixin, LoadMixin):
         try:
             self.loop.run(tier.open(), tier.open_timeout_s)
         except Exception as exc:  # noqa: BLE001 - a tier that cannot start is skipped, not fatal
+            self.stats.inc(TIER_ERRORS, 1, tier.name)  # `kvortex stats` shows it as an error
             tier.breaker.force_open(f"open failed: {type(exc).__name__}: {exc}")
 
     def _on_transition(self, name: str, old: str, new: str, error: str) -> None:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from kvortex_core.errors import BackendFullError, BufferTooSmallError
 from kvortex_core.logs import event
+from kvortex_core.tiering.counters import TIER_WRITES_REFUSED
 
 if TYPE_CHECKING:
     from kvortex_core.control.index import ChunkIndex, IndexEntry
@@ -89,6 +90,8 @@ class LowerTier:
                 result = await asyncio.wait_for(asyncio.shield(task), timeout or self.op_timeout_s)
         except (BackendFullError, BufferTooSmallError) as exc:
             self.breaker.success()  # the tier answered; this value just does not fit
+            if isinstance(exc, BackendFullError):
+                self.stats.inc(TIER_WRITES_REFUSED, 1, self.name)
             raise TierUnavailable(str(exc)) from exc
         except TimeoutError as exc:
             if task is not None and on_late is not None:
