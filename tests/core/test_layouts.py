@@ -206,3 +206,12 @@ def test_int8_caches_and_the_dtype_hint_checks() -> None:
             detect_layout(i8, hints)
     with pytest.raises(LayoutError, match="does not fit KV tensors of dtype float16"):
         detect_layout(caches, {"dtype": "float8_e4m3fn"})
+
+
+def test_a_kv_count_hint_that_disagrees_with_the_shape_is_refused() -> None:
+    """A (2, B, N, H, D) cache has keys and values: hints={'kv_count': 1} (meant for MLA) was
+    silently ignored; it is refused now. Where it chooses (a K+V dimension C), it still decides."""
+    with pytest.raises(LayoutError, match=r"hint kv_count=1 disagrees with the tensors \(kv_count=2"):
+        detect_layout([torch.zeros(2, 8, 16, 2, 8)], {"kv_count": 1})
+    assert detect_layout([torch.zeros(2, 8, 16, 2, 8)], {"kv_count": 2}).kv_count == 2
+    assert detect_layout([torch.zeros(8, 16, 576)], {"kv_count": 1}).kind == "mla"

@@ -419,7 +419,10 @@ def _split_heads(size: dict[str, int], hints: Mapping[str, Any], shape: tuple[in
 
 
 def _check_hinted_sizes(layout: KVLayout, hints: Mapping[str, Any]) -> None:
-    for name in ("block_size", "num_kv_heads", "head_size"):
+    # kv_count chooses how a key+value dimension C splits; where the tensors have a K dimension
+    # (or none: MLA) their shape says it, and a hint that disagrees is a mistake, not a choice
+    names = ("block_size", "num_kv_heads", "head_size") + (() if "C" in layout.dims else ("kv_count",))
+    for name in names:
         if name in hints and int(hints[name]) != getattr(layout, name):
             raise LayoutError(
                 f"hint {name}={hints[name]} disagrees with the tensors ({name}="
