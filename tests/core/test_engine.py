@@ -503,9 +503,9 @@ def test_a_save_that_skips_chunks_another_thread_is_saving_returns_once_they_are
         tokens, go = list(range(2 * CHUNK)), threading.Event()
         commit = tiers.commit_save
 
-        def slow_commit(leases: Any, *rest: Any) -> None:  # thread A's copies "take long"
+        def slow_commit(leases: Any, *rest: Any) -> Any:  # thread A's copies "take long"
             go.wait(10)
-            commit(leases, *rest)
+            return commit(leases, *rest)
 
         tiers.commit_save = slow_commit
         a = threading.Thread(target=engine.save, args=(tokens, list(range(8))))

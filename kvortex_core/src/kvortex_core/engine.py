@@ -297,9 +297,8 @@ class KVortexEngine:
         started: list[tuple[Any, list[Any]]] = []
         error: BaseException | None = None
         full_at: list[int] = []
-        # A save that may fill the cpu tier holds its chunks as they are indexed, so that room for
-        # its tail is never made by evicting its head (the tail is unreachable without it)
-        hold = reg.tiers.hold_for_save(chain.n)
+        missed: list[Any] = []  # leases whose chunk was not indexed after all (rare)
+        saved = 0
         try:
             for a, b in self._parts(chain.n, reg):
                 # the rest is converted, checked and hashed while the head is on the wire
@@ -323,16 +322,20 @@ class KVortexEngine:
                     reg.tiers.abort_save(leases)
                     raise
                 started.append((handle, leases))
+                saved += self._lease_tokens(leases, tokens.n)  # while the copies run
                 if full_at:  # the cpu tier is full: chunks after this one would be unreachable
                     break
             chain.upto(chain.n)  # every token and block id is checked, stored chunks or not
             blocks.check(blocks.need)
         except BaseException as exc:  # noqa: BLE001 - re-raised once enqueued parts are settled
             error = exc
+        # A save that may fill the cpu tier holds its chunks as they are indexed, so that room for
+        # its tail is never made by evicting its head (the tail is unreachable without it)
+        hold = reg.tiers.hold_for_save(sum(map(len, (leases for _, leases in started)))) if started else None
         try:
             for handle, leases in started:  # parts already enqueued finish whatever happened later
                 try:
-                    self._commit_as_ready(reg, handle, leases, hold)
+                    missed += self._commit_as_ready(reg, handle, leases, hold)
                 except BaseException as exc:  # noqa: BLE001 - re-raised below
                     reg.tiers.abort_save(leases)
                     error = error or exc
@@ -344,11 +347,15 @@ class KVortexEngine:
             raise error
         # chunks skipped because another thread is saving them: visible when this returns too
         reg.tiers.wait_saving(chain.upto(chain.n), self.config.timeouts.transfer_s)
-        ct = self.config.chunk_tokens
-        saved = sum(min((lease.index + 1) * ct, tokens.n) - lease.index * ct
-                    for _, leases in started for lease in leases if lease.stored)
+        if missed:
+            saved -= self._lease_tokens(missed, tokens.n)
         self._stats.inc(SAVED_TOKENS, saved)
         return saved
+
+    def _lease_tokens(self, leases: list[Any], n_tokens: int) -> int:
+        """Tokens of the chunks of ``leases`` (the last one may be partial)."""
+        ct = self.config.chunk_tokens
+        return sum(min((lease.index + 1) * ct, n_tokens) - lease.index * ct for lease in leases)
 
     def _end_block(self, end_chunk: int, n_tokens: int, reg: _Registered) -> int:
         """One past the last block holding tokens of chunks ``[0, end_chunk)``."""
@@ -382,7 +389,7 @@ class KVortexEngine:
             reg.parts[n_chunks] = parts
         return parts
 
-    def _commit_as_ready(self, reg: _Registered, handle: Any, leases: list[Any], hold: Any = None) -> None:
+    def _commit_as_ready(self, reg: _Registered, handle: Any, leases: list[Any], hold: Any = None) -> list[Any]:
         """Index the chunks as their DMAs land (~64 MiB at a time), while later ones are on the wire.
 
         On this thread: a commit is ~20 us of Python (no pass over the bytes, see
@@ -398,12 +405,13 @@ class KVortexEngine:
         # the last chunk is a group of its own: what is left to index once the last copy
         # landed (the call's return waits for it) is one chunk, not a group
         body = len(leases) - 1
+        missed = []
         for start in range(0, body, group):
             end = min(start + group, body)
             handle.wait_chunk(end - 1, timeout)
-            reg.tiers.commit_save(leases[start:end], hold)
+            missed += reg.tiers.commit_save(leases[start:end], hold)
         handle.wait(timeout)  # wakes on the last copy's end (see TransferHandle.wait)
-        reg.tiers.commit_save(leases[max(body, 0):], hold)
+        return missed + reg.tiers.commit_save(leases[max(body, 0):], hold)
 
     def _chunk_blocks(self, blocks: list[int], chunk: int, n_tokens: int, reg: _Registered) -> list[int]:
         ct, bs = self.config.chunk_tokens, reg.layout.block_size

@@ -114,13 +114,16 @@ class SaveMixin(TierState):
                         payload_len=self.payload_bytes, checksum=0)
         lease.header_written = True
 
-    def commit_save(self, leases: Sequence[SaveLease], hold: PinHandle | None = None) -> None:
+    def commit_save(self, leases: Sequence[SaveLease], hold: PinHandle | None = None) -> list[SaveLease]:
         """Seal the filled slots into the cpu index and queue write-behind; never blocks.
+
+        Returns the leases whose chunk was not indexed (no room, or stored meanwhile): usually none.
 
         ``hold``: a pin handle of the cpu index (``cpu_index.pin((), op)``) that pins each chunk
         as it is indexed, until the caller releases it: a save larger than what the tier keeps
         then drops its tail (no room) instead of evicting its own head to index the tail.
         """
+        missed: list[SaveLease] = []
         for lease in leases:
             if lease.done:
                 continue
@@ -129,6 +132,9 @@ class SaveMixin(TierState):
                 self._commit_one(lease, hold)
             finally:
                 self._done_saving(lease.key)
+            if not lease.stored:
+                missed.append(lease)
+        return missed
 
     def _commit_one(self, lease: SaveLease, hold: PinHandle | None = None) -> None:
         total = pl.HEADER_BYTES + self.payload_bytes
