@@ -24,9 +24,8 @@ import threading
 import time
 from pathlib import Path
 
-from probes import engine_probe, probe_args
+from probes import engine_probe, mark_first_dma, probe_args
 
-import kvortex_core.data.transfer as transfer_mod
 from kvortex_core.cli.bench import transfer_parts as tp
 
 
@@ -75,15 +74,7 @@ def main() -> None:
     eng, blocks, raw, dev = pr.engine, pr.blocks, pr.raw, pr.device
     print(pr.describe(), flush=True)
     seqs = pr.sequences(count=200)
-    real_range = transfer_mod._payload_range
-    first: list[float] = []
-
-    def marked(buf, u):
-        if not first:
-            first.append(time.perf_counter())
-        return real_range(buf, u)
-
-    transfer_mod._payload_range = marked
+    first = mark_first_dma()
     eng.save(next(seqs), blocks)
     res: dict[str, list[tuple[float, float, float]]] = {"bench": [], "spin": [], "hot": []}
     for _ in range(rounds):

@@ -106,3 +106,18 @@ def gpu_us(fn: Callable[[], Any], reps: int = 50) -> float:
     b.record()
     torch.cuda.synchronize()
     return a.elapsed_time(b) * 1000 / reps
+
+
+def mark_first_dma() -> list[float]:
+    """From now on, the host time right before the first DMA the transfer engine enqueues is
+    appended to the returned list while it is empty (``clear()`` it before each call)."""
+    real_range = transfer_mod._payload_range
+    first: list[float] = []
+
+    def marked_range(buf: torch.Tensor, u: Any) -> torch.Tensor:
+        if not first:
+            first.append(time.perf_counter())
+        return real_range(buf, u)
+
+    transfer_mod._payload_range = marked_range
+    return first

@@ -20,7 +20,7 @@ import statistics
 import sys
 import time
 
-from probes import engine_probe, probe_args
+from probes import engine_probe, mark_first_dma, probe_args
 
 import kvortex_core.data.transfer as transfer_mod
 from kvortex_core.cli.bench import transfer_parts as tp
@@ -69,15 +69,7 @@ def main() -> None:
         (transfer_mod.TransferHandle, "__init__", "handle"),
     ):
         wrap(owner, name, label)
-    real_range = transfer_mod._payload_range
-    first: list[float] = []
-
-    def marked(buf, u):
-        if not first:
-            first.append(time.perf_counter())
-        return real_range(buf, u)
-
-    transfer_mod._payload_range = marked
+    first = mark_first_dma()
     seqs = pr.sequences(count=2 * rounds + 2)
     eng.save(next(seqs), blocks)
     out: dict[str, list[tuple[float, list[tuple[str, float, float]]]]] = {"bench": [], "hot": []}
