@@ -516,3 +516,35 @@ def test_a_bool_where_a_number_belongs_is_refused(field: str, value: bool) -> No
         KVortexConfig(**{field: value})
     with pytest.raises(ConfigError, match="boolean, not a number"):
         KVortexConfig(eviction={"high_watermark": True})
+
+
+def test_a_tier_added_by_env_or_keywords_goes_below_the_yaml_stack(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A YAML with the cpu tier plus a disk tier from env variables or keyword arguments (vLLM's
+    kv_connector_extra_config): the disk tier goes below (it went first, and the config was
+    refused as having no cpu tier first)."""
+    path = write(tmp_path, "tiers:\n" + CPU)
+    disk = {"type": "disk", "capacity": "1MiB", "path": str(tmp_path / "d")}
+    assert KVortexConfig.load(path, tiers={"disk": disk}).tier_names == ["cpu", "disk"]
+    for key, value in disk.items():
+        monkeypatch.setenv(f"KVORTEX_TIERS__DISK__{key.upper()}", value)
+    assert KVortexConfig.load(path).tier_names == ["cpu", "disk"]
+
+
+def test_env_tweaks_of_every_tier_keep_the_yaml_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Environment variables carry no order: one tweak per tier must not reorder the stack
+    (cpu, m, disk became cpu, disk, m: the env's order won a tie)."""
+    text = ("tiers:\n" + CPU + "  m: {type: memory, capacity: 1MiB}\n"
+            f"  disk: {{type: disk, capacity: 1MiB, path: {tmp_path / 'd'}}}\n")
+    for name in ("DISK", "CPU", "M"):  # set in an order other than the file's
+        monkeypatch.setenv(f"KVORTEX_TIERS__{name}__CAPACITY", "2MiB")
+    assert KVortexConfig.load(write(tmp_path, text)).tier_names == ["cpu", "m", "disk"]
+
+
+def test_tiers_named_only_by_env_put_the_cpu_tier_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KVORTEX_TIERS__DISK__TYPE", "disk")
+    monkeypatch.setenv("KVORTEX_TIERS__DISK__CAPACITY", "1MiB")
+    monkeypatch.setenv("KVORTEX_TIERS__DISK__PATH", str(tmp_path / "d"))
+    monkeypatch.setenv("KVORTEX_TIERS__CPU__CAPACITY", "1MiB")
+    assert KVortexConfig().tier_names == ["cpu", "disk"]

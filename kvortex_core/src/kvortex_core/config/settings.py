@@ -57,7 +57,7 @@ _plugins: contextvars.ContextVar[PluginManager | None] = contextvars.ContextVar(
 
 # The tier names each settings source lists, highest priority first, recorded while one
 # instance loads: merging the sources alone would order tiers by the lowest source naming them.
-_tier_orders: contextvars.ContextVar[list[list[str]] | None] = contextvars.ContextVar(
+_tier_orders: contextvars.ContextVar[list[tuple[list[str], bool]] | None] = contextvars.ContextVar(
     "kvortex_tier_orders", default=None
 )
 
@@ -331,8 +331,10 @@ class KVortexConfig(BaseSettings):
         if not isinstance(v, dict):
             return v
         _check_tier_names(v)
-        v = {name: v[name] for name in tier_order(_tier_orders.get() or [], list(v))}
         defaults = {name: tc.model_dump() for name, tc in _default_tiers().items()}
+        cpu = [n for n, e in v.items() if isinstance(e, dict)
+               and e.get("type", defaults.get(n, {}).get("type")) == "cpu"]
+        v = {name: v[name] for name in tier_order(_tier_orders.get() or [], list(v), cpu)}
         return {
             name: {**defaults[name], **entry}
             if name in defaults and isinstance(entry, dict)
@@ -404,24 +406,31 @@ class KVortexConfig(BaseSettings):
 _KIND = {int: "a number, not", float: "a number, not", bool: "a boolean (YAML yes/no), not"}
 
 
-def note_tier_order(data: Any) -> None:
-    """Record the tier names one source lists (sources call this in priority order)."""
+def note_tier_order(data: Any, *, ordered: bool = True) -> None:
+    """Record the tier names one source lists (sources call this in priority order);
+    ``ordered=False`` for a source whose order means nothing (environment variables)."""
     orders = _tier_orders.get()
     if orders is not None and isinstance(data, dict) and isinstance(data.get("tiers"), dict):
-        orders.append([name for name in data["tiers"] if isinstance(name, str)])
+        orders.append(([name for name in data["tiers"] if isinstance(name, str)], ordered))
 
 
-def tier_order(orders: list[list[str]], names: list[str]) -> list[str]:
-    """The order of the merged ``names``: that of the source listing the most tiers.
+def tier_order(orders: list[tuple[list[str], bool]], names: list[str],
+               cpu_first: Iterable[str] = ()) -> list[str]:
+    """The order of the merged ``names``.
 
-    The source that lists the whole tier stack decides the order (on a tie, the higher
-    priority one), whatever other sources merely adjust one tier's key
-    (``KVORTEX_TIERS__DISK__PATH``); tiers it does not list follow, highest source first.
+    Among the sources with an order (YAML, keyword arguments), the one listing the most tiers
+    decides, whatever others merely adjust one tier's key or add one (on a tie, the lower
+    priority one: a keyword argument adding a tier to a YAML stack puts it after). The tiers
+    they list follow in their order, highest source first; tiers named only by environment
+    variables (which carry no order) come last, those of type cpu (``cpu_first``) first.
     """
+    ranked = sorted(enumerate(o for o, ok in orders if ok), key=lambda p: (-len(p[1]), -p[0]))
     out: list[str] = []
-    for order in sorted(orders, key=len, reverse=True) + [names]:  # stable: ties keep priority
+    for _, order in ranked:
         out.extend(n for n in order if n in names and n not in out)
-    return out
+    cpu = set(cpu_first)
+    rest = [n for n in names if n not in out]
+    return out + [n for n in rest if n in cpu] + [n for n in rest if n not in cpu]
 
 
 def _check_tier_names(tiers: dict[Any, Any]) -> None:

@@ -74,7 +74,7 @@ def flat_tier_options(data: dict[str, Any], origin: str) -> dict[str, Any]:
     from kvortex_core.config.messages import HEADLINE, env_name, shown_value, where
     from kvortex_core.config.settings import config_file_path, note_tier_order
 
-    note_tier_order(data)
+    note_tier_order(data, ordered=origin != "env")  # environment variables carry no order
     tiers = data.get("tiers")
     if not isinstance(tiers, dict):
         return data
