@@ -523,3 +523,18 @@ def test_a_slow_read_on_the_loop_turns_loop_reads_off(tmp_path: Path, monkeypatc
         await b.close()
 
     _run(scenario())
+
+
+@pytest.mark.parametrize(("codec", "package"), [("lz4", "lz4"), ("zstd", "zstandard")])
+def test_a_codec_that_is_not_installed_fails_validation(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, codec: str, package: str) -> None:
+    """compression: lz4 without lz4 passed validation and then failed every write (the tier out
+    of service, nothing stored). Fault injected: the package reported missing."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == package else real(name, *a))
+    with pytest.raises(ConfigError, match=rf"compression '{codec}' needs the {package} package.*kvortex\[compression\]"):
+        KVortexConfig(tiers={"cpu": {"type": "cpu", "capacity": "1MiB"},
+                             "disk": {"type": "disk", "capacity": "1MiB", "path": str(tmp_path),
+                                      "compression": codec}})

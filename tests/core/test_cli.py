@@ -212,6 +212,29 @@ def test_demo_with_config_file(runner: CliRunner, tmp_path: Path) -> None:
     assert "cpu (cpu, 64 MiB)" in result.stdout
 
 
+@needs_engine
+def test_demo_with_two_blocks_in_its_cache(runner: CliRunner, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One prompt of one block: the demo's (2, 2, ...) cache is ambiguous by shape alone; the
+    demo names its layout (it failed with "pass hints=", which a CLI user cannot do)."""
+    monkeypatch.setenv("KVORTEX_CHUNK_TOKENS", "16")
+    result = runner.invoke(app, ["demo", "--layers", "1", "--block-size", "16", "--prompts", "1",
+                                 "--tokens", "16", "--device", "cpu"])
+    assert result.exit_code == 0, result.stdout + result.stderr
+    assert "yes" in result.stdout.split("loaded bytes equal")[1]
+
+
+@pytest.mark.parametrize("cmd", [["bench", "core", "--reps", "1"], ["bench", "transfer", "--device", "cpu"],
+                                 ["bench", "disk", "--sizes", "1"], ["bench", "simulate"]])
+def test_bench_out_that_is_a_file_is_a_usage_error(runner: CliRunner, tmp_path: Path, cmd: list[str]) -> None:
+    """--out naming a file: a usage error before any measurement (a traceback after the whole
+    run, before)."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    result = runner.invoke(app, [*cmd, "--out", str(afile)])
+    assert result.exit_code == 2
+    assert "is a file, not a directory" in result.stdout + result.stderr
+
+
 def test_demo_bad_config_exits_with_message(runner: CliRunner, tmp_path: Path) -> None:
     result = runner.invoke(app, ["demo", *SMALL, "--config", str(yaml_file(tmp_path, BAD))])
     assert result.exit_code == 2

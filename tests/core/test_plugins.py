@@ -104,6 +104,8 @@ def test_duplicate_name_names_both_classes() -> None:
     [
         ("Bad Name", Other, "names are lowercase"),
         ("fine", dict, "must be a subclass of kvortex_core.StorageBackend"),
+        ("fine", type("NoOptions", (MemoryBackend,), {"Options": None}), "Options is None; it must be a subclass"),
+        ("fine", type("DictOptions", (MemoryBackend,), {"Options": dict}), "must be a subclass of kvortex_core.BackendOptions"),
     ],
 )
 def test_bad_registrations(name: str, cls: type, fragment: str) -> None:
@@ -214,3 +216,31 @@ def test_builtin_name_without_kvortex_backends_gives_install_line(
     monkeypatch.setenv(DISABLE_AUTOLOAD_ENV, "1")
     with pytest.raises(PluginError, match=r"'redis' \(it comes with kvortex-backends: pip install"):
         PluginManager([memory_plugin]).backend("redis")
+
+
+def test_a_hook_that_raises_names_its_plugin() -> None:
+    """A third-party hook's bug: a PluginError naming the plugin and the way out (the CLI shows
+    it as a usage error), not a bare traceback from inside the hook."""
+    class Broken:
+        @hookimpl
+        def kvortex_register_backends(self, register):  # type: ignore[no-untyped-def]
+            raise RuntimeError("boom in the plugin")
+
+    with pytest.raises(PluginError, match=r"plugin '.*' \(registered in code\) failed in kvortex_register_backends: "
+                                          r"RuntimeError: boom in the plugin; fix or uninstall it"):
+        PluginManager([Broken()], autoload=False).backends()
+
+
+def test_a_broken_plugin_is_reported_once_not_as_errors_in_each_tier() -> None:
+    from kvortex_core import ConfigError, KVortexConfig
+
+    class Clash:
+        @hookimpl
+        def kvortex_register_backends(self, register):  # type: ignore[no-untyped-def]
+            register("memory", Other)  # the built-in test backend's name
+
+    with pytest.raises(ConfigError) as err:
+        KVortexConfig.load(plugins=[Clash()], tiers={"cpu": {"type": "cpu"}, "m": {"type": "memory", "capacity": "1MiB"}})
+    text = str(err.value)
+    assert "installed plugins: backend name 'memory' is registered twice" in text
+    assert "tiers.cpu.type" not in text and text.count("registered twice") == 1

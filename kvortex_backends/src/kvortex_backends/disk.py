@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import importlib.util
 import logging
 import os
 import re
@@ -74,6 +75,17 @@ class DiskOptions(BackendOptions):
                 f"path {value!r} is empty; give the cache directory, e.g. path: /var/cache/kvortex"
             )
         return value
+
+    @model_validator(mode="after")
+    def _codec_installed(self) -> DiskOptions:
+        """A codec that is not installed fails here, not at every write (the tier out of service)."""
+        package = {"lz4": "lz4", "zstd": "zstandard"}.get(self.compression)
+        if package is not None and importlib.util.find_spec(package) is None:
+            raise ValueError(
+                f"compression {self.compression!r} needs the {package} package, which is not installed: "
+                f"pip install 'kvortex[compression]' (or pip install {package}), or set compression: none"
+            )
+        return self
 
     @model_validator(mode="after")
     def _level_fits(self) -> DiskOptions:

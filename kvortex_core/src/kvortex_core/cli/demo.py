@@ -180,7 +180,9 @@ def run_demo(
     step = _stepper(progress, 3 * shape.prompts)
     result = DemoResult(device=device, saved_tokens=shape.prompts * shape.prompt_tokens)
     with KVortexEngine.create(config) as engine:
-        engine.register_kv_caches(kv)
+        # the demo's caches are FlashAttention's (2, blocks, ...): named, as with 2 blocks the
+        # shape alone cannot tell it from FlashInfer's (blocks, 2, ...)
+        engine.register_kv_caches(kv, {"kind": "flash_attn"})
         if warmup:  # first use pays for CUDA kernels, streams and page faults: keep it out
             warm = _random_tokens(shape, gen)
             engine.save(warm, _blocks(shape, 0))

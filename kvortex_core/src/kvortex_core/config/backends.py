@@ -66,6 +66,10 @@ def validate_tier_options(
     from kvortex_core.plugins.manager import PluginManager
 
     manager = manager or PluginManager()
+    try:  # a broken plugin is the installation's problem, not one of the user's tiers
+        manager.backends()
+    except PluginError as exc:
+        raise ConfigError(f"{HEADLINE}\n  installed plugins: {exc}") from None
     first = first_tier_problem(tiers, config_file)
     problems: list[str] = [first] if first else []
     for tier, tc in tiers.items():

@@ -140,7 +140,17 @@ class PluginManager:
         for impl in reversed(self._pm.hook.kvortex_register_backends.get_hookimpls()):
             dist, version = self._dists.get(id(impl.plugin), (None, None))
             registrar = _Registrar(impl.plugin_name, dist, version, found)
-            impl.function(register=registrar)
+            try:
+                impl.function(register=registrar)
+            except PluginError:
+                raise
+            except Exception as exc:  # a third-party hook's bug: name the plugin, not a traceback
+                where = f"distribution {dist} {version}" if dist else "registered in code"
+                raise PluginError(
+                    f"plugin {impl.plugin_name!r} ({where}) failed in kvortex_register_backends: "
+                    f"{type(exc).__name__}: {exc}; fix or uninstall it, or set "
+                    f"{DISABLE_AUTOLOAD_ENV}=1 to load no third-party plugins"
+                ) from exc
             log.log(
                 logging.WARNING if self._trace else logging.DEBUG,
                 "kvortex_register_backends: plugin %s (%s) registered %s",
@@ -174,7 +184,7 @@ class _Registrar:
         self.names: list[str] = []
 
     def __call__(self, name: str, backend_class: Any) -> None:
-        from kvortex_core.storage.protocol import StorageBackend
+        from kvortex_core.storage.protocol import BackendOptions, StorageBackend
 
         if not isinstance(name, str) or not _NAME_RE.match(name):
             raise PluginError(
@@ -185,6 +195,13 @@ class _Registrar:
             raise PluginError(
                 f"plugin {self.plugin!r} registered {backend_class!r} as backend "
                 f"{name!r}; it must be a subclass of kvortex_core.StorageBackend"
+            )
+        options = getattr(backend_class, "Options", None)
+        if not (isinstance(options, type) and issubclass(options, BackendOptions)):
+            raise PluginError(
+                f"plugin {self.plugin!r} registered backend {name!r} whose Options is {options!r}; "
+                "it must be a subclass of kvortex_core.BackendOptions (unknown or misspelt options "
+                "are then refused)"
             )
         info = BackendInfo(name, backend_class, self.plugin, self.dist, self.version)
         if name in self.found:

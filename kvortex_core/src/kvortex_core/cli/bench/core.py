@@ -18,6 +18,8 @@ from typing import Annotated, Any
 
 import typer
 
+from kvortex_core.cli.bench.common import OutOption
+
 Row = dict[str, Any]
 
 
@@ -31,12 +33,17 @@ def core(
     chunk_tokens: Annotated[int, typer.Option(min=1)] = 256,
     entries: Annotated[str, typer.Option(help="index sizes (chunks)")] = "1000,10000,100000",
     reps: Annotated[int, typer.Option(min=1, help="timed repetitions (median is reported)")] = 20,
-    out: Annotated[Path, typer.Option(help="results folder")] = Path("bench-results"),
+    out: OutOption = Path("bench-results"),
     pin: Annotated[bool, typer.Option(help="with CUDA: also compare cudaHostRegister vs "
                                            "pin_memory=True for the pool (1 and 3 GiB)")] = True,
 ) -> None:
     """Measure hashing, lookup, insert/evict and pool costs vs raw Python baselines."""
-    from kvortex_core.cli.bench.common import hardware, parse_numbers, parse_sizes, write_results
+    from kvortex_core.cli.bench.common import (
+        hardware,
+        parse_numbers,
+        parse_sizes,
+        write_results,
+    )
 
     sizes = parse_sizes(tokens)
     counts = parse_numbers(entries, "--entries")

@@ -64,7 +64,11 @@ def disk_cmd(
         path=path,
         quiet=quiet,
     )
-    if compression:
+    missing = _missing("lz4", "zstandard") if compression else []
+    if missing:
+        typer.echo(f"compression on KV-like data skipped: {', '.join(missing)} not installed "
+                   "(pip install 'kvortex[compression]')", err=True)
+    if compression and not missing:
         from kvortex_core.cli.bench.disk_compression import bench_compression
 
         result["compression"] = bench_compression(8, reps)
@@ -98,6 +102,9 @@ def bench_disk(
     """
     byte_sizes = list(sizes) if sizes else [int(s * MiB) for s in (sizes_mib or (1, 8, 32))]
     out_dir = Path(out or out_dir or "bench-results")
+    skipped = sorted({n for n, (_, needs) in _VARIANTS.items() if _missing(*needs)}) if variants else []
+    if skipped and not quiet:
+        typer.echo(f"variants skipped (a package is not installed): {', '.join(skipped)}", err=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="kvortex-disk-bench-", dir=path or out_dir))
     rows: list[dict[str, Any]] = []
@@ -107,8 +114,9 @@ def bench_disk(
             for conc in concurrency:
                 rows += _measure(work, size, conc, reps, {"o_direct": "auto"}, "default")
             if variants:
-                for name, opts in _VARIANTS.items():
-                    rows += _measure(work, size, 1, reps, opts, name)
+                for name, (opts, needs) in _VARIANTS.items():
+                    if not _missing(*needs):
+                        rows += _measure(work, size, 1, reps, opts, name)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     table = [
@@ -141,12 +149,20 @@ def bench_disk(
     return result
 
 
-_VARIANTS: dict[str, dict[str, Any]] = {
-    "o_direct=write": {"o_direct": "write"},
-    "o_direct=on": {"o_direct": "on"},
-    "aiofiles": {"o_direct": "off", "_aiofiles": True},
-    "lz4 (random data)": {"compression": "lz4"},
+#: Variant name -> (tier options, packages it needs: skipped, with a note, where missing).
+_VARIANTS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
+    "o_direct=write": ({"o_direct": "write"}, ()),
+    "o_direct=on": ({"o_direct": "on"}, ()),
+    "aiofiles": ({"o_direct": "off", "_aiofiles": True}, ("aiofiles",)),
+    "lz4 (random data)": ({"compression": "lz4"}, ("lz4",)),
 }
+
+
+def _missing(*packages: str) -> list[str]:
+    """The ``packages`` that are not installed."""
+    import importlib.util
+
+    return [p for p in packages if importlib.util.find_spec(p) is None]
 
 
 def _fs_name(path: Path) -> str:

@@ -11,6 +11,8 @@ from typing import Annotated, Any
 
 import typer
 
+from kvortex_core.cli.bench.common import OutOption
+
 
 def register(app: typer.Typer) -> None:
     app.command("transfer")(transfer)
@@ -19,7 +21,7 @@ def register(app: typer.Typer) -> None:
 def transfer(
     tokens: Annotated[str, typer.Option(help="comma-separated token counts")] = "1024,2048,4096,8192,16384,32768",
     reps: Annotated[int, typer.Option(min=1, help="timed repetitions per case")] = 5,
-    out: Annotated[Path, typer.Option(help="results folder")] = Path("bench-results"),
+    out: OutOption = Path("bench-results"),
     mla_layers: Annotated[int, typer.Option(min=1, help="layers of the MLA shape")] = 61,
     staging: Annotated[str, typer.Option(help="staging bytes per direction")] = "64MiB",
     parts: Annotated[str, typer.Option(help="comma list: verify,te,engine,bidir,matmul,layerwise,sweep")] =
