@@ -548,3 +548,11 @@ def test_tiers_named_only_by_env_put_the_cpu_tier_first(tmp_path: Path, monkeypa
     monkeypatch.setenv("KVORTEX_TIERS__DISK__PATH", str(tmp_path / "d"))
     monkeypatch.setenv("KVORTEX_TIERS__CPU__CAPACITY", "1MiB")
     assert KVortexConfig().tier_names == ["cpu", "disk"]
+
+
+def test_a_tier_called_cpu_of_another_type_gets_a_fix_that_is_valid_yaml() -> None:
+    with pytest.raises(ConfigError) as err:
+        KVortexConfig(tiers={"cpu": {"type": "memory", "capacity": "1MiB"}})
+    fix = str(err.value).split("fix: ")[1]
+    assert "{cpu: {type: cpu, capacity: 8GiB}, memory: {type: memory, ...}}" in fix
+    assert fix.count("cpu:") == 1  # one key per name: the hint parses as YAML

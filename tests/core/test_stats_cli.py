@@ -137,3 +137,10 @@ def fetch_text(url: str) -> str:
     from kvortex_core.cli.stats_cmd import fetch
 
     return fetch(url)
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:abc/metrics", "http://[::1/metrics"])
+def test_a_malformed_url_is_a_usage_error(url: str) -> None:
+    result = CliRunner().invoke(_app(), ["stats", "--url", url, "--once"], env={"COLUMNS": "200"})
+    assert result.exit_code == 2
+    assert "is not a valid URL" in result.output and "Traceback" not in result.output

@@ -129,7 +129,12 @@ def _apply(view: MetricsView, name: str, tier: str, value: float) -> None:
 
 def check_url(url: str) -> str:
     """``url`` when it is an http(s) URL with a host, else a usage error (exit status 2)."""
-    parts = urllib.parse.urlsplit(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError as exc:
+        raise typer.BadParameter(f"{url!r} is not a valid URL ({exc}); use e.g. "
+                                 "http://127.0.0.1:9400/metrics", param_hint="--url") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise typer.BadParameter(
             f"{url!r} is not an http:// or https:// URL with a host; use e.g. "

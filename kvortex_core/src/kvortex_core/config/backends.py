@@ -46,12 +46,16 @@ def first_tier_problem(tiers: Mapping[str, TierConfig], config_file: Path | None
             "(disk, redis, s3)"
         )
     loc = ("tiers", name, "type")
+    if name == "cpu":  # the tier called cpu is of another type: keep the name for the cpu tier
+        fix = (f"make it a cpu tier and move the {tc.type} settings to a tier below, e.g. tiers: "
+               f"{{cpu: {{type: cpu, capacity: 8GiB}}, {tc.type}: {{type: {tc.type}, ...}}}}")
+    else:
+        fix = f"put a cpu tier first, e.g. tiers: {{cpu: {{type: cpu, capacity: 8GiB}}, {name}: ...}}"
     return (
         f"  tiers.{name}.type = {tc.type!r}: the first tier must have type "
         f"{FIRST_TIER_TYPE!r} (pinned host memory, where every save lands)\n"
         f"    set it through {where(loc, config_file)}\n"
-        f"    fix: put a cpu tier first, e.g. tiers: {{cpu: {{type: cpu, capacity: 8GiB}}, "
-        f"{name}: ...}}"
+        f"    fix: {fix}"
     )
 
 
