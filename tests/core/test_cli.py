@@ -299,3 +299,18 @@ def test_readme_commands_exist_and_parse() -> None:
         assert done.returncode == 0, done.stderr
     assert "./scripts/demo" in readme and "./scripts/test" in readme
     assert "scripts/test" in (root / ".ci/run").read_text()
+
+
+def test_bench_backends_names_a_missing_client_before_measuring(
+        runner: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fault injected: the s3 client and moto reported missing (an install without the extras)."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("boto3", "moto") else real(name, *a))
+    result = runner.invoke(app, ["bench", "backends", "--targets", "s3", "--out", str(tmp_path)])
+    assert result.exit_code == 2
+    out = result.stdout + result.stderr
+    assert "s3 needs the boto3 package" in out and "moto" in out
+    assert not (tmp_path / "backends.json").exists()

@@ -30,6 +30,8 @@ from kvortex_core.cli.bench.common import (
     print_table,
     write_results,
 )
+from kvortex_core.cli.output import exits_on_error
+from kvortex_core.errors import KVortexError
 
 if TYPE_CHECKING:
     from kvortex_core.cli.bench.backends_run import Point
@@ -44,6 +46,7 @@ def register(app: typer.Typer) -> None:
     app.command("backends")(backends_cmd)
 
 
+@exits_on_error
 def backends_cmd(
     sizes: SizesOption = "1M,8M,32M",
     reps: RepsOption = 3,
@@ -59,6 +62,7 @@ def backends_cmd(
     size_list = parse_sizes(sizes)
     concs = parse_numbers(concurrency, "--concurrency")
     wanted = set(parse_choices(targets, "--targets", ("redis", "s3", "disk")))
+    _check_packages(wanted, s3_endpoint)
     parts = parse_sizes(part_bytes)[0] if part_bytes.strip() not in ("", "0") else None
     t0 = time.perf_counter()
     points: list[Point] = []
@@ -77,6 +81,20 @@ def backends_cmd(
     _plots(points, out)
     print_table("kvortex bench backends (median over reps; ratio = ours / raw)", COLUMNS, rows)
     typer.echo(f"results: {path} ({params['seconds']:.0f} s)")
+
+
+def _check_packages(wanted: set[str], s3_endpoint: str | None) -> None:
+    """A usage error before any measurement when a target's client (or moto) is missing."""
+    import importlib.util
+
+    needs = {"redis": [("redis", "pip install 'kvortex[redis]'")],
+             "s3": [("boto3", "pip install 'kvortex[s3]'")]
+             + ([] if s3_endpoint else [("moto", "pip install 'moto[server]', or pass --s3-endpoint")])}
+    missing = [f"{target} needs the {pkg} package ({hint})" for target in sorted(wanted)
+               for pkg, hint in needs.get(target, []) if importlib.util.find_spec(pkg) is None]
+    if missing:
+        raise typer.BadParameter("; ".join(missing) + "; or leave the target out of --targets",
+                                 param_hint="--targets")
 
 
 def _redacted(url: str | None) -> str | None:
@@ -108,7 +126,15 @@ def _run_s3(endpoint: str | None, sizes: list[int], concs: list[int], reps: int,
             os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")  # moto accepts any credentials
             os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
         _say(quiet, f"s3: {endpoint}")
-        return bench_s3(endpoint, sizes, concs, reps)
+        try:
+            return bench_s3(endpoint, sizes, concs, reps)
+        except Exception as exc:
+            from botocore.exceptions import BotoCoreError, ClientError
+
+            if isinstance(exc, BotoCoreError | ClientError):  # credentials, endpoint, bucket rights
+                raise KVortexError(f"s3 bench against {endpoint} failed: {exc}; check the endpoint "
+                                   "and the AWS credentials (AWS_ACCESS_KEY_ID, ...)") from None
+            raise
 
 
 def _run_disk(sizes: list[int], concs: list[int], reps: int, out: Path) -> Any:

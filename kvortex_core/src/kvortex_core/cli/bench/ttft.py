@@ -65,6 +65,11 @@ def ttft_cmd(
     ] = False,
 ) -> None:
     """TTFT: prefill vs KV load from each tier, with the loaded KV verified."""
+    import importlib.util
+
+    if importlib.util.find_spec("transformers") is None:  # the model is built with it
+        raise typer.BadParameter("kvortex bench ttft builds its Llama-shaped model with transformers, "
+                                 "which is not installed: pip install transformers", param_hint="ttft")
     import torch
 
     from kvortex_core.cli.bench import ttft_harness as h
