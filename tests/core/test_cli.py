@@ -314,3 +314,11 @@ def test_bench_backends_names_a_missing_client_before_measuring(
     out = result.stdout + result.stderr
     assert "s3 needs the boto3 package" in out and "moto" in out
     assert not (tmp_path / "backends.json").exists()
+
+
+def test_validate_notes_a_cpu_tier_larger_than_this_machine(runner: CliRunner, tmp_path: Path) -> None:
+    """Valid as a file (it may be meant for a larger server), but an engine here refuses it."""
+    path = yaml_file(tmp_path, "tiers:\n  cpu: {type: cpu, capacity: 64PiB}\n")
+    result = runner.invoke(app, ["config", "validate", str(path)])
+    assert result.exit_code == 0
+    assert "more than this machine's" in result.stdout.replace("\n", " ")

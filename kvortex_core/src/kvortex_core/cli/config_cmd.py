@@ -103,6 +103,14 @@ def validate(
         markup=False,
     )
     console.print(f"  tiers: {tiers}", markup=False)
+    from kvortex_core.data.pool import physical_memory
+
+    cpu = next(iter(config.tiers.values()))
+    ram = physical_memory()
+    if ram and int(cpu.capacity) > ram:  # valid as a file; an engine on this machine refuses it
+        console.print(f"  note: the cpu tier asks for {human_bytes(int(cpu.capacity))} per node, more than this "
+                      f"machine's {human_bytes(ram)} of memory: engines here cannot start with it (lower "
+                      "tiers.cpu.capacity, or validate on the machine that will serve)", markup=False)
 
 
 @contextlib.contextmanager

@@ -74,7 +74,7 @@ class PoolStats:
         return {**asdict(self), "free_slots": self.free_slots}
 
 
-def _physical_memory() -> int:
+def physical_memory() -> int:
     """Bytes of memory of this machine (0 where the OS does not say)."""
     try:
         return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
@@ -112,7 +112,7 @@ class PinnedPool:
                 f"pool capacity {capacity_bytes} bytes cannot hold one slot of {self.slot_bytes} "
                 f"bytes; raise the cpu tier capacity or lower chunk_tokens"
             )
-        ram = _physical_memory()
+        ram = physical_memory()
         if ram and self.num_slots * self.slot_bytes > ram:
             raise ConfigError(
                 f"tiers.{name}.capacity: this process's share is {capacity_bytes} bytes, more than this "

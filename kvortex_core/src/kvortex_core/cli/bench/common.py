@@ -24,18 +24,19 @@ if TYPE_CHECKING:
     from rich.progress import Progress
 
 # Shared options: every subcommand spells these the same way.
-def _out_dir(path: Path) -> Path:
-    """``--out``: a directory that exists or can be made, checked before any measurement."""
+def out_dir_checked(path: Path) -> Path:
+    """``--out`` (or another directory option): a directory that exists or can be made,
+    checked before any measurement; else a usage error."""
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         what = "is a file, not a directory" if path.exists() else f"cannot be created ({exc.strerror})"
-        raise typer.BadParameter(f"{str(path)!r} {what}; give a directory for the results") from None
+        raise typer.BadParameter(f"{str(path)!r} {what}; give a directory") from None
     return path
 
 
 OutOption = Annotated[Path, typer.Option("--out", help="directory for JSON results and PNG plots",
-                                         callback=_out_dir)]
+                                         callback=out_dir_checked)]
 RepsOption = Annotated[int, typer.Option("--reps", min=1, help="timed repetitions per point")]
 SizesOption = Annotated[
     str, typer.Option("--sizes", help="comma-separated sizes; K/M suffixes allowed, e.g. 1K,8K,32K")

@@ -26,6 +26,7 @@ from kvortex_core.cli.bench.common import (
     QuietOption,
     RepsOption,
     markdown_table,
+    out_dir_checked,
     parse_numbers,
     print_table,
     spread,
@@ -47,7 +48,8 @@ def disk_cmd(
     reps: RepsOption = 5,
     concurrency: Annotated[str, typer.Option(help="comma-separated concurrent operations")] = "1,4",
     path: Annotated[
-        Path | None, typer.Option(help="directory on the disk to test (default: under --out)")
+        Path | None, typer.Option(help="directory on the disk to test (default: under --out)",
+                                  callback=lambda p: None if p is None else out_dir_checked(p))
     ] = None,
     compression: Annotated[
         bool, typer.Option(help="also measure lz4/zstd on bf16 KV-like data")
