@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import os
+from typing import Any
 
 import pytest
 
@@ -244,3 +245,14 @@ def test_a_broken_plugin_is_reported_once_not_as_errors_in_each_tier() -> None:
     text = str(err.value)
     assert "installed plugins: backend name 'memory' is registered twice" in text
     assert "tiers.cpu.type" not in text and text.count("registered twice") == 1
+
+
+def test_a_plugin_calling_sys_exit_at_import_is_a_plugin_error(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    """sys.exit(3) in a plugin's module made every command exit 3 without a word."""
+    (tmp_path / "kvortex_exits.py").write_text("import sys\nsys.exit(3)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    ep = importlib.metadata.EntryPoint("kvortex-exits", "kvortex_exits", ENTRY_POINT_GROUP)
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: [ep])
+    with pytest.raises(PluginError, match=r"'kvortex-exits'.*failed to import: SystemExit: 3"):
+        PluginManager()

@@ -99,7 +99,7 @@ class PluginManager:
             dist_name, version = (dist.name, dist.version) if dist is not None else (ep.name, "?")
             try:
                 plugin = ep.load()
-            except Exception as exc:
+            except (Exception, SystemExit) as exc:  # a plugin's sys.exit() at import too
                 raise PluginError(
                     f"plugin entry point {ep.name!r} = {ep.value!r} of {dist_name} {version} "
                     f"failed to import: {type(exc).__name__}: {exc}; fix or uninstall "
