@@ -420,8 +420,8 @@ def tier_order(orders: list[tuple[list[str], bool]], names: list[str],
 
     Among the sources with an order (YAML, keyword arguments), the one listing the most tiers
     decides, whatever others merely adjust one tier's key or add one (on a tie, the lower
-    priority one: a keyword argument adding a tier to a YAML stack puts it after). The tiers
-    they list follow in their order, highest source first; tiers named only by environment
+    priority one: a keyword argument adding a tier to a YAML stack puts it after); the tiers
+    only the other ordered sources list follow in their order. Tiers named only by environment
     variables (which carry no order) come last, those of type cpu (``cpu_first``) first.
     """
     ranked = sorted(enumerate(o for o, ok in orders if ok), key=lambda p: (-len(p[1]), -p[0]))
