@@ -282,3 +282,45 @@ def test_a_tier_that_cannot_open_counts_an_error(make_redis, key_prefix) -> None
     server = make_redis("--requirepass", "s3cret")
     with _engine_over(server.url, key_prefix=key_prefix, password="wrong") as engine:
         assert engine.stats()["counters"]["tier_errors"] == {"r": 1}
+
+
+def test_a_chunk_the_engine_evicts_from_redis_is_not_reported_there_any_more(redis_server, key_prefix) -> None:
+    """Our own eviction deletes the chunk from redis: the cached "present" answer of the shared
+    tier must go with it (it stayed, so lookup reported a hit no load delivered, and a save of
+    that prompt skipped the chunk as stored: the load right after it missed)."""
+    import time
+
+    import torch
+
+    from kvortex_core import KVortexConfig, KVortexEngine
+
+    ct = 16
+    value = 4096 + 2 * ct * 16 * 2
+    config = KVortexConfig(model_id="m", chunk_tokens=ct, eviction={"policy": "lru"}, tiers={
+        "cpu": {"type": "cpu", "capacity": 4 * 8192},
+        "r": {"type": "redis", "capacity": 4 * value, "url": redis_server.url, "key_prefix": key_prefix}})
+
+    def prompt(i: int) -> list[int]:
+        return [7000 * (i + 1) + j for j in range(ct)]
+
+    with KVortexEngine.create(config) as engine:
+        engine.register_kv_caches([torch.randn(2, 64, ct, 1, 16, dtype=torch.float16)])
+        tiers = engine._reg.tiers
+        shared = tiers.tiers[0]
+        for i in range(6):  # prompt 0 leaves the cpu tier for redis
+            engine.save(prompt(i), [i])
+        assert tiers.drain(10)
+        key = engine.keys(prompt(0))[0]
+        deadline = time.monotonic() + 10
+        while not shared.remote.present(key) and time.monotonic() < deadline:
+            engine.lookup(prompt(0))  # the remote cache learns "present" in the background
+            time.sleep(0.05)
+        assert shared.remote.present(key)
+        for i in range(6, 30):  # churn: redis evicts prompt 0 (we delete it there)
+            engine.save(prompt(i), [i % 64])
+            assert tiers.drain(10)
+        assert key not in shared.index
+        assert not shared.remote.present(key)
+        assert engine.lookup(prompt(0)) == 0
+        assert engine.save(prompt(0), [40]) == ct
+        assert engine.load(prompt(0), [41]) == ct

@@ -675,3 +675,48 @@ def test_a_chunk_larger_than_the_cpu_tier_names_chunk_tokens() -> None:
     with KVortexEngine.create(_config(chunk_tokens=10**9)) as engine, \
             pytest.raises(ConfigError, match="lower chunk_tokens"):
         engine.register_kv_caches(*ks.flash_attn(L, B, N, H, D, torch.bfloat16)[:2])
+
+
+def test_a_load_racing_a_demotion_into_a_lower_tier_keeps_the_chunk(tmp_path: Any) -> None:
+    """cpu -> disk d1 -> disk d2: a chunk demoted into d2 is indexed there before its value lands
+    (d2 first deletes its own victims; slowed here to widen the window). A load meanwhile finds
+    no value: a miss that must keep the entry. It dropped it, and the put, landing on a key no
+    index counted, deleted the chunk everywhere. Fault injected: d2's deletes take 1 s."""
+    import asyncio
+
+    ct = 16
+    value = 4096 + 2 * ct * 16 * 2
+    config = _config(chunk_tokens=ct, eviction={"policy": "lru"}, tiers={
+        "cpu": {"type": "cpu", "capacity": 4 * 8192},
+        "d1": {"type": "disk", "capacity": 3 * value, "path": str(tmp_path / "d1"), "fsync": False},
+        "d2": {"type": "disk", "capacity": 3 * value, "path": str(tmp_path / "d2"), "fsync": False}})
+    with KVortexEngine.create(config) as engine:
+        engine.register_kv_caches([torch.randn(2, 64, ct, 1, 16, dtype=torch.float16)])
+        tiers = engine._reg.tiers
+        d2 = tiers.tiers[1]
+        real_delete = d2.backend.delete
+
+        async def slow_delete(keys: Any) -> Any:
+            await asyncio.sleep(1.0)
+            return await real_delete(keys)
+
+        d2.backend.delete = slow_delete
+        prompts: dict[bytes, list[int]] = {}
+        found = None
+        for i in range(60):
+            tokens = [1000 * i + j for j in range(ct)]
+            prompts[engine.keys(tokens)[0]] = tokens
+            engine.save(tokens, [i % 60])
+            for _ in range(20):  # a key indexed in d2 whose value has not landed yet
+                time.sleep(0.01)
+                found = next((k for k in list(d2.index.keys())
+                              if k in prompts and k.hex() not in d2.backend._index), None)
+                if found is not None:
+                    break
+            if found is not None:
+                break
+        assert found is not None, "the demotion window was not hit"
+        engine.load(prompts[found], [63])  # the racing load: a miss, or the chunk
+        assert tiers.drain(30)
+        assert engine.lookup(prompts[found]) == ct  # still stored somewhere
+        assert engine.load(prompts[found], [62]) == ct

@@ -197,9 +197,12 @@ class SaveMixin(TierState):
             return True
         if not tier.index.insert(key, len(value)):
             return False
-        await self._process_doomed(tier)
+        # in flight from the moment it is indexed: a read meanwhile finds nothing yet and must
+        # keep the entry (it removed it while this put waited for the tier's evictions, and
+        # the put, landing on a key no index counted, then deleted the chunk everywhere)
         tier.putting.add(key)
         try:
+            await self._process_doomed(tier)
             await tier.call("put", tier.backend.put(key.hex(), value))
         except TierUnavailable:
             tier.index.remove([key])
@@ -209,6 +212,8 @@ class SaveMixin(TierState):
         if key not in tier.index:
             # Evicted or rejected while the put was in flight (its delete may have run before
             # the value landed): delete it again, or the store holds bytes no index counts.
+            if tier.remote is not None:
+                tier.remote.record([key], [False])
             try:
                 await tier.call("delete", tier.backend.delete([key.hex()]))
             except TierUnavailable:
@@ -331,6 +336,8 @@ class SaveMixin(TierState):
         for entry in victims:
             if below is not None and not self._stored_below_from(entry.key, position + 1):
                 await self._demote_between(tier, below, entry)
+        if tier.remote is not None:  # our own delete: the shared tier's cached answer is now wrong
+            tier.remote.record([e.key for e in victims], [False] * len(victims))
         try:
             await tier.call("delete", tier.backend.delete([e.key.hex() for e in victims]))
         except TierUnavailable:
