@@ -108,6 +108,14 @@ class LateReader(MemoryBackend):
         return len(value)
 
 
+class SlowListing(SharedMemory):
+    """A shared tier whose ``contains`` takes 0.2 s (an S3 listing of a large prefix)."""
+
+    async def contains(self, keys: Any) -> Any:
+        await asyncio.sleep(0.2)
+        return await super().contains(keys)
+
+
 class _TestPlugin:
     from kvortex_core.plugins.marker import hookimpl
 
@@ -118,6 +126,7 @@ class _TestPlugin:
         register("sharedmem", SharedMemory)
         register("slowput", SlowPut)
         register("late", LateReader)
+        register("slowlist", SlowListing)
 
 
 def _config(tiers: dict[str, dict[str, Any]], **kw: Any) -> KVortexConfig:
@@ -598,6 +607,43 @@ def test_shared_tier_lookup_never_blocks_and_learns_in_background(make: Any) -> 
         assert time.monotonic() < deadline, "background refresh never landed"
         time.sleep(0.01)
     assert _load(writer, [7]) == [(7, "shared")]
+
+
+def test_a_slow_shared_listing_is_learnt_and_never_opens_the_breaker(make: Any) -> None:
+    """Lookup refreshes ran under remote_lookup_s (50 ms): a shared tier whose contains takes
+    longer never had its answers recorded, and the timeouts opened its breaker (a healthy S3
+    tier out of service). They run in the background under backend_op_s now."""
+    SharedMemory.store = {}
+    mgr = make({"cpu": {"type": "cpu", "capacity": 4 * SLOT},
+                "shared": {"type": "slowlist", "capacity": 64 * SLOT}})
+    buf = bytearray(SLOT)
+    buf[pl.HEADER_BYTES :] = _as_bytes(_chunk(7)).numpy().tobytes()
+    pl.seal(buf, key=_key(7), namespace=NS, shape=SHAPE, dtype=DTYPE, payload_len=PAYLOAD)
+    SharedMemory.store[_key(7).hex()] = bytes(buf)  # another instance wrote chunk 7
+    deadline = time.monotonic() + 10
+    while mgr.lookup([_key(7)]) == 0:
+        assert time.monotonic() < deadline, "the slow listing's answer was never recorded"
+        time.sleep(0.05)
+    assert _load(mgr, [7]) == [(7, "shared")]
+    assert not _counter(mgr, "tier_timeouts", "shared")
+    assert mgr.tiers[0].breaker.state == "closed"
+
+
+def test_a_chunk_gone_from_one_lower_tier_is_read_from_the_next(make: Any, tmp_path: Path) -> None:
+    """Deleted behind our back from the first lower tier (another instance's eviction of a shared
+    tier): the load reads the copy the next tier holds, as the lookup promised (it missed)."""
+    tiers = {"cpu": {"type": "cpu", "capacity": 4 * SLOT},
+             "d1": {"type": "disk", "capacity": 64 * SLOT, "path": str(tmp_path / "d1"), "write_through": True},
+             "d2": {"type": "disk", "capacity": 64 * SLOT, "path": str(tmp_path / "d2"), "write_through": True}}
+    mgr = make(tiers)
+    _save(mgr, [0, 1])
+    assert mgr.drain(10)
+    mgr.cpu_index.evict(mgr.cpu_index.used)  # only the lower tiers hold them now
+    for path in (tmp_path / "d1").rglob(_key(1).hex() + "*"):
+        path.unlink()  # d1's index still lists chunk 1
+    assert mgr.lookup([_key(0), _key(1)]) == 2
+    assert _load(mgr, [0, 1]) == [(0, "d1"), (1, "d2")]  # bytes checked by _load
+    assert _counter(mgr, "load_misses", "d1") == 1
 
 
 # -- breaker unit ----------------------------------------------------------------------------

@@ -165,7 +165,8 @@ class TimeoutConfig(_Section):
 
     backend_op_s: float = Field(5.0, gt=0, description="one backend call (put, get, contains)")
     remote_lookup_s: float = Field(
-        0.05, gt=0, description="refresh of a shared tier's lookup cache"
+        0.05, gt=0, description="how long the vLLM scheduler lets a request wait (asking again) "
+        "for a shared tier's answer about its next chunk"
     )
     transfer_s: float = Field(30.0, gt=0, description="one GPU <-> host transfer")
     close_s: float = Field(10.0, gt=0, description="draining write-behind queues at close")

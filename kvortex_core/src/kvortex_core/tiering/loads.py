@@ -80,7 +80,7 @@ class LoadMixin(TierState):
                 if tier is None or slot is None:
                     break
                 plan.append(_Step(i, keys[i], parent, tier, slot))
-        fetches = [(p.i, p.key, p.tier, p.slot) for p in plan if p.tier is not None]
+        fetches = [p for p in plan if p.tier is not None]
         bound = timeout if timeout is not None else self.config.timeouts.backend_op_s
         run = _FetchRun()
         future = self.loop.submit(self._fetch_all(fetches, run))
@@ -93,19 +93,20 @@ class LoadMixin(TierState):
                 log.debug("load: fetch of %d chunks abandoned: %s", len(fetches), exc)
                 self.end_load([p.lease for p in plan if p.lease is not None])
                 return []  # plan starts at the first lower-tier chunk: nothing deliverable
-        outcome = {i: r for (i, *_), r in zip(fetches, results, strict=True)}
+        outcome = {p.i: r for p, r in zip(fetches, results, strict=True)}
         return self._promote(plan, outcome)
 
     async def _fetch_all(
-        self, fetches: list[tuple[int, bytes, LowerTier, int]], run: _FetchRun
+        self, fetches: list[_Step], run: _FetchRun
     ) -> list[str]:
-        results = list(await asyncio.gather(*(self._fetch(k, t, s) for _, k, t, s in fetches)))
+        results = list(await asyncio.gather(*(self._fetch(p.key, p.tier, p.slot, p) for p in fetches)))
         if not run.finish():
-            self.pool.free_many(f[3] for f, r in zip(fetches, results, strict=True) if r != GONE)
+            self.pool.free_many(p.slot for p, r in zip(fetches, results, strict=True) if r != GONE)
         return results
 
-    async def _fetch(self, key: bytes, tier: LowerTier, slot: int) -> str:
+    async def _fetch(self, key: bytes, tier: LowerTier | None, slot: int, step: _Step | None = None) -> str:
         """Read one chunk from a lower tier into ``slot`` and verify it: OK, MISS or GONE."""
+        assert tier is not None  # fetch steps always name their tier
         out = self.pool.buffer(slot)
         try:
             n = await tier.call("get", tier.backend.get(key.hex(), out),
@@ -125,14 +126,25 @@ class LoadMixin(TierState):
                 if tier.remote is not None:
                     tier.remote.forget([key])
             self.stats.inc(LOAD_MISSES, 1, tier.name)
-            return MISS
+            return await self._fetch_below(key, tier, slot, step)
         try:
             self._verify(out, n, key)
         except PayloadError as exc:
             await self._reject(tier, key, exc)
-            return MISS
+            return await self._fetch_below(key, tier, slot, step)
         self.stats.inc(BYTES_READ, n, tier.name)
         return OK
+
+    async def _fetch_below(self, key: bytes, above: LowerTier, slot: int, step: _Step | None) -> str:
+        """``above`` no longer had the chunk (deleted by another instance, or bad bytes): read it
+        from the next tier that holds it, as the first lookup promised; MISS when none does."""
+        later = self.tiers[self.tiers.index(above) + 1:]
+        for tier in later:
+            if tier.available and (key in tier.index or (tier.remote is not None and tier.remote.present(key))):
+                if step is not None:
+                    step.tier = tier  # the promotion is counted for the tier it came from
+                return await self._fetch(key, tier, slot, step)
+        return MISS
 
     def _release_quarantined(self, slot: int) -> None:
         """A timed-out read into ``slot`` has ended (``LowerTier.call``'s ``on_late``): free it."""
