@@ -23,6 +23,7 @@ from kvortex_core.cli.bench.common import (
     Series,
     SizesOption,
     markdown_table,
+    missing_packages,
     parse_choices,
     parse_numbers,
     parse_sizes,
@@ -85,13 +86,11 @@ def backends_cmd(
 
 def _check_packages(wanted: set[str], s3_endpoint: str | None) -> None:
     """A usage error before any measurement when a target's client (or moto) is missing."""
-    import importlib.util
-
     needs = {"redis": [("redis", "pip install 'kvortex[redis]'")],
              "s3": [("boto3", "pip install 'kvortex[s3]'")]
              + ([] if s3_endpoint else [("moto", "pip install 'moto[server]', or pass --s3-endpoint")])}
     missing = [f"{target} needs the {pkg} package ({hint})" for target in sorted(wanted)
-               for pkg, hint in needs.get(target, []) if importlib.util.find_spec(pkg) is None]
+               for pkg, hint in needs.get(target, []) if missing_packages(pkg)]
     if missing:
         raise typer.BadParameter("; ".join(missing) + "; or leave the target out of --targets",
                                  param_hint="--targets")

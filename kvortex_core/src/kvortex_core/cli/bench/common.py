@@ -24,6 +24,14 @@ if TYPE_CHECKING:
     from rich.progress import Progress
 
 # Shared options: every subcommand spells these the same way.
+def missing_packages(*packages: str) -> list[str]:
+    """The ``packages`` (importable names) that are not installed: what a bench needs beyond
+    the core is checked before anything is measured."""
+    import importlib.util
+
+    return [p for p in packages if importlib.util.find_spec(p) is None]
+
+
 def out_dir_checked(path: Path) -> Path:
     """``--out`` (or another directory option): a directory that exists or can be made,
     checked before any measurement; else a usage error."""

@@ -26,6 +26,7 @@ from kvortex_core.cli.bench.common import (
     QuietOption,
     RepsOption,
     markdown_table,
+    missing_packages,
     out_dir_checked,
     parse_numbers,
     print_table,
@@ -66,7 +67,7 @@ def disk_cmd(
         path=path,
         quiet=quiet,
     )
-    missing = _missing("lz4", "zstandard") if compression else []
+    missing = missing_packages("lz4", "zstandard") if compression else []
     if missing:
         typer.echo(f"compression on KV-like data skipped: {', '.join(missing)} not installed "
                    "(pip install 'kvortex[compression]')", err=True)
@@ -104,7 +105,7 @@ def bench_disk(
     """
     byte_sizes = list(sizes) if sizes else [int(s * MiB) for s in (sizes_mib or (1, 8, 32))]
     out_dir = Path(out or out_dir or "bench-results")
-    skipped = sorted({n for n, (_, needs) in _VARIANTS.items() if _missing(*needs)}) if variants else []
+    skipped = sorted({n for n, (_, needs) in _VARIANTS.items() if missing_packages(*needs)}) if variants else []
     if skipped and not quiet:
         typer.echo(f"variants skipped (a package is not installed): {', '.join(skipped)}", err=True)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -117,7 +118,7 @@ def bench_disk(
                 rows += _measure(work, size, conc, reps, {"o_direct": "auto"}, "default")
             if variants:
                 for name, (opts, needs) in _VARIANTS.items():
-                    if not _missing(*needs):
+                    if not missing_packages(*needs):
                         rows += _measure(work, size, 1, reps, opts, name)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -158,13 +159,6 @@ _VARIANTS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
     "aiofiles": ({"o_direct": "off", "_aiofiles": True}, ("aiofiles",)),
     "lz4 (random data)": ({"compression": "lz4"}, ("lz4",)),
 }
-
-
-def _missing(*packages: str) -> list[str]:
-    """The ``packages`` that are not installed."""
-    import importlib.util
-
-    return [p for p in packages if importlib.util.find_spec(p) is None]
 
 
 def _fs_name(path: Path) -> str:

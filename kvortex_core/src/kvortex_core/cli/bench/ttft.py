@@ -65,9 +65,9 @@ def ttft_cmd(
     ] = False,
 ) -> None:
     """TTFT: prefill vs KV load from each tier, with the loaded KV verified."""
-    import importlib.util
+    from kvortex_core.cli.bench.common import missing_packages
 
-    if importlib.util.find_spec("transformers") is None:  # the model is built with it
+    if missing_packages("transformers"):  # the model is built with it
         raise typer.BadParameter("kvortex bench ttft builds its Llama-shaped model with transformers, "
                                  "which is not installed: pip install transformers", param_hint="ttft")
     import torch
