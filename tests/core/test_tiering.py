@@ -22,8 +22,8 @@ from kvortex_core.plugins.manager import PluginManager
 from kvortex_core.testing.memory import MemoryBackend
 from kvortex_core.tiering import manager as tm
 from kvortex_core.tiering.breaker import CircuitBreaker
+from kvortex_core.tiering.counters import TIER_ERRORS
 from kvortex_core.tiering.manager import TierManager
-from kvortex_core.tiering.tiers import ERRORS as TIER_ERRORS
 
 pytestmark = pytest.mark.filterwarnings("ignore:CUDA is not available:RuntimeWarning")
 

@@ -15,7 +15,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from kvortex_core.errors import BackendFullError, BufferTooSmallError
 from kvortex_core.logs import event
-from kvortex_core.tiering.counters import TIER_WRITES_REFUSED
+from kvortex_core.tiering.counters import (
+    TIER_CALLS_SKIPPED,
+    TIER_ERRORS,
+    TIER_TIMEOUTS,
+    TIER_WRITES_REFUSED,
+)
 
 if TYPE_CHECKING:
     from kvortex_core.control.index import ChunkIndex, IndexEntry
@@ -27,9 +32,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("kvortex_core.tiering")
 T = TypeVar("T")
 
-ERRORS = "tier_errors"
-TIMEOUTS = "tier_timeouts"
-SKIPPED_OPEN = "tier_calls_skipped"
 
 
 class TierUnavailable(Exception):
@@ -77,7 +79,7 @@ class LowerTier:
         """
         if not self.breaker.allow():
             _close(awaitable)
-            self.stats.inc(SKIPPED_OPEN, 1, self.name)
+            self.stats.inc(TIER_CALLS_SKIPPED, 1, self.name)
             raise TierUnavailable(f"tier {self.name} is out of service")
         task: asyncio.Future[T] | None = None
         try:
@@ -98,11 +100,11 @@ class LowerTier:
                 task.add_done_callback(lambda t: _settled(t, on_late))
             else:
                 _close(awaitable)
-            self._failed(op, f"{op} timed out", TIMEOUTS)
+            self._failed(op, f"{op} timed out", TIER_TIMEOUTS)
             raise TierUnavailable(f"tier {self.name}: {op} timed out") from exc
         except Exception as exc:
             _close(awaitable)
-            self._failed(op, f"{type(exc).__name__}: {exc}", ERRORS)
+            self._failed(op, f"{type(exc).__name__}: {exc}", TIER_ERRORS)
             raise TierUnavailable(f"tier {self.name}: {op} failed: {exc}") from exc
         self.breaker.success()
         return result
