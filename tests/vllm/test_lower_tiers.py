@@ -342,3 +342,83 @@ def test_a_cache_reset_while_a_lower_tier_load_is_in_flight_reports_failure(
     assert step.loads == 0 and step.computed_before.get("C", 0) == 0
     h.run()
     assert not side.index.open_pins()
+
+
+def test_a_timed_out_fetch_never_lets_its_late_bytes_into_another_chunk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lower-tier read that times out goes on in its I/O thread (it cannot be stopped). Its
+    slot was handed back to the scheduler with the failed load and reused for another chunk's
+    save; the read's late payload then landed under that chunk's header, and the next load of
+    the chunk passed the identity check and delivered another prompt's KV. A slot a late read
+    may still write is now neither saved into nor loaded from on that rank until the read ended."""
+    import threading
+
+    from kvortex_backends.disk import DiskBackend
+    from kvortex_core.data.payload import HEADER_BYTES
+    from kvortex_vllm import lower
+
+    gate, ended = threading.Event(), threading.Event()
+    armed, late_slots = [False], set()
+    real_get, real_fetch = DiskBackend.get, lower.WorkerTiers._fetch
+
+    async def streaming_get(self: Any, key: str, out: memoryview) -> int | None:
+        if not armed[0]:
+            return await real_get(self, key, out)
+        tmp = bytearray(len(out))
+        n = await real_get(self, key, memoryview(tmp))
+        if n is None:
+            return None
+        out[:HEADER_BYTES] = tmp[:HEADER_BYTES]  # the header arrives first, the payload hangs
+
+        def rest() -> None:
+            gate.wait(30)
+            out[HEADER_BYTES:n] = tmp[HEADER_BYTES:n]
+            ended.set()
+
+        await asyncio.get_running_loop().run_in_executor(None, rest)
+        return n
+
+    async def recorded(self: Any, key: bytes, slot: int) -> bool:
+        if armed[0]:
+            late_slots.add(slot)
+        return await real_fetch(self, key, slot)
+
+    monkeypatch.setattr(DiskBackend, "get", streaming_get)
+    monkeypatch.setattr(lower.WorkerTiers, "_fetch", recorded)
+    extra = tiers(tmp_path, cpu="128KiB")
+    extra["timeouts"] = {"backend_op_s": 0.2}
+    h = build(tmp_path, extra)
+    side = h.connector.scheduler_side
+    a = prompt(7, 80)
+    h.add("A", a)
+    h.run()
+    drain(h)
+    evict_from_cpu(h, side.geometry.num_slots)
+    a_keys = set(h.keys_of(a))
+    armed[0] = True
+    h.scrub()
+    run_async_load(h, "B", a[:70])  # both chunks time out: a failed load, recomputed
+    h.run()
+    assert "B" in h.finished and late_slots
+    armed[0] = False
+    victim = None  # another prompt's chunk saved into a slot the late read still writes
+    for i in range(4 * side.geometry.num_slots):
+        filler = prompt(900 + i, 2 * CHUNK + 1)
+        h.add(f"C{i}", filler)
+        h.run()
+        hit = [k for k in h.keys_of(filler)[:2] if k in side.index and h.slot_of(k) in late_slots]
+        if hit and not a_keys & set(hit):
+            victim = filler
+            break
+    assert victim is not None, "no later save was planned into a slot of the timed-out read"
+    gate.set()
+    assert ended.wait(10)
+    time.sleep(0.1)  # the loop runs the read's completion
+    h.scrub()
+    h.add("D", victim[:2 * CHUNK + 1])
+    h.run()
+    assert "D" in h.finished
+    assert_kv(h, "D", victim, 2 * CHUNK)  # its own KV (recomputed), never A's late bytes
+    assert h.workers[0].connector.worker_side.stats.snapshot().counter("save_skipped_slot_busy", "cpu") > 0
+    h.close()

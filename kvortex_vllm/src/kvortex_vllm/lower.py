@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
@@ -68,12 +69,37 @@ class WorkerTiers:
         self.rank = rank
         self.pool = mgr.pool
         self._gen = [0] * mgr.pool.num_slots
+        # Slots a timed-out lower-tier read may still write into (a backend's I/O thread cannot
+        # be stopped): slot -> reads still running. Touched by the loop thread (a read timing out
+        # or ending) and read by the worker thread, which neither saves into such a slot nor
+        # loads from it until every late read ended and its magic was zeroed.
+        self._late: dict[int, int] = {}
+        self._late_lock = threading.Lock()
         targets = [t for t in mgr.tiers if t.write_through]
         self.targets = targets or mgr.tiers[:1]
 
     def slot_reused(self, slot: int) -> None:
         """A new save goes into ``slot``: any write-behind copy taken across this is discarded."""
         self._gen[slot] += 1
+
+    def busy(self, slot: int) -> bool:
+        """True while a timed-out read may still write into ``slot`` (nothing may use it)."""
+        with self._late_lock:
+            return slot in self._late
+
+    def _late_started(self, slot: int) -> None:
+        with self._late_lock:
+            self._late[slot] = self._late.get(slot, 0) + 1
+
+    def _late_ended(self, slot: int, out: memoryview) -> None:
+        """A timed-out read into ``slot`` ended: what it wrote is nobody's chunk."""
+        out[:8] = bytes(8)  # zeroed before the slot is usable again: no load trusts it
+        with self._late_lock:
+            left = self._late.get(slot, 1) - 1
+            if left > 0:
+                self._late[slot] = left
+            else:
+                self._late.pop(slot, None)
 
     def write_behind(self, slot: int, key: bytes) -> None:
         """Queue the sealed slot (its rank key is ``key``) to the write-behind tiers."""
@@ -109,22 +135,30 @@ class WorkerTiers:
         return list(await asyncio.gather(*(self._fetch(k, s) for k, s in items)))
 
     async def _fetch(self, key: bytes, slot: int) -> bool:
+        if self.busy(slot):  # an earlier timed-out read may still write there
+            return False
         out = self.pool.buffer(slot)
-        if await self._fetch_into(key, out):
+        if await self._fetch_into(key, slot, out):
             return True
         # Whatever a failed read left there (a header that names this key over bad bytes) must
         # never pass a later load's identity check: zero the magic, as a slot being rewritten.
         out[:8] = bytes(8)
         return False
 
-    async def _fetch_into(self, key: bytes, out: memoryview) -> bool:
+    async def _fetch_into(self, key: bytes, slot: int, out: memoryview) -> bool:
         mgr = self.mgr
         for tier in mgr.tiers:
             if not tier.available:
                 continue
             try:
-                n = await tier.call("get", tier.backend.get(key.hex(), out))
-            except TierUnavailable:
+                n = await tier.call("get", tier.backend.get(key.hex(), out),
+                                    on_late=lambda: self._late_ended(slot, out))
+            except TierUnavailable as exc:
+                if isinstance(exc.__cause__, TimeoutError):
+                    # The read goes on in its thread: no other tier may write here too, and
+                    # the slot stays unusable on this rank until it ended (see busy()).
+                    self._late_started(slot)
+                    return False
                 continue
             if n is None:
                 continue

@@ -35,6 +35,7 @@ from kvortex_core.data.payload import HEADER_BYTES, check_identity, read_header,
 from kvortex_core.data.pool import PinnedPool
 from kvortex_core.data.transfer import TransferEngine, TransferHandle
 from kvortex_core.errors import KVortexError, LayoutError, PayloadError
+from kvortex_core.tiering.counters import SAVE_SKIPPED_SLOT_BUSY
 from kvortex_vllm.lower import WorkerTiers, has_lower_tiers, open_tiers
 from kvortex_vllm.metadata import (
     SLOT_ALIGNMENT,
@@ -281,6 +282,8 @@ class WorkerSide:
         if not 0 <= spec.slot < self._geo().num_slots:
             return f"no slot (slot id {spec.slot})"
         self._finish_save(spec.slot)
+        if self.tiers is not None and self.tiers.busy(spec.slot):
+            return "its slot is still being written by a lower-tier read that timed out"
         layout = self._layout()
         try:
             header = read_header(self._pool().view(spec.slot)[:HEADER_BYTES])
@@ -304,21 +307,42 @@ class WorkerSide:
         plan = self._plan
         if plan is None or not plan.saves:
             return
-        for spec in plan.saves:
+        saves = self._writable(plan.saves)
+        if not saves:
+            return
+        for spec in saves:
             self._finish_save(spec.slot)  # an older save into a reused slot must land first
             self._invalidate(spec.slot)
-        dst = [self._payload(s.slot) for s in plan.saves]
+        dst = [self._payload(s.slot) for s in saves]
         try:
-            handle = self._engine().save([list(s.block_ids) for s in plan.saves], dst)
+            handle = self._engine().save([list(s.block_ids) for s in saves], dst)
         except KVortexError:
-            log.exception("rank %d: saving %d chunk(s) failed; they stay uncached", self.rank, len(plan.saves))
+            log.exception("rank %d: saving %d chunk(s) failed; they stay uncached", self.rank, len(saves))
             return
-        for spec in plan.saves:
+        for spec in saves:
             self._pending[spec.slot] = _PendingSave(spec, handle)
             self._req_saves[spec.req_id].add(spec.slot)
         if self._host_kv:
             handle.wait(self.config.timeouts.transfer_s)
         self.poll()
+
+    def _writable(self, saves: list[SaveSpec]) -> list[SaveSpec]:
+        """The saves whose slot no timed-out lower-tier read may still write into.
+
+        A skipped save leaves its slot's magic zeroed (once the read ended), so the scheduler's
+        later load of that chunk fails its identity check and is recomputed: never wrong bytes.
+        """
+        tiers = self.tiers
+        if tiers is None:
+            return saves
+        busy = {s.slot for s in saves if tiers.busy(s.slot)}
+        if not busy:
+            return saves
+        self.stats.inc(SAVE_SKIPPED_SLOT_BUSY, len(busy), self.config.tier_names[0])
+        log.warning("rank %d: %d chunk(s) not saved: their slot is still being written by a lower-tier "
+                    "read that timed out (timeouts.backend_op_s); a later load of them is recomputed",
+                    self.rank, len(busy))
+        return [s for s in saves if s.slot not in busy]
 
     def poll(self) -> None:
         """Seal every save whose copy has completed (never blocks)."""

@@ -7,6 +7,8 @@ BYTES_READ = "tier_bytes_read"
 CHECKSUM_FAILURES = "checksum_failures"
 WRITE_BEHIND_SKIPPED = "write_behind_skipped"
 SAVE_SKIPPED = "save_skipped_pool_full"
+#: Connector saves not made because a timed-out lower-tier read may still write their slot.
+SAVE_SKIPPED_SLOT_BUSY = "save_skipped_slot_busy"
 PROMOTIONS = "promotions"
 DEMOTIONS = "demotions"
 DEMOTIONS_SKIPPED = "demotions_skipped"
