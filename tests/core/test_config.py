@@ -290,6 +290,30 @@ def test_broken_yaml_file(tmp_path: Path, text: str, fragment: str) -> None:
     assert fragment in load_error(tmp_path, text)
 
 
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("tiers:\n  cpu: {type: cpu, capacity: 1GiB}\nlog_level: INFO\ntiers:\n  cpu: {type: cpu, capacity: 2GiB}\n",
+         "line 4: the key 'tiers' is given twice (first on line 1)"),
+        ("tiers:\n  cpu:\n    type: cpu\n    capacity: 1GiB\n    capacity: 2GiB\n",
+         "line 5: the key 'capacity' is given twice (first on line 4)"),
+    ],
+)
+def test_a_key_given_twice_in_yaml_is_refused(tmp_path: Path, text: str, fragment: str) -> None:
+    """YAML loaders keep the last of two equal keys: a second ``tiers:`` block silently dropped
+    the first one's tiers."""
+    message = load_error(tmp_path, text)
+    assert fragment in message and "merge them into one" in message
+
+
+def test_yaml_merge_keys_may_be_overridden(tmp_path: Path) -> None:
+    path = tmp_path / "merge.yaml"
+    path.write_text("base: &b {type: cpu, capacity: 1GiB}\ntiers:\n  cpu:\n    <<: *b\n    capacity: 2GiB\n")
+    from kvortex_core.config.sources import read_yaml
+
+    assert read_yaml(path)["tiers"]["cpu"] == {"type": "cpu", "capacity": "2GiB"}
+
+
 def test_missing_yaml_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KVORTEX_CONFIG_FILE", str(tmp_path / "nope.yaml"))
     with pytest.raises(ConfigError, match="does not exist.*KVORTEX_CONFIG_FILE"):

@@ -218,3 +218,9 @@ def test_cli_replays_a_trace_file(tmp_path: Path) -> None:
     res = json.loads((tmp_path / "simulate.json").read_text())["workloads"]["mooncake"]
     # 30 requests of 3 blocks; the first sees 0 hits, the next two 2 blocks, then all 3.
     assert res["ideal"]["median"] == pytest.approx((2 * 2 + 27 * 3) / 90)
+
+
+def test_cli_refuses_a_negative_disk_factor(tmp_path: Path) -> None:
+    result = CliRunner().invoke(_bench_app(), ["simulate", "--out", str(tmp_path), "--disk-factor", "-1", "--quiet"])
+    assert result.exit_code == 2 and "disk-factor" in result.output
+    assert not (tmp_path / "simulate.json").exists()

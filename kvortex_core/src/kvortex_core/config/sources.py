@@ -18,6 +18,35 @@ from kvortex_core.errors import ConfigError
 TIER_KEYS = ("type", "capacity", "write_through")
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, first: int, again: int) -> None:
+        super().__init__(f"line {again}: the key {key!r} is given twice (first on line {first}); YAML "
+                         "would keep only the last one and drop the other: merge them into one")
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping.
+
+    YAML loaders keep the last value of a repeated key; in a config file that silently drops
+    the first block (a second ``tiers:`` would replace the whole tier list).
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # '<<: *base': keys given after it override
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: construct_mapping reports it
+                continue
+            if first is not None:
+                raise _DuplicateKey(key, first.start_mark.line + 1, key_node.start_mark.line + 1)
+            seen[key] = key_node
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: os.PathLike[str] | str, *, from_env: bool = False) -> dict[str, Any]:
     """Parse a KVortex YAML file into a mapping, or raise a ConfigError naming the problem.
 
@@ -39,7 +68,9 @@ def read_yaml(path: os.PathLike[str] | str, *, from_env: bool = False) -> dict[s
     except OSError as exc:
         raise ConfigError(f"config file {str(path)!r} cannot be read: {exc.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass
+    except _DuplicateKey as exc:
+        raise ConfigError(f"config file {str(path)!r}, {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
     if data is None:

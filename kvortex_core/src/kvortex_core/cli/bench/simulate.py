@@ -58,7 +58,7 @@ def simulate_cmd(
     ] = DEFAULT_FRACTIONS,
     chunk_tokens: Annotated[int, typer.Option(min=1)] = 256,
     disk_factor: Annotated[
-        float, typer.Option(help="disk tier size as a multiple of the cpu tier; 0 = cpu only")
+        float, typer.Option(min=0.0, help="disk tier size as a multiple of the cpu tier; 0 = cpu only")
     ] = 4.0,
     seed: int = 0,
     high_watermark: Annotated[float, typer.Option(min=0.01, max=1.0)] = 1.0,
