@@ -203,6 +203,15 @@ def test_unknown_env_name(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> No
     assert "KVORTEX_CHUNK_TOKEN " in message and "KVORTEX_CHUNK_TOKENS" in message
 
 
+@pytest.mark.parametrize("name", ["KVORTEX_TORCH_SPEC", "KVORTEX_PYTHON", "KVORTEX_VENV"])
+def test_the_setup_scripts_variables_are_not_settings_errors(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, name: str
+) -> None:
+    """README tells users to set these for scripts/setup; the same shell then runs the demo."""
+    monkeypatch.setenv(name, "torch==2.13.0")
+    assert KVortexConfig.load(write_yaml(tmp_path, BASE)).chunk_tokens > 0
+
+
 def test_unknown_nested_env_name(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("KVORTEX_EVICTION__POLCY", "lru")
     message = load_error(tmp_path)

@@ -720,3 +720,45 @@ def test_a_load_racing_a_demotion_into_a_lower_tier_keeps_the_chunk(tmp_path: An
         assert tiers.drain(30)
         assert engine.lookup(prompts[found]) == ct  # still stored somewhere
         assert engine.load(prompts[found], [62]) == ct
+
+
+def test_calls_and_tier_operations_fill_latency_histograms(tmp_path: Any) -> None:
+    """docs/observability.md promises kvortex_<op>_seconds histograms: whole save/load calls
+    (engine-wide) and each lower-tier operation (per tier). None was recorded before."""
+    tiers = {"cpu": {"type": "cpu", "capacity": "8MiB"},
+             "disk": {"type": "disk", "capacity": "64MiB", "path": str(tmp_path), "write_through": True}}
+    caches, hints, block = ks.flash_attn(L, B, N, H, D, torch.bfloat16)
+    tokens = list(range(500, 500 + 2 * CHUNK))
+    with KVortexEngine.create(_config(tiers=tiers)) as first:
+        first.register_kv_caches(caches, hints)
+        assert first.save(tokens, list(range(8))) == 2 * CHUNK
+        first.close()  # drains the write-behind: both puts are done
+        saved = first.stats()["histograms"]
+    assert saved["engine_save"][""]["count"] == 1 and saved["engine_save"][""]["sum"] > 0
+    assert saved["tier_put"]["disk"]["count"] == 2  # one write per chunk
+    with KVortexEngine.create(_config(tiers=tiers)) as engine:  # the chunks are on disk only
+        engine.register_kv_caches(caches, hints)
+        assert engine.load(tokens, list(range(20, 28))) == 2 * CHUNK
+        loaded = engine.stats()["histograms"]
+    assert _same_blocks(caches, block, list(range(8)), list(range(20, 28)))
+    assert loaded["engine_load"][""]["count"] == 1 and loaded["engine_load"][""]["sum"] > 0
+    assert loaded["tier_get"]["disk"]["count"] == 2  # one read per chunk
+
+
+def test_lookup_counts_chunks_per_tier(tmp_path: Any) -> None:
+    """kvortex_{lookup,hit,miss}_chunks_total carry a tier label per tier index (documented,
+    and only the request-level "" totals were recorded)."""
+    tiers = {"cpu": {"type": "cpu", "capacity": "8MiB"},
+             "disk": {"type": "disk", "capacity": "64MiB", "path": str(tmp_path), "write_through": True}}
+    caches, hints, _ = ks.flash_attn(L, B, N, H, D, torch.bfloat16)
+    tokens = list(range(700, 700 + 2 * CHUNK))
+    with KVortexEngine.create(_config(tiers=tiers)) as first:
+        first.register_kv_caches(caches, hints)
+        first.save(tokens, list(range(8)))
+    with KVortexEngine.create(_config(tiers=tiers)) as engine:  # on disk only
+        engine.register_kv_caches(caches, hints)
+        assert engine.lookup(tokens + list(range(CHUNK))) == 2 * CHUNK
+        counters = engine.stats()["counters"]
+    assert counters["lookup_chunks"] == {"": 3, "cpu": 3, "disk": 3}
+    assert counters["hit_chunks"] == {"": 2, "cpu": 0, "disk": 2}
+    assert counters["miss_chunks"] == {"": 1, "cpu": 3, "disk": 1}

@@ -28,7 +28,6 @@ def main() -> None:
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 15
     dev = torch.device("cuda")
     layers, blocks, bs, width = 61, 256, 64, 576
-    row_elems = 128  # 256-byte rows of bf16 viewed as int64 pairs: keep it simple, 2 x int64 per row
     cache = torch.randn(layers * blocks * bs * width, device=dev, dtype=torch.bfloat16)
     wide = cache.view(torch.int64).view(-1, 2)  # 16-byte rows
     rows_per_token = width * 2 // 16
@@ -57,10 +56,9 @@ def main() -> None:
         with torch.cuda.graph(graph, stream=stream):
             eager()
     graph_dma = torch.cuda.CUDAGraph()
-    with torch.cuda.stream(stream):
-        with torch.cuda.graph(graph_dma, stream=stream):
-            eager()
-            pinned.copy_(staging, non_blocking=True)
+    with torch.cuda.stream(stream), torch.cuda.graph(graph_dma, stream=stream):
+        eager()
+        pinned.copy_(staging, non_blocking=True)
 
     def kinds() -> dict[str, object]:
         def run_eager() -> None:

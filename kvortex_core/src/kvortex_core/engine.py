@@ -19,6 +19,7 @@ import dataclasses
 import logging
 import operator
 import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Self
@@ -50,6 +51,8 @@ _COMMIT_GROUP_BYTES = 64 * 1024**2
 #: Engine-level counters in ``stats()``.
 SAVED_TOKENS, LOADED_TOKENS, SAVE_CALLS, LOAD_CALLS = "engine_saved_tokens", "engine_loaded_tokens", \
     "engine_save_calls", "engine_load_calls"
+#: Latency histograms of whole save / load calls (served as ``kvortex_engine_save_seconds``...).
+SAVE_TIME, LOAD_TIME = "engine_save", "engine_load"
 
 
 class EngineHandle:
@@ -290,6 +293,7 @@ class KVortexEngine:
 
     def _save(self, token_ids: Any, block_ids: Sequence[int]) -> int:
         """:meth:`save` once accepted (``save_async`` runs this: close() lets it finish)."""
+        start = time.perf_counter()
         reg = self._registered()
         tokens = _Tokens(token_ids)
         blocks = _Blocks(block_ids, tokens.n, reg.layout)
@@ -350,6 +354,7 @@ class KVortexEngine:
         if missed:
             saved -= self._lease_tokens(missed, tokens.n)
         self._stats.inc(SAVED_TOKENS, saved)
+        self._stats.observe(SAVE_TIME, time.perf_counter() - start)
         return saved
 
     def _lease_tokens(self, leases: list[Any], n_tokens: int) -> int:
@@ -440,7 +445,10 @@ class KVortexEngine:
 
     def _load(self, token_ids: Any, block_ids: Sequence[int], *, skip_tokens: int = 0) -> int:
         """:meth:`load` once accepted (``load_async`` runs this: close() lets it finish)."""
-        return self._start_load(token_ids, block_ids, skip_tokens, layerwise=False).wait()
+        start = time.perf_counter()
+        loaded = self._start_load(token_ids, block_ids, skip_tokens, layerwise=False).wait()
+        self._stats.observe(LOAD_TIME, time.perf_counter() - start)
+        return loaded
 
     def load_layerwise(self, token_ids: Any, block_ids: Sequence[int], *, skip_tokens: int = 0) -> LayerwiseLoad:
         """Start loading the stored prefix for all layers; await each with ``wait_layer(i)``.

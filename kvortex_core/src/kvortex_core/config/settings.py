@@ -41,9 +41,12 @@ if TYPE_CHECKING:
 
 ENV_PREFIX = "KVORTEX_"
 CONFIG_FILE_ENV = "KVORTEX_CONFIG_FILE"
-#: Environment variables with our prefix that are switches, not configuration fields.
+#: Environment variables with our prefix that are switches, not configuration fields: the
+#: plugin switches, and the ones ``scripts/setup`` reads (README), which stay set in the shell
+#: that then runs the demo, the tests or vLLM.
 RESERVED_ENV = frozenset(
-    {CONFIG_FILE_ENV, "KVORTEX_DISABLE_PLUGIN_AUTOLOAD", "KVORTEX_TRACE_PLUGINS"}
+    {CONFIG_FILE_ENV, "KVORTEX_DISABLE_PLUGIN_AUTOLOAD", "KVORTEX_TRACE_PLUGINS",
+     "KVORTEX_PYTHON", "KVORTEX_TORCH_SPEC", "KVORTEX_VENV"}
 )
 
 _config_file: contextvars.ContextVar[str | None] = contextvars.ContextVar(

@@ -269,23 +269,39 @@ class TierManager(SaveMixin, LoadMixin):
     # -- lookups ---------------------------------------------------------------------------
     def contains(self, keys: Sequence[bytes]) -> int:
         """Bitmask over all tiers: bit i set when keys[i] is stored somewhere reachable now."""
-        keys = list(keys)
+        mask = 0
+        for _, m in self._tier_masks(list(keys)):
+            mask |= m
+        return mask
+
+    def _tier_masks(self, keys: list[bytes]) -> list[tuple[str, int]]:
+        """Per tier in service, the bitmask of ``keys`` it holds (the cpu tier first)."""
         mask = self.cpu_index.contains(keys)
         if self._demoting_keys:  # on their way down, still in memory: loadable (see rescue)
             demoting = self._demoting_keys
             mask |= sum(1 << i for i, k in enumerate(keys) if k in demoting)
+        masks = [(self.cpu_name, mask)]
         for tier in self.tiers:
             if not tier.available:
                 continue
-            mask |= tier.index.contains(keys)
+            m = tier.index.contains(keys)
             if tier.remote is not None:
-                mask |= self._remote_mask(tier, keys)
-        return mask
+                m |= self._remote_mask(tier, keys)
+            masks.append((tier.name, m))
+        return masks
 
     def lookup(self, keys: Sequence[bytes]) -> int:
-        """Longest prefix of ``keys`` present in any tier; never waits on a shared tier."""
+        """Longest prefix of ``keys`` present in any tier; never waits on a shared tier.
+
+        Counts, per tier in service, the chunks asked and those it holds (``lookup_chunks``,
+        ``hit_chunks``, ``miss_chunks``).
+        """
         keys = list(keys)
-        n = _leading_ones(self.contains(keys), len(keys))
+        mask = 0
+        for name, m in self._tier_masks(keys):
+            mask |= m
+            self.stats.record_chunks(len(keys), m.bit_count(), name)
+        n = _leading_ones(mask, len(keys))
         self.cpu_index.touch(keys[:n])
         return n
 

@@ -18,6 +18,7 @@ from kvortex_core.logs import event
 from kvortex_core.tiering.counters import (
     TIER_CALLS_SKIPPED,
     TIER_ERRORS,
+    TIER_OP_SECONDS,
     TIER_TIMEOUTS,
     TIER_WRITES_REFUSED,
 )
@@ -82,6 +83,7 @@ class LowerTier:
             self.stats.inc(TIER_CALLS_SKIPPED, 1, self.name)
             raise TierUnavailable(f"tier {self.name} is out of service")
         task: asyncio.Future[T] | None = None
+        start = time.perf_counter()
         try:
             if not self.opened:
                 await asyncio.wait_for(self.open(), self.open_timeout_s)
@@ -106,6 +108,8 @@ class LowerTier:
             _close(awaitable)
             self._failed(op, f"{type(exc).__name__}: {exc}", TIER_ERRORS)
             raise TierUnavailable(f"tier {self.name}: {op} failed: {exc}") from exc
+        finally:  # failures and timeouts too: a slow tier shows in its latency histogram
+            self.stats.observe(TIER_OP_SECONDS.format(op=op), time.perf_counter() - start, self.name)
         self.breaker.success()
         return result
 
