@@ -538,3 +538,24 @@ def test_a_codec_that_is_not_installed_fails_validation(
         KVortexConfig(tiers={"cpu": {"type": "cpu", "capacity": "1MiB"},
                              "disk": {"type": "disk", "capacity": "1MiB", "path": str(tmp_path),
                                       "compression": codec}})
+
+
+def test_every_directory_the_tier_creates_is_0700(tmp_path: Path) -> None:
+    """docs/backends.md: the path is created 0700 if absent; makedirs gave 0700 to the last
+    directory only (the path itself and the namespace directory were 0755 under umask 022)."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        mine = tmp_path / "existing"
+        mine.mkdir(mode=0o755)
+        root = mine / "sub" / "cache"
+        b = _run(_opened(_ns_disk(root)))
+        _run(b.close())
+    finally:
+        os.umask(old)
+    assert mine.stat().st_mode & 0o777 == 0o755, "a directory that existed keeps its mode"
+    made = [mine / "sub", root, *[p for p in root.rglob("*") if p.is_dir()]]
+    assert len(made) >= 4  # sub, cache, <namespace>, r0
+    assert {str(p.relative_to(mine)): p.stat().st_mode & 0o777 for p in made} == {
+        str(p.relative_to(mine)): 0o700 for p in made}

@@ -213,6 +213,13 @@ def test_options_reject_bad_values() -> None:
         with pytest.raises(ValueError, match="part_bytes"):
             RedisOptions(part_bytes=part)
     assert RedisOptions(part_bytes="4MiB").part_bytes == 4 * MiB
+    # two different passwords (one in the URL): refused without quoting either (one was dropped)
+    with pytest.raises(ValueError) as err:
+        RedisOptions(url="redis://me:topsecret@h:1/0", password="pw2")
+    msg = err.value.errors()[0]["msg"]  # what the config error quotes (masking its input)
+    assert "keep one of them" in msg and "topsecret" not in msg and "pw2" not in msg
+    same = RedisOptions(url="redis://me:pw@h:1/0", password="pw")
+    assert same.password.get_secret_value() == "pw" and "pw@" not in same.url
 
 
 def test_unreachable_server_raises_backend_error_promptly(unused_port) -> None:

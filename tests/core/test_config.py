@@ -416,3 +416,12 @@ def test_error_messages_mask_credentials(tmp_path: Path) -> None:
     assert "tiers.team.password = '********'" in message  # wrong type, value hidden
     assert "tiers.team.pasword = '********'" in message  # misspelt credential, hidden too
     assert "hunter2" not in message
+
+
+@pytest.mark.parametrize(("word", "hint"), [("redis-cluster", "redis"), ("disk_v2", "disk"), ("polcy", "policy"),
+                                            ("ssd", None), ("nvme", None)])
+def test_did_you_mean_names_a_known_name_with_something_added(word: str, hint: str | None) -> None:
+    """docs/configuration.md's example: 'redis-cluster' gets "(did you mean 'redis'?)"."""
+    from kvortex_core.config.messages import closest
+
+    assert closest(word, ["cpu", "disk", "memory", "redis", "s3", "policy"]) == hint

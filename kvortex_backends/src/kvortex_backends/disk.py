@@ -155,7 +155,19 @@ class DiskBackend(StorageBackend):
             self._pool = None
 
     def _prepare_root(self) -> None:
-        os.makedirs(self.root, mode=0o700, exist_ok=True)
+        """Create ``<path>/<namespace>/r<rank>``: every directory this creates is 0700 (makedirs
+        gives its mode to the last one only); directories that existed keep theirs."""
+        missing = []
+        d = Path(self.root)
+        while not d.exists() and d != d.parent:
+            missing.append(d)
+            d = d.parent
+        for d in reversed(missing):
+            try:
+                d.mkdir(mode=0o700)
+            except FileExistsError:  # another rank made it meanwhile
+                continue
+            os.chmod(d, 0o700)  # whatever the umask
         os.chmod(self.root, 0o700)
 
     async def _run(self, fn: Callable[..., T], *args: object) -> T:

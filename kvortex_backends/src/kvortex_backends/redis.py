@@ -103,6 +103,14 @@ class RedisOptions(BackendOptions):
         for url in urls:
             bare, user, password = _split_credentials(url)
             cleaned[url] = bare
+            given = data.get("password")
+            if password is not None and given is not None:
+                given = given.get_secret_value() if isinstance(given, SecretStr) else given
+                if given != password:
+                    raise ValueError(
+                        "a URL carries a password and the `password` option gives another one; "
+                        "keep one of them (the option, so the secret stays out of the URL)"
+                    )
             if password is not None and data.get("password") is None:
                 data["password"] = password
             if user and data.get("username") is None:

@@ -84,7 +84,13 @@ def where(loc: tuple[Any, ...], config_file: Path | None) -> str:
 def closest(word: str, candidates: list[str]) -> str | None:
     """The one candidate close to ``word`` (a likely typo), if any."""
     close = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
-    return close[0] if close else None
+    if close:
+        return close[0]
+    # a known name with something added: 'redis-cluster', 'disk_v2' (difflib scores them < 0.6)
+    low = word.lower()
+    parts = set(re.split(r"[-_.]", low))
+    within = [c for c in candidates if len(c) >= 3 and (low.startswith(c.lower()) or c.lower() in parts)]
+    return within[0] if len(within) == 1 else None
 
 
 def did_you_mean(word: str, candidates: list[str]) -> str:

@@ -234,7 +234,8 @@ class PinnedPool:
         if not (isinstance(slot, int) and 0 <= slot < self.num_slots):
             raise KVortexError(f"pool {self.name!r}: slot {slot!r} is not in [0, {self.num_slots})")
         if not self._in_use[slot] or slot in seen:
-            raise KVortexError(f"pool {self.name!r}: double free of slot {slot}; "
+            what = "is freed twice in one call" if slot in seen else "is not allocated (freed already, or never allocated)"
+            raise KVortexError(f"pool {self.name!r}: slot {slot} {what}; "
                                "each allocate() must be matched by exactly one free()")
 
     def free_many(self, slots: Any) -> None:

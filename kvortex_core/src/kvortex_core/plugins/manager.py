@@ -7,7 +7,6 @@ Environment switches:
 
 from __future__ import annotations
 
-import difflib
 import importlib.metadata
 import importlib.util
 import logging
@@ -166,8 +165,9 @@ class PluginManager:
         backends = self.backends()
         if name not in backends:
             valid = ", ".join(sorted(backends)) or "(none: is kvortex-backends installed?)"
-            close = difflib.get_close_matches(name, list(backends), n=1, cutoff=0.6)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            from kvortex_core.config.messages import did_you_mean
+
+            hint = did_you_mean(name, list(backends))
             if name in _BUILTIN_BACKENDS:
                 hint = f" (it comes with kvortex-backends: {_BUILTIN_BACKENDS[name]})"
             raise PluginError(f"unknown backend type {name!r}{hint}; registered backends: {valid}")
