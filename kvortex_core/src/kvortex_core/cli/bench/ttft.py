@@ -67,6 +67,7 @@ def ttft_cmd(
     """TTFT: prefill vs KV load from each tier, with the loaded KV verified."""
     from kvortex_core.cli.bench.common import missing_packages
 
+    wanted = set(parse_choices(tiers, "--tiers", TTFT_TIERS))  # the arguments first, then the packages
     if missing_packages("transformers"):  # the model is built with it
         raise typer.BadParameter("kvortex bench ttft builds its Llama-shaped model with transformers, "
                                  "which is not installed: pip install transformers", param_hint="ttft")
@@ -74,7 +75,6 @@ def ttft_cmd(
 
     from kvortex_core.cli.bench import ttft_harness as h
 
-    wanted = set(parse_choices(tiers, "--tiers", TTFT_TIERS))  # before anything is allocated
     device = torch.device("cuda" if torch.cuda.is_available() and not tiny else "cpu")
     if device.type == "cpu" and not tiny:
         typer.echo("[ttft] no CUDA device: the full model shape runs on the CPU, which takes minutes "
