@@ -422,3 +422,91 @@ def test_a_timed_out_fetch_never_lets_its_late_bytes_into_another_chunk(
     assert_kv(h, "D", victim, 2 * CHUNK)  # its own KV (recomputed), never A's late bytes
     assert h.workers[0].connector.worker_side.stats.snapshot().counter("save_skipped_slot_busy", "cpu") > 0
     h.close()
+
+
+@pytest.mark.parametrize(("tp", "bad_rank"), [(1, 0), (2, 1)])
+@pytest.mark.parametrize("below", [False, True])
+def test_chunks_computed_over_a_failed_load_are_never_served(
+    tmp_path: Path, tp: int, bad_rank: int, below: bool
+) -> None:
+    """B shares chunks 0-1 with A; chunk 1's slot is lost on one rank, so B's load of it fails
+    while the same step computes B's chunks 2-3 over that chunk's garbage blocks (wrong KV, on
+    every rank: attention reads the context, TP all-reduces). vLLM recomputes them, but the
+    connector had saved them in that step and kept them (their keys were indexed, and written
+    behind), so C, the same prompt, loaded them. Found by a red-team fuzzer (context-sensitive
+    model, slot corruption)."""
+    extra = tiers(tmp_path, cpu="1MiB") if below else {"tiers": {"cpu": {"type": "cpu", "capacity": "1MiB"}}}
+    h = build(tmp_path, extra, tp=tp, context=True)
+    a = prompt(11, 100)
+    h.add("A", a)
+    h.run()
+    k = h.keys_of(a)
+    h.workers[bad_rank].connector.worker_side.pool.view(h.slot_of(k[1]))[:8].zero_()  # lost on one rank
+    b = a[:2 * CHUNK] + prompt(12, 70)
+    h.scrub()  # B's blocks hold no leftover of A: a failed load leaves garbage there
+    h.add("B", b)
+    h.step()  # B's load of chunk 1 fails on one rank; its chunks 2-3 are computed over it
+    if below:
+        drain(h)  # what the other rank saved of them is written behind before anything else
+    h.run()
+    assert h.tainted, "B's first forward ran over the failed chunk's blocks"
+    assert "B" in h.finished
+    if below:
+        drain(h)
+        evict_from_cpu(h, h.connector.scheduler_side.geometry.num_slots)  # C must read them from disk
+    h.scrub()
+    c = b[:4 * CHUNK + 1]
+    if below:
+        run_async_load(h, "C", c)
+    else:
+        h.add("C", c)
+    h.run()
+    assert "C" in h.finished
+    assert_kv(h, "C", c, 4 * CHUNK)
+    h.close()
+
+
+def test_a_chunk_gone_below_after_a_restart_is_promised_once(tmp_path: Path) -> None:
+    """Engine 2 indexes the disk that engine 1 left; chunk 0's file is then deleted. B's async
+    load of it fails; the scheduler kept answering from its start-up view of the disk, vLLM asked
+    again and B waited for ever (~1,500 failed loads in 3,000 steps). Now one failure, then B is
+    recomputed."""
+    a = prompt(13, 80)
+    first = build(tmp_path, tiers(tmp_path))
+    first.add("A", a)
+    first.run()
+    drain(first)
+    first.close()
+    h = build(tmp_path, tiers(tmp_path))
+    k0 = h.keys_of(a)[0].hex()
+    files = [p for p in (tmp_path / "disk").rglob("*.kv") if p.name.startswith(k0)]
+    assert files
+    for p in files:
+        p.unlink()
+    h.add("B", a[:70])
+    for _ in range(300):
+        h.step()
+        if "B" in h.finished:
+            break
+    assert "B" in h.finished, "B was promised the lost chunk again and again"
+    assert sum("B" in s.finished_recving for s in h.history) <= 2
+    assert_kv(h, "B", a, 2 * CHUNK)
+    h.close()
+
+
+def test_a_restarted_tp2_engine_finds_what_every_rank_left_on_disk(tmp_path: Path) -> None:
+    """The scheduler opened the disk tier as rank 0 only: rank 1's files (under r1/) were never
+    in its view, a chunk counts only when every rank has it, so after a restart with TP 2
+    nothing on disk was ever a hit."""
+    a = prompt(14, 80)
+    extra = tiers(tmp_path, cpu="256KiB")
+    first = build(tmp_path, extra, tp=2)
+    first.add("A", a)
+    first.run()
+    drain(first)
+    first.close()
+    h = build(tmp_path, extra, tp=2)
+    hist = run_async_load(h, "B", a[:70])
+    assert hist[-1].computed_before["B"] == 2 * CHUNK
+    assert_kv(h, "B", a, 2 * CHUNK)
+    h.close()

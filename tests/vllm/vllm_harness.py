@@ -186,6 +186,12 @@ class Harness:
     computed_positions: dict[str, list[int]] = field(default_factory=dict)
     _sent: dict[str, int] = field(default_factory=dict)
     _recvd: dict[str, int] = field(default_factory=dict)
+    #: A context-sensitive fake model (``build(context=True)``): a forward whose context (the
+    #: positions it did not compute this step) holds wrong KV on any rank writes wrong KV on
+    #: every rank, as a real transformer does (attention reads the context; TP all-reduces).
+    context: bool = False
+    #: (step, request) pairs whose forward ran over wrong context (context mode).
+    tainted: list[tuple[int, str]] = field(default_factory=list)
 
     @property
     def connector(self) -> KVortexConnector:
@@ -264,6 +270,8 @@ class Harness:
         computed = self._computed_before(out)
         meta = out.kv_connector_metadata
         invalid: set[int] = set()
+        if self.context:
+            return self._run_workers_in_context(out, computed)
         for w in self.workers:
             c = w.connector
             if out.preempted_req_ids:
@@ -290,6 +298,56 @@ class Harness:
         recvd = self._complete(self._recvd)
         return (KVConnectorOutput(finished_sending=sent or None, finished_recving=recvd or None,
                                   invalid_block_ids=invalid), len(plan.loads), len(plan.saves))
+
+    def _run_workers_in_context(self, out: Any, computed: dict[str, int]) -> tuple[KVConnectorOutput, int, int]:
+        """As ``_run_workers``, every rank's loads and forward first, then the context check,
+        then every rank's saves (each layer is still saved after it was computed)."""
+        meta = out.kv_connector_metadata
+        invalid: set[int] = set()
+        for w in self.workers:
+            c = w.connector
+            if out.preempted_req_ids:
+                c.handle_preemptions(_preemption_arg(out, meta))
+            c.bind_connector_metadata(meta)
+            c.start_load_kv(None)
+            for li, name in enumerate(w.caches):
+                c.wait_for_layer_load(name)
+                self._compute_layer(w, li, out, computed)
+        for r, n in out.num_scheduled_tokens.items():
+            ctx = range(computed[r])
+            if ctx and not all(torch.equal(self.kv_of(r, ctx, w), self.expected_of(self.tokens[r], ctx, w))
+                               for w in self.workers):
+                self.tainted.append((len(self.history), r))
+                for w in self.workers:
+                    self._poison(w, r, range(computed[r], computed[r] + n))
+        for w in self.workers:
+            c = w.connector
+            for name in w.caches:
+                c.save_kv_layer(name, w.caches[name], None)
+            c.wait_for_save()
+            done_sending, done_recving = c.get_finished(set(out.finished_req_ids))
+            for r in done_sending or ():
+                self._sent[r] = self._sent.get(r, 0) + 1
+            for r in done_recving or ():
+                self._recvd[r] = self._recvd.get(r, 0) + 1
+            invalid |= c.get_block_ids_with_load_errors()
+            c.clear_connector_metadata()
+        for r, n in out.num_scheduled_tokens.items():
+            self.computed_positions.setdefault(r, []).extend(range(computed[r], computed[r] + n))
+        sent = self._complete(self._sent)
+        recvd = self._complete(self._recvd)
+        return (KVConnectorOutput(finished_sending=sent or None, finished_recving=recvd or None,
+                                  invalid_block_ids=invalid), len(meta.plan.loads), len(meta.plan.saves))
+
+    def _poison(self, w: Worker, req_id: str, positions: range) -> None:
+        """What a forward over wrong context writes: the expected KV of each position, shifted."""
+        toks = self.tokens[req_id]
+        for layer in range(L):
+            for pos in positions:
+                k, v = self.expected_kv(toks[pos], pos, layer, w)
+                k, v = (k + 1000, v + 1000) if k.dtype.is_floating_point else (k ^ 0x55, v ^ 0x55)
+                block, off = self.blocks[req_id][pos // BLOCK], pos % BLOCK
+                w.write(layer, block, off, k, v)
 
     def _complete(self, counts: dict[str, int]) -> set[str]:
         done = {r for r, n in counts.items() if n >= len(self.workers)}
@@ -373,7 +431,7 @@ def close_all() -> None:
 
 def build(tmp: Path, extra: dict[str, Any] | None = None, *, tp: int = 1, num_blocks: int = 64,
           prefix_caching: bool = False, max_batched: int = 512, order: str = "LBNHC",
-          cache_dtype: str = "auto") -> Harness:
+          cache_dtype: str = "auto", context: bool = False) -> Harness:
     """A scheduler with the connector (through kv_connector_module_path) and ``tp`` worker ranks.
 
     ``cache_dtype``: vLLM's ``--kv-cache-dtype``; ``fp8``/``fp8_e4m3``/``fp8_e5m2`` caches are
@@ -397,7 +455,7 @@ def build(tmp: Path, extra: dict[str, Any] | None = None, *, tp: int = 1, num_bl
         conn.register_kv_caches(caches)
         workers.append(Worker(conn, caches, write, read, heads, rank))
     fp8 = torch.float8_e5m2 if cache_dtype == "fp8_e5m2" else torch.float8_e4m3fn
-    harness = Harness(scheduler, workers, vc, kind, kv_dtype, fp8)
+    harness = Harness(scheduler, workers, vc, kind, kv_dtype, fp8, context=context)
     BUILT.append(harness)
     return harness
 

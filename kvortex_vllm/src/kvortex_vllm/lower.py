@@ -44,8 +44,13 @@ def has_lower_tiers(config: KVortexConfig) -> bool:
 
 
 def open_tiers(config: KVortexConfig, namespace: bytes, payload_shape: tuple[int, ...], dtype: torch.dtype,
-               pool: PinnedPool, *, rank: int, world_size: int, stats: Stats | None = None) -> TierManager:
-    """A TierManager over ``pool`` with every configured lower tier opened (failures isolated)."""
+               pool: PinnedPool, *, rank: int, world_size: int, stats: Stats | None = None,
+               every_rank: bool = False) -> TierManager:
+    """A TierManager over ``pool`` with every configured lower tier opened (failures isolated).
+
+    ``every_rank`` (the scheduler): a local tier (disk: one directory per rank) is opened once
+    per rank, as ``<name>@r<rank>`` beyond rank 0, so its view holds every rank's chunks.
+    """
     names = config.tier_names
     mgr = TierManager(config=config, namespace=namespace, payload_shape=payload_shape, dtype=dtype,
                       stats=stats or Stats(), pool=pool, cpu_name=names[0])
@@ -54,7 +59,12 @@ def open_tiers(config: KVortexConfig, namespace: bytes, payload_shape: tuple[int
     try:
         for name in names[1:]:
             cap = per_rank_capacity(int(config.tiers[name].capacity), ranks)
-            mgr.add_tier(name, plugins, cap, rank=rank, world_size=world_size)
+            tier = mgr.add_tier(name, plugins, cap, rank=rank, world_size=world_size)
+            if every_rank and tier.remote is None:
+                for other in range(world_size):
+                    if other != rank:
+                        mgr.add_tier(name, plugins, cap, rank=other, world_size=world_size,
+                                     label=f"{name}@r{other}")
     except BaseException:
         mgr.close()
         raise
@@ -100,6 +110,35 @@ class WorkerTiers:
                 self._late[slot] = left
             else:
                 self._late.pop(slot, None)
+
+    def drop(self, keys: list[bytes]) -> None:
+        """Delete these rank keys from every lower tier (bad bytes that were written behind).
+
+        Waits a moment for the deletes (a put of the same key queued later must not find the
+        old entry and skip); a put already in flight deletes what it wrote once it sees the
+        entry gone. A slow tier is not waited for: the step goes on.
+        """
+        mgr = self.mgr
+
+        async def run() -> None:
+            for tier in mgr.tiers:
+                tier.index.remove(keys)
+                if tier.remote is not None:
+                    tier.remote.record(keys, [False] * len(keys))
+                if not tier.available:
+                    continue
+                try:
+                    await tier.call("delete", tier.backend.delete([k.hex() for k in keys]))
+                except TierUnavailable:
+                    pass  # a later scan or the store's expiry reclaims it; the index forgot it
+
+        future = mgr.loop.submit(run())
+        try:
+            future.result(timeout=min(mgr.config.timeouts.backend_op_s, 0.25))
+        except concurrent.futures.TimeoutError:
+            log.warning("rank %d: deleting %d chunk(s) from the lower tiers is still running", self.rank, len(keys))
+        except Exception:
+            log.exception("rank %d: deleting %d chunk(s) from the lower tiers failed", self.rank, len(keys))
 
     def write_behind(self, slot: int, key: bytes) -> None:
         """Queue the sealed slot (its rank key is ``key``) to the write-behind tiers."""
@@ -192,8 +231,16 @@ class SchedulerTiers:
             self.written.popitem(last=False)
 
     def forget(self, keys: Sequence[bytes]) -> None:
+        """A load of these chunks failed (or they were dropped): promise none of them again until
+        they are written anew (a file deleted below stayed in the start-up view for ever)."""
         for k in keys:
             self.written.pop(k, None)
+        for rank in range(self.tp_size):
+            rk = rank_keys(keys, rank)
+            for tier in self.mgr.tiers:
+                tier.index.remove(rk)
+                if tier.remote is not None:
+                    tier.remote.forget(rk)
 
     def present(self, keys: Sequence[bytes]) -> list[bool]:
         """Per key: below on every rank (never waits; shared tiers answer from their cache)."""
@@ -226,6 +273,6 @@ def scheduler_tiers(config: KVortexConfig, namespace: bytes, payload_shape: tupl
         return None
     # The TierManager needs a pool; the scheduler never moves bytes: one small pageable slot.
     pool = PinnedPool(slot_bytes, slot_bytes, pin=False, alignment=128, name="scheduler")
-    mgr = open_tiers(config, namespace, payload_shape, dtype, pool, rank=0, world_size=tp_size)
+    mgr = open_tiers(config, namespace, payload_shape, dtype, pool, rank=0, world_size=tp_size, every_rank=True)
     cap = sum(int(config.tiers[n].capacity) for n in config.tier_names[1:])
     return SchedulerTiers(mgr, tp_size, cap // slot_bytes)

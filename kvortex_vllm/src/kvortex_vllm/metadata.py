@@ -66,9 +66,13 @@ class StepPlan:
     await_saves: frozenset[str] = frozenset()
     #: Requests whose loads vLLM runs asynchronously: reported through finished_recving.
     async_loads: frozenset[str] = frozenset()
+    #: ``(key, slot)`` of chunks saved by a forward that ran over a failed load's blocks (wrong
+    #: KV on every rank): each rank invalidates the slot (-1: none) if it still holds the chunk
+    #: and deletes the chunk from its lower tiers.
+    drop: list[tuple[bytes, int]] = field(default_factory=list)
 
     def is_empty(self) -> bool:
-        return not (self.loads or self.saves or self.preempted or self.await_saves)
+        return not (self.loads or self.saves or self.preempted or self.await_saves or self.drop)
 
 
 @dataclass(frozen=True)

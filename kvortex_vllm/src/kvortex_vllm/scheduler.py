@@ -59,6 +59,9 @@ class _Request:
     preemptions: int = 0
     #: The step whose plan first carries this state (see ``build_plan``'s preempted ids).
     born: int = 0
+    #: Chunks this request's own plans saved (not those found stored): if a load of an earlier
+    #: chunk fails, the forward that computed them read garbage, and they must go.
+    own_saves: set[bytes] = field(default_factory=set)
 
 
 @dataclass
@@ -110,6 +113,8 @@ class SchedulerSide:
         self._recent_loads: dict[int, tuple[str, bytes, int]] = {}
         #: Chunks claimed for saving by the plan being built (released once it is built).
         self._plan_pins: list[PinHandle] = []
+        #: ``(key, slot)`` of chunks computed over a failed load, for the next plan's ``drop``.
+        self._drop: list[tuple[bytes, int]] = []
         self._step = 0
         self._active = active
         #: Folded into every request's keys after a cache reset (random: see ``reset``).
@@ -305,7 +310,9 @@ class SchedulerSide:
                 continue  # preempted and resumed before this plan: this state is the resumed one's
             self._forget(req_id)
         plan = StepPlan(self._step, self.geometry.num_slots, preempted=preempted,
-                        await_saves=frozenset(self._await_saves), async_loads=frozenset(self._async_reqs))
+                        await_saves=frozenset(self._await_saves), async_loads=frozenset(self._async_reqs),
+                        drop=self._drop)
+        self._drop = []
         self._await_saves.clear()
         self._async_reqs.clear()
         for st in self._requests.values():  # async loads ship while their request waits unscheduled
@@ -352,6 +359,7 @@ class SchedulerSide:
                 # it and hand its slot to a second save (one slot, two payloads in one step).
                 self._plan_pins.append(self.index.pin([key], f"save {st.req_id}"))
                 saves.append(SaveSpec(st.req_id, slot, key, tuple(blocks)))
+                st.own_saves.add(key)
                 st.has_saves = True
                 if self.tiers is not None:
                     self.tiers.note_written(key)
@@ -393,16 +401,27 @@ class SchedulerSide:
             if hit is not None:
                 bad.setdefault(hit[0], set()).add(hit[1])
         for req_id, keys in bad.items():
-            removed = self.index.remove(keys)
+            st = self._requests.get(req_id)
+            tainted: list[bytes] = []
+            if st is not None:
+                first = min((st.keys.index(k) for k in keys if k in st.keys), default=len(st.keys))
+                st.saved_upto = min(st.saved_upto, first)
+                # Chunks after the failed one that this request saved were computed by a forward
+                # that attended over the failed chunk's blocks (on every rank: TP all-reduces):
+                # wrong KV. vLLM recomputes them; the copies already stored must go too.
+                tainted = [k for k in st.keys[first + 1:] if k in st.own_saves and k not in keys]
+                st.own_saves.difference_update(tainted)
+            for k in tainted:  # each rank drops its copies (slot -1: no longer in the cpu tier)
+                entry = self.index.get(k)
+                located = entry is not None and entry.location is not None
+                self._drop.append((k, int(entry.location) if located else -1))  # type: ignore[union-attr]
+            removed = self.index.remove([*keys, *tainted])
             self._on_evict(removed)
             if self.tiers is not None:
-                self.tiers.forget(list(keys))
-            st = self._requests.get(req_id)
-            if st is not None:
-                first = min(st.keys.index(k) for k in keys if k in st.keys)
-                st.saved_upto = min(st.saved_upto, first)
-            log.warning("load of %d chunk(s) for request %s failed; they will be recomputed",
-                        len(keys), req_id)
+                self.tiers.forget([*keys, *tainted])
+            log.warning("load of %d chunk(s) for request %s failed; they will be recomputed%s",
+                        len(keys), req_id,
+                        f", and {len(tainted)} chunk(s) it saved after them are dropped" if tainted else "")
 
     def on_loads_finished(self, req_ids: Iterable[str]) -> None:
         """Asynchronous loads the workers completed (or gave up on): their chunks are ordinary now."""

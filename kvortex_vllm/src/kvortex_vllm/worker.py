@@ -35,7 +35,7 @@ from kvortex_core.data.payload import HEADER_BYTES, check_identity, read_header,
 from kvortex_core.data.pool import PinnedPool
 from kvortex_core.data.transfer import TransferEngine, TransferHandle
 from kvortex_core.errors import KVortexError, LayoutError, PayloadError
-from kvortex_core.tiering.counters import SAVE_SKIPPED_SLOT_BUSY
+from kvortex_core.tiering.counters import CHUNKS_DROPPED, SAVE_SKIPPED_SLOT_BUSY
 from kvortex_vllm.lower import WorkerTiers, has_lower_tiers, open_tiers
 from kvortex_vllm.metadata import (
     SLOT_ALIGNMENT,
@@ -100,6 +100,7 @@ class WorkerSide:
         self._req_saves: dict[str, set[int]] = defaultdict(set)  # req -> slots still saving
         self._watch: set[str] = set()  # finished requests awaiting their saves
         self._load_errors: set[int] = set()
+        self._failed_reqs: set[str] = set()  # requests whose load failed this step
         self._async: dict[str, _AsyncLoad] = {}
         self.tiers: WorkerTiers | None = None
         #: KV on the CPU: no streams order a copy after the forward, so transfers complete
@@ -168,6 +169,33 @@ class WorkerSide:
             )
         self._plan = plan
         self._watch |= plan.await_saves
+        self._failed_reqs = set()
+        if plan.drop:
+            self._drop(plan.drop)
+
+    def _drop(self, chunks: list[tuple[bytes, int]]) -> None:
+        """Chunks a forward computed over a failed load's blocks: never load or keep them."""
+        layout = self._layout()
+        shape = layout.chunk_payload_shape(self.config.chunk_tokens)
+        keys = []
+        for key, slot in chunks:
+            rank_key = rank_keys([key], self.rank)[0]
+            keys.append(rank_key)
+            if not 0 <= slot < self._geo().num_slots:
+                continue
+            p = self._pending.get(slot)
+            if p is not None and p.spec.key != key:
+                continue  # the slot holds a newer save already
+            self._finish_save(slot)
+            try:
+                check_identity(read_header(self._pool().view(slot)[:HEADER_BYTES]), key=rank_key,
+                               namespace=self.namespace, shape=shape, dtype=layout.dtype)
+            except PayloadError:
+                continue  # reused or invalidated since
+            self._invalidate(slot)  # also discards a write-behind copy not taken yet
+        self.stats.inc(CHUNKS_DROPPED, len(chunks), self.config.tier_names[0])
+        if self.tiers is not None:
+            self.tiers.drop(keys)
 
     def clear(self) -> None:
         self._plan = None
@@ -268,6 +296,7 @@ class WorkerSide:
         for i, spec in enumerate(specs):
             problem = self._check_slot(spec)
             if problem is not None:
+                self._failed_reqs.add(spec.req_id)
                 failed = specs[i:]
                 for s in failed:
                     self._load_errors.update(s.block_ids[s.skip_blocks:])
@@ -308,6 +337,11 @@ class WorkerSide:
         if plan is None or not plan.saves:
             return
         saves = self._writable(plan.saves)
+        if self._failed_reqs:  # computed over a failed load's blocks: wrong KV, never stored
+            skipped = [s for s in saves if s.req_id in self._failed_reqs]
+            if skipped:
+                saves = [s for s in saves if s.req_id not in self._failed_reqs]
+                self.stats.inc(CHUNKS_DROPPED, len(skipped), self.config.tier_names[0])
         if not saves:
             return
         for spec in saves:

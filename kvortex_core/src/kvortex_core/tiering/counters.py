@@ -9,6 +9,8 @@ WRITE_BEHIND_SKIPPED = "write_behind_skipped"
 SAVE_SKIPPED = "save_skipped_pool_full"
 #: Connector saves not made because a timed-out lower-tier read may still write their slot.
 SAVE_SKIPPED_SLOT_BUSY = "save_skipped_slot_busy"
+#: Connector chunks computed over a failed load's blocks: not saved, or dropped where stored.
+CHUNKS_DROPPED = "chunks_dropped_after_failed_load"
 PROMOTIONS = "promotions"
 DEMOTIONS = "demotions"
 DEMOTIONS_SKIPPED = "demotions_skipped"

@@ -202,16 +202,18 @@ class TierManager(SaveMixin, LoadMixin):
         return mgr
 
     def _add_tier(
-        self, name: str, plugins: PluginManager, capacity: int, rank: int, world_size: int
+        self, name: str, plugins: PluginManager, capacity: int, rank: int, world_size: int,
+        label: str | None = None,
     ) -> None:
         tc = self.config.tiers[name]
+        name, config_name = label or name, name
         info = plugins.backend(tc.type)
         info.check_dependencies()
         context = BackendContext(
             tier=name, namespace=self.namespace.hex(), rank=rank, world_size=world_size
         )
         backend = info.cls(
-            backend_options(self.config, name, plugins), capacity=capacity, context=context
+            backend_options(self.config, config_name, plugins), capacity=capacity, context=context
         )
         ev, cb = self.config.eviction, self.config.circuit_breaker
         position = len(self.tiers)
@@ -343,9 +345,14 @@ class TierManager(SaveMixin, LoadMixin):
         *,
         rank: int = 0,
         world_size: int = 1,
+        label: str | None = None,
     ) -> LowerTier:
-        """Open one configured lower tier (``config.tiers[name]``) with this byte capacity."""
-        self._add_tier(name, plugins, capacity, rank, world_size)
+        """Open one configured lower tier (``config.tiers[name]``) with this byte capacity.
+
+        ``label``: the tier's name in stats and logs when one configured tier is opened more
+        than once (the vLLM scheduler views every rank's directory of a local tier).
+        """
+        self._add_tier(name, plugins, capacity, rank, world_size, label)
         return self.tiers[-1]
 
     async def write_value(self, tier: LowerTier, key: bytes, value: Any) -> bool:
