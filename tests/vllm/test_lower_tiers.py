@@ -510,3 +510,72 @@ def test_a_restarted_tp2_engine_finds_what_every_rank_left_on_disk(tmp_path: Pat
     assert hist[-1].computed_before["B"] == 2 * CHUNK
     assert_kv(h, "B", a, 2 * CHUNK)
     h.close()
+
+
+def test_a_request_sharing_the_failed_blocks_keeps_none_of_its_chunks(tmp_path: Path) -> None:
+    """B loads chunks 0-1 from the connector; in the same step vLLM lets C share those blocks from
+    its prefix cache, and C computes its chunks 2-3 over them. Chunk 1's load fails: C's chunks
+    hold wrong KV. Only the loading request's chunks were dropped; C's were served to D.
+    Found by a red-team probe."""
+    h = build(tmp_path, prefix_caching=True, context=True)
+    side = h.connector.scheduler_side
+    a = prompt(21, 100)
+    h.add("A", a)
+    h.run()
+    assert h.scheduler.reset_prefix_cache()  # vLLM forgets A's blocks; the connector keeps them
+    h.workers[0].connector.worker_side.pool.view(h.slot_of(h.keys_of(a)[1]))[:8].zero_()
+    h.scrub()
+    b, c = a[:2 * CHUNK] + prompt(22, 3), a[:2 * CHUNK] + prompt(23, 70)
+    h.add("B", b)
+    h.add("C", c)
+    h.run()
+    assert any(r == "C" for _, r in h.tainted), "C forward ran over the failed blocks"
+    assert {"B", "C"} <= h.finished
+    assert h.scheduler.reset_prefix_cache()  # D must load from the connector
+    h.scrub()
+    h.add("D", c[:4 * CHUNK + 1])
+    h.run()
+    assert_kv(h, "D", c, 4 * CHUNK)
+    assert not side.index.open_pins()
+    h.close()
+
+
+@pytest.mark.redis
+def test_a_request_whose_async_load_failed_is_scheduled_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, redis_url: str
+) -> None:
+    """vLLM 0.33 keeps a request whose asynchronous load failed among its in-flight prefills and
+    reserves blocks for it against itself at its next asynchronous load, which then never fits:
+    X (and Y behind it) waited for ever. After a failed load the connector offers X only cpu hits.
+    Found by a red-team fuzzer (seed 141)."""
+    from kvortex_vllm import lower
+
+    real_fetch, fails = lower.WorkerTiers._fetch, []
+
+    async def fails_once(self: Any, key: bytes, slot: int) -> bool:
+        if not fails:
+            fails.append(key)
+            return False  # as a read that timed out
+        return await real_fetch(self, key, slot)
+
+    # 10 cpu slots; a shared tier, which still holds the chunk after the failed read
+    cfg = {"tiers": {"cpu": {"type": "cpu", "capacity": "200KiB"},
+                     "redis": {"type": "redis", "capacity": "64MiB", "url": redis_url}}}
+    a = prompt(24, 250)
+    first = build(tmp_path, cfg, num_blocks=24)
+    first.add("A", a)
+    first.run()
+    drain(first)
+    first.close()
+    h = build(tmp_path, cfg, num_blocks=24)
+    monkeypatch.setattr(lower.WorkerTiers, "_fetch", fails_once)
+    h.add("X", a)
+    h.add("Y", prompt(25, 40))
+    for _ in range(400):
+        h.step()
+        if {"X", "Y"} <= h.finished:
+            break
+    assert fails, "the first read from below failed"
+    assert {"X", "Y"} <= h.finished, "X waited for ever after its failed asynchronous load"
+    assert_kv(h, "X", a, 7 * CHUNK)
+    h.close()

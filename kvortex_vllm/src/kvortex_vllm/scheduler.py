@@ -62,6 +62,8 @@ class _Request:
     #: Chunks this request's own plans saved (not those found stored): if a load of an earlier
     #: chunk fails, the forward that computed them read garbage, and they must go.
     own_saves: set[bytes] = field(default_factory=set)
+    #: A load of it failed: only cpu hits from now on (see ``on_load_errors``).
+    no_async: bool = False
 
 
 @dataclass
@@ -218,6 +220,9 @@ class SchedulerSide:
             if self._should_ask_again(st, st.keys[hit]):
                 return None, False
             hit, in_cpu = self.stored_prefix(st.keys[:usable])  # an answer that just arrived counts
+        if st.no_async:  # its load failed once: no lower-tier read for it any more
+            held = num_computed_tokens // self.chunk_tokens  # vLLM holds these itself
+            hit = next((i for i in range(held, hit) if not in_cpu[i]), hit)
         hit = self._fetchable(hit, in_cpu, num_computed_tokens // self.chunk_tokens)
         hit_tokens = hit * self.chunk_tokens
         new = max(hit_tokens - num_computed_tokens, 0)
@@ -394,34 +399,50 @@ class SchedulerSide:
     # ------------------------------------------------------------------ outputs and lifecycle
 
     def on_load_errors(self, block_ids: Iterable[int]) -> None:
-        """Workers could not load these blocks: forget those chunks so they are recomputed and re-saved."""
+        """Workers could not load these blocks: forget those chunks so they are recomputed and
+        re-saved, and drop every chunk a forward computed over them.
+
+        The forward of the failing step read the failed blocks' garbage: the loading request,
+        and any request vLLM let share those blocks from its prefix cache in the same step,
+        computed wrong KV for every chunk after them (on every rank: TP all-reduces). vLLM
+        recomputes those requests from the failed block; their copies saved meanwhile must go.
+        """
+        invalid = set(block_ids)
         bad: dict[str, set[bytes]] = {}
-        for b in block_ids:
+        for b in invalid:
             hit = self._recent_loads.get(b)
             if hit is not None:
                 bad.setdefault(hit[0], set()).add(hit[1])
+        failed = {k for keys in bad.values() for k in keys}
+        tainted: list[bytes] = []
+        for st in self._requests.values():
+            at = next((i for i, b in enumerate(st.block_ids) if b in invalid), None)
+            if at is None:
+                if st.req_id not in bad:
+                    continue
+                at = min((st.keys.index(k) for k in bad[st.req_id] if k in st.keys),
+                         default=len(st.keys)) * self.blocks_per_chunk
+            first = at // self.blocks_per_chunk
+            st.saved_upto = min(st.saved_upto, first)
+            # vLLM 0.33 keeps a request whose asynchronous load failed among its in-flight
+            # prefills and reserves blocks for it against itself at its next asynchronous
+            # load, which then never fits (the request waits for ever): cpu hits only from now.
+            st.no_async = True
+            mine = [k for k in st.keys[first:] if k in st.own_saves and k not in failed]
+            st.own_saves.difference_update(mine)
+            tainted += mine
+            if mine:
+                log.warning("request %s computed %d chunk(s) over a failed load: dropped", st.req_id, len(mine))
+        for k in dict.fromkeys(tainted):  # each rank drops its copies (slot -1: not in the cpu tier)
+            entry = self.index.get(k)
+            located = entry is not None and entry.location is not None
+            self._drop.append((k, int(entry.location) if located else -1))  # type: ignore[union-attr]
+        removed = self.index.remove([*failed, *tainted])
+        self._on_evict(removed)
+        if self.tiers is not None and (failed or tainted):
+            self.tiers.forget([*failed, *tainted])
         for req_id, keys in bad.items():
-            st = self._requests.get(req_id)
-            tainted: list[bytes] = []
-            if st is not None:
-                first = min((st.keys.index(k) for k in keys if k in st.keys), default=len(st.keys))
-                st.saved_upto = min(st.saved_upto, first)
-                # Chunks after the failed one that this request saved were computed by a forward
-                # that attended over the failed chunk's blocks (on every rank: TP all-reduces):
-                # wrong KV. vLLM recomputes them; the copies already stored must go too.
-                tainted = [k for k in st.keys[first + 1:] if k in st.own_saves and k not in keys]
-                st.own_saves.difference_update(tainted)
-            for k in tainted:  # each rank drops its copies (slot -1: no longer in the cpu tier)
-                entry = self.index.get(k)
-                located = entry is not None and entry.location is not None
-                self._drop.append((k, int(entry.location) if located else -1))  # type: ignore[union-attr]
-            removed = self.index.remove([*keys, *tainted])
-            self._on_evict(removed)
-            if self.tiers is not None:
-                self.tiers.forget([*keys, *tainted])
-            log.warning("load of %d chunk(s) for request %s failed; they will be recomputed%s",
-                        len(keys), req_id,
-                        f", and {len(tainted)} chunk(s) it saved after them are dropped" if tainted else "")
+            log.warning("load of %d chunk(s) for request %s failed; they will be recomputed", len(keys), req_id)
 
     def on_loads_finished(self, req_ids: Iterable[str]) -> None:
         """Asynchronous loads the workers completed (or gave up on): their chunks are ordinary now."""
