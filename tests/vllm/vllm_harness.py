@@ -268,48 +268,23 @@ class Harness:
     def _run_workers(self, out: Any) -> tuple[KVConnectorOutput, int, int]:
         self._track_blocks(out)
         computed = self._computed_before(out)
-        meta = out.kv_connector_metadata
-        invalid: set[int] = set()
         if self.context:
             return self._run_workers_in_context(out, computed)
+        invalid: set[int] = set()
         for w in self.workers:
-            c = w.connector
-            if out.preempted_req_ids:
-                c.handle_preemptions(_preemption_arg(out, meta))
-            c.bind_connector_metadata(meta)
-            c.start_load_kv(None)
+            c = self._begin(w, out)
             for li, name in enumerate(w.caches):
                 c.wait_for_layer_load(name)
                 self._compute_layer(w, li, out, computed)
                 c.save_kv_layer(name, w.caches[name], None)
-            c.wait_for_save()
-            done_sending, done_recving = c.get_finished(set(out.finished_req_ids))
-            for r in done_sending or ():
-                self._sent[r] = self._sent.get(r, 0) + 1
-            for r in done_recving or ():
-                self._recvd[r] = self._recvd.get(r, 0) + 1
-            invalid |= c.get_block_ids_with_load_errors()
-            c.clear_connector_metadata()
-        for r, n in out.num_scheduled_tokens.items():
-            self.computed_positions.setdefault(r, []).extend(range(computed[r], computed[r] + n))
-        plan = meta.plan
-        # vLLM's output aggregator: a request is done only once every rank said so (any step).
-        sent = self._complete(self._sent)
-        recvd = self._complete(self._recvd)
-        return (KVConnectorOutput(finished_sending=sent or None, finished_recving=recvd or None,
-                                  invalid_block_ids=invalid), len(plan.loads), len(plan.saves))
+            invalid |= self._end(w, out)
+        return self._output(out, computed, invalid)
 
     def _run_workers_in_context(self, out: Any, computed: dict[str, int]) -> tuple[KVConnectorOutput, int, int]:
         """As ``_run_workers``, every rank's loads and forward first, then the context check,
         then every rank's saves (each layer is still saved after it was computed)."""
-        meta = out.kv_connector_metadata
-        invalid: set[int] = set()
         for w in self.workers:
-            c = w.connector
-            if out.preempted_req_ids:
-                c.handle_preemptions(_preemption_arg(out, meta))
-            c.bind_connector_metadata(meta)
-            c.start_load_kv(None)
+            c = self._begin(w, out)
             for li, name in enumerate(w.caches):
                 c.wait_for_layer_load(name)
                 self._compute_layer(w, li, out, computed)
@@ -320,24 +295,45 @@ class Harness:
                 self.tainted.append((len(self.history), r))
                 for w in self.workers:
                     self._poison(w, r, range(computed[r], computed[r] + n))
+        invalid: set[int] = set()
         for w in self.workers:
-            c = w.connector
             for name in w.caches:
-                c.save_kv_layer(name, w.caches[name], None)
-            c.wait_for_save()
-            done_sending, done_recving = c.get_finished(set(out.finished_req_ids))
-            for r in done_sending or ():
-                self._sent[r] = self._sent.get(r, 0) + 1
-            for r in done_recving or ():
-                self._recvd[r] = self._recvd.get(r, 0) + 1
-            invalid |= c.get_block_ids_with_load_errors()
-            c.clear_connector_metadata()
+                w.connector.save_kv_layer(name, w.caches[name], None)
+            invalid |= self._end(w, out)
+        return self._output(out, computed, invalid)
+
+    def _begin(self, w: Worker, out: Any) -> KVortexConnector:
+        """One rank's step up to its forward: preemptions, the plan, the loads started."""
+        c = w.connector
+        meta = out.kv_connector_metadata
+        if out.preempted_req_ids:
+            c.handle_preemptions(_preemption_arg(out, meta))
+        c.bind_connector_metadata(meta)
+        c.start_load_kv(None)
+        return c
+
+    def _end(self, w: Worker, out: Any) -> set[int]:
+        """One rank's step after its forward; returns the blocks it failed to load."""
+        c = w.connector
+        c.wait_for_save()
+        done_sending, done_recving = c.get_finished(set(out.finished_req_ids))
+        for r in done_sending or ():
+            self._sent[r] = self._sent.get(r, 0) + 1
+        for r in done_recving or ():
+            self._recvd[r] = self._recvd.get(r, 0) + 1
+        invalid = c.get_block_ids_with_load_errors()
+        c.clear_connector_metadata()
+        return invalid
+
+    def _output(self, out: Any, computed: dict[str, int], invalid: set[int]) -> tuple[KVConnectorOutput, int, int]:
         for r, n in out.num_scheduled_tokens.items():
             self.computed_positions.setdefault(r, []).extend(range(computed[r], computed[r] + n))
+        plan = out.kv_connector_metadata.plan
+        # vLLM's output aggregator: a request is done only once every rank said so (any step).
         sent = self._complete(self._sent)
         recvd = self._complete(self._recvd)
         return (KVConnectorOutput(finished_sending=sent or None, finished_recving=recvd or None,
-                                  invalid_block_ids=invalid), len(meta.plan.loads), len(meta.plan.saves))
+                                  invalid_block_ids=invalid), len(plan.loads), len(plan.saves))
 
     def _poison(self, w: Worker, req_id: str, positions: range) -> None:
         """What a forward over wrong context writes: the expected KV of each position, shifted."""
