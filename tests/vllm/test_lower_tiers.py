@@ -579,3 +579,42 @@ def test_a_request_whose_async_load_failed_is_scheduled_again(
     assert {"X", "Y"} <= h.finished, "X waited for ever after its failed asynchronous load"
     assert_kv(h, "X", a, 7 * CHUNK)
     h.close()
+
+
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("tp", [1, 2])
+def test_blocks_a_failed_load_left_are_never_cached_after_its_request_is_aborted(
+    tmp_path: Path, shared: bool, tp: int
+) -> None:
+    """vLLM 0.33 recovers from a failed load by letting the loading request recompute the failed
+    blocks: it keeps them in its prefix cache and as computed for requests sharing them. B is
+    aborted first, so C computes over garbage blocks from vLLM's prefix cache (``shared``: C
+    shared them in B's step; else C arrives later with B's prompt). That is vLLM's to fix; the
+    connector cached what C computed, and D (C's prompt, vLLM's prefix cache reset) loaded it.
+    Found by a red-team fuzzer (seeds 2042, 2047, 2088)."""
+    h = build(tmp_path, prefix_caching=True, context=True, tp=tp)
+    a = prompt(31, 100)
+    h.add("A", a)
+    h.run()
+    assert h.scheduler.reset_prefix_cache()
+    h.workers[-1].connector.worker_side.pool.view(h.slot_of(h.keys_of(a)[0 if shared else 1]))[:8].zero_()
+    h.scrub()
+    b = a[:2 * CHUNK] + prompt(32, 3 if shared else 70)
+    c = a[:2 * CHUNK] + prompt(33, 70) if shared else list(b)
+    h.add("B", b, max_tokens=5)
+    if shared:
+        h.add("C", c)
+    h.step()  # B's load fails; vLLM keeps the failed blocks for B to recompute
+    h.abort("B")
+    if not shared:
+        h.run()
+        h.add("C", c)
+    h.run()
+    assert "C" in h.finished
+    assert h.scheduler.reset_prefix_cache()  # D reads only what the connector kept
+    h.scrub()
+    h.add("D", c[:4 * CHUNK + 1])
+    h.run()
+    assert_kv(h, "D", c, 4 * CHUNK)
+    assert not h.connector.scheduler_side.index.open_pins()
+    h.close()

@@ -64,6 +64,9 @@ class _Request:
     own_saves: set[bytes] = field(default_factory=set)
     #: A load of it failed: only cpu hits from now on (see ``on_load_errors``).
     no_async: bool = False
+    #: No chunk from this index on is saved: it computed (or holds as computed) a block that a
+    #: failed load left with garbage (see ``_poisoned``).
+    taint_from: int = 1 << 62
 
 
 @dataclass
@@ -117,6 +120,11 @@ class SchedulerSide:
         self._plan_pins: list[PinHandle] = []
         #: ``(key, slot)`` of chunks computed over a failed load, for the next plan's ``drop``.
         self._drop: list[tuple[bytes, int]] = []
+        #: vLLM block ids a failed load left with garbage (and blocks computed over them), until a
+        #: step rewrites them. vLLM 0.33 keeps them in its prefix cache and as computed for the
+        #: requests sharing them, counting on the loading request to recompute them; when that
+        #: request is aborted first, later requests get them as context (found by fuzzing).
+        self._poisoned: set[int] = set()
         self._step = 0
         self._active = active
         #: Folded into every request's keys after a cache reset (random: see ``reset``).
@@ -327,6 +335,7 @@ class SchedulerSide:
                     self._recent_loads[b] = (st.req_id, spec.key, self._step)
             st.pending_loads = []
         try:
+            scheduled = []
             for req_id, new_blocks, replace, computed in compat.scheduled_requests(out):
                 st = self._requests.get(req_id)
                 if st is None:
@@ -335,7 +344,10 @@ class SchedulerSide:
                     st.block_ids = list(new_blocks)
                 else:
                     st.block_ids.extend(new_blocks)
-                done = computed + out.num_scheduled_tokens.get(req_id, 0)
+                scheduled.append((st, computed, computed + out.num_scheduled_tokens.get(req_id, 0)))
+            if self._poisoned:
+                self._check_poisoned(scheduled)
+            for st, _, done in scheduled:
                 plan.saves.extend(self._plan_saves(st, done))
         finally:
             for pin in self._plan_pins:
@@ -343,11 +355,25 @@ class SchedulerSide:
             self._plan_pins.clear()
         return plan
 
+    def _check_poisoned(self, scheduled: list[tuple[_Request, int, int]]) -> None:
+        """Blocks this step rewrites are clean again; a request whose context (blocks it holds
+        as computed) includes a poisoned one saves nothing from that chunk on."""
+        bs = self.block_size
+        for st, computed, done in scheduled:  # first: what this forward writes anew
+            self._poisoned.difference_update(st.block_ids[-(-computed // bs):-(-done // bs)])
+        for st, computed, _ in scheduled:
+            at = next((i for i, b in enumerate(st.block_ids[:-(-computed // bs)]) if b in self._poisoned), None)
+            if at is not None and at // self.blocks_per_chunk < st.taint_from:
+                st.taint_from = at // self.blocks_per_chunk
+                log.warning("request %s holds KV blocks a failed load left unrecomputed: its chunks from "
+                            "%d on are not cached", st.req_id, st.taint_from)
+
     def _plan_saves(self, st: _Request, computed: int) -> list[SaveSpec]:
         """Save every prompt chunk that is fully computed after this step and not yet stored."""
         full = 0 if st.stale else min(min(computed, len(st.prompt)) // self.chunk_tokens, len(st.keys))
         bpc = self.blocks_per_chunk
         saves: list[SaveSpec] = []
+        full = min(full, st.taint_from)
         while st.saved_upto < full:
             i = st.saved_upto
             blocks = st.block_ids[i * bpc : (i + 1) * bpc]
@@ -424,6 +450,7 @@ class SchedulerSide:
                          default=len(st.keys)) * self.blocks_per_chunk
             first = at // self.blocks_per_chunk
             st.saved_upto = min(st.saved_upto, first)
+            self._poisoned.update(st.block_ids[at:])  # garbage, and what was computed over it
             # vLLM 0.33 keeps a request whose asynchronous load failed among its in-flight
             # prefills and reserves blocks for it against itself at its next asynchronous
             # load, which then never fits (the request waits for ever): cpu hits only from now.
