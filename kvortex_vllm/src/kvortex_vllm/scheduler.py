@@ -346,7 +346,7 @@ class SchedulerSide:
                     st.block_ids.extend(new_blocks)
                 scheduled.append((st, computed, computed + out.num_scheduled_tokens.get(req_id, 0)))
             if self._poisoned:
-                self._check_poisoned(scheduled)
+                self._check_poisoned(scheduled, plan.loads)
             for st, _, done in scheduled:
                 plan.saves.extend(self._plan_saves(st, done))
         finally:
@@ -355,10 +355,13 @@ class SchedulerSide:
             self._plan_pins.clear()
         return plan
 
-    def _check_poisoned(self, scheduled: list[tuple[_Request, int, int]]) -> None:
-        """Blocks this step rewrites are clean again; a request whose context (blocks it holds
-        as computed) includes a poisoned one saves nothing from that chunk on."""
+    def _check_poisoned(self, scheduled: list[tuple[_Request, int, int]], loads: list[LoadSpec]) -> None:
+        """Blocks this step rewrites (computes, or loads: a load that fails poisons them again)
+        are clean again; a request whose context (blocks it holds as computed) includes a
+        poisoned one saves nothing from that chunk on."""
         bs = self.block_size
+        for spec in loads:
+            self._poisoned.difference_update(spec.block_ids[spec.skip_blocks:])
         for st, computed, done in scheduled:  # first: what this forward writes anew
             self._poisoned.difference_update(st.block_ids[-(-computed // bs):-(-done // bs)])
         for st, computed, _ in scheduled:
