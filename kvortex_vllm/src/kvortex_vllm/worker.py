@@ -178,10 +178,12 @@ class WorkerSide:
         layout = self._layout()
         shape = layout.chunk_payload_shape(self.config.chunk_tokens)
         keys = []
+        dropped = 0  # this rank's copies: a slot invalidated, or a chunk only below
         for key, slot in chunks:
             rank_key = rank_keys([key], self.rank)[0]
             keys.append(rank_key)
             if not 0 <= slot < self._geo().num_slots:
+                dropped += 1
                 continue
             p = self._pending.get(slot)
             if p is not None and p.spec.key != key:
@@ -193,7 +195,9 @@ class WorkerSide:
             except PayloadError:
                 continue  # reused or invalidated since
             self._invalidate(slot)  # also discards a write-behind copy not taken yet
-        self.stats.inc(CHUNKS_DROPPED, len(chunks), self.config.tier_names[0])
+            dropped += 1
+        if dropped:  # the rank that skipped these saves counted them then
+            self.stats.inc(CHUNKS_DROPPED, dropped, self.config.tier_names[0])
         if self.tiers is not None:
             self.tiers.drop(keys)
 
@@ -336,12 +340,7 @@ class WorkerSide:
         plan = self._plan
         if plan is None or not plan.saves:
             return
-        saves = self._writable(plan.saves)
-        if self._failed_reqs:  # computed over a failed load's blocks: wrong KV, never stored
-            skipped = [s for s in saves if s.req_id in self._failed_reqs]
-            if skipped:
-                saves = [s for s in saves if s.req_id not in self._failed_reqs]
-                self.stats.inc(CHUNKS_DROPPED, len(skipped), self.config.tier_names[0])
+        saves = self._storable(plan.saves)
         if not saves:
             return
         for spec in saves:
@@ -360,19 +359,22 @@ class WorkerSide:
             handle.wait(self.config.timeouts.transfer_s)
         self.poll()
 
-    def _writable(self, saves: list[SaveSpec]) -> list[SaveSpec]:
-        """The saves whose slot no timed-out lower-tier read may still write into.
-
-        A skipped save leaves its slot's magic zeroed (once the read ended), so the scheduler's
-        later load of that chunk fails its identity check and is recomputed: never wrong bytes.
-        """
+    def _storable(self, saves: list[SaveSpec]) -> list[SaveSpec]:
+        """The saves this rank makes: none of a request whose load failed this step (its forward
+        read the failed blocks' garbage), none into a slot a timed-out lower-tier read may still
+        write. A skipped save leaves its slot's magic zeroed, so the scheduler's later load of
+        that chunk fails its identity check and is recomputed: never wrong bytes."""
+        cpu = self.config.tier_names[0]
+        if self._failed_reqs:
+            kept = [s for s in saves if s.req_id not in self._failed_reqs]
+            if len(kept) < len(saves):
+                self.stats.inc(CHUNKS_DROPPED, len(saves) - len(kept), cpu)
+            saves = kept
         tiers = self.tiers
-        if tiers is None:
-            return saves
-        busy = {s.slot for s in saves if tiers.busy(s.slot)}
+        busy = {s.slot for s in saves if tiers.busy(s.slot)} if tiers is not None else set()
         if not busy:
             return saves
-        self.stats.inc(SAVE_SKIPPED_SLOT_BUSY, len(busy), self.config.tier_names[0])
+        self.stats.inc(SAVE_SKIPPED_SLOT_BUSY, len(busy), cpu)
         log.warning("rank %d: %d chunk(s) not saved: their slot is still being written by a lower-tier "
                     "read that timed out (timeouts.backend_op_s); a later load of them is recomputed",
                     self.rank, len(busy))
