@@ -40,6 +40,12 @@ def _engine(caches: Any = None, hints: Any = None, **kw: Any) -> tuple[KVortexEn
     return engine, caches, block
 
 
+def _cpu_and_disk(path: Any) -> dict[str, Any]:
+    """An 8 MiB cpu tier over a disk tier in ``path`` that receives every saved chunk."""
+    return {"cpu": {"type": "cpu", "capacity": "8MiB"},
+            "disk": {"type": "disk", "capacity": "64MiB", "path": str(path), "write_through": True}}
+
+
 def _same_blocks(caches: Any, block: Any, src: list[int], dst: list[int], target: Any = None) -> bool:
     target = caches if target is None else target
     return all(torch.equal(block(target, layer, d), block(caches, layer, s))
@@ -587,8 +593,7 @@ def test_an_async_call_racing_close_raises_kvortex_error(op: str, monkeypatch: p
 
 def test_close_lets_accepted_async_saves_finish(tmp_path: Any) -> None:
     """close() (leaving the with-block) runs every save_async it accepted; later calls are refused."""
-    tiers = {"cpu": {"type": "cpu", "capacity": "8MiB"},
-             "disk": {"type": "disk", "capacity": "64MiB", "path": str(tmp_path), "write_through": True}}
+    tiers = _cpu_and_disk(tmp_path)
     caches, hints, _ = ks.flash_attn(L, B, N, H, D, torch.bfloat16)
     prompts = [[p * 1000 + i for i in range(2 * CHUNK)] for p in range(12)]
     with KVortexEngine.create(_config(tiers=tiers)) as engine:
@@ -725,8 +730,7 @@ def test_a_load_racing_a_demotion_into_a_lower_tier_keeps_the_chunk(tmp_path: An
 def test_calls_and_tier_operations_fill_latency_histograms(tmp_path: Any) -> None:
     """docs/observability.md promises kvortex_<op>_seconds histograms: whole save/load calls
     (engine-wide) and each lower-tier operation (per tier). None was recorded before."""
-    tiers = {"cpu": {"type": "cpu", "capacity": "8MiB"},
-             "disk": {"type": "disk", "capacity": "64MiB", "path": str(tmp_path), "write_through": True}}
+    tiers = _cpu_and_disk(tmp_path)
     caches, hints, block = ks.flash_attn(L, B, N, H, D, torch.bfloat16)
     tokens = list(range(500, 500 + 2 * CHUNK))
     with KVortexEngine.create(_config(tiers=tiers)) as first:
@@ -748,8 +752,7 @@ def test_calls_and_tier_operations_fill_latency_histograms(tmp_path: Any) -> Non
 def test_lookup_counts_chunks_per_tier(tmp_path: Any) -> None:
     """kvortex_{lookup,hit,miss}_chunks_total carry a tier label per tier index (documented,
     and only the request-level "" totals were recorded)."""
-    tiers = {"cpu": {"type": "cpu", "capacity": "8MiB"},
-             "disk": {"type": "disk", "capacity": "64MiB", "path": str(tmp_path), "write_through": True}}
+    tiers = _cpu_and_disk(tmp_path)
     caches, hints, _ = ks.flash_attn(L, B, N, H, D, torch.bfloat16)
     tokens = list(range(700, 700 + 2 * CHUNK))
     with KVortexEngine.create(_config(tiers=tiers)) as first:

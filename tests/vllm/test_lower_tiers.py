@@ -73,6 +73,16 @@ def stored_below_only(tmp_path: Path, seed: int, cpu: str = "64KiB") -> tuple[Ha
     return h, side, a
 
 
+def stored_by_an_earlier_engine(tmp_path: Path, extra: dict[str, Any], tokens: list[int], **kw: Any) -> None:
+    """An engine (same model directory: same keys) that saved ``tokens``, wrote them behind and
+    shut down: what a restarted engine finds in the lower tiers."""
+    first = build(tmp_path, extra, **kw)
+    first.add("A", tokens)
+    first.run()
+    drain(first)
+    first.close()
+
+
 def test_chunk_evicted_from_cpu_is_loaded_back_from_disk(tmp_path: Path) -> None:
     h, side, a = stored_below_only(tmp_path, 1)
     assert not any(k in side.index for k in h.keys_of(a)), "A must be gone from the cpu tier"
@@ -89,11 +99,7 @@ def test_chunk_evicted_from_cpu_is_loaded_back_from_disk(tmp_path: Path) -> None
 
 def test_a_new_engine_finds_what_the_last_one_left_on_disk(tmp_path: Path) -> None:
     a = prompt(2, 80)
-    first = build(tmp_path, tiers(tmp_path))  # same model directory: same model id, same keys
-    first.add("A", a)
-    first.run()
-    drain(first)
-    first.close()
+    stored_by_an_earlier_engine(tmp_path, tiers(tmp_path), a)
     h = build(tmp_path, tiers(tmp_path))
     hist = run_async_load(h, "B", a[:70])
     assert hist[-1].computed_before["B"] == 2 * CHUNK
@@ -213,11 +219,7 @@ def test_an_async_hit_never_needs_more_slots_than_can_be_freed(tmp_path: Path) -
     slots: the hit is cut to what fits, so no chunk is planned into a slot that cannot exist
     (it used to get slot -1 and fail, every time)."""
     a = prompt(8, 6 * CHUNK + 1)
-    first = build(tmp_path, tiers(tmp_path, cpu="1MiB"))  # same model: same keys, same disk
-    first.add("A", a)
-    first.run()
-    drain(first)
-    first.close()
+    stored_by_an_earlier_engine(tmp_path, tiers(tmp_path, cpu="1MiB"), a)
     h = build(tmp_path, tiers(tmp_path))
     slots = h.connector.scheduler_side.geometry.num_slots
     assert slots < 6
@@ -472,11 +474,7 @@ def test_a_chunk_gone_below_after_a_restart_is_promised_once(tmp_path: Path) -> 
     again and B waited for ever (~1,500 failed loads in 3,000 steps). Now one failure, then B is
     recomputed."""
     a = prompt(13, 80)
-    first = build(tmp_path, tiers(tmp_path))
-    first.add("A", a)
-    first.run()
-    drain(first)
-    first.close()
+    stored_by_an_earlier_engine(tmp_path, tiers(tmp_path), a)
     h = build(tmp_path, tiers(tmp_path))
     k0 = h.keys_of(a)[0].hex()
     files = [p for p in (tmp_path / "disk").rglob("*.kv") if p.name.startswith(k0)]
@@ -500,11 +498,7 @@ def test_a_restarted_tp2_engine_finds_what_every_rank_left_on_disk(tmp_path: Pat
     nothing on disk was ever a hit."""
     a = prompt(14, 80)
     extra = tiers(tmp_path, cpu="256KiB")
-    first = build(tmp_path, extra, tp=2)
-    first.add("A", a)
-    first.run()
-    drain(first)
-    first.close()
+    stored_by_an_earlier_engine(tmp_path, extra, a, tp=2)
     h = build(tmp_path, extra, tp=2)
     hist = run_async_load(h, "B", a[:70])
     assert hist[-1].computed_before["B"] == 2 * CHUNK
@@ -562,11 +556,7 @@ def test_a_request_whose_async_load_failed_is_scheduled_again(
     cfg = {"tiers": {"cpu": {"type": "cpu", "capacity": "200KiB"},
                      "redis": {"type": "redis", "capacity": "64MiB", "url": redis_url}}}
     a = prompt(24, 250)
-    first = build(tmp_path, cfg, num_blocks=24)
-    first.add("A", a)
-    first.run()
-    drain(first)
-    first.close()
+    stored_by_an_earlier_engine(tmp_path, cfg, a, num_blocks=24)
     h = build(tmp_path, cfg, num_blocks=24)
     monkeypatch.setattr(lower.WorkerTiers, "_fetch", fails_once)
     h.add("X", a)
