@@ -128,3 +128,36 @@ def test_engine_keeps_serving_with_s3_stalling(fault_proxy, s3_bucket) -> None: 
 def _counter(engine: KVortexEngine, name: str) -> int:
     counters = engine.stats()["counters"].get(name, {})
     return int(sum(counters.values())) if isinstance(counters, dict) else int(counters)
+
+
+@pytest.mark.redis
+def test_a_redis_key_holding_a_list_is_a_bad_payload_deleted_not_a_tier_failure(redis_server, key_prefix) -> None:  # type: ignore[no-untyped-def]
+    """Another program's list under a chunk's key (a shared key_prefix): redis answers WRONGTYPE.
+    That is a bad value, not a failing server: counted with the checksum failures, the key is
+    deleted, the breaker stays closed (the breaker's threshold is 2; three such loads), the
+    prompt is a miss, and the other prompts load byte for byte."""
+    import redis
+
+    src, _, block = ks.flash_attn(L, B, N, H, D, torch.bfloat16, seed=5)
+    dst, _, _ = ks.flash_attn(L, B, N, H, D, torch.bfloat16, seed=6)
+    prompts = [list(range(7000 * (i + 1), 7000 * (i + 1) + CHUNK)) for i in range(4)]
+    client = redis.Redis.from_url(redis_server.url)
+    tier = _redis_tier(redis_server, key_prefix)
+    with KVortexEngine.create(_config(tier)) as a, KVortexEngine.create(_config(tier)) as b:
+        a.register_kv_caches(src)
+        b.register_kv_caches(dst)
+        for i, tokens in enumerate(prompts):
+            assert a.save(tokens, [2 * i, 2 * i + 1]) == CHUNK
+        _wait_for(lambda: all(b.lookup(t) == CHUNK for t in prompts), "b seeing a's chunks")
+        foreign = [key_prefix + b.keys(t)[0].hex() for t in prompts[:3]]
+        for name in foreign:
+            client.delete(name)
+            client.rpush(name, b"not a payload")
+        for tokens in prompts[:3]:
+            assert b.load(tokens, [40, 41]) == 0
+        assert not any(client.exists(name) for name in foreign)
+        assert _counter(b, "checksum_failures") == 3 and _counter(b, "tier_errors") == 0
+        assert b._registered().tiers.tier_states()["shared"] == "closed"
+        assert b.load(prompts[3], [50, 51]) == CHUNK
+    for s, d in zip([6, 7], [50, 51], strict=True):
+        assert all(torch.equal(block(dst, layer, d), block(src, layer, s)) for layer in range(L))

@@ -161,6 +161,33 @@ def test_corrupt_fetch_is_reported_and_never_loaded_later(
     h.close()
 
 
+def test_a_disk_value_too_long_for_any_slot_is_deleted_and_recomputed(tmp_path: Path) -> None:
+    """A chunk's disk file grown past what any payload of its key can be (the tier answers
+    BufferTooSmallError, a bad value): the load fails over to recompute, the file is deleted and
+    counted as a bad payload (the tier stays in service), and a later request loads the
+    recomputed chunk byte for byte."""
+    h, _, a = stored_below_only(tmp_path, 3)
+    key1 = h.keys_of(a)[1].hex()
+    files = [p for p in (tmp_path / "disk").rglob("*.kv") if p.name.startswith(key1)]
+    assert files, "chunk 1 was written behind to disk"
+    for p in files:
+        with p.open("ab") as f:
+            f.write(bytes(4 << 20))
+    h.scrub()
+    hist = run_async_load(h, "B", a[:70])
+    assert any(s.invalid_blocks for s in hist), "the unusable chunk's blocks are reported"
+    assert not any(p.exists() for p in files), "the unusable file is deleted"
+    h.run()
+    assert "B" in h.finished
+    assert_kv(h, "B", a, 2 * CHUNK)
+    h.scrub()
+    h.add("C", a[:75])
+    step = h.step()
+    assert step.computed_before.get("C", 0) == 2 * CHUNK
+    assert_kv(h, "C", a, 2 * CHUNK)
+    h.close()
+
+
 def test_one_step_never_plans_two_saves_into_one_slot(tmp_path: Path) -> None:
     """A cpu tier of two slots and three one-chunk requests in one step: a claim must not evict
     a chunk claimed earlier in the same plan (its slot then held two saves, and the requests

@@ -23,7 +23,7 @@ from pydantic import ByteSize, Field, SecretStr, field_validator, model_validato
 
 from kvortex_backends._redis_batch import GetBatcher
 from kvortex_backends.ledger import WriteLedger
-from kvortex_core.errors import BackendError, BackendFullError, BufferTooSmallError
+from kvortex_core.errors import BackendError, BackendFullError, BadValueError, BufferTooSmallError
 from kvortex_core.storage.protocol import (
     BackendContext,
     BackendOptions,
@@ -335,6 +335,9 @@ class RedisBackend(StorageBackend):
                 "allkeys-lru or volatile-lru so Redis evicts old payloads"
             ) from exc
         except rex.ResponseError as exc:
+            if str(exc).startswith("WRONGTYPE"):  # another program's list, hash... under our key
+                raise BadValueError(f"{what}: the key holds a non-string value ({exc}); it is not a "
+                                    "KVortex payload (key_prefix shared with another application?)") from exc
             raise BackendError(f"{what}: {exc}") from exc
         except (TimeoutError, rex.RedisError, rex.RedisClusterException, OSError) as exc:
             raise BackendError(

@@ -11,6 +11,7 @@ from kvortex_core.config import KVortexConfig
 from kvortex_core.errors import (
     BackendError,
     BackendFullError,
+    BadValueError,
     BufferTooSmallError,
     ConfigError,
     KVortexError,
@@ -38,6 +39,7 @@ __all__ = [
     "BackendError",
     "BackendFullError",
     "BackendOptions",
+    "BadValueError",
     "BufferTooSmallError",
     "ConfigError",
     "Health",

@@ -27,8 +27,15 @@ class BackendFullError(BackendError):
     """A put would exceed the backend's capacity."""
 
 
-class BufferTooSmallError(BackendError):
-    """The caller-provided buffer cannot hold the stored value."""
+class BadValueError(BackendError):
+    """The backend answered, but what it holds under the key cannot be that key's payload (of
+    another kind, say a Redis list). The engine counts it as a bad payload, deletes it and reads
+    the next tier; the tier's circuit breaker does not count it as a failure."""
+
+
+class BufferTooSmallError(BadValueError):
+    """The caller-provided buffer cannot hold the stored value (for the engine, whose buffer
+    holds the largest payload a key can have: a bad value)."""
 
 
 class PayloadError(KVortexError):

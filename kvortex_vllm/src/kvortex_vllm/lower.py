@@ -31,7 +31,7 @@ from kvortex_core.control.keys import rank_keys
 from kvortex_core.control.stats import Stats
 from kvortex_core.data import payload as pl
 from kvortex_core.data.pool import PinnedPool, per_rank_capacity
-from kvortex_core.errors import PayloadError
+from kvortex_core.errors import BadValueError, PayloadError
 from kvortex_core.plugins.manager import PluginManager
 from kvortex_core.tiering.manager import TierManager
 from kvortex_core.tiering.tiers import TierUnavailable
@@ -198,6 +198,8 @@ class WorkerTiers:
                     # the slot stays unusable on this rank until it ended (see busy()).
                     self._late_started(slot)
                     return False
+                if isinstance(exc.__cause__, BadValueError):  # not a payload: deleted, as bad bytes
+                    await mgr.reject(tier, key, PayloadError(f"stored value unusable: {exc.__cause__}"))
                 continue
             if n is None:
                 continue

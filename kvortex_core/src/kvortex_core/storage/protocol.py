@@ -12,7 +12,9 @@ Contract (checked by ``kvortex_core.testing.BackendConformance``):
   :class:`~kvortex_core.errors.BackendFullError` and changes nothing.
 - ``get`` copies the value into the caller's writable buffer and returns its length, or
   returns ``None`` when the key is absent; a buffer that is too small raises
-  :class:`~kvortex_core.errors.BufferTooSmallError`. A reader never sees a partial value.
+  :class:`~kvortex_core.errors.BufferTooSmallError`, a value that cannot be a payload at all
+  :class:`~kvortex_core.errors.BadValueError` (the engine deletes both as bad payloads). A reader
+  never sees a partial value.
 - ``contains`` answers for many keys at once, in order.
 - ``delete`` removes the keys that exist and returns how many it removed.
 - ``usage`` reports bytes used by this instance against its capacity.

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from kvortex_core.data import payload as pl
-from kvortex_core.errors import BufferTooSmallError, PayloadError
+from kvortex_core.errors import BadValueError, PayloadError
 from kvortex_core.logs import Throttle, event
 from kvortex_core.tiering.counters import BYTES_READ, CHECKSUM_FAILURES, LOAD_MISSES, PROMOTIONS
 from kvortex_core.tiering.leases import LoadLease
@@ -115,10 +115,12 @@ class LoadMixin(TierState):
             if isinstance(exc.__cause__, TimeoutError):
                 self._quarantined.add(slot)  # the read may still write into it: freed once it ended
                 return GONE
-            if isinstance(exc.__cause__, BufferTooSmallError):
-                # Longer than any value of this key could be (a slot holds header + payload,
-                # and the key fixes the payload's shape): bad bytes, not a passing fault.
-                await self._reject(tier, key, PayloadError(f"stored value too long: {exc.__cause__}"))
+            if isinstance(exc.__cause__, BadValueError):
+                # Longer than any value of this key could be (a slot holds header + payload, and
+                # the key fixes the payload's shape), or not a byte value at all: bad bytes, not a
+                # passing fault. Deleted, then the next tier that holds the chunk is read.
+                await self._reject(tier, key, PayloadError(f"stored value unusable: {exc.__cause__}"))
+                return await self._fetch_below(key, tier, slot, step)
             return MISS
         if n is None:
             if key not in tier.putting:  # a put in flight lands soon: its entry must stay

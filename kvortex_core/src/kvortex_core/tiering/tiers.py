@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from kvortex_core.errors import BackendFullError, BufferTooSmallError
+from kvortex_core.errors import BackendFullError, BadValueError
 from kvortex_core.logs import event
 from kvortex_core.tiering.counters import (
     TIER_CALLS_SKIPPED,
@@ -92,7 +92,7 @@ class LowerTier:
             else:
                 task = asyncio.ensure_future(awaitable)
                 result = await asyncio.wait_for(asyncio.shield(task), timeout or self.op_timeout_s)
-        except (BackendFullError, BufferTooSmallError) as exc:
+        except (BackendFullError, BadValueError) as exc:
             self.breaker.success()  # the tier answered; this value just does not fit
             if isinstance(exc, BackendFullError):
                 self.stats.inc(TIER_WRITES_REFUSED, 1, self.name)
