@@ -765,3 +765,49 @@ def test_lookup_counts_chunks_per_tier(tmp_path: Any) -> None:
     assert counters["lookup_chunks"] == {"": 3, "cpu": 3, "disk": 3}
     assert counters["hit_chunks"] == {"": 2, "cpu": 0, "disk": 2}
     assert counters["miss_chunks"] == {"": 1, "cpu": 3, "disk": 1}
+
+
+@pytest.mark.parametrize("gather", ["auto", "rows", "layers"])
+@pytest.mark.parametrize("made", ["requires_grad", "inference_mode"])
+def test_caches_that_require_grad_or_are_inference_tensors_save_and_load_byte_for_byte(
+        gather: str, made: str) -> None:
+    """KV tensors made under torch.inference_mode() (as a serving engine makes them) or that
+    require grad, registered in or out of inference mode, saved and loaded by calls in and out of
+    it and from the engine's threads (load_async): every plan, byte for byte. The per-layer plan
+    wrote through the caller's tensors (autograd refused the out= kernel; an inference tensor
+    refused the in-place scatter outside inference mode), and tensors the engine made while the
+    caller was in inference mode could not be written by its threads."""
+    def make() -> Any:
+        return ks.flash_attn(L, B, N, H, D, torch.float32, seed=8)
+
+    with torch.inference_mode(made == "inference_mode"):
+        caches, hints, block = make()
+    if made == "requires_grad":
+        caches = [c.requires_grad_() for c in caches]
+    tokens = list(range(300, 300 + 2 * CHUNK))
+    engine = KVortexEngine.create(_config(transfer={"gather": gather}))
+    with engine:
+        with torch.inference_mode(made == "inference_mode"):
+            engine.register_kv_caches(caches, hints)
+            assert engine.save(tokens, list(range(8))) == 2 * CHUNK
+            assert engine.load(tokens, list(range(20, 28))) == 2 * CHUNK
+        assert engine.load_async(tokens, list(range(40, 48))).wait() == 2 * CHUNK
+        assert engine.load(tokens, list(range(60, 68))) == 2 * CHUNK
+    with torch.no_grad():
+        for dst in (20, 40, 60):
+            assert _same_blocks(caches, block, list(range(8)), list(range(dst, dst + 8)))
+
+
+def test_a_read_only_mapping_of_layers_registers_like_a_dict() -> None:
+    """A MappingProxyType (or any Mapping) of name -> tensor: detected and registered as a dict
+    (registration iterated its keys as tensors: AttributeError)."""
+    import types
+
+    caches, hints, block = ks.flash_attn(L, B, N, H, D, torch.bfloat16, seed=9)
+    named = types.MappingProxyType({f"model.layers.{i}.self_attn.attn": c for i, c in enumerate(caches)})
+    engine, _, _ = _engine(named, hints)
+    with engine:
+        tokens = list(range(CHUNK))
+        assert engine.save(tokens, [0, 1, 2, 3]) == CHUNK
+        assert engine.load(tokens, [10, 11, 12, 13]) == CHUNK
+    assert _same_blocks(caches, block, [0, 1, 2, 3], [10, 11, 12, 13])

@@ -215,3 +215,34 @@ def test_a_kv_count_hint_that_disagrees_with_the_shape_is_refused() -> None:
         detect_layout([torch.zeros(2, 8, 16, 2, 8)], {"kv_count": 1})
     assert detect_layout([torch.zeros(2, 8, 16, 2, 8)], {"kv_count": 2}).kv_count == 2
     assert detect_layout([torch.zeros(8, 16, 576)], {"kv_count": 1}).kind == "mla"
+
+
+def test_value_width_hints_are_checked_against_the_tensors() -> None:
+    """head_size_v: with K and V of different widths concatenated, a head_size hint naming the
+    key's width (or the whole vector) is consistent; with kv_count=1 (MLA) or on layouts whose
+    K and V are separate vectors, a head_size_v that the tensors contradict is refused (it was
+    dropped silently: a cache then got another namespace than its twin with the hint)."""
+    unified = [torch.zeros(B, H, N, 16) for _ in range(L)]
+    for head_size in (12, 16):
+        layout = detect_layout(unified, {"head_size_v": 4, "head_size": head_size})
+        assert (layout.kv_count, layout.head_size, layout.head_size_v) == (1, 16, 4)
+    with pytest.raises(LayoutError, match="hint head_size=10 disagrees"):
+        detect_layout(unified, {"head_size_v": 4, "head_size": 10})
+    with pytest.raises(LayoutError, match="kv_count=1 .*head_size_v=4 contradict"):
+        detect_layout(unified, {"kv_count": 1, "head_size_v": 4})
+    assert detect_layout(unified, {"kv_count": 1, "head_size_v": 16}).kv_count == 1
+    flash = [torch.zeros(2, B, N, H, D)]
+    with pytest.raises(LayoutError, match=f"head_size_v=4 disagrees.*separate vectors of one width {D}"):
+        detect_layout(flash, {"head_size_v": 4})
+    assert detect_layout(flash, {"head_size_v": D}).head_size == D
+    with pytest.raises(LayoutError, match="head_size_v=4 disagrees.*one latent vector of width 576"):
+        detect_layout([torch.zeros(B, N, 576)], {"head_size_v": 4})
+
+
+def test_sparse_and_nested_tensors_are_refused_as_kv_caches() -> None:
+    dense = torch.zeros(2, B, N, H, D)
+    with pytest.raises(LayoutError, match=r"kv_caches\[1\] is a sparse_coo tensor; a KV cache is a dense"):
+        detect_layout([dense, dense.clone().to_sparse()])
+    nested = torch.nested.nested_tensor([torch.zeros(N, D), torch.zeros(N + 1, D)])
+    with pytest.raises(LayoutError, match=r"kv_caches\[0\] is a nested tensor"):
+        detect_layout([nested])

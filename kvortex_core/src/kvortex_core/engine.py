@@ -20,7 +20,7 @@ import logging
 import operator
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Self
 
@@ -828,7 +828,7 @@ def _cuda_index(kv_caches: Any) -> int | None:
     import torch
 
     first = kv_caches if isinstance(kv_caches, torch.Tensor) else next(
-        iter(kv_caches.values() if isinstance(kv_caches, dict) else kv_caches))
+        iter(kv_caches.values() if isinstance(kv_caches, Mapping) else kv_caches))
     return first.device.index if first.device.type == "cuda" else None
 
 
@@ -837,6 +837,6 @@ def _shapes(kv_caches: Any) -> list[tuple[Any, ...]]:
 
     if isinstance(kv_caches, torch.Tensor):
         return [tuple(kv_caches.shape)]
-    values = kv_caches.values() if isinstance(kv_caches, dict) else kv_caches
+    values = kv_caches.values() if isinstance(kv_caches, Mapping) else kv_caches
     return [tuple(t.shape) for t in values]
 

@@ -98,6 +98,7 @@ class IdsArena:
     16-token blocks.
     """
 
+    @torch.inference_mode(False)
     def __init__(self, device: torch.device, regions: int = 64, capacity: int = 4096) -> None:
         self.capacity = capacity
         self._device = device
@@ -136,6 +137,7 @@ class IdsArena:
                                                     self._dev[base:base + c * n], c, n)
         return region
 
+    @torch.inference_mode(False)
     def _lend_past(self, ids: list[list[int]], c: int, n: int) -> IdsRegion:
         host = torch.empty(c * n, dtype=torch.int64, pin_memory=True)
         memoryview(host.numpy()).cast("B").cast("q")[:] = flat_ids(ids)

@@ -196,6 +196,13 @@ def ordered_layers(kv_caches: Mapping[Any, Any]) -> list[tuple[Any, Any]]:
 
 def _check_consistent(tensors: list[torch.Tensor]) -> None:
     first = tensors[0]
+    for i, t in enumerate(tensors):
+        if t.layout != torch.strided or t.is_nested:
+            kind = "a nested" if t.is_nested else f"a {str(t.layout).removeprefix('torch.')}"
+            raise LayoutError(
+                f"kv_caches[{i}] is {kind} tensor; a KV cache is a dense (strided) tensor: register "
+                "the engine's KV cache tensors"
+            )
     if first.device.type not in ("cpu", "cuda"):
         raise LayoutError(
             f"KV tensors on device {first.device} cannot be transferred; register the engine's "
@@ -394,10 +401,23 @@ def _split_heads(size: dict[str, int], hints: Mapping[str, Any], shape: tuple[in
         kv_count = size.get("K", 1)
         if kv_count not in (1, 2):
             raise LayoutError(f"the key/value dimension of shape {shape} has size {kv_count}; expected 2")
+        if "head_size_v" in hints and int(hints["head_size_v"]) != size["D"]:
+            raise LayoutError(
+                f"hint head_size_v={hints['head_size_v']} disagrees with the tensors of shape {shape}: "
+                + ("their keys and values are separate vectors of one width "
+                   f"{size['D']}" if kv_count == 2 else f"they hold one latent vector of width {size['D']} (MLA)")
+                + "; drop the hint or fix it"
+            )
         return kv_count, size["D"], None
     c = size["C"]
     kv_count = int(hints.get("kv_count", 2))
     if kv_count == 1:
+        if "head_size_v" in hints and int(hints["head_size_v"]) != c:
+            raise LayoutError(
+                f"hints kv_count=1 (one latent vector per token, MLA) and head_size_v="
+                f"{hints['head_size_v']} contradict each other: an MLA cache has no value half; "
+                "drop head_size_v, or drop kv_count=1 for keys and values concatenated"
+            )
         return 1, c, None
     if c % 2 and "head_size_v" not in hints:
         raise LayoutError(
@@ -423,6 +443,9 @@ def _check_hinted_sizes(layout: KVLayout, hints: Mapping[str, Any]) -> None:
     # (or none: MLA) their shape says it, and a hint that disagrees is a mistake, not a choice
     names = ("block_size", "num_kv_heads", "head_size") + (() if "C" in layout.dims else ("kv_count",))
     for name in names:
+        if (name == "head_size" and layout.head_size_v is not None and name in hints
+                and int(hints[name]) == layout.head_size - layout.head_size_v):
+            continue  # keys and values of different widths travel as one vector: the hint names the key's
         if name in hints and int(hints[name]) != getattr(layout, name):
             raise LayoutError(
                 f"hint {name}={hints[name]} disagrees with the tensors ({name}="

@@ -140,6 +140,12 @@ class PinnedPool:
     def _allocate(self, method: PinMethod) -> tuple[torch.Tensor, torch.Tensor]:
         import torch
 
+        with torch.inference_mode(False):  # slots are written by threads in and out of inference mode
+            return self._allocate_buffer(method)
+
+    def _allocate_buffer(self, method: PinMethod) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
         total = self.num_slots * self.slot_bytes
         try:
             if self.pinned and method == "host_alloc":

@@ -67,28 +67,33 @@ class RowPlan:
     def wide_rows(self) -> torch.Tensor:
         """``[rows, row_bytes / w]`` in the widest dtype ``w`` that divides rows and alignment."""
         if self.wide is None:
-            self.wide = _widen(self.alias)
+            with torch.inference_mode(False):  # written by threads in and out of inference mode
+                self.wide = _widen(self.alias)
         return self.wide
 
     def block_offsets(self, block_size: int, kv_count: int, heads: int) -> torch.Tensor:
         """Row numbers of block 0, every layer, in payload order (computed once, kept on device)."""
         if self._offsets is None:
-            dev = self.base_rows.device
-
-            def ax(t: torch.Tensor, dim: int) -> torch.Tensor:
-                shape = [1] * 6
-                shape[dim] = -1
-                return t.view(shape)
-
-            rows = ax(self.base_rows, 0) + ax(torch.arange(kv_count, device=dev) * self.k_rows, 1)
-            n_tok = 1 if self.tokens_in_row else block_size
-            n_head = 1 if self.heads_in_row else heads
-            if n_tok > 1:
-                rows = rows + ax(torch.arange(n_tok, device=dev) * self.token_rows, 3)
-            if n_head > 1:
-                rows = rows + ax(torch.arange(n_head, device=dev) * self.head_rows, 4)
-            self._offsets = rows.reshape(rows.shape[0] * rows.shape[1], -1).contiguous()  # [L*K, N'H'R']
+            with torch.inference_mode(False):
+                self._offsets = self._block_offsets(block_size, kv_count, heads)
         return self._offsets
+
+    def _block_offsets(self, block_size: int, kv_count: int, heads: int) -> torch.Tensor:
+        dev = self.base_rows.device
+
+        def ax(t: torch.Tensor, dim: int) -> torch.Tensor:
+            shape = [1] * 6
+            shape[dim] = -1
+            return t.view(shape)
+
+        rows = ax(self.base_rows, 0) + ax(torch.arange(kv_count, device=dev) * self.k_rows, 1)
+        n_tok = 1 if self.tokens_in_row else block_size
+        n_head = 1 if self.heads_in_row else heads
+        if n_tok > 1:
+            rows = rows + ax(torch.arange(n_tok, device=dev) * self.token_rows, 3)
+        if n_head > 1:
+            rows = rows + ax(torch.arange(n_head, device=dev) * self.head_rows, 4)
+        return rows.reshape(rows.shape[0] * rows.shape[1], -1).contiguous()  # [L*K, N'H'R']
 
     def call_rows(self, block_ids: torch.Tensor, block_size: int, kv_count: int, heads: int) -> torch.Tensor:
         """Row numbers of whole chunks in payload order: ``[C, L, K, n, N'*H'*R']``.
@@ -144,6 +149,14 @@ def alias_bytes(ptr: int, nbytes: int, device: torch.device) -> torch.Tensor:
 
     array = np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(ptr))
     return torch.from_numpy(array)
+
+
+def raw_alias(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s elements (same shape, strides, dtype) through an alias that owns nothing and carries
+    no autograd or inference-mode state (the caller keeps ``t`` alive)."""
+    extent = sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True)) + 1
+    flat = alias_bytes(t.data_ptr(), extent * t.element_size(), t.device).view(t.dtype)
+    return torch.as_strided(flat, tuple(t.shape), tuple(t.stride()))
 
 
 class _CudaSpan:

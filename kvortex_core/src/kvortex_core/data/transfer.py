@@ -32,7 +32,13 @@ import torch
 
 from kvortex_core.data.ids import IdsArena, IdsRegion
 from kvortex_core.data.layouts import KVLayout, layer_views
-from kvortex_core.data.rows import RowPlan, StridedPlan, build_row_plan, build_strided_plan
+from kvortex_core.data.rows import (
+    RowPlan,
+    StridedPlan,
+    build_row_plan,
+    build_strided_plan,
+    raw_alias,
+)
 from kvortex_core.data.streams import (
     StreamSet,
     TransferTimeoutError,
@@ -235,6 +241,7 @@ class _Direction:
         return latest is None or bool(latest.query())
 
     @functools.cached_property
+    @torch.inference_mode(False)
     def arena(self) -> IdsArena | None:
         """Per-transfer block-id regions (CUDA only; made on first use)."""
         return IdsArena(self.streams.device) if self.streams.cuda else None
@@ -264,6 +271,7 @@ class _Direction:
 class TransferEngine:
     """Moves chunk payloads between the registered KV cache and host buffers."""
 
+    @torch.inference_mode(False)  # tensors made here serve callers in and out of inference mode
     def __init__(
         self,
         kv_caches: Any,
@@ -306,8 +314,10 @@ class TransferEngine:
         if gather == "rows" and self._rows is None:
             raise LayoutError("gather='rows' needs layer strides and offsets that divide into rows of at "
                               "least 16 bytes; use gather='auto'")
-        # Fallback, one kernel per layer: [K, B, N, H, D] per layer, block ids index dim 1.
-        self._views_t = [v.transpose(0, 1) for v in self.views]
+        # Fallback, one kernel per layer: [K, B, N, H, D] per layer, block ids index dim 1. Over
+        # aliases, as the other plans: the caller's tensors may require grad or be inference
+        # tensors, and neither may be written by an out= or in-place kernel outside autograd's rules.
+        self._views_t = [raw_alias(v).transpose(0, 1) for v in self.views]
         self._plans: dict[tuple[Any, ...], list[list[_Unit]]] = {}
         self._stage_views: dict[tuple[int, ...], torch.Tensor] = {}
         self._save = _Direction(self.device, num_streams, half, kernels_second=False)
