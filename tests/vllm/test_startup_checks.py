@@ -174,3 +174,19 @@ def test_an_rswa_cache_is_accepted(tmp_path: Path) -> None:
     kcc = KVCacheConfig(num_blocks=64, kv_cache_tensors=[], kv_cache_groups=[KVCacheGroupSpec(layer_names(2), spec)])
     for role in ROLES:
         KVortexConnector(vllm_config(tmp_path), role, kcc).shutdown()
+
+
+@pytest.mark.parametrize("packed", [{"tokens_per_state": 4}, {"num_head_slots": 2}])
+def test_a_cache_of_compressed_or_packed_states_is_refused(tmp_path: Path, packed: dict[str, Any]) -> None:
+    """vLLM 0.33's sparse MLA (DeepSeek-V4) keeps one state per 4 tokens; packed head slots are
+    not KV heads: a block holds other than one vector per token and head, which every key,
+    slot size and copy of KVortex assumes."""
+    import dataclasses
+
+    from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheGroupSpec, MLAAttentionSpec
+
+    if not {f.name for f in dataclasses.fields(MLAAttentionSpec)} >= set(packed):
+        pytest.skip(f"this vLLM's MLAAttentionSpec has no {', '.join(packed)}")
+    spec = MLAAttentionSpec(block_size=BLOCK, num_kv_heads=1, head_size=576, dtype=DTYPE, **packed)
+    kcc = KVCacheConfig(num_blocks=64, kv_cache_tensors=[], kv_cache_groups=[KVCacheGroupSpec(layer_names(2), spec)])
+    refused_by_both_roles(vllm_config(tmp_path), kcc, f"MLAAttentionSpec\\) stores .*{next(iter(packed))}")

@@ -64,6 +64,14 @@ def check_kv_cache_groups(kv_cache_config: Any) -> None:
         spec = getattr(group, "kv_cache_spec", None)
         specs = list(getattr(spec, "kv_cache_specs", {}).values()) or [spec]  # UniformTypeKVCacheSpecs
         kinds = {type(x).__name__ for x in specs if x is not None}
+        for x in specs:
+            packed = _packed_state(x)
+            if packed:
+                raise ConfigError(
+                    f"this model's KV cache ({type(x).__name__}) stores {packed}, not one vector per "
+                    "token of each KV head, and KVortex keys, sizes and moves KV per token; serve this "
+                    "model without the KVortex connector"
+                )
         if kinds - FULL_SPECS:
             raise ConfigError(
                 f"this model's KV cache is {', '.join(sorted(kinds - FULL_SPECS))}: vLLM frees blocks "
@@ -71,6 +79,21 @@ def check_kv_cache_groups(kv_cache_config: Any) -> None:
                 "stores only full-attention caches; serve with --disable-sliding-window (vLLM then "
                 "keeps every token's KV) or without the KVortex connector"
             )
+
+
+def _packed_state(spec: Any) -> str:
+    """What a vLLM 0.33+ attention spec packs instead of per-token, per-head KV ('' for none):
+    compressed states (``tokens_per_state`` > 1, DeepSeek-V4's sparse MLA), several states per
+    token (a fraction, Whisper's block pooling), head slots that are not the KV heads, or packed
+    state bytes. A block then holds fewer (or more) vectors than tokens."""
+    tps = getattr(spec, "tokens_per_state", 1)
+    if tps != 1:
+        return f"one state per {tps} tokens (tokens_per_state={tps})"
+    if getattr(spec, "num_head_slots", None) is not None:
+        return f"{spec.num_head_slots} packed head slots (num_head_slots)"
+    if getattr(spec, "state_content_bytes", None) is not None:
+        return f"packed states of {spec.state_content_bytes} bytes (state_content_bytes)"
+    return ""
 
 
 def check_parallelism(vllm_config: Any) -> None:
