@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from kvortex_backends.redis import RedisBackend, RedisOptions
-from kvortex_core.errors import BackendError, BackendFullError, BufferTooSmallError
+from kvortex_core.errors import BackendError, BackendFullError, BadValueError, BufferTooSmallError
 from kvortex_core.storage.protocol import BackendContext
 from kvortex_core.testing import BackendConformance, run_scenario
 
@@ -60,16 +60,23 @@ def test_coalesced_gets_keep_per_key_results_and_errors(redis_server, key_prefix
             await b.put(k, v)
         outs = {k: bytearray(len(v)) for k, v in values.items()}
         small = bytearray(10)
+        await b._require().rpush(b._name("listed"), b"x")  # another program's list under a key
         results = await asyncio.gather(
             *(b.get(k, memoryview(o)) for k, o in outs.items()),
             b.get("absent", memoryview(bytearray(10))),
             b.get("c0", memoryview(small)),
+            b.get("listed", memoryview(bytearray(10))),
             return_exceptions=True,
         )
         assert results[:12] == [len(v) for v in values.values()]
         assert all(bytes(outs[k]) == v for k, v in values.items())
         assert results[12] is None
         assert isinstance(results[13], BufferTooSmallError)
+        assert isinstance(results[14], BadValueError) and "'listed'" in str(results[14])
+        assert "WRONGTYPE" in str(results[14]) and not isinstance(results[14], BufferTooSmallError)
+        many = b.get_many(["c1", "listed"], [memoryview(bytearray(2000)), memoryview(bytearray(10))])
+        with pytest.raises(BadValueError, match="get_many 'listed'"):
+            await many
         # A waiter cancelled mid-batch (the engine's timeout) leaves the others intact.
         tasks = [asyncio.ensure_future(b.get(k, memoryview(bytearray(2000)))) for k in values]
         await asyncio.sleep(0)

@@ -301,9 +301,12 @@ class RedisBackend(StorageBackend):
             pipe = self._require().pipeline(transaction=False)
             for key in keys:
                 pipe.get(self._name(key))
-            values = await pipe.execute()
+            values = await pipe.execute(raise_on_error=False)
         result: list[int | None] = []
         for key, value, out in zip(keys, values, outs):
+            if isinstance(value, Exception):  # this key's own error (WRONGTYPE names it)
+                with self._errors("get_many", key):
+                    raise value
             if value is None:
                 self._ledger.forget([key])
                 result.append(None)
