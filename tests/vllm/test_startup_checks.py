@@ -70,6 +70,20 @@ def test_a_sliding_window_cache_is_refused(tmp_path: Path) -> None:
     refused_by_both_roles(vllm_config(tmp_path), kcc, "SlidingWindowSpec.*--disable-sliding-window")
 
 
+def test_a_cache_that_is_neither_full_attention_nor_windowed_is_refused_without_window_advice(
+        tmp_path: Path) -> None:
+    """An encoder-only or cross-attention cache (no prompt prefix to reuse): refused, naming what
+    KVortex does store, without the sliding-window advice that would not apply."""
+    from vllm.v1.kv_cache_interface import CrossAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+
+    spec = CrossAttentionSpec(block_size=BLOCK, num_kv_heads=H_TOTAL, head_size=D, dtype=DTYPE)
+    kcc = KVCacheConfig(num_blocks=64, kv_cache_tensors=[], kv_cache_groups=[KVCacheGroupSpec(layer_names(2), spec)])
+    for role in ROLES:
+        with pytest.raises(ConfigError, match="CrossAttentionSpec, which KVortex does not store") as err:
+            KVortexConnector(vllm_config(tmp_path), role, kcc)
+        assert "sliding-window" not in str(err.value) and "FullAttentionSpec" in str(err.value)
+
+
 @pytest.mark.parametrize("setting", ["pipeline_parallel_size", "decode_context_parallel_size",
                                      "prefill_context_parallel_size"])
 def test_pipeline_and_context_parallelism_are_refused(tmp_path: Path, setting: str) -> None:
@@ -176,9 +190,10 @@ def test_an_rswa_cache_is_accepted(tmp_path: Path) -> None:
         KVortexConnector(vllm_config(tmp_path), role, kcc).shutdown()
 
 
-@pytest.mark.parametrize("packed", [{"tokens_per_state": 4}, {"num_head_slots": 2}])
+@pytest.mark.parametrize("packed", [{"tokens_per_state": 4}, {"num_head_slots": 2}, {"compress_ratio": 4}])
 def test_a_cache_of_compressed_or_packed_states_is_refused(tmp_path: Path, packed: dict[str, Any]) -> None:
-    """vLLM 0.33's sparse MLA (DeepSeek-V4) keeps one state per 4 tokens; packed head slots are
+    """vLLM's sparse MLA (DeepSeek-V4) keeps one state per 4 tokens (0.33: tokens_per_state; 0.2x:
+    compress_ratio); packed head slots are
     not KV heads: a block holds other than one vector per token and head, which every key,
     slot size and copy of KVortex assumes."""
     import dataclasses

@@ -31,6 +31,7 @@ from vllm.config import (
     ParallelConfig,
     SchedulerConfig,
     VllmConfig,
+    set_current_vllm_config,
 )
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 from vllm.sampling_params import SamplingParams
@@ -116,12 +117,45 @@ def allocate_kv(kv_cache_config: KVCacheConfig, heads: int, num_blocks: int,
         return caches, write, read, f"vllm allocate_kv_cache ({layout.name})"
     except (ImportError, AttributeError):
         pass
-    caches, write, read = flash_attn_v015(L, num_blocks, BLOCK, heads, D, dtype)
     from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend
 
+    if len(FlashAttentionBackend.get_kv_cache_shape(num_blocks, BLOCK, heads, D)) == 4:
+        return _allocate_v02x(kv_cache_config, FlashAttentionBackend)
+    caches, write, read = flash_attn_v015(L, num_blocks, BLOCK, heads, D, dtype)
     shape = tuple(FlashAttentionBackend.get_kv_cache_shape(num_blocks, BLOCK, heads, D))
     assert all(tuple(t.shape) == shape for t in caches.values()), (shape, "vLLM's FlashAttention shape")
     return caches, write, read, f"vllm FlashAttentionBackend shape {shape}"
+
+
+class CrossLayerCaches(dict[str, torch.Tensor]):
+    """Per-layer views of one cross-layer tensor, with what vLLM hands the connector for it
+    (``register_cross_layers_kv_cache(tensor, backend)``) instead of the views."""
+
+    cross_layer: tuple[torch.Tensor, Any]
+
+
+def _allocate_v02x(kcc: KVCacheConfig, backend: Any) -> tuple[dict[str, torch.Tensor], Writer, Reader, str]:
+    """vLLM 0.2x (K and V packed per layer, ``[B, H, N, 2D]``, no unified allocator yet): with a
+    connector that prefers cross-layer blocks (ours), the model runner allocates one tensor for
+    every layer through ``allocate_uniform_kv_caches`` and registers it whole; done here by that
+    very function."""
+    from types import SimpleNamespace
+
+    from vllm.config import get_current_vllm_config_or_none
+    from vllm.v1.worker.kv_connector_model_runner_mixin import KVConnectorModelRunnerMixin
+    from vllm_kv_alloc import unified_writer_for
+
+    if get_current_vllm_config_or_none() is None:  # the allocator reads the current config
+        with set_current_vllm_config(VllmConfig()):
+            return _allocate_v02x(kcc, backend)
+    spec = kcc.kv_cache_groups[0].kv_cache_spec
+    group = SimpleNamespace(kv_cache_spec=spec, backend=backend)
+    views, tensor, backend = KVConnectorModelRunnerMixin.allocate_uniform_kv_caches(
+        kcc, [[group]], "auto" if spec.dtype != torch.uint8 else "fp8", torch.device("cpu"), [spec.block_size])
+    caches = CrossLayerCaches(views)
+    caches.cross_layer = (tensor, backend)
+    write, read = unified_writer_for(caches, D)
+    return caches, write, read, f"vllm 0.2x allocate_uniform_kv_caches {tuple(tensor.shape)}"
 
 
 def _block_hasher() -> Any:
@@ -447,8 +481,12 @@ def build(tmp: Path, extra: dict[str, Any] | None = None, *, tp: int = 1, num_bl
         wc = copy.deepcopy(vc)
         wc.parallel_config.rank = rank
         conn = KVortexConnector(wc, KVConnectorRole.WORKER, kcc)
-        caches, write, read, kind = allocate_kv(kcc, heads, num_blocks, order, kv_dtype)
-        conn.register_kv_caches(caches)
+        with set_current_vllm_config(wc):
+            caches, write, read, kind = allocate_kv(kcc, heads, num_blocks, order, kv_dtype)
+        if isinstance(caches, CrossLayerCaches):  # as vLLM 0.2x's model runner registers it
+            conn.register_cross_layers_kv_cache(*caches.cross_layer)
+        else:
+            conn.register_kv_caches(caches)
         workers.append(Worker(conn, caches, write, read, heads, rank))
     fp8 = torch.float8_e5m2 if cache_dtype == "fp8_e5m2" else torch.float8_e4m3fn
     harness = Harness(scheduler, workers, vc, kind, kv_dtype, fp8, context=context)

@@ -158,7 +158,7 @@ class KVortexConnector(KVConnectorBase_V1):
 
     @property
     def prefer_cross_layer_blocks(self) -> bool:
-        """vLLM 0.15-era hook: one allocation for all layers makes a block's layers one span."""
+        """vLLM 0.15-0.2x hook: one allocation for all layers makes a block's layers one span."""
         return True
 
     @property
@@ -177,7 +177,7 @@ class KVortexConnector(KVConnectorBase_V1):
         self.worker_side.register_kv_caches(kv_caches, self._layout_hints, self._check_layout)
 
     def register_cross_layers_kv_cache(self, kv_cache: torch.Tensor, attn_backend: Any = None) -> None:
-        """vLLM 0.15-era hook: one tensor for all layers, physically permuted by the backend."""
+        """vLLM 0.15-0.2x hook: one tensor for all layers, physically permuted by the backend."""
         order = None
         try:
             order = attn_backend.get_kv_cache_stride_order(include_num_layers_dimension=True)

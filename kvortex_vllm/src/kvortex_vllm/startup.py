@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 #: shared null block.
 FULL_SPECS = frozenset({"FullAttentionSpec", "MLAAttentionSpec", "SinkFullAttentionSpec", "RSWASpec"})
 
+#: Caches whose blocks vLLM frees as the attention window moves (the advice: disable the window).
+WINDOWED_SPECS = frozenset({"SlidingWindowSpec", "SlidingWindowMLASpec", "ChunkedLocalAttentionSpec"})
+
 #: Parallel sizes that must be 1, and why (keys name a tensor-parallel rank's share of every
 #: layer and every token).
 _UNSUPPORTED_PARALLELISM = (
@@ -72,23 +75,33 @@ def check_kv_cache_groups(kv_cache_config: Any) -> None:
                     "token of each KV head, and KVortex keys, sizes and moves KV per token; serve this "
                     "model without the KVortex connector"
                 )
-        if kinds - FULL_SPECS:
+        windowed = kinds & WINDOWED_SPECS
+        if windowed:
             raise ConfigError(
-                f"this model's KV cache is {', '.join(sorted(kinds - FULL_SPECS))}: vLLM frees blocks "
+                f"this model's KV cache is {', '.join(sorted(windowed))}: vLLM frees blocks "
                 "that leave the attention window while KVortex may still copy them, so KVortex "
                 "stores only full-attention caches; serve with --disable-sliding-window (vLLM then "
                 "keeps every token's KV) or without the KVortex connector"
             )
+        if kinds - FULL_SPECS:
+            raise ConfigError(
+                f"this model's KV cache is {', '.join(sorted(kinds - FULL_SPECS))}, which KVortex does "
+                f"not store (it stores {', '.join(sorted(FULL_SPECS))}: one K/V vector per token and "
+                "head, every prompt block kept); serve this model without the KVortex connector"
+            )
 
 
 def _packed_state(spec: Any) -> str:
-    """What a vLLM 0.33+ attention spec packs instead of per-token, per-head KV ('' for none):
+    """What a vLLM 0.2x+ attention spec packs instead of per-token, per-head KV ('' for none):
     compressed states (``tokens_per_state`` > 1, DeepSeek-V4's sparse MLA), several states per
     token (a fraction, Whisper's block pooling), head slots that are not the KV heads, or packed
     state bytes. A block then holds fewer (or more) vectors than tokens."""
     tps = getattr(spec, "tokens_per_state", 1)
     if tps != 1:
         return f"one state per {tps} tokens (tokens_per_state={tps})"
+    ratio = getattr(spec, "compress_ratio", 1)  # the same in vLLM 0.2x (DeepSeek-V4)
+    if ratio != 1:
+        return f"one state per {ratio} tokens (compress_ratio={ratio})"
     if getattr(spec, "num_head_slots", None) is not None:
         return f"{spec.num_head_slots} packed head slots (num_head_slots)"
     if getattr(spec, "state_content_bytes", None) is not None:
