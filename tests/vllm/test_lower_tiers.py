@@ -606,6 +606,30 @@ def test_a_request_whose_async_load_failed_is_scheduled_again(
     h.close()
 
 
+def stored_then_corrupted(h: Any, chunk: int) -> list[int]:
+    """A prompt computed and stored, vLLM's prefix cache reset, chunk ``chunk``'s cpu slot
+    corrupted (last rank): its next load fails."""
+    a = prompt(31, 100)
+    h.add("A", a)
+    h.run()
+    assert h.scheduler.reset_prefix_cache()
+    h.workers[-1].connector.worker_side.pool.view(h.slot_of(h.keys_of(a)[chunk]))[:8].zero_()
+    h.scrub()
+    return a
+
+
+def assert_fresh_request_loads_good_kv(h: Any, tokens: list[int]) -> None:
+    """With vLLM's prefix cache reset, a new request over ``tokens`` reads only what the
+    connector kept: its 4 loaded chunks must be the true KV; then nothing stays pinned."""
+    assert h.scheduler.reset_prefix_cache()
+    h.scrub()
+    h.add("D", tokens[:4 * CHUNK + 1])
+    h.run()
+    assert_kv(h, "D", tokens, 4 * CHUNK)
+    assert not h.connector.scheduler_side.index.open_pins()
+    h.close()
+
+
 def test_a_request_preempted_after_its_failed_load_caches_nothing_it_computed_over_the_garbage(
     tmp_path: Path,
 ) -> None:
@@ -623,12 +647,7 @@ def test_a_request_preempted_after_its_failed_load_caches_nothing_it_computed_ov
     if shape is not None and len(shape(4, 16, 1, 8)) == 5:
         pytest.skip("vLLM 0.15: a preemption from outside schedule() breaks its step bookkeeping")
     h = build(tmp_path, prefix_caching=True, context=True)
-    a = prompt(31, 100)
-    h.add("A", a)
-    h.run()
-    assert h.scheduler.reset_prefix_cache()
-    h.workers[-1].connector.worker_side.pool.view(h.slot_of(h.keys_of(a)[0]))[:8].zero_()  # chunk 0 bad
-    h.scrub()
+    a = stored_then_corrupted(h, 0)
     b = a[:3 * CHUNK] + prompt(32, 40)
     h.add("B", b, max_tokens=5)
     h.step()  # B's load of chunk 0 fails (vLLM 0.15 reports it otherwise than through invalid blocks)
@@ -639,13 +658,7 @@ def test_a_request_preempted_after_its_failed_load_caches_nothing_it_computed_ov
         s._preempt_request(req, clock.monotonic())
     h.run()
     assert "B" in h.finished
-    assert s.reset_prefix_cache()  # D reads only what the connector kept
-    h.scrub()
-    h.add("D", b[:4 * CHUNK + 1])
-    h.run()
-    assert_kv(h, "D", b, 4 * CHUNK)
-    assert not h.connector.scheduler_side.index.open_pins()
-    h.close()
+    assert_fresh_request_loads_good_kv(h, b)
 
 
 @pytest.mark.parametrize("shared", [False, True])
@@ -660,12 +673,7 @@ def test_blocks_a_failed_load_left_are_never_cached_after_its_request_is_aborted
     connector cached what C computed, and D (C's prompt, vLLM's prefix cache reset) loaded it.
     Found by a red-team fuzzer (seeds 2042, 2047, 2088)."""
     h = build(tmp_path, prefix_caching=True, context=True, tp=tp)
-    a = prompt(31, 100)
-    h.add("A", a)
-    h.run()
-    assert h.scheduler.reset_prefix_cache()
-    h.workers[-1].connector.worker_side.pool.view(h.slot_of(h.keys_of(a)[0 if shared else 1]))[:8].zero_()
-    h.scrub()
+    a = stored_then_corrupted(h, 0 if shared else 1)
     b = a[:2 * CHUNK] + prompt(32, 3 if shared else 70)
     c = a[:2 * CHUNK] + prompt(33, 70) if shared else list(b)
     h.add("B", b, max_tokens=5)
@@ -678,10 +686,4 @@ def test_blocks_a_failed_load_left_are_never_cached_after_its_request_is_aborted
         h.add("C", c)
     h.run()
     assert "C" in h.finished
-    assert h.scheduler.reset_prefix_cache()  # D reads only what the connector kept
-    h.scrub()
-    h.add("D", c[:4 * CHUNK + 1])
-    h.run()
-    assert_kv(h, "D", c, 4 * CHUNK)
-    assert not h.connector.scheduler_side.index.open_pins()
-    h.close()
+    assert_fresh_request_loads_good_kv(h, c)
