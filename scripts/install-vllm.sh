@@ -30,7 +30,24 @@ if [ -n "$VENV" ]; then
   PY="$VENV/bin/python"
   "$PY" -m pip --version >/dev/null 2>&1 || { echo "install-vllm: no pip in $VENV" >&2; exit 1; }
 fi
-PIP=("$PY" -m pip install --quiet --disable-pip-version-check)
+# pip with retries: the vLLM wheels are hundreds of MB and a download cut midway (seen on CI:
+# urllib3 read errors) should cost a retry, not the run. pip retries connections itself
+# (--retries); a download that breaks after it started is retried here, whole.
+pip_install() {
+  local attempt
+  for attempt in 1 2 3 4; do
+    if "$PY" -m pip install --quiet --disable-pip-version-check --retries 10 --timeout 60 "$@" \
+      2> >(grep -v "^WARNING: Location '.*' is ignored" >&2); then
+      return 0
+    fi
+    [ "$attempt" -lt 4 ] || break
+    echo "install-vllm: pip install $* failed (attempt $attempt of 4); retrying in $((attempt * 20)) s" >&2
+    sleep $((attempt * 20))
+  done
+  echo "install-vllm: pip install $* failed 4 times" >&2
+  return 1
+}
+PIP=(pip_install)
 
 "$PY" -c "import torch" 2>/dev/null || {
   echo "install-vllm: torch is not installed in $PY; install the CPU build first (pip install torch)" >&2
