@@ -18,6 +18,8 @@ pytest.importorskip("vllm")
 
 from vllm_harness import Harness, build
 
+from kvortex_core.tiering.counters import STALE_BLOCKS_REPORTED
+
 pytestmark = pytest.mark.vllm
 
 CHUNK = 32
@@ -630,15 +632,27 @@ def assert_fresh_request_loads_good_kv(h: Any, tokens: list[int]) -> None:
     h.close()
 
 
-def test_a_request_preempted_after_its_failed_load_caches_nothing_it_computed_over_the_garbage(
+def assert_no_output_over_garbage(h: Any) -> None:
+    """Every forward that ran over garbage was rolled back by vLLM (its result discarded, the
+    blocks recomputed). Those after the failing step ran over blocks vLLM handed out again
+    (vLLM 0.26 handles an abort itself; 0.33 does not): the connector counted them."""
+    assert h.tainted, "the scenario made no request compute over a failed load's blocks"
+    assert not h.kept_tainted, f"vLLM kept results computed over garbage (step, request): {h.kept_tainted}"
+    handed_back = [t for t in h.tainted if t[0] > h.tainted[0][0]]
+    reported = h.connector.scheduler_side.stats.snapshot().counter(STALE_BLOCKS_REPORTED, "cpu")
+    assert (reported > 0) == bool(handed_back), (reported, h.tainted)
+
+
+def test_a_request_preempted_after_its_failed_load_recomputes_the_blocks_vllm_hands_back(
     tmp_path: Path,
 ) -> None:
     """vLLM (0.26 and 0.33) hashes a synchronous load's blocks at allocation and, under the
     recompute policy, keeps them in its prefix cache when the load fails, for the loader to
     recompute. Preempted first (memory pressure, or a prefix-cache reset that preempts running
-    requests), the loader is readmitted with its own failed blocks as a prefix-cache hit and
-    computes over garbage: vLLM's to fix (found by fuzzing vLLM 0.26, seed 5053). The connector
-    keeps none of what it computed: D, with vLLM's prefix cache reset, loads only good KV."""
+    requests), the loader is readmitted with its own failed blocks as a prefix-cache hit (found
+    by fuzzing vLLM 0.26, seed 5053). The connector reports those blocks as failed loads in the
+    readmission step, so vLLM discards what B computed over them and recomputes them: no result
+    of B comes from garbage, and nothing computed over it is cached (D loads only good KV)."""
     import time as clock
 
     from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend
@@ -658,6 +672,7 @@ def test_a_request_preempted_after_its_failed_load_caches_nothing_it_computed_ov
         s._preempt_request(req, clock.monotonic())
     h.run()
     assert "B" in h.finished
+    assert_no_output_over_garbage(h)
     assert_fresh_request_loads_good_kv(h, b)
 
 
@@ -668,10 +683,11 @@ def test_blocks_a_failed_load_left_are_never_cached_after_its_request_is_aborted
 ) -> None:
     """vLLM 0.33 recovers from a failed load by letting the loading request recompute the failed
     blocks: it keeps them in its prefix cache and as computed for requests sharing them. B is
-    aborted first, so C computes over garbage blocks from vLLM's prefix cache (``shared``: C
-    shared them in B's step; else C arrives later with B's prompt). That is vLLM's to fix; the
-    connector cached what C computed, and D (C's prompt, vLLM's prefix cache reset) loaded it.
-    Found by a red-team fuzzer (seeds 2042, 2047, 2088)."""
+    aborted first, so vLLM hands C the garbage blocks as computed (``shared``: C shared them in
+    B's step; else C arrives later with B's prompt). Found by a red-team fuzzer (seeds 2042,
+    2047, 2088): the connector cached what C computed, and D (C's prompt, vLLM's prefix cache
+    reset) loaded it. Now the connector reports those blocks as failed loads in C's step, so
+    vLLM discards what C computed over them and recomputes them, and caches none of it."""
     h = build(tmp_path, prefix_caching=True, context=True, tp=tp)
     a = stored_then_corrupted(h, 0 if shared else 1)
     b = a[:2 * CHUNK] + prompt(32, 3 if shared else 70)
@@ -686,4 +702,5 @@ def test_blocks_a_failed_load_left_are_never_cached_after_its_request_is_aborted
         h.add("C", c)
     h.run()
     assert "C" in h.finished
+    assert_no_output_over_garbage(h)
     assert_fresh_request_loads_good_kv(h, c)

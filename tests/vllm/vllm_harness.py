@@ -226,6 +226,9 @@ class Harness:
     context: bool = False
     #: (step, request) pairs whose forward ran over wrong context (context mode).
     tainted: list[tuple[int, str]] = field(default_factory=list)
+    #: Those of them whose result vLLM kept (it did not roll the request back to recompute):
+    #: the request's output is wrong.
+    kept_tainted: list[tuple[int, str]] = field(default_factory=list)
 
     @property
     def connector(self) -> KVortexConnector:
@@ -265,6 +268,11 @@ class Harness:
                                 sampled_token_ids=sampled, logprobs=None, prompt_logprobs_dict={},
                                 pooler_output=[], kv_connector_output=kv_out)
         results = self.scheduler.update_from_output(out, mro)
+        for step_no, r in self.tainted:
+            if step_no == len(self.history):  # this step's: rolled back, or kept?
+                req = self.scheduler.requests.get(r)
+                if req is None or req.num_computed_tokens > computed[r]:
+                    self.kept_tainted.append((step_no, r))
         for eco in results.values():
             for o in eco.outputs:
                 if o.finish_reason is not None:

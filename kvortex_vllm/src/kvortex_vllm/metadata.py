@@ -70,9 +70,13 @@ class StepPlan:
     #: KV on every rank): each rank invalidates the slot (-1: none) if it still holds the chunk
     #: and deletes the chunk from its lower tiers.
     drop: list[tuple[bytes, int]] = field(default_factory=list)
+    #: vLLM block ids a failed load left with garbage that a request scheduled this step holds
+    #: as computed (vLLM's prefix cache handed them out): every rank reports them as failed
+    #: loads this step, so vLLM discards the step's result for that request and recomputes them.
+    stale: frozenset[int] = frozenset()
 
     def is_empty(self) -> bool:
-        return not (self.loads or self.saves or self.preempted or self.await_saves or self.drop)
+        return not (self.loads or self.saves or self.preempted or self.await_saves or self.drop or self.stale)
 
 
 @dataclass(frozen=True)

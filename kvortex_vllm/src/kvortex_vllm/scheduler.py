@@ -25,6 +25,7 @@ from kvortex_core.config import KVortexConfig
 from kvortex_core.control.index import ChunkIndex, IndexEntry, PinHandle
 from kvortex_core.control.keys import ChunkHasher, KeyNamespace, validate_chunk_tokens
 from kvortex_core.control.stats import Stats
+from kvortex_core.tiering.counters import STALE_BLOCKS_REPORTED
 from kvortex_vllm import compat
 from kvortex_vllm.lower import SchedulerTiers
 from kvortex_vllm.metadata import LoadSpec, SaveSpec, SlotGeometry, StepPlan
@@ -346,7 +347,7 @@ class SchedulerSide:
                     st.block_ids.extend(new_blocks)
                 scheduled.append((st, computed, computed + out.num_scheduled_tokens.get(req_id, 0)))
             if self._poisoned:
-                self._check_poisoned(scheduled, plan.loads)
+                plan.stale = self._check_poisoned(scheduled, plan.loads)
             for st, _, done in scheduled:
                 plan.saves.extend(self._plan_saves(st, done))
         finally:
@@ -355,21 +356,32 @@ class SchedulerSide:
             self._plan_pins.clear()
         return plan
 
-    def _check_poisoned(self, scheduled: list[tuple[_Request, int, int]], loads: list[LoadSpec]) -> None:
+    def _check_poisoned(self, scheduled: list[tuple[_Request, int, int]], loads: list[LoadSpec]) -> frozenset[int]:
         """Blocks this step rewrites (computes, or loads: a load that fails poisons them again)
-        are clean again; a request whose context (blocks it holds as computed) includes a
-        poisoned one saves nothing from that chunk on."""
+        are clean again. A request whose context (blocks it holds as computed) still includes a
+        poisoned one got it from vLLM's prefix cache after the failed load's own request was
+        preempted or aborted before recomputing it: it saves nothing from that chunk on, and
+        those blocks are returned, for every rank to report as failed loads this step, so vLLM
+        discards what the request computed over them and recomputes them."""
         bs = self.block_size
         for spec in loads:
             self._poisoned.difference_update(spec.block_ids[spec.skip_blocks:])
         for st, computed, done in scheduled:  # first: what this forward writes anew
             self._poisoned.difference_update(st.block_ids[-(-computed // bs):-(-done // bs)])
+        stale: set[int] = set()
         for st, computed, _ in scheduled:
-            at = next((i for i, b in enumerate(st.block_ids[:-(-computed // bs)]) if b in self._poisoned), None)
-            if at is not None and at // self.blocks_per_chunk < st.taint_from:
-                st.taint_from = at // self.blocks_per_chunk
-                log.warning("request %s holds KV blocks a failed load left unrecomputed: its chunks from "
-                            "%d on are not cached", st.req_id, st.taint_from)
+            held = st.block_ids[:-(-computed // bs)]
+            bad = [b for b in held if b in self._poisoned]
+            if not bad:
+                continue
+            stale.update(bad)
+            log.warning("request %s was handed %d KV block(s) that a failed load left unrecomputed: "
+                        "reported as failed loads, so vLLM recomputes them", st.req_id, len(bad))
+            at = held.index(bad[0])
+            st.taint_from = min(st.taint_from, at // self.blocks_per_chunk)
+        if stale:
+            self.stats.inc(STALE_BLOCKS_REPORTED, len(stale), self.config.tier_names[0])
+        return frozenset(stale)
 
     def _plan_saves(self, st: _Request, computed: int) -> list[SaveSpec]:
         """Save every prompt chunk that is fully computed after this step and not yet stored."""
@@ -439,7 +451,9 @@ class SchedulerSide:
         invalid = set(block_ids)
         bad: dict[str, set[bytes]] = {}
         for b in invalid:
-            hit = self._recent_loads.get(b)
+            # A block known to hold garbage was reported stale (``_check_poisoned``), not
+            # loaded: it says nothing of the chunk last loaded into it.
+            hit = None if b in self._poisoned else self._recent_loads.get(b)
             if hit is not None:
                 bad.setdefault(hit[0], set()).add(hit[1])
         failed = {k for keys in bad.values() for k in keys}

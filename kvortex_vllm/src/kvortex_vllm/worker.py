@@ -172,6 +172,8 @@ class WorkerSide:
         self._failed_reqs = set()
         if plan.drop:
             self._drop(plan.drop)
+        if plan.stale:  # garbage from an earlier failed load, handed out again by vLLM
+            self._load_errors.update(plan.stale)
 
     def _drop(self, chunks: list[tuple[bytes, int]]) -> None:
         """Chunks a forward computed over a failed load's blocks: never load or keep them."""

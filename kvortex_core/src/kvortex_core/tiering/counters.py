@@ -11,6 +11,10 @@ SAVE_SKIPPED = "save_skipped_pool_full"
 SAVE_SKIPPED_SLOT_BUSY = "save_skipped_slot_busy"
 #: Connector chunks computed over a failed load's blocks: not saved, or dropped where stored.
 CHUNKS_DROPPED = "chunks_dropped_after_failed_load"
+#: vLLM blocks a failed load left with garbage that vLLM's prefix cache then handed to a request
+#: as computed (its loader preempted or aborted before recomputing them): reported to vLLM as
+#: failed loads, so it rolls that request back and recomputes them.
+STALE_BLOCKS_REPORTED = "stale_blocks_reported"
 PROMOTIONS = "promotions"
 DEMOTIONS = "demotions"
 DEMOTIONS_SKIPPED = "demotions_skipped"
