@@ -14,6 +14,7 @@ import inspect
 import json
 import os
 import time
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -201,6 +202,19 @@ class StepLog:
 
 
 @dataclass
+class _Batch:
+    """A batch scheduled and run, whose output the scheduler has not processed yet."""
+
+    out: Any
+    kv_out: KVConnectorOutput
+    computed: dict[str, int]
+    sampled: dict[str, list[int]]
+    loads: int
+    saves: int
+    step_no: int
+
+
+@dataclass
 class Harness:
     """The engine loop: ``schedule()`` -> fake workers -> ``update_from_output()``."""
 
@@ -226,9 +240,15 @@ class Harness:
     context: bool = False
     #: (step, request) pairs whose forward ran over wrong context (context mode).
     tainted: list[tuple[int, str]] = field(default_factory=list)
-    #: Those of them whose result vLLM kept (it did not roll the request back to recompute):
-    #: the request's output is wrong.
+    #: Those of them that sampled a token vLLM accepted (it did not roll the request back to
+    #: recompute): the request's output is wrong.
     kept_tainted: list[tuple[int, str]] = field(default_factory=list)
+    #: vLLM's asynchronous scheduling (its default since 0.1x wherever the executor allows it):
+    #: ``AsyncScheduler``, and the engine core's batch queue of two, so step s+1 is scheduled
+    #: (and its connector plan built) before step s's output is processed.
+    async_scheduling: bool = False
+    _queue: deque[_Batch] = field(default_factory=deque)
+    _step_no: int = 0
 
     @property
     def connector(self) -> KVortexConnector:
@@ -249,35 +269,58 @@ class Harness:
 
         self.scheduler.finish_requests([req_id], RequestStatus.FINISHED_ABORTED)
 
-    def step(self) -> StepLog:
+    def step(self) -> StepLog | None:
+        """One engine-core step: schedule and run a batch, and process an output.
+
+        Synchronous scheduling processes the batch it ran. Asynchronous scheduling (vLLM's
+        ``step_with_batch_queue``) queues it and returns ``None`` while fewer than two batches
+        are in flight; else it processes the oldest and returns that batch's log."""
+        if not self.async_scheduling:
+            return self._process(self._schedule_and_run())
+        if self.scheduler.has_requests():
+            self._queue.appendleft(self._schedule_and_run())
+            if len(self._queue) < 2:
+                return None
+        if not self._queue:
+            return None
+        return self._process(self._queue.pop())
+
+    def _schedule_and_run(self) -> _Batch:
+        # tokens still being sampled by batches in flight (asynchronous scheduling), before
+        # schedule() adds this batch's own: the fake model always samples SAMPLED
+        pending = {r: getattr(req, "num_output_placeholders", 0) for r, req in self.scheduler.requests.items()}
         out = self.scheduler.schedule()
         if not out.num_scheduled_tokens:
             # Nothing to compute: only background transfers (async loads, saves) are pending.
             # A real engine would not spin either; give those threads the CPU.
             time.sleep(0.002)
         for r in out.num_scheduled_tokens:  # the engine's view of each request's tokens
-            self.tokens[r] = list(self.scheduler.requests[r].all_token_ids)
+            self.tokens[r] = list(self.scheduler.requests[r].all_token_ids) + [SAMPLED] * pending.get(r, 0)
+        self._step_no = len(self.history) + len(self._queue)
         kv_out, loads, saves = self._run_workers(out)
         computed = self._computed_before(out)
+        sampled = {r: [SAMPLED] if computed[r] + n >= len(self.tokens[r]) else []
+                   for r, n in out.num_scheduled_tokens.items()}
+        return _Batch(out, kv_out, computed, sampled, loads, saves, self._step_no)
+
+    def _process(self, b: _Batch) -> StepLog:
+        out, kv_out, computed = b.out, b.kv_out, b.computed
         req_ids = list(out.num_scheduled_tokens)
-        sampled = []
-        for r in req_ids:
-            done = computed[r] + out.num_scheduled_tokens[r]
-            sampled.append([SAMPLED] if done >= len(self.tokens[r]) else [])
         mro = ModelRunnerOutput(req_ids=req_ids, req_id_to_index={r: i for i, r in enumerate(req_ids)},
-                                sampled_token_ids=sampled, logprobs=None, prompt_logprobs_dict={},
-                                pooler_output=[], kv_connector_output=kv_out)
+                                sampled_token_ids=[b.sampled[r] for r in req_ids], logprobs=None,
+                                prompt_logprobs_dict={}, pooler_output=[], kv_connector_output=kv_out)
         results = self.scheduler.update_from_output(out, mro)
-        for step_no, r in self.tainted:
-            if step_no == len(self.history):  # this step's: rolled back, or kept?
-                req = self.scheduler.requests.get(r)
-                if req is None or req.num_computed_tokens > computed[r]:
-                    self.kept_tainted.append((step_no, r))
+        accepted = set()
         for eco in results.values():
             for o in eco.outputs:
+                if o.new_token_ids:
+                    accepted.add(o.request_id)
                 if o.finish_reason is not None:
                     self.finished.add(o.request_id)
-        log = StepLog(dict(out.num_scheduled_tokens), computed, loads, saves,
+        # A token sampled over wrong context that vLLM accepted is wrong output. (A forward over
+        # wrong context that samples nothing wrote wrong KV, which taints the forward that reads it.)
+        self.kept_tainted += [(n, r) for n, r in self.tainted if n == b.step_no and r in accepted]
+        log = StepLog(dict(out.num_scheduled_tokens), computed, b.loads, b.saves,
                       set(kv_out.finished_sending or ()), set(kv_out.invalid_block_ids or ()),
                       set(out.preempted_req_ids or ()), set(kv_out.finished_recving or ()))
         self.history.append(log)
@@ -285,7 +328,7 @@ class Harness:
 
     def run(self, max_steps: int = 2000) -> None:
         for _ in range(max_steps):
-            if not self.scheduler.has_requests():
+            if not self.scheduler.has_requests() and not self._queue:
                 return
             self.step()
         raise AssertionError(f"requests still pending after {max_steps} steps")
@@ -334,7 +377,7 @@ class Harness:
             ctx = range(computed[r])
             if ctx and not all(torch.equal(self.kv_of(r, ctx, w), self.expected_of(self.tokens[r], ctx, w))
                                for w in self.workers):
-                self.tainted.append((len(self.history), r))
+                self.tainted.append((self._step_no, r))
                 for w in self.workers:
                     self._poison(w, r, range(computed[r], computed[r] + n))
         invalid: set[int] = set()
@@ -469,11 +512,12 @@ def close_all() -> None:
 
 def build(tmp: Path, extra: dict[str, Any] | None = None, *, tp: int = 1, num_blocks: int = 64,
           prefix_caching: bool = False, max_batched: int = 512, order: str = "LBNHC",
-          cache_dtype: str = "auto", context: bool = False) -> Harness:
+          cache_dtype: str = "auto", context: bool = False, async_scheduling: bool | None = None) -> Harness:
     """A scheduler with the connector (through kv_connector_module_path) and ``tp`` worker ranks.
 
     ``cache_dtype``: vLLM's ``--kv-cache-dtype``; ``fp8``/``fp8_e4m3``/``fp8_e5m2`` caches are
-    uint8 tensors, as vLLM allocates them (``STR_DTYPE_TO_TORCH_DTYPE``)."""
+    uint8 tensors, as vLLM allocates them (``STR_DTYPE_TO_TORCH_DTYPE``). ``async_scheduling``:
+    vLLM's ``AsyncScheduler`` and the engine core's batch queue (see ``Harness.step``)."""
     extra = {"chunk_tokens": 32, "tiers": {"cpu": {"type": "cpu", "capacity": "1MiB"}}, **(extra or {})}
     vc = make_vllm_config(write_model_dir(tmp / "model"), extra, tp=tp, prefix_caching=prefix_caching,
                           max_batched=max_batched, cache_dtype=cache_dtype)
@@ -481,7 +525,15 @@ def build(tmp: Path, extra: dict[str, Any] | None = None, *, tp: int = 1, num_bl
     kv_dtype = torch.uint8 if cache_dtype.startswith("fp8") else DTYPE
     kcc = make_kv_cache_config(num_blocks, heads, kv_dtype)
     vc.cache_config.num_gpu_blocks = num_blocks
-    scheduler = Scheduler(**_scheduler_kwargs(vc, kcc))
+    if async_scheduling is None:
+        async_scheduling = os.environ.get("VLLM_HARNESS_ASYNC_SCHEDULING") == "1"
+    vc.scheduler_config.async_scheduling = async_scheduling
+    scheduler_cls = Scheduler
+    if async_scheduling:
+        from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+
+        scheduler_cls = AsyncScheduler
+    scheduler = scheduler_cls(**_scheduler_kwargs(vc, kcc))
     assert isinstance(scheduler.connector, KVortexConnector), type(scheduler.connector)
     workers = []
     kind = ""
@@ -497,7 +549,8 @@ def build(tmp: Path, extra: dict[str, Any] | None = None, *, tp: int = 1, num_bl
             conn.register_kv_caches(caches)
         workers.append(Worker(conn, caches, write, read, heads, rank))
     fp8 = torch.float8_e5m2 if cache_dtype == "fp8_e5m2" else torch.float8_e4m3fn
-    harness = Harness(scheduler, workers, vc, kind, kv_dtype, fp8, context=context)
+    harness = Harness(scheduler, workers, vc, kind, kv_dtype, fp8, context=context,
+                      async_scheduling=async_scheduling)
     BUILT.append(harness)
     return harness
 

@@ -129,8 +129,9 @@ class KVortexConnector(KVConnectorBase_V1):
                             "fail the request instead of recomputing it; set "
                             "\"kv_load_failure_policy\": \"recompute\" in --kv-transfer-config")
         else:
+            async_scheduling = bool(getattr(vllm_config.scheduler_config, "async_scheduling", False))
             self._worker = WorkerSide(self.kv_config, namespace.digest(), tp_rank=_tp_rank(vllm_config),
-                                      tp_size=shape.tp_size, stats=self.stats)
+                                      tp_size=shape.tp_size, stats=self.stats, async_scheduling=async_scheduling)
             self._layout_hints = compat.layout_hints(shape)
         # vLLM serves prometheus_client's global registry on its own /metrics.
         self._metrics = start_metrics(self.stats, self.kv_config, expose_global=True)

@@ -68,6 +68,8 @@ class _Request:
     #: No chunk from this index on is saved: it computed (or holds as computed) a block that a
     #: failed load left with garbage (see ``_poisoned``).
     taint_from: int = 1 << 62
+    #: The last step whose plan scheduled it.
+    last_step: int = 0
 
 
 @dataclass
@@ -126,6 +128,9 @@ class SchedulerSide:
         #: requests sharing them, counting on the loading request to recompute them; when that
         #: request is aborted first, later requests get them as context (found by fuzzing).
         self._poisoned: set[int] = set()
+        #: States of requests forgotten within the last steps, with the step they were forgotten
+        #: at (see ``_forget``).
+        self._gone: list[tuple[_Request, int]] = []
         self._step = 0
         self._active = active
         #: Folded into every request's keys after a cache reset (random: see ``reset``).
@@ -317,6 +322,7 @@ class SchedulerSide:
         # kept while an async load is in flight: its failures are reported when it ends
         self._recent_loads = {b: v for b, v in self._recent_loads.items()
                               if v[2] + _PIN_STEPS >= self._step or v[0] in self._async_pins}
+        self._gone = [(st, at) for st, at in self._gone if at + _PIN_STEPS >= self._step]
         preempted = frozenset(getattr(out, "preempted_req_ids", None) or ())
         for req_id in preempted:
             st = self._requests.get(req_id)
@@ -346,6 +352,7 @@ class SchedulerSide:
                 else:
                     st.block_ids.extend(new_blocks)
                 scheduled.append((st, computed, computed + out.num_scheduled_tokens.get(req_id, 0)))
+                st.last_step = self._step
             if self._poisoned:
                 plan.stale = self._check_poisoned(scheduled, plan.loads)
             for st, _, done in scheduled:
@@ -458,10 +465,14 @@ class SchedulerSide:
                 bad.setdefault(hit[0], set()).add(hit[1])
         failed = {k for keys in bad.values() for k in keys}
         tainted: list[bytes] = []
-        for st in self._requests.values():
-            at = next((i for i, b in enumerate(st.block_ids) if b in invalid), None)
+        loaded_at = {b: self._recent_loads[b][2] for b in invalid if b in self._recent_loads}
+        states = [(st, invalid, True) for st in self._requests.values()]
+        for st, _ in self._gone:  # forgotten since: its blocks are its own only up to its last step
+            states.append((st, {b for b, at in loaded_at.items() if at <= st.last_step}, False))
+        for st, mine_invalid, live in states:
+            at = next((i for i, b in enumerate(st.block_ids) if b in mine_invalid), None)
             if at is None:
-                if st.req_id not in bad:
+                if not live or st.req_id not in bad:
                     continue
                 at = min((st.keys.index(k) for k in bad[st.req_id] if k in st.keys),
                          default=len(st.keys)) * self.blocks_per_chunk
@@ -506,8 +517,14 @@ class SchedulerSide:
         return delay
 
     def _forget(self, req_id: str) -> None:
-        """Drop a request's state (finish, abort, preemption); its load pins expire with their step."""
-        self._requests.pop(req_id, None)
+        """Drop a request's state (finish, abort, preemption); its load pins expire with their step.
+
+        With asynchronous scheduling, vLLM may abort or preempt a request after scheduling a step
+        and before that step's output arrives: a load of that step that failed is reported
+        then. The state is kept for ``on_load_errors`` until every step it was in has reported."""
+        st = self._requests.pop(req_id, None)
+        if st is not None:
+            self._gone.append((st, self._step))
 
     def close(self) -> None:
         for pin in self._pins:
