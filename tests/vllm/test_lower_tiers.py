@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import shutil
 import socket
 import subprocess
@@ -57,7 +58,7 @@ def run_async_load(h: Harness, req_id: str, tokens: list[int]) -> list[Any]:
     h.add(req_id, tokens)
     for _ in range(2000):  # idle steps sleep 2 ms: background fetches get seconds
         h.step()
-        if req_id in h.history[-1].scheduled:
+        if h.history and req_id in h.history[-1].scheduled:
             return h.history
     raise AssertionError(f"{req_id} was never scheduled")
 
@@ -463,10 +464,11 @@ def test_a_timed_out_fetch_never_lets_its_late_bytes_into_another_chunk(
     h.close()
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
 @pytest.mark.parametrize(("tp", "bad_rank"), [(1, 0), (2, 1)])
 @pytest.mark.parametrize("below", [False, True])
 def test_chunks_computed_over_a_failed_load_are_never_served(
-    tmp_path: Path, tp: int, bad_rank: int, below: bool
+    tmp_path: Path, tp: int, bad_rank: int, below: bool, async_scheduling: bool
 ) -> None:
     """B shares chunks 0-1 with A; chunk 1's slot is lost on one rank, so B's load of it fails
     while the same step computes B's chunks 2-3 over that chunk's garbage blocks (wrong KV, on
@@ -475,7 +477,8 @@ def test_chunks_computed_over_a_failed_load_are_never_served(
     behind), so C, the same prompt, loaded them. Found by a red-team fuzzer (context-sensitive
     model, slot corruption)."""
     extra = tiers(tmp_path, cpu="1MiB") if below else {"tiers": {"cpu": {"type": "cpu", "capacity": "1MiB"}}}
-    h = build(tmp_path, extra, tp=tp, context=True)
+    h = build(tmp_path, extra, tp=tp, context=True, async_scheduling=async_scheduling)
+    skip_async_on_vllm_015(h)
     a = prompt(11, 100)
     h.add("A", a)
     h.run()
@@ -502,6 +505,7 @@ def test_chunks_computed_over_a_failed_load_are_never_served(
     h.run()
     assert "C" in h.finished
     assert_kv(h, "C", c, 4 * CHUNK)
+    assert not h.kept_tainted, h.kept_tainted
     h.close()
 
 
@@ -632,19 +636,31 @@ def assert_fresh_request_loads_good_kv(h: Any, tokens: list[int]) -> None:
     h.close()
 
 
+def skip_async_on_vllm_015(h: Harness) -> None:
+    """vLLM 0.15 rolls a request back after a failed load by the tokens cached when it started,
+    not by those computed before the failing step: under asynchronous scheduling it keeps what
+    the next step computed over the garbage, and a second report (``StepPlan.recheck``) would
+    roll back a request already recomputing. The connector does not recheck there."""
+    if h.async_scheduling and not h.connector.scheduler_side._recheck:
+        pytest.skip("vLLM 0.15 under asynchronous scheduling keeps a step computed over a failed load")
+
+
 def assert_no_output_over_garbage(h: Any) -> None:
     """Every forward that ran over garbage was rolled back by vLLM (its result discarded, the
-    blocks recomputed). Those after the failing step ran over blocks vLLM handed out again
-    (vLLM 0.26 handles an abort itself; 0.33 does not): the connector counted them."""
+    blocks recomputed). Synchronous scheduling: those after the failing step ran over blocks
+    vLLM handed out again (vLLM 0.26 handles an abort itself; 0.33 does not), counted."""
     assert h.tainted, "the scenario made no request compute over a failed load's blocks"
     assert not h.kept_tainted, f"vLLM kept results computed over garbage (step, request): {h.kept_tainted}"
+    if h.async_scheduling:  # the step after the failing one ran over the garbage too (rechecked)
+        return
     handed_back = [t for t in h.tainted if t[0] > h.tainted[0][0]]
     reported = h.connector.scheduler_side.stats.snapshot().counter(STALE_BLOCKS_REPORTED, "cpu")
     assert (reported > 0) == bool(handed_back), (reported, h.tainted)
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
 def test_a_request_preempted_after_its_failed_load_recomputes_the_blocks_vllm_hands_back(
-    tmp_path: Path,
+    tmp_path: Path, async_scheduling: bool
 ) -> None:
     """vLLM (0.26 and 0.33) hashes a synchronous load's blocks at allocation and, under the
     recompute policy, keeps them in its prefix cache when the load fails, for the loader to
@@ -660,7 +676,8 @@ def test_a_request_preempted_after_its_failed_load_recomputes_the_blocks_vllm_ha
     shape = getattr(FlashAttentionBackend, "get_kv_cache_shape", None)  # gone in 0.30+
     if shape is not None and len(shape(4, 16, 1, 8)) == 5:
         pytest.skip("vLLM 0.15: a preemption from outside schedule() breaks its step bookkeeping")
-    h = build(tmp_path, prefix_caching=True, context=True)
+    h = build(tmp_path, prefix_caching=True, context=True, async_scheduling=async_scheduling)
+    skip_async_on_vllm_015(h)
     a = stored_then_corrupted(h, 0)
     b = a[:3 * CHUNK] + prompt(32, 40)
     h.add("B", b, max_tokens=5)
@@ -669,17 +686,21 @@ def test_a_request_preempted_after_its_failed_load_recomputes_the_blocks_vllm_ha
     req = s.requests["B"]
     if req in s.running:  # a synchronous load (every chunk in the cpu tier): preempt it now
         s.running.remove(req)
-        s._preempt_request(req, clock.monotonic())
+        kwargs = {}  # as schedule() preempts under memory pressure (vLLM 0.33)
+        if "drop_stale_output" in inspect.signature(s._preempt_request).parameters:
+            kwargs["drop_stale_output"] = s.requires_kv_delivery
+        s._preempt_request(req, clock.monotonic(), **kwargs)
     h.run()
     assert "B" in h.finished
     assert_no_output_over_garbage(h)
     assert_fresh_request_loads_good_kv(h, b)
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
 @pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize("tp", [1, 2])
 def test_blocks_a_failed_load_left_are_never_cached_after_its_request_is_aborted(
-    tmp_path: Path, shared: bool, tp: int
+    tmp_path: Path, shared: bool, tp: int, async_scheduling: bool
 ) -> None:
     """vLLM 0.33 recovers from a failed load by letting the loading request recompute the failed
     blocks: it keeps them in its prefix cache and as computed for requests sharing them. B is
@@ -688,7 +709,8 @@ def test_blocks_a_failed_load_left_are_never_cached_after_its_request_is_aborted
     2047, 2088): the connector cached what C computed, and D (C's prompt, vLLM's prefix cache
     reset) loaded it. Now the connector reports those blocks as failed loads in C's step, so
     vLLM discards what C computed over them and recomputes them, and caches none of it."""
-    h = build(tmp_path, prefix_caching=True, context=True, tp=tp)
+    h = build(tmp_path, prefix_caching=True, context=True, tp=tp, async_scheduling=async_scheduling)
+    skip_async_on_vllm_015(h)
     a = stored_then_corrupted(h, 0 if shared else 1)
     b = a[:2 * CHUNK] + prompt(32, 3 if shared else 70)
     c = a[:2 * CHUNK] + prompt(33, 70) if shared else list(b)

@@ -277,3 +277,26 @@ def layout_hints(shape: ModelShape) -> dict[str, Any] | None:
     if shape.element_size == 1:
         hints["dtype"] = shape.dtype
     return hints or None
+
+
+def recheck_failed_loads(vllm_config: Any) -> bool:
+    """Whether a load failure should be reported again in the next step (``StepPlan.recheck``).
+
+    Under asynchronous scheduling (vLLM's default where the executor allows it) vLLM has
+    already scheduled step s+1 when it reads step s's failed blocks, so a request that holds
+    them as context runs s+1 over the garbage, and vLLM keeps that result. A second report in
+    s+1 makes vLLM discard it. Only where vLLM rolls a request back by the tokens it had
+    computed before that step (its ``_update_requests_with_invalid_blocks`` takes the step's
+    scheduled tokens: 0.2x and later): vLLM 0.15 rolls back by the tokens cached when the
+    request started, so a second report would roll back a request already recomputing.
+    """
+    if not getattr(vllm_config.scheduler_config, "async_scheduling", False):
+        return False
+    try:
+        import inspect
+
+        from vllm.v1.core.sched.scheduler import Scheduler
+    except ImportError:  # pragma: no cover - the connector runs inside vLLM
+        return False
+    rollback = getattr(Scheduler, "_update_requests_with_invalid_blocks", None)
+    return rollback is not None and "num_scheduled_tokens" in inspect.signature(rollback).parameters

@@ -121,7 +121,8 @@ class KVortexConnector(KVConnectorBase_V1):
                                     shape.torch_dtype, geometry.slot_bytes, shape.tp_size)
             active = startup.prefix_reuse_possible(vllm_config)
             self._scheduler = SchedulerSide(self.kv_config, namespace, geometry, shape.block_size,
-                                            stats=self.stats, tiers=tiers, active=active)
+                                            stats=self.stats, tiers=tiers, active=active,
+                                            recheck=compat.recheck_failed_loads(vllm_config))
             log.info("KVortex scheduler: %d-token chunks, %d slots of %d bytes per rank",
                      self.kv_config.chunk_tokens, geometry.num_slots, geometry.slot_bytes)
             if getattr(self._kv_transfer_config, "kv_load_failure_policy", "recompute") == "fail":
@@ -129,9 +130,8 @@ class KVortexConnector(KVConnectorBase_V1):
                             "fail the request instead of recomputing it; set "
                             "\"kv_load_failure_policy\": \"recompute\" in --kv-transfer-config")
         else:
-            async_scheduling = bool(getattr(vllm_config.scheduler_config, "async_scheduling", False))
             self._worker = WorkerSide(self.kv_config, namespace.digest(), tp_rank=_tp_rank(vllm_config),
-                                      tp_size=shape.tp_size, stats=self.stats, async_scheduling=async_scheduling)
+                                      tp_size=shape.tp_size, stats=self.stats)
             self._layout_hints = compat.layout_hints(shape)
         # vLLM serves prometheus_client's global registry on its own /metrics.
         self._metrics = start_metrics(self.stats, self.kv_config, expose_global=True)
@@ -148,8 +148,12 @@ class KVortexConnector(KVConnectorBase_V1):
 
     @property
     def requires_kv_delivery(self) -> bool:
-        """A cache is best effort: a dropped save is a future miss, never a wrong answer."""
-        return False
+        """True, though a cache is best effort (a dropped save is a future miss): vLLM 0.33 reads
+        it only to drop, rather than deliver, the in-flight output of a request it preempts under
+        asynchronous scheduling. That output may come from a step that ran over a load which
+        failed: the preempted request is no longer running when vLLM reads the failure, so
+        nothing else rolls it back. Dropped, those positions are sampled again after resuming."""
+        return True
 
     @classmethod
     def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:

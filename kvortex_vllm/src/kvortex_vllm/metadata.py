@@ -74,9 +74,15 @@ class StepPlan:
     #: as computed (vLLM's prefix cache handed them out): every rank reports them as failed
     #: loads this step, so vLLM discards the step's result for that request and recomputes them.
     stale: frozenset[int] = frozenset()
+    #: Blocks the previous step loaded that a request of this step reads as computed context.
+    #: Under vLLM's asynchronous scheduling this step was scheduled before that load's outcome
+    #: was known: a rank whose load of one of them failed reports it failed again in this step,
+    #: so vLLM discards what this step computed over it.
+    recheck: frozenset[int] = frozenset()
 
     def is_empty(self) -> bool:
-        return not (self.loads or self.saves or self.preempted or self.await_saves or self.drop or self.stale)
+        return not (self.loads or self.saves or self.preempted or self.await_saves or self.drop or self.stale
+                    or self.recheck)
 
 
 @dataclass(frozen=True)

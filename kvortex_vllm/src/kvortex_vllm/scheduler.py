@@ -91,9 +91,11 @@ class SchedulerSide:
         tiers: SchedulerTiers | None = None,
         *,
         active: bool = True,
+        recheck: bool = False,
     ) -> None:
         """``active`` False: no request is keyed (no hits, no saves), for models whose prefill
-        vLLM itself never skips (pooling models it gives no prefix caching)."""
+        vLLM itself never skips (pooling models it gives no prefix caching). ``recheck``: fill
+        ``StepPlan.recheck`` (vLLM schedules asynchronously, see ``compat.recheck_failed_loads``)."""
         validate_chunk_tokens(config.chunk_tokens, block_size)
         self.config = config
         self.geometry = geometry
@@ -133,6 +135,7 @@ class SchedulerSide:
         self._gone: list[tuple[_Request, int]] = []
         self._step = 0
         self._active = active
+        self._recheck = recheck
         #: Folded into every request's keys after a cache reset (random: see ``reset``).
         self._epoch = b""
 
@@ -355,6 +358,8 @@ class SchedulerSide:
                 st.last_step = self._step
             if self._poisoned:
                 plan.stale = self._check_poisoned(scheduled, plan.loads)
+            if self._recheck:
+                plan.recheck = self._loaded_last_step_read_now(scheduled, plan.loads)
             for st, _, done in scheduled:
                 plan.saves.extend(self._plan_saves(st, done))
         finally:
@@ -389,6 +394,18 @@ class SchedulerSide:
         if stale:
             self.stats.inc(STALE_BLOCKS_REPORTED, len(stale), self.config.tier_names[0])
         return frozenset(stale)
+
+    def _loaded_last_step_read_now(self, scheduled: list[tuple[_Request, int, int]],
+                                   loads: list[LoadSpec]) -> frozenset[int]:
+        """Blocks the last step loaded that a request of this step holds as computed context
+        (see ``StepPlan.recheck``), but for those this step loads anew."""
+        last = {b for b, (_, _, step) in self._recent_loads.items() if step == self._step - 1}
+        if not last:
+            return frozenset()
+        bs = self.block_size
+        read = {b for st, computed, _ in scheduled for b in st.block_ids[:-(-computed // bs)]}
+        fresh = {b for spec in loads for b in spec.block_ids[spec.skip_blocks:]}
+        return frozenset((last & read) - fresh)
 
     def _plan_saves(self, st: _Request, computed: int) -> list[SaveSpec]:
         """Save every prompt chunk that is fully computed after this step and not yet stored."""

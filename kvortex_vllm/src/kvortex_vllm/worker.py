@@ -80,10 +80,8 @@ class WorkerSide:
 
     def __init__(
         self, config: KVortexConfig, namespace: bytes, *, tp_rank: int = 0, tp_size: int = 1,
-        pin: bool | None = None, stats: Stats | None = None, async_scheduling: bool = False,
+        pin: bool | None = None, stats: Stats | None = None,
     ) -> None:
-        """``async_scheduling``: vLLM schedules step s+1 before it reads step s's output (see
-        ``take_load_errors``)."""
         self.config = config
         self.stats = stats or Stats()
         self.namespace = namespace
@@ -102,11 +100,8 @@ class WorkerSide:
         self._req_saves: dict[str, set[int]] = defaultdict(set)  # req -> slots still saving
         self._watch: set[str] = set()  # finished requests awaiting their saves
         self._load_errors: set[int] = set()
-        self._async_scheduling = async_scheduling
-        #: Blocks reported failed in the last step, reported once more (``take_load_errors``).
-        self._echo: set[int] = set()
-        #: Blocks the bound plan loads into (fresh content: not echoed).
-        self._loading: set[int] = set()
+        #: Blocks reported failed in the last step (see ``take_load_errors``).
+        self._last_errors: set[int] = set()
         self._failed_reqs: set[str] = set()  # requests whose load failed this step
         self._async: dict[str, _AsyncLoad] = {}
         self.tiers: WorkerTiers | None = None
@@ -175,7 +170,6 @@ class WorkerSide:
                 "config (tiers.cpu.capacity, ranks_per_node, chunk_tokens) and model shape"
             )
         self._plan = plan
-        self._loading = {b for spec in plan.loads for b in spec.block_ids[spec.skip_blocks:]}
         self._watch |= plan.await_saves
         self._failed_reqs = set()
         if plan.drop:
@@ -442,19 +436,13 @@ class WorkerSide:
         return done, self._poll_async()
 
     def take_load_errors(self) -> set[int]:
-        """Blocks that failed to load this step (or that the plan marked stale).
-
-        With asynchronous scheduling, vLLM had already scheduled the next step when it learns
-        of a failure: a request that holds those blocks as computed ran that step over them
-        too, and vLLM keeps its result (a token sampled over garbage; vLLM 0.33). So each
-        failure is reported again in the next step, unless that step loads the block anew: vLLM
-        then rolls such a request back once more and discards that step's result for it.
-        """
+        """Blocks that failed to load this step, those the plan marked stale, and those of the
+        last step's failures that the plan asks to recheck (``StepPlan.recheck``)."""
         errors, self._load_errors = self._load_errors, set()
-        if not self._async_scheduling:
-            return errors
-        echo, self._echo = self._echo - self._loading, errors
-        return errors | echo
+        recheck = self._plan.recheck if self._plan is not None else frozenset()
+        again = self._last_errors & recheck
+        self._last_errors = errors
+        return errors | again
 
     def shutdown(self) -> None:
         start = time.monotonic()
