@@ -612,6 +612,59 @@ def test_a_request_whose_async_load_failed_is_scheduled_again(
     h.close()
 
 
+@pytest.mark.parametrize("tp", [1, 2])
+def test_blocks_vllm_frees_after_a_failed_asynchronous_load_are_never_reported_stale(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tp: int
+) -> None:
+    """W's asynchronous load from disk fails whole, so vLLM frees all of W's blocks while W waits
+    (its next lookup put off, as while a shared tier's answer is on its way). L gets those blocks
+    and loads its chunk 0 into them; L's chunk 1 then fails. The connector still held W's old
+    block list and marked L's good chunk-0 blocks as garbage through it: the next step reported
+    them stale and vLLM recomputed L from token 0 (found by a red-team fuzzer, vLLM 0.26 seeds
+    5023, 5040-5045, 5062, 5134). Now W's list is dropped with its blocks."""
+    from kvortex_vllm import lower
+    from kvortex_vllm.scheduler import SchedulerSide
+
+    cfg = tiers(tmp_path, cpu="1MiB")
+    w_prompt = prompt(41, 4 * CHUNK + 1)
+    stored_by_an_earlier_engine(tmp_path, cfg, w_prompt, tp=tp)  # W's chunks: on disk only
+    h = build(tmp_path, cfg, tp=tp, prefix_caching=True, context=True, num_blocks=11)
+    s, side = h.scheduler, h.connector.scheduler_side
+    q = prompt(42, 2 * CHUNK + 5)
+    h.add("Q", q)
+    h.run()
+    drain(h)
+    assert s.reset_prefix_cache()
+    h.workers[-1].connector.worker_side.pool.view(h.slot_of(h.keys_of(q)[1]))[:8].zero_()
+    h.scrub()
+
+    async def read_fails(self: Any, key: bytes, slot: int) -> bool:
+        return False  # as a read that timed out
+
+    monkeypatch.setattr(lower.WorkerTiers, "_fetch", read_fails)
+    h.add("W", w_prompt)
+    for _ in range(200):
+        if "W" in s.failed_recving_kv_req_ids or h.step().invalid_blocks:
+            break
+    assert "W" in s.failed_recving_kv_req_ids or h.history[-1].invalid_blocks, "W's load failed"
+    real_lookup, put_off = SchedulerSide.get_num_new_matched_tokens, [3]
+
+    def put_off_w(self: Any, request: Any, computed: int) -> tuple[int | None, bool]:
+        if request.request_id == "W" and put_off[0]:
+            put_off[0] -= 1
+            return None, False  # "ask again next step"
+        return real_lookup(self, request, computed)
+
+    monkeypatch.setattr(SchedulerSide, "get_num_new_matched_tokens", put_off_w)
+    h.add("L", q, max_tokens=2)
+    h.run()
+    assert {"L", "W"} <= h.finished and not put_off[0]
+    assert side.stats.snapshot().counter(STALE_BLOCKS_REPORTED, "cpu") == 0
+    assert not set(range(CHUNK)) & set(h.computed_positions["L"]), "L's loaded chunk 0 was recomputed"
+    assert not h.kept_tainted
+    h.close()
+
+
 def stored_then_corrupted(h: Any, chunk: int) -> list[int]:
     """A prompt computed and stored, vLLM's prefix cache reset, chunk ``chunk``'s cpu slot
     corrupted (last rank): its next load fails."""

@@ -505,6 +505,11 @@ class SchedulerSide:
             tainted += mine
             if mine:
                 log.warning("request %s computed %d chunk(s) over a failed load: dropped", st.req_id, len(mine))
+            if live and at == 0 and st.req_id in self._async_pins:
+                # An asynchronous load that left nothing valid: vLLM frees all of the request's
+                # blocks and gives it new ones when it schedules it again. Blocks another request
+                # gets meanwhile are that request's, never this one's garbage.
+                st.block_ids = []
         for k in dict.fromkeys(tainted):  # each rank drops its copies (slot -1: not in the cpu tier)
             entry = self.index.get(k)
             located = entry is not None and entry.location is not None
