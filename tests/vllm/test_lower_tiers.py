@@ -665,6 +665,35 @@ def test_blocks_vllm_frees_after_a_failed_asynchronous_load_are_never_reported_s
     h.close()
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_a_failed_load_recomputed_over_several_steps_is_rolled_back_once(
+    tmp_path: Path, async_scheduling: bool
+) -> None:
+    """B's load of chunk 0 fails and its recompute spans several steps (64-token budget). Under
+    asynchronous scheduling the failure is reported again in the next step (recheck); that echo
+    reached the scheduler side after B had recomputed the blocks, which marked them garbage again,
+    reported them stale, and vLLM rolled B back every third step: B never finished (found by
+    fuzzing). Echoes are no news to the scheduler side now."""
+    h = build(tmp_path, {"tiers": {"cpu": {"type": "cpu", "capacity": "1MiB"}}}, context=True,
+              async_scheduling=async_scheduling, max_batched=64)
+    a = prompt(31, 100)
+    h.add("A", a)
+    h.run()
+    h.workers[-1].connector.worker_side.pool.view(h.slot_of(h.keys_of(a)[0]))[:8].zero_()
+    h.scrub()
+    b = a[:3 * CHUNK] + prompt(32, 150)
+    h.add("B", b)
+    h.run(max_steps=40)  # B needs 5-8 steps; the livelock never ended
+    assert "B" in h.finished
+    assert h.tainted and not h.kept_tainted
+    assert h.connector.scheduler_side.stats.snapshot().counter(STALE_BLOCKS_REPORTED, "cpu") == 0
+    h.scrub()
+    h.add("C", b[:7 * CHUNK + 1])
+    h.run()
+    assert_kv(h, "C", b, 7 * CHUNK)
+    h.close()
+
+
 def stored_then_corrupted(h: Any, chunk: int) -> list[int]:
     """A prompt computed and stored, vLLM's prefix cache reset, chunk ``chunk``'s cpu slot
     corrupted (last rank): its next load fails."""

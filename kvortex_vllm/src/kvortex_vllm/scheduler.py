@@ -381,12 +381,14 @@ class SchedulerSide:
         for st, computed, done in scheduled:  # first: what this forward writes anew
             self._poisoned.difference_update(st.block_ids[-(-computed // bs):-(-done // bs)])
         stale: set[int] = set()
-        for st, computed, _ in scheduled:
+        for st, computed, done in scheduled:
             held = st.block_ids[:-(-computed // bs)]
             bad = [b for b in held if b in self._poisoned]
             if not bad:
                 continue
             stale.update(bad)
+            # what it writes this step is computed over them: garbage too, until recomputed
+            self._poisoned.update(st.block_ids[-(-computed // bs):-(-done // bs)])
             log.warning("request %s was handed %d KV block(s) that a failed load left unrecomputed: "
                         "reported as failed loads, so vLLM recomputes them", st.req_id, len(bad))
             at = held.index(bad[0])
@@ -472,17 +474,20 @@ class SchedulerSide:
         computed wrong KV for every chunk after them (on every rank: TP all-reduces). vLLM
         recomputes those requests from the failed block; their copies saved meanwhile must go.
         """
-        invalid = set(block_ids)
+        # Only the first report of a load's failure counts. The same blocks come back later as
+        # echoes: reported stale (``_check_poisoned``) or rechecked (``StepPlan.recheck``), which
+        # vLLM needs and this side already knows of. Taken for news, an echo arriving after the
+        # request recomputed those blocks would mark them garbage again, roll the request back
+        # again, and so on for ever (found by fuzzing under asynchronous scheduling).
+        invalid = {b for b in block_ids if b in self._recent_loads and b not in self._poisoned}
         bad: dict[str, set[bytes]] = {}
+        loaded_at: dict[int, int] = {}
         for b in invalid:
-            # A block known to hold garbage was reported stale (``_check_poisoned``), not
-            # loaded: it says nothing of the chunk last loaded into it.
-            hit = None if b in self._poisoned else self._recent_loads.get(b)
-            if hit is not None:
-                bad.setdefault(hit[0], set()).add(hit[1])
+            req_id, key, step = self._recent_loads.pop(b)
+            bad.setdefault(req_id, set()).add(key)
+            loaded_at[b] = step
         failed = {k for keys in bad.values() for k in keys}
         tainted: list[bytes] = []
-        loaded_at = {b: self._recent_loads[b][2] for b in invalid if b in self._recent_loads}
         states = [(st, invalid, True) for st in self._requests.values()]
         for st, _ in self._gone:  # forgotten since: its blocks are its own only up to its last step
             states.append((st, {b for b, at in loaded_at.items() if at <= st.last_step}, False))
