@@ -160,6 +160,26 @@ def test_abort_releases_everything(tmp_path: Path) -> None:
     assert_no_leaks(h)
 
 
+def test_a_request_aborted_while_a_batch_of_it_is_in_flight_is_freed_once_its_saves_are_done(
+    tmp_path: Path,
+) -> None:
+    """Asynchronous scheduling: A is aborted while its decode batch is in flight; vLLM 0.15
+    finishes it again when that batch returns. The connector answered False the second time,
+    vLLM freed A, and the workers' report of A's saves tripped vLLM's scheduler (an assertion:
+    the engine died; found by fuzzing). Now every answer for A is True until its saves are done."""
+    h = build(tmp_path, async_scheduling=True)
+    total = h.free_blocks()
+    h.add("A", prompt(31, 100), max_tokens=2)
+    h.step()  # A's prefill in flight, its saves planned
+    h.step()  # A's decode in flight; the prefill's output processed
+    h.abort("A")
+    h.run()
+    assert h.free_blocks() == total
+    assert any(s.finished_sending == {"A"} for s in h.history), "A's saves were awaited"
+    assert not h.connector.scheduler_side._saving
+    assert_no_leaks(h)
+
+
 def assert_no_leaks(h: Harness) -> None:
     for _ in range(3):  # load pins outlive their step by design (async scheduling)
         h.step()

@@ -257,6 +257,8 @@ class KVortexConnector(KVConnectorBase_V1):
             self.scheduler_side.on_load_errors(bad)
         if connector_output.finished_recving:
             self.scheduler_side.on_loads_finished(connector_output.finished_recving)
+        if connector_output.finished_sending:
+            self.scheduler_side.on_saves_finished(connector_output.finished_sending)
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         return self.scheduler_side.request_finished(request), None

@@ -114,6 +114,8 @@ class SchedulerSide:
         self._requests: dict[str, _Request] = {}
         self._pins: list[_Pin] = []
         self._await_saves: set[str] = set()
+        #: Finished requests whose blocks vLLM keeps until their saves are reported done.
+        self._saving: set[str] = set()
         # Asynchronous loads in flight, by request: their pins, and the chunks being fetched.
         # Both outlive an aborted request: workers still write the slots until they report.
         self._async_pins: dict[str, list[PinHandle]] = {}
@@ -535,13 +537,26 @@ class SchedulerSide:
                 del self._fetching[k]
 
     def request_finished(self, request: Any) -> bool:
-        """True when the request's blocks must outlive it until the workers finish its saves."""
-        st = self._requests.get(request.request_id)
+        """True when the request's blocks must outlive it until the workers finish its saves.
+
+        Asked again for a request it already answered True for (vLLM 0.15 finishes a request
+        aborted while a batch of it is in flight once more when that batch returns), it answers
+        True again: False would let vLLM free the request, and the workers' report of its saves
+        then trips vLLM's scheduler (found by fuzzing under asynchronous scheduling)."""
+        req_id = request.request_id
+        if req_id in self._saving:
+            return True
+        st = self._requests.get(req_id)
         delay = bool(st and st.has_saves)
-        self._forget(request.request_id)
+        self._forget(req_id)
         if delay:
-            self._await_saves.add(request.request_id)
+            self._await_saves.add(req_id)
+            self._saving.add(req_id)
         return delay
+
+    def on_saves_finished(self, req_ids: Iterable[str]) -> None:
+        """The workers reported these requests' saves done: vLLM frees their blocks now."""
+        self._saving.difference_update(req_ids)
 
     def _forget(self, req_id: str) -> None:
         """Drop a request's state (finish, abort, preemption); its load pins expire with their step.
