@@ -512,7 +512,7 @@ def close_all() -> None:
 
 def build(tmp: Path, extra: dict[str, Any] | None = None, *, tp: int = 1, num_blocks: int = 64,
           prefix_caching: bool = False, max_batched: int = 512, order: str = "LBNHC",
-          cache_dtype: str = "auto", context: bool = False, async_scheduling: bool | None = None) -> Harness:
+          cache_dtype: str = "auto", context: bool = False, async_scheduling: bool = False) -> Harness:
     """A scheduler with the connector (through kv_connector_module_path) and ``tp`` worker ranks.
 
     ``cache_dtype``: vLLM's ``--kv-cache-dtype``; ``fp8``/``fp8_e4m3``/``fp8_e5m2`` caches are
@@ -525,8 +525,6 @@ def build(tmp: Path, extra: dict[str, Any] | None = None, *, tp: int = 1, num_bl
     kv_dtype = torch.uint8 if cache_dtype.startswith("fp8") else DTYPE
     kcc = make_kv_cache_config(num_blocks, heads, kv_dtype)
     vc.cache_config.num_gpu_blocks = num_blocks
-    if async_scheduling is None:
-        async_scheduling = os.environ.get("VLLM_HARNESS_ASYNC_SCHEDULING") == "1"
     vc.scheduler_config.async_scheduling = async_scheduling
     scheduler_cls = Scheduler
     if async_scheduling:

@@ -384,7 +384,7 @@ class SchedulerSide:
             self._poisoned.difference_update(st.block_ids[-(-computed // bs):-(-done // bs)])
         stale: set[int] = set()
         for st, computed, done in scheduled:
-            held = st.block_ids[:-(-computed // bs)]
+            held = self._held(st, computed)
             bad = [b for b in held if b in self._poisoned]
             if not bad:
                 continue
@@ -399,6 +399,10 @@ class SchedulerSide:
             self.stats.inc(STALE_BLOCKS_REPORTED, len(stale), self.config.tier_names[0])
         return frozenset(stale)
 
+    def _held(self, st: _Request, computed: int) -> list[int]:
+        """The blocks a request holds as computed before this step: its forward's context."""
+        return st.block_ids[:-(-computed // self.block_size)]
+
     def _loaded_last_step_read_now(self, scheduled: list[tuple[_Request, int, int]],
                                    loads: list[LoadSpec]) -> frozenset[int]:
         """Blocks the last step loaded that a request of this step holds as computed context
@@ -406,8 +410,7 @@ class SchedulerSide:
         last = {b for b, (_, _, step) in self._recent_loads.items() if step == self._step - 1}
         if not last:
             return frozenset()
-        bs = self.block_size
-        read = {b for st, computed, _ in scheduled for b in st.block_ids[:-(-computed // bs)]}
+        read = {b for st, computed, _ in scheduled for b in self._held(st, computed)}
         fresh = {b for spec in loads for b in spec.block_ids[spec.skip_blocks:]}
         return frozenset((last & read) - fresh)
 
