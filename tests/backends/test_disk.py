@@ -81,7 +81,8 @@ async def _opened(b: DiskBackend) -> DiskBackend:
 
 
 def _files(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.is_file())
+    """The tier's cache files (not its directory lock)."""
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.name != disk_io.LOCK_NAME)
 
 
 # -- restart, layout, permissions ------------------------------------------------------------
@@ -251,6 +252,113 @@ def test_sigkill_mid_write_leaves_no_partial_entry(tmp_path: Path) -> None:
 
     _run(reopen())
     assert not any(disk_io.TMP_MARK in p.name for p in tmp_path.rglob("*"))
+
+
+# -- one engine per directory ----------------------------------------------------------------
+def test_a_second_backend_on_the_same_directory_is_refused_until_the_first_closes(tmp_path: Path) -> None:
+    values = dict(_value(i) for i in range(3))
+
+    async def go() -> None:
+        first = await _opened(_ns_disk(tmp_path))
+        for k, v in values.items():
+            await first.put(k, v)
+        second = _ns_disk(tmp_path)
+        with pytest.raises(BackendError, match=rf"in use by another engine \(pid {os.getpid()} on .*\).*own directory"):
+            await second.open()
+        # the refused open changed nothing: the owner still reads every value
+        for k, v in values.items():
+            out = bytearray(len(v))
+            assert await first.get(k, memoryview(out)) == len(v) and bytes(out) == v
+        await first.close()
+        await second.open()  # the retried open (the tier's probe) takes over
+        assert sorted(k for k, _ in await second.scan()) == sorted(values)
+        await second.close()
+        lock = next(p for p in tmp_path.rglob(disk_io.LOCK_NAME))
+        assert lock.stat().st_mode & 0o777 == 0o600
+        # another namespace (another model or salt) is another directory: no conflict
+        other = DiskBackend(DiskBackend.Options(path=tmp_path), capacity=MiB,
+                            context=BackendContext(tier="disk", namespace="cd" * 16))
+        owner = await _opened(_ns_disk(tmp_path))
+        await other.open()
+        await other.close()
+        await owner.close()
+
+    _run(go())
+
+
+def test_an_observer_reads_an_owned_directory_and_changes_nothing(tmp_path: Path) -> None:
+    """The vLLM scheduler's view of a rank's directory: no lock, no cleaning, no writes."""
+    values = dict(_value(i) for i in range(3))
+
+    async def go() -> None:
+        owner = await _opened(_ns_disk(tmp_path))
+        for k, v in values.items():
+            await owner.put(k, v)
+        folder = Path(owner._path(next(iter(values)))).parent
+        temp = folder / ("ab" * 4 + disk_io.SUFFIX + disk_io.TMP_MARK + "1.x")  # a write in progress
+        temp.write_bytes(b"partial")
+        foreign = folder / "notes.txt"
+        foreign.write_bytes(b"someone else's")
+        observer = DiskBackend(DiskBackend.Options(path=tmp_path), capacity=64 * MiB,
+                               context=BackendContext(tier="disk@r0", namespace=NS.hex(), observer=True))
+        await observer.open()
+        assert sorted(k for k, _ in await observer.scan()) == sorted(values)
+        assert temp.exists() and foreign.exists()  # the owner's, not the observer's to clean
+        k0, v0 = next(iter(values.items()))
+        out = bytearray(len(v0))
+        assert await observer.get(k0, memoryview(out)) == len(v0) and bytes(out) == v0
+        with pytest.raises(BackendError, match="observer: it writes nothing"):
+            await observer.put(*_value(9))
+        assert await observer.delete([k0]) == 1  # forgotten by the observer only
+        assert k0 not in dict(await observer.scan())
+        assert await owner.get(k0, memoryview(out)) == len(v0) and bytes(out) == v0
+        await observer.close()
+        await owner.close()
+
+    _run(go())
+
+
+_HOLDER = textwrap.dedent("""
+    import asyncio, sys, time
+    from kvortex_backends.disk import DiskBackend
+    from kvortex_core.storage.protocol import BackendContext
+
+    async def main():
+        b = DiskBackend(DiskBackend.Options(path=sys.argv[1]), capacity=1 << 30,
+                        context=BackendContext(tier="disk", namespace=sys.argv[2]))
+        await b.open()
+        await b.put(sys.argv[3], bytes.fromhex(sys.argv[4]))
+        print("ready", flush=True)
+        time.sleep(600)
+    asyncio.run(main())
+""")
+
+
+def test_another_process_owning_the_directory_is_named_and_its_death_frees_it(tmp_path: Path) -> None:
+    key, value = _value(7)
+    proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(tmp_path), NS.hex(), key, value.hex()],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+
+        async def refused() -> None:
+            b = _ns_disk(tmp_path)
+            with pytest.raises(BackendError, match=rf"in use by another engine \(pid {proc.pid} on "):
+                await b.open()
+            await b.close()
+
+        _run(refused())
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+    async def after() -> None:  # no stale lock: the kernel dropped it with the process
+        b = await _opened(_ns_disk(tmp_path))
+        out = bytearray(len(value))
+        assert await b.get(key, memoryview(out)) == len(value) and bytes(out) == value
+        await b.close()
+
+    _run(after())
 
 
 # -- failures --------------------------------------------------------------------------------

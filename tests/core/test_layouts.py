@@ -128,6 +128,34 @@ def test_one_tensor_registered_for_two_layers_is_refused() -> None:
         detect_layout([t, torch.zeros(2, B, N, H, D), t])
 
 
+@pytest.mark.parametrize("shift", [1, B * N * H * D - 1, B * N * H * D + N * H * D])
+def test_layers_that_overlap_in_memory_are_refused(shift: int) -> None:
+    """Same shape and strides, pointers closer than a layer: one layer's load would land in the
+    other's blocks. Shifted by one element, by one K half minus one, by a K half and a block."""
+    shape, stride = (2, B, N, H, D), (B * N * H * D, N * H * D, H * D, D, 1)
+    base = torch.zeros(2 * B * N * H * D + 2 * shift)
+    layers = [torch.zeros(shape), base.as_strided(shape, stride, 0), base.as_strided(shape, stride, shift)]
+    with pytest.raises(LayoutError, match=r"layers 1 and 2 overlap in memory .*pass each layer's own"):
+        detect_layout(layers)
+
+
+@pytest.mark.parametrize("dims", ["BLKNHD", "KBLNHD", "LBKNHD"])
+def test_interleaved_views_of_one_buffer_share_no_memory_and_are_accepted(dims: str) -> None:
+    """Per-layer views of one buffer whose address ranges interleave are not an overlap."""
+    from kvortex_core.data.layouts import layer_views
+
+    sizes = {"B": B, "L": L, "K": 2, "N": N, "H": H, "D": D}
+    buf = torch.arange(torch.Size(sizes[c] for c in dims).numel(), dtype=torch.float32)
+    buf = buf.reshape([sizes[c] for c in dims])
+    layers = [t.permute(*[dims.replace("L", "").index(c) for c in "KBNHD"]) for t in
+              (buf.select(dims.index("L"), i) for i in range(L))]
+    layout = detect_layout(layers)
+    assert layout.num_layers == L and layout.num_blocks == B
+    views = layer_views(layers, layout)
+    seen = torch.cat([v.reshape(-1) for v in views])
+    assert seen.unique().numel() == buf.numel()  # every element belongs to exactly one layer
+
+
 def test_unified_odd_width_with_the_value_width_hint_is_accepted() -> None:
     layout = detect_layout([torch.zeros(B, H, N, 2 * D + 1)], {"head_size_v": D})
     assert (layout.kv_count, layout.head_size, layout.head_size_v) == (1, 2 * D + 1, D)

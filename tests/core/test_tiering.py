@@ -588,6 +588,28 @@ def test_unopenable_tier_starts_out_of_service(make: Any, tmp_path: Path) -> Non
     assert _key(2) in mgr.tiers[0].index
 
 
+def test_a_disk_directory_owned_by_another_engine_stays_out_of_service_until_freed(make: Any) -> None:
+    """Two engines configured with one disk path: the second keeps serving from its cpu tier,
+    its disk tier waits out of service (an error counted, the owner named) and takes the
+    directory over, with everything the first stored, once the first closes."""
+    first = make(disk={"write_through": True})
+    _save(first, range(3))
+    assert first.drain(30)
+    second = make(disk={"write_through": True}, circuit_breaker={"reset_after_s": 0.1})
+    assert second.tier_states() == {"disk": "open"}
+    assert _counter(second, "tier_errors", "disk") == 1
+    assert f"in use by another engine (pid {os.getpid()} on " in second.tiers[0].breaker.last_error
+    assert _save(second, [5]) == [5] and _load(second, [5]) == [(5, "cpu")]
+    assert _load(second, [0]) == []  # not the other engine's files
+    assert sorted(first.tiers[0].index.keys()) == [_key(i) for i in range(3)]  # untouched
+    first.close()
+    time.sleep(0.15)
+    assert _save(second, [6]) == [6]  # the next probe opens the tier
+    assert second.drain(10)
+    assert second.tier_states() == {"disk": "closed"}
+    assert _load(second, [1]) == [(1, "disk")]
+
+
 # -- shared tiers ----------------------------------------------------------------------------
 def test_shared_tier_lookup_never_blocks_and_learns_in_background(make: Any) -> None:
     SharedMemory.store = {}

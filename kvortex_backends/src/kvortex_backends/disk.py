@@ -132,6 +132,7 @@ class DiskBackend(StorageBackend):
         self._read_direct = options.o_direct == "on"
         self._inline_ok = disk_io.HAS_NOWAIT
         self.scan_removed: dict[str, int] = {}
+        self._lock_fd: int | None = None  # the directory's flock, held from open() to close()
 
     # -- lifecycle -------------------------------------------------------------------------
     async def open(self) -> None:
@@ -143,6 +144,11 @@ class DiskBackend(StorageBackend):
             await self._run(self._prepare_root)
         except OSError as exc:
             raise BackendError(self._explain("creating the cache directory", exc)) from exc
+        # Only then the scan: it deletes temporary files, which in a directory shared with a
+        # live engine would be that engine's writes in progress. An observer (the vLLM
+        # scheduler's view of a rank's directory) takes no lock and deletes nothing.
+        if not self.context.observer:
+            await self._run(self._take_lock)
         entries = await self._run(self._scan_files)
         self._index = dict(entries)
         self._used = sum(self._index.values())
@@ -153,6 +159,28 @@ class DiskBackend(StorageBackend):
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+        if self._lock_fd is not None:
+            disk_io.unlock_dir(self._lock_fd)
+            self._lock_fd = None
+
+    def _take_lock(self) -> None:
+        """Own the directory: two engines in one directory would count each other's files
+        against nothing, evict and delete them, and remove each other's writes in progress."""
+        if self._lock_fd is not None:  # a retried open() keeps the lock it took
+            return
+        try:
+            fd = disk_io.lock_dir(self.root)
+        except disk_io.DirectoryBusyError as exc:
+            raise BackendError(
+                f"disk tier {self.root} is in use by another engine ({exc.holder}); give each "
+                "engine its own directory: another `path` for this tier, or another `salt`"
+            ) from None
+        except OSError as exc:
+            raise BackendError(self._explain("locking the cache directory", exc)) from exc
+        if fd is None:
+            log.warning("disk tier %s: the filesystem has no flock; nothing stops another engine "
+                        "from using this directory too", self.root)
+        self._lock_fd = fd
 
     def _prepare_root(self) -> None:
         """Create ``<path>/<namespace>/r<rank>``: every directory this creates is 0700 (makedirs
@@ -199,6 +227,8 @@ class DiskBackend(StorageBackend):
 
     # -- protocol --------------------------------------------------------------------------
     async def put(self, key: str, data: memoryview | bytes | bytearray) -> None:
+        if self.context.observer:
+            raise BackendError(f"disk tier {self.root} is opened as an observer: it writes nothing")
         path, parts = self._path(key), self._parts(key)
         value = memoryview(data).cast("B") if not isinstance(data, memoryview) else data.cast("B")
         if self.options.compression != "none":
@@ -336,7 +366,7 @@ class DiskBackend(StorageBackend):
         present = [k for k in keys if k in self._index]
         for k in present:
             self._used -= self._index.pop(k)
-        if present:
+        if present and not self.context.observer:  # an observer forgets; the owner deletes
             try:
                 await self._run(self._unlink_many, [self._path(k) for k in present])
             except OSError as exc:
@@ -379,31 +409,36 @@ class DiskBackend(StorageBackend):
         found: list[tuple[str, int]] = []
         for folder, _dirs, files in os.walk(self.root):
             for name in files:
+                if name == disk_io.LOCK_NAME and folder == self.root:
+                    continue
                 path = os.path.join(folder, name)
-                verdict = self._judge(path, name)
+                try:
+                    verdict, size = self._judge(path, name)
+                except FileNotFoundError:  # removed meanwhile (by the owner, for an observer)
+                    continue
                 if verdict is None:
-                    found.append((name[: -len(disk_io.SUFFIX)], os.path.getsize(path)))
+                    found.append((name[: -len(disk_io.SUFFIX)], size))
                     self._dirs.add(folder)
-                else:
+                elif not self.context.observer:
                     self.scan_removed[verdict] += 1
                     disk_io.unlink(path)
         return found
 
-    def _judge(self, path: str, name: str) -> str | None:
-        """None when the file is a complete payload of this tier, else why it goes."""
+    def _judge(self, path: str, name: str) -> tuple[str | None, int]:
+        """(None, size) when the file is a complete payload of this tier, else (why it goes, 0)."""
         if disk_io.TMP_MARK in name:
-            return "temp"  # a writer died between create and rename
+            return "temp", 0  # a writer died between create and rename
         key = name[: -len(disk_io.SUFFIX)] if name.endswith(disk_io.SUFFIX) else ""
         if not _KEY_RE.match(key) or path != self._path(key):
-            return "foreign"
+            return "foreign", 0
         head, size = disk_io.read_head(path, pl.HEADER_BYTES)
         try:
             header = pl.read_header(head)
         except PayloadError:
-            return "damaged" if head[:8] == pl.MAGIC else "foreign"
+            return ("damaged" if head[:8] == pl.MAGIC else "foreign"), 0
         if header.key.hex() != key or (self._ns_hash and header.namespace_hash != self._ns_hash):
-            return "foreign"
-        return None if size == header.total_len else "damaged"
+            return "foreign", 0
+        return (None, size) if size == header.total_len else ("damaged", 0)
 
 
 class _KeyLock:

@@ -11,8 +11,11 @@ docs/backends.md.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import os
+import socket
 import stat
 import uuid
 
@@ -23,6 +26,8 @@ from kvortex_core.errors import BufferTooSmallError
 ALIGN = 4096
 TMP_MARK = ".tmp."
 SUFFIX = ".kv"
+#: The file in a tier's directory whose ``flock`` marks the directory as owned by one engine.
+LOCK_NAME = ".kvortex.lock"
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 _RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 HAS_NOWAIT = bool(_RWF_NOWAIT)
@@ -232,3 +237,45 @@ def make_dirs(root: str, parts: list[str]) -> str:
         except FileExistsError:
             pass
     return path
+
+
+class DirectoryBusyError(OSError):
+    """Another open file (another process, or another engine in this one) holds the lock."""
+
+    def __init__(self, holder: str) -> None:
+        super().__init__(errno.EWOULDBLOCK, holder)
+        self.holder = holder
+
+
+def lock_dir(root: str) -> int | None:
+    """Take the exclusive ``flock`` of ``root``'s lock file and write the owner into it.
+
+    Returns the lock's file descriptor (closing it releases the lock, as does the death of the
+    process), or None on a filesystem without ``flock`` (nothing is enforced there). Raises
+    :class:`DirectoryBusyError` naming the holder when another open file holds it: ``flock``
+    locks belong to an open file, so two engines in one process exclude each other too.
+    """
+    path = os.path.join(root, LOCK_NAME)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 256, 0).decode("utf-8", "replace").strip() or "unknown owner"
+        os.close(fd)
+        raise DirectoryBusyError(holder) from None
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            return None
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    return fd
+
+
+def unlock_dir(fd: int) -> None:
+    """Release a lock taken by :func:`lock_dir` (the file stays: removing it would let a
+    newcomer lock a new file while a waiter still holds the old one)."""
+    with contextlib.suppress(OSError):
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)

@@ -49,7 +49,9 @@ def open_tiers(config: KVortexConfig, namespace: bytes, payload_shape: tuple[int
     """A TierManager over ``pool`` with every configured lower tier opened (failures isolated).
 
     ``every_rank`` (the scheduler): a local tier (disk: one directory per rank) is opened once
-    per rank, as ``<name>@r<rank>`` beyond rank 0, so its view holds every rank's chunks.
+    per rank, as ``<name>@r<rank>`` beyond rank 0, so its view holds every rank's chunks; as
+    an observer (``BackendContext.observer``): the ranks own their directories, the scheduler
+    only reads what is there.
     """
     names = config.tier_names
     mgr = TierManager(config=config, namespace=namespace, payload_shape=payload_shape, dtype=dtype,
@@ -59,12 +61,12 @@ def open_tiers(config: KVortexConfig, namespace: bytes, payload_shape: tuple[int
     try:
         for name in names[1:]:
             cap = per_rank_capacity(int(config.tiers[name].capacity), ranks)
-            tier = mgr.add_tier(name, plugins, cap, rank=rank, world_size=world_size)
+            tier = mgr.add_tier(name, plugins, cap, rank=rank, world_size=world_size, observer=every_rank)
             if every_rank and tier.remote is None:
                 for other in range(world_size):
                     if other != rank:
                         mgr.add_tier(name, plugins, cap, rank=other, world_size=world_size,
-                                     label=f"{name}@r{other}")
+                                     label=f"{name}@r{other}", observer=True)
     except BaseException:
         mgr.close()
         raise

@@ -244,6 +244,67 @@ def _check_consistent(tensors: list[torch.Tensor]) -> None:
             f"KV dtype {first.dtype} is not supported; expected one of "
             f"{[str(d).removeprefix('torch.') for d in SUPPORTED_DTYPES]}"
         )
+    _check_disjoint(tensors)
+
+
+#: Bound on the search of :func:`_shared_offset` (strides no engine uses could need more).
+_OVERLAP_SEARCH_STEPS = 100_000
+
+
+def _check_disjoint(tensors: list[torch.Tensor]) -> None:
+    """Layers that share memory would load one layer's KV over another's: refused.
+
+    Every layer has the same shape and strides (checked before), so two layers are the same
+    set of offsets shifted by the distance of their data pointers; they share an element when
+    that distance is a difference of two offsets of one layer. Views of one buffer that
+    interleave (vLLM 0.30+ per-layer views, block outermost) do not share any.
+    """
+    if len(tensors) < 2:
+        return
+    es = tensors[0].element_size()
+    dims = sorted(((st * es, n) for st, n in zip(tensors[0].stride(), tensors[0].shape, strict=True) if n > 1),
+                  reverse=True)
+    span = sum((n - 1) * st for st, n in dims) + es  # first byte to past the last one
+    order = sorted(range(len(tensors)), key=lambda i: tensors[i].data_ptr())
+    ptrs = [tensors[i].data_ptr() for i in order]
+    verdicts: dict[int, bool] = {}
+    for a in range(len(order)):
+        for b in range(a + 1, len(order)):
+            d = ptrs[b] - ptrs[a]
+            if d >= span:
+                break  # pointers sorted: every later layer is farther
+            if d not in verdicts:
+                verdicts[d] = _shared_offset(d, dims, es)
+            if verdicts[d]:
+                i, j = sorted((order[a], order[b]))
+                raise LayoutError(
+                    f"layers {i} and {j} overlap in memory (their data pointers are {d} bytes "
+                    f"apart, less than one layer's {span} bytes, and some of their elements are "
+                    "the same memory); pass each layer's own KV tensor"
+                )
+
+
+def _shared_offset(d: int, dims: list[tuple[int, int]], es: int) -> bool:
+    """Whether ``d`` bytes equals sum(m_i * stride_i) within one element, |m_i| < size_i."""
+    rest = [0] * (len(dims) + 1)
+    for i in range(len(dims) - 1, -1, -1):
+        rest[i] = rest[i + 1] + (dims[i][1] - 1) * dims[i][0]
+    steps = 0
+
+    def search(i: int, r: int) -> bool:
+        nonlocal steps
+        steps += 1
+        if steps > _OVERLAP_SEARCH_STEPS:
+            return False  # give up (not proven to overlap)
+        if i == len(dims):
+            return abs(r) < es
+        st, n = dims[i]
+        reach = rest[i + 1] + es - 1
+        lo = max(-(n - 1), -((reach - r) // st))  # ceil((r - reach) / st)
+        hi = min(n - 1, (r + reach) // st)
+        return any(search(i + 1, r - m * st) for m in range(lo, hi + 1))
+
+    return search(0, d)
 
 
 def _guess_dims(shape: tuple[int, ...], single: bool, hints: Mapping[str, Any]) -> tuple[str, str]:

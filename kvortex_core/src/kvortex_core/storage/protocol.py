@@ -62,6 +62,11 @@ class BackendContext:
     rank: int = 0
     world_size: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
+    #: True when this instance only looks: the engine reads its ``scan()`` and may call
+    #: ``exists``/``get``, never ``put`` or ``delete`` (the vLLM scheduler's view of each rank's
+    #: tier, which the rank's own instance owns). A local backend then neither claims nor
+    #: cleans its storage (the disk tier takes no directory lock and deletes nothing).
+    observer: bool = False
 
 
 class StorageBackend(abc.ABC):

@@ -203,14 +203,15 @@ class TierManager(SaveMixin, LoadMixin):
 
     def _add_tier(
         self, name: str, plugins: PluginManager, capacity: int, rank: int, world_size: int,
-        label: str | None = None,
+        label: str | None = None, observer: bool = False,
     ) -> None:
         tc = self.config.tiers[name]
         name, config_name = label or name, name
         info = plugins.backend(tc.type)
         info.check_dependencies()
         context = BackendContext(
-            tier=name, namespace=self.namespace.hex(), rank=rank, world_size=world_size
+            tier=name, namespace=self.namespace.hex(), rank=rank, world_size=world_size,
+            observer=observer,
         )
         backend = info.cls(
             backend_options(self.config, config_name, plugins), capacity=capacity, context=context
@@ -346,13 +347,15 @@ class TierManager(SaveMixin, LoadMixin):
         rank: int = 0,
         world_size: int = 1,
         label: str | None = None,
+        observer: bool = False,
     ) -> LowerTier:
         """Open one configured lower tier (``config.tiers[name]``) with this byte capacity.
 
         ``label``: the tier's name in stats and logs when one configured tier is opened more
         than once (the vLLM scheduler views every rank's directory of a local tier).
+        ``observer``: this instance only looks (``BackendContext.observer``).
         """
-        self._add_tier(name, plugins, capacity, rank, world_size, label)
+        self._add_tier(name, plugins, capacity, rank, world_size, label, observer)
         return self.tiers[-1]
 
     async def write_value(self, tier: LowerTier, key: bytes, value: Any) -> bool:
