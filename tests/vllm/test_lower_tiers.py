@@ -808,3 +808,42 @@ def test_blocks_a_failed_load_left_are_never_cached_after_its_request_is_aborted
     assert "C" in h.finished
     assert_no_output_over_garbage(h)
     assert_fresh_request_loads_good_kv(h, c)
+
+
+def test_a_second_server_on_the_same_disk_directory_loads_nothing_wrong_and_takes_over_later(
+    tmp_path: Path,
+) -> None:
+    """Two vLLM servers configured with one disk path, both running. The first owns every rank's
+    directory (the disk tier's flock); the second's ranks cannot open it, while its scheduler
+    (an observer) sees the first server's files. Its requests get correct KV (a planned load
+    from the unusable tier fails and is recomputed, never promised again), the first server's
+    files are untouched, and once the first server stops the second takes the directory over."""
+    a = prompt(21, 80)
+    cfg = {**tiers(tmp_path, cpu="256KiB"), "circuit_breaker": {"reset_after_s": 0.1}}
+    first = build(tmp_path, cfg, tp=2)
+    first.add("A", a)
+    first.run()
+    drain(first)
+    files = sorted(p.name for p in (tmp_path / "disk").rglob("*.kv"))
+    assert files, "A was written behind to disk"
+    second = build(tmp_path, cfg, tp=2)
+    for w in second.workers:
+        disk = w.connector.worker_side.tiers.mgr.tiers[0]
+        assert disk.breaker.state == "open" and "in use by another engine" in disk.breaker.last_error
+    second.add("B", a[:70])
+    for _ in range(300):
+        second.step()
+        if "B" in second.finished:
+            break
+    assert "B" in second.finished
+    assert_kv(second, "B", a, 64)
+    assert sorted(p.name for p in (tmp_path / "disk").rglob("*.kv")) == files
+    first.close()
+    time.sleep(0.15)
+    second.add("C", prompt(22, 80))  # a save: its write-behind probes the disk tier and opens it
+    second.run()
+    drain(second)
+    for w in second.workers:
+        assert w.connector.worker_side.tiers.mgr.tiers[0].breaker.state == "closed"
+    assert len(list((tmp_path / "disk").rglob("*.kv"))) > len(files), "C was written behind"
+    second.close()
