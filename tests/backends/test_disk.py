@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import signal
@@ -81,8 +82,8 @@ async def _opened(b: DiskBackend) -> DiskBackend:
 
 
 def _files(root: Path) -> list[Path]:
-    """The tier's cache files (not its directory lock)."""
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.name != disk_io.LOCK_NAME)
+    """The tier's cache files (not the file naming its directory's owner)."""
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.name != disk_io.OWNER_NAME)
 
 
 # -- restart, layout, permissions ------------------------------------------------------------
@@ -263,7 +264,7 @@ def test_a_second_backend_on_the_same_directory_is_refused_until_the_first_close
         for k, v in values.items():
             await first.put(k, v)
         second = _ns_disk(tmp_path)
-        with pytest.raises(BackendError, match=rf"in use by another engine \(pid {os.getpid()} on .*\).*own directory"):
+        with pytest.raises(BackendError, match=rf"in use by another engine \(pid {os.getpid()} on .*: this process, .*\).*own directory"):
             await second.open()
         # the refused open changed nothing: the owner still reads every value
         for k, v in values.items():
@@ -273,8 +274,8 @@ def test_a_second_backend_on_the_same_directory_is_refused_until_the_first_close
         await second.open()  # the retried open (the tier's probe) takes over
         assert sorted(k for k, _ in await second.scan()) == sorted(values)
         await second.close()
-        lock = next(p for p in tmp_path.rglob(disk_io.LOCK_NAME))
-        assert lock.stat().st_mode & 0o777 == 0o600
+        owner = next(p for p in tmp_path.rglob(disk_io.OWNER_NAME))
+        assert owner.stat().st_mode & 0o777 == 0o600
         # another namespace (another model or salt) is another directory: no conflict
         other = DiskBackend(DiskBackend.Options(path=tmp_path), capacity=MiB,
                             context=BackendContext(tier="disk", namespace="cd" * 16))
@@ -359,6 +360,75 @@ def test_another_process_owning_the_directory_is_named_and_its_death_frees_it(tm
         await b.close()
 
     _run(after())
+
+
+def test_deleting_every_file_of_an_owned_directory_leaves_it_owned(tmp_path: Path) -> None:
+    """A cleanup that deletes files (the owner's name included) cannot take the lock away: it is
+    on the directory, and the refusal says the owner is unknown."""
+    async def go() -> None:
+        owner = await _opened(_ns_disk(tmp_path))
+        for p in Path(owner.root).rglob("*"):
+            if p.is_file():
+                p.unlink()
+        second = _ns_disk(tmp_path)
+        with pytest.raises(BackendError, match=r"in use by another engine \(unknown owner\)"):
+            await second.open()
+        await owner.close()
+        await second.open()
+        await second.close()
+
+    _run(go())
+
+
+_FORKER = textwrap.dedent("""
+    import asyncio, os, sys, time
+    from kvortex_backends.disk import DiskBackend
+    from kvortex_core.storage.protocol import BackendContext
+
+    async def main():
+        b = DiskBackend(DiskBackend.Options(path=sys.argv[1]), capacity=1 << 30,
+                        context=BackendContext(tier="disk", namespace=sys.argv[2]))
+        await b.open()
+        child = os.fork()
+        if child == 0:  # the forked child outlives its parent; its close() must not unlock
+            await b.close()
+            time.sleep(600)
+            os._exit(0)
+        print(child, flush=True)
+        time.sleep(600)
+    asyncio.run(main())
+""")
+
+
+def test_a_child_forked_from_the_owner_neither_keeps_nor_releases_the_lock(tmp_path: Path) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", _FORKER, str(tmp_path), NS.hex()],
+                            stdout=subprocess.PIPE, text=True)
+    child = 0
+    try:
+        assert proc.stdout is not None
+        child = int(proc.stdout.readline())
+        time.sleep(0.3)  # the child has closed its backend by now
+
+        async def refused() -> None:  # the child's close() did not release the parent's lock
+            with pytest.raises(BackendError, match=rf"in use by another engine \(pid {proc.pid} on "):
+                await _ns_disk(tmp_path).open()
+
+        _run(refused())
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+        async def free() -> None:  # the parent died; its living child holds nothing
+            b = await _opened(_ns_disk(tmp_path))
+            await b.close()
+
+        _run(free())
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        if child:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
 
 
 # -- failures --------------------------------------------------------------------------------

@@ -609,6 +609,35 @@ def test_close_lets_accepted_async_saves_finish(tmp_path: Any) -> None:
         assert [again.lookup(t) for t in prompts] == [2 * CHUNK] * len(prompts)
 
 
+def test_an_engine_dropped_without_close_frees_its_disk_directory(tmp_path: Any) -> None:
+    """A notebook cell re-run (or an exception before close()): the dropped engine's tiers are
+    closed in the background once it is collected, so the next engine owns the disk directory
+    and finds what the first one wrote."""
+    import gc
+    import weakref
+
+    tiers = _cpu_and_disk(tmp_path)
+    caches, hints, _ = ks.flash_attn(L, B, N, H, D, torch.bfloat16)
+    tokens = list(range(5000, 5000 + 2 * CHUNK))
+    first = KVortexEngine.create(_config(tiers=tiers))
+    first.register_kv_caches(caches, hints)
+    assert first.save(tokens, list(range(8))) == 2 * CHUNK
+    mgr = weakref.proxy(first._reg.tiers)  # type: ignore[union-attr]
+    assert mgr.drain(30)
+    gone = weakref.ref(first)
+    del first
+    gc.collect()
+    assert gone() is None
+    deadline = time.monotonic() + 10
+    while mgr.loop.running:  # stopped last, after the backends closed
+        assert time.monotonic() < deadline, "the dropped engine's tiers were never closed"
+        time.sleep(0.02)
+    with KVortexEngine.create(_config(tiers=tiers)) as again:
+        again.register_kv_caches(caches, hints)
+        assert again._reg.tiers.tier_states() == {"disk": "closed"}  # type: ignore[union-attr]
+        assert again.lookup(tokens) == 2 * CHUNK
+
+
 @pytest.mark.parametrize("policy", ["lru", "s3fifo", "prefix-lru"])
 def test_a_save_larger_than_the_tier_keeps_its_head(policy: str) -> None:
     """A prompt of more chunks than the cpu tier keeps: its first chunks stay, its tail is

@@ -610,6 +610,24 @@ def test_a_disk_directory_owned_by_another_engine_stays_out_of_service_until_fre
     assert _load(second, [1]) == [(1, "disk")]
 
 
+def test_a_tier_that_could_not_open_is_retried_in_the_background(make: Any) -> None:
+    """A rolling restart: the new engine starts while the old one still owns the directory and
+    then only looks chunks up (no write reaches the tier to probe it). Once the old one closed,
+    the background retry opens the tier, and its files are hits."""
+    old = make(disk={"write_through": True})
+    _save(old, range(4))
+    assert old.drain(30)
+    new = make(disk={"write_through": True}, circuit_breaker={"reset_after_s": 0.05})
+    assert new.tier_states() == {"disk": "open"} and new.lookup([_key(i) for i in range(4)]) == 0
+    old.close()
+    deadline = time.monotonic() + 10
+    while new.tier_states() != {"disk": "closed"}:
+        assert time.monotonic() < deadline, "the tier never opened"
+        time.sleep(0.02)
+    assert new.lookup([_key(i) for i in range(4)]) == 4
+    assert _load(new, range(4)) == [(i, "disk") for i in range(4)]
+
+
 # -- shared tiers ----------------------------------------------------------------------------
 def test_shared_tier_lookup_never_blocks_and_learns_in_background(make: Any) -> None:
     SharedMemory.store = {}

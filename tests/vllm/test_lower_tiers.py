@@ -847,3 +847,29 @@ def test_a_second_server_on_the_same_disk_directory_loads_nothing_wrong_and_take
         assert w.connector.worker_side.tiers.mgr.tiers[0].breaker.state == "closed"
     assert len(list((tmp_path / "disk").rglob("*.kv"))) > len(files), "C was written behind"
     second.close()
+
+
+def test_data_parallel_engines_on_one_node_each_own_their_disk_directories(tmp_path: Path) -> None:
+    """Two data-parallel engines (TP 2 each) with one configuration: every engine's ranks are
+    numbered from 0, so both used to ask for the same directories; each now has its own
+    (``dp<rank>/r<rank>``), owns it, and serves from it after a restart."""
+    a = prompt(23, 80)
+    cfg = tiers(tmp_path, cpu="256KiB")
+    engines = [build(tmp_path, cfg, tp=2, dp=(k, 2)) for k in range(2)]
+    for h in engines:
+        for w in h.workers:
+            assert w.connector.worker_side.tiers.mgr.tier_states() == {"disk": "closed"}
+    engines[1].add("A", a)
+    engines[1].run()
+    drain(engines[1])
+    ns = next((tmp_path / "disk").iterdir())
+    assert sorted(p.name for p in ns.iterdir()) == ["dp0", "dp1"]
+    assert sorted(p.name for p in (ns / "dp1").iterdir()) == ["r0", "r1"]
+    assert list((ns / "dp1").rglob("*.kv")) and not list((ns / "dp0").rglob("*.kv"))
+    for h in engines:
+        h.close()
+    again = build(tmp_path, cfg, tp=2, dp=(1, 2))  # data-parallel rank 1 restarted
+    hist = run_async_load(again, "B", a[:70])
+    assert hist[-1].computed_before["B"] == 2 * CHUNK
+    assert_kv(again, "B", a, 2 * CHUNK)
+    again.close()

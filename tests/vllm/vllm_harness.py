@@ -64,7 +64,9 @@ def write_model_dir(path: Path) -> Path:
 
 
 def make_vllm_config(model_dir: Path, extra: dict[str, Any], *, tp: int = 1, prefix_caching: bool = False,
-                     max_batched: int = 512, cache_dtype: str = "auto") -> VllmConfig:
+                     max_batched: int = 512, cache_dtype: str = "auto",
+                     dp: tuple[int, int] | None = None) -> VllmConfig:
+    """``dp``: (this engine's data-parallel rank, the data-parallel size)."""
     model = ModelConfig(model=str(model_dir), skip_tokenizer_init=True, dtype="float32", max_model_len=2048)
     sched = SchedulerConfig(max_num_batched_tokens=max_batched, max_num_seqs=8, max_model_len=2048,
                             is_encoder_decoder=False, enable_chunked_prefill=True)
@@ -74,7 +76,11 @@ def make_vllm_config(model_dir: Path, extra: dict[str, Any], *, tp: int = 1, pre
     ktc.kv_load_failure_policy = "recompute"  # 0.33 defaults to "fail"; a cache miss must recompute
     return VllmConfig(model_config=model, cache_config=cache, device_config=DeviceConfig("cpu"),
                       scheduler_config=sched, kv_transfer_config=ktc,
-                      parallel_config=ParallelConfig(tensor_parallel_size=tp))
+                      parallel_config=ParallelConfig(tensor_parallel_size=tp, **_dp_kwargs(dp)))
+
+
+def _dp_kwargs(dp: tuple[int, int] | None) -> dict[str, int]:
+    return {} if dp is None else {"data_parallel_rank": dp[0], "data_parallel_size": dp[1]}
 
 
 def make_kv_cache_config(num_blocks: int, heads_per_rank: int, dtype: torch.dtype = DTYPE,
@@ -512,7 +518,8 @@ def close_all() -> None:
 
 def build(tmp: Path, extra: dict[str, Any] | None = None, *, tp: int = 1, num_blocks: int = 64,
           prefix_caching: bool = False, max_batched: int = 512, order: str = "LBNHC",
-          cache_dtype: str = "auto", context: bool = False, async_scheduling: bool = False) -> Harness:
+          cache_dtype: str = "auto", context: bool = False, async_scheduling: bool = False,
+          dp: tuple[int, int] | None = None) -> Harness:
     """A scheduler with the connector (through kv_connector_module_path) and ``tp`` worker ranks.
 
     ``cache_dtype``: vLLM's ``--kv-cache-dtype``; ``fp8``/``fp8_e4m3``/``fp8_e5m2`` caches are
@@ -520,7 +527,7 @@ def build(tmp: Path, extra: dict[str, Any] | None = None, *, tp: int = 1, num_bl
     vLLM's ``AsyncScheduler`` and the engine core's batch queue (see ``Harness.step``)."""
     extra = {"chunk_tokens": 32, "tiers": {"cpu": {"type": "cpu", "capacity": "1MiB"}}, **(extra or {})}
     vc = make_vllm_config(write_model_dir(tmp / "model"), extra, tp=tp, prefix_caching=prefix_caching,
-                          max_batched=max_batched, cache_dtype=cache_dtype)
+                          max_batched=max_batched, cache_dtype=cache_dtype, dp=dp)
     heads = H_TOTAL // tp
     kv_dtype = torch.uint8 if cache_dtype.startswith("fp8") else DTYPE
     kcc = make_kv_cache_config(num_blocks, heads, kv_dtype)

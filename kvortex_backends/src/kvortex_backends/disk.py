@@ -117,7 +117,10 @@ class DiskBackend(StorageBackend):
         super().__init__(options, capacity=capacity, context=context)
         self.options: DiskOptions = options
         ns = re.sub(r"[^0-9A-Za-z_\-]", "_", context.namespace)[:32] or "default"
-        self.root = str(Path(options.path).expanduser() / ns / f"r{context.rank}")
+        base = Path(options.path).expanduser() / ns
+        if context.instance:  # one of several data-parallel engines: a directory of its own
+            base = base / re.sub(r"[^0-9A-Za-z_\-]", "_", context.instance)[:64]
+        self.root = str(base / f"r{context.rank}")
         self._ns_hash = _namespace_hash(context.namespace)
         self._index: dict[str, int] = {}
         self._used = 0
@@ -171,15 +174,18 @@ class DiskBackend(StorageBackend):
         try:
             fd = disk_io.lock_dir(self.root)
         except disk_io.DirectoryBusyError as exc:
+            holder = exc.holder
+            if holder.startswith(f"pid {os.getpid()} on "):
+                holder += ": this process, an engine not closed yet"
             raise BackendError(
-                f"disk tier {self.root} is in use by another engine ({exc.holder}); give each "
+                f"disk tier {self.root} is in use by another engine ({holder}); give each "
                 "engine its own directory: another `path` for this tier, or another `salt`"
             ) from None
         except OSError as exc:
             raise BackendError(self._explain("locking the cache directory", exc)) from exc
         if fd is None:
-            log.warning("disk tier %s: the filesystem has no flock; nothing stops another engine "
-                        "from using this directory too", self.root)
+            log.warning("disk tier %s: the filesystem cannot lock a directory (flock); nothing stops "
+                        "another engine from using this directory too", self.root)
         self._lock_fd = fd
 
     def _prepare_root(self) -> None:
@@ -409,7 +415,7 @@ class DiskBackend(StorageBackend):
         found: list[tuple[str, int]] = []
         for folder, _dirs, files in os.walk(self.root):
             for name in files:
-                if name == disk_io.LOCK_NAME and folder == self.root:
+                if name == disk_io.OWNER_NAME and folder == self.root:
                     continue
                 path = os.path.join(folder, name)
                 try:

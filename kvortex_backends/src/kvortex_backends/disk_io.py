@@ -26,8 +26,8 @@ from kvortex_core.errors import BufferTooSmallError
 ALIGN = 4096
 TMP_MARK = ".tmp."
 SUFFIX = ".kv"
-#: The file in a tier's directory whose ``flock`` marks the directory as owned by one engine.
-LOCK_NAME = ".kvortex.lock"
+#: The file naming the process that holds a tier directory's lock (see :func:`lock_dir`).
+OWNER_NAME = ".kvortex.owner"
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 _RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 HAS_NOWAIT = bool(_RWF_NOWAIT)
@@ -247,35 +247,69 @@ class DirectoryBusyError(OSError):
         self.holder = holder
 
 
-def lock_dir(root: str) -> int | None:
-    """Take the exclusive ``flock`` of ``root``'s lock file and write the owner into it.
+#: Lock descriptors this process holds (a forked child closes its copies, see below).
+_HELD: set[int] = set()
 
-    Returns the lock's file descriptor (closing it releases the lock, as does the death of the
-    process), or None on a filesystem without ``flock`` (nothing is enforced there). Raises
-    :class:`DirectoryBusyError` naming the holder when another open file holds it: ``flock``
-    locks belong to an open file, so two engines in one process exclude each other too.
+
+def _forget_locks_in_child() -> None:
+    """A forked child shares its parent's locks (one open file): it closes its copies without
+    unlocking, so the parent's death still frees them and the child cannot release them."""
+    for fd in _HELD:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_locks_in_child)
+
+
+def lock_dir(root: str) -> int | None:
+    """Take the exclusive ``flock`` of the directory ``root`` itself and name the owner.
+
+    The lock is on the directory, not on a file in it: a cleanup that deletes old files cannot
+    remove it while the directory holds anything. Returns the lock's descriptor (closing it
+    releases the lock, as does the death of the process), or None on a filesystem where a
+    directory cannot be locked (NFS: nothing is enforced there). Raises
+    :class:`DirectoryBusyError` naming the holder (from ``OWNER_NAME``) when another open file
+    holds it: ``flock`` locks belong to an open file, so two engines in one process exclude each
+    other too.
     """
-    path = os.path.join(root, LOCK_NAME)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = os.pread(fd, 256, 0).decode("utf-8", "replace").strip() or "unknown owner"
         os.close(fd)
-        raise DirectoryBusyError(holder) from None
+        raise DirectoryBusyError(_owner(root)) from None
     except OSError as exc:
         os.close(fd)
-        if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+        if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.EBADF):
             return None
         raise
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    _HELD.add(fd)
+    owner = os.open(os.path.join(root, OWNER_NAME), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+                    | os.O_NOFOLLOW, 0o600)
+    try:
+        os.write(owner, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+    finally:
+        os.close(owner)
     return fd
 
 
+def _owner(root: str) -> str:
+    try:
+        with open(os.path.join(root, OWNER_NAME), "rb") as f:
+            text = f.read(256).decode("utf-8", "replace").strip()
+    except OSError:
+        text = ""
+    return text or "unknown owner"
+
+
 def unlock_dir(fd: int) -> None:
-    """Release a lock taken by :func:`lock_dir` (the file stays: removing it would let a
-    newcomer lock a new file while a waiter still holds the old one)."""
+    """Release a lock taken by :func:`lock_dir` (not one a fork left behind: already closed)."""
+    if fd not in _HELD:
+        return
+    _HELD.discard(fd)
     with contextlib.suppress(OSError):
         fcntl.flock(fd, fcntl.LOCK_UN)
     os.close(fd)

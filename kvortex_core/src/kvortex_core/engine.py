@@ -20,6 +20,7 @@ import logging
 import operator
 import threading
 import time
+import weakref
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Self
@@ -137,6 +138,20 @@ class _Registered:
         self.parts: dict[int, list[tuple[int, int]]] = {}  # KVortexEngine._parts by chunk count
 
 
+def _close_orphaned(reg: _Registered) -> None:
+    """Close what an engine dropped without ``close()`` built, on a thread of its own: the
+    garbage collector may run this on any thread, the tiering loop's own included."""
+    log.warning("a KVortexEngine was dropped without close(): closing its tiers in the background")
+
+    def run() -> None:
+        try:
+            reg.transfer.close()
+        finally:
+            reg.tiers.close()
+
+    threading.Thread(target=run, name="kvortex-orphan-close", daemon=True).start()
+
+
 class KVortexEngine:
     """Save, look up and load the KV cache of token prefixes; see the module docstring."""
 
@@ -154,6 +169,7 @@ class KVortexEngine:
         self._reg: _Registered | None = None
         self._closed = False
         self._closing = False  # close() started: no new calls, accepted async calls finish
+        self._orphan: weakref.finalize[Any, Any] | None = None
         self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kvortex-engine")
         from kvortex_core.metrics import start_metrics
 
@@ -202,6 +218,10 @@ class KVortexEngine:
                 old.close()
                 return layout
             self._reg = self._build(kv_caches, layout, shapes)
+            # Dropped without close() (a notebook re-run, an exception before close): its tiers
+            # would live on with the loop thread, holding their disk directories; closed then.
+            self._orphan = weakref.finalize(self, _close_orphaned, self._reg)
+            self._orphan.atexit = False  # at exit the loops stop on their own (tiering.loop)
         return layout
 
     def _build(self, kv_caches: Any, layout: KVLayout, shapes: list[tuple[Any, ...]]) -> _Registered:
@@ -548,6 +568,8 @@ class KVortexEngine:
         self._executor.shutdown(wait=True)
         with self._lock:
             self._closed = True
+        if self._orphan is not None:
+            self._orphan.detach()
         if self._reg is not None:
             self._reg.transfer.close()
             self._reg.tiers.close()

@@ -300,3 +300,14 @@ def recheck_failed_loads(vllm_config: Any) -> bool:
         return False
     rollback = getattr(Scheduler, "_update_requests_with_invalid_blocks", None)
     return rollback is not None and "num_scheduled_tokens" in inspect.signature(rollback).parameters
+
+
+def dp_instance(vllm_config: Any) -> str:
+    """``dp<rank>`` for one of several data-parallel engines, else ``""``.
+
+    Each data-parallel engine has its own scheduler, cpu tier and ranks, numbered from 0 like
+    every other engine's: without this, the ranks of two engines on one node would ask for the
+    same disk directories (``BackendContext.instance``)."""
+    pc = vllm_config.parallel_config
+    size = int(getattr(pc, "data_parallel_size", 1) or 1)
+    return f"dp{int(getattr(pc, 'data_parallel_rank', 0) or 0)}" if size > 1 else ""

@@ -80,9 +80,10 @@ class WorkerSide:
 
     def __init__(
         self, config: KVortexConfig, namespace: bytes, *, tp_rank: int = 0, tp_size: int = 1,
-        pin: bool | None = None, stats: Stats | None = None,
+        pin: bool | None = None, stats: Stats | None = None, instance: str = "",
     ) -> None:
         self.config = config
+        self.instance = instance  # data-parallel engines on one node: see BackendContext.instance
         self.stats = stats or Stats()
         self.namespace = namespace
         self.rank = tp_rank
@@ -154,7 +155,8 @@ class WorkerSide:
         self._host_kv = device.type != "cuda"
         if has_lower_tiers(self.config):
             mgr = open_tiers(self.config, self.namespace, layout.chunk_payload_shape(chunk), layout.dtype,
-                             self.pool, rank=self.rank, world_size=self.tp_size, stats=self.stats)
+                             self.pool, rank=self.rank, world_size=self.tp_size, stats=self.stats,
+                             instance=self.instance)
             self.tiers = WorkerTiers(mgr, self.rank)
         log.info("rank %d: %s KV layout, %d layers, %d slots of %d bytes (%s)", self.rank, layout.kind,
                  layout.num_layers, geo.num_slots, geo.slot_bytes, "pinned" if self.pool.pinned else "pageable")

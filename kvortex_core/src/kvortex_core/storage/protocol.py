@@ -67,6 +67,10 @@ class BackendContext:
     #: tier, which the rank's own instance owns). A local backend then neither claims nor
     #: cleans its storage (the disk tier takes no directory lock and deletes nothing).
     observer: bool = False
+    #: Which of several engines that share one configuration on one node this is (the vLLM
+    #: connector: ``dp<rank>`` under data parallelism, else empty). A local backend keeps each
+    #: instance's data apart (the disk tier: ``<path>/<namespace>/<instance>/r<rank>``).
+    instance: str = ""
 
 
 class StorageBackend(abc.ABC):

@@ -203,7 +203,7 @@ class TierManager(SaveMixin, LoadMixin):
 
     def _add_tier(
         self, name: str, plugins: PluginManager, capacity: int, rank: int, world_size: int,
-        label: str | None = None, observer: bool = False,
+        label: str | None = None, observer: bool = False, instance: str = "",
     ) -> None:
         tc = self.config.tiers[name]
         name, config_name = label or name, name
@@ -211,7 +211,7 @@ class TierManager(SaveMixin, LoadMixin):
         info.check_dependencies()
         context = BackendContext(
             tier=name, namespace=self.namespace.hex(), rank=rank, world_size=world_size,
-            observer=observer,
+            observer=observer, instance=instance,
         )
         backend = info.cls(
             backend_options(self.config, config_name, plugins), capacity=capacity, context=context
@@ -264,6 +264,26 @@ class TierManager(SaveMixin, LoadMixin):
         except Exception as exc:  # noqa: BLE001 - a tier that cannot start is skipped, not fatal
             self.stats.inc(TIER_ERRORS, 1, tier.name)  # `kvortex stats` shows it as an error
             tier.breaker.force_open(f"open failed: {type(exc).__name__}: {exc}")
+            self.loop.submit(self._open_later(tier))
+
+    async def _open_later(self, tier: LowerTier) -> None:
+        """Retry opening ``tier`` each time its breaker lets a probe through, until it opens.
+
+        Calls that need the tier probe it too, but lookups only read its index and saves that
+        fit the cpu tier never reach it: without this a tier that could not start (a disk
+        directory another engine still owned during a rolling restart) stayed out of service.
+        """
+        task = asyncio.current_task()
+        if task is not None:
+            self.loop.keep(task)  # stop() cancels it
+        while not self._closed and not tier.opened:
+            await asyncio.sleep(tier.breaker.reset_after_s)
+            if self._closed or tier.opened or not tier.breaker.available:
+                continue
+            try:
+                await tier.call("open", _nothing())
+            except TierUnavailable:
+                pass  # counted and logged by the tier; the breaker is open again
 
     def _on_transition(self, name: str, old: str, new: str, error: str) -> None:
         self.stats.inc(BREAKER_TRANSITIONS, 1, name)
@@ -348,14 +368,16 @@ class TierManager(SaveMixin, LoadMixin):
         world_size: int = 1,
         label: str | None = None,
         observer: bool = False,
+        instance: str = "",
     ) -> LowerTier:
         """Open one configured lower tier (``config.tiers[name]``) with this byte capacity.
 
         ``label``: the tier's name in stats and logs when one configured tier is opened more
         than once (the vLLM scheduler views every rank's directory of a local tier).
-        ``observer``: this instance only looks (``BackendContext.observer``).
+        ``observer``: this instance only looks (``BackendContext.observer``); ``instance``: see
+        ``BackendContext.instance``.
         """
-        self._add_tier(name, plugins, capacity, rank, world_size, label, observer)
+        self._add_tier(name, plugins, capacity, rank, world_size, label, observer, instance)
         return self.tiers[-1]
 
     async def write_value(self, tier: LowerTier, key: bytes, value: Any) -> bool:
@@ -461,3 +483,7 @@ __all__ = [
     "WRITE_BEHIND_SKIPPED",
     "TierManager",
 ]
+
+
+async def _nothing() -> None:
+    """The call of a background open probe (``LowerTier.call`` opens the tier first)."""
