@@ -96,6 +96,21 @@ def test_skip_tokens_leaves_held_blocks_alone() -> None:
         assert engine.load(tokens, dst, skip_tokens=3 * CHUNK) == 0
 
 
+def test_skipping_every_token_writes_no_block_even_a_partial_chunks() -> None:
+    """All tokens held (skip_tokens >= their count): the partial last chunk's block is not
+    rewritten (its rows past the sequence's end would take the saver's bytes)."""
+    engine, caches, _ = _engine(store_partial_chunks=True)
+    with engine:
+        tokens = list(range(700, 700 + CHUNK + 2 * N))  # a whole chunk and a 2-block partial one
+        assert engine.save(tokens, list(range(6))) == len(tokens)
+        dst = list(range(40, 46))
+        before = [c.clone() for c in caches]
+        for skip in (len(tokens), len(tokens) + 5):
+            assert engine.load(tokens, dst, skip_tokens=skip) == 0
+            assert all(torch.equal(a, b) for a, b in zip(before, caches, strict=True))
+        assert engine.load(tokens, dst, skip_tokens=len(tokens) - 1) == 1  # the last token's block
+
+
 def test_partial_chunks_when_configured() -> None:
     engine, caches, block = _engine(store_partial_chunks=True)
     with engine:
@@ -556,6 +571,7 @@ def test_wait_layer_refuses_a_layer_outside_the_registered_ones() -> None:
         ({0: 1}, "got dict"),
         ((i for i in range(4)), "got generator"),
         ([0, 1, 2**70, 3], r"block_ids\[2\] = 1180591620717411303424 is out of range"),
+        ([0, 2**63, 2, 3], r"block_ids\[1\] = 9223372036854775808 is out of range"),  # numpy: float64
     ],
 )
 def test_block_ids_that_are_no_sequence_of_ints_are_named(blocks: Any, match: str) -> None:

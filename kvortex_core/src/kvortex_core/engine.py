@@ -488,7 +488,9 @@ class KVortexEngine:
         blocks = _Blocks(block_ids, tokens.n, reg.layout, unique=True)
         ct = self.config.chunk_tokens
         chain = _KeyChain(reg.hasher, tokens, self.rank)
-        first = min(skip_tokens // ct, chain.n)
+        # Every token held already: nothing to write (a partial last chunk would rewrite its
+        # block, the rows past the sequence's end included).
+        first = chain.n if skip_tokens >= tokens.n else min(skip_tokens // ct, chain.n)
         self._stats.inc(LOAD_CALLS)
         parts = [(0, chain.n - first)] if layerwise else self._parts(chain.n - first, reg)
         handles: list[Any] = []
@@ -790,6 +792,10 @@ def _int_vector(values: Any, name: str, hint: str, offset: int = 0) -> Any:
         given = given if given is not None else arr.tolist()
         bad = next(((i, v) for i, v in enumerate(given)
                     if isinstance(v, bool) or not isinstance(v, numbers.Integral)), None)
+        if bad is None:  # all integers, some beyond int64: numpy made floats of them
+            big = next(((i, v) for i, v in enumerate(given) if not -2**63 <= int(v) < 2**63), None)
+            if big is not None:
+                raise KVortexError(f"{name}[{offset + big[0]}] = {big[1]} is out of range; {hint}")
         what = (f"{name}[{offset + bad[0]}] = {bad[1]!r} ({type(bad[1]).__name__})" if bad
                 else f"dtype {arr.dtype}")
         raise KVortexError(f"{name} must hold integers, got {what}; {hint}")
