@@ -3,6 +3,7 @@ cross-layout loads, async handles, bad input, close."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from typing import Any
@@ -625,6 +626,15 @@ def test_close_lets_accepted_async_saves_finish(tmp_path: Any) -> None:
         assert [again.lookup(t) for t in prompts] == [2 * CHUNK] * len(prompts)
 
 
+def test_stats_say_why_a_tier_is_out_of_service(tmp_path: Any) -> None:
+    tiers = _cpu_and_disk(tmp_path)
+    with _engine(tiers=tiers)[0] as owner, _engine(tiers=tiers)[0] as second:
+        assert owner.stats()["tiers"]["disk"]["state"] == "closed"
+        down = second.stats()["tiers"]["disk"]
+        assert down["state"] == "open"
+        assert f"in use by another engine (pid {os.getpid()} on " in down["last_error"]
+
+
 def test_an_engine_dropped_without_close_frees_its_disk_directory(tmp_path: Any) -> None:
     """A notebook cell re-run (or an exception before close()): the dropped engine's tiers are
     closed in the background once it is collected, so the next engine owns the disk directory
@@ -650,7 +660,7 @@ def test_an_engine_dropped_without_close_frees_its_disk_directory(tmp_path: Any)
         time.sleep(0.02)
     with KVortexEngine.create(_config(tiers=tiers)) as again:
         again.register_kv_caches(caches, hints)
-        assert again._reg.tiers.tier_states() == {"disk": "closed"}  # type: ignore[union-attr]
+        assert again.stats()["tiers"] == {"disk": {"state": "closed", "last_error": ""}}
         assert again.lookup(tokens) == 2 * CHUNK
 
 

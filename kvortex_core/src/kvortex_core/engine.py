@@ -552,6 +552,9 @@ class KVortexEngine:
                              "chunk_bytes": reg.layout.chunk_bytes(self.config.chunk_tokens),
                              "row_gather": reg.transfer.row_gather, "gather": reg.transfer.gather_mode}
             out["pool"] = reg.tiers.pool.stats().to_dict()
+            # why a lower tier is out of service (the breaker's last error), not only that it is
+            out["tiers"] = {t.name: {"state": t.breaker.state, "last_error": t.breaker.last_error}
+                            for t in reg.tiers.tiers}
         return out
 
     @property
