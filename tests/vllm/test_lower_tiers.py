@@ -810,14 +810,16 @@ def test_blocks_a_failed_load_left_are_never_cached_after_its_request_is_aborted
     assert_fresh_request_loads_good_kv(h, c)
 
 
-def test_a_second_server_on_the_same_disk_directory_loads_nothing_wrong_and_takes_over_later(
+def test_a_second_server_on_the_same_disk_directory_promises_nothing_from_it_until_it_takes_over(
     tmp_path: Path,
 ) -> None:
     """Two vLLM servers configured with one disk path, both running. The first owns every rank's
-    directory (the disk tier's flock); the second's ranks cannot open it, while its scheduler
-    (an observer) sees the first server's files. Its requests get correct KV (a planned load
-    from the unusable tier fails and is recomputed, never promised again), the first server's
-    files are untouched, and once the first server stops the second takes the directory over."""
+    directory (the disk tier's flock, with its engine id); the second's ranks cannot open it,
+    and its scheduler's view (an observer) sees the directories held for another engine: it
+    promises none of the first server's files and none of its own write-behind (which cannot
+    land), so no load is planned that must fail (under vLLM's default ``kv_load_failure_policy``
+    "fail" that would fail the request). Once the first server stops, the second's ranks and
+    view take the directories over and serve what the first left there."""
     a = prompt(21, 80)
     cfg = {**tiers(tmp_path, cpu="256KiB"), "circuit_breaker": {"reset_after_s": 0.1}}
     first = build(tmp_path, cfg, tp=2)
@@ -827,35 +829,44 @@ def test_a_second_server_on_the_same_disk_directory_loads_nothing_wrong_and_take
     files = sorted(p.name for p in (tmp_path / "disk").rglob("*.kv"))
     assert files, "A was written behind to disk"
     second = build(tmp_path, cfg, tp=2)
+    view = second.connector.scheduler_side.tiers
+    assert view is not None and set(view.mgr.tier_states().values()) == {"open"}
     for w in second.workers:
         disk = w.connector.worker_side.tiers.mgr.tiers[0]
         assert disk.breaker.state == "open" and "in use by another engine" in disk.breaker.last_error
+    side = second.connector.scheduler_side
     second.add("B", a[:70])
-    for _ in range(300):
-        second.step()
-        if "B" in second.finished:
-            break
-    assert "B" in second.finished
-    assert_kv(second, "B", a, 64)
+    second.run()
+    assert not any("B" in s.finished_recving for s in second.history), "a load from the owned disk"
+    assert_kv(second, "B", a, 64)  # recomputed
+    evict_from_cpu(second, side.geometry.num_slots)  # B's chunks leave the cpu tier, never written below
+    second.add("C", a[:70])
+    second.run()
+    assert not any("C" in s.finished_recving for s in second.history), "its own write-behind promised"
     assert sorted(p.name for p in (tmp_path / "disk").rglob("*.kv")) == files
     first.close()
-    time.sleep(0.15)
-    second.add("C", prompt(22, 80))  # a save: its write-behind probes the disk tier and opens it
-    second.run()
-    drain(second)
-    for w in second.workers:
-        assert w.connector.worker_side.tiers.mgr.tiers[0].breaker.state == "closed"
-    assert len(list((tmp_path / "disk").rglob("*.kv"))) > len(files), "C was written behind"
+    deadline = time.monotonic() + 10
+    while set(view.mgr.tier_states().values()) != {"closed"} or any(
+            w.connector.worker_side.tiers.mgr.tier_states() != {"disk": "closed"} for w in second.workers):
+        assert time.monotonic() < deadline, "the second server never took the directories over"
+        second.step()
+        time.sleep(0.02)
+    hist = run_async_load(second, "D", a[:70])
+    assert hist[-1].computed_before["D"] == 2 * CHUNK, "what the first server left is served"
+    assert_kv(second, "D", a, 2 * CHUNK)
     second.close()
 
 
-def test_data_parallel_engines_on_one_node_each_own_their_disk_directories(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_data_parallel_engines_on_one_node_each_own_their_disk_directories(tmp_path: Path, kind: str) -> None:
     """Two data-parallel engines (TP 2 each) with one configuration: every engine's ranks are
-    numbered from 0, so both used to ask for the same directories; each now has its own
-    (``dp<rank>/r<rank>``), owns it, and serves from it after a restart."""
+    numbered from 0, so both used to ask for the same directories; engine 1 now has its own
+    (``dp1/r<rank>``; engine 0 keeps the plain layout), each owns its own, and engine 1 serves
+    from its own after a restart. vLLM runs a dense model's engines as independent ones (data
+    parallel size 1, rank 0): only ``data_parallel_index`` tells them apart."""
     a = prompt(23, 80)
     cfg = tiers(tmp_path, cpu="256KiB")
-    engines = [build(tmp_path, cfg, tp=2, dp=(k, 2)) for k in range(2)]
+    engines = [build(tmp_path, cfg, tp=2, dp=(k, 2, kind)) for k in range(2)]
     for h in engines:
         for w in h.workers:
             assert w.connector.worker_side.tiers.mgr.tier_states() == {"disk": "closed"}
@@ -863,12 +874,12 @@ def test_data_parallel_engines_on_one_node_each_own_their_disk_directories(tmp_p
     engines[1].run()
     drain(engines[1])
     ns = next((tmp_path / "disk").iterdir())
-    assert sorted(p.name for p in ns.iterdir()) == ["dp0", "dp1"]
+    assert sorted(p.name for p in ns.iterdir()) == ["dp1", "r0", "r1"]
     assert sorted(p.name for p in (ns / "dp1").iterdir()) == ["r0", "r1"]
-    assert list((ns / "dp1").rglob("*.kv")) and not list((ns / "dp0").rglob("*.kv"))
+    assert list((ns / "dp1").rglob("*.kv")) and not list((ns / "r0").rglob("*.kv"))
     for h in engines:
         h.close()
-    again = build(tmp_path, cfg, tp=2, dp=(1, 2))  # data-parallel rank 1 restarted
+    again = build(tmp_path, cfg, tp=2, dp=(1, 2, kind))  # data-parallel engine 1 restarted
     hist = run_async_load(again, "B", a[:70])
     assert hist[-1].computed_before["B"] == 2 * CHUNK
     assert_kv(again, "B", a, 2 * CHUNK)

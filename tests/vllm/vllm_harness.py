@@ -65,8 +65,11 @@ def write_model_dir(path: Path) -> Path:
 
 def make_vllm_config(model_dir: Path, extra: dict[str, Any], *, tp: int = 1, prefix_caching: bool = False,
                      max_batched: int = 512, cache_dtype: str = "auto",
-                     dp: tuple[int, int] | None = None) -> VllmConfig:
-    """``dp``: (this engine's data-parallel rank, the data-parallel size)."""
+                     dp: tuple[int, int, str] | None = None) -> VllmConfig:
+    """``dp``: (this engine's data-parallel rank, the data-parallel size, ``"moe"`` or
+    ``"dense"``): as vLLM's engine core configures one engine of several, for a MoE model
+    (the data-parallel size and rank kept) or a dense one (independent engines: size 1, rank 0,
+    the engine's number only in ``data_parallel_index``)."""
     model = ModelConfig(model=str(model_dir), skip_tokenizer_init=True, dtype="float32", max_model_len=2048)
     sched = SchedulerConfig(max_num_batched_tokens=max_batched, max_num_seqs=8, max_model_len=2048,
                             is_encoder_decoder=False, enable_chunked_prefill=True)
@@ -74,13 +77,13 @@ def make_vllm_config(model_dir: Path, extra: dict[str, Any], *, tp: int = 1, pre
     ktc = KVTransferConfig(kv_connector="KVortexConnector", kv_connector_module_path="kvortex_vllm.connector",
                            kv_role="kv_both", kv_connector_extra_config=extra)
     ktc.kv_load_failure_policy = "recompute"  # 0.33 defaults to "fail"; a cache miss must recompute
+    moe = dp is not None and dp[2] == "moe"
+    pc = ParallelConfig(tensor_parallel_size=tp,
+                        **({"data_parallel_rank": dp[0], "data_parallel_size": dp[1]} if moe and dp else {}))
+    if dp is not None:
+        pc.data_parallel_index = dp[0]
     return VllmConfig(model_config=model, cache_config=cache, device_config=DeviceConfig("cpu"),
-                      scheduler_config=sched, kv_transfer_config=ktc,
-                      parallel_config=ParallelConfig(tensor_parallel_size=tp, **_dp_kwargs(dp)))
-
-
-def _dp_kwargs(dp: tuple[int, int] | None) -> dict[str, int]:
-    return {} if dp is None else {"data_parallel_rank": dp[0], "data_parallel_size": dp[1]}
+                      scheduler_config=sched, kv_transfer_config=ktc, parallel_config=pc)
 
 
 def make_kv_cache_config(num_blocks: int, heads_per_rank: int, dtype: torch.dtype = DTYPE,
@@ -519,7 +522,7 @@ def close_all() -> None:
 def build(tmp: Path, extra: dict[str, Any] | None = None, *, tp: int = 1, num_blocks: int = 64,
           prefix_caching: bool = False, max_batched: int = 512, order: str = "LBNHC",
           cache_dtype: str = "auto", context: bool = False, async_scheduling: bool = False,
-          dp: tuple[int, int] | None = None) -> Harness:
+          dp: tuple[int, int, str] | None = None) -> Harness:
     """A scheduler with the connector (through kv_connector_module_path) and ``tp`` worker ranks.
 
     ``cache_dtype``: vLLM's ``--kv-cache-dtype``; ``fp8``/``fp8_e4m3``/``fp8_e5m2`` caches are

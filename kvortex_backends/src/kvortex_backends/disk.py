@@ -150,8 +150,7 @@ class DiskBackend(StorageBackend):
         # Only then the scan: it deletes temporary files, which in a directory shared with a
         # live engine would be that engine's writes in progress. An observer (the vLLM
         # scheduler's view of a rank's directory) takes no lock and deletes nothing.
-        if not self.context.observer:
-            await self._run(self._take_lock)
+        await self._run(self._check_owner if self.context.observer else self._take_lock)
         entries = await self._run(self._scan_files)
         self._index = dict(entries)
         self._used = sum(self._index.values())
@@ -172,10 +171,10 @@ class DiskBackend(StorageBackend):
         if self._lock_fd is not None:  # a retried open() keeps the lock it took
             return
         try:
-            fd = disk_io.lock_dir(self.root)
+            fd = disk_io.lock_dir(self.root, self.context.engine_id)
         except disk_io.DirectoryBusyError as exc:
             holder = exc.holder
-            if holder.startswith(f"pid {os.getpid()} on "):
+            if holder.startswith(disk_io.owner_line() + ",") or holder == disk_io.owner_line():
                 holder += ": this process, an engine not closed yet"
             raise BackendError(
                 f"disk tier {self.root} is in use by another engine ({holder}); give each "
@@ -203,6 +202,21 @@ class DiskBackend(StorageBackend):
                 continue
             os.chmod(d, 0o700)  # whatever the umask
         os.chmod(self.root, 0o700)
+
+    def _check_owner(self) -> None:
+        """An observer serves a directory that is free or held for its own engine; one held
+        for another engine (a second server configured with the same path) is not its to
+        promise: its ranks cannot read it, and what they save never lands there."""
+        mine = self.context.engine_id
+        if not mine or disk_io.owner_of(self.root).endswith(f", engine {mine}"):
+            return
+        held, owner = disk_io.peek_owner(self.root)
+        if held:
+            raise BackendError(
+                f"disk tier {self.root} is in use by another engine ({owner}), not by this "
+                f"engine's ranks (engine {mine}); give each engine its own directory: another "
+                "`path` for this tier, or another `salt`"
+            )
 
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
         if self._pool is None:

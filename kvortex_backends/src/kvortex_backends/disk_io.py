@@ -17,6 +17,7 @@ import fcntl
 import os
 import socket
 import stat
+import time
 import uuid
 
 import numpy as np
@@ -264,7 +265,13 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_locks_in_child)
 
 
-def lock_dir(root: str) -> int | None:
+def owner_line(engine_id: str = "") -> str:
+    """What :func:`lock_dir` writes into ``OWNER_NAME``: this process, host and engine."""
+    line = f"pid {os.getpid()} on {socket.gethostname()}"
+    return f"{line}, engine {engine_id}" if engine_id else line
+
+
+def lock_dir(root: str, engine_id: str = "", *, attempts: int = 3) -> int | None:
     """Take the exclusive ``flock`` of the directory ``root`` itself and name the owner.
 
     The lock is on the directory, not on a file in it: a cleanup that deletes old files cannot
@@ -273,14 +280,22 @@ def lock_dir(root: str) -> int | None:
     directory cannot be locked (NFS: nothing is enforced there). Raises
     :class:`DirectoryBusyError` naming the holder (from ``OWNER_NAME``) when another open file
     holds it: ``flock`` locks belong to an open file, so two engines in one process exclude each
-    other too.
+    other too. ``attempts``: tries 20 ms apart (an observer's :func:`peek_owner` holds the lock
+    for an instant).
     """
     fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        for attempt in range(attempts):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if attempt + 1 == attempts:
+                    raise
+                time.sleep(0.02)
     except BlockingIOError:
         os.close(fd)
-        raise DirectoryBusyError(_owner(root)) from None
+        raise DirectoryBusyError(owner_of(root)) from None
     except OSError as exc:
         os.close(fd)
         if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.EBADF):
@@ -290,13 +305,35 @@ def lock_dir(root: str) -> int | None:
     owner = os.open(os.path.join(root, OWNER_NAME), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
                     | os.O_NOFOLLOW, 0o600)
     try:
-        os.write(owner, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        os.write(owner, (owner_line(engine_id) + "\n").encode())
     finally:
         os.close(owner)
     return fd
 
 
-def _owner(root: str) -> str:
+def peek_owner(root: str) -> tuple[bool, str]:
+    """(whether another open file holds ``root``'s lock now, the owner line last written).
+
+    Held for an instant when free (an observer's check; :func:`lock_dir` retries meanwhile);
+    a filesystem that cannot lock a directory reads as free.
+    """
+    try:
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return False, owner_of(root)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True, owner_of(root)
+    except OSError:
+        return False, owner_of(root)
+    finally:
+        os.close(fd)  # releases the lock if taken
+    return False, owner_of(root)
+
+
+def owner_of(root: str) -> str:
+    """The owner line of ``root`` (``"unknown owner"`` when missing)."""
     try:
         with open(os.path.join(root, OWNER_NAME), "rb") as f:
             text = f.read(256).decode("utf-8", "replace").strip()

@@ -302,12 +302,22 @@ def recheck_failed_loads(vllm_config: Any) -> bool:
     return rollback is not None and "num_scheduled_tokens" in inspect.signature(rollback).parameters
 
 
-def dp_instance(vllm_config: Any) -> str:
-    """``dp<rank>`` for one of several data-parallel engines, else ``""``.
 
-    Each data-parallel engine has its own scheduler, cpu tier and ranks, numbered from 0 like
-    every other engine's: without this, the ranks of two engines on one node would ask for the
-    same disk directories (``BackendContext.instance``)."""
+def backend_context(vllm_config: Any) -> dict[str, str]:
+    """The lower tiers' ``BackendContext`` fields that tell this engine apart on a node.
+
+    ``instance``: ``dp<k>`` for data-parallel engine k > 0 (engine 0 keeps the plain layout).
+    Every engine's ranks are numbered from 0, so without it two engines' ranks would ask for the
+    same disk directories. vLLM runs a dense model's data-parallel engines as independent
+    engines (``data_parallel_size`` 1, rank 0) and keeps the engine's number only in
+    ``data_parallel_index``; a MoE model's keep ``data_parallel_rank`` too.
+    ``engine_id``: ``kv_transfer_config.engine_id``, the same in the engine's scheduler and
+    workers (vLLM broadcasts it over the TP group), distinct between servers.
+    """
     pc = vllm_config.parallel_config
-    size = int(getattr(pc, "data_parallel_size", 1) or 1)
-    return f"dp{int(getattr(pc, 'data_parallel_rank', 0) or 0)}" if size > 1 else ""
+    index = getattr(pc, "data_parallel_index", None)
+    if index is None:
+        index = getattr(pc, "data_parallel_rank", 0) if int(getattr(pc, "data_parallel_size", 1) or 1) > 1 else 0
+    ktc = getattr(vllm_config, "kv_transfer_config", None)
+    return {"instance": f"dp{int(index)}" if int(index or 0) > 0 else "",
+            "engine_id": str(getattr(ktc, "engine_id", None) or "")}

@@ -119,7 +119,7 @@ class KVortexConnector(KVConnectorBase_V1):
             geometry = slot_geometry(self.kv_config, shape.chunk_bytes(chunk), shape.tp_size)
             tiers = scheduler_tiers(self.kv_config, namespace.digest(), shape.payload_shape(chunk),
                                     shape.torch_dtype, geometry.slot_bytes, shape.tp_size,
-                                    instance=compat.dp_instance(vllm_config))
+                                    context=compat.backend_context(vllm_config))
             active = startup.prefix_reuse_possible(vllm_config)
             self._scheduler = SchedulerSide(self.kv_config, namespace, geometry, shape.block_size,
                                             stats=self.stats, tiers=tiers, active=active,
@@ -133,7 +133,7 @@ class KVortexConnector(KVConnectorBase_V1):
         else:
             self._worker = WorkerSide(self.kv_config, namespace.digest(), tp_rank=_tp_rank(vllm_config),
                                       tp_size=shape.tp_size, stats=self.stats,
-                                      instance=compat.dp_instance(vllm_config))
+                                      context=compat.backend_context(vllm_config))
             self._layout_hints = compat.layout_hints(shape)
         # vLLM serves prometheus_client's global registry on its own /metrics.
         self._metrics = start_metrics(self.stats, self.kv_config, expose_global=True)

@@ -45,15 +45,17 @@ def has_lower_tiers(config: KVortexConfig) -> bool:
 
 def open_tiers(config: KVortexConfig, namespace: bytes, payload_shape: tuple[int, ...], dtype: torch.dtype,
                pool: PinnedPool, *, rank: int, world_size: int, stats: Stats | None = None,
-               every_rank: bool = False, instance: str = "") -> TierManager:
+               every_rank: bool = False, context: dict[str, Any] | None = None) -> TierManager:
     """A TierManager over ``pool`` with every configured lower tier opened (failures isolated).
 
     ``every_rank`` (the scheduler): a local tier (disk: one directory per rank) is opened once
     per rank, as ``<name>@r<rank>`` beyond rank 0, so its view holds every rank's chunks; as
     an observer (``BackendContext.observer``): the ranks own their directories, the scheduler
-    only reads what is there. ``instance``: this engine among data-parallel ones on the node
-    (``BackendContext.instance``: each keeps its own disk directories).
+    only reads what is there. ``context``: the engine's ``BackendContext`` fields (``instance``
+    among data-parallel engines, ``engine_id``).
     """
+    own = dict(context or {})
+    watch = {**own, "observer": True}
     names = config.tier_names
     mgr = TierManager(config=config, namespace=namespace, payload_shape=payload_shape, dtype=dtype,
                       stats=stats or Stats(), pool=pool, cpu_name=names[0])
@@ -62,13 +64,13 @@ def open_tiers(config: KVortexConfig, namespace: bytes, payload_shape: tuple[int
     try:
         for name in names[1:]:
             cap = per_rank_capacity(int(config.tiers[name].capacity), ranks)
-            tier = mgr.add_tier(name, plugins, cap, rank=rank, world_size=world_size, observer=every_rank,
-                                instance=instance)
+            tier = mgr.add_tier(name, plugins, cap, rank=rank, world_size=world_size,
+                                context=watch if every_rank else own)
             if every_rank and tier.remote is None:
                 for other in range(world_size):
                     if other != rank:
                         mgr.add_tier(name, plugins, cap, rank=other, world_size=world_size,
-                                     label=f"{name}@r{other}", observer=True, instance=instance)
+                                     label=f"{name}@r{other}", context=watch)
     except BaseException:
         mgr.close()
         raise
@@ -273,13 +275,13 @@ class SchedulerTiers:
 
 
 def scheduler_tiers(config: KVortexConfig, namespace: bytes, payload_shape: tuple[int, ...], dtype: torch.dtype,
-                    slot_bytes: int, tp_size: int, instance: str = "") -> SchedulerTiers | None:
+                    slot_bytes: int, tp_size: int, context: dict[str, Any] | None = None) -> SchedulerTiers | None:
     """Lower-tier lookups for the scheduler, or None when only the cpu tier is configured."""
     if not has_lower_tiers(config):
         return None
     # The TierManager needs a pool; the scheduler never moves bytes: one small pageable slot.
     pool = PinnedPool(slot_bytes, slot_bytes, pin=False, alignment=128, name="scheduler")
     mgr = open_tiers(config, namespace, payload_shape, dtype, pool, rank=0, world_size=tp_size, every_rank=True,
-                     instance=instance)
+                     context=context)
     cap = sum(int(config.tiers[n].capacity) for n in config.tier_names[1:])
     return SchedulerTiers(mgr, tp_size, cap // slot_bytes)

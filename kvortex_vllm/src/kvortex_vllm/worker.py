@@ -80,10 +80,10 @@ class WorkerSide:
 
     def __init__(
         self, config: KVortexConfig, namespace: bytes, *, tp_rank: int = 0, tp_size: int = 1,
-        pin: bool | None = None, stats: Stats | None = None, instance: str = "",
+        pin: bool | None = None, stats: Stats | None = None, context: dict[str, Any] | None = None,
     ) -> None:
         self.config = config
-        self.instance = instance  # data-parallel engines on one node: see BackendContext.instance
+        self.context = context  # the lower tiers' BackendContext fields (instance, engine_id)
         self.stats = stats or Stats()
         self.namespace = namespace
         self.rank = tp_rank
@@ -156,7 +156,7 @@ class WorkerSide:
         if has_lower_tiers(self.config):
             mgr = open_tiers(self.config, self.namespace, layout.chunk_payload_shape(chunk), layout.dtype,
                              self.pool, rank=self.rank, world_size=self.tp_size, stats=self.stats,
-                             instance=self.instance)
+                             context=self.context)
             self.tiers = WorkerTiers(mgr, self.rank)
         log.info("rank %d: %s KV layout, %d layers, %d slots of %d bytes (%s)", self.rank, layout.kind,
                  layout.num_layers, geo.num_slots, geo.slot_bytes, "pinned" if self.pool.pinned else "pageable")

@@ -71,6 +71,11 @@ class BackendContext:
     #: connector: ``dp<rank>`` under data parallelism, else empty). A local backend keeps each
     #: instance's data apart (the disk tier: ``<path>/<namespace>/<instance>/r<rank>``).
     instance: str = ""
+    #: The engine this instance works for, as its other processes know it (the vLLM connector:
+    #: ``kv_transfer_config.engine_id``, the same in its scheduler and its workers). The disk
+    #: tier writes it next to its directory lock; an observer of that engine serves a directory
+    #: only while it is free or held for the same engine (not for another server on one path).
+    engine_id: str = ""
 
 
 class StorageBackend(abc.ABC):

@@ -203,7 +203,7 @@ class TierManager(SaveMixin, LoadMixin):
 
     def _add_tier(
         self, name: str, plugins: PluginManager, capacity: int, rank: int, world_size: int,
-        label: str | None = None, observer: bool = False, instance: str = "",
+        label: str | None = None, context: dict[str, Any] | None = None,
     ) -> None:
         tc = self.config.tiers[name]
         name, config_name = label or name, name
@@ -211,7 +211,7 @@ class TierManager(SaveMixin, LoadMixin):
         info.check_dependencies()
         context = BackendContext(
             tier=name, namespace=self.namespace.hex(), rank=rank, world_size=world_size,
-            observer=observer, instance=instance,
+            **(context or {}),
         )
         backend = info.cls(
             backend_options(self.config, config_name, plugins), capacity=capacity, context=context
@@ -367,17 +367,16 @@ class TierManager(SaveMixin, LoadMixin):
         rank: int = 0,
         world_size: int = 1,
         label: str | None = None,
-        observer: bool = False,
-        instance: str = "",
+        context: dict[str, Any] | None = None,
     ) -> LowerTier:
         """Open one configured lower tier (``config.tiers[name]``) with this byte capacity.
 
         ``label``: the tier's name in stats and logs when one configured tier is opened more
         than once (the vLLM scheduler views every rank's directory of a local tier).
-        ``observer``: this instance only looks (``BackendContext.observer``); ``instance``: see
-        ``BackendContext.instance``.
+        ``context``: more fields of the backend's ``BackendContext`` (``observer``, ``instance``,
+        ``engine_id``).
         """
-        self._add_tier(name, plugins, capacity, rank, world_size, label, observer, instance)
+        self._add_tier(name, plugins, capacity, rank, world_size, label, context)
         return self.tiers[-1]
 
     async def write_value(self, tier: LowerTier, key: bytes, value: Any) -> bool:
