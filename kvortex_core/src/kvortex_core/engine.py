@@ -149,7 +149,10 @@ def _close_orphaned(reg: _Registered) -> None:
         finally:
             reg.tiers.close()
 
-    threading.Thread(target=run, name="kvortex-orphan-close", daemon=True).start()
+    try:
+        threading.Thread(target=run, name="kvortex-orphan-close", daemon=True).start()
+    except RuntimeError:  # the interpreter is shutting down: the loops stop on their own
+        pass
 
 
 class KVortexEngine:

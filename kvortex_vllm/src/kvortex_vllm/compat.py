@@ -302,7 +302,6 @@ def recheck_failed_loads(vllm_config: Any) -> bool:
     return rollback is not None and "num_scheduled_tokens" in inspect.signature(rollback).parameters
 
 
-
 def backend_context(vllm_config: Any) -> dict[str, str]:
     """The lower tiers' ``BackendContext`` fields that tell this engine apart on a node.
 
