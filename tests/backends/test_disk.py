@@ -319,17 +319,25 @@ def test_an_observer_reads_an_owned_directory_and_changes_nothing(tmp_path: Path
     _run(go())
 
 
-_HOLDER = textwrap.dedent("""
-    import asyncio, sys, time
+_OWNER = textwrap.dedent("""
+    import asyncio, os, sys, time
     from kvortex_backends.disk import DiskBackend
     from kvortex_core.storage.protocol import BackendContext
 
-    async def main():
+    async def main():  # argv: path, namespace, then "hold" key value-hex, or "fork"
         b = DiskBackend(DiskBackend.Options(path=sys.argv[1]), capacity=1 << 30,
                         context=BackendContext(tier="disk", namespace=sys.argv[2]))
         await b.open()
-        await b.put(sys.argv[3], bytes.fromhex(sys.argv[4]))
-        print("ready", flush=True)
+        if sys.argv[3] == "hold":
+            await b.put(sys.argv[4], bytes.fromhex(sys.argv[5]))
+            print("ready", flush=True)
+        else:
+            child = os.fork()
+            if child == 0:  # the forked child outlives its parent; its close() must not unlock
+                await b.close()
+                time.sleep(600)
+                os._exit(0)
+            print(child, flush=True)
         time.sleep(600)
     asyncio.run(main())
 """)
@@ -337,7 +345,7 @@ _HOLDER = textwrap.dedent("""
 
 def test_another_process_owning_the_directory_is_named_and_its_death_frees_it(tmp_path: Path) -> None:
     key, value = _value(7)
-    proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(tmp_path), NS.hex(), key, value.hex()],
+    proc = subprocess.Popen([sys.executable, "-c", _OWNER, str(tmp_path), NS.hex(), "hold", key, value.hex()],
                             stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
@@ -380,28 +388,8 @@ def test_deleting_every_file_of_an_owned_directory_leaves_it_owned(tmp_path: Pat
     _run(go())
 
 
-_FORKER = textwrap.dedent("""
-    import asyncio, os, sys, time
-    from kvortex_backends.disk import DiskBackend
-    from kvortex_core.storage.protocol import BackendContext
-
-    async def main():
-        b = DiskBackend(DiskBackend.Options(path=sys.argv[1]), capacity=1 << 30,
-                        context=BackendContext(tier="disk", namespace=sys.argv[2]))
-        await b.open()
-        child = os.fork()
-        if child == 0:  # the forked child outlives its parent; its close() must not unlock
-            await b.close()
-            time.sleep(600)
-            os._exit(0)
-        print(child, flush=True)
-        time.sleep(600)
-    asyncio.run(main())
-""")
-
-
 def test_a_child_forked_from_the_owner_neither_keeps_nor_releases_the_lock(tmp_path: Path) -> None:
-    proc = subprocess.Popen([sys.executable, "-c", _FORKER, str(tmp_path), NS.hex()],
+    proc = subprocess.Popen([sys.executable, "-c", _OWNER, str(tmp_path), NS.hex(), "fork"],
                             stdout=subprocess.PIPE, text=True)
     child = 0
     try:

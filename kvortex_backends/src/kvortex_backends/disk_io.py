@@ -285,22 +285,20 @@ def lock_dir(root: str, engine_id: str = "", *, attempts: int = 3) -> int | None
     """
     fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        for attempt in range(attempts):
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        taken = _flock(fd)
+        for _ in range(attempts - 1):
+            if taken is not False:
                 break
-            except BlockingIOError:
-                if attempt + 1 == attempts:
-                    raise
-                time.sleep(0.02)
-    except BlockingIOError:
+            time.sleep(0.02)
+            taken = _flock(fd)
+    except OSError:
         os.close(fd)
-        raise DirectoryBusyError(owner_of(root)) from None
-    except OSError as exc:
-        os.close(fd)
-        if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.EBADF):
-            return None
         raise
+    if not taken:
+        os.close(fd)
+        if taken is None:
+            return None
+        raise DirectoryBusyError(owner_of(root))
     _HELD.add(fd)
     owner = os.open(os.path.join(root, OWNER_NAME), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
                     | os.O_NOFOLLOW, 0o600)
@@ -322,14 +320,26 @@ def peek_owner(root: str) -> tuple[bool, str]:
     except OSError:
         return False, owner_of(root)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True, owner_of(root)
+        held = _flock(fd) is False
     except OSError:
-        return False, owner_of(root)
+        held = False
     finally:
         os.close(fd)  # releases the lock if taken
-    return False, owner_of(root)
+    return held, owner_of(root)
+
+
+def _flock(fd: int) -> bool | None:
+    """Try the exclusive lock once: True taken, False held by another open file, None when
+    the filesystem cannot lock this file; other errors raise."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError as exc:
+        if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.EBADF):
+            return None
+        raise
+    return True
 
 
 def owner_of(root: str) -> str:

@@ -63,12 +63,12 @@ class BackendContext:
     world_size: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
     #: True when this instance only looks: the engine reads its ``scan()`` and may call
-    #: ``exists``/``get``, never ``put`` or ``delete`` (the vLLM scheduler's view of each rank's
+    #: ``contains``/``get``, never ``put`` or ``delete`` (the vLLM scheduler's view of each rank's
     #: tier, which the rank's own instance owns). A local backend then neither claims nor
     #: cleans its storage (the disk tier takes no directory lock and deletes nothing).
     observer: bool = False
     #: Which of several engines that share one configuration on one node this is (the vLLM
-    #: connector: ``dp<rank>`` under data parallelism, else empty). A local backend keeps each
+    #: connector: ``dp<k>`` for data-parallel engine k > 0, else empty). A local backend keeps each
     #: instance's data apart (the disk tier: ``<path>/<namespace>/<instance>/r<rank>``).
     instance: str = ""
     #: The engine this instance works for, as its other processes know it (the vLLM connector:
