@@ -12,7 +12,12 @@ from typer.testing import CliRunner
 
 from kvortex_core.cli.app import app
 from kvortex_core.cli.bench import transfer_parts as tp
-from kvortex_core.cli.bench.transfer_engine import engine_case, make_engine
+from kvortex_core.cli.bench.transfer_engine import (
+    STREAM_CALLS,
+    engine_case,
+    engine_stream,
+    make_engine,
+)
 from kvortex_core.data.layouts import detect_layout
 
 
@@ -42,5 +47,31 @@ def test_engine_case_refuses_a_cpu_tier_too_small_to_hold_the_sequence() -> None
     try:
         with pytest.raises(RuntimeError, match="cpu tier is too small"):
             engine_case(engine, shape, 4096, layout, 1)
+    finally:
+        engine.close()
+
+
+def test_stream_part_times_back_to_back_calls_of_every_layout(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["bench", "transfer", "--tokens", "256", "--reps", "1",
+                                      "--parts", "stream", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "transfer.json").read_text())["rows"]
+    stream = [r for r in rows if f" engine x{STREAM_CALLS} " in r["case"]]
+    # a save and a load row per layout, only those (no single-call engine rows without "engine"),
+    # each covering the bytes of STREAM_CALLS calls
+    assert len(stream) == len(rows) and len(rows) >= 8
+    assert {r["case"].rsplit(" ", 1)[1] for r in rows} == {"save", "load"}
+    assert all(r["paired"] and r["ratio"] > 0 for r in rows)
+    assert all(r["bytes"] > 0 and r["bytes"] % STREAM_CALLS == 0 for r in rows)
+
+
+def test_stream_case_refuses_a_cpu_tier_too_small_to_hold_the_sequence() -> None:
+    shape = tp.Shape("tiny", 2, 2, 64, 16)
+    caches = tp.make_caches(shape, 512, torch.device("cpu"), unified=True)
+    layout = detect_layout(caches)
+    engine = make_engine(caches, layout, 256, 1 << 20, None)
+    try:
+        with pytest.raises(RuntimeError, match="cpu tier is too small"):
+            engine_stream(engine, shape, 4096, layout, 1)
     finally:
         engine.close()

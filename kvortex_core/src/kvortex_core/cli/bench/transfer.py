@@ -24,8 +24,8 @@ def transfer(
     out: OutOption = Path("bench-results"),
     mla_layers: Annotated[int, typer.Option(min=1, help="layers of the MLA shape")] = 61,
     staging: Annotated[str, typer.Option(help="staging bytes per direction")] = "64MiB",
-    parts: Annotated[str, typer.Option(help="comma list: verify,te,engine,bidir,matmul,layerwise,sweep")] =
-        "verify,te,engine,bidir,matmul,layerwise,sweep",
+    parts: Annotated[str, typer.Option(help="comma list: verify,te,engine,stream,bidir,matmul,layerwise,sweep")] =
+        "verify,te,engine,stream,bidir,matmul,layerwise,sweep",
     device: Annotated[str, typer.Option(help="cuda, cpu or auto")] = "auto",
 ) -> None:
     """Measure save/load GB/s through the transfer engine and KVortexEngine vs raw pinned copies."""
@@ -49,7 +49,8 @@ def transfer(
         raise typer.BadParameter(f"{staging!r} is not a size; use e.g. 64MiB", param_hint="--staging") from None
     if staging_bytes <= 0:
         raise typer.BadParameter(f"{staging!r} must be positive, e.g. 64MiB", param_hint="--staging")
-    chosen = parse_choices(parts, "--parts", ("verify", "te", "engine", "bidir", "matmul", "layerwise", "sweep"))
+    chosen = parse_choices(parts, "--parts", ("verify", "te", "engine", "stream", "bidir", "matmul", "layerwise",
+                                                     "sweep"))
     results: dict[str, Any] = run_all(
         dev, sizes, reps=reps, mla_layers=mla_layers, staging=staging_bytes, parts=set(chosen))
     path = write_results(out, "transfer", results)

@@ -89,6 +89,53 @@ def engine_case(engine: Any, shape: tp.Shape, tokens: int, layout: KVLayout, rep
     }
 
 
+STREAM_CALLS = 4
+
+
+def engine_stream(engine: Any, shape: tp.Shape, tokens: int, layout: KVLayout, reps: int,
+                  calls: int = STREAM_CALLS) -> dict[str, Any]:
+    """``calls`` saves of fresh sequences back to back (each returns once its bytes are off the
+    GPU, the next starts at once), then as many loads of a stored sequence, against as many raw
+    copies back to back, each drained before the next (as a serving engine saves and loads every
+    step). Unlike :func:`engine_case`, no raw copy and no idle pause sits between two of our
+    calls, so only the first call of a burst finds the host cold.
+    """
+    device = torch.device(layout_device(engine))
+    blocks = random.Random(tokens + 3).sample(range(layout.num_blocks), tokens // shape.block)
+    other = random.Random(tokens + 11).sample(range(layout.num_blocks), tokens // shape.block)
+    seqs = iter([[_sequence(tokens, tokens * 1000 + 10 * i + j) for j in range(calls)] for i in range(reps + 1)])
+    nbytes = layout.chunk_bytes(tokens)
+    raw = tp.RawCopier(nbytes, device)
+    saved: list[int] = []
+    last: list[list[int]] = []
+
+    def save_burst() -> None:
+        burst = next(seqs)
+        saved.extend(engine.save(seq, blocks) for seq in burst)
+        last[:] = [burst[-1]]
+
+    def raw_burst(copy: Any) -> None:
+        for _ in range(calls):
+            copy()
+            tp.sync(device)
+
+    save_s, raw_d2h = tp.paired(save_burst, lambda: raw_burst(raw.d2h), device, reps, complete=True)
+    loaded: list[int] = []
+    load_s, raw_h2d = tp.paired(lambda: loaded.extend(engine.load(last[0], other) for _ in range(calls)),
+                                lambda: raw_burst(raw.h2d), device, reps, complete=True)
+    if any(n != tokens for n in saved + loaded):
+        raise RuntimeError(f"engine saved {saved} and loaded {loaded} tokens, not {tokens} each; "
+                           "the cpu tier is too small for this benchmark")
+    total = calls * nbytes
+    return {
+        "save": Measurement(f"engine save x{calls}", save_s, total),
+        "load": Measurement(f"engine load x{calls}", load_s, total),
+        "raw_save": Measurement("raw d2h (paired)", raw_d2h, total),
+        "raw_load": Measurement("raw h2d (paired)", raw_h2d, total),
+        "diag": {"calls": calls, "tokens": tokens},
+    }
+
+
 def _raw_pool(engine: Any, raw: tp.RawCopier, device: torch.device, reps: int) -> dict[str, Measurement]:
     """Raw copies into the engine's own pinned pool (registered host memory), paired with the
     raw copy into a plain pinned buffer: shows what the pool memory itself costs."""

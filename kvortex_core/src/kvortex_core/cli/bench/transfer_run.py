@@ -82,12 +82,18 @@ def _bandwidth(res: dict[str, Any], shape: tp.Shape, device: torch.device, sizes
                                              gather)
                 case["te"] = te
                 _rows(res, f"{label} {tokens} te", te, raw)
-            if engine is not None:
+            if engine is not None and "engine" in parts:
                 from kvortex_core.cli.bench.transfer_engine import engine_case
 
                 eng = engine_case(engine, shape, tokens, layout, reps)
                 case["engine"] = eng
                 _rows(res, f"{label} {tokens} engine", eng, raw)
+            if engine is not None and "stream" in parts and (tokens >= 8192 or device.type != "cuda"):
+                from kvortex_core.cli.bench.transfer_engine import STREAM_CALLS, engine_stream
+
+                burst = engine_stream(engine, shape, tokens, layout, reps)
+                case["engine_stream"] = burst
+                _rows(res, f"{label} {tokens} engine x{STREAM_CALLS}", burst, raw)
             res["cases"][f"{label}/{tokens}"] = case
         if "bidir" in parts and device.type == "cuda":
             bidir = res.setdefault("bidir", {})
@@ -112,7 +118,7 @@ def _bandwidth(res: dict[str, Any], shape: tp.Shape, device: torch.device, sizes
 
 def _engine(parts: set[str], caches: list[torch.Tensor], layout: Any, max_tokens: int, staging: int,
             hints: dict[str, Any] | None, gather: str) -> Any:
-    if "engine" not in parts:
+    if not parts & {"engine", "stream"}:
         return None
     from kvortex_core.cli.bench.transfer_engine import make_engine
 
