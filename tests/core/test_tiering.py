@@ -930,6 +930,72 @@ def test_remote_cache_freshness() -> None:
     assert not cache.fresh(b"a") and cache.mask([b"a"]) == (0b1, [b"a"])  # stale: refresh
 
 
+def test_a_timed_out_disk_write_that_lands_later_is_deleted_not_left_holding_capacity(
+        make: Any, tmp_path: Path, monkeypatch: Any) -> None:
+    """A disk write slower than backend_op_s times out for the tier but still ends on its thread:
+    its file used to stay, counted by the backend and by no index, until the disk tier's whole
+    capacity was such orphans and it refused every write for good (a red-team finding)."""
+    from kvortex_backends import disk_io
+
+    real, slow = disk_io.write_atomic, threading.Event()
+    slow.set()
+
+    def stalled(*args: Any, **kwargs: Any) -> Any:
+        if slow.is_set():
+            time.sleep(0.3)  # a disk stall longer than backend_op_s
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(disk_io, "write_atomic", stalled)
+    mgr = make(disk={"write_through": True, "capacity": 8 * SLOT}, timeouts={"backend_op_s": 0.1},
+               circuit_breaker={"failure_threshold": 1000, "reset_after_s": 0.05})
+    disk, files = mgr.tiers[0], lambda: sorted(p.name for p in (tmp_path / "disk").rglob("*.kv"))
+    _save(mgr, [0, 1, 2, 3])
+    assert mgr.drain(10)
+    assert len(disk.index) == 0 and _counter(mgr, "tier_timeouts", "disk") == 4
+    deadline = time.monotonic() + 10  # the late writes end, then their files are deleted
+    while (files() or disk.backend._used) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert files() == [] and disk.backend._used == 0
+    slow.clear()  # the disk is healthy again: it takes new chunks
+    _save(mgr, [4, 5, 6, 7])
+    assert mgr.drain(10)
+    assert sorted(disk.index.keys()) == sorted(_key(i) for i in (4, 5, 6, 7)) and len(files()) == 4
+    mgr.cpu_index.evict(mgr.cpu_index.used)  # only the disk holds them now
+    assert _load(mgr, [4, 5, 6, 7]) == [(i, "disk") for i in (4, 5, 6, 7)]  # right bytes
+
+
+def test_a_timed_out_write_is_kept_when_the_chunk_was_written_again_meanwhile(make: Any,
+                                                                              monkeypatch: Any) -> None:
+    """The late write's clean-up must not delete a later write of the same chunk."""
+    from kvortex_backends import disk_io
+
+    real, release, calls = disk_io.write_atomic, threading.Event(), []
+
+    def stalled(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:  # only the first write stalls, until released
+            release.wait(10)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(disk_io, "write_atomic", stalled)
+    mgr = make(disk={"write_through": True}, timeouts={"backend_op_s": 0.2},
+               circuit_breaker={"failure_threshold": 1000, "reset_after_s": 0.05})
+    disk = mgr.tiers[0]
+    _save(mgr, [0])
+    assert mgr.drain(10)
+    assert len(disk.index) == 0  # timed out; its write still runs
+    mgr.cpu_index.evict(mgr.cpu_index.used)  # the demotion writes chunk 0 again, behind the late write
+    deadline = time.monotonic() + 10
+    while _key(0) not in disk.index and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert _key(0) in disk.index  # indexed again before the late write ends
+    release.set()
+    assert mgr.drain(10)
+    time.sleep(0.3)  # any clean-up of the late write has run
+    assert len(calls) == 2 and _key(0) in disk.index
+    assert _load(mgr, [0]) == [(0, "disk")]  # the second write's file, right bytes
+
+
 def test_a_timed_out_read_keeps_its_slot_until_its_thread_ended(make: Any) -> None:
     """A read that timed out may still write into its cpu slot from an I/O thread: the slot is
     held until that read really ended (it was freed after close_s before, whatever the thread

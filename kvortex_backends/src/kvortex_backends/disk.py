@@ -383,14 +383,19 @@ class DiskBackend(StorageBackend):
         return [k in self._index for k in keys]
 
     async def delete(self, keys: Sequence[str]) -> int:
-        present = [k for k in keys if k in self._index]
-        for k in present:
-            self._used -= self._index.pop(k)
-        if present and not self.context.observer:  # an observer forgets; the owner deletes
-            try:
-                await self._run(self._unlink_many, [self._path(k) for k in present])
-            except OSError as exc:
-                raise BackendError(self._explain("deleting", exc)) from exc
+        async with contextlib.AsyncExitStack() as held:
+            # ordered with writes of the same keys (one writer per key): a write that ran before
+            # this delete is deleted, one that comes after lands (sorted: no lock-order deadlock)
+            for k in sorted({k for k in keys if k in self._index or k in self._key_locks}):
+                await held.enter_async_context(self._key_lock(k))
+            present = [k for k in dict.fromkeys(keys) if k in self._index]
+            for k in present:
+                self._used -= self._index.pop(k)
+            if present and not self.context.observer:  # an observer forgets; the owner deletes
+                try:
+                    await self._run(self._unlink_many, [self._path(k) for k in present])
+                except OSError as exc:
+                    raise BackendError(self._explain("deleting", exc)) from exc
         return len(present)
 
     @staticmethod

@@ -203,7 +203,11 @@ class SaveMixin(TierState):
         tier.putting.add(key)
         try:
             await self._process_doomed(tier)
-            await tier.call("put", tier.backend.put(key.hex(), value))
+            # a put that times out is left to finish (a backend's write may already be running
+            # on a thread, or be sent): once it ended, its value is deleted unless the key was
+            # indexed again meanwhile, else it holds the store's capacity with bytes no index counts
+            await tier.call("put", tier.backend.put(key.hex(), value),
+                            on_late=lambda: self._late_put_ended(tier, key))
         except TierUnavailable:
             tier.index.remove([key])
             return False
@@ -221,6 +225,23 @@ class SaveMixin(TierState):
             return False
         self.stats.inc(BYTES_WRITTEN, len(value), tier.name)
         return True
+
+    def _late_put_ended(self, tier: LowerTier, key: bytes) -> None:
+        """A put that timed out has ended (``LowerTier.call``'s ``on_late``, on the loop)."""
+        if key in tier.index or key in tier.putting:
+            return  # put again meanwhile: that put's value stands (a backend orders its writes)
+
+        async def drop() -> None:
+            if key in tier.index or key in tier.putting:
+                return
+            if tier.remote is not None:
+                tier.remote.record([key], [False])
+            try:
+                await tier.call("delete", tier.backend.delete([key.hex()]))
+            except TierUnavailable:
+                pass  # a later scan or the store's own expiry reclaims it
+
+        self._spawn(drop())
 
     def abort_save(self, leases: Sequence[SaveLease]) -> None:
         """Give the slots of unfinished saves back."""
