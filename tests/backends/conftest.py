@@ -361,11 +361,17 @@ def s3_bucket(moto_s3: MotoS3) -> str:
 
 
 class FaultProxy:
-    """An HTTP proxy to the moto endpoint that can pass, fail (HTTP 500) or stall requests."""
+    """An HTTP proxy to the moto endpoint that can pass, fail (HTTP 500) or stall requests.
+
+    ``rule(method, headers)``, when set, picks per request: None (``mode`` decides),
+    ``("error", status)``, or ``("slowbody", seconds)``: the upstream's answer, its body
+    sent in 20 pieces over ``seconds``.
+    """
 
     def __init__(self, upstream: str) -> None:
         self.upstream = upstream.removeprefix("http://")
         self.mode = "pass"
+        self.rule: Callable[[str, Any], Any] | None = None
         self.stall_s = 3.0
         self.requests = 0
         self.log: list[str] = []
@@ -381,6 +387,11 @@ class FaultProxy:
                 proxy.requests += 1
                 proxy.log.append(f"{proxy.mode} {self.command} {self.path}")
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                action = proxy.rule(self.command, self.headers) if proxy.rule is not None else None
+                if action is not None and action[0] == "error":
+                    self._reply(action[1], b"<Error><Code>InternalError</Code><Message>injected</Message></Error>",
+                                {"Content-Type": "application/xml"})
+                    return
                 if proxy.mode == "stall":
                     time.sleep(proxy.stall_s)
                     self.close_connection = True
@@ -394,17 +405,26 @@ class FaultProxy:
                 resp = conn.getresponse()
                 data = resp.read()
                 headers = {k: v for k, v in resp.getheaders() if k.lower() not in ("transfer-encoding", "content-length", "connection")}
-                self._reply(resp.status, data, headers)
+                self._reply(resp.status, data, headers, action[1] if action is not None else 0.0)
                 conn.close()
 
-            def _reply(self, status: int, data: bytes, headers: dict[str, str]) -> None:
+            def _reply(self, status: int, data: bytes, headers: dict[str, str], slow_s: float = 0.0) -> None:
                 self.send_response(status)
                 for k, v in headers.items():
                     self.send_header(k, v)
                 self.send_header("Content-Length", str(len(data)) if self.command != "HEAD" else headers.get("Content-Length", "0"))
                 self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
+                if self.command == "HEAD":
+                    return
+                step = max(1, len(data) // 20) if slow_s else len(data) or 1
+                try:
+                    for i in range(0, len(data), step):
+                        self.wfile.write(data[i:i + step])
+                        if slow_s:
+                            self.wfile.flush()
+                            time.sleep(slow_s / 20)
+                except OSError:  # the client hung up (a read cut at its deadline)
+                    self.close_connection = True
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _any
 

@@ -257,3 +257,53 @@ def test_s3_open_retried_after_endpoint_recovers(fault_proxy, s3_bucket) -> None
         await backend.close()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.s3
+def test_s3_a_failed_range_returns_only_once_every_range_stopped_writing(fault_proxy, s3_bucket) -> None:
+    """A read of parallel byte ranges where one range fails: get() used to raise at once while
+    the other ranges' threads kept writing into the buffer, which the caller then reuses (a cpu
+    slot the next save took: that save's chunk was loaded back with another chunk's bytes)."""
+    value = os.urandom(16 * MiB)
+
+    def rule(method: str, headers: Any) -> Any:
+        rng = headers.get("Range") or ""
+        if method == "GET" and rng.startswith(f"bytes={5 * MiB}-"):
+            return ("error", 500)
+        if method == "GET" and rng.startswith(f"bytes={10 * MiB}-"):
+            return ("slowbody", 1.5)  # still streaming when the failed range answered
+        return None
+
+    async def scenario(b: S3Backend) -> None:
+        await b.put("k", value)
+        fault_proxy.rule = rule
+        out = bytearray(len(value))
+        with pytest.raises(BackendError, match="InternalError"):
+            await b.get("k", memoryview(out))
+        out[:] = bytes(len(out))  # the caller reuses its buffer
+        await asyncio.sleep(2.0)
+        assert out == bytes(len(out)), "a range kept writing into the buffer after get() raised"
+        fault_proxy.rule = None
+        assert await b.get("k", memoryview(out)) == len(value) and out == value
+
+    run_s3(s3_backend(fault_proxy.url, s3_bucket, multipart_threshold="5MiB", multipart_chunksize="5MiB",
+                      max_attempts=1), scenario)
+
+
+@pytest.mark.s3
+def test_s3_a_trickling_body_is_cut_at_request_timeout(fault_proxy, s3_bucket) -> None:
+    """botocore's read_timeout bounds each socket read: a body trickling in held the read (its
+    pool thread and the caller's buffer) without end. request_timeout bounds the whole GET."""
+    async def scenario(b: S3Backend) -> None:
+        await b.put("k", b"x" * MiB)
+        fault_proxy.rule = lambda method, headers: ("slowbody", 20.0) if method == "GET" else None
+        t0 = time.monotonic()
+        with pytest.raises(BackendError, match="request_timeout"):
+            await b.get("k", memoryview(bytearray(MiB)))
+        assert time.monotonic() - t0 < 1.0 + 3.0  # request_timeout, plus at most one read_timeout
+        fault_proxy.rule = None
+        out = bytearray(MiB)
+        assert await b.get("k", memoryview(out)) == MiB and out == b"x" * MiB
+
+    run_s3(s3_backend(fault_proxy.url, s3_bucket, request_timeout=1.0, read_timeout=3.0, max_attempts=1),
+           scenario)

@@ -7,8 +7,12 @@ once on its way to or from the socket.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import re
+import socket
+import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,25 +90,73 @@ class FirstRead:
     got: int
 
 
-def _read_body(body: Any, out: memoryview, name: str) -> int:
+def _read_body(body: Any, out: memoryview, name: str, deadline: float) -> int:
+    """Read the whole body into ``out``, cut at ``deadline`` (``time.monotonic()``).
+
+    botocore's ``read_timeout`` bounds each socket read, not the body: one byte a second would
+    hold a pool thread (and the caller's buffer) for hours. A timer closes the body at the
+    deadline; the blocked read then fails within ``read_timeout``.
+    """
+    expired = threading.Event()
+
+    def cut() -> None:
+        expired.set()
+        sock = _socket_of(body)
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # a blocked recv returns at once (close would not)
+
+    timer = threading.Timer(max(0.0, deadline - time.monotonic()), cut)
+    timer.daemon = True
+    timer.start()
     got = 0
-    while got < len(out):
-        n = body.readinto(out[got:])
-        if not n:
-            break
-        got += n
+    try:
+        while got < len(out) and not expired.is_set():
+            n = body.readinto(out[got:])
+            if not n:
+                break
+            got += n
+        if not expired.is_set() and got == len(out):
+            body.readinto(bytearray(1))  # reaching EOF makes botocore verify length and checksum
+    except Exception as exc:
+        if not expired.is_set():
+            raise
+        body.close()
+        raise _expired(name, got, len(out)) from exc
+    finally:
+        timer.cancel()
+    if expired.is_set():
+        body.close()
+        raise _expired(name, got, len(out))
+    body.close()
     if got != len(out):
         raise BackendError(f"s3 object {name!r} ended after {got} of {len(out)} bytes; retry the read")
-    body.readinto(bytearray(1))  # reaching EOF makes botocore verify length and checksum
-    body.close()
     return got
 
 
-def get_first(client: Any, bucket: str, name: str, out: memoryview, first: int | None) -> FirstRead | None:
+def _socket_of(body: Any) -> socket.socket | None:
+    """The socket under a botocore ``StreamingBody`` (urllib3 response), if it can be found."""
+    raw = getattr(body, "_raw_stream", None)
+    sock = getattr(getattr(raw, "_connection", None), "sock", None)
+    if sock is None:  # a response released from its connection: through the file object
+        fp = getattr(getattr(raw, "_fp", None), "fp", None)
+        sock = getattr(getattr(fp, "raw", None), "_sock", None)
+    return sock if isinstance(sock, socket.socket) else None
+
+
+def _expired(name: str, got: int, want: int) -> BackendError:
+    return BackendError(f"s3 object {name!r}: {got} of {want} bytes arrived within request_timeout; "
+                        "the endpoint is too slow (raise the option request_timeout if it is expected)")
+
+
+def get_first(client: Any, bucket: str, name: str, out: memoryview, first: int | None,
+              timeout: float) -> FirstRead | None:
     """GET the object (or only bytes ``[0, first)``) into ``out``; None when it does not exist.
 
     A plain GET is cheaper than a ranged one for servers that slice the object to serve a range.
+    ``timeout``: seconds the request may take in all (see :func:`_read_body`).
     """
+    deadline = time.monotonic() + timeout
     try:
         if first is None:
             resp = client.get_object(Bucket=bucket, Key=name)
@@ -125,15 +177,17 @@ def get_first(client: Any, bucket: str, name: str, out: memoryview, first: int |
             f"s3 object {name!r} is {total} bytes but the buffer holds {len(out)}; "
             "pass a buffer of at least the payload size"
         )
-    _read_body(body, out[:length], name)
+    _read_body(body, out[:length], name, deadline)
     return FirstRead(total=total, etag=resp.get("ETag", ""), got=length)
 
 
-def get_range(client: Any, bucket: str, name: str, out: memoryview, start: int, etag: str) -> None:
+def get_range(client: Any, bucket: str, name: str, out: memoryview, start: int, etag: str,
+              timeout: float) -> None:
     """GET ``[start, start+len(out))`` of the same object version (If-Match its ETag)."""
+    deadline = time.monotonic() + timeout
     resp = client.get_object(Bucket=bucket, Key=name, IfMatch=etag,
                              Range=f"bytes={start}-{start + len(out) - 1}")
-    _read_body(resp["Body"], out, name)
+    _read_body(resp["Body"], out, name, deadline)
 
 
 def head(client: Any, bucket: str, name: str) -> bool:

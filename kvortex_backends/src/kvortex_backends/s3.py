@@ -57,7 +57,10 @@ class S3Options(BackendOptions):
     multipart_chunksize: ByteSize = Field(ByteSize(16 * MiB), ge=5 * MiB)
     max_attempts: int = Field(3, ge=1, le=20, description="tries per request, with backoff")
     connect_timeout: float = Field(2.0, gt=0)
-    read_timeout: float = Field(5.0, gt=0)
+    read_timeout: float = Field(5.0, gt=0, description="seconds one socket read may wait")
+    request_timeout: float = Field(
+        30.0, gt=0, description="seconds one GET may take in all: a body trickling in slower "
+        "than read_timeout allows is cut here, and its pool thread freed")
     contains_mode: Literal["auto", "list", "head"] = "auto"
     list_cache_ttl: float = Field(2.0, ge=0, description="seconds a prefix listing answers contains")
     list_max_objects: int = Field(100_000, ge=1, description="above this, contains uses HEADs")
@@ -175,7 +178,8 @@ class S3Backend(StorageBackend):
         threshold = int(self.opts.multipart_threshold)
         first_len = threshold if len(view) >= threshold else None
         first = await self._call(
-            "get", key, lambda: s3io.get_first(self._client, bucket, name, view, first_len)
+            "get", key, lambda: s3io.get_first(self._client, bucket, name, view, first_len,
+                                           self.opts.request_timeout)
         )
         if first is None:
             self._ledger.forget([key])
@@ -191,9 +195,17 @@ class S3Backend(StorageBackend):
 
         def fetch(start: int) -> Callable[[], None]:
             part = view[start : min(start + step, first.total)]
-            return lambda: s3io.get_range(self._client, bucket, name, part, start, first.etag)
+            return lambda: s3io.get_range(self._client, bucket, name, part, start, first.etag,
+                                          self.opts.request_timeout)
 
-        await asyncio.gather(*(self._call("get", key, fetch(s)) for s in starts))
+        # Every range ends before this returns or raises: ranges still running on pool threads
+        # after a failed one would keep writing into ``view``, a buffer the caller then reuses
+        # (a red-team finding: a cpu slot taken by the next save, then overwritten)
+        results = await asyncio.gather(*(self._call("get", key, fetch(s)) for s in starts),
+                                       return_exceptions=True)
+        failed = next((r for r in results if isinstance(r, BaseException)), None)
+        if failed is not None:
+            raise failed
 
     async def contains(self, keys: Sequence[str]) -> list[bool]:
         if not keys:
