@@ -203,7 +203,7 @@ def test_unknown_env_name(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> No
     assert "KVORTEX_CHUNK_TOKEN " in message and "KVORTEX_CHUNK_TOKENS" in message
 
 
-@pytest.mark.parametrize("name", ["KVORTEX_TORCH_SPEC", "KVORTEX_PYTHON", "KVORTEX_VENV"])
+@pytest.mark.parametrize("name", ["KVORTEX_TORCH_SPEC", "KVORTEX_PYTHON", "KVORTEX_VENV", "KVORTEX_VLLM_EXTRA"])
 def test_the_setup_scripts_variables_are_not_settings_errors(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, name: str
 ) -> None:

@@ -232,6 +232,56 @@ def test_a_hook_that_raises_names_its_plugin() -> None:
         PluginManager([Broken()], autoload=False).backends()
 
 
+def test_a_hook_calling_sys_exit_is_a_plugin_error_not_the_end_of_the_process() -> None:
+    class Exits:
+        @hookimpl
+        def kvortex_register_backends(self, register):  # type: ignore[no-untyped-def]
+            raise SystemExit(4)
+
+    with pytest.raises(PluginError, match=r"failed in kvortex_register_backends: SystemExit: 4"):
+        PluginManager([Exits()], autoload=False).backends()
+
+
+def test_an_abstract_backend_class_is_refused_at_registration() -> None:
+    from kvortex_core.storage.protocol import StorageBackend
+
+    class Half(StorageBackend):  # get, put, ... left out
+        pass
+
+    class Registers:
+        @hookimpl
+        def kvortex_register_backends(self, register):  # type: ignore[no-untyped-def]
+            register("half", Half)
+
+    with pytest.raises(PluginError, match=r"'half' = .*Half, which leaves abstract methods unimplemented: .*get"):
+        PluginManager([Registers()], autoload=False).backends()
+
+
+def test_a_backend_constructor_that_raises_is_named_with_its_tier() -> None:
+    import torch
+
+    from kvortex_core import KVortexConfig
+    from kvortex_core.control.stats import Stats
+    from kvortex_core.testing.memory import MemoryBackend
+    from kvortex_core.tiering.manager import TierManager
+
+    class Connects(MemoryBackend):
+        def __init__(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            raise ConnectionError("connected in __init__ and failed")
+
+    class Registers:
+        @hookimpl
+        def kvortex_register_backends(self, register):  # type: ignore[no-untyped-def]
+            register("eager", Connects)
+
+    tiers = {"cpu": {"type": "cpu", "capacity": "1MiB"}, "far": {"type": "eager", "capacity": "1MiB"}}
+    config = KVortexConfig.load(plugins=[Registers()], model_id="m", tiers=tiers)
+    with pytest.raises(PluginError, match=r"tier 'far': backend 'eager' \(.*Connects, plugin .*\) failed to "
+                                          r"construct: ConnectionError: connected in __init__ and failed"):
+        TierManager.create(config, PluginManager(plugins=[Registers()]), namespace=b"n" * 16,
+                           payload_shape=(2, 16), dtype=torch.float16, stats=Stats())
+
+
 def test_a_broken_plugin_is_reported_once_not_as_errors_in_each_tier() -> None:
     from kvortex_core import ConfigError, KVortexConfig
 

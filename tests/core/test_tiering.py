@@ -54,7 +54,10 @@ class FlakyBackend(MemoryBackend):
 
     async def get(self, key: str, out: memoryview) -> int | None:
         await self._maybe_fail()
-        return await super().get(key, out)
+        n = await super().get(key, out)
+        if type(self).broken == "bytes" and n is not None:  # a plugin returning the value
+            return bytes(out[:n])  # type: ignore[return-value]
+        return n
 
     async def close(self) -> None:
         if type(self).broken == "block-close":  # a plugin blocking the event loop itself
@@ -68,8 +71,14 @@ class SharedMemory(MemoryBackend):
     shared = True
     store: ClassVar[dict[str, bytes]] = {}
 
+    short_contains: ClassVar[bool] = False  # a plugin bug: one answer fewer than keys asked
+
     async def open(self) -> None:
         self._data = type(self).store  # every instance sees one dict, like one Redis
+
+    async def contains(self, keys: Sequence[str]) -> list[bool]:
+        found = await super().contains(keys)
+        return found[:-1] if type(self).short_contains else found
 
     async def close(self) -> None:
         pass
@@ -547,6 +556,25 @@ def test_hanging_tier_times_out_and_load_still_answers(make: Any) -> None:
     FlakyBackend.broken = ""
 
 
+def test_a_backend_get_returning_no_byte_count_is_a_tier_error_and_frees_its_slots(make: Any) -> None:
+    """A plugin's get() returning the bytes instead of their count: each load leaked its cpu slots
+    (an exception escaped between read and verify) until no save found a slot, and nothing
+    counted it (a red-team finding)."""
+    mgr = _flaky(make, failure_threshold=1000)
+    _save(mgr, [0, 1])
+    assert mgr.drain(10)
+    mgr.cpu_index.evict(mgr.cpu_index.used)  # only the flaky tier holds them now
+    FlakyBackend.broken = "bytes"
+    free = mgr.pool.free_slots
+    for _ in range(10):
+        assert mgr.begin_load([_key(0), _key(1)], timeout=5) == []
+    assert mgr.pool.free_slots == free  # every slot back
+    assert _counter(mgr, "tier_errors", "flaky") >= 10
+    assert "not a byte count" in (mgr.tiers[0].breaker.last_error or "")
+    FlakyBackend.broken = ""
+    assert [i for i, _ in _load(mgr, [0, 1])] == [0, 1]  # right bytes once it behaves
+
+
 def test_disk_full_keeps_engine_serving(make: Any, monkeypatch: Any) -> None:
     from kvortex_backends import disk_io
 
@@ -647,6 +675,24 @@ def test_shared_tier_lookup_never_blocks_and_learns_in_background(make: Any) -> 
         assert time.monotonic() < deadline, "background refresh never landed"
         time.sleep(0.01)
     assert _load(writer, [7]) == [(7, "shared")]
+
+
+def test_a_shared_contains_with_too_few_answers_is_a_counted_tier_error(make: Any) -> None:
+    """It used to end the background refresh with a traceback ("Task exception was never
+    retrieved"), counted nowhere (a red-team finding)."""
+    SharedMemory.store, SharedMemory.short_contains = {}, True
+    try:
+        mgr = make({"cpu": {"type": "cpu", "capacity": 4 * SLOT},
+                    "shared": {"type": "sharedmem", "capacity": 64 * SLOT}},
+                   circuit_breaker={"failure_threshold": 1000})
+        deadline = time.monotonic() + 10
+        while _counter(mgr, "tier_errors", "shared") < 1:
+            assert mgr.lookup([_key(1), _key(2)]) == 0
+            assert time.monotonic() < deadline, "the bad answer was never counted"
+            time.sleep(0.01)
+        assert "not 2 booleans" in mgr.tiers[0].breaker.last_error
+    finally:
+        SharedMemory.short_contains = False
 
 
 def test_a_slow_shared_listing_is_learnt_and_never_opens_the_breaker(make: Any) -> None:

@@ -64,7 +64,8 @@ class RedisOptions(BackendOptions):
         False, description="true: `url` is a cluster node; or a list of cluster node URLs"
     )
     key_prefix: str = "kvortex:"
-    ttl: float | None = Field(None, gt=0, description="seconds a payload lives; none = no expiry")
+    ttl: float | None = Field(None, ge=0.001, description="seconds a payload lives (Redis counts "
+                              "milliseconds: at least 0.001); none = no expiry")
     username: str | None = None
     password: SecretStr | None = None
     ssl_ca_certs: str | None = None

@@ -46,7 +46,7 @@ CONFIG_FILE_ENV = "KVORTEX_CONFIG_FILE"
 #: that then runs the demo, the tests or vLLM.
 RESERVED_ENV = frozenset(
     {CONFIG_FILE_ENV, "KVORTEX_DISABLE_PLUGIN_AUTOLOAD", "KVORTEX_TRACE_PLUGINS",
-     "KVORTEX_PYTHON", "KVORTEX_TORCH_SPEC", "KVORTEX_VENV"}
+     "KVORTEX_PYTHON", "KVORTEX_TORCH_SPEC", "KVORTEX_VENV", "KVORTEX_VLLM_EXTRA"}
 )
 
 _config_file: contextvars.ContextVar[str | None] = contextvars.ContextVar(

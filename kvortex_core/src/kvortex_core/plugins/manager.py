@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import inspect
 import logging
 import os
 import re
@@ -143,7 +144,8 @@ class PluginManager:
                 impl.function(register=registrar)
             except PluginError:
                 raise
-            except Exception as exc:  # a third-party hook's bug: name the plugin, not a traceback
+            except (Exception, SystemExit) as exc:  # a third-party hook's bug (or sys.exit()): name
+                # the plugin, not a traceback, and never end the host process (a vLLM worker)
                 where = f"distribution {dist} {version}" if dist else "registered in code"
                 raise PluginError(
                     f"plugin {impl.plugin_name!r} ({where}) failed in kvortex_register_backends: "
@@ -195,6 +197,12 @@ class _Registrar:
             raise PluginError(
                 f"plugin {self.plugin!r} registered {backend_class!r} as backend "
                 f"{name!r}; it must be a subclass of kvortex_core.StorageBackend"
+            )
+        if inspect.isabstract(backend_class):
+            missing = ", ".join(sorted(backend_class.__abstractmethods__))
+            raise PluginError(
+                f"plugin {self.plugin!r} registered backend {name!r} = {backend_class.__qualname__}, "
+                f"which leaves abstract methods unimplemented: {missing}; implement them"
             )
         options = getattr(backend_class, "Options", None)
         if not (isinstance(options, type) and issubclass(options, BackendOptions)):

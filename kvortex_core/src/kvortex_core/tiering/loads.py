@@ -12,7 +12,13 @@ from typing import TYPE_CHECKING
 from kvortex_core.data import payload as pl
 from kvortex_core.errors import BadValueError, PayloadError
 from kvortex_core.logs import Throttle, event
-from kvortex_core.tiering.counters import BYTES_READ, CHECKSUM_FAILURES, LOAD_MISSES, PROMOTIONS
+from kvortex_core.tiering.counters import (
+    BYTES_READ,
+    CHECKSUM_FAILURES,
+    LOAD_MISSES,
+    PROMOTIONS,
+    TIER_ERRORS,
+)
 from kvortex_core.tiering.leases import LoadLease
 from kvortex_core.tiering.state import TierState
 from kvortex_core.tiering.tiers import LowerTier, TierUnavailable
@@ -99,7 +105,15 @@ class LoadMixin(TierState):
     async def _fetch_all(
         self, fetches: list[_Step], run: _FetchRun
     ) -> list[str]:
-        results = list(await asyncio.gather(*(self._fetch(p.key, p.tier, p.slot, p) for p in fetches)))
+        outcomes = await asyncio.gather(*(self._fetch(p.key, p.tier, p.slot, p) for p in fetches),
+                                        return_exceptions=True)
+        results = []
+        for p, r in zip(fetches, outcomes, strict=True):
+            if isinstance(r, BaseException):  # a bug, here or in a backend: a miss, its slot freed
+                log.warning("load: reading chunk %s from tier %s failed: %r", p.key.hex()[:16],
+                            p.tier.name if p.tier is not None else "?", r)
+                r = MISS
+            results.append(r)
         if not run.finish():
             self.pool.free_many(p.slot for p, r in zip(fetches, results, strict=True) if r != GONE)
         return results
@@ -121,6 +135,12 @@ class LoadMixin(TierState):
                 # passing fault. Deleted, then the next tier that holds the chunk is read.
                 await self._reject(tier, key, PayloadError(f"stored value unusable: {exc.__cause__}"))
                 return await self._fetch_below(key, tier, slot, step)
+            return MISS
+        if n is not None and (type(n) is not int or not 0 <= n <= len(out)):
+            # a backend breaking the protocol (returned the bytes, say): a tier failure, counted
+            # and shown in its breaker's last error; its slot goes back with the miss
+            tier._failed("get", f"backend get() returned {type(n).__name__} {str(n)[:40]!r}, not a byte "
+                                f"count in [0, {len(out)}] (fix the backend: return len(value))", TIER_ERRORS)
             return MISS
         if n is None:
             if key not in tier.putting:  # a put in flight lands soon: its entry must stay

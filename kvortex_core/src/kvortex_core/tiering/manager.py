@@ -28,7 +28,7 @@ from kvortex_core.config.backends import backend_options
 from kvortex_core.control.index import ChunkIndex
 from kvortex_core.data import payload as pl
 from kvortex_core.data.pool import PinnedPool, per_rank_capacity
-from kvortex_core.errors import ConfigError
+from kvortex_core.errors import ConfigError, PluginError
 from kvortex_core.logs import Throttle, event
 from kvortex_core.storage.protocol import BackendContext
 from kvortex_core.tiering.breaker import CircuitBreaker
@@ -213,9 +213,15 @@ class TierManager(SaveMixin, LoadMixin):
             tier=name, namespace=self.namespace.hex(), rank=rank, world_size=world_size,
             **(context or {}),
         )
-        backend = info.cls(
-            backend_options(self.config, config_name, plugins), capacity=capacity, context=context
-        )
+        options = backend_options(self.config, config_name, plugins)
+        try:
+            backend = info.cls(options, capacity=capacity, context=context)
+        except Exception as exc:  # a backend's constructor must not connect; one that fails is named
+            raise PluginError(
+                f"tier {name!r}: backend {tc.type!r} ({info.qualname}, plugin {info.plugin!r}) failed "
+                f"to construct: {type(exc).__name__}: {exc}; fix its options or the plugin (a "
+                "backend connects in open(), where a failure leaves the tier out of service)"
+            ) from exc
         ev, cb = self.config.eviction, self.config.circuit_breaker
         position = len(self.tiers)
         index = ChunkIndex(
@@ -350,7 +356,12 @@ class TierManager(SaveMixin, LoadMixin):
         except TierUnavailable:
             tier.remote.give_up(keys)
             return
-        tier.remote.record(keys, found)
+        if not isinstance(found, list | tuple) or len(found) != len(keys):
+            tier._failed("contains", f"backend contains() of {len(keys)} keys returned "
+                         f"{type(found).__name__} {str(found)[:40]!r}, not {len(keys)} booleans", TIER_ERRORS)
+            tier.remote.give_up(keys)
+            return
+        tier.remote.record(keys, [bool(f) for f in found])
 
     def _stored_below(self, key: bytes) -> bool:
         return any(
