@@ -988,11 +988,11 @@ def test_a_timed_out_disk_write_that_lands_later_is_deleted_not_left_holding_cap
 
     def stalled(*args: Any, **kwargs: Any) -> Any:
         if slow.is_set():
-            time.sleep(0.3)  # a disk stall longer than backend_op_s
+            time.sleep(1.5)  # a disk stall longer than backend_op_s
         return real(*args, **kwargs)
 
     monkeypatch.setattr(disk_io, "write_atomic", stalled)
-    mgr = make(disk={"write_through": True, "capacity": 8 * SLOT}, timeouts={"backend_op_s": 0.1},
+    mgr = make(disk={"write_through": True, "capacity": 8 * SLOT}, timeouts={"backend_op_s": 0.5},
                circuit_breaker={"failure_threshold": 1000, "reset_after_s": 0.05})
     disk, files = mgr.tiers[0], lambda: sorted(p.name for p in (tmp_path / "disk").rglob("*.kv"))
     _save(mgr, [0, 1, 2, 3])

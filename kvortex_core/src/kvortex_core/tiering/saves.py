@@ -25,6 +25,11 @@ if TYPE_CHECKING:
     from kvortex_core.control.index import IndexEntry, PinHandle
 
 
+#: Keys whose delete failed kept for a retry, at most (the oldest beyond are left to the
+#: store's own expiry or the next start-up scan).
+_MAX_UNDELETED = 65536
+
+
 class SaveMixin(TierState):
     """begin/commit/abort_save, write-behind to lower tiers, demotion on eviction."""
 
@@ -218,10 +223,7 @@ class SaveMixin(TierState):
             # the value landed): delete it again, or the store holds bytes no index counts.
             if tier.remote is not None:
                 tier.remote.record([key], [False])
-            try:
-                await tier.call("delete", tier.backend.delete([key.hex()]))
-            except TierUnavailable:
-                pass  # a later scan or the store's own expiry reclaims it
+            await self._delete(tier, [key])  # on failure retried with the next deletes
             return False
         self.stats.inc(BYTES_WRITTEN, len(value), tier.name)
         return True
@@ -236,10 +238,7 @@ class SaveMixin(TierState):
                 return
             if tier.remote is not None:
                 tier.remote.record([key], [False])
-            try:
-                await tier.call("delete", tier.backend.delete([key.hex()]))
-            except TierUnavailable:
-                pass  # a later scan or the store's own expiry reclaims it
+            await self._delete(tier, [key])  # on failure retried with the next deletes
 
         self._spawn(drop())
 
@@ -351,6 +350,8 @@ class SaveMixin(TierState):
     async def _process_doomed(self, tier: LowerTier) -> None:
         victims, tier.doomed = tier.doomed, []
         if not victims:
+            if tier.undeleted and tier.breaker.available:
+                await self._delete(tier, [])
             return
         position = self.tiers.index(tier)
         below = self._demotion_target(position + 1)
@@ -359,10 +360,21 @@ class SaveMixin(TierState):
                 await self._demote_between(tier, below, entry)
         if tier.remote is not None:  # our own delete: the shared tier's cached answer is now wrong
             tier.remote.record([e.key for e in victims], [False] * len(victims))
+        await self._delete(tier, [e.key for e in victims])
+
+    async def _delete(self, tier: LowerTier, keys: list[bytes]) -> None:
+        """Delete evicted ``keys`` and those whose delete failed before (unless indexed again).
+
+        A failed delete used to be forgotten: a shared tier's store kept the values and charged
+        them to this instance's capacity, which then refused every write for good once the
+        store was healthy again (a red-team finding).
+        """
+        retry = [k for k in tier.undeleted if k not in tier.index and k not in tier.putting]
+        todo, tier.undeleted = list(dict.fromkeys(keys + retry)), []
         try:
-            await tier.call("delete", tier.backend.delete([e.key.hex() for e in victims]))
+            await tier.call("delete", tier.backend.delete([k.hex() for k in todo]))
         except TierUnavailable:
-            pass  # a later scan or the store's own expiry reclaims them
+            tier.undeleted = todo[-_MAX_UNDELETED:]  # retried with the next deletes
 
     def _stored_below_from(self, key: bytes, start: int) -> bool:
         return any(key in t.index for t in self.tiers[start:])

@@ -54,6 +54,9 @@ class LowerTier:
     shared: bool = False
     remote: RemoteCache | None = None
     doomed: list[IndexEntry] = field(default_factory=list)
+    #: Keys evicted here whose delete failed: retried with the next deletes (a store that keeps
+    #: them charges them to this instance's capacity until they are gone).
+    undeleted: list[bytes] = field(default_factory=list)
     #: Keys indexed here whose put has not landed yet (a read of one finds nothing, for now).
     putting: set[bytes] = field(default_factory=set)
     open_timeout_s: float = 60.0
