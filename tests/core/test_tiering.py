@@ -992,7 +992,8 @@ def test_a_timed_out_disk_write_that_lands_later_is_deleted_not_left_holding_cap
         return real(*args, **kwargs)
 
     monkeypatch.setattr(disk_io, "write_atomic", stalled)
-    mgr = make(disk={"write_through": True, "capacity": 8 * SLOT}, timeouts={"backend_op_s": 0.5},
+    # room for chunks 0-7: evicting the cpu tier below demotes 0-3 (their writes failed) too
+    mgr = make(disk={"write_through": True, "capacity": 16 * SLOT}, timeouts={"backend_op_s": 0.5},
                circuit_breaker={"failure_threshold": 1000, "reset_after_s": 0.05})
     disk, files = mgr.tiers[0], lambda: sorted(p.name for p in (tmp_path / "disk").rglob("*.kv"))
     _save(mgr, [0, 1, 2, 3])
