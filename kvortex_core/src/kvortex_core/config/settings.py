@@ -173,6 +173,10 @@ class TimeoutConfig(_Section):
     )
     transfer_s: float = Field(30.0, gt=0, description="one GPU <-> host transfer")
     close_s: float = Field(10.0, gt=0, description="draining write-behind queues at close")
+    open_s: float = Field(
+        10.0, gt=0, description="how long engine start waits for a lower tier to open; one still "
+        "opening then (a store not answering, a large disk directory being scanned) goes on in "
+        "the background, out of service until it opened")
 
 
 class CircuitBreakerConfig(_Section):

@@ -73,7 +73,8 @@ class TierManager(SaveMixin, LoadMixin):
     WRITE_BEHIND_DEPTH = 256
     #: Concurrent backend writes per tier.
     WRITE_BEHIND_WORKERS = 4
-    #: open() + scan() of a tier may take this many times max(backend_op_s, close_s).
+    #: open() + scan() of a tier may take this many times max(backend_op_s, close_s) (engine
+    #: start waits only timeouts.open_s for it, the rest runs in the background).
     OPEN_TIMEOUT_FACTOR = 6
     #: How long a shared tier's ``contains`` answer is trusted by ``lookup``.
     REMOTE_CACHE_TTL_S = 2.0
@@ -265,12 +266,30 @@ class TierManager(SaveMixin, LoadMixin):
         self._open_tier(tier)
 
     def _open_tier(self, tier: LowerTier) -> None:
+        """Open ``tier``, waiting at most ``timeouts.open_s``: a tier still opening then (a store
+        that does not answer, a large disk directory being scanned) goes on in the background,
+        out of service until it opened; one that failed is retried in the background."""
+        wait = self.config.timeouts.open_s
+        future = self.loop.submit(self._first_open(tier))
         try:
-            self.loop.run(tier.open(), tier.open_timeout_s)
-        except Exception as exc:  # noqa: BLE001 - a tier that cannot start is skipped, not fatal
+            future.result(wait)
+        except TimeoutError:
+            if not tier.opened:
+                tier.breaker.force_open(f"still opening after {wait:g} s (timeouts.open_s); "
+                                        "in service once it opened")
+        except Exception:  # noqa: BLE001,S110 - counted and logged by _first_open
+            pass
+
+    async def _first_open(self, tier: LowerTier) -> None:
+        try:
+            await tier.ensure_open()
+        except Exception as exc:  # a tier that cannot start is skipped, not fatal
             self.stats.inc(TIER_ERRORS, 1, tier.name)  # `kvortex stats` shows it as an error
             tier.breaker.force_open(f"open failed: {type(exc).__name__}: {exc}")
-            self.loop.submit(self._open_later(tier))
+            self._spawn(self._open_later(tier))
+            raise
+        if tier.breaker.state != "closed":  # engine start stopped waiting for it: in service now
+            tier.breaker.success()
 
     async def _open_later(self, tier: LowerTier) -> None:
         """Retry opening ``tier`` each time its breaker lets a probe through, until it opens.

@@ -61,6 +61,8 @@ class LowerTier:
     putting: set[bytes] = field(default_factory=set)
     open_timeout_s: float = 60.0
     opened: bool = False
+    #: The open in progress (one at a time: a probe while the first open still runs waits for it).
+    opening: asyncio.Future[None] | None = None
 
     async def open(self) -> None:
         """Open the backend and rebuild the index from its ``scan()`` (once)."""
@@ -71,6 +73,19 @@ class LowerTier:
             except ValueError:
                 continue  # not one of our keys
         self.opened = True
+
+    async def ensure_open(self) -> None:
+        """Open once; a call while an open runs waits for that one (never two opens at once).
+
+        The open is shielded: a caller that gives up (``open_timeout_s``, engine start's
+        ``timeouts.open_s``) leaves it running, and the next caller waits for the same one.
+        """
+        if self.opened:
+            return
+        if self.opening is None or (self.opening.done() and not self.opened):
+            self.opening = asyncio.ensure_future(self.open())
+            self.opening.add_done_callback(_retrieve)
+        await asyncio.wait_for(asyncio.shield(self.opening), self.open_timeout_s)
 
     async def call(self, op: str, awaitable: Awaitable[T], timeout: float | None = None, *,
                    on_late: Callable[[], None] | None = None) -> T:
@@ -89,7 +104,7 @@ class LowerTier:
         start = time.perf_counter()
         try:
             if not self.opened:
-                await asyncio.wait_for(self.open(), self.open_timeout_s)
+                await self.ensure_open()
             if on_late is None:
                 result = await asyncio.wait_for(awaitable, timeout or self.op_timeout_s)
             else:
@@ -124,6 +139,12 @@ class LowerTier:
     @property
     def available(self) -> bool:
         return self.breaker.available
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Mark a background task's outcome as seen (its caller reports it, or gave up waiting)."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _settled(task: asyncio.Future[Any], then: Callable[[], None]) -> None:
