@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 from typing import Any
 
 import pytest
@@ -173,11 +174,16 @@ def test_evicted_under_maxmemory_is_a_miss(make_redis, key_prefix) -> None:
             await b.put(k, v)
         present = await b.contains(list(values))
         assert not all(present) and any(present)
+        found = []
         for (k, v), hit in zip(values.items(), present):
             out = bytearray(len(v))
             n = await b.get(k, memoryview(out))
-            assert (n is None) if not hit else (n == len(v) and bytes(out) == v)
-        assert (await b.usage()).items == sum(present)  # evicted keys are no longer charged
+            # a key present a moment ago may be evicted since (the server's reply buffers count
+            # against maxmemory too): a miss then, never other bytes
+            assert n is None if not hit else (n is None or (n == len(v) and bytes(out) == v))
+            found.append(n is not None)
+        assert any(found)
+        assert (await b.usage()).items == sum(found)  # evicted keys are no longer charged
 
     run(make_backend(url=server.url, key_prefix=key_prefix), scenario)
 
@@ -214,6 +220,13 @@ def test_options_reject_bad_values() -> None:
         RedisOptions(urls="redis://x")  # typo: unknown option
     with pytest.raises(ValueError):
         RedisOptions(cluster=[])
+    for url, what in (("redis://h:6379/cache", "database number such as /0, not 'cache'"),  # was db 0
+                      ("redis://u:pw@h:99999/0", "'redis://u:********@h:99999/0': the port must be"),
+                      ("redis://", "names no host")):
+        with pytest.raises(ValueError, match=re.escape(what)):
+            RedisOptions(url=url)
+    with pytest.raises(ValueError, match="ssl_ca_certs '/nonexistent/ca.pem' is not a file here"):
+        RedisOptions(url="rediss://h:6380/0", ssl_ca_certs="/nonexistent/ca.pem")
     for ttl in (0, 0.0005):  # Redis counts milliseconds: PX 0 refused every write
         with pytest.raises(ValueError, match="ttl"):
             RedisOptions(ttl=ttl)

@@ -104,7 +104,15 @@ def test_listing_too_large_falls_back_to_heads(moto_s3, s3_bucket) -> None:
 
 def test_missing_bucket_raises_backend_error(moto_s3) -> None:
     backend = make_backend(moto_s3.endpoint_url, "no-such-bucket-kvortex")
-    with pytest.raises(BackendError, match="no-such-bucket-kvortex"):
+    with pytest.raises(BackendError, match="bucket 'no-such-bucket-kvortex' does not exist at http.*; create "
+                                           "it or fix the `bucket` option"):  # HeadBucket: a bare 404
+        asyncio.run(backend.open())
+    asyncio.run(backend.close())
+
+
+def test_an_unknown_profile_is_named_with_the_option(moto_s3) -> None:
+    backend = make_backend(moto_s3.endpoint_url, "kv-profile", profile="no-such-profile-kvortex")
+    with pytest.raises(BackendError, match="no-such-profile-kvortex.*fix the option `profile`"):
         asyncio.run(backend.open())
     asyncio.run(backend.close())
 
@@ -136,6 +144,8 @@ def test_options_validate() -> None:
         with pytest.raises(ValueError, match="'..' segment"):
             S3Options(bucket="bkt", prefix=prefix)
     assert S3Options(bucket="kv.cache-01", prefix="team/a/").prefix == "team/a/"
+    with pytest.raises(ValueError, match="endpoint_url 'minio:9000' must start with http:// or https://"):
+        S3Options(bucket="bkt", endpoint_url="minio:9000")
 
 
 def test_plugin_registers_s3() -> None:

@@ -15,6 +15,7 @@ imported in :meth:`RedisBackend.open`, so registering the backend never needs it
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from urllib.parse import urlsplit, urlunsplit
@@ -47,6 +48,16 @@ def _split_credentials(url: str) -> tuple[str, str | None, str | None]:
         raise ValueError(
             f"url {shown!r} must start with redis:// or rediss:// (TLS), e.g. redis://host:6379/0"
         )
+    shown = url if parts.password is None else url.replace(f":{parts.password}@", ":********@", 1)
+    if not parts.hostname:
+        raise ValueError(f"url {shown!r} names no host; e.g. redis://host:6379/0")
+    try:
+        parts.port  # noqa: B018 - urlsplit checks the port when it is read
+    except ValueError:
+        raise ValueError(f"url {shown!r}: the port must be a number in 1-65535, e.g. 6379") from None
+    db = parts.path.strip("/")
+    if db and not db.isdigit():
+        raise ValueError(f"url {shown!r}: the path must be a database number such as /0, not {db!r}")
     if parts.password is None:
         return url, parts.username, None
     host = parts.hostname or ""
@@ -121,6 +132,13 @@ class RedisOptions(BackendOptions):
         if isinstance(nodes, list):
             data["cluster"] = [cleaned.get(u, u) for u in nodes]
         return data
+
+    @field_validator("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
+    @classmethod
+    def _tls_file(cls, v: str | None, info: Any) -> str | None:
+        if v is not None and not os.path.isfile(v):
+            raise ValueError(f"{info.field_name} {v!r} is not a file here; give the path of the PEM file")
+        return v
 
     @field_validator("cluster")
     @classmethod

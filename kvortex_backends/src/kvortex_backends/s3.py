@@ -65,6 +65,14 @@ class S3Options(BackendOptions):
     list_cache_ttl: float = Field(2.0, ge=0, description="seconds a prefix listing answers contains")
     list_max_objects: int = Field(100_000, ge=1, description="above this, contains uses HEADs")
 
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError(f"endpoint_url {v!r} must start with http:// or https://, "
+                             "e.g. http://minio:9000")
+        return v
+
     @field_validator("bucket")
     @classmethod
     def _bucket_name(cls, v: str) -> str:
@@ -125,9 +133,17 @@ class S3Backend(StorageBackend):
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.opts.max_concurrency, thread_name_prefix="kvortex-s3")
         if self._client is None:
-            self._client = make_client(self.opts)
+            with self._errors("open", ""):  # a profile that does not exist, say
+                self._client = make_client(self.opts)
             self._manager = make_transfer_manager(self._client, self.opts)
-        await self._call("open", "", lambda: self._client.head_bucket(Bucket=self.opts.bucket))
+        try:
+            await self._call("open", "", lambda: self._client.head_bucket(Bucket=self.opts.bucket))
+        except BackendError as exc:  # HeadBucket has no body: a missing bucket is a bare 404
+            if "failed: 404" in str(exc):
+                raise BackendError(f"{exc}: bucket {self.opts.bucket!r} does not exist at "
+                                   f"{self.opts.endpoint_url or 'AWS'}; create it or fix the `bucket` "
+                                   "option") from exc
+            raise
 
     async def close(self) -> None:
         manager, pool, client = self._manager, self._pool, self._client
@@ -268,7 +284,12 @@ class S3Backend(StorageBackend):
     @contextlib.contextmanager
     def _errors(self, op: str, key: str) -> Iterator[None]:
         """botocore errors -> BackendError naming the bucket and the fix (never credentials)."""
-        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+        from botocore.exceptions import (
+            BotoCoreError,
+            ClientError,
+            NoCredentialsError,
+            ProfileNotFound,
+        )
         from s3transfer import exceptions as transfer_errors
 
         transfer = (transfer_errors.RetriesExceededError, transfer_errors.S3UploadFailedError,
@@ -290,6 +311,9 @@ class S3Backend(StorageBackend):
                     "PreconditionFailed": "; the object was overwritten during the read, retry",
                     "AccessDenied": "; check the credentials' permissions on the bucket"}.get(code, "")
             raise BackendError(f"{what} failed: {code or exc}{hint}") from exc
+        except ProfileNotFound as exc:
+            raise BackendError(f"{what}: {exc}; fix the option `profile` or add the profile to "
+                               "~/.aws/config") from exc
         except (BotoCoreError, OSError, *transfer) as exc:
             raise BackendError(
                 f"{what} failed: {type(exc).__name__}: {exc}; check endpoint_url, network and "
