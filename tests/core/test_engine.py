@@ -866,3 +866,16 @@ def test_a_read_only_mapping_of_layers_registers_like_a_dict() -> None:
         assert engine.save(tokens, [0, 1, 2, 3]) == CHUNK
         assert engine.load(tokens, [10, 11, 12, 13]) == CHUNK
     assert _same_blocks(caches, block, [0, 1, 2, 3], [10, 11, 12, 13])
+
+
+def test_create_takes_a_mapping_of_config_fields_and_names_anything_else() -> None:
+    fields = {"model_id": "test/model", "chunk_tokens": CHUNK, "tiers": {"cpu": {"type": "cpu", "capacity": "2MiB"}}}
+    caches, hints, _ = ks.flash_attn(L, B, N, H, D, torch.bfloat16)
+    with KVortexEngine.create(fields) as engine:  # was: AttributeError: 'dict' object has no attribute
+        assert engine.config.chunk_tokens == CHUNK and engine.config.model_id == "test/model"
+        engine.register_kv_caches(caches, hints)
+        tokens = list(range(2 * CHUNK))
+        assert engine.save(tokens, list(range(2 * CHUNK // N))) == 2 * CHUNK  # N tokens per block
+        assert engine.lookup(tokens) == 2 * CHUNK
+    with pytest.raises(TypeError, match="config is a str; pass a KVortexConfig, a mapping of its fields"):
+        KVortexEngine.create("kvortex.yaml")  # type: ignore[arg-type]

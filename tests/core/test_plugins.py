@@ -242,6 +242,28 @@ def test_a_hook_calling_sys_exit_is_a_plugin_error_not_the_end_of_the_process() 
         PluginManager([Exits()], autoload=False).backends()
 
 
+def test_a_hook_returning_its_backends_instead_of_registering_them_is_refused() -> None:
+    class Returns:
+        @hookimpl
+        def kvortex_register_backends(self, register):  # type: ignore[no-untyped-def]
+            return {"mine": object}
+
+    with pytest.raises(PluginError, match=r"returned dict .*it must call register\(name, BackendClass\)"):
+        PluginManager([Returns()], autoload=False).backends()
+
+
+def test_run_scenario_fails_a_hung_backend_call_instead_of_hanging() -> None:
+    import asyncio
+
+    from kvortex_core.storage.protocol import BackendContext
+    from kvortex_core.testing import run_scenario
+    from kvortex_core.testing.memory import MemoryBackend
+
+    backend = MemoryBackend(MemoryBackend.Options(), capacity=1 << 20, context=BackendContext())
+    with pytest.raises(TimeoutError, match="MemoryBackend: the scenario did not finish in 0.2 s"):
+        run_scenario(backend, lambda b: asyncio.sleep(3600), timeout=0.2)
+
+
 def test_an_abstract_backend_class_is_refused_at_registration() -> None:
     from kvortex_core.storage.protocol import StorageBackend
 

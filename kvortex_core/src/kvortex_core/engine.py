@@ -180,9 +180,11 @@ class KVortexEngine:
         self._metrics = start_metrics(self._stats, config)
 
     @classmethod
-    def create(cls, config: KVortexConfig | None = None, plugins: PluginManager | Sequence[object] | None = None,
+    def create(cls, config: KVortexConfig | Mapping[str, Any] | None = None,
+               plugins: PluginManager | Sequence[object] | None = None,
                *, rank: int = 0, world_size: int = 1) -> KVortexEngine:
-        """An engine for ``config`` (default: ``KVortexConfig()``, i.e. env and YAML).
+        """An engine for ``config`` (default: ``KVortexConfig()``, i.e. env and YAML; a mapping
+        is read as ``KVortexConfig.load(**mapping)``: its keys over env and YAML).
 
         ``plugins``: a PluginManager, or extra plugin objects registered beside the entry points.
         """
@@ -190,6 +192,11 @@ class KVortexEngine:
 
         if not isinstance(plugins, PluginManager):
             plugins = PluginManager(list(plugins or ()))
+        if isinstance(config, Mapping):
+            config = KVortexConfig.load(plugins=plugins, **config)
+        elif config is not None and not isinstance(config, KVortexConfig):
+            raise TypeError(f"config is a {type(config).__name__}; pass a KVortexConfig, a mapping of "
+                            "its fields (e.g. {'chunk_tokens': 256}) or None (env and YAML)")
         return cls(config if config is not None else KVortexConfig(), plugins, rank=rank,
                    world_size=world_size)
 

@@ -141,7 +141,13 @@ class PluginManager:
             dist, version = self._dists.get(id(impl.plugin), (None, None))
             registrar = _Registrar(impl.plugin_name, dist, version, found)
             try:
-                impl.function(register=registrar)
+                returned = impl.function(register=registrar)
+                if returned is not None:  # a hook that returns its backends registers nothing
+                    raise PluginError(
+                        f"plugin {impl.plugin_name!r}: kvortex_register_backends returned "
+                        f"{type(returned).__name__} {str(returned)[:60]!r}; it must call "
+                        "register(name, BackendClass) for each backend and return nothing"
+                    )
             except PluginError:
                 raise
             except (Exception, SystemExit) as exc:  # a third-party hook's bug (or sys.exit()): name

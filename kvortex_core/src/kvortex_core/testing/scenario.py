@@ -11,8 +11,17 @@ from kvortex_core.storage.protocol import StorageBackend
 B = TypeVar("B", bound=StorageBackend)
 
 
-def run_scenario(backend: B, scenario: Callable[[B], Awaitable[Any]]) -> Any:
-    """``open()`` the backend, await ``scenario(backend)`` on a fresh event loop, ``close()``."""
+#: Seconds a scenario (open, the calls, close) may take before it fails as hung.
+SCENARIO_TIMEOUT_S = 120.0
+
+
+def run_scenario(backend: B, scenario: Callable[[B], Awaitable[Any]], *,
+                 timeout: float = SCENARIO_TIMEOUT_S) -> Any:
+    """``open()`` the backend, await ``scenario(backend)`` on a fresh event loop, ``close()``.
+
+    A backend call that never returns fails the scenario with a ``TimeoutError`` after
+    ``timeout`` seconds (a hung call would otherwise block the test run for good).
+    """
 
     async def main() -> Any:
         await backend.open()
@@ -21,4 +30,11 @@ def run_scenario(backend: B, scenario: Callable[[B], Awaitable[Any]]) -> Any:
         finally:
             await backend.close()
 
-    return asyncio.run(main())
+    async def bounded() -> Any:
+        try:
+            return await asyncio.wait_for(main(), timeout)
+        except TimeoutError:
+            raise TimeoutError(f"{type(backend).__name__}: the scenario did not finish in {timeout:g} s; "
+                               "a backend call hangs (every call must return or raise)") from None
+
+    return asyncio.run(bounded())
