@@ -660,7 +660,7 @@ def test_engine_start_waits_open_s_for_a_tier_then_it_opens_in_the_background(ma
                timeouts={"open_s": 0.3}, circuit_breaker={"reset_after_s": 0.2})
     assert time.monotonic() - t0 < 1.2
     tier = mgr.tiers[0]
-    assert tier.breaker.state == "open" and "still opening" in tier.breaker.last_error
+    assert tier.breaker.state in ("open", "half_open") and "still opening" in tier.breaker.last_error
     assert _save(mgr, [0, 1]) == [0, 1] and [i for i, _ in _load(mgr, [0, 1])] == [0, 1]  # cpu serves
     if delay > 60:
         return  # never opens; close() does not wait for it (the fixture closes)

@@ -833,7 +833,9 @@ def test_a_second_server_on_the_same_disk_directory_promises_nothing_from_it_unt
     assert view is not None and set(view.mgr.tier_states().values()) == {"open"}
     for w in second.workers:
         disk = w.connector.worker_side.tiers.mgr.tiers[0]
-        assert disk.breaker.state == "open" and "in use by another engine" in disk.breaker.last_error
+        # out of service: open, or half-open while a background retry probes (reset_after_s 0.1)
+        assert disk.breaker.state in ("open", "half_open"), disk.breaker.state
+        assert "in use by another engine" in disk.breaker.last_error
     side = second.connector.scheduler_side
     second.add("B", a[:70])
     second.run()
