@@ -315,6 +315,44 @@ def test_shared_redis_tier_serves_another_engine(tmp_path: Path, redis_url: str)
     assert_kv(reader, "B", a, 2 * CHUNK)
 
 
+@pytest.mark.redis
+@pytest.mark.parametrize("how", ["refused", "evicted"])
+def test_our_own_write_the_shared_tier_does_not_hold_is_not_promised_once_it_could_answer(
+        tmp_path: Path, redis_url: str, how: str) -> None:
+    """The scheduler counts its own queued writes as stored (they land soon), but it used to do so
+    for ever: a write Redis refused (full, no eviction) or a key it evicted or expired later was
+    still promised, the load failed, and under vLLM's kv_load_failure_policy "fail" the request
+    failed, again each time the prefix came back (a red-team finding). Where every lower tier is
+    shared, a queued write now counts only for SHARED_WRITE_GRACE_S, then the tier answers."""
+    import redis
+
+    from kvortex_vllm.lower import SchedulerTiers
+
+    client = redis.Redis.from_url(redis_url)
+    if how == "refused":
+        client.config_set("maxmemory-policy", "noeviction")
+        client.config_set("maxmemory", 1)
+    cfg = {"tiers": {"cpu": {"type": "cpu", "capacity": "64KiB"},
+                     "redis": {"type": "redis", "capacity": "16MiB", "url": redis_url, "write_through": True}},
+           "timeouts": {"remote_lookup_s": 5.0}}
+    a = prompt(31, 100)
+    h = build(tmp_path, cfg)
+    h.add("A", a)
+    h.run()
+    drain(h)
+    if how == "evicted":
+        assert client.dbsize() > 0
+        client.flushall()  # as allkeys-lru eviction or a ttl would drop them
+    assert client.dbsize() == 0
+    evict_from_cpu(h, h.connector.scheduler_side.geometry.num_slots)
+    time.sleep(SchedulerTiers.SHARED_WRITE_GRACE_S + 0.3)
+    n = len(h.history)
+    h.add("A2", a)
+    h.run()
+    assert not any(s.invalid_blocks for s in h.history[n:]), "a chunk Redis does not hold was promised"
+    assert_kv(h, "A2", a, len(a))  # recomputed
+
+
 def test_chunks_being_fetched_are_nobodys_hit_and_outlive_an_abort(tmp_path: Path) -> None:
     h, side, a = stored_below_only(tmp_path, 5)
     keys = h.keys_of(a)[:2]

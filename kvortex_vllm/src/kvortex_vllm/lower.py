@@ -20,6 +20,7 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
@@ -225,15 +226,24 @@ class WorkerTiers:
 class SchedulerTiers:
     """The scheduler's non-blocking view of what the lower tiers hold, for every rank."""
 
+    #: Where every lower tier is shared (each answers ``contains``), how long our own queued
+    #: write counts as stored before the tiers' own answers decide: the time for it to land.
+    #: After that a store that refused it (full, no eviction), expired it (ttl) or evicted it
+    #: answers absent, and the chunk is no longer promised (a red-team finding: with vLLM's
+    #: ``kv_load_failure_policy`` "fail" each such promise failed a request).
+    SHARED_WRITE_GRACE_S = 1.0
+
     def __init__(self, mgr: TierManager, tp_size: int, max_keys: int) -> None:
         self.mgr = mgr
         self.tp_size = tp_size
-        self.written: OrderedDict[bytes, None] = OrderedDict()
+        self.written: OrderedDict[bytes, float] = OrderedDict()  # key -> when its write was queued
         self.max_keys = max(max_keys, 1)
+        self.all_shared = bool(mgr.tiers) and all(t.remote is not None for t in mgr.tiers)
 
     def note_written(self, key: bytes) -> None:
-        """This engine queued ``key`` for write-behind (optimistic: a failed write is a failed load)."""
-        self.written[key] = None
+        """This engine queued ``key`` for write-behind (optimistic: a failed write is a failed load;
+        where every lower tier is shared, only for ``SHARED_WRITE_GRACE_S``)."""
+        self.written[key] = time.monotonic()
         self.written.move_to_end(key)
         while len(self.written) > self.max_keys:
             self.written.popitem(last=False)
@@ -258,6 +268,9 @@ class SchedulerTiers:
         # Our own queued writes count only while some lower tier is in service: with every
         # one down they never land, and each claimed hit would be an async load bound to fail.
         written = self.written if any(t.available for t in self.mgr.tiers) else {}
+        if written and self.all_shared:
+            young = time.monotonic() - self.SHARED_WRITE_GRACE_S
+            return [bool(mask >> i & 1) or written.get(k, young) > young for i, k in enumerate(keys)]
         return [k in written or bool(mask >> i & 1) for i, k in enumerate(keys)]
 
     def unknown(self, key: bytes) -> bool:
