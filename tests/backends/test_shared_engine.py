@@ -161,3 +161,43 @@ def test_a_redis_key_holding_a_list_is_a_bad_payload_deleted_not_a_tier_failure(
         assert b.load(prompts[3], [50, 51]) == CHUNK
     for s, d in zip([6, 7], [50, 51], strict=True):
         assert all(torch.equal(block(dst, layer, d), block(src, layer, s)) for layer in range(L))
+
+
+@pytest.mark.redis
+def test_evictions_whose_redis_delete_failed_are_deleted_once_it_works_again(make_redis, key_prefix) -> None:  # type: ignore[no-untyped-def]
+    """A failed delete of an evicted chunk used to be forgotten: Redis kept the value, the
+    instance's capacity budget kept charging it, and once Redis worked again every write was
+    refused for good (a red-team finding; here the ACL denies UNLINK for a while)."""
+    import redis
+
+    server = make_redis()
+    admin = redis.Redis(host="127.0.0.1", port=server.port)
+    caches, _, _ = ks.flash_attn(L, B, N, H, D, torch.bfloat16, seed=5)
+    slot = 4096 + L * 2 * CHUNK * H * D * 2  # header + one chunk's payload (bf16)
+    config = KVortexConfig(
+        model_id="test/shared", chunk_tokens=CHUNK,
+        tiers={"cpu": {"type": "cpu", "capacity": "256KiB"},
+               "shared": {**_redis_tier(server, key_prefix), "capacity": 20 * slot, "write_through": True}},
+        circuit_breaker={"failure_threshold": 1000})
+    with KVortexEngine.create(config) as engine:
+        engine.register_kv_caches(caches)
+        tiers = engine._registered().tiers
+        n = 0
+
+        def save(count: int) -> None:
+            nonlocal n
+            for _ in range(count):
+                engine.save([n * 100_000 + i for i in range(CHUNK)], [0, 1])
+                n += 1
+                assert tiers.drain(10)
+
+        save(30)
+        admin.execute_command("ACL", "SETUSER", "default", "-unlink")  # deletes fail for a while
+        save(30)
+        admin.execute_command("ACL", "SETUSER", "default", "+unlink")
+        save(20)  # the failed deletes are retried with the first deletes now (a few writes racing
+        refused = _counter(engine, "tier_writes_refused")  # them may still be refused)
+        save(20)
+        assert _counter(engine, "tier_writes_refused") == refused, "writes refused after Redis recovered"
+        redis_keys = {k.decode().removeprefix(key_prefix) for k in admin.keys(f"{key_prefix}*")}
+        assert redis_keys == {k.hex() for k in tiers.tiers[0].index.keys()}  # noqa: SIM118 - no orphan left

@@ -373,8 +373,8 @@ class SaveMixin(TierState):
         todo, tier.undeleted = list(dict.fromkeys(keys + retry)), []
         try:
             await tier.call("delete", tier.backend.delete([k.hex() for k in todo]))
-        except TierUnavailable:
-            tier.undeleted = todo[-_MAX_UNDELETED:]  # retried with the next deletes
+        except TierUnavailable:  # retried with the next deletes (others may have failed meanwhile)
+            tier.undeleted = list(dict.fromkeys(tier.undeleted + todo))[-_MAX_UNDELETED:]
 
     def _stored_below_from(self, key: bytes, start: int) -> bool:
         return any(key in t.index for t in self.tiers[start:])
