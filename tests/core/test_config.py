@@ -162,6 +162,11 @@ def load_error(tmp_path: Path, text: str = BASE, **kwargs: object) -> str:
     return str(err.value)
 
 
+def test_a_number_where_text_belongs_says_to_quote_it(tmp_path: Path) -> None:
+    message = load_error(tmp_path, BASE + "salt: 7\n")
+    assert "salt = 7" in message and 'quote it to give text: salt: "7"' in message
+
+
 def test_unknown_top_level_key(tmp_path: Path) -> None:
     message = load_error(tmp_path, BASE + "chunk_tokenz: 5\n")
     assert "chunk_tokenz = 5" in message

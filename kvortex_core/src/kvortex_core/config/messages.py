@@ -137,6 +137,8 @@ def _hint(err: Mapping[str, Any]) -> str:
         )
     if kind.startswith("byte_size") or (loc and loc[-1] in _SIZE_FIELDS):
         return f"use {_SIZE_HINT}"
+    if kind == "string_type" and isinstance(err.get("input"), int | float) and not isinstance(err["input"], bool):
+        return f"quote it to give text: {loc[-1]}: \"{err['input']}\" (YAML reads {err['input']} as a number)"
     return ""
 
 
