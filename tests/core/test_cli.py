@@ -235,6 +235,12 @@ def test_bench_out_that_is_a_file_is_a_usage_error(runner: CliRunner, tmp_path: 
     assert "is a file, not a directory" in result.stdout + result.stderr
 
 
+def test_a_bench_refused_for_another_argument_creates_no_out_directory(runner: CliRunner, tmp_path: Path) -> None:
+    out = tmp_path / "new" / "results"
+    result = runner.invoke(app, ["bench", "transfer", "--tokens", "abc", "--out", str(out)])
+    assert result.exit_code == 2 and not (tmp_path / "new").exists()
+
+
 def test_demo_bad_config_exits_with_message(runner: CliRunner, tmp_path: Path) -> None:
     result = runner.invoke(app, ["demo", *SMALL, "--config", str(yaml_file(tmp_path, BAD))])
     assert result.exit_code == 2

@@ -34,12 +34,19 @@ def missing_packages(*packages: str) -> list[str]:
 
 def out_dir_checked(path: Path) -> Path:
     """``--out`` (or another directory option): a directory that exists or can be made,
-    checked before any measurement; else a usage error."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        what = "is a file, not a directory" if path.exists() else f"cannot be created ({exc.strerror})"
-        raise typer.BadParameter(f"{str(path)!r} {what}; give a directory") from None
+    checked before any measurement (and made only when results are written, so a run refused
+    for another argument leaves nothing behind); else a usage error."""
+    import os
+
+    if path.exists() and not path.is_dir():
+        raise typer.BadParameter(f"{str(path)!r} is a file, not a directory; give a directory")
+    existing = path if path.exists() else next(p for p in path.absolute().parents if p.exists())
+    if not existing.is_dir():
+        raise typer.BadParameter(f"{str(path)!r} cannot be created ({str(existing)!r} is a file); "
+                                 "give a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise typer.BadParameter(f"{str(path)!r} cannot be created or written ({str(existing)!r}: "
+                                 "permission denied); give a directory")
     return path
 
 
