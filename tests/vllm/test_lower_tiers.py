@@ -297,18 +297,26 @@ def redis_url(tmp_path: Path) -> Iterator[str]:
         proc.wait(10)
 
 
+def redis_config(redis_url: str, cpu: str) -> dict[str, Any]:
+    """A cpu tier over a write-through Redis tier; the scheduler may wait up to 5 s for Redis's
+    answers (a loaded 2-core CI machine may take a while; the bound is tested elsewhere)."""
+    return {"tiers": {"cpu": {"type": "cpu", "capacity": cpu},
+                      "redis": {"type": "redis", "capacity": "16MiB", "url": redis_url, "write_through": True}},
+            "timeouts": {"remote_lookup_s": 5.0}}
+
+
+def saved_and_drained(h: Harness, req_id: str, tokens: list[int]) -> None:
+    h.add(req_id, tokens)
+    h.run()
+    drain(h)
+
+
 @pytest.mark.redis
 def test_shared_redis_tier_serves_another_engine(tmp_path: Path, redis_url: str) -> None:
-    shared = {"tiers": {"cpu": {"type": "cpu", "capacity": "1MiB"},
-                        "redis": {"type": "redis", "capacity": "16MiB", "url": redis_url, "write_through": True}},
-              # A loaded 2-core CI machine may take a while to answer; the bound is what is tested
-              # elsewhere, here the answer must arrive.
-              "timeouts": {"remote_lookup_s": 5.0}}
+    shared = redis_config(redis_url, "1MiB")
     a = prompt(4, 80)
     writer = build(tmp_path, shared)
-    writer.add("A", a)
-    writer.run()
-    drain(writer)
+    saved_and_drained(writer, "A", a)
     reader = build(tmp_path, shared)
     hist = run_async_load(reader, "B", a[:70])
     assert hist[-1].computed_before["B"] == 2 * CHUNK
@@ -332,14 +340,9 @@ def test_our_own_write_the_shared_tier_does_not_hold_is_not_promised_once_it_cou
     if how == "refused":
         client.config_set("maxmemory-policy", "noeviction")
         client.config_set("maxmemory", 1)
-    cfg = {"tiers": {"cpu": {"type": "cpu", "capacity": "64KiB"},
-                     "redis": {"type": "redis", "capacity": "16MiB", "url": redis_url, "write_through": True}},
-           "timeouts": {"remote_lookup_s": 5.0}}
     a = prompt(31, 100)
-    h = build(tmp_path, cfg)
-    h.add("A", a)
-    h.run()
-    drain(h)
+    h = build(tmp_path, redis_config(redis_url, "64KiB"))
+    saved_and_drained(h, "A", a)
     if how == "evicted":
         assert client.dbsize() > 0
         client.flushall()  # as allkeys-lru eviction or a ttl would drop them
