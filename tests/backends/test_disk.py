@@ -725,3 +725,29 @@ def test_every_directory_the_tier_creates_is_0700(tmp_path: Path) -> None:
     assert len(made) >= 4  # sub, cache, <namespace>, r0
     assert {str(p.relative_to(mine)): p.stat().st_mode & 0o777 for p in made} == {
         str(p.relative_to(mine)): 0o700 for p in made}
+
+
+def test_a_delete_whose_caller_timed_out_still_unlinks_its_files(tmp_path: Path) -> None:
+    """The delete takes its keys out of the accounting at once; its unlink runs on the I/O
+    pool. Cancelled by the caller's timeout while queued behind other I/O, the unlink was
+    dropped: the file stayed on disk, counted nowhere until the next start (a red-team finding)."""
+    async def scenario() -> None:
+        backend = DiskBackend(DiskBackend.Options(path=str(tmp_path), io_threads=1), capacity=1 << 20,
+                              context=BackendContext())
+        await backend.open()
+        try:
+            key = "ab" * 16
+            await backend.put(key, b"x" * 4096)
+            assert len(list(tmp_path.rglob("*.kv"))) == 1
+            busy = asyncio.get_running_loop().run_in_executor(backend._pool, time.sleep, 0.3)  # a slow write
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(backend.delete([key]), 0.05)  # the tier's backend_op_s
+            await busy
+            deadline = time.monotonic() + 5
+            while list(tmp_path.rglob("*.kv")) and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            assert list(tmp_path.rglob("*.kv")) == [] and (await backend.usage()).used == 0
+        finally:
+            await backend.close()
+
+    asyncio.run(scenario())
