@@ -371,6 +371,8 @@ class SaveMixin(TierState):
         """
         retry = [k for k in tier.undeleted if k not in tier.index and k not in tier.putting]
         todo, tier.undeleted = list(dict.fromkeys(keys + retry)), []
+        if not todo:
+            return
         try:
             await tier.call("delete", tier.backend.delete([k.hex() for k in todo]))
         except TierUnavailable:  # retried with the next deletes (others may have failed meanwhile)
