@@ -167,6 +167,12 @@ def test_a_number_where_text_belongs_says_to_quote_it(tmp_path: Path) -> None:
     assert "salt = 7" in message and 'quote it to give text: salt: "7"' in message
 
 
+def test_an_unknown_key_given_as_a_mapping_names_where_it_came_from(tmp_path: Path) -> None:
+    assert "nope = {'x': 1} (from argument): unknown key" in load_error(tmp_path, nope={"x": 1})
+    message = load_error(tmp_path, BASE + "nope:\n  x: 1\n")
+    assert "nope = {'x': 1} (from " in message and "kvortex.yaml" in message
+
+
 def test_unknown_top_level_key(tmp_path: Path) -> None:
     message = load_error(tmp_path, BASE + "chunk_tokenz: 5\n")
     assert "chunk_tokenz = 5" in message

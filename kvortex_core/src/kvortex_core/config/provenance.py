@@ -113,15 +113,23 @@ class SourceMaps:
         )
 
     def source_of(self, path: Path_) -> Source:
-        """The highest-priority source that sets ``path`` (or a mapping above it)."""
+        """The highest-priority source that sets ``path``, a mapping above it, or a value below
+        it (an unknown key given as a mapping: ``--set nope.x=1`` names ``nope``)."""
         prefixes = [path[:i] for i in range(len(path), 0, -1)]
-        if any(p in self.arguments for p in prefixes):
+
+        def sets(paths: Any, wanted: list[Path_], whole: Path_) -> bool:
+            return any(p in paths for p in wanted) or any(tuple(q[:len(whole)]) == whole for q in paths)
+
+        if sets(self.arguments, prefixes, path):
             return Source("argument")
         lowered = [tuple(part.lower() for part in p) for p in prefixes]
         for p in lowered:
             if p in self.env:
                 return Source("env", self.env[p])
-        if any(p in self.yaml for p in prefixes):
+        below = next((q for q in self.env if tuple(q[:len(path)]) == lowered[0]), None) if lowered else None
+        if below is not None:
+            return Source("env", self.env[below])
+        if sets(self.yaml, prefixes, path):
             return Source("yaml", str(self.config_file))
         return Source("default")
 
