@@ -26,10 +26,27 @@ def _app() -> typer.Typer:
     return app
 
 
-def _run(*args: str) -> str:
-    result = CliRunner().invoke(_app(), ["stats", *args], env={"COLUMNS": "200"})
+def _run(*args: str, columns: int = 200) -> str:
+    result = CliRunner().invoke(_app(), ["stats", *args], env={"COLUMNS": str(columns)})
     assert result.exit_code == 0, result.output
     return result.output
+
+
+@pytest.mark.parametrize("columns", [200, 80, 60, 50])
+def test_every_header_is_whole_at_any_terminal_width(columns: int) -> None:
+    """At 60 columns the two-table layout cut headers short ("brea"); a narrower one follows."""
+    stats = Stats()
+    indexes = [ChunkIndex(name, 1 << 30, policy="lru", stats=stats) for name in ("cpu", "disk@r1", "redis")]
+    with MetricsExporter(stats, port=0).start() as exp:
+        assert exp.url is not None
+        out = _run("--url", exp.url, "--once", columns=columns)
+    for index in indexes:
+        index.close()
+    assert max(len(line) for line in out.splitlines()) <= columns
+    for header in ("tier", "used", "capacity", "use %", "evicted", "errors", "breaker", "chunks", "saved",
+                   "loaded", "save", "load", "MB/s"):
+        assert header in out, (header, out)
+    assert "disk@r1" in out
 
 
 def test_once_shows_live_values_that_change() -> None:

@@ -215,6 +215,13 @@ _NARROW = (
     ("tier", "used", "capacity", "use %", "evicted", "errors", "breaker"),
     ("tier", "chunks", "saved", "loaded", "save\nMB/s", "load\nMB/s"),
 )
+#: Four tables for a terminal too narrow for those two (e.g. 60 columns).
+_NARROWEST = (
+    ("tier", "used", "capacity", "use %"),
+    ("tier", "evicted", "errors", "breaker"),
+    ("tier", "chunks", "saved", "loaded"),
+    ("tier", "save\nMB/s", "load\nMB/s"),
+)
 
 
 @dataclass
@@ -240,13 +247,14 @@ class _StatsView:
         return table
 
     def __rich_console__(self, console: Any, options: Any) -> Any:
-        wide = self.table(_COLUMNS, self.title)
-        natural = console.measure(wide, options=options.update_width(10_000)).maximum
-        if natural <= options.max_width:
-            yield wide
-            return
-        yield self.table(_NARROW[0], self.title)
-        yield self.table(_NARROW[1], None)
+        """The first layout whose every table fits the width as it is (no header cut short)."""
+        layouts = [(_COLUMNS,), _NARROW, _NARROWEST]
+        for layout in layouts:
+            tables = [self.table(cols, self.title if i == 0 else None) for i, cols in enumerate(layout)]
+            widths = [console.measure(t, options=options.update_width(10_000)).maximum for t in tables]
+            if max(widths) <= options.max_width or layout is layouts[-1]:
+                yield from tables
+                return
 
 
 def _bytes(n: float) -> str:
