@@ -352,3 +352,32 @@ def test_a_chunk_the_engine_evicts_from_redis_is_not_reported_there_any_more(red
         assert engine.lookup(prompt(0)) == 0
         assert engine.save(prompt(0), [40]) == ct
         assert engine.load(prompt(0), [41]) == ct
+
+
+def test_a_miss_answered_after_a_put_of_the_key_keeps_that_puts_charge(redis_server, key_prefix) -> None:
+    """A GET sent before a put of the same key, whose nil reply is handled after the put
+    reserved its charge and landed, used to drop that charge: the instance's budget
+    under-counted what it had written (a red-team finding)."""
+    async def scenario(b: RedisBackend) -> None:
+        assert b._batcher is not None
+        real_get = b._batcher.get
+        got_reply = asyncio.Event()
+        release = asyncio.Event()
+
+        async def late_get(name: str) -> Any:  # the reply is slow to come back
+            value = await real_get(name)
+            got_reply.set()
+            await release.wait()
+            return value
+
+        b._batcher.get = late_get  # type: ignore[method-assign]
+        read = asyncio.ensure_future(b.get("k", memoryview(bytearray(64))))
+        await got_reply.wait()  # the server answered nil: the key did not exist yet
+        await b.put("k", b"v" * 40)  # charged and stored while the reply is on its way
+        release.set()
+        assert await read is None
+        usage = await b.usage()
+        assert (usage.items, usage.used) == (1, 40)
+        assert await b.contains(["k"]) == [True]
+
+    run(make_backend(url=redis_server.url, key_prefix=key_prefix), scenario)

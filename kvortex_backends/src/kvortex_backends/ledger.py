@@ -23,6 +23,7 @@ from kvortex_core.errors import BackendFullError
 class _Entry:
     size: int
     expires: float | None  # time.monotonic() deadline, None = never
+    seq: int = 0  # the ledger's stamp when it was charged (see WriteLedger.stamp)
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class WriteLedger:
         self._entries: dict[str, _Entry] = {}
         self._used = 0
         self._next_purge = 0.0
+        self._seq = 0
 
     @property
     def used(self) -> int:
@@ -73,7 +75,8 @@ class WriteLedger:
                 "raise the tier's capacity or let eviction make room"
             )
         expires = time.monotonic() + self.ttl if self.ttl else None
-        current = _Entry(size, expires)
+        self._seq += 1
+        current = _Entry(size, expires, self._seq)
         self._entries[key] = current
         self._used += size - old
         return Reservation(key, previous, current)
@@ -94,6 +97,20 @@ class WriteLedger:
         for key in keys:
             entry = self._entries.pop(key, None)
             if entry is not None:
+                self._used -= entry.size
+
+    def stamp(self) -> int:
+        """Taken before a read is sent; :meth:`forget_missing` with it spares keys charged since."""
+        return self._seq
+
+    def forget_missing(self, keys: Iterable[str], since: int) -> None:
+        """Stop charging keys a read (sent at ``since``) found missing, except those charged
+        after it was sent: a put of the key may have landed after the read looked (a miss
+        answered late used to drop a new write's charge: the budget under-counted)."""
+        for key in keys:
+            entry = self._entries.get(key)
+            if entry is not None and entry.seq <= since:
+                del self._entries[key]
                 self._used -= entry.size
 
     def clear(self) -> None:

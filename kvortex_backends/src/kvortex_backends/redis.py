@@ -248,13 +248,14 @@ class RedisBackend(StorageBackend):
         await pipe.execute()
 
     async def get(self, key: str, out: memoryview) -> int | None:
+        since = self._ledger.stamp()
         with self._errors("get", key):
             if self._batcher is not None:
                 value = await self._batcher.get(self._name(key))
             else:
                 value = await self._require().get(self._name(key))
         if value is None:
-            self._ledger.forget([key])  # evicted, expired or deleted elsewhere
+            self._ledger.forget_missing([key], since)  # evicted, expired or deleted elsewhere
             return None
         n = len(value)
         if len(out) < n:
@@ -268,12 +269,13 @@ class RedisBackend(StorageBackend):
     async def contains(self, keys: Sequence[str]) -> list[bool]:
         if not keys:
             return []
+        since = self._ledger.stamp()
         with self._errors("contains", keys[0]):
             pipe = self._require().pipeline(transaction=False)
             for key in keys:
                 pipe.execute_command("EXISTS", self._name(key))
             found = [bool(n) for n in await pipe.execute()]
-        self._ledger.forget(k for k, hit in zip(keys, found) if not hit and k in self._ledger)
+        self._ledger.forget_missing((k for k, hit in zip(keys, found) if not hit), since)
         return found
 
     async def delete(self, keys: Sequence[str]) -> int:
@@ -316,6 +318,7 @@ class RedisBackend(StorageBackend):
         """Read several payloads in one pipeline into the matching buffers."""
         if len(keys) != len(outs):
             raise ValueError(f"get_many got {len(keys)} keys but {len(outs)} buffers")
+        since = self._ledger.stamp()
         with self._errors("get_many", keys[0] if keys else ""):
             pipe = self._require().pipeline(transaction=False)
             for key in keys:
@@ -327,7 +330,7 @@ class RedisBackend(StorageBackend):
                 with self._errors("get_many", key):
                     raise value
             if value is None:
-                self._ledger.forget([key])
+                self._ledger.forget_missing([key], since)
                 result.append(None)
                 continue
             if len(out) < len(value):

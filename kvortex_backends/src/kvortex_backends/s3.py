@@ -193,12 +193,13 @@ class S3Backend(StorageBackend):
         # first range tells the size and the rest is fetched as parallel ranges.
         threshold = int(self.opts.multipart_threshold)
         first_len = threshold if len(view) >= threshold else None
+        since = self._ledger.stamp()
         first = await self._call(
             "get", key, lambda: s3io.get_first(self._client, bucket, name, view, first_len,
                                            self.opts.request_timeout)
         )
         if first is None:
-            self._ledger.forget([key])
+            self._ledger.forget_missing([key], since)
             return None
         if first.got < first.total:
             await self._get_rest(key, view, first)
@@ -226,12 +227,13 @@ class S3Backend(StorageBackend):
     async def contains(self, keys: Sequence[str]) -> list[bool]:
         if not keys:
             return []
+        since = self._ledger.stamp()
         listing = await self._fresh_listing(len(keys))
         if listing is not None and listing.names is not None:
             found = [k in listing.names for k in keys]
         else:
             found = await self._heads(keys)
-        self._ledger.forget(k for k, hit in zip(keys, found) if not hit and k in self._ledger)
+        self._ledger.forget_missing((k for k, hit in zip(keys, found) if not hit), since)
         return found
 
     async def _heads(self, keys: Sequence[str]) -> list[bool]:
