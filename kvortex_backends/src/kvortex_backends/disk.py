@@ -20,7 +20,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -263,7 +263,7 @@ class DiskBackend(StorageBackend):
             self._used += size  # reserved; settled by _write_and_settle
         # Shielded: a caller that times out stops waiting, but the write (already running on a
         # thread) still finishes and its accounting is settled; the checksum guards the bytes.
-        await asyncio.shield(asyncio.ensure_future(self._write_and_settle(key, path, parts, value)))
+        await _shielded(self._write_and_settle(key, path, parts, value))
 
     async def _write_and_settle(
         self, key: str, path: str, parts: list[str], value: memoryview
@@ -386,9 +386,7 @@ class DiskBackend(StorageBackend):
         # Shielded, like a write: a caller that times out stops waiting, but the files it took
         # out of the accounting are still unlinked (dropped from the I/O queue, they stayed on
         # disk, counted nowhere until the next start's scan: a red-team finding).
-        task = asyncio.ensure_future(self._delete(keys))
-        task.add_done_callback(_retrieve)
-        return await asyncio.shield(task)
+        return await _shielded(self._delete(keys))
 
     async def _delete(self, keys: Sequence[str]) -> int:
         async with contextlib.AsyncExitStack() as held:
@@ -492,7 +490,9 @@ def _namespace_hash(namespace: str) -> bytes:
         return b""
 
 
-def _retrieve(task: asyncio.Future[Any]) -> None:
-    """Mark a shielded task's outcome as seen: its caller may have stopped waiting for it."""
-    if not task.cancelled():
-        task.exception()
+async def _shielded(coro: Coroutine[Any, Any, T]) -> T:
+    """Await ``coro`` as a task that outlives a caller who stops waiting (a timeout); its outcome
+    is then still retrieved (no "Task exception was never retrieved" for a late failure)."""
+    task = asyncio.ensure_future(coro)
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
+    return await asyncio.shield(task)

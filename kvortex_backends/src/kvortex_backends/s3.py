@@ -136,14 +136,7 @@ class S3Backend(StorageBackend):
             with self._errors("open", ""):  # a profile that does not exist, say
                 self._client = make_client(self.opts)
             self._manager = make_transfer_manager(self._client, self.opts)
-        try:
-            await self._call("open", "", lambda: self._client.head_bucket(Bucket=self.opts.bucket))
-        except BackendError as exc:  # HeadBucket has no body: a missing bucket is a bare 404
-            if "failed: 404" in str(exc):
-                raise BackendError(f"{exc}: bucket {self.opts.bucket!r} does not exist at "
-                                   f"{self.opts.endpoint_url or 'AWS'}; create it or fix the `bucket` "
-                                   "option") from exc
-            raise
+        await self._call("open", "", lambda: self._client.head_bucket(Bucket=self.opts.bucket))
 
     async def close(self) -> None:
         manager, pool, client = self._manager, self._pool, self._client
@@ -312,6 +305,9 @@ class S3Backend(StorageBackend):
             hint = {"NoSuchBucket": "; create the bucket or fix the `bucket` option",
                     "PreconditionFailed": "; the object was overwritten during the read, retry",
                     "AccessDenied": "; check the credentials' permissions on the bucket"}.get(code, "")
+            if op == "open" and code == "404":  # HeadBucket has no body: a missing bucket is a bare 404
+                hint = (f": bucket {self.opts.bucket!r} does not exist at {self.opts.endpoint_url or 'AWS'}; "
+                        "create it or fix the `bucket` option")
             raise BackendError(f"{what} failed: {code or exc}{hint}") from exc
         except ProfileNotFound as exc:
             raise BackendError(f"{what}: {exc}; fix the option `profile` or add the profile to "

@@ -115,23 +115,20 @@ class SourceMaps:
     def source_of(self, path: Path_) -> Source:
         """The highest-priority source that sets ``path``, a mapping above it, or a value below
         it (an unknown key given as a mapping: ``--set nope.x=1`` names ``nope``)."""
-        prefixes = [path[:i] for i in range(len(path), 0, -1)]
-
-        def sets(paths: Any, wanted: list[Path_], whole: Path_) -> bool:
-            return any(p in paths for p in wanted) or any(tuple(q[:len(whole)]) == whole for q in paths)
-
-        if sets(self.arguments, prefixes, path):
+        if _setting(self.arguments, path) is not None:
             return Source("argument")
-        lowered = [tuple(part.lower() for part in p) for p in prefixes]
-        for p in lowered:
-            if p in self.env:
-                return Source("env", self.env[p])
-        below = next((q for q in self.env if tuple(q[:len(path)]) == lowered[0]), None) if lowered else None
-        if below is not None:
-            return Source("env", self.env[below])
-        if sets(self.yaml, prefixes, path):
+        env = _setting(self.env, tuple(part.lower() for part in path))
+        if env is not None:
+            return Source("env", self.env[env])
+        if _setting(self.yaml, path) is not None:
             return Source("yaml", str(self.config_file))
         return Source("default")
+
+
+def _setting(paths: Any, path: Path_) -> Path_ | None:
+    """The entry of ``paths`` that sets ``path``: itself or a mapping above it, else a value below."""
+    above = next((path[:i] for i in range(len(path), 0, -1) if path[:i] in paths), None)
+    return above if above is not None else next((q for q in paths if tuple(q[:len(path)]) == path), None)
 
 
 def leaves(value: Any, prefix: Path_ = ()) -> Iterator[tuple[Path_, Any]]:

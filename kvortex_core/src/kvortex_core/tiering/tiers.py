@@ -149,8 +149,7 @@ def _retrieve(task: asyncio.Future[Any]) -> None:
 
 def _settled(task: asyncio.Future[Any], then: Callable[[], None]) -> None:
     """A late call finished: retrieve its outcome (no "never retrieved" warning), run ``then``."""
-    if not task.cancelled():
-        task.exception()
+    _retrieve(task)
     then()
 
 
