@@ -267,7 +267,10 @@ class SchedulerTiers:
             mask &= self.mgr.contains(rank_keys(keys, rank))
         # Our own queued writes count only while some lower tier is in service: with every
         # one down they never land, and each claimed hit would be an async load bound to fail.
-        written = self.written if any(t.available for t in self.mgr.tiers) else {}
+        # In service means closed: a tier out of service long enough for its next probe is
+        # "available", yet until that probe succeeds its writes still fail (CI caught a second
+        # server promising writes to a disk directory another server owned, in that window).
+        written = self.written if any(t.in_service for t in self.mgr.tiers) else {}
         if written and self.all_shared:
             young = time.monotonic() - self.SHARED_WRITE_GRACE_S
             return [bool(mask >> i & 1) or written.get(k, young) > young for i, k in enumerate(keys)]

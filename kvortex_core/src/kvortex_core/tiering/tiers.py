@@ -138,7 +138,13 @@ class LowerTier:
 
     @property
     def available(self) -> bool:
+        """A call would be let through now (in service, or out of it long enough for a probe)."""
         return self.breaker.available
+
+    @property
+    def in_service(self) -> bool:
+        """The tier serves: its breaker is closed (not out of service, nor being probed)."""
+        return self.breaker.state == "closed"
 
 
 def _retrieve(task: asyncio.Future[Any]) -> None:
