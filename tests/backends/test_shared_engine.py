@@ -201,3 +201,40 @@ def test_evictions_whose_redis_delete_failed_are_deleted_once_it_works_again(mak
         assert _counter(engine, "tier_writes_refused") == refused, "writes refused after Redis recovered"
         redis_keys = {k.decode().removeprefix(key_prefix) for k in admin.keys(f"{key_prefix}*")}
         assert redis_keys == {k.hex() for k in tiers.tiers[0].index.keys()}  # noqa: SIM118 - no orphan left
+
+
+
+@pytest.mark.redis
+def test_engines_with_other_chunk_sizes_on_one_store_never_take_each_others_partial_chunk(
+        redis_server, key_prefix) -> None:  # type: ignore[no-untyped-def]
+    """A prompt shorter than both chunk sizes: its partial chunk was keyed alike by engines with
+    32- and 64-token chunks, though its stored shape differs; the other engine's lookup promised
+    it, its load found a wrong shape, counted a checksum failure and deleted the first's value
+    (a red-team finding). Now each keeps its own, and each loads its own bytes."""
+    import redis
+
+    src, _, block = ks.flash_attn(L, B, N, H, D, torch.bfloat16, seed=5)
+    dst, _, _ = ks.flash_attn(L, B, N, H, D, torch.bfloat16, seed=6)
+    tokens = list(range(300, 324))  # 24 tokens: 2 blocks, under both chunk sizes
+    client = redis.Redis.from_url(redis_server.url)
+    tier = _redis_tier(redis_server, key_prefix)
+    sources = {CHUNK: [0, 1], 2 * CHUNK: [2, 3]}  # each engine saves other blocks
+
+    def engine(ct: int) -> KVortexEngine:
+        return KVortexEngine.create(_config(tier, store_partial_chunks=True).model_copy(update={"chunk_tokens": ct}))
+
+    for ct, ids in sources.items():
+        with engine(ct) as e:
+            e.register_kv_caches(src)
+            assert e.save(tokens, ids) == 24
+    _wait_for(lambda: len(client.keys(key_prefix + "*")) == 2, "both partial chunks written")
+    for ct, ids in sources.items():
+        with engine(ct) as e:  # a fresh engine: only the shared tier holds the chunk
+            e.register_kv_caches(dst)
+            _wait_for(lambda e=e: e.lookup(tokens) == 24, f"the {ct}-token engine seeing its chunk")
+            assert e.load(tokens, [10, 11]) == 24
+            assert _counter(e, "checksum_failures") == 0
+        for layer in range(L):
+            assert torch.equal(block(dst, layer, 10), block(src, layer, ids[0])), (ct, layer)
+            assert torch.equal(block(dst, layer, 11)[:, :8], block(src, layer, ids[1])[:, :8]), (ct, layer)
+    assert len(client.keys(key_prefix + "*")) == 2, "a partial chunk was deleted"

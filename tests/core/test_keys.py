@@ -128,6 +128,16 @@ def test_partial_chunk_key_names_its_padded_block_rows() -> None:
         ChunkHasher(NS, 64, block_size=0)
 
 
+def test_partial_chunk_key_names_the_chunk_size() -> None:
+    """A stored chunk's shape holds chunk_tokens: a 32-token prompt keyed by engines with 64- and
+    128-token chunks must not share its partial key (they deleted each other's as corrupt)."""
+    toks = tokens(32)
+    by_ct = {ct: ChunkHasher(NS, ct, store_partial=True, block_size=16).keys(toks) for ct in (64, 128)}
+    assert len(by_ct[64]) == len(by_ct[128]) == 1 and by_ct[64] != by_ct[128]
+    whole = {ct: ChunkHasher(NS, ct, store_partial=True, block_size=16).keys(tokens(128))[0] for ct in (64, 128)}
+    assert whole[64] != whole[128]  # whole chunks hash different token spans anyway
+
+
 def test_resume_chain() -> None:
     h = ChunkHasher(NS, 16)
     toks = tokens(16 * 10)

@@ -197,6 +197,8 @@ class ChunkHasher:
         A partial chunk's payload is laid out over its whole blocks, so its key also names their
         token count: engines whose block sizes pad it differently never share it (one with
         16-token blocks stores 20 tokens as 32 rows per layer, one with 64-token blocks as 64).
+        It names ``chunk_tokens`` too: a stored chunk's shape holds it, and engines of two chunk
+        sizes on one store took each other's partial chunk as corrupt and deleted it.
         """
         data = tokens_to_bytes(token_ids)
         step = self.chunk_tokens * 4
@@ -207,7 +209,8 @@ class ChunkHasher:
             part = data[i * step : (i + 1) * step]
             if len(part) < step:  # the trailing partial chunk
                 rows = -(-(len(part) // 4) // self.block_size) * self.block_size
-                part = bytes(part) + _PARTIAL_TAG + rows.to_bytes(4, "little")
+                part = (bytes(part) + _PARTIAL_TAG + rows.to_bytes(4, "little")
+                        + self.chunk_tokens.to_bytes(4, "little"))
             if extras and i in extras:
                 part = bytes(part) + _EXTRA_TAG + extras[i]
             prev = digest(prev + part)
