@@ -664,6 +664,51 @@ def test_a_fifo_in_place_of_a_cache_file_never_blocks_a_read(tmp_path: Path) -> 
     _run(scenario())
 
 
+def test_a_fifo_under_a_cache_file_name_or_the_owner_file_never_blocks_the_open(tmp_path: Path) -> None:
+    """The start-up scan read each file's header with a blocking open(), and the lock wrote the
+    owner file the same way: one FIFO there (no writer, no reader) held the open on an I/O
+    thread for good, the tier out of service, and the directory's lock was never released (a
+    red-team finding). Now the scan removes it as foreign, the owner file is replaced, the open
+    takes no time and every other value is served; the lock is released at close."""
+    root = tmp_path / "cache"
+    (k1, v1), (k2, v2) = _value(1), _value(2)
+
+    async def scenario() -> None:
+        b = await _opened(_ns_disk(root))
+        await b.put(k1, v1)
+        await b.put(k2, v2)
+        path, rank_root = b._path(k1), b.root
+        await b.close()
+        os.unlink(path)
+        os.mkfifo(path)
+        owner = os.path.join(rank_root, disk_io.OWNER_NAME)
+        os.unlink(owner)
+        os.mkfifo(owner)
+        assert disk_io.owner_of(rank_root) == "unknown owner"  # reading it does not block either
+        b = _ns_disk(root)
+        await asyncio.wait_for(b.open(), 5)
+        assert [k for k, _ in await b.scan()] == [k2] and b.scan_removed["foreign"] == 1
+        assert not os.path.exists(path)
+        assert os.path.isfile(owner) and f"pid {os.getpid()}" in disk_io.owner_of(rank_root)
+        out = memoryview(bytearray(len(v2)))
+        assert await b.get(k2, out) == len(v2) and bytes(out) == v2
+        await b.close()
+        b = _ns_disk(root)  # the lock was released: a new backend takes the directory
+        await asyncio.wait_for(b.open(), 5)
+        await b.close()
+
+    _run(scenario())
+
+
+def test_a_lock_whose_owner_file_cannot_be_written_is_released(tmp_path: Path) -> None:
+    """lock_dir took the lock, then failed writing the owner file and kept it held for good."""
+    os.mkdir(tmp_path / disk_io.OWNER_NAME)  # a directory where the owner file goes
+    with pytest.raises(OSError):
+        disk_io.lock_dir(str(tmp_path))
+    held, _ = disk_io.peek_owner(str(tmp_path))
+    assert not held, "the lock stayed held after the failure"
+
+
 def test_a_slow_read_on_the_loop_turns_loop_reads_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """RWF_NOWAIT covers the data, not the open: a filesystem whose opens are slow (a network
     mount) makes the tier read on its I/O threads from then on. Fault injected: a slow open."""

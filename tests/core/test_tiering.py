@@ -675,6 +675,19 @@ def test_engine_start_waits_open_s_for_a_tier_then_it_opens_in_the_background(ma
     assert _load(mgr, [2]) == [(2, "slow")]
 
 
+def test_an_open_that_timed_out_says_so_not_that_it_is_still_opening(make: Any) -> None:
+    """The open's own limit (6 x max(backend_op_s, close_s)) expiring before engine start's
+    ``open_s``: the tier's error was overwritten with "still opening after <open_s> s", a wait
+    that had not happened (a red-team finding). It now names the open's own limit."""
+    SlowOpen.delay = 3600.0
+    mgr = make({"cpu": {"type": "cpu", "capacity": 4 * SLOT},
+                "slow": {"type": "slowopen", "capacity": 64 * SLOT, "write_through": True}},
+               timeouts={"open_s": 5.0, "backend_op_s": 0.05, "close_s": 0.05})
+    tier = mgr.tiers[0]
+    assert tier.breaker.state in ("open", "half_open")
+    assert "did not open within 0.3 s" in tier.breaker.last_error, tier.breaker.last_error
+
+
 def test_a_tier_that_could_not_open_is_retried_in_the_background(make: Any) -> None:
     """A rolling restart: the new engine starts while the old one still owns the directory and
     then only looks chunks up (no write reaches the tier to probe it). Once the old one closed,

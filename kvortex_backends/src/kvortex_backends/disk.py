@@ -462,7 +462,10 @@ class DiskBackend(StorageBackend):
         key = name[: -len(disk_io.SUFFIX)] if name.endswith(disk_io.SUFFIX) else ""
         if not _KEY_RE.match(key) or path != self._path(key):
             return "foreign", 0
-        head, size = disk_io.read_head(path, pl.HEADER_BYTES)
+        try:
+            head, size = disk_io.read_head(path, pl.HEADER_BYTES)
+        except disk_io.NotRegularFileError:  # a FIFO or a device under a cache file's name
+            return "foreign", 0
         try:
             header = pl.read_header(head)
         except PayloadError:

@@ -209,10 +209,11 @@ def _read_direct_head(path: str, view: memoryview) -> int:
 
 
 def read_head(path: str, nbytes: int) -> tuple[bytes, int]:
-    """The first ``nbytes`` of a file and its size (for the start-up scan)."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    """The first ``nbytes`` of a file and its size (for the start-up scan); a FIFO or a device
+    there raises :class:`NotRegularFileError` instead of blocking the scan."""
+    fd, size = _open_regular(path)
     try:
-        return os.pread(fd, nbytes, 0), os.fstat(fd).st_size
+        return os.pread(fd, nbytes, 0), size
     finally:
         os.close(fd)
 
@@ -300,13 +301,33 @@ def lock_dir(root: str, engine_id: str = "", *, attempts: int = 3) -> int | None
             return None
         raise DirectoryBusyError(owner_of(root))
     _HELD.add(fd)
-    owner = os.open(os.path.join(root, OWNER_NAME), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
-                    | os.O_NOFOLLOW, 0o600)
     try:
-        os.write(owner, (owner_line(engine_id) + "\n").encode())
+        _write_owner(os.path.join(root, OWNER_NAME), owner_line(engine_id))
+    except BaseException:  # the lock is not kept by a directory this engine could not take
+        unlock_dir(fd)
+        raise
+    return fd
+
+
+def _write_owner(path: str, line: str) -> None:
+    """Write the owner file; something else in its place (a FIFO, a device, a symlink) is
+    removed first: opening a FIFO with no reader would block, and we hold the lock."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+    try:
+        owner = os.open(path, flags, 0o600)
+    except OSError as exc:
+        if exc.errno not in (errno.ENXIO, errno.ELOOP, errno.ENODEV, errno.ETXTBSY):
+            raise
+        _unlink_quiet(path)
+        owner = os.open(path, flags | os.O_EXCL, 0o600)
+    try:
+        if not stat.S_ISREG(os.fstat(owner).st_mode):  # a FIFO with a reader opened anyway
+            os.close(owner)
+            _unlink_quiet(path)
+            owner = os.open(path, flags | os.O_EXCL, 0o600)
+        os.write(owner, (line + "\n").encode())
     finally:
         os.close(owner)
-    return fd
 
 
 def peek_owner(root: str) -> tuple[bool, str]:
@@ -345,8 +366,11 @@ def _flock(fd: int) -> bool | None:
 def owner_of(root: str) -> str:
     """The owner line of ``root`` (``"unknown owner"`` when missing)."""
     try:
-        with open(os.path.join(root, OWNER_NAME), "rb") as f:
-            text = f.read(256).decode("utf-8", "replace").strip()
+        fd, _ = _open_regular(os.path.join(root, OWNER_NAME))  # a FIFO there never blocks
+        try:
+            text = os.pread(fd, 256, 0).decode("utf-8", "replace").strip()
+        finally:
+            os.close(fd)
     except OSError:
         text = ""
     return text or "unknown owner"

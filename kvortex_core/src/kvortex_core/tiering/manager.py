@@ -274,7 +274,8 @@ class TierManager(SaveMixin, LoadMixin):
         try:
             future.result(wait)
         except TimeoutError:
-            if not tier.opened:
+            # the open's own timeout (done: its message stays) or still opening at ``wait``
+            if not future.done() and not tier.opened:
                 tier.breaker.force_open(f"still opening after {wait:g} s (timeouts.open_s); "
                                         "in service once it opened")
         except Exception:  # noqa: BLE001,S110 - counted and logged by _first_open
@@ -285,7 +286,9 @@ class TierManager(SaveMixin, LoadMixin):
             await tier.ensure_open()
         except Exception as exc:  # a tier that cannot start is skipped, not fatal
             self.stats.inc(TIER_ERRORS, 1, tier.name)  # `kvortex stats` shows it as an error
-            tier.breaker.force_open(f"open failed: {type(exc).__name__}: {exc}")
+            why = (f"did not open within {tier.open_timeout_s:g} s" if isinstance(exc, TimeoutError)
+                   else f"{type(exc).__name__}: {exc}")
+            tier.breaker.force_open(f"open failed: {why}")
             self._spawn(self._open_later(tier))
             raise
         if tier.breaker.state != "closed":  # engine start stopped waiting for it: in service now
