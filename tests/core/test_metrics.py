@@ -146,6 +146,44 @@ def test_multiprocess_mode_aggregates_ranks(tmp_path: Path) -> None:
     assert samples[("kvortex_used_bytes", "cpu")] == 2000
 
 
+_STATE_WORKER = textwrap.dedent("""
+    import sys
+    from kvortex_core.control.stats import Stats
+    from kvortex_core.metrics import MetricsExporter
+    stats = Stats()
+    exp = MetricsExporter(stats, interval_s=3600).start()
+    rank = int(sys.argv[1])
+    stats.inc("lookup_tokens", 1000)
+    stats.inc("hit_tokens", 800 if rank == 0 else 600)
+    stats.set_gauge("breaker_state", 1 if rank == 0 else 2, "redis")  # open / half-open
+    stats.set_gauge("tier_in_service", 0 if rank == 0 else 1, "redis")
+    exp.mirror.flush()  # a rank still running
+""")
+
+
+def test_multiprocess_gauges_of_per_process_state_are_not_summed(tmp_path: Path) -> None:
+    """Two ranks' hit rates (0.8, 0.6) were summed to 1.4 and shown as "hit rate 140%", two
+    open breakers read 2, "half-open" (a red-team finding). Now the hit rate and the breaker
+    state are per live process, in service is the minimum, and `kvortex stats` reduces them:
+    the hit rate from the summed counters, the breaker as the least available rank's."""
+    from kvortex_core.cli.stats_cmd import parse_metrics
+
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    for rank in (0, 1):
+        subprocess.run([sys.executable, "-c", _STATE_WORKER, str(rank)], env=env, check=True, timeout=60)
+    out = subprocess.run([sys.executable, "-c", _READER], env=env, check=True, timeout=60,
+                         capture_output=True, text=True).stdout
+    samples = [(s.name, s.labels, s.value) for fam in text_string_to_metric_families(out) for s in fam.samples]
+    rates = sorted(v for n, _, v in samples if n == "kvortex_hit_rate")
+    assert rates == [0.6, 0.8], samples
+    states = sorted(v for n, lab, v in samples if n == "kvortex_breaker_state" and lab.get("tier") == "redis")
+    assert states == [1.0, 2.0]
+    assert [v for n, lab, v in samples if n == "kvortex_tier_in_service" and lab.get("tier") == "redis"] == [0.0]
+    view = parse_metrics(out)
+    assert view.hit_rate == pytest.approx(0.7)  # 1400 / 2000
+    assert view.tiers["redis"].breaker == "open"
+
+
 def test_logs_quiet_by_default_then_one_line_per_event() -> None:
     import io
     import logging

@@ -142,12 +142,21 @@ class MetricsExporter:
         self.close()
 
 
+#: Gauges that are not summed over live processes: a ratio and a state code are per process
+#: (each live process's value, labelled with its ``pid``: two ranks with hit rates of 0.8 read
+#: 1.6 summed, two open breakers 2, "half-open"), and a tier is in service only while it is on
+#: every rank (the smallest). ``kvortex stats`` reduces the per-process ones.
+GAUGE_MODES = {"kvortex_hit_rate": "liveall", "kvortex_breaker_state": "liveall",
+               "kvortex_tier_in_service": "livemin"}
+
+
 class Mirror:
     """Copies a collector's families into multiprocess-mode prometheus_client metrics.
 
     Counters advance by the delta since the last copy (so a process's total survives its
-    exit, as Prometheus counters should); gauges are set (``livesum``: summed over live
-    processes); histogram buckets and sums advance by their deltas.
+    exit, as Prometheus counters should); gauges are set, and summed over live processes
+    (``livesum``) except those a sum would make meaningless (:data:`GAUGE_MODES`); histogram
+    buckets and sums advance by their deltas.
     """
 
     def __init__(self, collector: Collector, interval_s: float = 1.0) -> None:
@@ -217,7 +226,7 @@ class Mirror:
                 family.documentation or family.name,
                 labels,
                 registry=None,
-                multiprocess_mode="livesum",
+                multiprocess_mode=GAUGE_MODES.get(family.name, "livesum"),
             )
         self._metrics[family.name] = metric
         return metric

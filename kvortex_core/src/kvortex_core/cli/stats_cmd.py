@@ -21,6 +21,9 @@ import typer
 PREFIX = "kvortex_"
 #: ``breaker_state`` gauge values, as the tiering records them.
 BREAKER_STATES = {0: "closed", 1: "open", 2: "half-open"}
+#: Several processes' breakers of one tier (a multiprocess scrape: one sample per pid) show as
+#: the least available: open before half-open before closed.
+_BREAKER_RANK = {"open": 2, "half-open": 1, "closed": 0}
 _ERROR_WORDS = ("error", "failure", "timeout")
 #: Counted apart from errors: the pinned pool was full for a moment (pressure, not a fault).
 _PRESSURE = "alloc_failures"
@@ -94,6 +97,8 @@ def parse_metrics(text: str) -> MetricsView:
             if family.type == "counter" and not sample.name.endswith("_total"):
                 continue  # skip the _created samples
             _apply(view, name, sample.labels.get("tier", ""), float(sample.value))
+    if view.lookup_tokens > 0:  # from the counters: right for one process and for several
+        view.hit_rate = view.hit_tokens / view.lookup_tokens
     return view
 
 
@@ -121,7 +126,9 @@ def _apply(view: MetricsView, name: str, tier: str, value: float) -> None:
     elif name in ("used_bytes", "capacity_bytes", "entries", "evictions", "hit_chunks"):
         setattr(t, name, value)
     elif name == "breaker_state":
-        t.breaker = BREAKER_STATES.get(int(value), str(value))
+        state = BREAKER_STATES.get(int(value), str(value))
+        if _BREAKER_RANK.get(state, 3) >= _BREAKER_RANK.get(t.breaker, -1):
+            t.breaker = state
     elif any(w in name for w in _ERROR_WORDS):
         t.errors += value
         view.errors += value
