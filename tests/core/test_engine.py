@@ -317,6 +317,43 @@ def test_async_handles_and_threads() -> None:
         assert engine.stats()["counters"]["engine_load_calls"][""] >= 30
 
 
+@pytest.mark.parametrize("kind", ["numpy-uint32", "torch-uint32", "numpy-int64", "torch-int64"])
+def test_async_calls_copy_the_token_ids_so_the_caller_may_reuse_its_buffer(kind: str) -> None:
+    """A uint32 numpy array or tensor was kept as a view: a caller refilling its buffer after
+    save_async returned had the KV of prompt A stored under prompt B (a red-team finding). The
+    engine's executor is held busy so the async calls run after the caller moved on."""
+    engine, caches, block = _engine()
+    a, b = list(range(100, 100 + CHUNK)), list(range(900, 900 + CHUNK))
+    dtype = kind.split("-")[1]
+
+    def buffer(values: list[int]) -> Any:
+        if kind.startswith("numpy"):
+            return np.array(values, dtype=getattr(np, dtype))
+        return torch.tensor(values, dtype=getattr(torch, dtype))
+
+    def refill(buf: Any, values: list[int]) -> None:
+        buf[:] = buffer(values)
+
+    with engine:
+        buf = buffer(a)
+        gate = threading.Event()
+        busy = [engine._executor.submit(gate.wait, 10) for _ in range(engine._executor._max_workers)]
+        handle = engine.save_async(buf, [0, 1, 2, 3])
+        refill(buf, b)
+        gate.set()
+        assert handle.wait(30) == CHUNK
+        assert [f.result() for f in busy] == [True] * len(busy)
+        assert engine.lookup(a) == CHUNK and engine.lookup(b) == 0
+        refill(buf, a)
+        gate.clear()
+        busy = [engine._executor.submit(gate.wait, 10) for _ in range(engine._executor._max_workers)]
+        handle = engine.load_async(buf, [8, 9, 10, 11])
+        refill(buf, b)
+        gate.set()
+        assert handle.wait(30) == CHUNK
+        assert _same_blocks(caches, block, [0, 1, 2, 3], [8, 9, 10, 11])
+
+
 def test_layerwise_load_per_layer_then_whole() -> None:
     engine, caches, block = _engine()
     with engine:

@@ -455,8 +455,10 @@ class KVortexEngine:
         return blocks[first // bs: -(-last // bs)]
 
     def save_async(self, token_ids: Any, block_ids: Sequence[int]) -> EngineHandle:
-        """Non-blocking :meth:`save`; the blocks must stay untouched until ``wait()`` returns."""
-        tokens = _tokens(token_ids)
+        """Non-blocking :meth:`save`; the blocks must stay untouched until ``wait()`` returns.
+
+        The token ids are copied now: the caller may reuse their buffer at once."""
+        tokens = _tokens(token_ids).copy()  # a numpy uint32 array or tensor was a view of the caller's
         blocks = _block_list(block_ids)
         self._check_accepting()
         return EngineHandle(self._submit(self._save, tokens, blocks), "save_async")
@@ -542,8 +544,9 @@ class KVortexEngine:
                              self.config.timeouts.transfer_s, reg.layout.num_layers)
 
     def load_async(self, token_ids: Any, block_ids: Sequence[int], *, skip_tokens: int = 0) -> EngineHandle:
-        """Non-blocking :meth:`load`; read the blocks only after ``wait()`` returned."""
-        tokens = _tokens(token_ids)
+        """Non-blocking :meth:`load`; read the blocks only after ``wait()`` returned (the token
+        ids are copied now)."""
+        tokens = _tokens(token_ids).copy()
         blocks = _block_list(block_ids)
         skip_tokens = _skip(skip_tokens)
         self._check_accepting()
