@@ -122,6 +122,35 @@ def test_bad_layouts_raise_clear_errors(caches: object, hints: dict | None, matc
         detect_layout(caches, hints)
 
 
+_PAGE = N * H * D
+
+
+@pytest.mark.parametrize(("shape", "stride"), [
+    ((2, B, N, H, D), (B * _PAGE, _PAGE // 2, H * D, D, 1)),  # blocks half a block apart
+    ((2, B, N, H, D), (1, _PAGE, H * D, D, 1)),  # K and V one element apart
+    ((2, B, N, H, D), (B * _PAGE, _PAGE, 1, D, 1)),  # tokens one element apart
+    ((B, 3, 2, N, H, D), (3 * 2 * _PAGE, _PAGE, _PAGE, H * D, D, 1)),  # cross-layer: layers overlap K/V
+], ids=["blocks", "k-and-v", "tokens", "cross-layer-layers"])
+def test_a_tensor_whose_own_elements_overlap_is_refused(shape: tuple[int, ...], stride: tuple[int, ...]) -> None:
+    """Only stride 0 and overlap between layers were refused: a block stride of half a block
+    registered, and a load into block 5 rewrote half of block 6 (a red-team finding)."""
+    buf = torch.zeros(4 * 3 * B * _PAGE)
+    with pytest.raises(LayoutError, match="share memory"):
+        detect_layout([buf.as_strided(shape, stride)] if len(shape) == 5 else buf.as_strided(shape, stride))
+
+
+def test_strides_that_interleave_without_overlap_are_accepted() -> None:
+    """Not nested (the K/V stride is less than a block's extent) yet no two elements meet: the
+    exact search, not the nested-strides shortcut, decides."""
+    buf = torch.zeros(8 * _PAGE)
+    # 3 blocks 2 pages apart, V 3 pages after K: pages K 0, 2, 4 and V 3, 5, 7, all distinct
+    t = buf.as_strided((2, 3, N, H, D), (3 * _PAGE, 2 * _PAGE, H * D, D, 1))
+    assert detect_layout([t]).num_blocks == 3
+    from kvortex_core.data.layouts import _overlaps_itself
+    # V 4 pages after K: V of block 0 is K of block 2
+    assert _overlaps_itself(torch.zeros(9 * _PAGE).as_strided((2, 3, N, H, D), (4 * _PAGE, 2 * _PAGE, H * D, D, 1)))
+
+
 def test_one_tensor_registered_for_two_layers_is_refused() -> None:
     t = torch.zeros(2, B, N, H, D)
     with pytest.raises(LayoutError, match="layers 0 and 2 are the same memory"):

@@ -219,6 +219,13 @@ def _check_consistent(tensors: list[torch.Tensor]) -> None:
             f"(strides {first.stride()}: an expanded view, whose blocks share memory); "
             "register the engine's real KV cache tensors"
         )
+    if _overlaps_itself(first):
+        raise LayoutError(
+            f"KV tensor of shape {tuple(first.shape)} with strides {first.stride()} has elements that "
+            "share memory (a stride smaller than the extent of the dimensions inside it: two blocks, "
+            "K and V, tokens or layers overlap), so a load into one block would rewrite another; "
+            "register the engine's real KV cache tensors"
+        )
     seen: dict[int, int] = {}
     for i, t in enumerate(tensors):
         j = seen.setdefault(t.data_ptr(), i)
@@ -282,6 +289,30 @@ def _check_disjoint(tensors: list[torch.Tensor]) -> None:
                     f"apart, less than one layer's {span} bytes, and some of their elements are "
                     "the same memory); pass each layer's own KV tensor"
                 )
+
+
+def _overlaps_itself(t: torch.Tensor) -> bool:
+    """Whether two elements of ``t`` share a byte (stride 0 is refused before this)."""
+    es = t.element_size()
+    dims = sorted(((st * es, n) for st, n in zip(t.stride(), t.shape, strict=True) if n > 1), reverse=True)
+    extent = es  # bytes spanned by the dimensions inside the current one (strides ascending)
+    nested = True
+    for st, n in reversed(dims):
+        nested = nested and st >= extent
+        extent += (n - 1) * st
+    if nested:  # every dense layout, permuted or sliced: each stride clears what is inside it
+        return False
+    # Else: two elements overlap iff sum(m_i * stride_i) is within one element for some m != 0,
+    # |m_i| < size_i; take the first nonzero m_i positive (the negated vector is the same pair).
+    for i, (st, n) in enumerate(dims):
+        inner = dims[i + 1:]
+        reach = sum((k - 1) * s for s, k in inner) + es - 1
+        for m in range(1, n):
+            if m * st > reach:
+                break
+            if _shared_offset(m * st, inner, es):
+                return True
+    return False
 
 
 def _shared_offset(d: int, dims: list[tuple[int, int]], es: int) -> bool:
