@@ -31,7 +31,10 @@ _live: weakref.WeakSet[LoopThread] = weakref.WeakSet()
 def _stop_all() -> None:
     """Stop loops whose owner never called close(), so exit is quiet (no pending-task noise)."""
     for lt in list(_live):
-        lt.stop(timeout=1.0)
+        try:
+            lt.stop(timeout=1.0)
+        except Exception:  # one loop's trouble must not keep the others running
+            log.debug("tiering loop: stop at exit failed", exc_info=True)
 
 
 class LoopThread:
@@ -44,6 +47,8 @@ class LoopThread:
         # would close their coroutines on another thread (asyncio is not thread-safe).
         self._kept: set[asyncio.Task[Any]] = set()
         self._ready = threading.Event()
+        #: One stop at a time: an orphaned engine's close thread and the exit hook may race.
+        self._stop_lock = threading.Lock()
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
         self._thread.start()
         self._ready.wait()
@@ -100,11 +105,20 @@ class LoopThread:
             self.loop.call_soon_threadsafe(fn, *args)
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Cancel what is left, stop the loop and join the thread (within ``timeout`` in all)."""
-        if self.loop.is_closed():
-            return
-        deadline = time.monotonic() + timeout
+        """Cancel what is left, stop the loop and join the thread (within ``timeout`` in all).
 
+        Idempotent and thread-safe: a second caller waits for the first one's stop (at most
+        ``timeout``) and returns."""
+        deadline = time.monotonic() + timeout
+        if not self._stop_lock.acquire(timeout=max(timeout, 0.05)):
+            return
+        try:
+            if not self.loop.is_closed():
+                self._stop(deadline, timeout)
+        finally:
+            self._stop_lock.release()
+
+    def _stop(self, deadline: float, timeout: float) -> None:
         async def _cancel_all() -> None:
             tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
             for t in tasks:
@@ -113,9 +127,17 @@ class LoopThread:
 
         try:
             self.run(_cancel_all(), timeout)
-        except (TimeoutError, KVortexError):
+        except (TimeoutError, KVortexError, concurrent.futures.CancelledError):
             log.warning("tiering loop: tasks still running at stop")
-        self.loop.call_soon_threadsafe(self.loop.stop)
+        except RuntimeError:  # the loop closed meanwhile (its thread ended)
+            pass
+        if self.loop.is_closed():
+            _live.discard(self)
+            return
+        try:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+        except RuntimeError:  # closed between the check and the call
+            pass
         self._thread.join(max(deadline - time.monotonic(), 0.05))
         if not self._thread.is_alive():
             self.loop.close()
