@@ -626,6 +626,22 @@ def test_registering_another_layout_names_what_changed() -> None:
         engine.register_kv_caches([torch.zeros(2, B + 1, N, H, D, dtype=torch.bfloat16) for _ in range(L)])
 
 
+def test_re_registering_one_memory_order_viewed_another_way_is_accepted() -> None:
+    """With one KV head, (2, B, 1, N, D) transposed to (2, B, N, 1, D) is the same memory as a
+    plain (2, B, N, 1, D) tensor, but the size-1 dimension's arbitrary stride gave it another
+    stride order, and re-registering a re-allocated cache was refused (a red-team finding)."""
+    first = [torch.zeros(2, B, N, 1, D, dtype=torch.float16) for _ in range(L)]
+    again = [torch.zeros(2, B, 1, N, D, dtype=torch.float16).transpose(2, 3) for _ in range(L)]
+    engine, _, _ = _engine(first)
+    with engine:
+        assert engine.register_kv_caches(again).stride_order == "KBNHD"
+        tokens = list(range(CHUNK))
+        again[0][:, :4] = 1.5
+        assert engine.save(tokens, [0, 1, 2, 3]) == CHUNK
+        assert engine.load(tokens, [4, 5, 6, 7]) == CHUNK
+        assert torch.equal(again[0][:, 4:8], again[0][:, :4])
+
+
 @pytest.mark.parametrize("op", ["save_async", "load_async"])
 def test_an_async_call_racing_close_raises_kvortex_error(op: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """close() may shut the executor down between the call's open check and its submit: the

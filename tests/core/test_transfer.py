@@ -378,6 +378,15 @@ def test_row_plan_keeps_whole_pages_as_rows_when_layers_are_misaligned() -> None
     assert all(int(torch.count_nonzero(target[layer][[2, 4, 5, 6, 7]])) == 0 for layer in range(L2))
 
 
+def test_forced_row_gather_on_a_strided_head_dimension_names_the_reason() -> None:
+    """The error named a 16-byte rule that does not exist (a red-team finding); the reason is
+    the head dimension's stride."""
+    caches = [torch.randn(2, B, N, D, H, dtype=torch.float16).transpose(3, 4) for _ in range(2)]
+    with pytest.raises(LayoutError, match=r"head dimension's stride is 2, not 1.*gather='auto'"):
+        TransferEngine(caches, detect_layout(caches), chunk_tokens=CHUNK, gather="rows")
+    assert TransferEngine(caches, detect_layout(caches), chunk_tokens=CHUNK).gather_mode == "layers"
+
+
 def test_layerwise_load_enqueues_ahead_of_the_reader() -> None:
     """On CPU the copies run when enqueued: after load() only the first layer groups are in."""
     caches, _, _ = ks.flash_attn(8, B, N, H, D, torch.float16)

@@ -405,9 +405,16 @@ def _validate_dims(dims: str, shape: tuple[int, ...]) -> None:
 
 
 def _physical_order(t: torch.Tensor, dims: str) -> str:
-    """Dims from outermost to innermost in memory (e.g. ``KBNHD`` vs ``KBHND`` for HND)."""
-    pairs = sorted(zip(t.stride(), range(t.dim()), strict=True), key=lambda p: (-p[0], p[1]))
-    return "".join(dims[i] for _, i in pairs)
+    """Dims from outermost to innermost in memory (e.g. ``KBNHD`` vs ``KBHND`` for HND).
+
+    A dimension of size 1 has no place in memory (its stride is arbitrary: one KV head viewed
+    NHD or HND is the same memory): it goes at its logical place, before the first dimension
+    sorted so far that follows it logically. Two views of one memory get one order."""
+    real = sorted((i for i in range(t.dim()) if t.shape[i] > 1), key=lambda i: (-t.stride(i), i))
+    for i in (i for i in range(t.dim()) if t.shape[i] == 1):
+        at = next((k for k, j in enumerate(real) if j > i), len(real))
+        real.insert(at, i)
+    return "".join(dims[i] for i in real)
 
 
 def detect_layout(kv_caches: Any, hints: Mapping[str, Any] | None = None) -> KVLayout:

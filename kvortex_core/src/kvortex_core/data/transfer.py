@@ -312,8 +312,11 @@ class TransferEngine:
         self._strided: StridedPlan | None = strided
         self._rows: RowPlan | None = rows if strided is None else None
         if gather == "rows" and self._rows is None:
-            raise LayoutError("gather='rows' needs layer strides and offsets that divide into rows of at "
-                              "least 16 bytes; use gather='auto'")
+            d_stride = self.views[0].stride(4) if self.views[0].shape[4] > 1 else 1
+            why = (f"each head vector contiguous (the head dimension's stride is {d_stride}, not 1)"
+                   if d_stride != 1 else
+                   "layers whose addresses and strides are whole elements apart")
+            raise LayoutError(f"gather='rows' needs {why}; use gather='auto' (or 'layers')")
         # Fallback, one kernel per layer: [K, B, N, H, D] per layer, block ids index dim 1. Over
         # aliases, as the other plans: the caller's tensors may require grad or be inference
         # tensors, and neither may be written by an out= or in-place kernel outside autograd's rules.
