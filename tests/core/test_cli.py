@@ -163,9 +163,20 @@ def test_backends_list_reports_missing_dependency(
     assert 'missing kvortex_no_such_sdk: pip install "kvortex-x[y]"' in table  # not eaten as markup
 
 
-def test_backends_list_empty_when_autoload_disabled(
+def test_backends_list_keeps_the_built_in_tiers_when_autoload_is_disabled(
     runner: CliRunner, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("KVORTEX_DISABLE_PLUGIN_AUTOLOAD", "1")
+    result = runner.invoke(app, ["backends", "list"])
+    assert result.exit_code == 0 and "cpu" in result.stdout and "disk" in result.stdout
+
+
+def test_backends_list_says_how_to_get_backends_when_none_is_registered(
+    runner: CliRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kvortex_core.plugins import manager
+
+    monkeypatch.setattr(manager, "_FIRST_PARTY", frozenset())  # as with kvortex-core alone
     monkeypatch.setenv("KVORTEX_DISABLE_PLUGIN_AUTOLOAD", "1")
     result = runner.invoke(app, ["backends", "list"])
     assert result.exit_code == 0 and "no backends registered" in result.stdout

@@ -62,9 +62,15 @@ def test_each_manager_is_independent() -> None:
 
 
 def test_disable_autoload_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The switch drops third-party entry points only: the error of a broken plugin advises it,
+    and it used to drop the built-in tiers too, so every config then failed with "install
+    kvortex-backends" (a red-team finding). autoload=False drops them all."""
     monkeypatch.setenv(DISABLE_AUTOLOAD_ENV, "1")
-    assert PluginManager().backends() == {}
-    explicit = PluginManager([memory_plugin])
+    kept = PluginManager().backends()
+    assert {"cpu", "disk", "memory"} <= set(kept)
+    assert {info.distribution for info in kept.values()} <= {"kvortex-core", "kvortex-backends"}
+    assert PluginManager(autoload=False).backends() == {}
+    explicit = PluginManager([memory_plugin], autoload=False)
     assert list(explicit.backends()) == ["memory"]
     assert explicit.backends()["memory"].distribution is None
 
@@ -214,9 +220,8 @@ def test_core_and_registration_need_no_optional_dependency() -> None:
 def test_builtin_name_without_kvortex_backends_gives_install_line(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv(DISABLE_AUTOLOAD_ENV, "1")
     with pytest.raises(PluginError, match=r"'redis' \(it comes with kvortex-backends: pip install"):
-        PluginManager([memory_plugin]).backend("redis")
+        PluginManager([memory_plugin], autoload=False).backend("redis")
 
 
 def test_a_hook_that_raises_names_its_plugin() -> None:

@@ -65,8 +65,7 @@ def list_backends(
     console.print(table)
     if not rows:
         console.print(
-            "no backends registered: install kvortex-backends, or unset "
-            "KVORTEX_DISABLE_PLUGIN_AUTOLOAD"
+            "no backends registered: install kvortex-backends (pip install kvortex-backends)"
         )
 
 

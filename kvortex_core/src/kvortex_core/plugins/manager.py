@@ -1,7 +1,8 @@
 """One plugin manager per engine: discovers plugins and owns backend naming.
 
 Environment switches:
-- ``KVORTEX_DISABLE_PLUGIN_AUTOLOAD=1``: do not load ``kvortex`` entry points.
+- ``KVORTEX_DISABLE_PLUGIN_AUTOLOAD=1``: load no third-party ``kvortex`` entry point (those
+  of KVortex's own distributions, the built-in tiers of kvortex-backends, still load).
 - ``KVORTEX_TRACE_PLUGINS=1``: log every hook call (logger ``kvortex_core.plugins``).
 """
 
@@ -36,6 +37,14 @@ _BUILTIN_BACKENDS = {
     "s3": 'pip install "kvortex-backends[s3]"',
 }
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_\-]{0,63}$")
+#: KVortex's own distributions: their entry points load even with autoload disabled by the
+#: environment (the switch is the way out of a broken third-party plugin, not off the tiers).
+_FIRST_PARTY = frozenset({"kvortex-core", "kvortex-backends", "kvortex-vllm"})
+
+
+def _canonical(dist_name: str) -> str:
+    """A distribution name as PEP 503 compares them (``Kvortex_Backends`` -> ``kvortex-backends``)."""
+    return re.sub(r"[-_.]+", "-", dist_name).lower()
 
 
 def _truthy(value: str | None) -> bool:
@@ -71,7 +80,12 @@ class BackendInfo:
 
 
 class PluginManager:
-    """Wraps a ``pluggy.PluginManager`` and the backend registry built from its hooks."""
+    """Wraps a ``pluggy.PluginManager`` and the backend registry built from its hooks.
+
+    ``autoload``: True loads every ``kvortex`` entry point, False none (plugins given in code
+    only), None (default) every one unless ``KVORTEX_DISABLE_PLUGIN_AUTOLOAD`` is set, then only
+    those of KVortex's own distributions.
+    """
 
     def __init__(self, plugins: Iterable[object] = (), *, autoload: bool | None = None) -> None:
         self._pm = pluggy.PluginManager(PROJECT)
@@ -80,23 +94,28 @@ class PluginManager:
         if self._trace:
             self._pm.trace.root.setwriter(lambda msg: log.warning("%s", msg.rstrip()))
             self._pm.enable_tracing()
+        first_party_only = False
         if autoload is None:
-            autoload = not _truthy(os.environ.get(DISABLE_AUTOLOAD_ENV))
+            first_party_only = _truthy(os.environ.get(DISABLE_AUTOLOAD_ENV))
+            autoload = True
         self._dists: dict[int, tuple[str, str]] = {}
         self._backends: dict[str, BackendInfo] | None = None
         if autoload:
-            self._load_entry_points()
+            self._load_entry_points(first_party_only)
         for plugin in plugins:
             self.register(plugin)
         self._pm.check_pending()
 
-    def _load_entry_points(self) -> None:
-        """Register every ``kvortex`` entry point; a broken one fails naming its package."""
+    def _load_entry_points(self, first_party_only: bool = False) -> None:
+        """Register every ``kvortex`` entry point (``first_party_only``: those of KVortex's own
+        distributions); a broken one fails naming its package."""
         for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
             if self._pm.get_plugin(ep.name) is not None or self._pm.is_blocked(ep.name):
                 continue  # the same distribution seen twice on sys.path
             dist = ep.dist
             dist_name, version = (dist.name, dist.version) if dist is not None else (ep.name, "?")
+            if first_party_only and _canonical(dist_name) not in _FIRST_PARTY:
+                continue
             try:
                 plugin = ep.load()
             except (Exception, SystemExit) as exc:  # a plugin's sys.exit() at import too
