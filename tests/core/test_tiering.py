@@ -449,6 +449,23 @@ def _flaky(make: Any, **cb: Any) -> TierManager:
     )
 
 
+def test_index_churn_adds_up_when_writes_fail(make: Any) -> None:
+    """inserts - evictions - removals = entries, per tier: a lower tier's failed writes were
+    counted as inserts and their removal nowhere (a red-team finding)."""
+    mgr = _flaky(make, failure_threshold=100)
+    _save(mgr, [0, 1, 2])
+    assert mgr.drain(10)
+    FlakyBackend.broken = "error"
+    _save(mgr, [3, 4, 5])
+    assert mgr.drain(10)
+    FlakyBackend.broken = ""
+    snap = mgr.stats.snapshot()
+    for tier in ("cpu", "flaky"):
+        churn = snap.counter("inserts", tier) - snap.counter("evictions", tier) - snap.counter("removals", tier)
+        assert churn == snap.gauges["entries"][tier], tier
+    assert snap.gauges["entries"]["flaky"] == 3 and snap.counter("removals", "flaky") == 3
+
+
 def test_circuit_breaker_opens_skips_and_closes(make: Any) -> None:
     mgr = _flaky(make)
     FlakyBackend.broken = "error"

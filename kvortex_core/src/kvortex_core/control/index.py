@@ -22,7 +22,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from kvortex_core.control.eviction import make_policy
-from kvortex_core.control.stats import INSERT_REJECTS, INSERTS, PIN_LEAKS, Stats
+from kvortex_core.control.stats import INSERT_REJECTS, INSERTS, PIN_LEAKS, REMOVALS, Stats
 from kvortex_core.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -336,6 +336,8 @@ class ChunkIndex:
                 if entry is not None:
                     self._remove_locked(entry)
                     out.append(entry)
+        if out and self.stats is not None:
+            self.stats.inc(REMOVALS, len(out), self.name)
         return out
 
     def _remove_locked(self, entry: IndexEntry) -> None:
@@ -351,6 +353,8 @@ class ChunkIndex:
             entries = list(self._entries.values())
             for entry in entries:
                 self._remove_locked(entry)
+        if entries and self.stats is not None:
+            self.stats.inc(REMOVALS, len(entries), self.name)
         return entries
 
     # -- pins -----------------------------------------------------------------------------

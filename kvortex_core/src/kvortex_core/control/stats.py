@@ -35,6 +35,9 @@ BYTES_LOADED = "bytes_loaded"
 INSERTS = "inserts"
 INSERT_REJECTS = "insert_rejects"
 EVICTIONS = "evictions"
+#: Entries removed from an index other than by eviction (a write that failed, a bad payload, a
+#: drop): inserts - evictions - removals = entries.
+REMOVALS = "removals"
 EVICTED_BYTES = "evicted_bytes"
 PIN_LEAKS = "pin_leaks"
 ALLOC_FAILURES = "alloc_failures"
