@@ -225,8 +225,12 @@ def test_options_reject_bad_values() -> None:
                       ("redis://", "names no host")):
         with pytest.raises(ValueError, match=re.escape(what)):
             RedisOptions(url=url)
-    with pytest.raises(ValueError, match="ssl_ca_certs '/nonexistent/ca.pem' is not a file here"):
-        RedisOptions(url="rediss://h:6380/0", ssl_ca_certs="/nonexistent/ca.pem")
+    # a file of another machine: a note for `config validate`, an error when the tier opens
+    tls = RedisOptions(url="rediss://h:6380/0", ssl_ca_certs="/nonexistent/ca.pem")
+    assert tls.machine_notes() == [("ssl_ca_certs '/nonexistent/ca.pem' is not a file here; give the path of "
+                                    "the PEM file")]
+    with pytest.raises(BackendError, match="ssl_ca_certs '/nonexistent/ca.pem' is not a file here"):
+        asyncio.run(RedisBackend(tls, capacity=1 << 20, context=BackendContext()).open())
     for ttl in (0, 0.0005):  # Redis counts milliseconds: PX 0 refused every write
         with pytest.raises(ValueError, match="ttl"):
             RedisOptions(ttl=ttl)

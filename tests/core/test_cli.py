@@ -333,6 +333,19 @@ def test_bench_backends_names_a_missing_client_before_measuring(
     assert not (tmp_path / "backends.json").exists()
 
 
+def test_validate_notes_tls_files_this_machine_lacks(runner: CliRunner, tmp_path: Path) -> None:
+    """The docs' own Redis TLS example failed validation on any machine without its CA file
+    (a red-team finding): a file of the serving machine is a note here, like the memory check."""
+    pytest.importorskip("redis")
+    path = yaml_file(tmp_path, "tiers:\n  cpu: {type: cpu, capacity: 1GiB}\n"
+                               "  team: {type: redis, capacity: 1GiB, url: 'rediss://cache:6380/0',"
+                               " ssl_ca_certs: /etc/kvortex/ca.pem}\n")
+    result = runner.invoke(app, ["config", "validate", str(path)])
+    assert result.exit_code == 0, result.stdout + result.stderr
+    out = result.stdout.replace("\n", " ")
+    assert "note: tiers.team: ssl_ca_certs '/etc/kvortex/ca.pem' is not a file here" in out
+
+
 def test_validate_notes_a_cpu_tier_larger_than_this_machine(runner: CliRunner, tmp_path: Path) -> None:
     """Valid as a file (it may be meant for a larger server), but an engine here refuses it."""
     path = yaml_file(tmp_path, "tiers:\n  cpu: {type: cpu, capacity: 64PiB}\n")

@@ -133,12 +133,14 @@ class RedisOptions(BackendOptions):
             data["cluster"] = [cleaned.get(u, u) for u in nodes]
         return data
 
-    @field_validator("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
-    @classmethod
-    def _tls_file(cls, v: str | None, info: Any) -> str | None:
-        if v is not None and not os.path.isfile(v):
-            raise ValueError(f"{info.field_name} {v!r} is not a file here; give the path of the PEM file")
-        return v
+    def machine_notes(self) -> list[str]:
+        """TLS files this machine lacks (checked again, as an error, when the tier opens)."""
+        return [f"{name} {path!r} is not a file here; give the path of the PEM file"
+                for name, path in self._tls_files() if not os.path.isfile(path)]
+
+    def _tls_files(self) -> list[tuple[str, str]]:
+        return [(name, path) for name in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
+                if (path := getattr(self, name)) is not None]
 
     @field_validator("cluster")
     @classmethod
@@ -194,6 +196,9 @@ class RedisBackend(StorageBackend):
         """
         from kvortex_backends._redis_client import make_client
 
+        missing = self.opts.machine_notes()
+        if missing:  # checked here, not with the configuration: it may be validated elsewhere
+            raise BackendError(f"redis tier: {'; '.join(missing)}")
         if self._client is None:
             self._client = make_client(self.opts)
         if self.opts.coalesce_gets and self._batcher is None:

@@ -103,8 +103,14 @@ def validate(
         markup=False,
     )
     console.print(f"  tiers: {tiers}", markup=False)
+    from kvortex_core.config.backends import backend_options
     from kvortex_core.data.pool import physical_memory
+    from kvortex_core.plugins.manager import PluginManager
 
+    manager = PluginManager()
+    for name in config.tiers:  # files and devices the tier needs that this machine lacks
+        for note in backend_options(config, name, manager).machine_notes():
+            console.print(f"  note: tiers.{name}: {note} (an engine here cannot open this tier)", markup=False)
     cpu = next(iter(config.tiers.values()))
     ram = physical_memory()
     if ram and int(cpu.capacity) > ram:  # valid as a file; an engine on this machine refuses it

@@ -35,6 +35,12 @@ class BackendOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    def machine_notes(self) -> list[str]:
+        """What these options need from the machine that is missing here (a certificate file,
+        say): notes for ``kvortex config validate``, which may run on another machine than the
+        one that serves. Not errors: the backend checks them for real when it opens."""
+        return []
+
 
 @dataclass(frozen=True)
 class Usage:
