@@ -304,12 +304,14 @@ def _overlaps_itself(t: torch.Tensor) -> bool:
         return False
     # Else: two elements overlap iff sum(m_i * stride_i) is within one element for some m != 0,
     # |m_i| < size_i; take the first nonzero m_i positive (the negated vector is the same pair).
+    tries = 0
     for i, (st, n) in enumerate(dims):
         inner = dims[i + 1:]
         reach = sum((k - 1) * s for s, k in inner) + es - 1
         for m in range(1, n):
-            if m * st > reach:
-                break
+            tries += 1
+            if m * st > reach or tries > _OVERLAP_SEARCH_STEPS // 100:
+                break  # past the reach: no more candidates (or give up: not proven to overlap)
             if _shared_offset(m * st, inner, es):
                 return True
     return False
