@@ -66,6 +66,29 @@ def test_b_loads_a_prefix_byte_exact_and_skips_exactly_the_loaded_tokens(tmp_pat
     assert "B" in h.finished
 
 
+@pytest.mark.parametrize("sampling", [{"prompt_logprobs": 1}, {"skip_reading_prefix_cache": True}],
+                         ids=["prompt-logprobs", "explicit"])
+def test_a_request_that_must_not_read_cached_kv_loads_nothing(tmp_path: Path, sampling: dict) -> None:
+    """Prompt logprobs need a forward over every prompt token, so vLLM sets the request's
+    skip_reading_prefix_cache. vLLM 0.33 zeroes the connector's answer for it; 0.15 and 0.26 do
+    not, and the prefix was loaded: the prompt logprobs then began after it (a red-team finding)."""
+    from vllm.sampling_params import SamplingParams
+
+    try:
+        SamplingParams(max_tokens=1, **sampling)
+    except TypeError:
+        pytest.skip(f"this vLLM's SamplingParams takes no {sampling}")
+    h = build(tmp_path)
+    a = prompt(4, 80)
+    save_a(h, a)
+    n = len(h.history)
+    h.add("B", a[:70], sampling=sampling)
+    h.run()
+    assert "B" in h.finished
+    assert not any(s.loads for s in h.history[n:]), "a request that skips cached KV got a load"
+    assert h.computed_positions["B"][0] == 0, "the whole prompt must be computed"
+
+
 def test_loaded_bytes_equal_the_saved_requests_bytes(tmp_path: Path) -> None:
     h = build(tmp_path)
     a = prompt(3, 70)

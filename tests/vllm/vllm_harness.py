@@ -177,9 +177,11 @@ def _block_hasher() -> Any:
     return get_request_block_hasher(BLOCK, sha256)
 
 
-def make_request(req_id: str, prompt: list[int], max_tokens: int = 1, **extra: Any) -> Request:
-    """A vLLM request; ``extra``: more of ``Request``'s arguments (``cache_salt``, ``lora_request``...)."""
-    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+def make_request(req_id: str, prompt: list[int], max_tokens: int = 1, *, sampling: dict[str, Any] | None = None,
+                 **extra: Any) -> Request:
+    """A vLLM request; ``sampling``: more ``SamplingParams`` (``prompt_logprobs``...); ``extra``: more
+    of ``Request``'s arguments (``cache_salt``, ``lora_request``...)."""
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, **(sampling or {}))
     kwargs: dict[str, Any] = {"block_hasher": _block_hasher(), **extra}
     if "eos_token_id" in inspect.signature(Request).parameters:
         kwargs["eos_token_id"] = EOS
@@ -270,6 +272,7 @@ class Harness:
             w.connector.shutdown()
 
     def add(self, req_id: str, prompt: list[int], max_tokens: int = 1, **extra: Any) -> None:
+        """Queue a request (``sampling={...}``: more SamplingParams; else Request arguments)."""
         self.tokens[req_id] = list(prompt)
         self.scheduler.add_request(make_request(req_id, prompt, max_tokens, **extra))
 

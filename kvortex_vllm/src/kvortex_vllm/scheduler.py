@@ -233,7 +233,11 @@ class SchedulerSide:
         """
         st = self._state(request)
         # vLLM must compute at least one prompt token to sample from: cap below the last one.
-        usable = 0 if st.stale else min(max(len(st.prompt) - 1, 0) // self.chunk_tokens, len(st.keys))
+        # A request that must not read cached KV (prompt logprobs need a forward over every
+        # prompt token; or asked for) loads nothing: vLLM 0.33 zeroes our answer for it, older
+        # ones do not, and their prompt logprobs then began after the loaded prefix.
+        skip = bool(getattr(request, "skip_reading_prefix_cache", False))
+        usable = 0 if st.stale or skip else min(max(len(st.prompt) - 1, 0) // self.chunk_tokens, len(st.keys))
         hit, in_cpu = self.stored_prefix(st.keys[:usable])
         if hit < usable and self.tiers is not None:
             if self._should_ask_again(st, st.keys[hit]):
