@@ -110,7 +110,12 @@ def test_a_new_engine_finds_what_the_last_one_left_on_disk(tmp_path: Path) -> No
     assert_kv(h, "B", a, 2 * CHUNK)
 
 
-def test_lost_disk_file_is_a_failed_load_and_is_recomputed(tmp_path: Path) -> None:
+@pytest.mark.parametrize("when", ["before-lookup", "after-lookup"])
+def test_lost_disk_file_is_a_failed_load_and_is_recomputed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           when: str) -> None:
+    """A chunk's file gone before the scheduler looks (a rank evicted it, someone deleted it):
+    the scheduler's view checks the file and promises only chunk 0. Gone after the look (the
+    check is made to see it): the load fails, is reported, and the chunk is recomputed."""
     h, _, a = stored_below_only(tmp_path, 3)
     key1 = h.keys_of(a)[1].hex()
     lost = [p for p in (tmp_path / "disk").rglob("*.kv") if p.name.startswith(key1)]
@@ -118,12 +123,50 @@ def test_lost_disk_file_is_a_failed_load_and_is_recomputed(tmp_path: Path) -> No
     for p in lost:
         p.unlink()
     h.scrub()
+    if when == "after-lookup":
+        from kvortex_backends.disk import DiskBackend
+
+        monkeypatch.setattr(DiskBackend, "files_present", lambda self, keys: [True] * len(keys))
     hist = run_async_load(h, "B", a[:70])
-    assert any(s.invalid_blocks for s in hist), "the missing chunk's blocks are reported"
+    if when == "after-lookup":
+        assert any(s.invalid_blocks for s in hist), "the missing chunk's blocks are reported"
+    else:
+        assert not any(s.invalid_blocks for s in hist), "a chunk whose file is gone was promised"
+        assert hist[-1].computed_before["B"] == CHUNK, "chunk 0 loaded, chunk 1 not promised"
     h.run()
     assert "B" in h.finished
     assert set(range(CHUNK, 2 * CHUNK)) <= set(h.computed_positions["B"])
     assert_kv(h, "B", a, 2 * CHUNK)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_a_full_disk_tier_promises_none_of_the_chunks_it_evicted(tmp_path: Path, tp: int) -> None:
+    """A disk tier at capacity (its steady state) evicts old chunks. The scheduler counted
+    every chunk its ranks queued for it as stored, up to the whole tier's capacity in slots,
+    and promised evicted ones: each an async load bound to fail (no fault injected; under
+    vLLM's kv_load_failure_policy "fail", a failed request: a red-team finding). It now checks
+    a chunk's files before it promises it."""
+    probe = build(tmp_path / "probe", tiers(tmp_path / "probe"), tp=tp)
+    slot = probe.connector.scheduler_side.geometry.slot_bytes
+    probe.close()
+    cfg = tiers(tmp_path)
+    cfg["tiers"]["disk"]["capacity"] = f"{8 * slot * tp}B"  # 8 chunks per rank, 16 prompts of 2
+    h = build(tmp_path, cfg, tp=tp)
+    prompts = [prompt(100 + i, 2 * CHUNK + 1) for i in range(16)]
+    for i, p in enumerate(prompts):
+        h.add(f"W{i}", p)
+        h.run()
+        drain(h)
+    held = [len(w.connector.worker_side.tiers.mgr.tiers[0].index) for w in h.workers]
+    assert max(held) <= 8, held  # the disk tier evicted most of them
+    n = len(h.history)
+    for i in reversed(range(len(prompts))):  # newest first: each load promotes, and evicts
+        h.add(f"R{i}", prompts[i])
+        h.run()
+        assert_kv(h, f"R{i}", prompts[i], 2 * CHUNK)
+    assert not any(s.invalid_blocks for s in h.history[n:]), "a chunk the disk tier evicted was promised"
+    assert any(s.loads for s in h.history[n:]), "what the disk tier kept is still served"
+    h.close()
 
 
 @pytest.mark.parametrize("delay_s", [0.0, 0.05])

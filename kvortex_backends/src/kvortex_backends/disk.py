@@ -19,6 +19,7 @@ import importlib.util
 import logging
 import os
 import re
+import stat
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -381,6 +382,19 @@ class DiskBackend(StorageBackend):
 
     async def contains(self, keys: Sequence[str]) -> list[bool]:
         return [k in self._index for k in keys]
+
+    def files_present(self, keys: Sequence[str]) -> list[bool]:
+        """Whether each key's file is in the directory now (a stat each, no read; any thread).
+
+        For an observer (the vLLM scheduler's view): the ranks that own the directories evict
+        from them, and its start-up scan does not see that. A key that is not hex is absent."""
+        out = []
+        for k in keys:
+            try:
+                out.append(stat.S_ISREG(os.stat(self._path(k)).st_mode))
+            except (OSError, BackendError):
+                out.append(False)
+        return out
 
     async def delete(self, keys: Sequence[str]) -> int:
         # Shielded, like a write: a caller that times out stops waiting, but the files it took

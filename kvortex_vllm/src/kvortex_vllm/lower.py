@@ -241,8 +241,9 @@ class SchedulerTiers:
         self.all_shared = bool(mgr.tiers) and all(t.remote is not None for t in mgr.tiers)
 
     def note_written(self, key: bytes) -> None:
-        """This engine queued ``key`` for write-behind (optimistic: a failed write is a failed load;
-        where every lower tier is shared, only for ``SHARED_WRITE_GRACE_S``)."""
+        """This engine queued ``key`` for write-behind (optimistic: where every lower tier is
+        shared, only for ``SHARED_WRITE_GRACE_S``; with a local tier, only once its files are
+        there, see :meth:`present`)."""
         self.written[key] = time.monotonic()
         self.written.move_to_end(key)
         while len(self.written) > self.max_keys:
@@ -260,8 +261,16 @@ class SchedulerTiers:
                 if tier.remote is not None:
                     tier.remote.forget(rk)
 
-    def present(self, keys: Sequence[bytes]) -> list[bool]:
-        """Per key: below on every rank (never waits; shared tiers answer from their cache)."""
+    def present(self, keys: Sequence[bytes], wanted: Sequence[bool] | None = None) -> list[bool]:
+        """Per key: below on every rank (never waits; shared tiers answer from their cache).
+
+        ``wanted``: the keys whose answer counts (the caller's leading run: not in the cpu
+        tier). Those a local tier is to serve are checked on disk, in order, up to the first
+        one below on no rank: the ranks evict their directories (a full disk tier evicts from
+        its high watermark down), which neither the view's start-up scan nor our list of
+        queued writes learns; each such promise was an async load bound to fail, and under
+        vLLM's ``kv_load_failure_policy`` "fail" a failed request (a red-team finding).
+        """
         mask = (1 << len(keys)) - 1
         for rank in range(self.tp_size):
             mask &= self.mgr.contains(rank_keys(keys, rank))
@@ -271,10 +280,46 @@ class SchedulerTiers:
         # "available", yet until that probe succeeds its writes still fail (CI caught a second
         # server promising writes to a disk directory another server owned, in that window).
         written = self.written if any(t.in_service for t in self.mgr.tiers) else {}
+        young = time.monotonic() - self.SHARED_WRITE_GRACE_S
         if written and self.all_shared:
-            young = time.monotonic() - self.SHARED_WRITE_GRACE_S
             return [bool(mask >> i & 1) or written.get(k, young) > young for i, k in enumerate(keys)]
-        return [k in written or bool(mask >> i & 1) for i, k in enumerate(keys)]
+        out = [k in written or bool(mask >> i & 1) for i, k in enumerate(keys)]
+        if self.all_shared:
+            return out
+        for i, k in enumerate(keys):
+            if not out[i] or (wanted is not None and not wanted[i]):
+                if wanted is not None and wanted[i]:
+                    break  # the caller's run ends here: later answers do not count
+                continue
+            if not self._on_every_rank(k):
+                out[i] = False
+                self.written.pop(k, None)
+                if wanted is not None:
+                    break
+        return out
+
+    def _on_every_rank(self, key: bytes) -> bool:
+        """Whether some lower tier in service holds ``key`` for each rank: a shared one by its
+        cached answer, a local one by its file (a stat; a local plugin without ``files_present``
+        by its index). A file found gone is dropped from that tier's view."""
+        for rank in range(self.tp_size):
+            rk = rank_keys([key], rank)[0]
+            held = False
+            for tier in self.mgr.tiers:
+                if not tier.in_service:
+                    continue
+                if tier.remote is not None:
+                    held = tier.remote.present(rk)
+                else:
+                    check = getattr(tier.backend, "files_present", None)
+                    held = check([rk.hex()])[0] if check is not None else rk in tier.index
+                    if not held and check is not None:
+                        tier.index.remove([rk])
+                if held:
+                    break
+            if not held:
+                return False
+        return True
 
     def unknown(self, key: bytes) -> bool:
         """True while some shared tier has no fresh answer about ``key`` on every rank."""

@@ -217,7 +217,8 @@ class SchedulerSide:
         in_cpu = self.index.contains_list(keys)
         if self._fetching:  # a slot still being filled from a lower tier is nobody's hit yet
             in_cpu = [c and k not in self._fetching for k, c in zip(keys, in_cpu, strict=True)]
-        below = self.tiers.present(keys) if self.tiers is not None and not all(in_cpu) else in_cpu
+        below = (self.tiers.present(keys, [not c for c in in_cpu]) if self.tiers is not None and not all(in_cpu)
+                 else in_cpu)
         n = 0
         while n < len(keys) and (in_cpu[n] or (below[n] and keys[n] not in self._fetching)):
             n += 1
