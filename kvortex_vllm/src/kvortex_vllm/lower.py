@@ -232,6 +232,9 @@ class SchedulerTiers:
     #: answers absent, and the chunk is no longer promised (a red-team finding: with vLLM's
     #: ``kv_load_failure_policy`` "fail" each such promise failed a request).
     SHARED_WRITE_GRACE_S = 1.0
+    #: How long a chunk whose files were found on every rank is trusted without another look
+    #: (a request waiting for KV blocks is asked about every step; a stat costs 5-15 us).
+    FILE_CHECK_TTL_S = 1.0
 
     def __init__(self, mgr: TierManager, tp_size: int, max_keys: int) -> None:
         self.mgr = mgr
@@ -239,6 +242,7 @@ class SchedulerTiers:
         self.written: OrderedDict[bytes, float] = OrderedDict()  # key -> when its write was queued
         self.max_keys = max(max_keys, 1)
         self.all_shared = bool(mgr.tiers) and all(t.remote is not None for t in mgr.tiers)
+        self._checked: OrderedDict[bytes, float] = OrderedDict()  # key -> when found on every rank
 
     def note_written(self, key: bytes) -> None:
         """This engine queued ``key`` for write-behind (optimistic: where every lower tier is
@@ -254,6 +258,7 @@ class SchedulerTiers:
         they are written anew (a file deleted below stayed in the start-up view for ever)."""
         for k in keys:
             self.written.pop(k, None)
+            self._checked.pop(k, None)
         for rank in range(self.tp_size):
             rk = rank_keys(keys, rank)
             for tier in self.mgr.tiers:
@@ -291,11 +296,18 @@ class SchedulerTiers:
                 if wanted is not None and wanted[i]:
                     break  # the caller's run ends here: later answers do not count
                 continue
-            if not self._on_every_rank(k):
-                out[i] = False
-                self.written.pop(k, None)
-                if wanted is not None:
-                    break
+            if self._checked.get(k, 0.0) > time.monotonic() - self.FILE_CHECK_TTL_S:
+                continue
+            if self._on_every_rank(k):
+                self._checked[k] = time.monotonic()
+                self._checked.move_to_end(k)
+                while len(self._checked) > self.max_keys:
+                    self._checked.popitem(last=False)
+                continue
+            out[i] = False
+            self.written.pop(k, None)
+            if wanted is not None:
+                break
         return out
 
     def _on_every_rank(self, key: bytes) -> bool:
