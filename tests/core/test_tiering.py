@@ -1043,6 +1043,33 @@ def test_remote_cache_freshness() -> None:
     assert not cache.fresh(b"a") and cache.mask([b"a"]) == (0b1, [b"a"])  # stale: refresh
 
 
+def test_remote_cache_trusts_no_expired_answer_after_a_failure() -> None:
+    """A store that went down kept being promised from its expired answers while refreshes
+    failed (a red-team finding: S3 returning 500s, 10 of 10 re-asked prefixes failed their
+    load). After a failed refresh or load, only unexpired answers count, for ttl_s. (Margins
+    of 0.4 s or more on every check: a loaded machine may pause.)"""
+    from kvortex_core.tiering.tiers import RemoteCache
+
+    cache = RemoteCache(ttl_s=0.05)
+    cache.record([b"a"], [True])
+    time.sleep(0.06)
+    assert cache.mask([b"a"]) == (0b1, [b"a"])  # expired, refresh asked: still counted
+    cache.give_up([b"a"])  # the refresh failed
+    assert cache.mask([b"a"]) == (0, [b"a"])  # asked again, and not counted meanwhile
+
+    cache = RemoteCache(ttl_s=1.0)
+    cache.record([b"a", b"b"], [True, True])  # t = 0, expires at 1.0
+    cache.distrust()  # a load from the store failed: until 1.0
+    assert cache.mask([b"a", b"b"])[0] == 0b11  # fresh answers still count
+    cache.record([b"b"], [True])  # t ~ 0, expires at ~1.0
+    time.sleep(0.5)
+    cache.distrust()  # another failure at 0.5: until 1.5
+    time.sleep(0.6)  # t = 1.1: both expired, distrusted
+    assert cache.mask([b"a", b"b"])[0] == 0
+    time.sleep(0.8)  # t = 1.9: the distrust is over
+    assert cache.mask([b"a", b"b"])[0] == 0b11  # counted again while being refreshed
+
+
 def test_a_timed_out_disk_write_that_lands_later_is_deleted_not_left_holding_capacity(
         make: Any, tmp_path: Path, monkeypatch: Any) -> None:
     """A disk write slower than backend_op_s times out for the tier but still ends on its thread:

@@ -18,7 +18,7 @@ import torch
 
 pytest.importorskip("vllm")
 
-from vllm_harness import Harness, build
+from vllm_harness import BLOCK, Harness, build
 
 from kvortex_core.tiering.counters import STALE_BLOCKS_REPORTED
 
@@ -137,6 +137,44 @@ def test_lost_disk_file_is_a_failed_load_and_is_recomputed(tmp_path: Path, monke
     assert "B" in h.finished
     assert set(range(CHUNK, 2 * CHUNK)) <= set(h.computed_positions["B"])
     assert_kv(h, "B", a, 2 * CHUNK)
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+@pytest.mark.parametrize("tp", [1, 2])
+def test_a_request_aborted_while_its_async_load_runs_writes_nothing_into_freed_blocks(
+        tmp_path: Path, tp: int, async_scheduling: bool) -> None:
+    """vLLM 0.15 frees the blocks of a request aborted in WAITING_FOR_REMOTE_KVS at once; the
+    worker then copied the fetched chunks into them, over the request vLLM gave them to (a
+    red-team finding: wrong KV). The connector now keeps those blocks until the load ended
+    there (0.2x+ keep them themselves), and the workers never copy an aborted request's load."""
+    h = build(tmp_path, tiers(tmp_path), tp=tp, num_blocks=16, async_scheduling=async_scheduling)
+    side = h.connector.scheduler_side
+    a = prompt(61, 2 * CHUNK + 1)
+    h.add("A", a)
+    h.run()
+    drain(h)
+    evict_from_cpu(h, side.geometry.num_slots)
+    total = h.free_blocks()
+    h.add("B", a)
+    for _ in range(200):
+        h.step()
+        req = h.scheduler.requests.get("B")
+        if req is not None and req.status.name == "WAITING_FOR_REMOTE_KVS":
+            break
+    else:
+        pytest.fail("B never waited for an asynchronous load")
+    h.abort("B")
+    c = prompt(62, (h.free_blocks() - 1) * BLOCK)  # takes every block free now, B's included
+    h.add("C", c, max_tokens=4)
+    h.run()
+    assert "C" in h.finished
+    assert_kv(h, "C", c, len(c))
+    for _ in range(50):  # the aborted load's report frees B's blocks and its cpu pins
+        if h.free_blocks() == total and not side._async_pins:
+            break
+        h.step()
+        time.sleep(0.01)
+    assert h.free_blocks() == total and not side._async_pins
 
 
 @pytest.mark.parametrize("tp", [1, 2])
@@ -411,7 +449,11 @@ def test_chunks_being_fetched_are_nobodys_hit_and_outlive_an_abort(tmp_path: Pat
     assert side.get_num_new_matched_tokens(Req, 0) == (2 * CHUNK, True)
     side.update_state_after_alloc(Req, list(range(1, 6)), 2 * CHUNK)
     assert side.stored_prefix(keys)[0] == 0, "a slot being filled is not a hit for anyone"
-    assert side.request_finished(Req) is False  # aborted while its fetch is in flight
+    # aborted while its fetch is in flight: vLLM 0.15 (which frees the blocks of such a request
+    # at once) is told to keep them until the workers report the load ended (0.2x+ keep them)
+    from kvortex_vllm import compat
+
+    assert side.request_finished(Req) is compat.frees_blocks_of_aborted_loads()
     assert side.index.open_pins(), "the slots stay pinned until the workers report the load"
     side.on_loads_finished({"X"})
     assert not side.index.open_pins()

@@ -10,6 +10,9 @@ Supported: vLLM 0.15.x through 0.33.x. Differences handled:
   C]`` views) and call ``register_kv_caches``.
 - ``CachedRequestData``: ``resumed_req_ids`` (set) or the older ``resumed_from_preemption``
   (list of bools).
+- A request aborted while its asynchronous load runs: 0.2x+ keep its blocks until the load is
+  reported (``finished_recving``); 0.15 frees them at once unless the connector delays the free
+  (:func:`frees_blocks_of_aborted_loads`).
 """
 
 from __future__ import annotations
@@ -17,6 +20,20 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+
+def frees_blocks_of_aborted_loads() -> bool:
+    """True when vLLM frees the blocks of a request aborted in ``WAITING_FOR_REMOTE_KVS`` at once
+    (0.15: only ``request_finished`` returning True keeps them), so an asynchronous load still
+    running would write into blocks another request now holds. 0.2x+ delay that free themselves
+    (their ``Scheduler._free_request`` takes ``delay_free_blocks``)."""
+    import inspect
+
+    try:
+        from vllm.v1.core.sched.scheduler import Scheduler
+    except ImportError:  # not inside vLLM: the cautious answer
+        return True
+    return "delay_free_blocks" not in inspect.signature(Scheduler._free_request).parameters
 
 
 def prompt_token_ids(request: Any) -> list[int]:

@@ -253,9 +253,10 @@ class SchedulerTiers:
         while len(self.written) > self.max_keys:
             self.written.popitem(last=False)
 
-    def forget(self, keys: Sequence[bytes]) -> None:
+    def forget(self, keys: Sequence[bytes], *, load_failed: bool = False) -> None:
         """A load of these chunks failed (or they were dropped): promise none of them again until
-        they are written anew (a file deleted below stayed in the start-up view for ever)."""
+        they are written anew (a file deleted below stayed in the start-up view for ever).
+        ``load_failed``: a shared tier's expired answers are not trusted for a while either."""
         for k in keys:
             self.written.pop(k, None)
             self._checked.pop(k, None)
@@ -265,6 +266,8 @@ class SchedulerTiers:
                 tier.index.remove(rk)
                 if tier.remote is not None:
                     tier.remote.forget(rk)
+                    if load_failed:  # this store may be down: its old answers are suspect
+                        tier.remote.distrust()
 
     def present(self, keys: Sequence[bytes], wanted: Sequence[bool] | None = None) -> list[bool]:
         """Per key: below on every rank (never waits; shared tiers answer from their cache).

@@ -114,6 +114,7 @@ class SchedulerSide:
         self._requests: dict[str, _Request] = {}
         self._pins: list[_Pin] = []
         self._await_saves: set[str] = set()
+        self._frees_aborted_loads = compat.frees_blocks_of_aborted_loads()
         #: Finished requests whose blocks vLLM keeps until their saves are reported done.
         self._saving: set[str] = set()
         # Asynchronous loads in flight, by request: their pins, and the chunks being fetched.
@@ -532,7 +533,7 @@ class SchedulerSide:
         removed = self.index.remove([*failed, *tainted])
         self._on_evict(removed)
         if self.tiers is not None and (failed or tainted):
-            self.tiers.forget([*failed, *tainted])
+            self.tiers.forget([*failed, *tainted], load_failed=bool(failed))
         for req_id, keys in bad.items():
             log.warning("load of %d chunk(s) for request %s failed; they will be recomputed", len(keys), req_id)
 
@@ -555,7 +556,11 @@ class SchedulerSide:
         if req_id in self._saving:
             return True
         st = self._requests.get(req_id)
-        delay = bool(st and st.has_saves)
+        # Aborted while its asynchronous load runs: vLLM 0.15 frees its blocks at once, and the
+        # load then wrote into blocks another request held (a red-team finding: wrong KV). Its
+        # blocks are kept until the workers report the load ended (they skip its copy).
+        loading = req_id in self._async_pins and self._frees_aborted_loads
+        delay = bool(st and st.has_saves) or loading
         self._forget(req_id)
         if delay:
             self._await_saves.add(req_id)
@@ -563,8 +568,11 @@ class SchedulerSide:
         return delay
 
     def on_saves_finished(self, req_ids: Iterable[str]) -> None:
-        """The workers reported these requests' saves done: vLLM frees their blocks now."""
+        """The workers reported these requests' saves (and any aborted async load) done: vLLM
+        frees their blocks now."""
+        req_ids = list(req_ids)
         self._saving.difference_update(req_ids)
+        self.on_loads_finished([r for r in req_ids if r in self._async_pins])
 
     def _forget(self, req_id: str) -> None:
         """Drop a request's state (finish, abort, preemption); its load pins expire with their step.

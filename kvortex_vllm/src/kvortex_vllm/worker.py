@@ -62,6 +62,8 @@ class _AsyncLoad:
     specs: list[LoadSpec]
     fetch: concurrent.futures.Future[list[bool]] | None
     handle: TransferHandle | None = None
+    #: The request finished (aborted) while this ran: its chunks are not copied to its blocks.
+    dropped: bool = False
 
 
 @dataclass
@@ -256,10 +258,12 @@ class WorkerSide:
             if job.handle is None:
                 if job.fetch is not None and not job.fetch.done():
                     continue
-                self._copy_fetched(job)
+                if not job.dropped:
+                    self._copy_fetched(job)
             if job.handle is None or job.handle.done():
-                done.add(req_id)
                 del self._async[req_id]
+                if req_id not in self._watch:  # else reported with the finished (delayed) frees
+                    done.add(req_id)
         return done
 
     def _copy_fetched(self, job: _AsyncLoad) -> None:
@@ -431,11 +435,21 @@ class WorkerSide:
                 self._finish_save(slot)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str], set[str]]:
-        """(requests the scheduler kept alive whose saves are all done, async loads completed)."""
+        """(requests the scheduler kept alive whose saves are all done, async loads completed).
+
+        An async load of a request that finished (vLLM aborted it while it waited) copies
+        nothing into its blocks: they are another request's once vLLM frees them. Where the
+        scheduler kept them (vLLM 0.15), the request is reported with the saves, once its load
+        ended; else with the loads, as vLLM 0.2x+ expect."""
         self.poll()
-        done = {r for r in self._watch if r not in self._req_saves}
+        for req_id in finished_req_ids:
+            job = self._async.get(req_id)
+            if job is not None:
+                job.dropped = True
+        loaded = self._poll_async()
+        done = {r for r in self._watch if r not in self._req_saves and r not in self._async}
         self._watch -= done
-        return done, self._poll_async()
+        return done, loaded
 
     def take_load_errors(self) -> set[int]:
         """Blocks that failed to load this step, those the plan marked stale, and those of the

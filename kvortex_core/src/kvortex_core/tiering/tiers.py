@@ -177,15 +177,23 @@ class RemoteCache:
         self.max_keys = max_keys
         self._known: dict[bytes, tuple[bool, float]] = {}
         self._wanted: set[bytes] = set()
+        #: Until then an expired "present" answer does not count (see :meth:`distrust`).
+        self._distrust_until = 0.0
 
     def mask(self, keys: Sequence[bytes]) -> tuple[int, list[bytes]]:
-        """(bitmask of keys known present, keys to refresh)."""
+        """(bitmask of keys known present, keys to refresh).
+
+        An expired "present" answer still counts while its refresh is on its way, unless the
+        tier lately failed a refresh or a load (:meth:`distrust`): a store that went down kept
+        being promised from answers it gave before (a red-team finding: each promise a failed
+        load, and under vLLM's ``kv_load_failure_policy`` "fail" a failed request)."""
         now, mask, stale = time.monotonic(), 0, []
+        trust_expired = now >= self._distrust_until
         for i, k in enumerate(keys):
             hit = self._known.get(k)
             if hit is None or hit[1] < now:
                 stale.append(k)
-            if hit is not None and hit[0]:
+            if hit is not None and hit[0] and (trust_expired or hit[1] >= now):
                 mask |= 1 << i
         fresh = [k for k in stale if k not in self._wanted]
         self._wanted.update(fresh)
@@ -214,9 +222,14 @@ class RemoteCache:
         return hit is not None and hit[0]
 
     def give_up(self, keys: Sequence[bytes]) -> None:
-        """A refresh failed: let a later lookup ask again."""
+        """A refresh failed: let a later lookup ask again, and trust no expired answer a while."""
         for k in keys:
             self._wanted.discard(k)
+        self.distrust()
+
+    def distrust(self) -> None:
+        """The tier failed a refresh or a load: for ``ttl_s``, only unexpired answers count."""
+        self._distrust_until = time.monotonic() + self.ttl_s
 
 
 def log_transition(name: str, old: str, new: str, error: str) -> None:
