@@ -288,29 +288,27 @@ class SchedulerTiers:
         # "available", yet until that probe succeeds its writes still fail (CI caught a second
         # server promising writes to a disk directory another server owned, in that window).
         written = self.written if any(t.in_service for t in self.mgr.tiers) else {}
-        young = time.monotonic() - self.SHARED_WRITE_GRACE_S
-        if written and self.all_shared:
+        now = time.monotonic()
+        if self.all_shared:
+            young = now - self.SHARED_WRITE_GRACE_S
             return [bool(mask >> i & 1) or written.get(k, young) > young for i, k in enumerate(keys)]
         out = [k in written or bool(mask >> i & 1) for i, k in enumerate(keys)]
-        if self.all_shared:
-            return out
         for i, k in enumerate(keys):
-            if not out[i] or (wanted is not None and not wanted[i]):
-                if wanted is not None and wanted[i]:
-                    break  # the caller's run ends here: later answers do not count
-                continue
-            if self._checked.get(k, 0.0) > time.monotonic() - self.FILE_CHECK_TTL_S:
-                continue
-            if self._on_every_rank(k):
-                self._checked[k] = time.monotonic()
-                self._checked.move_to_end(k)
-                while len(self._checked) > self.max_keys:
-                    self._checked.popitem(last=False)
-                continue
-            out[i] = False
-            self.written.pop(k, None)
+            if wanted is not None and not wanted[i]:
+                continue  # in the cpu tier: this answer does not count
+            if out[i]:
+                if self._checked.get(k, 0.0) > now - self.FILE_CHECK_TTL_S:
+                    continue  # found on every rank a moment ago
+                if self._on_every_rank(k):
+                    self._checked[k] = now
+                    self._checked.move_to_end(k)
+                    while len(self._checked) > self.max_keys:
+                        self._checked.popitem(last=False)
+                    continue
+                out[i] = False
+                self.written.pop(k, None)
             if wanted is not None:
-                break
+                break  # the caller's run ends here: later answers do not count
         return out
 
     def _on_every_rank(self, key: bytes) -> bool:
