@@ -169,3 +169,43 @@ def test_large_incompressible_value_skipped_after_probe() -> None:
     assert len(packed) < 0.9 * len(buf)
     out = bytearray(len(buf))
     assert pl.decompress_value(packed, out) == len(buf) and out == buf
+
+
+@pytest.mark.parametrize("codec", ["lz4", "zstd"])
+def test_a_value_that_changes_while_it_is_compressed_is_refused(codec: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A buffer rewritten under the codec (a caller reusing it too early) must not be stored with
+    a fresh checksum over mixed bytes: no later check could tell them from the real ones."""
+    slot = _slot(torch.zeros(SHAPE, dtype=DTYPE))
+    real = pl._compress_bytes
+
+    def racing(data: memoryview, name: str, level: int | None) -> bytes:
+        packed = real(data, name, level)
+        slot[pl.HEADER_BYTES + 100] = 7  # another chunk lands in the slot meanwhile
+        return packed
+
+    monkeypatch.setattr(pl, "_compress_bytes", racing)
+    with pytest.raises(PayloadError, match="changed while it was compressed"):
+        pl.compress_value(slot, codec)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("codec", ["lz4", "zstd"])
+def test_expanded_bytes_are_checked_against_the_checksum_they_were_sealed_with(codec: str) -> None:
+    """A compressed value carries its raw payload's checksum: bytes that decompress cleanly but
+    are not the ones sealed (a damaged raw checksum stands in for any such fault) are refused,
+    and nothing is written into the caller's buffer."""
+    slot = _slot(torch.zeros(SHAPE, dtype=DTYPE))
+    packed = bytearray(pl.compress_value(slot, codec))  # type: ignore[arg-type]
+    header = pl.read_header(packed)
+    assert header.raw_checksum == pl.read_header(slot).checksum != 0
+    packed[272] ^= 0x01  # the raw checksum, outside the header checksum's range
+    out = bytearray(b"\xee" * slot.numel())
+    with pytest.raises(PayloadError, match="raw checksum mismatch"):
+        pl.decompress_value(packed, out)
+    assert out == b"\xee" * slot.numel()
+    with pytest.raises(PayloadError, match="raw checksum mismatch"):
+        _parse(packed)
+    # a compressed value of an earlier writer (no raw checksum recorded) still expands
+    packed[272:280] = bytes(8)
+    restored = bytearray(slot.numel())
+    assert pl.decompress_value(packed, restored) == slot.numel() and restored == bytes(slot.numpy())
+    assert pl.read_header(slot).raw_checksum == 0  # uncompressed values record none

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
+import time
 from typing import Any
 
 import pytest
@@ -179,3 +181,59 @@ def test_ranged_read_never_mixes_two_writes(moto_s3, s3_bucket, monkeypatch) -> 
 
     run(make_backend(moto_s3.endpoint_url, s3_bucket, multipart_threshold="5MiB",
                      multipart_chunksize="5MiB"), scenario)
+
+
+def test_a_listing_slower_than_its_ttl_serves_every_caller_queued_behind_it(moto_s3, s3_bucket,
+                                                                            monkeypatch) -> None:
+    """Callers queued behind one slow listing reuse it. Dated from its request, a listing slower
+    than ``list_cache_ttl`` was stale on arrival: each queued caller listed again in turn, past
+    ``backend_op_s``, and the timeouts took a healthy tier out of service (a red-team finding:
+    12 lookups, 12 listings, 11 timeouts)."""
+    from kvortex_backends import _s3_io
+
+    real, listings = _s3_io.list_names, []
+
+    def slow(*args: Any, **kwargs: Any) -> Any:
+        listings.append(1)
+        time.sleep(0.3)  # a large prefix: longer than list_cache_ttl
+        return real(*args, **kwargs)
+
+    async def scenario(b: S3Backend) -> None:
+        await b.put("mine", b"m" * 10)
+        monkeypatch.setattr(_s3_io, "list_names", slow)
+        answers = await asyncio.gather(*(b.contains(["mine", f"other{i}"]) for i in range(6)))
+        assert answers == [[True, False]] * 6
+        assert len(listings) == 1
+
+    run(make_backend(moto_s3.endpoint_url, s3_bucket, list_cache_ttl=0.2), scenario)
+
+
+@pytest.mark.parametrize("when", ["listing-in-flight", "listing-cached"])
+def test_a_put_in_flight_stays_charged_when_a_listing_misses_it(moto_s3, s3_bucket, monkeypatch,
+                                                                 when: str) -> None:
+    """A listing fetched (or cached) before a put of ours landed does not show it; the put's charge
+    must stay in the ledger, or the instance's budget under-counts what it stored."""
+    from kvortex_backends import _s3_io
+
+    real_put, started, release = _s3_io.put_small, threading.Event(), threading.Event()
+
+    def held_put(*args: Any, **kwargs: Any) -> Any:
+        started.set()
+        release.wait(10)
+        return real_put(*args, **kwargs)
+
+    async def scenario(b: S3Backend) -> None:
+        await b.put("early", b"e" * 10)
+        if when == "listing-cached":
+            assert await b.contains(["early", "late"]) == [True, False]  # cached before the put
+        monkeypatch.setattr(_s3_io, "put_small", held_put)
+        put = asyncio.ensure_future(b.put("late", b"l" * 100))
+        await asyncio.get_running_loop().run_in_executor(None, started.wait, 10)
+        assert await b.contains(["early", "late"]) == [True, False]  # not landed yet
+        assert (await b.usage()).used == 110  # still charged
+        release.set()
+        await put
+        assert (await b.usage()).used == 110
+        assert await b.contains(["early", "late"]) == [True, True]  # own write patches the listing
+
+    run(make_backend(moto_s3.endpoint_url, s3_bucket, list_cache_ttl=60), scenario)

@@ -707,8 +707,14 @@ def test_an_engine_dropped_without_close_frees_its_disk_directory(tmp_path: Any)
     del first
     gc.collect()
     assert gone() is None
+    def running() -> bool:
+        try:
+            return bool(mgr.loop.running)  # stopped last, after the backends closed
+        except ReferenceError:  # closed and collected already (the proxy outlived it)
+            return False
+
     deadline = time.monotonic() + 10
-    while mgr.loop.running:  # stopped last, after the backends closed
+    while running():
         assert time.monotonic() < deadline, "the dropped engine's tiers were never closed"
         time.sleep(0.02)
     with KVortexEngine.create(_config(tiers=tiers)) as again:

@@ -30,7 +30,13 @@ from pydantic import Field, field_validator, model_validator
 
 from kvortex_backends import disk_io
 from kvortex_core.data import payload as pl
-from kvortex_core.errors import BackendError, BackendFullError, BufferTooSmallError, PayloadError
+from kvortex_core.errors import (
+    BackendError,
+    BackendFullError,
+    BadValueError,
+    BufferTooSmallError,
+    PayloadError,
+)
 from kvortex_core.storage.protocol import (
     BackendContext,
     BackendOptions,
@@ -295,7 +301,10 @@ class DiskBackend(StorageBackend):
                 del self._key_locks[key]
 
     def _compress(self, value: memoryview) -> memoryview | bytes | bytearray:
-        return pl.compress_value(value, self.options.compression, self.options.compression_level)
+        try:
+            return pl.compress_value(value, self.options.compression, self.options.compression_level)
+        except PayloadError as exc:  # the caller's buffer changed under the codec: not our failure
+            raise BadValueError(f"disk tier {self.root}: {exc}") from None
 
     def _write(self, path: str, parts: list[str], value: memoryview) -> None:
         folder = os.path.dirname(path)

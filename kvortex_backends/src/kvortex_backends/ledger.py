@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from kvortex_core.errors import BackendFullError
 
@@ -23,7 +23,8 @@ from kvortex_core.errors import BackendFullError
 class _Entry:
     size: int
     expires: float | None  # time.monotonic() deadline, None = never
-    seq: int = 0  # the ledger's stamp when it was charged (see WriteLedger.stamp)
+    seq: int = 0  # the ledger's stamp when it was charged or landed (see WriteLedger.stamp)
+    pending: bool = False  # charged, its write not finished: a read may not see it yet
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ class WriteLedger:
             )
         expires = time.monotonic() + self.ttl if self.ttl else None
         self._seq += 1
-        current = _Entry(size, expires, self._seq)
+        current = _Entry(size, expires, self._seq, pending=True)
         self._entries[key] = current
         self._used += size - old
         return Reservation(key, previous, current)
@@ -92,6 +93,15 @@ class WriteLedger:
             self._entries[reservation.key] = reservation.previous
             self._used += reservation.previous.size
 
+    def landed(self, reservation: Reservation) -> None:
+        """The write of a reservation finished: its key is in the store from now on. A read or
+        listing sent before this moment may not have seen it; :meth:`forget_missing` with a
+        stamp taken before this call spares it."""
+        if self._entries.get(reservation.key) is not reservation.current:
+            return  # replaced by a later write, or forgotten: nothing of this one is charged
+        self._seq += 1
+        self._entries[reservation.key] = replace(reservation.current, seq=self._seq, pending=False)
+
     def forget(self, keys: Iterable[str]) -> None:
         """Stop charging keys that were deleted or found missing."""
         for key in keys:
@@ -104,12 +114,13 @@ class WriteLedger:
         return self._seq
 
     def forget_missing(self, keys: Iterable[str], since: int) -> None:
-        """Stop charging keys a read (sent at ``since``) found missing, except those charged
-        after it was sent: a put of the key may have landed after the read looked (a miss
-        answered late used to drop a new write's charge: the budget under-counted)."""
+        """Stop charging keys a read (sent at ``since``) found missing, except those whose write
+        was still running or landed after the read was sent: the read may have looked before
+        the value arrived (a miss answered late, or a listing fetched while a put was in flight,
+        used to drop a new write's charge: the budget under-counted)."""
         for key in keys:
             entry = self._entries.get(key)
-            if entry is not None and entry.seq <= since:
+            if entry is not None and not entry.pending and entry.seq <= since:
                 del self._entries[key]
                 self._used -= entry.size
 

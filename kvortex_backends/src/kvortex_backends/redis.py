@@ -237,6 +237,7 @@ class RedisBackend(StorageBackend):
         except BaseException:
             self._ledger.rollback(reservation)
             raise
+        self._ledger.landed(reservation)
 
     async def _write(self, name: str, view: memoryview) -> None:
         px = int(self.opts.ttl * 1000) if self.opts.ttl else None
@@ -318,6 +319,8 @@ class RedisBackend(StorageBackend):
             for reservation in reversed(reservations):
                 self._ledger.rollback(reservation)
             raise
+        for reservation in reservations:
+            self._ledger.landed(reservation)
 
     async def get_many(self, keys: Sequence[str], outs: Sequence[memoryview]) -> list[int | None]:
         """Read several payloads in one pipeline into the matching buffers."""

@@ -97,9 +97,10 @@ class S3Options(BackendOptions):
 class _Listing:
     """A short-lived snapshot of the key names under the prefix, patched by our own writes."""
 
-    def __init__(self, names: set[str] | None, taken: float) -> None:
+    def __init__(self, names: set[str] | None, taken: float, stamp: int) -> None:
         self.names = names  # None: too many objects to list, use HEADs
-        self.taken = taken
+        self.taken = taken  # when the listing arrived (time.monotonic())
+        self.stamp = stamp  # the ledger's stamp when it was asked for (WriteLedger.stamp)
 
 
 class S3Backend(StorageBackend):
@@ -176,6 +177,7 @@ class S3Backend(StorageBackend):
         except BaseException:
             self._ledger.rollback(reservation)
             raise
+        self._ledger.landed(reservation)
         if self._listing is not None and self._listing.names is not None:
             self._listing.names.add(key)
 
@@ -224,6 +226,7 @@ class S3Backend(StorageBackend):
         listing = await self._fresh_listing(len(keys))
         if listing is not None and listing.names is not None:
             found = [k in listing.names for k in keys]
+            since = min(since, listing.stamp)  # what the listing missed may have landed after it
         else:
             found = await self._heads(keys)
         self._ledger.forget_missing((k for k, hit in zip(keys, found) if not hit), since)
@@ -243,11 +246,15 @@ class S3Backend(StorageBackend):
         if mode == "head" or (mode == "auto" and n_keys < 2):
             return None
         async with self._listing_lock:  # one LIST at a time; the others reuse its result
-            listing, now = self._listing, time.monotonic()
-            if listing is None or now - listing.taken > self.opts.list_cache_ttl:
+            listing = self._listing
+            # Its age counts from its arrival: dated from the request, a listing slower than
+            # list_cache_ttl was stale for every caller queued behind it, each listed again in
+            # turn, past backend_op_s, and the timeouts took a healthy tier out of service.
+            if listing is None or time.monotonic() - listing.taken > self.opts.list_cache_ttl:
+                stamp = self._ledger.stamp()
                 names = await self._call("contains", "", lambda: s3io.list_names(
                     self._client, self.opts.bucket, self.opts.prefix, self.opts.list_max_objects))
-                listing = self._listing = _Listing(names, now)
+                listing = self._listing = _Listing(names, time.monotonic(), stamp)
         return listing
 
     async def delete(self, keys: Sequence[str]) -> int:

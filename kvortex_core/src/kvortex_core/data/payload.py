@@ -24,7 +24,13 @@ off   size    field
 72    64      shape, ``MAX_DIMS`` x u64
 136   128     key bytes, zero padded
 264   8       header checksum (xxh3-64 of bytes 0..264)
+272   8       raw payload checksum: of a compressed value, xxh3-64 of its payload before
+              compression (the checksum it was sealed with), verified after expanding;
+              0 when not recorded (uncompressed values, and compressed ones of earlier writers)
 ====  ======  =============================================================
+
+The raw checksum sits outside the header checksum's range, so readers of earlier builds take it
+for padding; a damaged one can only make a good value fail its check, never pass a bad one.
 
 Parsing never evaluates anything: every field is checked against what the caller expects and
 any difference raises :class:`~kvortex_core.errors.PayloadError`.
@@ -58,7 +64,9 @@ _FIXED = struct.Struct("<8sHHBBBB16s16sQQQ8Q128s")
 _HEADER_SUM = struct.Struct("<Q")
 _SUM_OFFSET = _FIXED.size  # 264
 _USED = _SUM_OFFSET + _HEADER_SUM.size
-_PADDING = bytes(HEADER_BYTES - _USED)
+_RAW_SUM = struct.Struct("<Q")
+_RAW_SUM_END = _USED + _RAW_SUM.size  # 280
+_PADDING = bytes(HEADER_BYTES - _RAW_SUM_END)
 
 #: compress_value first tries this many bytes and gives up unless they shrink below _PROBE_GAIN
 _PROBE_BYTES = 256 * 1024
@@ -80,6 +88,8 @@ class PayloadHeader:
     checksum: int
     shape: tuple[int, ...]
     key: bytes
+    #: xxh3-64 of the payload before compression (compressed values); 0 when not recorded
+    raw_checksum: int = 0
 
     @property
     def total_len(self) -> int:
@@ -150,6 +160,7 @@ def _pack_header(
     checksum: int,
     compression: Compression = "none",
     raw_len: int | None = None,
+    raw_checksum: int = 0,
 ) -> None:
     if len(view) < HEADER_BYTES:
         raise PayloadError(f"header buffer is {len(view)} bytes; it needs {HEADER_BYTES}")
@@ -181,7 +192,8 @@ def _pack_header(
     )
     view[:_SUM_OFFSET] = fixed
     view[_SUM_OFFSET:_USED] = _HEADER_SUM.pack(xxhash.xxh3_64_intdigest(fixed))
-    view[_USED:HEADER_BYTES] = _PADDING
+    view[_USED:_RAW_SUM_END] = _RAW_SUM.pack(raw_checksum)
+    view[_RAW_SUM_END:HEADER_BYTES] = _PADDING
 
 
 def read_header(buf: Buffer) -> PayloadHeader:
@@ -206,6 +218,7 @@ def read_header(buf: Buffer) -> PayloadHeader:
     if comp not in _COMPRESSION_NAMES or ndim > MAX_DIMS or klen > MAX_KEY_BYTES:
         raise PayloadError("payload header has out-of-range fields")
     dims, key = rest[:MAX_DIMS], rest[MAX_DIMS]
+    (raw_sum,) = _RAW_SUM.unpack(view[_USED:_RAW_SUM_END]) if len(view) >= _RAW_SUM_END else (0,)
     return PayloadHeader(
         version=version,
         compression=_COMPRESSION_NAMES[comp],  # type: ignore[arg-type]
@@ -216,6 +229,7 @@ def read_header(buf: Buffer) -> PayloadHeader:
         checksum=csum,
         shape=tuple(dims[:ndim]),
         key=key[:klen],
+        raw_checksum=raw_sum if comp else 0,
     )
 
 
@@ -318,6 +332,11 @@ def _decompress(stored: memoryview, header: PayloadHeader, out: Buffer | None) -
         raise PayloadError(
             f"payload decompressed to {len(data)} bytes, header says {header.raw_len}"
         )
+    if header.raw_checksum and checksum(data) != header.raw_checksum:
+        raise PayloadError(
+            f"payload of key {header.key.hex()} expands to bytes other than those it was sealed "
+            "with (raw checksum mismatch): the data is corrupted"
+        )
     if out is None:
         return memoryview(data)
     target = _bytes_view(out)
@@ -350,6 +369,14 @@ def compress_value(value: Buffer, compression: Compression, level: int | None = 
     packed = _compress_bytes(body, compression, level)
     if len(packed) >= header.stored_len:
         return value
+    # The checksum the payload was sealed with, taken again after compressing: a buffer changed
+    # while the codec read it (a caller reusing it too early) is refused, not stored with a
+    # fresh checksum over mixed bytes that no later check could tell from the real ones.
+    if checksum(body) != header.checksum:
+        raise PayloadError(
+            f"payload of key {header.key.hex()} changed while it was compressed (its bytes no "
+            "longer match the checksum it was sealed with); it was not stored"
+        )
     out = bytearray(HEADER_BYTES + len(packed))
     out[HEADER_BYTES:] = packed
     _pack_header(
@@ -362,6 +389,7 @@ def compress_value(value: Buffer, compression: Compression, level: int | None = 
         checksum=checksum(packed),
         compression=compression,
         raw_len=header.raw_len,
+        raw_checksum=header.checksum,
     )
     return out
 
@@ -370,7 +398,9 @@ def decompress_value(stored: Buffer, out: Buffer) -> int:
     """Expand a value written by :func:`compress_value` into ``out``; returns its length.
 
     Values that are not compressed KVortex payloads are copied as they are. The payload
-    checksum is verified before decompressing, so corrupt data never reaches the codec.
+    checksum is verified before decompressing, so corrupt data never reaches the codec, and the
+    expanded bytes against the checksum they were sealed with (when recorded) before any of
+    them is written into ``out``.
     """
     view, target = _bytes_view(stored), _bytes_view(out)
     try:
@@ -386,7 +416,7 @@ def decompress_value(stored: Buffer, out: Buffer) -> int:
     if checksum(packed) != header.checksum:
         raise PayloadError(f"payload checksum mismatch for key {header.key.hex()}")
     total = HEADER_BYTES + header.raw_len
-    _decompress(packed, header, target[HEADER_BYTES:total])
+    _decompress(packed, header, target[HEADER_BYTES:total])  # checks all before it writes
     _pack_header(
         target,
         key=header.key,
@@ -394,7 +424,7 @@ def decompress_value(stored: Buffer, out: Buffer) -> int:
         shape=header.shape,
         dtype=header.dtype,
         payload_len=header.raw_len,
-        checksum=checksum(target[HEADER_BYTES:total]),
+        checksum=header.raw_checksum or checksum(target[HEADER_BYTES:total]),
     )
     return total
 

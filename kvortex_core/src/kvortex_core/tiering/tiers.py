@@ -38,6 +38,10 @@ T = TypeVar("T")
 class TierUnavailable(Exception):
     """The call was not made or failed; the caller treats it as a miss / a skipped write."""
 
+    #: The call timed out and was left to finish: it may still read or write the caller's
+    #: buffer until its ``on_late`` runs (``LowerTier.call``).
+    still_running: bool = False
+
 
 @dataclass(eq=False)
 class LowerTier:
@@ -59,6 +63,9 @@ class LowerTier:
     undeleted: list[bytes] = field(default_factory=list)
     #: Keys indexed here whose put has not landed yet (a read of one finds nothing, for now).
     putting: set[bytes] = field(default_factory=set)
+    #: Evictions in progress here (values out of the index, copied below, not deleted yet),
+    #: each done when its deletes ended; a put waits for those running when it starts.
+    evictions: set[asyncio.Future[None]] = field(default_factory=set)
     open_timeout_s: float = 60.0
     opened: bool = False
     #: The open in progress (one at a time: a probe while the first open still runs waits for it).
@@ -116,12 +123,14 @@ class LowerTier:
                 self.stats.inc(TIER_WRITES_REFUSED, 1, self.name)
             raise TierUnavailable(str(exc)) from exc
         except TimeoutError as exc:
+            timed_out = TierUnavailable(f"tier {self.name}: {op} timed out")
             if task is not None and on_late is not None:
                 task.add_done_callback(lambda t: _settled(t, on_late))
+                timed_out.still_running = True
             else:
                 _close(awaitable)
             self._failed(op, f"{op} timed out", TIER_TIMEOUTS)
-            raise TierUnavailable(f"tier {self.name}: {op} timed out") from exc
+            raise timed_out from exc
         except Exception as exc:
             _close(awaitable)
             self._failed(op, f"{type(exc).__name__}: {exc}", TIER_ERRORS)
