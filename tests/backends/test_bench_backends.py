@@ -30,5 +30,21 @@ def test_bench_backends_writes_ratios_for_every_cell(redis_server, moto_s3, tmp_
     assert len([c for c in cells if c[0] == "s3"]) == 2 * 2 * 2  # ops x sizes x concurrency
     assert all(r["ours_gbps"] > 0 and r["raw_gbps"] > 0 and r["ratio"] > 0 for r in data["rows"])
     assert all(r["ratio_vs_raw_copy"] is not None for r in data["rows"] if r["op"] == "get")
+    # redis: the faster of raw redis-py's two shapes (one pipeline, or concurrent commands)
+    assert {r["raw_shape"] for r in data["rows"] if r["target"] == "redis"} <= {"pipeline", "concurrent"}
+    assert all(r["raw_shape"] for r in data["rows"] if r["target"] == "redis")
     assert data["disk"] is None and "redis" in (out / "backends.md").read_text()
     assert (out / "backends-s3.png").exists()
+
+
+@pytest.mark.parametrize(("option", "value", "says"), [
+    ("--redis-url", "http://127.0.0.1:6379", "must start with redis:// or rediss://"),
+    ("--s3-endpoint", "127.0.0.1:5000", "is not an http(s) URL"),
+])
+def test_a_bad_server_url_is_a_usage_error_before_anything_runs(tmp_path: Path, option: str, value: str,
+                                                                 says: str) -> None:
+    result = CliRunner().invoke(app, ["bench", "backends", "--targets", "redis,s3", option, value,
+                                      "--out", str(tmp_path / "b")])
+    assert result.exit_code == 2, result.output
+    assert says in " ".join(result.output.split()) and "Traceback" not in result.output
+    assert not (tmp_path / "b").exists()

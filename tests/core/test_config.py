@@ -251,6 +251,26 @@ def test_negative_or_zero_size(tmp_path: Path, capacity: str) -> None:
     assert "positive size such as '8GiB'" in message
 
 
+@pytest.mark.parametrize("capacity", ["8GiB garbage", "64MB/s", "1GiB 2GiB"])
+def test_text_after_a_size_is_an_error_not_ignored(tmp_path: Path, capacity: str) -> None:
+    """pydantic's ByteSize reads the leading size of any text: '8GiB garbage' was 8 GiB."""
+    message = load_error(tmp_path, BASE.replace("capacity: 1GiB", f"capacity: {capacity}"))
+    assert f"tiers.hot.capacity = '{capacity}'" in message
+    assert "is not a size: give a number and one unit" in message
+
+
+def test_backend_size_options_take_sizes_as_the_engine_settings_do() -> None:
+    from pydantic import ValidationError
+
+    from kvortex_backends.redis import RedisOptions
+
+    assert RedisOptions(url="redis://h", part_bytes="4 MiB").part_bytes == 4 * 1024**2
+    assert RedisOptions(url="redis://h", part_bytes=None).part_bytes is None
+    for bad, says in (("4MiB junk", "is not a size"), (True, "is not a size"), ("1.5", "not a whole number")):
+        with pytest.raises(ValidationError, match=says):
+            RedisOptions(url="redis://h", part_bytes=bad)
+
+
 def test_negative_size_from_argument(tmp_path: Path) -> None:
     message = load_error(tmp_path, transfer={"staging_bytes": -4096})
     assert "transfer.staging_bytes = -4096 (from argument)" in message

@@ -231,3 +231,29 @@ def test_throttle_and_storm_detector() -> None:
     assert storms.record(60) is None
     assert storms.record(60) == 120  # crossed: report once
     assert storms.record(500) is None  # same storm, no second line
+
+
+def test_every_tier_and_engine_series_is_exported_at_zero_before_its_first_event(tmp_path: Path) -> None:
+    """An alert on ``kvortex_tier_errors_total`` (or a ``rate()`` over it) needs the series
+    before the first failure: they used to appear only at their first increment."""
+    import torch
+
+    from kvortex_core import KVortexEngine
+    from kvortex_core.data import kv_samples as ks
+
+    tiers = {"cpu": {"type": "cpu", "capacity": "4MiB"},
+             "disk": {"type": "disk", "capacity": "8MiB", "path": str(tmp_path / "d")}}
+    with KVortexEngine.create({"model_id": "m", "chunk_tokens": 64, "tiers": tiers,
+                               "metrics": {"enabled": True, "port": 0}}) as engine:
+        caches, hints, _ = ks.flash_attn(2, 32, 16, 2, 8, torch.bfloat16)
+        engine.register_kv_caches(caches, hints)
+        got = _scrape(engine._metrics.url)  # type: ignore[union-attr]
+    for name, tier in [("kvortex_tier_errors_total", "disk"), ("kvortex_tier_timeouts_total", "disk"),
+                       ("kvortex_checksum_failures_total", "disk"), ("kvortex_breaker_transitions_total", "disk"),
+                       ("kvortex_tier_writes_refused_total", "disk"), ("kvortex_demotions_total", "disk"),
+                       ("kvortex_tier_get_seconds_count", "disk"), ("kvortex_tier_put_seconds_count", "disk"),
+                       ("kvortex_evictions_total", "cpu"), ("kvortex_removals_total", "disk"),
+                       ("kvortex_bytes_loaded_total", "cpu"), ("kvortex_alloc_failures_total", "cpu"),
+                       ("kvortex_lookups_total", ""), ("kvortex_hit_tokens_total", ""),
+                       ("kvortex_engine_save_calls_total", ""), ("kvortex_engine_load_seconds_count", "")]:
+        assert got.get((name, tier)) == 0, (name, tier, got.get((name, tier)))

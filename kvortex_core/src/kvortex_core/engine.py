@@ -168,6 +168,8 @@ class KVortexEngine:
         self.rank = rank
         self.world_size = world_size
         self._stats: Stats = Stats()
+        self._stats.declare(counters=(SAVE_CALLS, LOAD_CALLS, SAVED_TOKENS, LOADED_TOKENS),
+                            histograms=(SAVE_TIME, LOAD_TIME))
         self._lock = threading.RLock()
         self._reg: _Registered | None = None
         self._closed = False

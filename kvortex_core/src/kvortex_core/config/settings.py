@@ -70,6 +70,8 @@ EvictionPolicy = Literal["lru", "prefix-lru", "s3fifo"]
 
 #: A number without a unit (``"4096"``, ``"1e9"``): a byte count.
 _UNITLESS = re.compile(r"[+-]?(\d[\d_]*(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
+#: A number and one unit (``"8GiB"``, ``"1.5 MB"``); ``ByteSize`` checks the unit's name.
+_WITH_UNIT = re.compile(r"(\d[\d_]*(\.\d*)?|\.\d+)\s*[A-Za-z]+")
 
 
 def check_size(value: Any, example: str = "8GiB") -> Any:
@@ -77,7 +79,9 @@ def check_size(value: Any, example: str = "8GiB") -> Any:
 
     ``ByteSize`` alone reads ``True`` as 1 byte and truncates ``"1.5"`` to 1 byte (while it
     rejects ``1.5``); here both spellings of a number behave the same, and a fractional byte
-    count or a negative size is an error that says so.
+    count or a negative size is an error that says so. ``ByteSize`` also reads the leading size
+    of any text (``"8GiB garbage"`` as 8 GiB, ``"64MB/s"`` as 64 MB): anything after the unit
+    is an error here.
     """
     if isinstance(value, bool):
         # ValueError, not TypeError: pydantic turns only ValueError into a validation error.
@@ -87,6 +91,8 @@ def check_size(value: Any, example: str = "8GiB") -> Any:
         if text.startswith("-"):
             raise ValueError(f"a size cannot be negative; use a positive size such as {example!r}")
         if not _UNITLESS.fullmatch(text):
+            if not _WITH_UNIT.fullmatch(text):
+                raise ValueError(f"{value!r} is not a size: give a number and one unit, such as {example!r}")
             return value  # has a unit: ByteSize parses it
         value = float(text) if any(c in text for c in ".eE") else int(text)
     if isinstance(value, float):

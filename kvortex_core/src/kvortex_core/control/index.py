@@ -22,7 +22,14 @@ from types import TracebackType
 from typing import Any, Self
 
 from kvortex_core.control.eviction import make_policy
-from kvortex_core.control.stats import INSERT_REJECTS, INSERTS, PIN_LEAKS, REMOVALS, Stats
+from kvortex_core.control.stats import (
+    INDEX_COUNTERS,
+    INSERT_REJECTS,
+    INSERTS,
+    PIN_LEAKS,
+    REMOVALS,
+    Stats,
+)
 from kvortex_core.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -123,6 +130,7 @@ class ChunkIndex:
             stats.register_gauge("used_bytes", lambda: self._used, name)
             stats.register_gauge("capacity_bytes", lambda: self._capacity, name)
             stats.register_gauge("entries", lambda: len(self._entries), name)
+            stats.declare(name, counters=INDEX_COUNTERS)
 
     # -- properties -----------------------------------------------------------------------
     @property

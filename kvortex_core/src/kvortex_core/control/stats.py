@@ -16,7 +16,7 @@ import bisect
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +41,11 @@ REMOVALS = "removals"
 EVICTED_BYTES = "evicted_bytes"
 PIN_LEAKS = "pin_leaks"
 ALLOC_FAILURES = "alloc_failures"
+#: Per-tier counters of every index, started at zero (:meth:`Stats.declare`).
+INDEX_COUNTERS = (INSERTS, INSERT_REJECTS, EVICTIONS, EVICTED_BYTES, REMOVALS, PIN_LEAKS,
+                  LOOKUP_CHUNKS, HIT_CHUNKS, MISS_CHUNKS)
+#: Request-level counters (tier ""), started at zero.
+REQUEST_COUNTERS = (LOOKUPS, LOOKUP_TOKENS, HIT_TOKENS, MISS_TOKENS, LOOKUP_CHUNKS, HIT_CHUNKS, MISS_CHUNKS)
 
 #: Fixed latency buckets (seconds, upper bounds), 1 us .. 10 s, roughly x2.5 apart.
 LATENCY_BUCKETS: tuple[float, ...] = (
@@ -134,6 +139,18 @@ class Stats:
         self._gauge_fns: dict[_Label, Callable[[], float]] = {}
 
     # -- recording ------------------------------------------------------------------------
+    def declare(self, tier: str | None = None, *, counters: Sequence[str] = (),
+                histograms: Sequence[str] = ()) -> None:
+        """Start these series at zero where they do not exist yet, so that a scrape shows them
+        before their first event (an alert on ``kvortex_tier_errors_total`` has a series to
+        watch from the start, and ``rate()`` sees the first increment)."""
+        label = tier or ""
+        with self._lock:
+            for name in counters:
+                self._counters.setdefault((name, label), 0)
+            for name in histograms:
+                self._hists.setdefault((name, label), _Histogram())
+
     def inc(self, name: str, value: float = 1, tier: str | None = None) -> None:
         """Add ``value`` to counter ``name`` for ``tier``."""
         label = (name, tier or "")

@@ -23,23 +23,42 @@ Contract (checked by ``kvortex_core.testing.BackendConformance``):
 from __future__ import annotations
 
 import abc
+import types
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ByteSize, ConfigDict, ValidationInfo, field_validator
 
 
 class BackendOptions(BaseModel):
-    """Base of each backend's own options model: unknown keys are errors."""
+    """Base of each backend's own options model: unknown keys are errors, and every ``ByteSize``
+    field takes sizes as the engine's own settings do (a bool, a fractional byte count, or
+    text after the unit, ``"64MB/s"``, is an error naming the value)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _sizes(cls, value: Any, info: ValidationInfo) -> Any:
+        field = cls.model_fields.get(info.field_name or "")
+        if value is None or field is None or not _is_size(field.annotation):
+            return value
+        from kvortex_core.config.settings import check_size
+
+        return check_size(value)
 
     def machine_notes(self) -> list[str]:
         """What these options need from the machine that is missing here (a certificate file,
         say): notes for ``kvortex config validate``, which may run on another machine than the
         one that serves. Not errors: the backend checks them for real when it opens."""
         return []
+
+
+def _is_size(annotation: Any) -> bool:
+    """``ByteSize`` or an optional ``ByteSize``."""
+    return annotation is ByteSize or (
+        get_origin(annotation) in (Union, types.UnionType) and ByteSize in get_args(annotation))
 
 
 @dataclass(frozen=True)

@@ -30,3 +30,10 @@ TIER_IN_SERVICE = "tier_in_service"  # a gauge: 1 = breaker closed
 BREAKER_STATE = "breaker_state"  # a gauge: 0 closed, 1 open, 2 half-open
 #: Histogram of one lower-tier operation's latency, per tier (``op``: get, put, delete, contains).
 TIER_OP_SECONDS = "tier_{op}"  # served as kvortex_tier_<op>_seconds
+
+#: Counters each lower tier starts at zero (``Stats.declare``: a scrape shows them before their
+#: first event), and its operation histograms.
+LOWER_TIER_COUNTERS = (BYTES_WRITTEN, BYTES_READ, CHECKSUM_FAILURES, WRITE_BEHIND_SKIPPED, PROMOTIONS,
+                       DEMOTIONS, DEMOTIONS_SKIPPED, BREAKER_TRANSITIONS, LOAD_MISSES, TIER_ERRORS,
+                       TIER_TIMEOUTS, TIER_WRITES_REFUSED, TIER_CALLS_SKIPPED)
+LOWER_TIER_HISTOGRAMS = tuple(TIER_OP_SECONDS.format(op=op) for op in ("get", "put", "delete", "contains"))

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from kvortex_core.config.backends import backend_options
 from kvortex_core.control.index import ChunkIndex
+from kvortex_core.control.stats import ALLOC_FAILURES, BYTES_LOADED, BYTES_SAVED, REQUEST_COUNTERS
 from kvortex_core.data import payload as pl
 from kvortex_core.data.pool import PinnedPool, per_rank_capacity
 from kvortex_core.errors import ConfigError, PluginError
@@ -41,6 +42,8 @@ from kvortex_core.tiering.counters import (  # re-exported: the counter names of
     DEMOTIONS,
     DEMOTIONS_SKIPPED,
     LOAD_MISSES,
+    LOWER_TIER_COUNTERS,
+    LOWER_TIER_HISTOGRAMS,
     PROMOTIONS,
     SAVE_SKIPPED,
     TIER_CALLS_SKIPPED,
@@ -114,6 +117,8 @@ class TierManager(SaveMixin, LoadMixin):
             on_evict=self._on_cpu_evict,
             stats=stats,
         )
+        stats.declare(counters=REQUEST_COUNTERS)
+        stats.declare(cpu_name, counters=(BYTES_SAVED, BYTES_LOADED, SAVE_SKIPPED, ALLOC_FAILURES))
         self.tiers: list[LowerTier] = []
         self.loop = LoopThread()
         self._lock = threading.RLock()
@@ -263,6 +268,7 @@ class TierManager(SaveMixin, LoadMixin):
         self.stats.register_gauge(TIER_IN_SERVICE, lambda: float(breaker.state == "closed"), name)
         # 0 closed, 1 open, 2 half-open: what `kvortex stats` shows as the breaker state.
         self.stats.register_gauge(BREAKER_STATE, lambda: _BREAKER_CODE[breaker.state], name)
+        self.stats.declare(name, counters=LOWER_TIER_COUNTERS, histograms=LOWER_TIER_HISTOGRAMS)
         self._open_tier(tier)
 
     def _open_tier(self, tier: LowerTier) -> None:

@@ -64,6 +64,7 @@ def backends_cmd(
     concs = parse_numbers(concurrency, "--concurrency")
     wanted = set(parse_choices(targets, "--targets", ("redis", "s3", "disk")))
     _check_packages(wanted, s3_endpoint)
+    _check_urls(wanted, redis_url, s3_endpoint)
     parts = parse_sizes(part_bytes)[0] if part_bytes.strip() not in ("", "0") else None
     t0 = time.perf_counter()
     points: list[Point] = []
@@ -94,6 +95,23 @@ def _check_packages(wanted: set[str], s3_endpoint: str | None) -> None:
     if missing:
         raise typer.BadParameter("; ".join(missing) + "; or leave the target out of --targets",
                                  param_hint="--targets")
+
+
+def _check_urls(wanted: set[str], redis_url: str | None, s3_endpoint: str | None) -> None:
+    """A usage error before any measurement for a URL the tier itself would refuse."""
+    if "redis" in wanted and redis_url:
+        from pydantic import ValidationError
+
+        from kvortex_backends.redis import RedisOptions
+
+        try:
+            RedisOptions(url=redis_url)
+        except ValidationError as exc:
+            reason = "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
+            raise typer.BadParameter(f"{_redacted(redis_url)!r}: {reason}", param_hint="--redis-url") from None
+    if "s3" in wanted and s3_endpoint and not s3_endpoint.startswith(("http://", "https://")):
+        raise typer.BadParameter(f"{s3_endpoint!r} is not an http(s) URL; pass e.g. http://127.0.0.1:5000",
+                                 param_hint="--s3-endpoint")
 
 
 def _redacted(url: str | None) -> str | None:
@@ -170,7 +188,7 @@ def _json_row(p: Point) -> dict[str, Any]:
     return {"target": p.target, "op": p.op, "size": p.size, "concurrency": p.concurrency,
             "ours_s": p.ours, "raw_s": p.raw, "raw_copy_s": p.raw_copy, "ours_gbps": p.gbps("ours"),
             "raw_gbps": p.gbps("raw"), "ratio": p.ratio, "ratio_vs_raw_copy": p.ratio_vs_copy,
-            "goal": _goal(p)}
+            "raw_shape": p.raw_shape, "goal": _goal(p)}
 
 
 def _plots(points: list[Point], out: Path) -> None:

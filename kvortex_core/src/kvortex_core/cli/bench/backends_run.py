@@ -4,8 +4,10 @@ For every payload size and concurrency ``c``, one repetition writes (then reads)
 of the same bytes under ``c`` keys at once:
 
 - redis: our backend's ``c`` concurrent ``put``/``get`` (pooled connections, reads copied into
-  caller buffers) vs raw redis-py (``redis.asyncio``) sending the same ``c`` SET/GET in one
-  pipeline on the same server;
+  caller buffers) vs raw redis-py (``redis.asyncio``) sending the same ``c`` SET/GET on the same
+  server in the faster of two shapes, each timed in every repetition: one pipeline, or ``c``
+  concurrent commands over a pool of as many connections as ours (``Point.raw_shape`` says
+  which won);
 - s3: our backend's ``c`` concurrent ``put``/``get`` vs raw boto3 ``put_object``/``get_object``
   from ``c`` threads against the same endpoint.
 
@@ -44,6 +46,9 @@ class Point:
     raw: list[float] = field(default_factory=list)
     #: gets only: the raw read plus the copy into the caller's buffer that a tier must make
     raw_copy: list[float] = field(default_factory=list)
+    #: with several raw shapes: the one with the lowest median (``raw`` holds, per repetition,
+    #: the fastest shape's time)
+    raw_shape: str = ""
 
     @property
     def inner(self) -> int:
@@ -131,12 +136,20 @@ def local_moto() -> Iterator[str]:
 
 
 async def _paired(point: Point, ours: Callable[[], Awaitable[Any]],
-                  raw: Callable[[], Awaitable[Any]], reps: int,
-                  raw_copy: Callable[[], Awaitable[Any]] | None = None) -> Point:
-    """Time ours and the baselines in a rotating order, so load drift hits all of them alike."""
-    runs = [(ours, point.ours), (raw, point.raw)]
-    if raw_copy is not None:
-        runs.append((raw_copy, point.raw_copy))
+                  raw: Callable[[], Awaitable[Any]] | dict[str, Callable[[], Awaitable[Any]]], reps: int,
+                  raw_copy: Callable[[], Awaitable[Any]] | dict[str, Callable[[], Awaitable[Any]]] | None = None,
+                  ) -> Point:
+    """Time ours and the baselines in a rotating order, so load drift hits all of them alike.
+
+    ``raw`` (and ``raw_copy``) may name several shapes of the raw client doing the same work;
+    each is timed in every repetition and the faster one per repetition is the baseline."""
+    raws = raw if isinstance(raw, dict) else {"": raw}
+    copies = raw_copy if isinstance(raw_copy, dict) else ({"": raw_copy} if raw_copy else {})
+    times: dict[tuple[str, str], list[float]] = {}
+    runs: list[tuple[Callable[[], Awaitable[Any]], list[float]]] = [(ours, point.ours)]
+    for kind, fns in (("raw", raws), ("copy", copies)):
+        for name, fn in fns.items():
+            runs.append((fn, times.setdefault((kind, name), [])))
     for fn, _ in runs:  # warm-up: connections open, keys exist, allocator primed
         await fn()
     for rep in range(reps):
@@ -146,6 +159,11 @@ async def _paired(point: Point, ours: Callable[[], Awaitable[Any]],
             for _ in range(point.inner):
                 await fn()
             sink.append(time.perf_counter() - t0)
+    point.raw = [min(ts) for ts in zip(*(times["raw", n] for n in raws), strict=True)]
+    if copies:
+        point.raw_copy = [min(ts) for ts in zip(*(times["copy", n] for n in copies), strict=True)]
+    if len(raws) > 1:
+        point.raw_shape = min(raws, key=lambda n: sorted(times["raw", n])[len(times["raw", n]) // 2])
     return point
 
 
@@ -172,7 +190,7 @@ async def _redis_points(url: str, sizes: list[int], concs: list[int], reps: int,
     ours = RedisBackend(RedisOptions(url=url, key_prefix=prefix, part_bytes=part_bytes,
                                      max_connections=max(concs) + 2, socket_timeout=60),
                         capacity=1 << 40, context=BackendContext(tier="bench"))
-    raw = aredis.Redis.from_url(url, socket_timeout=60)
+    raw = aredis.Redis.from_url(url, socket_timeout=60, max_connections=max(concs) + 2)  # as ours
     await ours.open()
     points: list[Point] = []
     try:
@@ -188,32 +206,43 @@ async def _redis_points(url: str, sizes: list[int], concs: list[int], reps: int,
 
 async def _redis_point(ours: Any, raw: Any, label: str, prefix: str, payload: bytes, conc: int,
                        reps: int) -> list[Point]:
-    """put then get of ``conc`` payloads: our backend vs one raw redis-py pipeline."""
+    """put then get of ``conc`` payloads: our backend vs raw redis-py (pipelined or concurrent)."""
     size = len(payload)
     keys = _keys(size, conc, "r")
     outs = [memoryview(bytearray(size)) for _ in keys]
     names = [prefix + "raw" + k for k in keys]
 
-    async def raw_put() -> None:
+    async def pipelined_put() -> None:
         pipe = raw.pipeline(transaction=False)
         for n in names:
             pipe.set(n, payload)
         await pipe.execute()
 
-    async def raw_get() -> list[Any]:
+    async def pipelined_get() -> list[Any]:
         pipe = raw.pipeline(transaction=False)
         for n in names:
             pipe.get(n)
         return await pipe.execute()
 
-    async def raw_get_copy() -> None:
-        _copy_into(outs, await raw_get())
+    async def concurrent_put() -> None:
+        await asyncio.gather(*(raw.set(n, payload) for n in names))
+
+    async def concurrent_get() -> list[Any]:
+        return list(await asyncio.gather(*(raw.get(n) for n in names)))
+
+    async def pipelined_get_copy() -> None:
+        _copy_into(outs, await pipelined_get())
+
+    async def concurrent_get_copy() -> None:
+        _copy_into(outs, await concurrent_get())
 
     put = await _paired(Point(label, "put", size, conc),
-                        lambda: asyncio.gather(*(ours.put(k, payload) for k in keys)), raw_put, reps)
+                        lambda: asyncio.gather(*(ours.put(k, payload) for k in keys)),
+                        {"pipeline": pipelined_put, "concurrent": concurrent_put}, reps)
     get = await _paired(Point(label, "get", size, conc),
                         lambda: asyncio.gather(*(ours.get(k, o) for k, o in zip(keys, outs))),
-                        raw_get, reps, raw_get_copy)
+                        {"pipeline": pipelined_get, "concurrent": concurrent_get}, reps,
+                        {"pipeline": pipelined_get_copy, "concurrent": concurrent_get_copy})
     if bytes(outs[-1]) != payload:
         raise RuntimeError("redis bench read back different bytes")
     await ours.delete(keys)

@@ -229,25 +229,26 @@ def _layerwise(shape: tp.Shape, caches: list[torch.Tensor], layout: Any, tokens:
 
 
 def _sweep(shape: tp.Shape, caches: list[torch.Tensor], layout: Any, tokens: int, reps: int) -> list[dict[str, Any]]:
-    """Staging size and stream count against the ratio (tuning data, not a headline)."""
+    """Staging size and stream count against the ratio (tuning data, not a headline). Every
+    ratio is the median over repetitions of ours and the raw copy run back to back."""
     device = caches[0].device
     nbytes = layout.chunk_bytes(tokens)
-    raw = tp.raw_copy(nbytes, device, reps)
-    rows: list[dict[str, Any]] = [_raw_pieces(nbytes, device, reps, raw, 16 << 20)]
+    rows: list[dict[str, Any]] = [_raw_pieces(nbytes, device, reps, 16 << 20)]
     for staging, streams in ((32 << 20, 1), (32 << 20, 2), (64 << 20, 2), (128 << 20, 2)):
         te = tp.transfer_engine_case(shape, tokens, caches, layout, CHUNK_TOKENS, staging, streams, reps)
         rows.append({"staging": staging, "streams": streams,
-                     "save_ratio": tp.ratio(te["save"], raw["d2h"]),
-                     "load_ratio": tp.ratio(te["load"], raw["h2d"]), **te["diag"]})
+                     "save_ratio": tp.summary_row("save", te["save"], te["raw_save"])["ratio"],
+                     "load_ratio": tp.summary_row("load", te["load"], te["raw_load"])["ratio"], **te["diag"]})
     return rows
 
 
-def _raw_pieces(nbytes: int, device: torch.device, reps: int, raw: dict[str, Measurement],
-                piece: int) -> dict[str, Any]:
-    """The raw copy cut in ``piece``-byte DMAs on one stream: the cost of splitting alone."""
+def _raw_pieces(nbytes: int, device: torch.device, reps: int, piece: int) -> dict[str, Any]:
+    """The raw copy cut in ``piece``-byte DMAs on one stream, paired with the whole copy: the
+    cost of splitting alone."""
     gpu = torch.empty(nbytes, dtype=torch.uint8, device=device)
     host = tp.pinned(nbytes, device)
     pairs = list(zip(gpu.split(piece), host.split(piece), strict=True))
+    raw = tp.RawCopier(nbytes, device)
 
     def d2h() -> None:
         for g, h in pairs:
@@ -257,6 +258,9 @@ def _raw_pieces(nbytes: int, device: torch.device, reps: int, raw: dict[str, Mea
         for g, h in pairs:
             g.copy_(h, non_blocking=True)
 
-    return {"raw_pieces": piece,
-            "save_ratio": tp.ratio(Measurement("d2h pieces", tp.timed(d2h, device, reps), nbytes), raw["d2h"]),
-            "load_ratio": tp.ratio(Measurement("h2d pieces", tp.timed(h2d, device, reps), nbytes), raw["h2d"])}
+    ratios = {}
+    for name, ours, whole in (("save", d2h, raw.d2h), ("load", h2d, raw.h2d)):
+        ours_s, raw_s = tp.paired(ours, whole, device, reps)
+        ratios[name] = tp.summary_row(name, Measurement(f"{name} pieces", ours_s, nbytes),
+                                      Measurement(f"raw {name} (paired)", raw_s, nbytes))["ratio"]
+    return {"raw_pieces": piece, "save_ratio": ratios["save"], "load_ratio": ratios["load"]}
