@@ -50,7 +50,7 @@ def out_dir_checked(path: Path) -> Path:
     return path
 
 
-OutOption = Annotated[Path, typer.Option("--out", help="directory for JSON results and PNG plots",
+OutOption = Annotated[Path, typer.Option("--out", help="directory for the JSON results (and PNG plots, where the bench draws them)",
                                          callback=out_dir_checked)]
 RepsOption = Annotated[int, typer.Option("--reps", min=1, help="timed repetitions per point")]
 SizesOption = Annotated[
