@@ -796,3 +796,30 @@ def test_a_delete_whose_caller_timed_out_still_unlinks_its_files(tmp_path: Path)
             await backend.close()
 
     asyncio.run(scenario())
+
+
+def test_other_namespaces_under_the_path_are_named_at_open(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Files of another model, dtype or salt under the same path are neither counted nor removed
+    by this tier (another engine may use them): the open says so, once, naming them."""
+    from kvortex_backends.disk import DiskOptions
+
+    def backend(ns: str) -> DiskBackend:
+        return DiskBackend(DiskOptions(path=str(tmp_path)), capacity=1 << 20,
+                           context=BackendContext(tier="disk", namespace=ns))
+
+    async def scenario() -> None:
+        old = backend("a" * 32)
+        await old.open()
+        await old.put("ab" * 16, b"x" * 100)
+        await old.close()
+        caplog.clear()
+        new = backend("b" * 32)
+        await new.open()
+        assert (await new.usage()).used == 0  # the other namespace's file is not ours
+        await new.close()
+
+    with caplog.at_level("WARNING", logger="kvortex_backends.disk"):
+        asyncio.run(scenario())
+    said = [r.getMessage() for r in caplog.records if "other namespace" in r.getMessage()]
+    assert len(said) == 1 and "1 other namespace directory" in said[0] and "a" * 32 in said[0]
+    assert (tmp_path / ("a" * 32)).is_dir()  # never removed

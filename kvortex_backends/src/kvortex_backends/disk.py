@@ -128,6 +128,7 @@ class DiskBackend(StorageBackend):
         if context.instance:  # one of several data-parallel engines: a directory of its own
             base = base / re.sub(r"[^0-9A-Za-z_\-]", "_", context.instance)[:64]
         self.root = str(base / f"r{context.rank}")
+        self._ns_dir = ns
         self._ns_hash = _namespace_hash(context.namespace)
         self._index: dict[str, int] = {}
         self._used = 0
@@ -163,6 +164,23 @@ class DiskBackend(StorageBackend):
         self._used = sum(self._index.values())
         if any(self.scan_removed.values()):
             log.warning("disk tier %s: removed at start %s", self.root, self.scan_removed)
+        others = await self._run(self._other_namespaces)
+        if others and not self.context.observer and self.context.rank == 0:
+            log.warning(
+                "disk tier %s: %d other namespace director%s under %s (%s): cache files of other "
+                "models, dtypes, salts or KVortex versions; they do not count against this tier's "
+                "capacity and are never removed by it: delete those no engine uses", self.root,
+                len(others), "y" if len(others) == 1 else "ies", self.options.path,
+                ", ".join(others[:5]) + (", ..." if len(others) > 5 else ""))
+
+    def _other_namespaces(self) -> list[str]:
+        """Namespace directories under ``path`` other than this engine's (a listing, no walk)."""
+        try:
+            names = os.listdir(Path(self.options.path).expanduser())
+        except OSError:
+            return []
+        return sorted(n for n in names if n != self._ns_dir and not n.startswith(".")
+                      and os.path.isdir(Path(self.options.path).expanduser() / n))
 
     async def close(self) -> None:
         if self._pool is not None:
