@@ -129,8 +129,11 @@ def allocate_kv(kv_cache_config: KVCacheConfig, heads: int, num_blocks: int,
         pass
     from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend
 
-    if len(FlashAttentionBackend.get_kv_cache_shape(num_blocks, BLOCK, heads, D)) == 4:
+    probe = tuple(FlashAttentionBackend.get_kv_cache_shape(7, BLOCK, heads, D))
+    if len(probe) == 4:
         return _allocate_v02x(kv_cache_config, FlashAttentionBackend)
+    if probe[:2] == (7, 2):  # vLLM 0.23-0.25: block first, (B, 2, N, H, D), one cross-layer tensor
+        return _allocate_v02x(kv_cache_config, FlashAttentionBackend, block_first=True)
     caches, write, read = flash_attn_v015(L, num_blocks, BLOCK, heads, D, dtype)
     shape = tuple(FlashAttentionBackend.get_kv_cache_shape(num_blocks, BLOCK, heads, D))
     assert all(tuple(t.shape) == shape for t in caches.values()), (shape, "vLLM's FlashAttention shape")
@@ -144,27 +147,29 @@ class CrossLayerCaches(dict[str, torch.Tensor]):
     cross_layer: tuple[torch.Tensor, Any]
 
 
-def _allocate_v02x(kcc: KVCacheConfig, backend: Any) -> tuple[dict[str, torch.Tensor], Writer, Reader, str]:
-    """vLLM 0.2x (K and V packed per layer, ``[B, H, N, 2D]``, no unified allocator yet): with a
-    connector that prefers cross-layer blocks (ours), the model runner allocates one tensor for
-    every layer through ``allocate_uniform_kv_caches`` and registers it whole; done here by that
-    very function."""
+def _allocate_v02x(kcc: KVCacheConfig, backend: Any, *,
+                   block_first: bool = False) -> tuple[dict[str, torch.Tensor], Writer, Reader, str]:
+    """vLLM 0.2x before the unified allocator (0.26-0.29: K and V packed per layer, ``[B, H, N,
+    2D]``; 0.23-0.25, ``block_first``: FlashAttention's ``(B, 2, N, H, D)``): with a connector
+    that prefers cross-layer blocks (ours), the model runner allocates one tensor for every layer
+    through ``allocate_uniform_kv_caches`` and registers it whole; done here by that very
+    function."""
     from types import SimpleNamespace
 
     from vllm.config import get_current_vllm_config_or_none
     from vllm.v1.worker.kv_connector_model_runner_mixin import KVConnectorModelRunnerMixin
-    from vllm_kv_alloc import unified_writer_for
+    from vllm_kv_alloc import block_first_writer_for, unified_writer_for
 
     if get_current_vllm_config_or_none() is None:  # the allocator reads the current config
         with set_current_vllm_config(VllmConfig()):
-            return _allocate_v02x(kcc, backend)
+            return _allocate_v02x(kcc, backend, block_first=block_first)
     spec = kcc.kv_cache_groups[0].kv_cache_spec
     group = SimpleNamespace(kv_cache_spec=spec, backend=backend)
     views, tensor, backend = KVConnectorModelRunnerMixin.allocate_uniform_kv_caches(
         kcc, [[group]], "auto" if spec.dtype != torch.uint8 else "fp8", torch.device("cpu"), [spec.block_size])
     caches = CrossLayerCaches(views)
     caches.cross_layer = (tensor, backend)
-    write, read = unified_writer_for(caches, D)
+    write, read = block_first_writer_for(caches) if block_first else unified_writer_for(caches, D)
     return caches, write, read, f"vllm 0.2x allocate_uniform_kv_caches {tuple(tensor.shape)}"
 
 

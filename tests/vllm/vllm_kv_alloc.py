@@ -99,6 +99,20 @@ def _unified_reader(layers: list[torch.Tensor], D: int) -> Reader:
     return read
 
 
+def block_first_writer_for(caches: dict[str, torch.Tensor]) -> tuple[Writer, Reader]:
+    """Writer/reader over vLLM 0.23-0.25 FlashAttention views, logical ``(B, 2, N, H, D)``."""
+    layers = list(caches.values())
+
+    def write(layer: int, block: int, off: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        layers[layer][block, 0, off] = k
+        layers[layer][block, 1, off] = v
+
+    def read(layer: int, block: int, off: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return layers[layer][block, 0, off], layers[layer][block, 1, off]
+
+    return write, read
+
+
 def unified_writer_for(caches: dict[str, torch.Tensor], D: int) -> tuple[Writer, Reader]:
     """Writer/reader over ``[B, H, N, C]`` views made by vLLM's own allocator."""
     layers = list(caches.values())

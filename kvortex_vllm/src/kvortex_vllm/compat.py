@@ -2,12 +2,15 @@
 module level; ``_platform_fp8`` asks vLLM's platform lazily, inside the vLLM process).
 
 Supported: vLLM 0.15.x through 0.33.x. Differences handled:
-- ``KVConnectorBase_V1.__init__``: ``kv_cache_config`` is optional in 0.15, required later.
-- ``handle_preemptions``: a set of request ids (0.15) or the step's connector metadata (0.33).
-- Cross-layer KV registration (``register_cross_layers_kv_cache``) exists up to 0.2x: one
-  ``(2, B, L, N, H, D)``-like tensor in 0.15, one with K and V packed per layer (``[B, L, N, H,
-  2D]``, permuted) in 0.2x; 0.30+ carve every layer from one buffer (the "unified" ``[B, H, N,
-  C]`` views) and call ``register_kv_caches``.
+- ``KVConnectorBase_V1.__init__``: ``kv_cache_config`` is optional in 0.15, required later
+  (by 0.23).
+- ``handle_preemptions``: a set of request ids (0.15-0.18) or the step's connector metadata
+  (0.19+).
+- Cross-layer KV registration (``register_cross_layers_kv_cache``) exists up to 0.29: one
+  tensor per generation of FlashAttention's shape: ``(2, B, L, N, H, D)``-like in 0.15-0.22
+  (per layer ``(2, B, N, H, D)``), block first in 0.23-0.25 (per layer ``(B, 2, N, H, D)``),
+  K and V packed per layer in 0.26-0.29 (``[B, L, N, H, 2D]``, permuted); 0.30+ carve every
+  layer from one buffer (the "unified" ``[B, H, N, C]`` views) and call ``register_kv_caches``.
 - ``CachedRequestData``: ``resumed_req_ids`` (set) or the older ``resumed_from_preemption``
   (list of bools).
 - A request aborted while its asynchronous load runs: 0.2x+ keep its blocks until the load is
