@@ -30,3 +30,17 @@ def test_a_landing_does_not_revive_a_charge_replaced_or_forgotten_meanwhile() ->
     ledger.forget(["k"])  # deleted
     ledger.landed(second)
     assert ledger.used == 0 and "k" not in ledger
+
+
+def test_a_failed_rewrite_leaves_the_earlier_write_forgettable() -> None:
+    """A write timed out and still running, a second write of the key fails: the ledger keeps
+    the first one's charge, no longer pending (a pending entry is never forgotten by a miss,
+    so its charge would stay for good once the value was gone)."""
+    ledger = WriteLedger("s3", capacity=1000)
+    first = ledger.reserve("k", 100)
+    second = ledger.reserve("k", 100)
+    ledger.landed(first)  # the late first write lands: replaced meanwhile, nothing to mark
+    ledger.rollback(second)
+    assert ledger.used == 100
+    ledger.forget_missing(["k"], ledger.stamp())  # later found gone
+    assert ledger.used == 0

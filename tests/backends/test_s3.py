@@ -237,3 +237,29 @@ def test_a_put_in_flight_stays_charged_when_a_listing_misses_it(moto_s3, s3_buck
         assert await b.contains(["early", "late"]) == [True, True]  # own write patches the listing
 
     run(make_backend(moto_s3.endpoint_url, s3_bucket, list_cache_ttl=60), scenario)
+
+
+def test_a_write_that_lands_while_a_listing_is_fetched_is_in_that_listing(moto_s3, s3_bucket,
+                                                                          monkeypatch) -> None:
+    """A listing sent before our put landed may not show it; dated at arrival, it would answer
+    "absent" for our own key for a whole list_cache_ttl."""
+    from kvortex_backends import _s3_io
+
+    real_list, listed, release = _s3_io.list_names, threading.Event(), threading.Event()
+
+    def held_listing(*args: Any, **kwargs: Any) -> Any:
+        names = real_list(*args, **kwargs)  # taken before the put below
+        listed.set()
+        release.wait(10)
+        return names
+
+    async def scenario(b: S3Backend) -> None:
+        monkeypatch.setattr(_s3_io, "list_names", held_listing)
+        asked = asyncio.ensure_future(b.contains(["new", "other"]))
+        await asyncio.get_running_loop().run_in_executor(None, listed.wait, 10)
+        await b.put("new", b"n" * 10)  # lands while the listing is on its way back
+        release.set()
+        assert (await asked)[1] is False  # (asked before the put landed: either answer for "new")
+        assert await b.contains(["new", "other"]) == [True, False]  # the cached listing has it
+
+    run(make_backend(moto_s3.endpoint_url, s3_bucket, list_cache_ttl=60), scenario)

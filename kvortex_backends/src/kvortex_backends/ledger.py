@@ -90,7 +90,10 @@ class WriteLedger:
         if reservation.previous is None:
             del self._entries[reservation.key]
         else:
-            self._entries[reservation.key] = reservation.previous
+            # Not pending any more whatever it was: a write still running when this one started
+            # has ended or will land unseen (its landed() found this reservation in its place),
+            # and a pending entry is never forgotten by a miss.
+            self._entries[reservation.key] = replace(reservation.previous, pending=False)
             self._used += reservation.previous.size
 
     def landed(self, reservation: Reservation) -> None:

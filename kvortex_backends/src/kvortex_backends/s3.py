@@ -120,6 +120,7 @@ class S3Backend(StorageBackend):
         self._pool: ThreadPoolExecutor | None = None
         self._listing: _Listing | None = None
         self._listing_lock = asyncio.Lock()
+        self._landed_while_listing: set[str] | None = None  # keys put while a listing is fetched
         self._where = f"s3://{self.opts.bucket}/{self.opts.prefix}"
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -180,6 +181,8 @@ class S3Backend(StorageBackend):
         self._ledger.landed(reservation)
         if self._listing is not None and self._listing.names is not None:
             self._listing.names.add(key)
+        if self._landed_while_listing is not None:  # the listing in flight may not show it
+            self._landed_while_listing.add(key)
 
     async def get(self, key: str, out: memoryview) -> int | None:
         view = out if out.format == "B" and out.ndim == 1 else out.cast("B")
@@ -251,9 +254,15 @@ class S3Backend(StorageBackend):
             # list_cache_ttl was stale for every caller queued behind it, each listed again in
             # turn, past backend_op_s, and the timeouts took a healthy tier out of service.
             if listing is None or time.monotonic() - listing.taken > self.opts.list_cache_ttl:
-                stamp = self._ledger.stamp()
-                names = await self._call("contains", "", lambda: s3io.list_names(
-                    self._client, self.opts.bucket, self.opts.prefix, self.opts.list_max_objects))
+                stamp, landed = self._ledger.stamp(), set[str]()
+                self._landed_while_listing = landed
+                try:
+                    names = await self._call("contains", "", lambda: s3io.list_names(
+                        self._client, self.opts.bucket, self.opts.prefix, self.opts.list_max_objects))
+                finally:
+                    self._landed_while_listing = None
+                if names is not None:
+                    names |= landed  # our writes that landed while it was fetched
                 listing = self._listing = _Listing(names, time.monotonic(), stamp)
         return listing
 
@@ -269,6 +278,8 @@ class S3Backend(StorageBackend):
         self._ledger.forget(keys)
         if self._listing is not None and self._listing.names is not None:
             self._listing.names.difference_update(keys)
+        if self._landed_while_listing is not None:
+            self._landed_while_listing.difference_update(keys)
         return len(present)
 
     async def usage(self) -> Usage:

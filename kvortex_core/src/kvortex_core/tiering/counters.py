@@ -28,6 +28,8 @@ TIER_WRITES_REFUSED = "tier_writes_refused"
 TIER_CALLS_SKIPPED = "tier_calls_skipped"
 TIER_IN_SERVICE = "tier_in_service"  # a gauge: 1 = breaker closed
 BREAKER_STATE = "breaker_state"  # a gauge: 0 closed, 1 open, 2 half-open
+#: A gauge: writes that timed out and still run (each holds a cpu slot until it ends).
+TIER_LATE_WRITES = "tier_late_writes"
 #: Histogram of one lower-tier operation's latency, per tier (``op``: get, put, delete, contains).
 TIER_OP_SECONDS = "tier_{op}"  # served as kvortex_tier_<op>_seconds
 

@@ -49,6 +49,7 @@ from kvortex_core.tiering.counters import (  # re-exported: the counter names of
     TIER_CALLS_SKIPPED,
     TIER_ERRORS,
     TIER_IN_SERVICE,
+    TIER_LATE_WRITES,
     TIER_TIMEOUTS,
     WRITE_BEHIND_SKIPPED,
 )
@@ -268,6 +269,8 @@ class TierManager(SaveMixin, LoadMixin):
         self.stats.register_gauge(TIER_IN_SERVICE, lambda: float(breaker.state == "closed"), name)
         # 0 closed, 1 open, 2 half-open: what `kvortex stats` shows as the breaker state.
         self.stats.register_gauge(BREAKER_STATE, lambda: _BREAKER_CODE[breaker.state], name)
+        # Timed-out writes still running (each holds a cpu slot; the tier takes no writes past 4).
+        self.stats.register_gauge(TIER_LATE_WRITES, lambda: float(tier.late_writes), name)
         self.stats.declare(name, counters=LOWER_TIER_COUNTERS, histograms=LOWER_TIER_HISTOGRAMS)
         self._open_tier(tier)
 
@@ -480,6 +483,7 @@ class TierManager(SaveMixin, LoadMixin):
             tier.index.close()
             self.stats.unregister_gauge(TIER_IN_SERVICE, tier.name)
             self.stats.unregister_gauge(BREAKER_STATE, tier.name)
+            self.stats.unregister_gauge(TIER_LATE_WRITES, tier.name)
         self.loop.stop(left())
         # Backends are closed and the loop is stopped: no late read can land in these now.
         self.pool.free_many(self._quarantined)
@@ -517,6 +521,7 @@ __all__ = [
     "TIER_CALLS_SKIPPED",
     "TIER_ERRORS",
     "TIER_IN_SERVICE",
+    "TIER_LATE_WRITES",
     "TIER_TIMEOUTS",
     "WRITE_BEHIND_SKIPPED",
     "TierManager",

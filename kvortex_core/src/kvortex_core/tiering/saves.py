@@ -176,7 +176,7 @@ class SaveMixin(TierState):
         return self.pool.buffer(slot)[:total]
 
     def _write_behind(self, tier: LowerTier, key: bytes, slot: int, total: int) -> None:
-        if not tier.available:
+        if not tier.takes_writes:
             self.stats.inc(WRITE_BEHIND_SKIPPED, 1, tier.name)
             return
         pin = self.cpu_index.pin([key], f"write-behind {tier.name}")
@@ -215,6 +215,7 @@ class SaveMixin(TierState):
             return await self._put_value(tier, key, value, release)
         except TierUnavailable:  # only a put left to finish: its end runs ``release``
             late = True
+            tier.late_writes += 1
             return False
         finally:
             if release is not None and not late:
@@ -232,7 +233,6 @@ class SaveMixin(TierState):
         tier.putting.add(key)
         try:
             await self._process_doomed(tier)
-            await self._room(tier)
             # a put that times out is left to finish (a backend's write may already be running
             # on a thread, or be sent): once it ended, its value is deleted unless the key was
             # indexed again meanwhile, else it holds the store's capacity with bytes no index counts
@@ -259,6 +259,7 @@ class SaveMixin(TierState):
                         release: Callable[[], None] | None = None) -> None:
         """A put that timed out has ended (``LowerTier.call``'s ``on_late``, on the loop): its
         value's buffer is free again (``release``), and its value deleted unless put again."""
+        tier.late_writes -= 1
         if release is not None:
             release()
         if key in tier.index or key in tier.putting:
@@ -359,7 +360,7 @@ class SaveMixin(TierState):
                     self.pool.free(slot)
 
     def _demotion_target(self, start: int) -> LowerTier | None:
-        return next((t for t in self.tiers[start:] if t.available), None)
+        return next((t for t in self.tiers[start:] if t.takes_writes), None)
 
     async def _demote_value(self, start: int, key: bytes, value: memoryview | bytes | bytearray,
                             release: _Readers | None = None) -> None:
@@ -367,7 +368,7 @@ class SaveMixin(TierState):
         that refuses it (full, its eviction racing other writes) or fails passes it on, where
         the chunk used to be dropped. ``release``: the buffer's readers (each put is one)."""
         for tier in self.tiers[start:]:
-            if not tier.available:
+            if not tier.takes_writes:
                 continue
             if await self._put(tier, key, value, release=release.add() if release else None):
                 self.stats.inc(DEMOTIONS, 1, tier.name)
@@ -394,39 +395,28 @@ class SaveMixin(TierState):
     async def _process_doomed(self, tier: LowerTier) -> None:
         """Delete the values evicted from ``tier``'s index, those the tier below lacks once
         copied there. Values that need no copy go first, in one delete, and each copied one is
-        deleted as soon as it is below: a store counts a value until it is deleted, and puts
-        into this tier wait for these deletes (:meth:`_room`). Deleting all at the end made the
-        store refuse most writes while a slow tier below (Redis, S3) took the copies (54-79 %
-        of a disk tier's writes under churn: a red-team finding)."""
+        deleted as soon as it is below: a store counts a value until it is deleted. Deleting
+        all at the end made the store refuse most writes while a slow tier below (Redis, S3)
+        took the copies (54-79 % of a disk tier's writes under churn: a red-team finding); a
+        write the store still refuses passes to the tier below (:meth:`_demote_value`).
+        (Making writes wait for the evictions running instead cost a third of the hit rate
+        under churn: each waited for a whole eviction's copies.)"""
         victims, tier.doomed = tier.doomed, []
         if not victims:
             if tier.undeleted and tier.breaker.available:
                 await self._delete(tier, [])
             return
-        running = asyncio.get_running_loop().create_future()
-        tier.evictions.add(running)
-        try:
-            position = self.tiers.index(tier)
-            below = self._demotion_target(position + 1)
-            copy = {e.key: e for e in victims
-                    if below is not None and not self._stored_below_from(e.key, position + 1)}
-            if tier.remote is not None:  # our own delete: the shared tier's cached answer is wrong
-                tier.remote.record([e.key for e in victims], [False] * len(victims))
-            await self._delete(tier, [e.key for e in victims if e.key not in copy])
-            for entry in copy.values():
-                if below is not None:
-                    await self._demote_between(tier, below, entry)
-                await self._delete(tier, [entry.key])
-        finally:
-            tier.evictions.discard(running)
-            running.set_result(None)
-
-    async def _room(self, tier: LowerTier) -> None:
-        """Wait (at most ``backend_op_s``) for the evictions running in ``tier`` now to delete
-        their values: the store still counts them, and a put before that finds it full. Later
-        evictions are not waited for (under churn there is always one)."""
-        if tier.evictions:
-            await asyncio.wait(list(tier.evictions), timeout=tier.op_timeout_s)
+        position = self.tiers.index(tier)
+        below = self._demotion_target(position + 1)
+        copy = {e.key: e for e in victims
+                if below is not None and not self._stored_below_from(e.key, position + 1)}
+        if tier.remote is not None:  # our own delete: the shared tier's cached answer is wrong
+            tier.remote.record([e.key for e in victims], [False] * len(victims))
+        await self._delete(tier, [e.key for e in victims if e.key not in copy])
+        for entry in copy.values():
+            if below is not None:
+                await self._demote_between(tier, below, entry)
+            await self._delete(tier, [entry.key])
 
     async def _delete(self, tier: LowerTier, keys: list[bytes]) -> None:
         """Delete evicted ``keys`` and those whose delete failed before (unless indexed again).

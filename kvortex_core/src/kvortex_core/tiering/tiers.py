@@ -35,6 +35,10 @@ T = TypeVar("T")
 
 
 
+#: Timed-out writes still running that a tier may have before it takes no more writes.
+MAX_LATE_WRITES = 4
+
+
 class TierUnavailable(Exception):
     """The call was not made or failed; the caller treats it as a miss / a skipped write."""
 
@@ -63,9 +67,9 @@ class LowerTier:
     undeleted: list[bytes] = field(default_factory=list)
     #: Keys indexed here whose put has not landed yet (a read of one finds nothing, for now).
     putting: set[bytes] = field(default_factory=set)
-    #: Evictions in progress here (values out of the index, copied below, not deleted yet),
-    #: each done when its deletes ended; a put waits for those running when it starts.
-    evictions: set[asyncio.Future[None]] = field(default_factory=set)
+    #: Writes here that timed out and still run (their I/O thread cannot be stopped): each
+    #: holds its cpu slot until it ends, so past ``MAX_LATE_WRITES`` the tier takes no more.
+    late_writes: int = 0
     open_timeout_s: float = 60.0
     opened: bool = False
     #: The open in progress (one at a time: a probe while the first open still runs waits for it).
@@ -149,6 +153,13 @@ class LowerTier:
     def available(self) -> bool:
         """A call would be let through now (in service, or out of it long enough for a probe)."""
         return self.breaker.available
+
+    @property
+    def takes_writes(self) -> bool:
+        """A write would be let through (:attr:`available`) and the tier's timed-out writes still
+        running are few: a tier whose writes hang would otherwise pin one more cpu slot with
+        every write (and every probe), until none was left for saves or loads."""
+        return self.late_writes < MAX_LATE_WRITES and self.breaker.available
 
     @property
     def in_service(self) -> bool:
