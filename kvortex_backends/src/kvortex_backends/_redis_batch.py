@@ -42,10 +42,13 @@ class GetBatcher:
 
     async def _run(self, batch: list[tuple[str, asyncio.Future[Any]]]) -> None:
         try:
-            pipe = self._client().pipeline(transaction=False)
-            for name, _ in batch:
-                pipe.get(name)
-            values = await pipe.execute(raise_on_error=False)
+            if len(batch) == 1:  # alone in its loop turn: a plain GET, no pipeline to build
+                values = [await self._client().get(batch[0][0])]
+            else:
+                pipe = self._client().pipeline(transaction=False)
+                for name, _ in batch:
+                    pipe.get(name)
+                values = await pipe.execute(raise_on_error=False)
         except BaseException as exc:  # handed to every waiter (a cancel is re-raised)
             for _, future in batch:
                 if not future.done():  # a waiter may have been cancelled by its timeout
