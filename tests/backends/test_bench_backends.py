@@ -48,3 +48,16 @@ def test_a_bad_server_url_is_a_usage_error_before_anything_runs(tmp_path: Path, 
     assert result.exit_code == 2, result.output
     assert says in " ".join(result.output.split()) and "Traceback" not in result.output
     assert not (tmp_path / "b").exists()
+
+
+def test_an_s3_endpoint_without_credentials_is_a_usage_error_before_redis_runs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance-metadata lookup
+    result = CliRunner().invoke(app, ["bench", "backends", "--targets", "redis,s3", "--s3-endpoint",
+                                      "http://127.0.0.1:9", "--out", str(tmp_path / "b")])
+    assert result.exit_code == 2, result.output
+    assert "no AWS credentials" in " ".join(result.output.split())

@@ -112,6 +112,13 @@ def _check_urls(wanted: set[str], redis_url: str | None, s3_endpoint: str | None
     if "s3" in wanted and s3_endpoint and not s3_endpoint.startswith(("http://", "https://")):
         raise typer.BadParameter(f"{s3_endpoint!r} is not an http(s) URL; pass e.g. http://127.0.0.1:5000",
                                  param_hint="--s3-endpoint")
+    if "s3" in wanted and s3_endpoint and not missing_packages("boto3"):
+        import boto3
+
+        if boto3.Session().get_credentials() is None:  # found out only after redis had run
+            raise typer.BadParameter(
+                "no AWS credentials for the endpoint; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                "(any values for moto) or AWS_PROFILE", param_hint="--s3-endpoint")
 
 
 def _redacted(url: str | None) -> str | None:
