@@ -151,8 +151,8 @@ class WorkerTiers:
         """Queue the sealed slot (its rank key is ``key``) to the write-behind tiers."""
         gen = self._gen[slot]
         for tier in self.targets:
-            if not tier.available:
-                continue
+            if not tier.takes_writes:  # out of service, or 4 timed-out writes still running
+                continue  # (each holds a copy of its chunk until its I/O thread ends)
 
             async def job(tier: Any = tier) -> None:
                 value = self._snapshot(slot, gen, key)
