@@ -1260,6 +1260,7 @@ def test_a_tier_whose_writes_hang_holds_a_bounded_number_of_cpu_slots(make: Any)
     assert mgr.pool.free_slots >= 16 - late  # the others serve
     assert len(stored) == 120  # every save found a slot
     assert mgr.stats.snapshot().gauges["tier_late_writes"]["slow"] == late
+    assert _counter(mgr, "demotions_skipped", "slow") > 0  # the chunks no tier took are counted
     assert _save(mgr, [500, 501, 502, 503]) == [500, 501, 502, 503]
     assert [i for i, _ in _load(mgr, [500, 501, 502, 503])] == [500, 501, 502, 503]
     LateWriter.hold.set()  # the writes end: their slots come back

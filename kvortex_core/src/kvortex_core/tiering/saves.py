@@ -313,8 +313,11 @@ class SaveMixin(TierState):
                 if slot in self._rescued:  # its first demotion still runs: that one frees the slot
                     self._rescued.discard(slot)
                     continue
-            target = None if self._stored_below(entry.key) else self._demotion_target(0)
+            stored_below = self._stored_below(entry.key)
+            target = None if stored_below else self._demotion_target(0)
             if target is None or self._closed:
+                if not stored_below and self.tiers and not self._closed:  # no tier takes writes
+                    self.stats.inc(DEMOTIONS_SKIPPED, 1, self.tiers[0].name)
                 self.pool.free(slot)
                 continue
             with self._demoting_lock:
@@ -373,6 +376,9 @@ class SaveMixin(TierState):
             if await self._put(tier, key, value, release=release.add() if release else None):
                 self.stats.inc(DEMOTIONS, 1, tier.name)
                 return
+        # No tier took it (all full, failing or out of service): the chunk is gone, counted
+        # against the tier it was meant for.
+        self.stats.inc(DEMOTIONS_SKIPPED, 1, self.tiers[start].name)
 
     def _demote_slot_job(self, tier: LowerTier, key: bytes, slot: int) -> Any:
         async def job() -> None:
