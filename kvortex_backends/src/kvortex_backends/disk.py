@@ -175,12 +175,12 @@ class DiskBackend(StorageBackend):
 
     def _other_namespaces(self) -> list[str]:
         """Namespace directories under ``path`` other than this engine's (a listing, no walk)."""
+        top = Path(self.options.path).expanduser()
         try:
-            names = os.listdir(Path(self.options.path).expanduser())
+            names = os.listdir(top)
         except OSError:
             return []
-        return sorted(n for n in names if n != self._ns_dir and not n.startswith(".")
-                      and os.path.isdir(Path(self.options.path).expanduser() / n))
+        return sorted(n for n in names if n != self._ns_dir and not n.startswith(".") and (top / n).is_dir())
 
     async def close(self) -> None:
         if self._pool is not None:

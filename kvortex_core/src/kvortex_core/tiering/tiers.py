@@ -159,7 +159,7 @@ class LowerTier:
         """A write would be let through (:attr:`available`) and the tier's timed-out writes still
         running are few: a tier whose writes hang would otherwise pin one more cpu slot with
         every write (and every probe), until none was left for saves or loads."""
-        return self.late_writes < MAX_LATE_WRITES and self.breaker.available
+        return self.late_writes < MAX_LATE_WRITES and self.available
 
     @property
     def in_service(self) -> bool:

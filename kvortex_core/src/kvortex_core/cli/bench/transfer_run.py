@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from kvortex_core.cli.bench import transfer_parts as tp
-from kvortex_core.cli.bench.common import Measurement
+from kvortex_core.cli.bench.common import Measurement, ratio_spread
 from kvortex_core.data.layouts import detect_layout
 from kvortex_core.data.transfer import TransferEngine
 
@@ -237,8 +237,9 @@ def _sweep(shape: tp.Shape, caches: list[torch.Tensor], layout: Any, tokens: int
     for staging, streams in ((32 << 20, 1), (32 << 20, 2), (64 << 20, 2), (128 << 20, 2)):
         te = tp.transfer_engine_case(shape, tokens, caches, layout, CHUNK_TOKENS, staging, streams, reps)
         rows.append({"staging": staging, "streams": streams,
-                     "save_ratio": tp.summary_row("save", te["save"], te["raw_save"])["ratio"],
-                     "load_ratio": tp.summary_row("load", te["load"], te["raw_load"])["ratio"], **te["diag"]})
+                     "save_ratio": ratio_spread(te["save"].seconds, te["raw_save"].seconds)["median"],
+                     "load_ratio": ratio_spread(te["load"].seconds, te["raw_load"].seconds)["median"],
+                     **te["diag"]})
     return rows
 
 
@@ -258,9 +259,6 @@ def _raw_pieces(nbytes: int, device: torch.device, reps: int, piece: int) -> dic
         for g, h in pairs:
             g.copy_(h, non_blocking=True)
 
-    ratios = {}
-    for name, ours, whole in (("save", d2h, raw.d2h), ("load", h2d, raw.h2d)):
-        ours_s, raw_s = tp.paired(ours, whole, device, reps)
-        ratios[name] = tp.summary_row(name, Measurement(f"{name} pieces", ours_s, nbytes),
-                                      Measurement(f"raw {name} (paired)", raw_s, nbytes))["ratio"]
-    return {"raw_pieces": piece, "save_ratio": ratios["save"], "load_ratio": ratios["load"]}
+    save = ratio_spread(*tp.paired(d2h, raw.d2h, device, reps))["median"]
+    load = ratio_spread(*tp.paired(h2d, raw.h2d, device, reps))["median"]
+    return {"raw_pieces": piece, "save_ratio": save, "load_ratio": load}
