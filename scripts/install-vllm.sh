@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install vLLM VERSION for the CPU connector tests.
 #
-#   scripts/install-vllm.sh 0.33.0                  # into `python`'s environment (or $PYTHON's)
+#   scripts/install-vllm.sh 0.33.0                  # into $PYTHON's environment (default: the
+#                                                   # checkout's .venv, else python3's)
 #   scripts/install-vllm.sh 0.15.1 .venv-vllm015    # into a new venv layered over that environment
 #
 # With a venv directory, the new venv sees everything of the base environment (torch, the
@@ -18,8 +19,15 @@ set -euo pipefail
 
 VERSION="${1:?usage: scripts/install-vllm.sh VERSION [VENV_DIR] (e.g. 0.33.0 .venv-vllm)}"
 VENV="${2:-}"
-PY="${PYTHON:-python}"
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# $PYTHON, else the checkout's .venv (what scripts/setup made), else python3 on PATH
+if [ -n "${PYTHON:-}" ]; then
+  PY="$PYTHON"
+elif [ -x "$HERE/.venv/bin/python" ]; then
+  PY="$HERE/.venv/bin/python"
+else
+  PY="$(command -v python3 || command -v python || echo python3)"
+fi
 
 if [ -n "$VENV" ]; then
   BASE_SITE="$("$PY" -c 'import site; print(site.getsitepackages()[0])')"
@@ -50,7 +58,7 @@ pip_install() {
 PIP=(pip_install)
 
 "$PY" -c "import torch" 2>/dev/null || {
-  echo "install-vllm: torch is not installed in $PY; install the CPU build first (pip install torch)" >&2
+  echo "install-vllm: torch is not installed in $PY; run scripts/setup first (it installs the CPU build, torch==2.13.0 or \$KVORTEX_TORCH_SPEC; a plain 'pip install torch' is a CUDA build of several GB)" >&2
   exit 1
 }
 

@@ -39,6 +39,20 @@ def test_bench_transfer_runs_every_layout_on_cpu(tmp_path: Path) -> None:
     assert all(r["ratio"] > 0 for r in data["rows"])
 
 
+def test_extra_tokens_sets_the_size_of_the_extra_cases(tmp_path: Path) -> None:
+    """--extra-tokens: the layer-wise case (like bidir, matmul, sweep) runs at that size, not the
+    largest; a size that is no multiple of 256 or exceeds --tokens is a usage error."""
+    result = CliRunner().invoke(app, ["bench", "transfer", "--tokens", "256,1024", "--reps", "1",
+                                      "--parts", "layerwise", "--extra-tokens", "512", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "transfer.json").read_text())
+    assert data["extra_tokens"] == 512 and data["layerwise"]["tokens"] == 512
+    for bad in ("300", "2048"):
+        result = CliRunner().invoke(app, ["bench", "transfer", "--tokens", "256,1024", "--extra-tokens", bad,
+                                          "--out", str(tmp_path)])
+        assert result.exit_code == 2 and "--extra-tokens" in result.output, result.output
+
+
 def test_engine_case_refuses_a_cpu_tier_too_small_to_hold_the_sequence() -> None:
     shape = tp.Shape("tiny", 2, 2, 64, 16)
     caches = tp.make_caches(shape, 512, torch.device("cpu"), unified=True)

@@ -863,6 +863,59 @@ def test_calls_and_tier_operations_fill_latency_histograms(tmp_path: Any) -> Non
     assert loaded["tier_get"]["disk"]["count"] == 2  # one read per chunk
 
 
+def test_a_call_that_raises_is_counted_timed_and_counted_as_an_error() -> None:
+    """A save or load that raised added to engine_*_calls but not to the histogram (the two
+    drifted apart) and nothing counted the failures (a red-team finding)."""
+    engine, _, _ = _engine()
+    with engine:
+        tokens = list(range(2 * CHUNK))
+        with pytest.raises(KVortexError):
+            engine.save(tokens, [0, 1, 2, 3, 4, 5, 6, 10_000_000])  # a block id out of range
+        assert engine.save(tokens, list(range(2 * CHUNK // N))) == 2 * CHUNK
+        with pytest.raises(KVortexError):
+            engine.load(tokens, [20, 21, 22, 23, 24, 25, 26, 10_000_000])
+        stats = engine.stats()
+    c, h = stats["counters"], stats["histograms"]
+    assert c["engine_save_calls"][""] == 2 and c["engine_save_errors"][""] == 1
+    assert c["engine_load_calls"][""] == 1 and c["engine_load_errors"][""] == 1
+    assert h["engine_save"][""]["count"] == 2 and h["engine_load"][""]["count"] == 1
+
+
+def test_every_metric_the_engine_serves_is_documented(tmp_path: Any) -> None:
+    """Each family an engine with cpu + disk tiers serves at ``metrics_url`` is named in
+    docs/observability.md (``kvortex_tier_open_seconds`` was served and not documented: a
+    red-team finding), and the url is where it serves (port 0 picks one)."""
+    import re
+    import urllib.request
+    from pathlib import Path
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "observability.md").read_text()
+    documented = set(re.findall(r"`(kvortex_[a-z0-9_]+)`", doc))
+    caches, hints, _ = ks.flash_attn(L, B, N, H, D, torch.bfloat16)
+    tokens = list(range(900, 900 + 2 * CHUNK))
+    with KVortexEngine.create(_config(tiers=_cpu_and_disk(tmp_path),
+                                      metrics={"enabled": True, "port": 0})) as engine:
+        engine.register_kv_caches(caches, hints)
+        engine.save(tokens, list(range(8)))
+        assert engine.load(tokens, list(range(20, 28))) == 2 * CHUNK
+        url = engine.metrics_url
+        assert url is not None and url.startswith("http://127.0.0.1:") and ":0/" not in url
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            text = resp.read().decode()
+    assert engine.metrics_url is None  # closed with the engine
+    served = set()
+    for fam in text_string_to_metric_families(text):
+        for sample in fam.samples:
+            name = re.sub(r"_(bucket|count|sum|created)$", "", sample.name)
+            if fam.type == "counter" and not name.endswith("_total"):
+                name += "_total"
+            served.add(name)
+    assert len(served) > 50
+    assert served <= documented, sorted(served - documented)
+
+
 def test_lookup_counts_chunks_per_tier(tmp_path: Any) -> None:
     """kvortex_{lookup,hit,miss}_chunks_total carry a tier label per tier index (documented,
     and only the request-level "" totals were recorded)."""

@@ -94,6 +94,34 @@ def test_start_metrics_follows_config() -> None:
         exp.close()
 
 
+
+@pytest.mark.parametrize("host, event_name", [("127.0.0.1", "metrics_port_busy"),
+                                              ("no-such-host.invalid", "metrics_server_failed"),
+                                              ("192.0.2.1", "metrics_server_failed")])
+def test_a_metrics_server_that_cannot_start_names_its_cause(
+        host: str, event_name: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Every failure to start the server was logged as a busy port, also a host name that does
+    not resolve or an address not on this machine (a red-team finding): a typo in
+    metrics.host read as a second rank. The engine carries on without a server either way."""
+    import logging
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        cfg = KVortexConfig(metrics={"enabled": True, "host": host, "port": port})
+        with caplog.at_level(logging.WARNING, logger="kvortex_core"):
+            exp = start_metrics(Stats(), cfg)
+    try:
+        lines = [r.getMessage() for r in caplog.records if "event=metrics_" in r.getMessage()]
+        assert len(lines) == 1 and lines[0].startswith(f"event={event_name} "), lines
+        assert exp is not None and exp.url is None
+    finally:
+        if exp is not None:
+            exp.close()
+
+
 _WORKER = textwrap.dedent("""
     import sys
     from kvortex_core.control.stats import Stats

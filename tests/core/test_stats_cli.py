@@ -106,6 +106,17 @@ def test_no_url_and_no_port_names_the_fix(monkeypatch: pytest.MonkeyPatch) -> No
     assert "KVORTEX_METRICS__PORT" in result.output
 
 
+def test_port_0_says_each_engine_picks_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With metrics.port 0 it read http://127.0.0.1:0/metrics and asked whether KVortex runs
+    (a red-team finding): the port is each engine's pick, so only --url can say it."""
+    monkeypatch.delenv("KVORTEX_CONFIG_FILE", raising=False)
+    monkeypatch.setenv("KVORTEX_METRICS__PORT", "0")
+    result = CliRunner().invoke(_app(), ["stats", "--once"])
+    assert result.exit_code == 2
+    assert "metrics.port is 0" in result.output and "metrics_url" in result.output
+    assert ":0/metrics" not in result.output
+
+
 @pytest.mark.filterwarnings("ignore:CUDA is not available")
 def test_stats_of_a_real_engine_with_two_tiers(tmp_path: Path) -> None:
     """The engine's own Stats, served over HTTP, shown per tier after real saves and loads."""

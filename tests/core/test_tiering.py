@@ -511,6 +511,44 @@ def test_circuit_breaker_opens_skips_and_closes(make: Any) -> None:
     assert _counter(mgr, tm.BREAKER_TRANSITIONS, "flaky") == 3  # open, half_open, closed
 
 
+def test_an_outage_is_one_tier_down_line_not_one_per_failed_probe(
+        make: Any, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each failed probe (half-open -> open) logged another WARNING tier_down, for as long as
+    the outage lasted (10 in 10 s at reset_after_s=1: an alert counted one outage as ten; a
+    red-team finding), and tier_up repeated the old error. Now: one tier_down, a throttled
+    tier_still_down with the failed probes since, and a tier_up without the stale error."""
+    import logging
+
+    from kvortex_core.tiering import tiers as tiers_mod
+
+    monkeypatch.setattr(tiers_mod, "_still_down", tiers_mod.Throttle(0.5))
+    mgr = _flaky(make, reset_after_s=0.05)
+    FlakyBackend.broken = "error"
+    with caplog.at_level(logging.DEBUG, logger="kvortex_core.tiering"):
+        deadline = time.monotonic() + 1.2  # ~20 failed probes
+        i = 0
+        while time.monotonic() < deadline:
+            _save(mgr, [i % 4])
+            mgr.drain(10)
+            i += 1
+            time.sleep(0.06)
+        FlakyBackend.broken = ""
+        time.sleep(0.1)
+        _save(mgr, [100])
+        mgr.drain(10)
+    assert mgr.tier_states() == {"flaky": "closed"}
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING
+                and "event=tier_" in r.getMessage()]
+    down = [m for m in warnings if m.startswith("event=tier_down ")]
+    still = [m for m in warnings if m.startswith("event=tier_still_down ")]
+    assert len(down) == 1, warnings
+    assert 1 <= len(still) <= 3, warnings  # one per 0.5 s window at most
+    assert _counter(mgr, tm.BREAKER_TRANSITIONS, "flaky") > 2 * (len(down) + len(still))
+    assert any("failed_probes=" in m and "failed_probes=1 " not in m for m in still), still
+    up = [r.getMessage() for r in caplog.records if r.getMessage().startswith("event=tier_up ")]
+    assert len(up) == 1 and "error" not in up[0], up
+
+
 def test_close_with_a_backend_blocking_the_loop_takes_about_two_close_s(make: Any) -> None:
     """Backend closes and the loop's stop share one close_s: not one each (it took 4x)."""
     FlakyBackend.broken, FlakyBackend.calls = "", 0
@@ -1268,6 +1306,60 @@ def test_a_tier_whose_writes_hang_holds_a_bounded_number_of_cpu_slots(make: Any)
     while mgr.tiers[0].late_writes and time.monotonic() < deadline:
         time.sleep(0.02)
     assert mgr.tiers[0].late_writes == 0
+
+
+def test_a_burst_of_writes_into_a_hung_tier_leaves_at_most_max_late_writes(make: Any) -> None:
+    """Write-behind jobs queued in a burst, before any timed out, each checked whether the tier
+    took writes only when queued: all ran, timed out and held their slots (16 saves left 16 late
+    writes and 17 pinned slots: a red-team finding). Checked again when each job runs."""
+    from kvortex_core.tiering.tiers import MAX_LATE_WRITES
+
+    LateWriter.hold.clear()  # every write hangs
+    LateWriter.stall = {_key(i).hex() for i in range(200)}
+    tiers = {"cpu": {"type": "cpu", "capacity": 32 * SLOT},
+             "slow": {"type": "latewrite", "capacity": 1024 * SLOT, "write_through": True}}
+    mgr = make(tiers, timeouts={"backend_op_s": 0.2},
+               circuit_breaker={"failure_threshold": 1000, "reset_after_s": 0.01})
+    for i in range(16):  # no drain between: the queue holds them all before the first times out
+        assert _save(mgr, [i]) == [i]
+    deadline = time.monotonic() + 20
+    while mgr.tiers[0].queue.pending and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not mgr.tiers[0].queue.pending
+    late = mgr.tiers[0].late_writes
+    # writes that started before the 4th timed out may time out too: one per other worker
+    assert MAX_LATE_WRITES <= late <= MAX_LATE_WRITES + mgr.WRITE_BEHIND_WORKERS - 1, late
+    assert _counter(mgr, "write_behind_skipped", "slow") >= 16 - late
+    assert len(mgr.cpu_index.open_pins()) <= late  # only the late writes still hold their slot
+    LateWriter.hold.set()
+    deadline = time.monotonic() + 10
+    while mgr.tiers[0].late_writes and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert mgr.tiers[0].late_writes == 0
+
+
+def test_a_write_through_tier_slower_than_the_saves_does_not_fill_the_cpu_tier_with_pins(
+        make: Any) -> None:
+    """Queued write-behind jobs pinned their chunk until written: a tier slower than the saves
+    (0.3 s a write, 4 at a time) held every cpu chunk unevictable, and new saves were skipped
+    (150 of 300 chunks with Redis 300 ms away: a red-team finding). A chunk is pinned only
+    while its write runs; one evicted before is demoted instead."""
+    tiers = {"cpu": {"type": "cpu", "capacity": 16 * SLOT},
+             "slow": {"type": "slowput", "capacity": 1024 * SLOT, "write_through": True}}
+    mgr = make(tiers, timeouts={"backend_op_s": 5.0})
+    for first in range(0, 64, 2):  # 64 chunks through 16 slots, far faster than the tier writes
+        ids = [first, first + 1]
+        assert _save(mgr, ids) == ids, f"skipped at {first}"
+        assert len(mgr.cpu_index.open_pins()) <= mgr.WRITE_BEHIND_WORKERS
+    assert _counter(mgr, "save_skipped_pool_full", "cpu") == 0
+    assert mgr.drain(60)
+    # the newest chunks are cached (the watermarks keep 8 to 12 of 16 slots filled, as without
+    # a lower tier); older ones are below unless they
+    # were evicted while the tier was still busy with earlier writes: dropped, and counted
+    assert [i for i, _ in _load(mgr, list(range(56, 64)))] == list(range(56, 64))
+    found = sum(bool(_load(mgr, [i])) for i in range(64))
+    dropped = _counter(mgr, "demotions_skipped", "slow")
+    assert 0 < dropped and found + dropped >= 64, (found, dropped)
 
 
 def test_a_timed_out_read_keeps_its_slot_until_its_thread_ended(make: Any) -> None:

@@ -311,6 +311,22 @@ def test_extra_config_wins_over_env(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert cfg.chunk_tokens == 32 and cfg.salt == "tenant-a"
 
 
+def test_piecewise_graphs_follow_layerwise_from_every_config_source(monkeypatch: pytest.MonkeyPatch) -> None:
+    """vLLM asks the connector class whether it needs piecewise CUDA graphs; only the extra
+    config was read, so layerwise=false from the environment still asked for them (a red-team
+    finding). The extra config still wins over the environment."""
+    from kvortex_vllm.connector import KVortexConnector
+
+    ask = KVortexConnector.requires_piecewise_for_cudagraph
+    monkeypatch.delenv("KVORTEX_TRANSFER__LAYERWISE", raising=False)
+    assert ask({}) is True
+    assert ask({"transfer": {"layerwise": False}}) is False
+    monkeypatch.setenv("KVORTEX_TRANSFER__LAYERWISE", "false")
+    assert ask({}) is False
+    assert ask({"transfer": {"layerwise": True}}) is True
+    assert ask({"chunk_tokens": -1}) is True  # a bad config: the safe answer
+
+
 def test_bad_chunk_tokens_is_a_clear_error(tmp_path: Path) -> None:
     from kvortex_core.errors import ConfigError
 

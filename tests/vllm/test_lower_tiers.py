@@ -1018,3 +1018,28 @@ def test_data_parallel_engines_on_one_node_each_own_their_disk_directories(tmp_p
     assert hist[-1].computed_before["B"] == 2 * CHUNK
     assert_kv(again, "B", a, 2 * CHUNK)
     again.close()
+
+
+def test_worker_shutdown_with_a_hung_tier_waits_close_s_once(tmp_path: Path, monkeypatch: Any) -> None:
+    """Write-behind to a tier whose writes hang: the worker's shutdown drained for close_s, then
+    the tier manager's close drained again for close_s (2 x the documented bound; a red-team
+    finding, 8.0 s for close_s = 4). Now the drain runs once."""
+    from kvortex_backends.disk import DiskBackend
+
+    async def hung_put(self: Any, key: str, data: Any) -> None:
+        await asyncio.sleep(60)
+
+    monkeypatch.setattr(DiskBackend, "put", hung_put)
+    close_s = 2.0
+    extra = tiers(tmp_path)
+    extra["timeouts"] = {"backend_op_s": 30.0, "close_s": close_s}
+    h = build(tmp_path, extra)
+    h.add("A", prompt(3, 80))
+    h.run()
+    worker = h.workers[0].connector
+    tiers_ = worker.worker_side.tiers
+    assert tiers_ is not None and tiers_.mgr.tiers[0].queue.pending > 0  # writes still hanging
+    t0 = time.monotonic()
+    worker.shutdown()
+    took = time.monotonic() - t0
+    assert close_s <= took < 1.6 * close_s, took

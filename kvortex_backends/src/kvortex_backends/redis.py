@@ -113,7 +113,10 @@ class RedisOptions(BackendOptions):
             urls += [u for u in nodes if isinstance(u, str)]
         cleaned = {}
         for url in urls:
-            bare, user, password = _split_credentials(url)
+            try:
+                bare, user, password = _split_credentials(url)
+            except ValueError:  # a bad scheme: reported by the field's own check, under its name
+                continue
             cleaned[url] = bare
             given = data.get("password")
             if password is not None and given is not None:
@@ -128,7 +131,7 @@ class RedisOptions(BackendOptions):
             if user and data.get("username") is None:
                 data["username"] = user
         if isinstance(data.get("url"), str):
-            data["url"] = cleaned[data["url"]]
+            data["url"] = cleaned.get(data["url"], data["url"])
         if isinstance(nodes, list):
             data["cluster"] = [cleaned.get(u, u) for u in nodes]
         return data
@@ -147,6 +150,15 @@ class RedisOptions(BackendOptions):
     def _nodes_not_empty(cls, v: bool | list[str]) -> bool | list[str]:
         if isinstance(v, list) and not v:
             raise ValueError("cluster node list is empty; give node URLs or `cluster: true`")
+        if isinstance(v, list):
+            for url in v:
+                _split_credentials(url)  # the scheme, named under tiers.<name>.cluster
+        return v
+
+    @field_validator("url")
+    @classmethod
+    def _redis_scheme(cls, v: str) -> str:
+        _split_credentials(v)  # a bad scheme is named under tiers.<name>.url, not the tier
         return v
 
     @property

@@ -52,6 +52,8 @@ _COMMIT_GROUP_BYTES = 64 * 1024**2
 #: Engine-level counters in ``stats()``.
 SAVED_TOKENS, LOADED_TOKENS, SAVE_CALLS, LOAD_CALLS = "engine_saved_tokens", "engine_loaded_tokens", \
     "engine_save_calls", "engine_load_calls"
+#: Calls that raised (bad input, a transfer that failed); also in the calls and the histograms.
+SAVE_ERRORS, LOAD_ERRORS = "engine_save_errors", "engine_load_errors"
 #: Latency histograms of whole save / load calls (served as ``kvortex_engine_save_seconds``...).
 SAVE_TIME, LOAD_TIME = "engine_save", "engine_load"
 
@@ -168,7 +170,7 @@ class KVortexEngine:
         self.rank = rank
         self.world_size = world_size
         self._stats: Stats = Stats()
-        self._stats.declare(counters=(SAVE_CALLS, LOAD_CALLS, SAVED_TOKENS, LOADED_TOKENS),
+        self._stats.declare(counters=(SAVE_CALLS, LOAD_CALLS, SAVED_TOKENS, LOADED_TOKENS, SAVE_ERRORS, LOAD_ERRORS),
                             histograms=(SAVE_TIME, LOAD_TIME))
         self._lock = threading.RLock()
         self._reg: _Registered | None = None
@@ -324,8 +326,25 @@ class KVortexEngine:
         return self._save(token_ids, block_ids)
 
     def _save(self, token_ids: Any, block_ids: Sequence[int]) -> int:
-        """:meth:`save` once accepted (``save_async`` runs this: close() lets it finish)."""
+        """:meth:`save` once accepted (``save_async`` runs this: close() lets it finish).
+
+        Every call is counted and timed, one that raises too (and counted in its errors): a
+        failed call was counted but not timed, so the two drifted apart (a red-team finding)."""
+        return self._counted(self._save_chunks, token_ids, block_ids, calls=SAVE_CALLS,
+                             errors=SAVE_ERRORS, seconds=SAVE_TIME)
+
+    def _counted(self, fn: Any, *args: Any, calls: str, errors: str, seconds: str, **kw: Any) -> int:
         start = time.perf_counter()
+        self._stats.inc(calls)
+        try:
+            return fn(*args, **kw)
+        except BaseException:
+            self._stats.inc(errors)
+            raise
+        finally:
+            self._stats.observe(seconds, time.perf_counter() - start)
+
+    def _save_chunks(self, token_ids: Any, block_ids: Sequence[int]) -> int:
         reg = self._registered()
         tokens = _Tokens(token_ids)
         blocks = _Blocks(block_ids, tokens.n, reg.layout)
@@ -378,7 +397,6 @@ class KVortexEngine:
         finally:
             if hold is not None:
                 hold.release()
-        self._stats.inc(SAVE_CALLS)
         if error is not None:
             raise error
         # chunks skipped because another thread is saving them: visible when this returns too
@@ -386,7 +404,6 @@ class KVortexEngine:
         if missed:
             saved -= self._lease_tokens(missed, tokens.n)
         self._stats.inc(SAVED_TOKENS, saved)
-        self._stats.observe(SAVE_TIME, time.perf_counter() - start)
         return saved
 
     def _lease_tokens(self, leases: list[Any], n_tokens: int) -> int:
@@ -479,10 +496,8 @@ class KVortexEngine:
 
     def _load(self, token_ids: Any, block_ids: Sequence[int], *, skip_tokens: int = 0) -> int:
         """:meth:`load` once accepted (``load_async`` runs this: close() lets it finish)."""
-        start = time.perf_counter()
-        loaded = self._start_load(token_ids, block_ids, skip_tokens, layerwise=False).wait()
-        self._stats.observe(LOAD_TIME, time.perf_counter() - start)
-        return loaded
+        return self._counted(lambda: self._start_load(token_ids, block_ids, skip_tokens, layerwise=False).wait(),
+                             calls=LOAD_CALLS, errors=LOAD_ERRORS, seconds=LOAD_TIME)
 
     def load_layerwise(self, token_ids: Any, block_ids: Sequence[int], *, skip_tokens: int = 0) -> LayerwiseLoad:
         """Start loading the stored prefix for all layers; await each with ``wait_layer(i)``.
@@ -490,7 +505,12 @@ class KVortexEngine:
         ``.tokens`` says at once how many tokens (after ``skip_tokens``) will be written.
         """
         self._check_accepting()
-        return self._start_load(token_ids, block_ids, skip_tokens, layerwise=True)
+        self._stats.inc(LOAD_CALLS)  # (not timed: it returns before the copies end)
+        try:
+            return self._start_load(token_ids, block_ids, skip_tokens, layerwise=True)
+        except BaseException:
+            self._stats.inc(LOAD_ERRORS)
+            raise
 
     def _start_load(self, token_ids: Any, block_ids: Sequence[int], skip_tokens: int, *,
                     layerwise: bool) -> LayerwiseLoad:
@@ -505,7 +525,6 @@ class KVortexEngine:
         # Every token held already: nothing to write (a partial last chunk would rewrite its
         # block, the rows past the sequence's end included).
         first = chain.n if skip_tokens >= tokens.n else min(skip_tokens // ct, chain.n)
-        self._stats.inc(LOAD_CALLS)
         parts = [(0, chain.n - first)] if layerwise else self._parts(chain.n - first, reg)
         handles: list[Any] = []
         pinned: list[Any] = []
@@ -576,6 +595,14 @@ class KVortexEngine:
     def stats_recorder(self) -> Stats:
         """The live :class:`~kvortex_core.control.stats.Stats` (for Prometheus export)."""
         return self._stats
+
+    @property
+    def metrics_url(self) -> str | None:
+        """Where this engine serves its Prometheus metrics (``metrics.enabled``), else None.
+
+        With ``metrics.port: 0`` the port is picked at start: this says which. None also when
+        the server could not start (the port busy, say; the log says why)."""
+        return self._metrics.url if self._metrics is not None else None
 
     def close(self) -> None:
         """Finish pending async calls, drain write-behind, free the pinned pool. Idempotent."""

@@ -17,6 +17,7 @@ Three ways, picked by :func:`start_metrics` from the config and the environment:
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 from typing import TYPE_CHECKING, Any, Self
@@ -105,10 +106,16 @@ class MetricsExporter:
             )
         except OSError as exc:
             # Several ranks share one configured port: the first serves all (multiprocess mode
-            # aggregates every process); the others carry on without a server.
-            log.warning(
-                "event=metrics_port_busy host=%s port=%s error=%r", self.host, self.port, str(exc)
-            )
+            # aggregates every process); the others carry on without a server. Any other cause
+            # (a host name that does not resolve, an address not on this machine) is a
+            # configuration error, named as such: the engine still runs, without metrics.
+            if exc.errno == errno.EADDRINUSE:
+                log.warning("event=metrics_port_busy host=%s port=%s error=%r",
+                            self.host, self.port, str(exc))
+            else:
+                log.warning("event=metrics_server_failed host=%s port=%s error=%r hint=%r",
+                            self.host, self.port, str(exc),
+                            "metrics.host must be an address of this machine (0.0.0.0 for all)")
             return
         log.info("event=metrics_serving url=%s", self.url)
 

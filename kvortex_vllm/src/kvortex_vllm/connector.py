@@ -159,9 +159,17 @@ class KVortexConnector(KVConnectorBase_V1):
 
     @classmethod
     def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
-        """Layer-wise loads run Python between layers, which a full CUDA graph would skip."""
-        transfer = (extra_config or {}).get("transfer") or {}
-        return bool(transfer.get("layerwise", True))
+        """Layer-wise loads run Python between layers, which a full CUDA graph would skip.
+
+        Read from the whole configuration (``kv_connector_extra_config`` over env over YAML),
+        as the connector reads it: ``KVORTEX_TRANSFER__LAYERWISE=false`` still asked for
+        piecewise graphs when only the extra config was read (a red-team finding). A config
+        that does not load asks for them (the safe choice); the connector reports its error.
+        """
+        try:
+            return bool(KVortexConfig(**dict(extra_config or {})).transfer.layerwise)
+        except Exception:  # noqa: BLE001 - the connector's own start reports a bad config
+            return True
 
     @property
     def prefer_cross_layer_blocks(self) -> bool:

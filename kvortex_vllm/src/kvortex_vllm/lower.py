@@ -34,6 +34,7 @@ from kvortex_core.data import payload as pl
 from kvortex_core.data.pool import PinnedPool, per_rank_capacity
 from kvortex_core.errors import BadValueError, PayloadError
 from kvortex_core.plugins.manager import PluginManager
+from kvortex_core.tiering.counters import WRITE_BEHIND_SKIPPED
 from kvortex_core.tiering.manager import TierManager
 from kvortex_core.tiering.tiers import TierUnavailable
 
@@ -152,15 +153,23 @@ class WorkerTiers:
         gen = self._gen[slot]
         for tier in self.targets:
             if not tier.takes_writes:  # out of service, or 4 timed-out writes still running
-                continue  # (each holds a copy of its chunk until its I/O thread ends)
+                self._skipped(tier)  # (each holds a copy of its chunk until its I/O thread ends)
+                continue
 
             async def job(tier: Any = tier) -> None:
+                if not tier.takes_writes:  # again when it runs: writes queued before it may
+                    self._skipped(tier)  # have timed out meanwhile (a burst into a hung tier)
+                    return
                 value = self._snapshot(slot, gen, key)
                 if value is not None:
                     await self.mgr.write_value(tier, key, value)
 
             if not tier.queue.offer(job):
                 log.debug("rank %d: write-behind queue of %s is full; chunk skipped", self.rank, tier.name)
+                self._skipped(tier)
+
+    def _skipped(self, tier: Any) -> None:
+        self.mgr.stats.inc(WRITE_BEHIND_SKIPPED, 1, tier.name)
 
     def _snapshot(self, slot: int, gen: int, key: bytes) -> bytearray | None:
         """A consistent copy of the slot as a stored value (header with its payload checksum)."""
@@ -219,8 +228,7 @@ class WorkerTiers:
         return False
 
     def close(self) -> None:
-        self.mgr.drain(self.mgr.config.timeouts.close_s)
-        self.mgr.close()
+        self.mgr.close()  # drains (bounded by close_s) first: a drain here too waited 2 x close_s
 
 
 class SchedulerTiers:

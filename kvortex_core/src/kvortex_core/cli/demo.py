@@ -18,10 +18,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.progress import Progress
 from rich.table import Table
 
 from kvortex_core.cli.output import EXIT_FAILED, console, exits_on_error, fail, human_bytes
+from kvortex_core.logs import configure
 
 if TYPE_CHECKING:
     import torch
@@ -324,6 +326,14 @@ def _stats_rows(stats: Any) -> list[tuple[str, str]]:
             rows.append(
                 (f"tier {tier} usage", f"{human_bytes(nbytes)} of {human_bytes(capacity[tier])}")
             )
+    # a lower tier out of service says so, and why (one that never opened showed "0 B of 1 GiB"
+    # like an idle one: a red-team finding)
+    for tier, state in (stats.get("tiers") or {}).items():
+        if state.get("state") == "closed":
+            rows.append((f"tier {tier} state", "[green]in service[/green]"))
+        else:
+            why = escape(str(state.get("last_error") or "-"))
+            rows.append((f"tier {tier} state", f"[red]out of service ({state.get('state')}): {why}[/red]"))
     return rows
 
 
@@ -362,6 +372,7 @@ def demo(
     chosen = pick_device(device)
     config = demo_config(config_file, shape, 4 if dtype == "float32" else 2)
     check_tokens(config, shape)
+    configure(config.log_level)  # a tier going down is a WARNING line on stderr
     console.print(
         f"KVortex demo: device [bold]{chosen}[/bold], tiers "
         + ", ".join(

@@ -289,7 +289,15 @@ def default_url() -> str:
             "http://HOST:PORT/metrics or set KVORTEX_METRICS__PORT",
             param_hint="--url",
         )
-    return f"http://{metrics.host}:{metrics.port}/metrics"
+    if metrics.port == 0:  # each process picked a free port: only it knows which
+        raise typer.BadParameter(
+            "no --url given and metrics.port is 0 (each engine picks a free port at start); pass "
+            "--url http://HOST:PORT/metrics with the port it picked (KVortexEngine.metrics_url), "
+            "or set a fixed KVORTEX_METRICS__PORT",
+            param_hint="--url",
+        )
+    host = metrics.host if ":" not in metrics.host else f"[{metrics.host}]"
+    return f"http://{host}:{metrics.port}/metrics"
 
 
 def stats_cmd(

@@ -31,6 +31,7 @@ from kvortex_core.control.stats import (
     Stats,
 )
 from kvortex_core.errors import ConfigError
+from kvortex_core.logs import StormDetector, event
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,8 @@ class PinHandle:
 class ChunkIndex:
     """Thread-safe index of one tier with watermark eviction and pins."""
 
+    STORM_WINDOW_S = 10.0
+
     def __init__(
         self,
         name: str,
@@ -126,10 +129,15 @@ class ChunkIndex:
         self._tick = itertools.count(1)
         self._handles: dict[int, PinHandle] = {}
         self._closed = False
+        # an eviction storm: more than twice the capacity evicted within STORM_WINDOW_S (the
+        # working set does not fit, the cache turns over before it is reused): one line each
+        self._storms = StormDetector(threshold=2 * self._capacity, window_s=self.STORM_WINDOW_S)
         if stats is not None:
             stats.register_gauge("used_bytes", lambda: self._used, name)
             stats.register_gauge("capacity_bytes", lambda: self._capacity, name)
             stats.register_gauge("entries", lambda: len(self._entries), name)
+            # pins held now (a pin still held at close is a leak, counted in pin_leaks then)
+            stats.register_gauge("open_pins", lambda: len(self._handles), name)
             stats.declare(name, counters=INDEX_COUNTERS)
 
     # -- properties -----------------------------------------------------------------------
@@ -326,8 +334,14 @@ class ChunkIndex:
     def _after_evict(self, victims: list[IndexEntry]) -> None:
         if not victims:
             return
+        nbytes = sum(v.size for v in victims)
         if self.stats is not None:
-            self.stats.record_eviction(len(victims), sum(v.size for v in victims), self.name)
+            self.stats.record_eviction(len(victims), nbytes, self.name)
+        storm = self._storms.record(nbytes)
+        if storm is not None:
+            event(log, logging.WARNING, "eviction_storm", tier=self.name, evicted_bytes=storm,
+                  window_s=self.STORM_WINDOW_S, capacity_bytes=self._capacity,
+                  hint="the working set does not fit this tier: raise its capacity or add a tier below")
         if self.on_evict is not None:
             try:
                 self.on_evict(victims)
@@ -434,7 +448,7 @@ class ChunkIndex:
         if self.stats is not None:
             if leaks:
                 self.stats.inc(PIN_LEAKS, len(leaks), self.name)
-            for gauge in ("used_bytes", "capacity_bytes", "entries"):
+            for gauge in ("used_bytes", "capacity_bytes", "entries", "open_pins"):
                 self.stats.unregister_gauge(gauge, self.name)
         self._closed = True
         return leaks

@@ -38,4 +38,4 @@ TIER_OP_SECONDS = "tier_{op}"  # served as kvortex_tier_<op>_seconds
 LOWER_TIER_COUNTERS = (BYTES_WRITTEN, BYTES_READ, CHECKSUM_FAILURES, WRITE_BEHIND_SKIPPED, PROMOTIONS,
                        DEMOTIONS, DEMOTIONS_SKIPPED, BREAKER_TRANSITIONS, LOAD_MISSES, TIER_ERRORS,
                        TIER_TIMEOUTS, TIER_WRITES_REFUSED, TIER_CALLS_SKIPPED)
-LOWER_TIER_HISTOGRAMS = tuple(TIER_OP_SECONDS.format(op=op) for op in ("get", "put", "delete", "contains"))
+LOWER_TIER_HISTOGRAMS = tuple(TIER_OP_SECONDS.format(op=op) for op in ("get", "put", "delete", "contains", "open"))

@@ -22,6 +22,7 @@ import math
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from kvortex_core.config.backends import backend_options
@@ -122,12 +123,17 @@ class TierManager(SaveMixin, LoadMixin):
         stats.declare(cpu_name, counters=(BYTES_SAVED, BYTES_LOADED, SAVE_SKIPPED, ALLOC_FAILURES))
         self.tiers: list[LowerTier] = []
         self.loop = LoopThread()
+        # Seals (checksums) of write-behind and demotions run here, not in the loop's default
+        # executor, which a third-party backend's blocking calls may fill (a hung one then
+        # stopped every seal, and with it every write to the healthy tiers).
+        self._seal_pool = ThreadPoolExecutor(2, thread_name_prefix="kvortex-seal")
         self._lock = threading.RLock()
         self._saving: set[bytes] = set()
         #: Notified when keys leave ``_saving`` while someone waits (see ``wait_saving``).
         self._saved = threading.Condition(self._lock)
         self._saving_waiters = 0
         self._demoting = 0
+        self._drop_victims = False
         self._demoting_lock = threading.Lock()
         #: cpu chunks being demoted: key -> the slot still holding them (see SaveMixin.rescue).
         self._demoting_keys: dict[bytes, int] = {}
@@ -485,6 +491,7 @@ class TierManager(SaveMixin, LoadMixin):
             self.stats.unregister_gauge(BREAKER_STATE, tier.name)
             self.stats.unregister_gauge(TIER_LATE_WRITES, tier.name)
         self.loop.stop(left())
+        self._seal_pool.shutdown(wait=False)
         # Backends are closed and the loop is stopped: no late read can land in these now.
         self.pool.free_many(self._quarantined)
         self._quarantined.clear()

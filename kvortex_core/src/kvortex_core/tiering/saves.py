@@ -20,6 +20,8 @@ from kvortex_core.tiering.state import TierState
 from kvortex_core.tiering.tiers import LowerTier, TierUnavailable
 
 if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
+
     import torch
 
     from kvortex_core.control.index import IndexEntry, PinHandle
@@ -37,6 +39,9 @@ class SaveMixin(TierState):
     _saved: threading.Condition
     _saving_waiters: int
     _demoting: int  # cpu slots held by demotions in flight
+    _drop_victims: bool  # an allocation evicts without demoting (set under _lock)
+    _seal_pool: ThreadPoolExecutor  # seals run here (see TierManager.__init__)
+    WRITE_BEHIND_WORKERS: int
     _demoting_lock: threading.Lock
     _demoting_keys: dict[bytes, int]
     _rescued: set[int]
@@ -92,11 +97,19 @@ class SaveMixin(TierState):
 
     def _allocate_slot(self) -> int | None:
         slot = self.pool.allocate()
-        if slot is None and self._demoting < max(1, self.pool.num_slots // 4):
-            # Evict one chunk: freed at once if stored below, else held until demoted. Past
-            # the limit a slow lower tier would make every failed allocation evict another
-            # chunk without freeing anything, draining the cache for nothing.
+        if slot is None:  # evict one chunk: freed at once if stored below, else demoted
             self.cpu_index.evict(self.pool.slot_bytes)
+            slot = self.pool.allocate()
+        if slot is None:
+            # its slot is held until the write below ends: evict one more and drop it, as a
+            # cpu-only engine would. Else a lower tier slower than the saves made every save
+            # skip, and the cpu tier cached less with a lower tier than without it (a red-team
+            # finding). A new chunk is worth more than the least recently used one.
+            self._drop_victims = True
+            try:
+                self.cpu_index.evict(self.pool.slot_bytes)
+            finally:
+                self._drop_victims = False
             slot = self.pool.allocate()
         return slot
 
@@ -162,7 +175,7 @@ class SaveMixin(TierState):
         self.stats.record_saved(self.payload_bytes, self.cpu_name)  # KV bytes, as loads count
         for tier in self.tiers:
             if tier.write_through:
-                self._write_behind(tier, lease.key, lease.slot, total)
+                self._write_behind(tier, lease.key, total)
 
     async def _sealed(self, key: bytes, slot: int) -> memoryview:
         """Checksum the slot's payload and write its header (off the loop: xxh3 drops the GIL)."""
@@ -172,22 +185,35 @@ class SaveMixin(TierState):
             return pl.seal(view, key=key, namespace=self.namespace, shape=self.payload_shape,
                            dtype=self.dtype, payload_len=self.payload_bytes)
 
-        total = await asyncio.get_running_loop().run_in_executor(None, seal)
+        total = await asyncio.get_running_loop().run_in_executor(self._seal_pool, seal)
         return self.pool.buffer(slot)[:total]
 
-    def _write_behind(self, tier: LowerTier, key: bytes, slot: int, total: int) -> None:
+    def _write_behind(self, tier: LowerTier, key: bytes, total: int) -> None:
+        """Queue a copy of a stored chunk to ``tier``; never blocks (a full queue skips it).
+
+        The chunk is pinned only while its job runs. Pinned from the moment it was queued, a
+        tier slower than the saves (write-through to a Redis 300 ms away) held up to the
+        queue's 256 chunks unevictable: the cpu tier filled with pins and skipped half the new
+        saves (a red-team finding). A chunk evicted before its job runs is written by its
+        demotion instead.
+        """
         if not tier.takes_writes:
             self.stats.inc(WRITE_BEHIND_SKIPPED, 1, tier.name)
             return
-        pin = self.cpu_index.pin([key], f"write-behind {tier.name}")
-        if not len(pin):
-            pin.release()
-            return  # evicted meanwhile (its demotion covers it)
 
         async def job() -> None:
+            if not tier.takes_writes:  # checked again when it runs: the writes queued before it
+                # may have timed out meanwhile (16 saves in a burst into a hung tier left 16
+                # late writes, each holding its slot: a red-team finding)
+                self.stats.inc(WRITE_BEHIND_SKIPPED, 1, tier.name)
+                return
+            pin = self.cpu_index.pin([key], f"write-behind {tier.name}")
+            if not len(pin):
+                pin.release()
+                return  # evicted meanwhile (its demotion covers it)
             handed = False
             try:
-                value = await self._sealed(key, slot)
+                value = await self._sealed(key, pin.entries[0].location)
                 handed = True  # from here _put releases the pin, once nothing reads the slot
                 await self._put(tier, key, value, release=pin.release)
             finally:
@@ -195,7 +221,6 @@ class SaveMixin(TierState):
                     pin.release()
 
         if not tier.queue.offer(job):
-            pin.release()
             self.stats.inc(WRITE_BEHIND_SKIPPED, 1, tier.name)
 
     async def _put(
@@ -306,7 +331,15 @@ class SaveMixin(TierState):
 
     # -- eviction and demotion -------------------------------------------------------------
     def _on_cpu_evict(self, victims: list[IndexEntry]) -> None:
-        """cpu chunks leaving: free their slots, demoting first those not stored below."""
+        """cpu chunks leaving: free their slots, demoting first those not stored below.
+
+        Demotions in flight hold their slots: with a quarter of the slots held already (a tier
+        below slower than the saves), the victims are dropped instead (counted), as a cpu-only
+        engine would, or the held slots grew until saves found none (a red-team finding). One
+        eviction's victims share one decision: at most its batch overshoots the quarter.
+        """
+        # (at least as many as a tier writes at once, whatever the pool's size)
+        busy = self._drop_victims or self._demoting >= max(self.WRITE_BEHIND_WORKERS, self.pool.num_slots // 4)
         for entry in victims:
             slot = int(entry.location)
             with self._demoting_lock:
@@ -314,7 +347,7 @@ class SaveMixin(TierState):
                     self._rescued.discard(slot)
                     continue
             stored_below = self._stored_below(entry.key)
-            target = None if stored_below else self._demotion_target(0)
+            target = None if stored_below or busy else self._demotion_target(0)
             if target is None or self._closed:
                 if not stored_below and self.tiers and not self._closed:  # no tier takes writes
                     self.stats.inc(DEMOTIONS_SKIPPED, 1, self.tiers[0].name)

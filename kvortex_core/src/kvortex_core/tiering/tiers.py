@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from kvortex_core.errors import BackendFullError, BadValueError
-from kvortex_core.logs import event
+from kvortex_core.logs import Throttle, event
 from kvortex_core.tiering.counters import (
     TIER_CALLS_SKIPPED,
     TIER_ERRORS,
@@ -252,8 +252,30 @@ class RemoteCache:
         self._distrust_until = time.monotonic() + self.ttl_s
 
 
+#: A tier still down after a failed probe is reminded of at most this often (WARNING).
+STILL_DOWN_EVERY_S = 300.0
+_still_down = Throttle(STILL_DOWN_EVERY_S)
+
+
 def log_transition(name: str, old: str, new: str, error: str) -> None:
-    """One line per breaker transition (tier down / probing / up)."""
-    level = logging.WARNING if new == "open" else logging.INFO
-    what = {"open": "tier_down", "half_open": "tier_probe", "closed": "tier_up"}[new]
-    event(log, level, what, tier=name, previous=old, error=error or "-")
+    """The breaker's transitions, one line each where they change what an operator should know.
+
+    ``tier_down`` (WARNING) when a serving tier goes out of service, ``tier_up`` (INFO) when it
+    serves again. A probe that fails (half-open -> open) is no new outage: it was logged as
+    another ``tier_down`` at every ``reset_after_s`` for as long as the outage lasted, so an
+    alert counting them saw one outage as many (a red-team finding). Now it is a
+    ``tier_still_down`` WARNING at most every 5 minutes (with the failed probes since), DEBUG
+    otherwise; the probe itself is DEBUG.
+    """
+    if new == "open" and old == "half_open":
+        suppressed = _still_down.allow(name)
+        level = logging.WARNING if suppressed is not None else logging.DEBUG
+        event(log, level, "tier_still_down", tier=name, failed_probes=(suppressed or 0) + 1,
+              error=error or "-")
+    elif new == "open":
+        _still_down.allow(name)  # the first reminder comes STILL_DOWN_EVERY_S after this line
+        event(log, logging.WARNING, "tier_down", tier=name, previous=old, error=error or "-")
+    elif new == "half_open":
+        event(log, logging.DEBUG, "tier_probe", tier=name, previous=old)
+    else:
+        event(log, logging.INFO, "tier_up", tier=name, previous=old)

@@ -27,6 +27,9 @@ def transfer(
     parts: Annotated[str, typer.Option(help="comma list: verify,te,engine,stream,bidir,matmul,layerwise,sweep")] =
         "verify,te,engine,stream,bidir,matmul,layerwise,sweep",
     device: Annotated[str, typer.Option(help="cuda, cpu or auto")] = "auto",
+    extra_tokens: Annotated[int | None, typer.Option(
+        min=256, help="tokens of the bidir, matmul, layerwise and sweep cases (a multiple of 256; default 8192 on "
+                      "CUDA), at most the largest --tokens")] = None,
 ) -> None:
     """Measure save/load GB/s through the transfer engine and KVortexEngine vs raw pinned copies."""
     import torch
@@ -51,8 +54,12 @@ def transfer(
         raise typer.BadParameter(f"{staging!r} must be positive, e.g. 64MiB", param_hint="--staging")
     chosen = parse_choices(parts, "--parts", ("verify", "te", "engine", "stream", "bidir", "matmul", "layerwise",
                                                      "sweep"))
+    if extra_tokens is not None and (extra_tokens % 256 or extra_tokens > max(sizes)):
+        raise typer.BadParameter(f"{extra_tokens} must be a multiple of 256 and at most the largest --tokens "
+                                 f"({max(sizes)}), e.g. 8192", param_hint="--extra-tokens")
     results: dict[str, Any] = run_all(
-        dev, sizes, reps=reps, mla_layers=mla_layers, staging=staging_bytes, parts=set(chosen))
+        dev, sizes, reps=reps, mla_layers=mla_layers, staging=staging_bytes, parts=set(chosen),
+        extra_tokens=extra_tokens)
     path = write_results(out, "transfer", results)
     _print_table(results)
     typer.echo(f"results: {path}")

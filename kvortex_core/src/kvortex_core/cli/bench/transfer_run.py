@@ -16,7 +16,7 @@ CHUNK_TOKENS = 256
 
 
 def run_all(device: torch.device, sizes: list[int], *, reps: int, mla_layers: int, staging: int,
-            parts: set[str]) -> dict[str, Any]:
+            parts: set[str], extra_tokens: int | None = None) -> dict[str, Any]:
     """Run the selected parts; a CPU run shrinks the model so it stays a quick smoke test."""
     cpu = device.type != "cuda"
     llama = tp.Shape("llama-3.1-8b(cpu-scaled)", 2, 2, 64, 16) if cpu else tp.LLAMA_8B
@@ -25,7 +25,7 @@ def run_all(device: torch.device, sizes: list[int], *, reps: int, mla_layers: in
     res: dict[str, Any] = {
         "device_name": torch.cuda.get_device_name(device) if not cpu else "cpu",
         "sizes": sizes, "reps": reps, "staging_bytes": staging, "chunk_tokens": CHUNK_TOKENS,
-        "rows": [], "cases": {},
+        "rows": [], "cases": {}, "extra_tokens": extra_tokens,
     }
     t0 = time.perf_counter()
     if "verify" in parts:
@@ -61,7 +61,7 @@ def _bandwidth(res: dict[str, Any], shape: tp.Shape, device: torch.device, sizes
     hints = {"kv_count": 1} if unified and shape.mla else None
     layout = detect_layout(caches, hints)
     label = f"{shape.name} {'unified-LBNHC' if unified else 'per-layer'}" + ("" if gather == "auto" else f"-{gather}")
-    extra_tokens = min(max_tokens, 8192 if device.type == "cuda" else max_tokens)
+    extra_tokens = min(max_tokens, res.get("extra_tokens") or (8192 if device.type == "cuda" else max_tokens))
     # room for the both-directions case too: a stored sequence and every rep's fresh one (when a
     # save has to evict, it may take chunks of the sequence the concurrent load has not pinned yet)
     engine = _engine(parts, caches, layout, max(max_tokens, (reps + 4) * extra_tokens // 2), staging, hints,
