@@ -12,7 +12,9 @@ turns, so each sees the same state of the VM. Variants:
   threads (``inline=False``);
 * ``one``: as ``workers``, with one enqueuer thread for both directions;
 * ``si200``: as shipped, with the interpreter's GIL switch interval at 200 us (default 5 ms);
-* ``commit1``: as shipped, a save's chunks indexed once at its end (no waits per 64 MiB).
+* ``commit1``: as shipped, a save's chunks indexed once at its end (no waits per 64 MiB);
+* ``parts1``: as shipped, each call one part (no small first part, no doubling parts);
+* ``p1c1``: ``parts1`` and ``commit1`` together.
 
 Not collected by pytest.
 """
@@ -56,8 +58,10 @@ def main() -> None:
         if name == "si200":
             sys.setswitchinterval(0.0002)
         group = engine_mod._COMMIT_GROUP_BYTES
-        if name == "commit1":
+        if name in ("commit1", "p1c1"):
             engine_mod._COMMIT_GROUP_BYTES = 1 << 50
+        if name in ("parts1", "p1c1"):
+            eng._parts = lambda n, reg: [(0, n)]
         try:
             yield
         finally:
@@ -65,6 +69,7 @@ def main() -> None:
             te._load.worker = load_worker
             sys.setswitchinterval(interval)
             engine_mod._COMMIT_GROUP_BYTES = group
+            eng.__dict__.pop("_parts", None)
 
     def both() -> None:
         hs = eng.save_async(next(seqs), pr.blocks)
