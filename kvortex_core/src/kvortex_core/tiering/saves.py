@@ -213,7 +213,7 @@ class SaveMixin(TierState):
                 return  # evicted meanwhile (its demotion covers it)
             handed = False
             try:
-                value = await self._sealed(key, pin.entries[0].location)
+                value = await self._sealed(key, int(pin.entries[0].location))
                 handed = True  # from here _put releases the pin, once nothing reads the slot
                 await self._put(tier, key, value, release=pin.release)
             finally:
