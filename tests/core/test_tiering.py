@@ -519,10 +519,10 @@ def test_an_outage_is_one_tier_down_line_not_one_per_failed_probe(
     tier_still_down with the failed probes since, and a tier_up without the stale error."""
     import logging
 
-    from kvortex_core.tiering import tiers as tiers_mod
+    from kvortex_core.logs import Throttle
 
-    monkeypatch.setattr(tiers_mod, "_still_down", tiers_mod.Throttle(0.5))
     mgr = _flaky(make, reset_after_s=0.05)
+    mgr._still_down = Throttle(0.5)  # (5 minutes as shipped)
     FlakyBackend.broken = "error"
     with caplog.at_level(logging.DEBUG, logger="kvortex_core.tiering"):
         deadline = time.monotonic() + 1.2  # ~20 failed probes

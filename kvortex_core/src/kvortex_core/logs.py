@@ -100,6 +100,13 @@ class Throttle:
             self._last[key] = now
             return self._suppressed.pop(key, 0)
 
+    def restart(self, key: str) -> None:
+        """Start ``key``'s interval now with nothing suppressed (its first line was just logged
+        by other means)."""
+        with self._lock:
+            self._last[key] = time.monotonic()
+            self._suppressed.pop(key, None)
+
 
 class StormDetector:
     """Flags an eviction storm: more than ``threshold`` evicted chunks within ``window_s``.

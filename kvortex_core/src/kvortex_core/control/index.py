@@ -31,7 +31,7 @@ from kvortex_core.control.stats import (
     Stats,
 )
 from kvortex_core.errors import ConfigError
-from kvortex_core.logs import StormDetector, event
+from kvortex_core.logs import StormDetector, Throttle, event
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,7 @@ class ChunkIndex:
     """Thread-safe index of one tier with watermark eviction and pins."""
 
     STORM_WINDOW_S = 10.0
+    STORM_LOG_EVERY_S = 300.0
 
     def __init__(
         self,
@@ -132,6 +133,7 @@ class ChunkIndex:
         # an eviction storm: more than twice the capacity evicted within STORM_WINDOW_S (the
         # working set does not fit, the cache turns over before it is reused): one line each
         self._storms = StormDetector(threshold=2 * self._capacity, window_s=self.STORM_WINDOW_S)
+        self._storm_log = Throttle(self.STORM_LOG_EVERY_S)
         if stats is not None:
             stats.register_gauge("used_bytes", lambda: self._used, name)
             stats.register_gauge("capacity_bytes", lambda: self._capacity, name)
@@ -339,9 +341,14 @@ class ChunkIndex:
             self.stats.record_eviction(len(victims), nbytes, self.name)
         storm = self._storms.record(nbytes)
         if storm is not None:
-            event(log, logging.WARNING, "eviction_storm", tier=self.name, evicted_bytes=storm,
+            # one line per storm, and at most one per STORM_LOG_EVERY_S (a server whose cache
+            # always turns over this fast would log every window), with the storms left unlogged
+            untold = self._storm_log.allow(self.name)
+            level = logging.WARNING if untold is not None else logging.DEBUG
+            event(log, level, "eviction_storm", tier=self.name, evicted_bytes=storm,
                   window_s=self.STORM_WINDOW_S, capacity_bytes=self._capacity,
-                  hint="the working set does not fit this tier: raise its capacity or add a tier below")
+                  storms_not_logged=untold or 0,
+                  hint="the working set does not fit this tier: a larger capacity keeps more of it")
         if self.on_evict is not None:
             try:
                 self.on_evict(victims)

@@ -67,6 +67,11 @@ class LoadMixin(TierState):
         for tier in self.tiers:
             if not tier.available:
                 continue
+            if key in tier.putting and tier.remote is None:
+                # indexed as its write started: nothing to read there yet, and a read would
+                # have evicted a cpu chunk for a slot only to miss (a red-team finding: 113
+                # such misses with a hung tier). A chunk being demoted is taken from its slot.
+                continue
             if key in tier.index or (tier.remote is not None and tier.remote.present(key)):
                 return tier
         return None

@@ -59,7 +59,13 @@ from kvortex_core.tiering.loads import LoadMixin
 _BREAKER_CODE = {"closed": 0.0, "open": 1.0, "half_open": 2.0}
 from kvortex_core.tiering.loop import LoopThread, WorkQueue
 from kvortex_core.tiering.saves import SaveMixin
-from kvortex_core.tiering.tiers import LowerTier, RemoteCache, TierUnavailable, log_transition
+from kvortex_core.tiering.tiers import (
+    STILL_DOWN_EVERY_S,
+    LowerTier,
+    RemoteCache,
+    TierUnavailable,
+    log_transition,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -140,6 +146,7 @@ class TierManager(SaveMixin, LoadMixin):
         #: Slots of demoting chunks taken back into the cpu index: their demotion must not free them.
         self._rescued: set[int] = set()
         self._checksum_log = Throttle(10.0)
+        self._still_down = Throttle(STILL_DOWN_EVERY_S)  # tier_still_down reminders, per tier
         self._quarantined: set[int] = set()
         self._closed = False
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -330,7 +337,7 @@ class TierManager(SaveMixin, LoadMixin):
 
     def _on_transition(self, name: str, old: str, new: str, error: str) -> None:
         self.stats.inc(BREAKER_TRANSITIONS, 1, name)
-        log_transition(name, old, new, error)
+        log_transition(name, old, new, error, self._still_down)
 
     # -- lookups ---------------------------------------------------------------------------
     def contains(self, keys: Sequence[bytes]) -> int:

@@ -214,6 +214,9 @@ class SaveMixin(TierState):
             handed = False
             try:
                 value = await self._sealed(key, int(pin.entries[0].location))
+                if not tier.takes_writes:  # and again right before the write: others may have
+                    self.stats.inc(WRITE_BEHIND_SKIPPED, 1, tier.name)  # timed out during the seal
+                    return
                 handed = True  # from here _put releases the pin, once nothing reads the slot
                 await self._put(tier, key, value, release=pin.release)
             finally:

@@ -254,10 +254,9 @@ class RemoteCache:
 
 #: A tier still down after a failed probe is reminded of at most this often (WARNING).
 STILL_DOWN_EVERY_S = 300.0
-_still_down = Throttle(STILL_DOWN_EVERY_S)
 
 
-def log_transition(name: str, old: str, new: str, error: str) -> None:
+def log_transition(name: str, old: str, new: str, error: str, still_down: Throttle) -> None:
     """The breaker's transitions, one line each where they change what an operator should know.
 
     ``tier_down`` (WARNING) when a serving tier goes out of service, ``tier_up`` (INFO) when it
@@ -268,12 +267,12 @@ def log_transition(name: str, old: str, new: str, error: str) -> None:
     otherwise; the probe itself is DEBUG.
     """
     if new == "open" and old == "half_open":
-        suppressed = _still_down.allow(name)
+        suppressed = still_down.allow(name)  # (one throttle per tier manager)
         level = logging.WARNING if suppressed is not None else logging.DEBUG
         event(log, level, "tier_still_down", tier=name, failed_probes=(suppressed or 0) + 1,
               error=error or "-")
     elif new == "open":
-        _still_down.allow(name)  # the first reminder comes STILL_DOWN_EVERY_S after this line
+        still_down.restart(name)  # the first reminder comes STILL_DOWN_EVERY_S after this line
         event(log, logging.WARNING, "tier_down", tier=name, previous=old, error=error or "-")
     elif new == "half_open":
         event(log, logging.DEBUG, "tier_probe", tier=name, previous=old)
