@@ -1362,6 +1362,25 @@ def test_a_write_through_tier_slower_than_the_saves_does_not_fill_the_cpu_tier_w
     assert 0 < dropped and found + dropped >= 64, (found, dropped)
 
 
+def test_a_load_does_not_read_a_local_tier_where_the_chunks_write_has_not_landed(make: Any) -> None:
+    """A lower tier indexes a chunk as its write starts. A load of it took a cpu slot (evicting a
+    cached chunk when full) only to read nothing and miss (a red-team finding: 113 such misses
+    with a hung tier). Nothing is read there until the write landed."""
+    tiers = {"cpu": {"type": "cpu", "capacity": 4 * SLOT},
+             "disk": {"type": "slowput", "capacity": 64 * SLOT}}
+    mgr = make(tiers, eviction={"high_watermark": 1.0})
+    assert _save(mgr, [0, 1, 2, 3]) == [0, 1, 2, 3]  # the cpu tier is full
+    below = mgr.tiers[0]
+    below.index.insert(_key(9), SLOT)  # chunk 9's write below is in flight (as _put_value does)
+    below.putting.add(_key(9))
+    assert mgr.begin_load([_key(9)]) == []
+    assert _counter(mgr, "evictions", "cpu") == 0  # no cached chunk gave its slot for nothing
+    assert _counter(mgr, "load_misses", "disk") == 0
+    below.putting.discard(_key(9))
+    below.index.remove([_key(9)])
+    assert [i for i, _ in _load(mgr, [0, 1, 2, 3])] == [0, 1, 2, 3]
+
+
 def test_a_timed_out_read_keeps_its_slot_until_its_thread_ended(make: Any) -> None:
     """A read that timed out may still write into its cpu slot from an I/O thread: the slot is
     held until that read really ended (it was freed after close_s before, whatever the thread
