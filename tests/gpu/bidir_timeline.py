@@ -1,6 +1,6 @@
 """Who waits for whom when a save and a load run together through KVortexEngine.
 
-Run on the GPU box: . tests/gpu/device_env.sh && python3 tests/gpu/bidir_timeline.py [mla|llama] [tokens]
+Run on the GPU box: . tests/gpu/device_env.sh && python3 tests/gpu/bidir_timeline.py [mla|llama] [tokens] [unified|per-layer]
 (``SWITCH_INTERVAL=0.0005``: run with that GIL switch interval; ``QUIET=1``: ratios only).
 
 Each DMA is marked when the host enqueues it (host clock) and when the GPU starts it (a timing
@@ -48,8 +48,8 @@ def patch(obj, name, label):
 def main() -> None:
     if os.environ.get("SWITCH_INTERVAL"):  # the interpreter's GIL switch interval, in seconds
         sys.setswitchinterval(float(os.environ["SWITCH_INTERVAL"]))
-    which, tokens, _ = probe_args(sys.argv)
-    pr = engine_probe(which, tokens, True, capacity_tokens=12 * tokens)
+    which, tokens, unified = probe_args(sys.argv)
+    pr = engine_probe(which, tokens, unified, capacity_tokens=12 * tokens)
     eng, reg, blocks, other, raw, dev = pr.engine, pr.engine._reg, pr.blocks, pr.other, pr.raw, pr.device
     stored = _sequence(tokens, 99)
     eng.save(stored, blocks)
