@@ -234,6 +234,20 @@ def test_demo_with_two_blocks_in_its_cache(runner: CliRunner, monkeypatch: pytes
     assert "yes" in result.stdout.split("loaded bytes equal")[1]
 
 
+@needs_engine
+def test_demo_shows_a_tier_that_could_not_open(runner: CliRunner, tmp_path: Path) -> None:
+    """A lower tier that never opened showed as "0 B of 1 GiB", like an idle one, and the demo
+    said nothing else (a red-team finding): it now shows the tier out of service, and why."""
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("x")
+    text = ("tiers:\n  cpu: {type: cpu, capacity: 64MiB}\n"
+            f"  disk: {{type: disk, capacity: 64MiB, path: '{blocker}'}}\n")
+    result = runner.invoke(app, ["demo", *SMALL, "--config", str(yaml_file(tmp_path, text))])
+    assert result.exit_code == 0, result.stdout + result.stderr
+    row = " ".join(result.stdout.split("tier disk state")[1].split("│")[1:4])
+    assert "out of service" in row, result.stdout
+
+
 @pytest.mark.parametrize("cmd", [["bench", "core", "--reps", "1"], ["bench", "transfer", "--device", "cpu"],
                                  ["bench", "disk", "--sizes", "1"], ["bench", "simulate"]])
 def test_bench_out_that_is_a_file_is_a_usage_error(runner: CliRunner, tmp_path: Path, cmd: list[str]) -> None:
