@@ -21,7 +21,7 @@ import operator
 import threading
 import time
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Self
 
@@ -330,14 +330,15 @@ class KVortexEngine:
 
         Every call is counted and timed, one that raises too (and counted in its errors): a
         failed call was counted but not timed, so the two drifted apart (a red-team finding)."""
-        return self._counted(self._save_chunks, token_ids, block_ids, calls=SAVE_CALLS,
+        return self._counted(lambda: self._save_chunks(token_ids, block_ids), calls=SAVE_CALLS,
                              errors=SAVE_ERRORS, seconds=SAVE_TIME)
 
-    def _counted(self, fn: Any, *args: Any, calls: str, errors: str, seconds: str, **kw: Any) -> int:
+    def _counted(self, call: Callable[[], int], *, calls: str, errors: str, seconds: str) -> int:
+        """Run ``call``: counted in ``calls``, timed in ``seconds``, and if it raises, in ``errors``."""
         start = time.perf_counter()
         self._stats.inc(calls)
         try:
-            return fn(*args, **kw)
+            return call()
         except BaseException:
             self._stats.inc(errors)
             raise

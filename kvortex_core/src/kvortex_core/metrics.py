@@ -40,6 +40,11 @@ def multiprocess_mode() -> bool:
     return bool(os.environ.get(MULTIPROC_ENV))
 
 
+def metrics_url(host: str, port: int) -> str:
+    """``http://host:port/metrics``, an IPv6 host in brackets."""
+    return f"http://{host if ':' not in host else f'[{host}]'}:{port}/metrics"
+
+
 class MetricsExporter:
     """Exposes one Stats object; ``close()`` undoes everything ``start()`` did."""
 
@@ -69,8 +74,7 @@ class MetricsExporter:
         """``http://host:port/metrics`` once serving, else None."""
         if self._server is None:
             return None
-        host = self.host if ":" not in self.host else f"[{self.host}]"
-        return f"http://{host}:{self._server.server_port}/metrics"
+        return metrics_url(self.host, self._server.server_port)
 
     def start(self) -> MetricsExporter:
         from prometheus_client import REGISTRY, CollectorRegistry

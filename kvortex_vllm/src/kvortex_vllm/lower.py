@@ -152,13 +152,14 @@ class WorkerTiers:
         """Queue the sealed slot (its rank key is ``key``) to the write-behind tiers."""
         gen = self._gen[slot]
         for tier in self.targets:
-            if not tier.takes_writes:  # out of service, or 4 timed-out writes still running
-                self._skipped(tier)  # (each holds a copy of its chunk until its I/O thread ends)
+            # out of service, or 4 timed-out writes still running (each holds a copy of its
+            # chunk until its I/O thread ends); checked again when the job runs: writes queued
+            # before it may have timed out meanwhile (a burst into a hung tier)
+            if tier.refuses_write_behind():
                 continue
 
             async def job(tier: Any = tier) -> None:
-                if not tier.takes_writes:  # again when it runs: writes queued before it may
-                    self._skipped(tier)  # have timed out meanwhile (a burst into a hung tier)
+                if tier.refuses_write_behind():
                     return
                 value = self._snapshot(slot, gen, key)
                 if value is not None:
@@ -166,10 +167,7 @@ class WorkerTiers:
 
             if not tier.queue.offer(job):
                 log.debug("rank %d: write-behind queue of %s is full; chunk skipped", self.rank, tier.name)
-                self._skipped(tier)
-
-    def _skipped(self, tier: Any) -> None:
-        self.mgr.stats.inc(WRITE_BEHIND_SKIPPED, 1, tier.name)
+                self.mgr.stats.inc(WRITE_BEHIND_SKIPPED, 1, tier.name)
 
     def _snapshot(self, slot: int, gen: int, key: bytes) -> bytearray | None:
         """A consistent copy of the slot as a stored value (header with its payload checksum)."""

@@ -296,8 +296,9 @@ def default_url() -> str:
             "or set a fixed KVORTEX_METRICS__PORT",
             param_hint="--url",
         )
-    host = metrics.host if ":" not in metrics.host else f"[{metrics.host}]"
-    return f"http://{host}:{metrics.port}/metrics"
+    from kvortex_core.metrics import metrics_url
+
+    return metrics_url(metrics.host, metrics.port)
 
 
 def stats_cmd(

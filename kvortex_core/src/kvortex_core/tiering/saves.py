@@ -155,7 +155,6 @@ class SaveMixin(TierState):
         return missed
 
     def _commit_one(self, lease: SaveLease, hold: PinHandle | None = None) -> None:
-        total = pl.HEADER_BYTES + self.payload_bytes
         if not lease.header_written:
             self._write_identity_header(lease)
         with self._lock:
@@ -175,7 +174,7 @@ class SaveMixin(TierState):
         self.stats.record_saved(self.payload_bytes, self.cpu_name)  # KV bytes, as loads count
         for tier in self.tiers:
             if tier.write_through:
-                self._write_behind(tier, lease.key, total)
+                self._write_behind(tier, lease.key)
 
     async def _sealed(self, key: bytes, slot: int) -> memoryview:
         """Checksum the slot's payload and write its header (off the loop: xxh3 drops the GIL)."""
@@ -188,24 +187,23 @@ class SaveMixin(TierState):
         total = await asyncio.get_running_loop().run_in_executor(self._seal_pool, seal)
         return self.pool.buffer(slot)[:total]
 
-    def _write_behind(self, tier: LowerTier, key: bytes, total: int) -> None:
+    def _write_behind(self, tier: LowerTier, key: bytes) -> None:
         """Queue a copy of a stored chunk to ``tier``; never blocks (a full queue skips it).
 
         The chunk is pinned only while its job runs. Pinned from the moment it was queued, a
         tier slower than the saves (write-through to a Redis 300 ms away) held up to the
         queue's 256 chunks unevictable: the cpu tier filled with pins and skipped half the new
         saves (a red-team finding). A chunk evicted before its job runs is written by its
-        demotion instead.
+        demotion instead. Whether the tier takes writes is checked again when the job runs and
+        right before its write: writes queued or sealed meanwhile may have timed out (16 saves
+        in a burst into a hung tier left 16 late writes, each holding its slot: a red-team
+        finding).
         """
-        if not tier.takes_writes:
-            self.stats.inc(WRITE_BEHIND_SKIPPED, 1, tier.name)
+        if tier.refuses_write_behind():
             return
 
         async def job() -> None:
-            if not tier.takes_writes:  # checked again when it runs: the writes queued before it
-                # may have timed out meanwhile (16 saves in a burst into a hung tier left 16
-                # late writes, each holding its slot: a red-team finding)
-                self.stats.inc(WRITE_BEHIND_SKIPPED, 1, tier.name)
+            if tier.refuses_write_behind():
                 return
             pin = self.cpu_index.pin([key], f"write-behind {tier.name}")
             if not len(pin):
@@ -214,8 +212,7 @@ class SaveMixin(TierState):
             handed = False
             try:
                 value = await self._sealed(key, int(pin.entries[0].location))
-                if not tier.takes_writes:  # and again right before the write: others may have
-                    self.stats.inc(WRITE_BEHIND_SKIPPED, 1, tier.name)  # timed out during the seal
+                if tier.refuses_write_behind():
                     return
                 handed = True  # from here _put releases the pin, once nothing reads the slot
                 await self._put(tier, key, value, release=pin.release)

@@ -21,6 +21,7 @@ from kvortex_core.tiering.counters import (
     TIER_OP_SECONDS,
     TIER_TIMEOUTS,
     TIER_WRITES_REFUSED,
+    WRITE_BEHIND_SKIPPED,
 )
 
 if TYPE_CHECKING:
@@ -160,6 +161,14 @@ class LowerTier:
         running are few: a tier whose writes hang would otherwise pin one more cpu slot with
         every write (and every probe), until none was left for saves or loads."""
         return self.late_writes < MAX_LATE_WRITES and self.available
+
+    def refuses_write_behind(self) -> bool:
+        """True, counted in ``write_behind_skipped``, when a write-behind copy may not start now
+        (:attr:`takes_writes` is false); False when it may."""
+        if self.takes_writes:
+            return False
+        self.stats.inc(WRITE_BEHIND_SKIPPED, 1, self.name)
+        return True
 
     @property
     def in_service(self) -> bool:
