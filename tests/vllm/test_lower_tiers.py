@@ -8,6 +8,7 @@ import itertools
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -1043,3 +1044,54 @@ def test_worker_shutdown_with_a_hung_tier_waits_close_s_once(tmp_path: Path, mon
     worker.shutdown()
     took = time.monotonic() - t0
     assert close_s <= took < 1.6 * close_s, took
+
+
+def test_a_disk_tier_on_a_hung_mount_never_stalls_the_scheduler(tmp_path: Path, monkeypatch: Any,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    """The scheduler checks a local tier's files (a stat per chunk) before it promises them. On a
+    hung mount (a stalled NFS server) that stat never returns: it ran on the scheduler's thread,
+    so vLLM's whole scheduler hung with it. Now the look runs on a thread of its own, waited for
+    ``timeouts.remote_lookup_s``: the request is served by recomputing, one thread is stuck (not
+    one per step), and once the mount answers again the chunks are promised again."""
+    from kvortex_backends.disk import DiskBackend
+
+    from kvortex_core.tiering.counters import FILE_CHECKS_GIVEN_UP
+
+    h, side, a = stored_below_only(tmp_path, 7)
+    real = DiskBackend.files_present
+    hung, calls = threading.Event(), []
+
+    def stalled(self: DiskBackend, keys: Any) -> list[bool]:
+        calls.append(len(keys))
+        hung.wait(60)  # what a stat on a hung mount does
+        return real(self, keys)
+
+    monkeypatch.setattr(DiskBackend, "files_present", stalled)
+    caplog.set_level("WARNING", logger="kvortex_vllm.lower")
+    t0 = time.monotonic()
+    hist = run_async_load(h, "B", a[:70])
+    took = time.monotonic() - t0
+    assert took < 10, f"the scheduler waited {took:.1f} s for a stat"
+    assert hist[-1].computed_before["B"] == 0, "chunks on a mount that does not answer were promised"
+    h.run()
+    assert "B" in h.finished
+    assert set(range(2 * CHUNK)) <= set(h.computed_positions["B"]), "B recomputed both chunks"
+    assert_kv(h, "B", a, 2 * CHUNK)
+    assert len(calls) == 1, f"a look was started at every step while the first one hung: {calls}"
+    assert side.stats.snapshot().counter(FILE_CHECKS_GIVEN_UP, "disk") == 1
+    assert sum("event=file_check_slow" in r.getMessage() and "tier=disk" in r.getMessage()
+               for r in caplog.records) == 1
+
+    hung.set()  # the mount answers again
+    deadline = time.monotonic() + 10
+    while not side.tiers._looks["disk"]._stuck.done() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    monkeypatch.setattr(DiskBackend, "files_present", real)
+    evict_from_cpu(h, side.geometry.num_slots)  # B's chunks (saved again) leave the cpu tier too
+    hist = run_async_load(h, "C", a[:70])
+    assert hist[-1].computed_before["C"] == 2 * CHUNK, "the chunks were not promised once the mount answered"
+    h.run()
+    assert "C" in h.finished
+    assert_kv(h, "C", a, 2 * CHUNK)
+    assert any("event=file_check_recovered" in r.getMessage() for r in caplog.records)
+    h.close()

@@ -119,7 +119,7 @@ class KVortexConnector(KVConnectorBase_V1):
             geometry = slot_geometry(self.kv_config, shape.chunk_bytes(chunk), shape.tp_size)
             tiers = scheduler_tiers(self.kv_config, namespace.digest(), shape.payload_shape(chunk),
                                     shape.torch_dtype, geometry.slot_bytes, shape.tp_size,
-                                    context=compat.backend_context(vllm_config))
+                                    context=compat.backend_context(vllm_config), stats=self.stats)
             active = startup.prefix_reuse_possible(vllm_config)
             self._scheduler = SchedulerSide(self.kv_config, namespace, geometry, shape.block_size,
                                             stats=self.stats, tiers=tiers, active=active,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import queue
 import threading
 import time
 from collections import OrderedDict
@@ -33,8 +34,9 @@ from kvortex_core.control.stats import Stats
 from kvortex_core.data import payload as pl
 from kvortex_core.data.pool import PinnedPool, per_rank_capacity
 from kvortex_core.errors import BadValueError, PayloadError
+from kvortex_core.logs import event
 from kvortex_core.plugins.manager import PluginManager
-from kvortex_core.tiering.counters import WRITE_BEHIND_SKIPPED
+from kvortex_core.tiering.counters import FILE_CHECKS_GIVEN_UP, WRITE_BEHIND_SKIPPED
 from kvortex_core.tiering.manager import TierManager
 from kvortex_core.tiering.tiers import TierUnavailable
 
@@ -229,6 +231,66 @@ class WorkerTiers:
         self.mgr.close()  # drains (bounded by close_s) first: a drain here too waited 2 x close_s
 
 
+class _FileLooks:
+    """A local tier's file checks (``files_present``, a stat per key) on a daemon thread of their
+    own, each waited for at most ``wait_s``: a stat on a hung mount (a stalled NFS server, a dying
+    disk) blocks that thread, never the vLLM scheduler, and never the interpreter's exit.
+
+    While a check given up on still runs, the tier answers nothing (``None``) without starting
+    another, so a hung mount costs one thread, not one per step.
+    """
+
+    def __init__(self, tier: str, check: Any, wait_s: float, stats: Stats | None) -> None:
+        self.tier, self.check, self.wait_s, self.stats = tier, check, wait_s, stats
+        self._jobs: queue.SimpleQueue[tuple[list[str], concurrent.futures.Future[list[bool]]] | None] = (
+            queue.SimpleQueue())
+        self._thread: threading.Thread | None = None
+        self._stuck: concurrent.futures.Future[list[bool]] | None = None
+        self._stuck_since = 0.0
+        self._done_at = 0.0  # when the thread last finished a check
+
+    def __call__(self, hex_keys: list[str]) -> list[bool] | None:
+        """Each key's file there now, or None when the tier did not answer in time."""
+        if self._stuck is not None:
+            if not self._stuck.done():
+                return None
+            event(log, logging.WARNING, "file_check_recovered", tier=self.tier,
+                  seconds=round(self._done_at - self._stuck_since, 3))
+            self._stuck = None
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=f"kvortex-files-{self.tier}", daemon=True)
+            self._thread.start()
+        fut: concurrent.futures.Future[list[bool]] = concurrent.futures.Future()
+        self._jobs.put((hex_keys, fut))
+        try:
+            return fut.result(self.wait_s)
+        except concurrent.futures.TimeoutError:
+            self._stuck, self._stuck_since = fut, time.monotonic() - self.wait_s
+            if self.stats is not None:
+                self.stats.inc(FILE_CHECKS_GIVEN_UP, 1, self.tier)
+            event(log, logging.WARNING, "file_check_slow", tier=self.tier, waited_s=self.wait_s,
+                  hint="a stat in this tier's directory did not return (a hung network mount or disk?); "
+                       "its chunks count as not stored until it does")
+            return None
+        except Exception as exc:  # noqa: BLE001 - a plugin's check failing is a miss, not a crash
+            event(log, logging.DEBUG, "file_check_failed", tier=self.tier, error=repr(exc))
+            return None
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            keys, fut = job
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(list(self.check(keys)))
+                except BaseException as exc:  # noqa: BLE001 - handed to the waiter
+                    fut.set_exception(exc)
+            self._done_at = time.monotonic()
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._jobs.put(None)  # a thread stuck in a stat is a daemon: it ends with the process
+
+
 class SchedulerTiers:
     """The scheduler's non-blocking view of what the lower tiers hold, for every rank."""
 
@@ -242,13 +304,17 @@ class SchedulerTiers:
     #: (a request waiting for KV blocks is asked about every step; a stat costs 5-15 us).
     FILE_CHECK_TTL_S = 1.0
 
-    def __init__(self, mgr: TierManager, tp_size: int, max_keys: int) -> None:
+    def __init__(self, mgr: TierManager, tp_size: int, max_keys: int, *, file_check_s: float = 0.05,
+                 stats: Stats | None = None) -> None:
         self.mgr = mgr
         self.tp_size = tp_size
         self.written: OrderedDict[bytes, float] = OrderedDict()  # key -> when its write was queued
         self.max_keys = max(max_keys, 1)
         self.all_shared = bool(mgr.tiers) and all(t.remote is not None for t in mgr.tiers)
         self._checked: OrderedDict[bytes, float] = OrderedDict()  # key -> when found on every rank
+        # a local tier's file checks, off this thread (``file_check_s``: how long one may take)
+        self.file_check_s, self._stats = file_check_s, stats
+        self._looks: dict[str, _FileLooks] = {}
 
     def note_written(self, key: bytes) -> None:
         """This engine queued ``key`` for write-behind (optimistic: where every lower tier is
@@ -299,46 +365,74 @@ class SchedulerTiers:
             young = now - self.SHARED_WRITE_GRACE_S
             return [bool(mask >> i & 1) or written.get(k, young) > young for i, k in enumerate(keys)]
         out = [k in written or bool(mask >> i & 1) for i, k in enumerate(keys)]
+        todo = []  # the keys whose files are looked at: one look per local tier for all of them
         for i, k in enumerate(keys):
             if wanted is not None and not wanted[i]:
                 continue  # in the cpu tier: this answer does not count
-            if out[i]:
-                if self._checked.get(k, 0.0) > now - self.FILE_CHECK_TTL_S:
-                    continue  # found on every rank a moment ago
-                if self._on_every_rank(k):
-                    self._checked[k] = now
-                    self._checked.move_to_end(k)
-                    while len(self._checked) > self.max_keys:
-                        self._checked.popitem(last=False)
-                    continue
-                out[i] = False
-                self.written.pop(k, None)
+            if not out[i]:
+                if wanted is not None:
+                    break  # the caller's run ends here: later answers do not count
+                continue
+            if self._checked.get(k, 0.0) <= now - self.FILE_CHECK_TTL_S:
+                todo.append(i)  # not found on every rank a moment ago
+        held = self._on_every_rank([keys[i] for i in todo]) if todo else []
+        for i, ok in zip(todo, held, strict=True):
+            k = keys[i]
+            if ok:
+                self._checked[k] = now
+                self._checked.move_to_end(k)
+                while len(self._checked) > self.max_keys:
+                    self._checked.popitem(last=False)
+                continue
+            out[i] = False
+            self.written.pop(k, None)
             if wanted is not None:
                 break  # the caller's run ends here: later answers do not count
         return out
 
-    def _on_every_rank(self, key: bytes) -> bool:
-        """Whether some lower tier in service holds ``key`` for each rank: a shared one by its
-        cached answer, a local one by its file (a stat; a local plugin without ``files_present``
-        by its index). A file found gone is dropped from that tier's view."""
+    def _on_every_rank(self, keys: list[bytes]) -> list[bool]:
+        """Per key: whether some lower tier in service holds it for each rank: a shared one by
+        its cached answer, a local one by its file (a stat, on that tier's own thread, see
+        :class:`_FileLooks`; a local plugin without ``files_present`` by its index). A file
+        found gone is dropped from that tier's view; a tier that did not answer in time holds
+        nothing this time, and its view is kept."""
+        alive = list(range(len(keys)))  # held on every rank so far
         for rank in range(self.tp_size):
-            rk = rank_keys([key], rank)[0]
-            held = False
+            rks = rank_keys(keys, rank)
+            want = alive  # not found for this rank yet
             for tier in self.mgr.tiers:
+                if not want:
+                    break
                 if not tier.in_service:
                     continue
+                looks = self._file_looks(tier)
                 if tier.remote is not None:
-                    held = tier.remote.present(rk)
+                    held = [tier.remote.present(rks[j]) for j in want]
+                elif looks is not None:
+                    answer = looks([rks[j].hex() for j in want])
+                    if answer is None:
+                        continue
+                    held = answer
+                    tier.index.remove([rks[j] for j, h in zip(want, held, strict=True) if not h])
                 else:
-                    check = getattr(tier.backend, "files_present", None)
-                    held = check([rk.hex()])[0] if check is not None else rk in tier.index
-                    if not held and check is not None:
-                        tier.index.remove([rk])
-                if held:
-                    break
-            if not held:
-                return False
-        return True
+                    held = [rks[j] in tier.index for j in want]
+                want = [j for j, h in zip(want, held, strict=True) if not h]
+            if want:
+                gone = set(want)
+                alive = [j for j in alive if j not in gone]
+            if not alive:
+                break
+        ok = set(alive)
+        return [j in ok for j in range(len(keys))]
+
+    def _file_looks(self, tier: Any) -> _FileLooks | None:
+        looks = self._looks.get(tier.name)
+        if looks is None and tier.remote is None:
+            backend = tier.backend
+            if getattr(backend, "files_present", None) is not None:
+                looks = self._looks[tier.name] = _FileLooks(
+                    tier.name, lambda keys: backend.files_present(keys), self.file_check_s, self._stats)
+        return looks
 
     def unknown(self, key: bytes) -> bool:
         """True while some shared tier has no fresh answer about ``key`` on every rank."""
@@ -351,12 +445,16 @@ class SchedulerTiers:
         return False
 
     def close(self) -> None:
+        for looks in self._looks.values():
+            looks.close()
         self.mgr.close()
 
 
 def scheduler_tiers(config: KVortexConfig, namespace: bytes, payload_shape: tuple[int, ...], dtype: torch.dtype,
-                    slot_bytes: int, tp_size: int, context: dict[str, Any] | None = None) -> SchedulerTiers | None:
-    """Lower-tier lookups for the scheduler, or None when only the cpu tier is configured."""
+                    slot_bytes: int, tp_size: int, context: dict[str, Any] | None = None,
+                    stats: Stats | None = None) -> SchedulerTiers | None:
+    """Lower-tier lookups for the scheduler, or None when only the cpu tier is configured.
+    ``stats``: where it counts the file checks it gave up on (a hung mount)."""
     if not has_lower_tiers(config):
         return None
     # The TierManager needs a pool; the scheduler never moves bytes: one small pageable slot.
@@ -364,4 +462,5 @@ def scheduler_tiers(config: KVortexConfig, namespace: bytes, payload_shape: tupl
     mgr = open_tiers(config, namespace, payload_shape, dtype, pool, rank=0, world_size=tp_size, every_rank=True,
                      context=context)
     cap = sum(int(config.tiers[n].capacity) for n in config.tier_names[1:])
-    return SchedulerTiers(mgr, tp_size, cap // slot_bytes)
+    return SchedulerTiers(mgr, tp_size, cap // slot_bytes, file_check_s=config.timeouts.remote_lookup_s,
+                          stats=stats)

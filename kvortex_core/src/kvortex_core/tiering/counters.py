@@ -15,6 +15,9 @@ CHUNKS_DROPPED = "chunks_dropped_after_failed_load"
 #: as computed (its loader preempted or aborted before recomputing them): reported to vLLM as
 #: failed loads, so it rolls that request back and recomputes them.
 STALE_BLOCKS_REPORTED = "stale_blocks_reported"
+#: The vLLM scheduler's looks at a local tier's files given up on (a stat that did not return
+#: within ``timeouts.remote_lookup_s``: a hung mount); the chunks counted as not stored.
+FILE_CHECKS_GIVEN_UP = "file_checks_given_up"
 PROMOTIONS = "promotions"
 DEMOTIONS = "demotions"
 DEMOTIONS_SKIPPED = "demotions_skipped"
