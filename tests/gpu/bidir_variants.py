@@ -14,8 +14,7 @@ turns, so each sees the same state of the VM. Variants:
 * ``si200``: as shipped, with the interpreter's GIL switch interval at 200 us (default 5 ms);
 * ``commit1``: as shipped, a save's chunks indexed once at its end (no waits per 64 MiB);
 * ``parts1``: as shipped, each call one part (no small first part, no doubling parts);
-* ``p1c1``: ``parts1`` and ``commit1`` together;
-* ``eager``: as shipped with CUDA graphs off (every chunk through the eager calls).
+* ``p1c1``: ``parts1`` and ``commit1`` together.
 
 Not collected by pytest.
 """
@@ -26,7 +25,6 @@ import contextlib
 import os
 import statistics
 import sys
-import time
 from collections.abc import Iterator
 
 from probes import engine_probe, probe_args
@@ -40,11 +38,9 @@ def main() -> None:
     which, tokens, unified = probe_args(sys.argv)
     rounds = int(os.environ.get("ROUNDS", "8"))
     variants = os.environ.get("VARIANTS", "inline,workers,one,si200,commit1").split(",")
-    t0 = time.perf_counter()
     pr = engine_probe(which, tokens, unified, capacity_tokens=(4 + len(variants) * rounds + 4) * tokens)
-    setup_s = time.perf_counter() - t0
     eng, te = pr.engine, pr.engine._reg.transfer
-    print(pr.describe(), f"cuda graphs {te.cuda_graphs} ({setup_s:.1f} s to build the engine)", flush=True)
+    print(pr.describe(), flush=True)
     stored = _sequence(tokens, 99)
     eng.save(stored, pr.blocks)
     seqs = pr.sequences(count=len(variants) * rounds + 8)
@@ -66,9 +62,6 @@ def main() -> None:
             engine_mod._COMMIT_GROUP_BYTES = 1 << 50
         if name in ("parts1", "p1c1"):
             eng._parts = lambda n, reg: [(0, n)]
-        graphs = te._graphs
-        if name == "eager":
-            te._graphs = None
         try:
             yield
         finally:
@@ -77,7 +70,6 @@ def main() -> None:
             sys.setswitchinterval(interval)
             engine_mod._COMMIT_GROUP_BYTES = group
             eng.__dict__.pop("_parts", None)
-            te._graphs = graphs
 
     def both() -> None:
         hs = eng.save_async(next(seqs), pr.blocks)

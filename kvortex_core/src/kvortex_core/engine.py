@@ -256,7 +256,6 @@ class KVortexEngine:
                                    world_size=self.world_size, device=_cuda_index(kv_caches))
         try:
             transfer = self._transfer(kv_caches, layout)
-            transfer.prepare_graphs(tiers.payload_views)  # each slot's graphs, before any call
         except BaseException:
             tiers.close()
             raise
@@ -267,8 +266,7 @@ class KVortexEngine:
 
         t = self.config.transfer
         return TransferEngine(kv_caches, layout, chunk_tokens=self.config.chunk_tokens,
-                              staging_bytes=int(t.staging_bytes), num_streams=t.num_streams, gather=t.gather,
-                              graphs=t.cuda_graphs)
+                              staging_bytes=int(t.staging_bytes), num_streams=t.num_streams, gather=t.gather)
 
     @property
     def layout(self) -> KVLayout | None:

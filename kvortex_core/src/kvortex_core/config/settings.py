@@ -155,10 +155,6 @@ class TransferConfig(_Section):
     gather: Literal["auto", "strided", "rows", "layers"] = Field(
         "auto", description="how blocks are gathered on the GPU: auto picks per layout (docs/engine.md)"
     )
-    cuda_graphs: bool = Field(
-        True, description="KVortexEngine: move each whole chunk with one CUDA graph replay where the "
-        "row plan applies (fewer host calls per chunk; graphs captured at registration, docs/engine.md)"
-    )
 
     @field_validator("staging_bytes", mode="before")
     @classmethod

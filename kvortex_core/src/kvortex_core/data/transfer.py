@@ -30,7 +30,6 @@ from typing import Any
 
 import torch
 
-from kvortex_core.data.graphs import ChunkGraphs
 from kvortex_core.data.ids import IdsArena, IdsRegion
 from kvortex_core.data.layouts import KVLayout, layer_views
 from kvortex_core.data.rows import (
@@ -283,7 +282,6 @@ class TransferEngine:
         num_streams: int = 2,
         device: torch.device | str | None = None,
         gather: str = "auto",
-        graphs: bool = False,
     ) -> None:
         if chunk_tokens <= 0 or chunk_tokens % layout.block_size:
             raise LayoutError(
@@ -327,46 +325,6 @@ class TransferEngine:
         self._stage_views: dict[tuple[int, ...], torch.Tensor] = {}
         self._save = _Direction(self.device, num_streams, half, kernels_second=False)
         self._load = _Direction(self.device, num_streams, half, kernels_second=True)
-        self._graphs = self._chunk_graphs() if graphs else None
-
-    def _chunk_graphs(self) -> ChunkGraphs | None:
-        """One CUDA graph replay per whole chunk (see :mod:`.graphs`): CUDA, the row plan, and
-        staging halves that hold one chunk but not two (else a batch's one kernel already
-        serves several chunks)."""
-        rows, lay = self._rows, self.layout
-        chunk = lay.chunk_bytes(self.chunk_tokens)
-        if self.device.type != "cuda" or rows is None or not chunk <= self.half_bytes < 2 * chunk:
-            return None
-        per_chunk = rows.block_offsets(lay.block_size, lay.kv_count, lay.num_kv_heads).numel() * self.blocks_per_chunk
-        if per_chunk * rows.row_bytes != chunk:  # pragma: no cover - the row plan's payload is whole rows
-            return None
-        return ChunkGraphs(rows.wide_rows, rows.row_bytes, chunk, {"save": self._save.stages,
-                                                                    "load": self._load.stages}, self.device)
-
-    @property
-    def cuda_graphs(self) -> int:
-        """CUDA graphs captured so far (0 where whole-chunk transfers take the eager path)."""
-        return 0 if self._graphs is None else self._graphs.count
-
-    def prepare_graphs(self, bufs: Sequence[torch.Tensor]) -> int:
-        """Capture both directions' graphs for these pinned buffers now (a pool's slots, at
-        registration) rather than on their first transfer; returns the graphs held."""
-        g = self._graphs
-        if g is None:
-            return 0
-        for buf in bufs:
-            with self._save.lock:
-                if g.ready("save", [buf]) is None:
-                    break
-            with self._load.lock:
-                if g.ready("load", [buf]) is None:
-                    break
-        return g.count
-
-    def _whole_chunks(self, blocks: list[list[int]]) -> bool:
-        """Whether the graph path takes this call: graphs on, every chunk whole."""
-        return self._graphs is not None and self._graphs.failed is None and \
-            all(len(ids) == self.blocks_per_chunk for ids in blocks)
 
     # ------------------------------------------------------------------ public API
 
@@ -430,23 +388,9 @@ class TransferEngine:
         job = _LoadJob(self, units, blocks, skips, src, handle, layerwise)
         if layerwise:  # driven by the reader's wait_layer calls, from its own thread
             job.advance(0)
-        elif not skip_blocks and self._whole_chunks(blocks):
-            self._load.submit(handle, lambda: self._graph_load(job), inline)
         else:
             self._load.submit(handle, lambda: job.advance(None), inline)
         return handle
-
-    def _graph_load(self, job: _LoadJob) -> None:
-        d = self._load
-        assert self._graphs is not None
-        with d.lock:
-            graphs = self._graphs.ready("load", job.src)
-            if graphs is not None:
-                job.batches.clear()
-                job.finished = True
-                self._replay(d, "load", graphs, job.blocks, job.in_use, job.handle, None)
-                return
-        job.advance(None)
 
     def close(self) -> None:
         """Stop the enqueuer threads once queued transfers are enqueued (handles stay valid)."""
@@ -595,71 +539,13 @@ class TransferEngine:
     def _save_layers(self, block_ids_per_chunk: Sequence[Sequence[int]], dst: Sequence[torch.Tensor],
                      layers: range, what: str, inline: bool = False, checked: bool = False) -> TransferHandle:
         blocks = self._check(block_ids_per_chunk, dst, what, checked)
+        batches = self._units(blocks, layers, layer_major=False)
         d = self._save
         produced = d.streams.record_current()  # the caller's stream: the forward that wrote the KV
         handle = TransferHandle(self.device, what, chunk_events=[_UNSET] * len(blocks),
                                 keepalive=[list(dst)], other_events=[produced], home=d.streams)
-        if len(layers) == self.layout.num_layers and self._whole_chunks(blocks):
-            d.submit(handle, lambda: self._graph_save(blocks, dst, layers, produced, handle), inline)
-            return handle
-        batches = self._units(blocks, layers, layer_major=False)
         d.submit(handle, lambda: self._enqueue_save(d, batches, blocks, dst, produced, handle), inline)
         return handle
-
-    def _graph_save(self, blocks: list[list[int]], dst: Sequence[torch.Tensor], layers: range,
-                    produced: Any, handle: TransferHandle) -> None:
-        d = self._save
-        assert self._graphs is not None
-        with d.lock:
-            graphs = self._graphs.ready("save", dst)
-            if graphs is not None:
-                self._replay(d, "save", graphs, blocks, produced, handle, handle.chunk_events)
-                return
-        self._enqueue_save(d, self._units(blocks, layers, layer_major=False), blocks, dst, produced, handle)
-
-    def _replay(self, d: _Direction, direction: str, graphs: list[list[Any]], blocks: list[list[int]],
-                after: Any, handle: TransferHandle, chunk_events: list[Any] | None) -> None:
-        """Enqueue a call of whole chunks as one graph replay each (under ``d.lock``).
-
-        The staging halves alternate, each on its own stream; ``after`` (the caller's event)
-        and each half's last eager use order the first replay on each. Chunk ``c``'s event is
-        recorded after its replay and a wait for chunk ``c - 1``'s, so events complete in order
-        (``done_event`` is the last one) while the two halves' replays overlap.
-        """
-        g = self._graphs
-        assert g is not None
-        s, gs, rows = d.streams, g.streams[direction], g.rows[direction]
-        region = self._lend_ids(blocks, d, handle)
-        for h in (0, 1):
-            s.wait(gs[h], after)
-            s.wait(gs[h], d.free_events[h])
-        with s.on(gs[0]):
-            idx = self._indices(blocks, region, len(blocks), in_place=True)  # [C, L, K, n, rows]
-        handle.keepalive.append(idx)
-        s.hand_over(gs[0], gs[1])
-        prev, last = None, [None, None]
-        n = len(blocks)
-        for c in range(n):
-            h = c & 1
-            with s.on(gs[h]):
-                torch.add(idx[c].view(-1), 0, out=rows[h])
-                graphs[c][h].replay()
-                if prev is not None:
-                    gs[h].wait_event(prev)
-            ev = s.record(gs[h], (*d.free_events, prev, *last))
-            if chunk_events is not None:
-                chunk_events[c] = ev
-            if c < n - 1:
-                handle.other_events.append(ev)  # the last one is done_event (retired once)
-            prev = last[h] = ev
-            if chunk_events is not None:
-                handle._notify()
-        for h in (0, 1):
-            if last[h] is not None:
-                d.free_events[h] = last[h]
-        d.turn = (n - 1) & 1
-        handle.tail_batches = 1
-        handle.done_event = prev
 
     def _enqueue_save(self, d: _Direction, batches: list[list[_Unit]], blocks: list[list[int]],
                       dst: Sequence[torch.Tensor], produced: Any, handle: TransferHandle) -> None:

@@ -114,8 +114,6 @@ class TierManager(SaveMixin, LoadMixin):
         slots = pool.slots_view()
         self._payload_views = list(slots[:, self.payload_offset:self.payload_offset + self.payload_bytes].unbind(0))
         self._header_views = [memoryview(row) for row in slots[:, :self.payload_offset].numpy()]
-        #: Every slot's payload area (uint8), in slot order: what transfers read and write.
-        self.payload_views: tuple[torch.Tensor, ...] = tuple(self._payload_views)
         self.cpu_name = cpu_name
         ev = config.eviction
         self.cpu_index = ChunkIndex(
