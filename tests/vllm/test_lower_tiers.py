@@ -21,7 +21,7 @@ pytest.importorskip("vllm")
 
 from vllm_harness import BLOCK, Harness, build
 
-from kvortex_core.tiering.counters import STALE_BLOCKS_REPORTED
+from kvortex_core.tiering.counters import FILE_CHECKS_GIVEN_UP, STALE_BLOCKS_REPORTED
 
 pytestmark = pytest.mark.vllm
 
@@ -1054,8 +1054,6 @@ def test_a_disk_tier_on_a_hung_mount_never_stalls_the_scheduler(tmp_path: Path, 
     ``timeouts.remote_lookup_s``: the request is served by recomputing, one thread is stuck (not
     one per step), and once the mount answers again the chunks are promised again."""
     from kvortex_backends.disk import DiskBackend
-
-    from kvortex_core.tiering.counters import FILE_CHECKS_GIVEN_UP
 
     h, side, a = stored_below_only(tmp_path, 7)
     real = DiskBackend.files_present
