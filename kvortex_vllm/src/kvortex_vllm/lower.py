@@ -427,11 +427,10 @@ class SchedulerTiers:
 
     def _file_looks(self, tier: Any) -> _FileLooks | None:
         looks = self._looks.get(tier.name)
-        if looks is None and tier.remote is None:
-            backend = tier.backend
-            if getattr(backend, "files_present", None) is not None:
-                looks = self._looks[tier.name] = _FileLooks(
-                    tier.name, lambda keys: backend.files_present(keys), self.file_check_s, self._stats)
+        if looks is None and tier.remote is None and getattr(tier.backend, "files_present", None) is not None:
+            # the method looked up at each call: a test or plugin may swap it on the class
+            looks = self._looks[tier.name] = _FileLooks(
+                tier.name, lambda keys: tier.backend.files_present(keys), self.file_check_s, self._stats)
         return looks
 
     def unknown(self, key: bytes) -> bool:
