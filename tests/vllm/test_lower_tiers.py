@@ -1082,7 +1082,7 @@ def test_a_disk_tier_on_a_hung_mount_never_stalls_the_scheduler(tmp_path: Path, 
 
     hung.set()  # the mount answers again
     deadline = time.monotonic() + 10
-    while not side.tiers._looks["disk"]._stuck.done() and time.monotonic() < deadline:
+    while not side.tiers._looks["disk"]._stuck.done.is_set() and time.monotonic() < deadline:
         time.sleep(0.01)
     monkeypatch.setattr(DiskBackend, "files_present", real)
     evict_from_cpu(h, side.geometry.num_slots)  # B's chunks (saved again) leave the cpu tier too
@@ -1093,3 +1093,68 @@ def test_a_disk_tier_on_a_hung_mount_never_stalls_the_scheduler(tmp_path: Path, 
     assert_kv(h, "C", a, 2 * CHUNK)
     assert any("event=file_check_recovered" in r.getMessage() for r in caplog.records)
     h.close()
+
+
+def _scheduler_view(tmp_path: Path, tp: int = 1) -> Any:
+    """The scheduler's view of a real disk tier, as the connector builds it."""
+    from kvortex_core.config import KVortexConfig
+    from kvortex_vllm.lower import scheduler_tiers
+
+    cfg = KVortexConfig.model_validate({**tiers(tmp_path, cpu="64KiB"), "timeouts": {"remote_lookup_s": 0.05}})
+    view = scheduler_tiers(cfg, b"n" * 32, (2, 4), torch.float16, 4096, tp)
+    deadline = time.monotonic() + 10
+    while not all(t.in_service for t in view.mgr.tiers) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return view
+
+
+def test_a_slow_mount_serves_the_leading_chunks_answered_in_time(tmp_path: Path, monkeypatch: Any) -> None:
+    """A working but slow mount (2 ms a stat): a lookup of 200 chunks waits about
+    ``remote_lookup_s``, not 0.4 s, promises the leading chunks answered by then (a look used to
+    be all or nothing, so such a mount never served a long prompt), and later lookups extend
+    the run until every chunk is promised. No queued write is forgotten on the way."""
+    from kvortex_backends.disk import DiskBackend
+
+    def slow(self: DiskBackend, keys: Any) -> list[bool]:
+        time.sleep(0.002 * len(keys))
+        return [True] * len(keys)
+
+    monkeypatch.setattr(DiskBackend, "files_present", slow)
+    view = _scheduler_view(tmp_path)
+    keys = [bytes([i % 256, i // 256]) * 16 for i in range(200)]
+    for k in keys:
+        view.note_written(k)
+    t0 = time.monotonic()
+    first = view.present(keys, [True] * len(keys))
+    took = time.monotonic() - t0
+    assert took < 0.3, f"the lookup waited {took:.2f} s"
+    lead = first.index(False) if False in first else len(first)  # the run the caller uses
+    assert 0 < lead < len(keys), f"leading run of {lead} chunks"
+
+    runs = [lead]
+    deadline = time.monotonic() + 20
+    while runs[-1] < len(keys) and time.monotonic() < deadline:
+        time.sleep(0.02)
+        out = view.present(keys, [True] * len(keys))
+        runs.append(out.index(False) if False in out else len(out))
+    assert runs[-1] == len(keys), f"leading runs {runs}"
+    assert len(view.written) == len(keys), "an unanswered chunk lost its queued write"
+    view.close()
+
+
+def test_a_files_present_that_raises_or_miscounts_is_a_miss_not_a_scheduler_error(
+        tmp_path: Path, monkeypatch: Any, caplog: pytest.LogCaptureFixture) -> None:
+    from kvortex_backends.disk import DiskBackend
+
+    view = _scheduler_view(tmp_path)
+    keys = [bytes([i]) * 32 for i in range(3)]
+    for k in keys:
+        view.note_written(k)
+    caplog.set_level("WARNING", logger="kvortex_vllm.lower")
+    for bad in (lambda self, ks: (_ for _ in ()).throw(RuntimeError("plugin bug")),
+                lambda self, ks: [True] * (len(ks) + 1)):
+        monkeypatch.setattr(DiskBackend, "files_present", bad)
+        assert not view.present(keys, [True] * 3)[0], "a chunk nobody answered for was promised"
+        assert len(view.written) == 3, "nothing was found missing: the queued writes stay"
+    assert any("event=file_check_failed" in r.getMessage() for r in caplog.records)
+    view.close()

@@ -34,7 +34,7 @@ from kvortex_core.control.stats import Stats
 from kvortex_core.data import payload as pl
 from kvortex_core.data.pool import PinnedPool, per_rank_capacity
 from kvortex_core.errors import BadValueError, PayloadError
-from kvortex_core.logs import event
+from kvortex_core.logs import Throttle, event
 from kvortex_core.plugins.manager import PluginManager
 from kvortex_core.tiering.counters import FILE_CHECKS_GIVEN_UP, WRITE_BEHIND_SKIPPED
 from kvortex_core.tiering.manager import TierManager
@@ -49,7 +49,8 @@ def has_lower_tiers(config: KVortexConfig) -> bool:
 
 def open_tiers(config: KVortexConfig, namespace: bytes, payload_shape: tuple[int, ...], dtype: torch.dtype,
                pool: PinnedPool, *, rank: int, world_size: int, stats: Stats | None = None,
-               every_rank: bool = False, context: dict[str, Any] | None = None) -> TierManager:
+               every_rank: bool = False, context: dict[str, Any] | None = None,
+               tier_ranks: dict[str, int] | None = None) -> TierManager:
     """A TierManager over ``pool`` with every configured lower tier opened (failures isolated).
 
     ``every_rank`` (the scheduler): a local tier (disk: one directory per rank) is opened once
@@ -70,11 +71,15 @@ def open_tiers(config: KVortexConfig, namespace: bytes, payload_shape: tuple[int
             cap = per_rank_capacity(int(config.tiers[name].capacity), ranks)
             tier = mgr.add_tier(name, plugins, cap, rank=rank, world_size=world_size,
                                 context=watch if every_rank else own)
+            if tier.remote is None and tier_ranks is not None:
+                tier_ranks[tier.name] = rank
             if every_rank and tier.remote is None:
                 for other in range(world_size):
                     if other != rank:
-                        mgr.add_tier(name, plugins, cap, rank=other, world_size=world_size,
-                                     label=f"{name}@r{other}", context=watch)
+                        view = mgr.add_tier(name, plugins, cap, rank=other, world_size=world_size,
+                                            label=f"{name}@r{other}", context=watch)
+                        if tier_ranks is not None:
+                            tier_ranks[view.name] = other
     except BaseException:
         mgr.close()
         raise
@@ -231,60 +236,126 @@ class WorkerTiers:
         self.mgr.close()  # drains (bounded by close_s) first: a drain here too waited 2 x close_s
 
 
-class _FileLooks:
-    """A local tier's file checks (``files_present``, a stat per key) on a daemon thread of their
-    own, each waited for at most ``wait_s``: a stat on a hung mount (a stalled NFS server, a dying
-    disk) blocks that thread, never the vLLM scheduler, and never the interpreter's exit.
+class _Look:
+    """One look at a tier's files: its answers so far, in key order (appended by the look thread)."""
 
-    While a check given up on still runs, the tier answers nothing (``None``) without starting
-    another, so a hung mount costs one thread, not one per step.
+    __slots__ = ("answers", "done", "done_at", "error", "keys", "stop_at_missing")
+
+    def __init__(self, keys: list[str], stop_at_missing: bool) -> None:
+        self.keys, self.stop_at_missing = keys, stop_at_missing
+        self.answers: list[bool] = []
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+        self.done_at = 0.0
+
+
+class _FileLooks:
+    """A local tier's file checks (``files_present``, a stat per key) on a daemon thread of its
+    own: a stat on a hung mount (a stalled NFS server, a dying disk) blocks that thread, never the
+    vLLM scheduler, and never the interpreter's exit.
+
+    The thread answers in batches of :attr:`BATCH` keys, in order, and a waiter past its deadline
+    uses the answers so far: a slow but working mount still serves the leading chunks (and the
+    scheduler's one-second cache of found chunks extends that run at every step). While a look
+    given up on still runs, the tier starts no other one: a hung mount costs one thread, not one
+    per step.
     """
 
-    def __init__(self, tier: str, check: Any, wait_s: float, stats: Stats | None) -> None:
-        self.tier, self.check, self.wait_s, self.stats = tier, check, wait_s, stats
-        self._jobs: queue.SimpleQueue[tuple[list[str], concurrent.futures.Future[list[bool]]] | None] = (
-            queue.SimpleQueue())
-        self._thread: threading.Thread | None = None
-        self._stuck: concurrent.futures.Future[list[bool]] | None = None
-        self._stuck_since = 0.0
-        self._done_at = 0.0  # when the thread last finished a check
+    BATCH = 16
+    #: At most one ``file_check_slow`` (or ``file_check_failed``) WARNING per tier this often.
+    WARN_EVERY_S = 300.0
+    #: How long the answers of a look that finished after its deadline serve later looks (as
+    #: ``SchedulerTiers.FILE_CHECK_TTL_S`` trusts a chunk found), and how many are kept.
+    LATE_ANSWERS_S = 1.0
+    MAX_LATE_ANSWERS = 1 << 16
 
-    def __call__(self, hex_keys: list[str]) -> list[bool] | None:
-        """Each key's file there now, or None when the tier did not answer in time."""
-        if self._stuck is not None:
-            if not self._stuck.done():
+    def __init__(self, tier: str, check: Any, stats: Stats | None) -> None:
+        self.tier, self.check, self.stats = tier, check, stats
+        self._jobs: queue.SimpleQueue[_Look | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._stuck: _Look | None = None
+        self._stuck_since = 0.0
+        self._warned = False  # the stuck look's file_check_slow went out at WARNING
+        self._throttle = Throttle(self.WARN_EVERY_S)
+        self._late: OrderedDict[str, tuple[bool, float]] = OrderedDict()  # key -> (answer, when)
+
+    def submit(self, hex_keys: list[str], stop_at_missing: bool) -> _Look | None:
+        """Start a look (None while an earlier one given up on still runs)."""
+        stuck = self._stuck
+        if stuck is not None:
+            if not stuck.done.is_set():
                 return None
-            event(log, logging.WARNING, "file_check_recovered", tier=self.tier,
-                  seconds=round(self._done_at - self._stuck_since, 3))
+            event(log, logging.WARNING if self._warned else logging.DEBUG, "file_check_recovered",
+                  tier=self.tier, seconds=round(stuck.done_at - self._stuck_since, 3))
             self._stuck = None
+            self._keep_late(stuck)
+        look = _Look(hex_keys, stop_at_missing)
+        if self._late:  # the leading keys a late look answered a moment ago: no stat again
+            fresh = time.monotonic() - self.LATE_ANSWERS_S
+            for k in hex_keys:
+                hit = self._late.get(k)
+                if hit is None or hit[1] < fresh:
+                    break
+                look.answers.append(hit[0])
+                if stop_at_missing and not hit[0]:
+                    break
+            if len(look.answers) == len(hex_keys) or (look.answers and stop_at_missing and not look.answers[-1]):
+                look.done_at = time.monotonic()
+                look.done.set()
+                return look
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name=f"kvortex-files-{self.tier}", daemon=True)
             self._thread.start()
-        fut: concurrent.futures.Future[list[bool]] = concurrent.futures.Future()
-        self._jobs.put((hex_keys, fut))
-        try:
-            return fut.result(self.wait_s)
-        except concurrent.futures.TimeoutError:
-            self._stuck, self._stuck_since = fut, time.monotonic() - self.wait_s
+        self._jobs.put(look)
+        return look
+
+    def _keep_late(self, look: _Look) -> None:
+        """Keep a look's answers that came in after its deadline, for the next looks: a mount
+        slower than the deadline then still serves a run longer than one look's worth."""
+        late = self._late
+        for k, found in zip(look.keys, look.answers, strict=False):
+            late[k] = (found, look.done_at)
+            late.move_to_end(k)
+        while len(late) > self.MAX_LATE_ANSWERS:
+            late.popitem(last=False)
+
+    def settle(self, look: _Look, started: float, waited_s: float) -> list[bool]:
+        """The look's answers once its waiter's deadline passed (a prefix when it still runs)."""
+        answers = look.answers[:]  # the thread only appends: a consistent prefix
+        if not look.done.is_set():
+            self._stuck, self._stuck_since = look, started
             if self.stats is not None:
                 self.stats.inc(FILE_CHECKS_GIVEN_UP, 1, self.tier)
-            event(log, logging.WARNING, "file_check_slow", tier=self.tier, waited_s=self.wait_s,
-                  hint="a stat in this tier's directory did not return (a hung network mount or disk?); "
-                       "its chunks count as not stored until it does")
-            return None
-        except Exception as exc:  # noqa: BLE001 - a plugin's check failing is a miss, not a crash
-            event(log, logging.DEBUG, "file_check_failed", tier=self.tier, error=repr(exc))
-            return None
+            skipped = self._throttle.allow("slow")
+            self._warned = skipped is not None
+            event(log, logging.WARNING if self._warned else logging.DEBUG, "file_check_slow", tier=self.tier,
+                  waited_s=round(waited_s, 3), answered=f"{len(answers)}/{len(look.keys)}",
+                  not_logged=skipped or 0,
+                  hint="stats in this tier's directory did not return in time (a hung or slow network "
+                       "mount?); chunks not answered for count as not stored this time")
+        elif look.error is not None:
+            skipped = self._throttle.allow("failed")
+            event(log, logging.WARNING if skipped is not None else logging.DEBUG, "file_check_failed",
+                  tier=self.tier, error=repr(look.error), not_logged=skipped or 0,
+                  hint="the tier's files_present raised; chunks not answered for count as not stored")
+        return answers
 
     def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            keys, fut = job
-            if fut.set_running_or_notify_cancel():
-                try:
-                    fut.set_result(list(self.check(keys)))
-                except BaseException as exc:  # noqa: BLE001 - handed to the waiter
-                    fut.set_exception(exc)
-            self._done_at = time.monotonic()
+        while (look := self._jobs.get()) is not None:
+            try:
+                keys = look.keys
+                for i in range(len(look.answers), len(keys), self.BATCH):
+                    part = keys[i:i + self.BATCH]
+                    got = [bool(x) for x in self.check(part)]
+                    if len(got) != len(part):
+                        raise ValueError(f"files_present answered {len(got)} keys for {len(part)}")
+                    look.answers.extend(got)
+                    if look.stop_at_missing and not all(got):
+                        break  # the caller's run ends at that key
+            except BaseException as exc:  # noqa: BLE001 - reported by settle()
+                look.error = exc
+            look.done_at = time.monotonic()
+            look.done.set()
 
     def close(self) -> None:
         if self._thread is not None:
@@ -305,15 +376,18 @@ class SchedulerTiers:
     FILE_CHECK_TTL_S = 1.0
 
     def __init__(self, mgr: TierManager, tp_size: int, max_keys: int, *, file_check_s: float = 0.05,
-                 stats: Stats | None = None) -> None:
+                 stats: Stats | None = None, tier_ranks: dict[str, int] | None = None) -> None:
         self.mgr = mgr
         self.tp_size = tp_size
         self.written: OrderedDict[bytes, float] = OrderedDict()  # key -> when its write was queued
         self.max_keys = max(max_keys, 1)
         self.all_shared = bool(mgr.tiers) and all(t.remote is not None for t in mgr.tiers)
         self._checked: OrderedDict[bytes, float] = OrderedDict()  # key -> when found on every rank
-        # a local tier's file checks, off this thread (``file_check_s``: how long one may take)
+        # a local tier's file checks, off this thread; ``file_check_s``: how long one lookup
+        # waits for them all; ``tier_ranks``: the rank whose directory each local tier views
+        # (a rank's chunk is looked for there only; None: in every local tier)
         self.file_check_s, self._stats = file_check_s, stats
+        self._tier_ranks = tier_ranks
         self._looks: dict[str, _FileLooks] = {}
 
     def note_written(self, key: bytes) -> None:
@@ -375,7 +449,7 @@ class SchedulerTiers:
                 continue
             if self._checked.get(k, 0.0) <= now - self.FILE_CHECK_TTL_S:
                 todo.append(i)  # not found on every rank a moment ago
-        held = self._on_every_rank([keys[i] for i in todo]) if todo else []
+        held = self._on_every_rank([keys[i] for i in todo], ordered=wanted is not None) if todo else []
         for i, ok in zip(todo, held, strict=True):
             k = keys[i]
             if ok:
@@ -385,52 +459,79 @@ class SchedulerTiers:
                     self._checked.popitem(last=False)
                 continue
             out[i] = False
-            self.written.pop(k, None)
+            if ok is False:  # found missing on some rank (not merely unanswered): our write is gone
+                self.written.pop(k, None)
             if wanted is not None:
                 break  # the caller's run ends here: later answers do not count
         return out
 
-    def _on_every_rank(self, keys: list[bytes]) -> list[bool]:
-        """Per key: whether some lower tier in service holds it for each rank: a shared one by
-        its cached answer, a local one by its file (a stat, on that tier's own thread, see
-        :class:`_FileLooks`; a local plugin without ``files_present`` by its index). A file
-        found gone is dropped from that tier's view; a tier that did not answer in time holds
-        nothing this time, and its view is kept."""
-        alive = list(range(len(keys)))  # held on every rank so far
-        for rank in range(self.tp_size):
-            rks = rank_keys(keys, rank)
-            want = alive  # not found for this rank yet
-            for tier in self.mgr.tiers:
-                if not want:
-                    break
-                if not tier.in_service:
-                    continue
-                looks = self._file_looks(tier)
+    def _on_every_rank(self, keys: list[bytes], *, ordered: bool) -> list[bool | None]:
+        """Per key: True when some lower tier in service holds it for every rank, False when on
+        some rank every tier answered and none holds it, None when that is not known this time.
+
+        A shared tier answers from its cache, a local plugin without ``files_present`` from its
+        index, a local tier by its files: one look per tier (each rank's directory its own tier,
+        on its own thread, see :class:`_FileLooks`), all started at once and waited for with one
+        deadline, ``file_check_s`` (answers in by then count; the rest are unknown). ``ordered``:
+        the caller's run ends at its first key not held, so a look stops at its first missing
+        file. A file found gone is dropped from that tier's view.
+        """
+        n, tp = len(keys), self.tp_size
+        rks = [rank_keys(keys, r) for r in range(tp)]
+        held = [[False] * n for _ in range(tp)]
+        unanswered = [[False] * n for _ in range(tp)]
+        started = time.monotonic()
+        looks = []
+        for tier in self.mgr.tiers:
+            if not tier.in_service:
+                continue
+            own = None if tier.remote is not None or self._tier_ranks is None else self._tier_ranks.get(tier.name)
+            files = self._file_looks(tier)
+            for r in range(tp) if own is None else (own,) if own < tp else ():
+                h, rk = held[r], rks[r]
                 if tier.remote is not None:
-                    held = [tier.remote.present(rks[j]) for j in want]
-                elif looks is not None:
-                    answer = looks([rks[j].hex() for j in want])
-                    if answer is None:
-                        continue
-                    held = answer
-                    tier.index.remove([rks[j] for j, h in zip(want, held, strict=True) if not h])
+                    for j in range(n):
+                        h[j] = h[j] or tier.remote.present(rk[j])
+                elif files is None:
+                    for j in range(n):
+                        h[j] = h[j] or rk[j] in tier.index
                 else:
-                    held = [rks[j] in tier.index for j in want]
-                want = [j for j, h in zip(want, held, strict=True) if not h]
-            if want:
-                gone = set(want)
-                alive = [j for j in alive if j not in gone]
-            if not alive:
-                break
-        ok = set(alive)
-        return [j in ok for j in range(len(keys))]
+                    look = files.submit([k.hex() for k in rk], ordered)
+                    if look is None:  # an earlier look still hangs: nothing known here
+                        unanswered[r] = [True] * n
+                    else:
+                        looks.append((r, tier, files, look))
+        deadline = started + self.file_check_s
+        for r, tier, files, look in looks:
+            look.done.wait(max(0.0, deadline - time.monotonic()))
+            answers = files.settle(look, started, time.monotonic() - started)
+            h, rk = held[r], rks[r]
+            gone = []
+            for j, found in enumerate(answers):
+                if found:
+                    h[j] = True
+                else:
+                    gone.append(rk[j])
+            tier.index.remove(gone)
+            u = unanswered[r]
+            for j in range(len(answers), n):
+                u[j] = True
+        out: list[bool | None] = []
+        for j in range(n):
+            if all(held[r][j] for r in range(tp)):
+                out.append(True)
+            elif any(not held[r][j] and not unanswered[r][j] for r in range(tp)):
+                out.append(False)
+            else:
+                out.append(None)
+        return out
 
     def _file_looks(self, tier: Any) -> _FileLooks | None:
         looks = self._looks.get(tier.name)
         if looks is None and tier.remote is None and getattr(tier.backend, "files_present", None) is not None:
             # the method looked up at each call: a test or plugin may swap it on the class
             looks = self._looks[tier.name] = _FileLooks(
-                tier.name, lambda keys: tier.backend.files_present(keys), self.file_check_s, self._stats)
+                tier.name, lambda keys: tier.backend.files_present(keys), self._stats)
         return looks
 
     def unknown(self, key: bytes) -> bool:
@@ -458,8 +559,9 @@ def scheduler_tiers(config: KVortexConfig, namespace: bytes, payload_shape: tupl
         return None
     # The TierManager needs a pool; the scheduler never moves bytes: one small pageable slot.
     pool = PinnedPool(slot_bytes, slot_bytes, pin=False, alignment=128, name="scheduler")
+    ranks: dict[str, int] = {}
     mgr = open_tiers(config, namespace, payload_shape, dtype, pool, rank=0, world_size=tp_size, every_rank=True,
-                     context=context)
+                     context=context, tier_ranks=ranks)
     cap = sum(int(config.tiers[n].capacity) for n in config.tier_names[1:])
     return SchedulerTiers(mgr, tp_size, cap // slot_bytes, file_check_s=config.timeouts.remote_lookup_s,
-                          stats=stats)
+                          stats=stats, tier_ranks=ranks)
