@@ -255,10 +255,10 @@ class _FileLooks:
     vLLM scheduler, and never the interpreter's exit.
 
     The thread answers in batches of :attr:`BATCH` keys, in order, and a waiter past its deadline
-    uses the answers so far: a slow but working mount still serves the leading chunks (and the
-    scheduler's one-second cache of found chunks extends that run at every step). While a look
-    given up on still runs, the tier starts no other one: a hung mount costs one thread, not one
-    per step.
+    uses the answers so far: a slow but working mount still serves the leading chunks, and the
+    answers that come in after the deadline serve the next looks for :attr:`LATE_ANSWERS_S`, so
+    the run grows step by step. While a look given up on still runs, the tier starts no other
+    one: a hung mount costs one thread, not one per step.
     """
 
     BATCH = 16
@@ -337,7 +337,8 @@ class _FileLooks:
             skipped = self._throttle.allow("failed")
             event(log, logging.WARNING if skipped is not None else logging.DEBUG, "file_check_failed",
                   tier=self.tier, error=repr(look.error), not_logged=skipped or 0,
-                  hint="the tier's files_present raised; chunks not answered for count as not stored")
+                  hint="the tier's files_present raised or answered the wrong number of keys; chunks "
+                       "not answered for count as not stored")
         return answers
 
     def _run(self) -> None:
