@@ -319,7 +319,7 @@ class _FileLooks:
         while len(late) > self.MAX_LATE_ANSWERS:
             late.popitem(last=False)
 
-    def settle(self, look: _Look, started: float, waited_s: float) -> list[bool]:
+    def settle(self, look: _Look, started: float) -> list[bool]:
         """The look's answers once its waiter's deadline passed (a prefix when it still runs)."""
         answers = look.answers[:]  # the thread only appends: a consistent prefix
         if not look.done.is_set():
@@ -329,7 +329,7 @@ class _FileLooks:
             skipped = self._throttle.allow("slow")
             self._warned = skipped is not None
             event(log, logging.WARNING if self._warned else logging.DEBUG, "file_check_slow", tier=self.tier,
-                  waited_s=round(waited_s, 3), answered=f"{len(answers)}/{len(look.keys)}",
+                  waited_s=round(time.monotonic() - started, 3), answered=f"{len(answers)}/{len(look.keys)}",
                   not_logged=skipped or 0,
                   hint="stats in this tier's directory did not return in time (a hung or slow network "
                        "mount?); chunks not answered for count as not stored this time")
@@ -488,7 +488,7 @@ class SchedulerTiers:
                 continue
             own = None if tier.remote is not None or self._tier_ranks is None else self._tier_ranks.get(tier.name)
             files = self._file_looks(tier)
-            for r in range(tp) if own is None else (own,) if own < tp else ():
+            for r in range(tp) if own is None else (own,):
                 h, rk = held[r], rks[r]
                 if tier.remote is not None:
                     for j in range(n):
@@ -505,7 +505,7 @@ class SchedulerTiers:
         deadline = started + self.file_check_s
         for r, tier, files, look in looks:
             look.done.wait(max(0.0, deadline - time.monotonic()))
-            answers = files.settle(look, started, time.monotonic() - started)
+            answers = files.settle(look, started)
             h, rk = held[r], rks[r]
             gone = []
             for j, found in enumerate(answers):
